@@ -1,0 +1,56 @@
+"""The one place that decides block sizes, warps and which path a row takes.
+
+A row of n_cols elements runs on the single-block path (read once) when it fits in
+one block of at most ``max_block_n`` elements; longer rows loop over column blocks.
+The limits are chosen so that no shipped configuration spills registers on sm_80 or
+sm_90 (``python -m bench.compile_report`` checks every one of them).
+"""
+import contextlib
+import dataclasses
+
+import triton
+
+# Largest single block, in elements, per kernel family (each block lives in registers).
+MAX_BLOCK_SOFTMAX_FWD = 16384
+MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
+MAX_BLOCK_CROSS_ENTROPY = 16384
+MIN_BLOCK_N = 16
+
+_block_limit = None  # set only by block_limit(), for tests that force the looped path
+
+
+@dataclasses.dataclass(frozen=True)
+class RowConfig:
+    """How one program walks a row: block width, warps, and whether one block holds the row."""
+
+    block_n: int
+    num_warps: int
+    single_block: bool
+
+
+def warps_for(block_n: int) -> int:
+    """About 16 elements per thread for wide blocks (128-bit loads for every dtype), 1-32 warps."""
+    return max(1, min(32, block_n // 512))
+
+
+def row_config(n_cols: int, max_block_n: int) -> RowConfig:
+    """Picks the launch configuration for rows of n_cols elements."""
+    limit = max_block_n if _block_limit is None else min(max_block_n, _block_limit)
+    block_n = max(MIN_BLOCK_N, min(triton.next_power_of_2(max(n_cols, 1)), limit))
+    return RowConfig(block_n=block_n, num_warps=warps_for(block_n), single_block=n_cols <= block_n)
+
+
+@contextlib.contextmanager
+def block_limit(block_n: int):
+    """Caps every kernel's block width at block_n (a power of two >= 16) inside the block.
+
+    Meant for tests: small rows then take the looped, multi-block path.
+    """
+    global _block_limit
+    if block_n < MIN_BLOCK_N or block_n & (block_n - 1):
+        raise ValueError(f"block_limit: block_n must be a power of two >= {MIN_BLOCK_N}, got {block_n}")
+    previous, _block_limit = _block_limit, block_n
+    try:
+        yield
+    finally:
+        _block_limit = previous

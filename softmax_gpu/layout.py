@@ -1,0 +1,25 @@
+"""Views an N-d tensor as 2-D rows along one dim, and back."""
+import torch
+
+
+def as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with `dim` moved last, as an (n_rows, n_cols) tensor whose columns are contiguous.
+
+    A view when the layout allows (any row stride is fine, the kernels take it as an
+    argument); a copy otherwise, e.g. for a reduction dim that is not the innermost.
+    """
+    moved = x.movedim(dim, -1) if x.dim() else x.reshape(1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """Inverse of as_rows for a freshly allocated contiguous rows tensor: a tensor shaped
+    like `like`, contiguous in that shape (copied only when dim was not the last)."""
+    if like.dim() == 0:
+        return rows.reshape(())
+    moved_shape = like.movedim(dim, -1).shape
+    out = rows.view(moved_shape).movedim(-1, dim)
+    return out if dim == like.dim() - 1 else out.contiguous()

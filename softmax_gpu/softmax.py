@@ -1,0 +1,154 @@
+"""softmax and log_softmax: kernel launchers, PyTorch custom ops wired to autograd, public functions.
+
+Layers, top to bottom: launch_* fill preallocated 2-D outputs; the custom ops
+``softmax_gpu::softmax_forward`` / ``softmax_gpu::softmax_backward`` handle any rank and
+dim and allocate; autograd connects the two; softmax() / log_softmax() check the input
+and mirror torch.nn.functional.
+"""
+from typing import Optional
+
+import torch
+
+from . import config
+from .checks import check_floating, check_out_dtype, normalize_dim
+from .kernels.softmax import softmax_bwd_kernel, softmax_fwd_kernel
+from .layout import as_rows, from_rows
+from .runtime import check_launchable, device_guard
+
+
+def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optional[config.RowConfig] = None):
+    """y[r] = (log_)softmax(x[r]) for 2-D x, y with unit column stride; returns the RowConfig used.
+
+    Bytes: 1 read + 1 write per element on the single-block path, 2 reads + 1 write looped.
+    """
+    n_rows, n_cols = x.shape
+    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_FWD)
+    check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
+    with device_guard(x):
+        softmax_fwd_kernel[(n_rows,)](
+            x_ptr=x,
+            y_ptr=y,
+            x_row_stride=x.stride(0),
+            y_row_stride=y.stride(0),
+            n_cols=n_cols,
+            LOG=log,
+            BLOCK_N=cfg.block_n,
+            SINGLE_BLOCK=cfg.single_block,
+            ACC_FP64=y.dtype == torch.float64,
+            num_warps=cfg.num_warps,
+        )
+    return cfg
+
+
+def launch_softmax_bwd(
+    y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool, cfg: Optional[config.RowConfig] = None
+):
+    """dx[r] = gradient of (log_)softmax at output y[r] for upstream dy[r]; returns the RowConfig used.
+
+    Bytes: 2 reads + 1 write per element on the single-block path.
+    """
+    n_rows, n_cols = y.shape
+    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_BWD)
+    check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
+    with device_guard(y):
+        softmax_bwd_kernel[(n_rows,)](
+            y_ptr=y,
+            dy_ptr=dy,
+            dx_ptr=dx,
+            y_row_stride=y.stride(0),
+            dy_row_stride=dy.stride(0),
+            dx_row_stride=dx.stride(0),
+            n_cols=n_cols,
+            LOG=log,
+            BLOCK_N=cfg.block_n,
+            SINGLE_BLOCK=cfg.single_block,
+            ACC_FP64=dx.dtype == torch.float64,
+            num_warps=cfg.num_warps,
+        )
+    return cfg
+
+
+@torch.library.custom_op("softmax_gpu::softmax_forward", mutates_args=())
+def softmax_forward(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(log_)softmax of x along dim, returned contiguous in `dtype`."""
+    # Casting up is exact, so the kernel reads x as it is and writes `dtype`; a narrowing
+    # cast happens first, as in torch (softmax of x.to(dtype)).
+    if dtype.itemsize < x.dtype.itemsize or (dtype.itemsize == x.dtype.itemsize and dtype != x.dtype):
+        x = x.to(dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    x_rows = as_rows(x, dim)
+    y_rows = torch.empty(x_rows.shape, dtype=dtype, device=x.device)
+    launch_softmax_fwd(x_rows, y_rows, log)
+    return from_rows(y_rows, x, dim)
+
+
+@softmax_forward.register_fake
+def _(x, dim, log, dtype):
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
+
+
+@torch.library.custom_op("softmax_gpu::softmax_backward", mutates_args=())
+def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    """Gradient with respect to the input of (log_)softmax along dim, from output y and upstream dy."""
+    if y.numel() == 0:
+        return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    dy = dy.to(y.dtype)
+    y_rows, dy_rows = as_rows(y, dim), as_rows(dy, dim)
+    dx_rows = torch.empty(y_rows.shape, dtype=y.dtype, device=y.device)
+    launch_softmax_bwd(y_rows, dy_rows, dx_rows, log)
+    return from_rows(dx_rows, y, dim)
+
+
+@softmax_backward.register_fake
+def _(y, dy, dim, log):
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dim, log, _ = inputs
+    ctx.save_for_backward(output)
+    ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
+
+
+def _backward(ctx, grad_output):
+    (y,) = ctx.saved_tensors
+    grad_input = softmax_backward(y, grad_output, ctx.dim, ctx.log)
+    return grad_input.to(ctx.input_dtype), None, None, None
+
+
+torch.library.register_autograd("softmax_gpu::softmax_forward", _backward, setup_context=_setup_context)
+
+
+def _apply(fn: str, x: torch.Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> torch.Tensor:
+    check_floating(fn, "input", x)
+    check_out_dtype(fn, dtype)
+    dim = normalize_dim(dim, x.dim())
+    return softmax_forward(x, dim, log, dtype or x.dtype)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """softmax(x)_i = e^(x_i - m) / sum_j e^(x_j - m) along `dim`, with m the row maximum.
+
+    Mirrors torch.nn.functional.softmax: any rank and dim, non-contiguous input, empty
+    tensors; float16/bfloat16 accumulate in float32. `dtype` casts the input first (the
+    result has that dtype). Differentiable; compiles under torch.compile(fullgraph=True).
+    A row that is -inf everywhere gives NaN, like torch.
+    """
+    return _apply("softmax_gpu.softmax", x, dim, dtype, log=False)
+
+
+def log_softmax(x: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """log_softmax(x)_i = x_i - m - log(sum_j e^(x_j - m)) along `dim`; arguments as softmax()."""
+    return _apply("softmax_gpu.log_softmax", x, dim, dtype, log=True)
+
+
+def hardmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """One-hot of the arg-max along `dim` (the first index on ties): softmax(x / T) as T -> 0."""
+    check_floating("softmax_gpu.hardmax", "input", x)
+    dim = normalize_dim(dim, x.dim())
+    out = torch.zeros_like(x)
+    if x.numel() == 0:
+        return out
+    return out.scatter_(dim, x.argmax(dim, keepdim=True), 1.0) if x.dim() else out.fill_(1.0)

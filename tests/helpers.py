@@ -1,0 +1,47 @@
+"""Shared test helpers: reference comparison with torch's own error as the yardstick."""
+import numpy as np
+import torch
+
+# float32 is held to ~1e-6 relative; 16-bit dtypes to twice torch's own error plus this atol.
+RTOL_FP32, ATOL_FP32 = 2e-6, 1e-7
+ATOL_16BIT = {torch.bfloat16: 2e-3, torch.float16: 2e-4}
+
+
+def to_f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def assert_matches(actual: torch.Tensor, expected: np.ndarray, rtol: float, atol: float, what: str = "") -> None:
+    """Allclose with a report of how many elements are off and where; NaN/inf must match exactly."""
+    a = to_f64(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert a.shape == expected.shape, f"{what}: shape {a.shape} != {expected.shape}"
+    same_special = (np.isnan(a) == np.isnan(expected)).all() and (np.isinf(a) == np.isinf(expected)).all()
+    assert same_special, f"{what}: NaN/inf positions differ ({np.isnan(a).sum()} NaN vs {np.isnan(expected).sum()})"
+    assert (a[np.isinf(a)] == expected[np.isinf(expected)]).all(), f"{what}: inf signs differ"
+    finite = np.isfinite(expected)
+    err = np.abs(a[finite] - expected[finite])
+    bad = err > atol + rtol * np.abs(expected[finite])
+    if bad.any():
+        where = np.argwhere(finite)[bad][:5].tolist()
+        raise AssertionError(
+            f"{what}: {bad.sum()} of {bad.size} elements off (max abs err {err.max():.3e}, rtol {rtol}, "
+            f"atol {atol}); first at {where}"
+        )
+
+
+def max_abs_err(actual: torch.Tensor, expected: np.ndarray) -> float:
+    a, e = to_f64(actual), np.asarray(expected, np.float64)
+    finite = np.isfinite(e)
+    return float(np.abs(a[finite] - e[finite]).max()) if finite.any() else 0.0
+
+
+def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, expected: np.ndarray, what: str = ""):
+    """For 16-bit dtypes: our error against float64 is at most twice torch's own plus a small atol."""
+    budget = 2 * max_abs_err(theirs, expected) + ATOL_16BIT[ours.dtype]
+    assert_matches(ours, expected, rtol=0.0, atol=budget, what=what)
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN, so an element the kernel fails to write cannot pass."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

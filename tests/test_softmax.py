@@ -1,0 +1,358 @@
+"""softmax / log_softmax / hardmax against the float64 NumPy reference, through the interpreter on CPU."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ATOL_FP32, RTOL_FP32, assert_matches, assert_within_torch_error, poisoned
+
+import softmax_gpu
+from softmax_gpu import config, reference
+from softmax_gpu.softmax import launch_softmax_bwd, launch_softmax_fwd
+from softmax_gpu.traffic import TrafficCounter
+
+OPS = {  # name -> (ours, torch's, reference forward, reference backward)
+    "softmax": (softmax_gpu.softmax, torch.softmax, reference.softmax, reference.softmax_backward),
+    "log_softmax": (softmax_gpu.log_softmax, torch.log_softmax, reference.log_softmax, reference.log_softmax_backward),
+}
+
+# float32 tolerance per op. log_softmax's y = (x - m) - log(d) subtracts two terms of size
+# |x - m| ~ 10 that were each rounded, so its error is absolute (~1e-6 per unit of range),
+# not relative to a result that can be near 0.
+TOL32 = {"softmax": (RTOL_FP32, ATOL_FP32), "log_softmax": (RTOL_FP32, 4e-6)}
+
+# Shapes (rows, cols) per regime, at the interpreter's small scale: 1 column; fewer
+# columns than the smallest block; a block-sized row; odd widths that leave a ragged
+# last block; and a row that needs several blocks once block_limit(16) is in force.
+SHAPES = [(1, 1), (3, 1), (4, 7), (2, 16), (5, 100), (3, 781)]
+
+
+def rows_of(shape, dtype, device):
+    return (3 * torch.randn(shape, dtype=torch.float32)).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The seed's worked examples
+# ---------------------------------------------------------------------------------------
+
+
+def test_seed_examples(device):
+    x = torch.tensor([2.0, 3.0, 5.0], device=device)
+    np.testing.assert_allclose(softmax_gpu.softmax(x).cpu().numpy(), [0.04201007, 0.11419519, 0.8437947], rtol=1e-6)
+    np.testing.assert_allclose((x / x.sum()).cpu().numpy(), [0.2, 0.3, 0.5])  # plain normalisation, for contrast
+    big = [123.0, 456.0, 789.0]
+    with pytest.warns(RuntimeWarning):
+        assert np.isnan(reference.naive_softmax(big)).any()
+    with np.errstate(all="raise"):  # the stable one must not even warn
+        stable = reference.softmax(big)
+    np.testing.assert_allclose(stable, [5.75274406e-290, 2.39848787e-145, 1.0], rtol=1e-8)
+    ours = softmax_gpu.softmax(torch.tensor(big, dtype=torch.float64, device=device))
+    np.testing.assert_allclose(ours.cpu().numpy(), stable, rtol=1e-12)
+    hard = softmax_gpu.hardmax(torch.tensor([1.0, 2, 3, 4, 5], device=device))
+    assert hard.tolist() == [0, 0, 0, 0, 1]
+
+
+def test_hardmax_is_the_low_temperature_limit(device):
+    x = torch.tensor([[0.3, 2.0, 2.0, -1.0], [5.0, 1.0, 4.9, 0.0]], device=device)
+    np.testing.assert_array_equal(softmax_gpu.hardmax(x).cpu().numpy(), reference.hardmax(x.cpu().numpy()))
+    assert softmax_gpu.hardmax(x)[0].tolist() == [0, 1, 0, 0]  # first index on ties
+    np.testing.assert_allclose(softmax_gpu.softmax(x[1] / 1e-3).cpu().numpy(), [1, 0, 0, 0], atol=1e-12)
+    assert softmax_gpu.hardmax(x, dim=0).sum(0).tolist() == [1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# Forward against the reference, both paths, outputs poisoned
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_forward_float32_every_element_written(op, shape, max_block, device):
+    x = rows_of(shape, torch.float32, device)
+    y = poisoned(shape, torch.float32, device)
+    cfg = config.row_config(shape[1], max_block or config.MAX_BLOCK_SOFTMAX_FWD)
+    used = launch_softmax_fwd(x, y, log=op == "log_softmax", cfg=cfg)
+    assert used.single_block == (shape[1] <= used.block_n)
+    assert_matches(y, OPS[op][2](x.cpu().numpy()), *TOL32[op], what=op)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_forward_16bit_within_twice_torch_error(op, dtype, max_block, device):
+    ours_fn, torch_fn, ref_fn, _ = OPS[op]
+    x = rows_of((6, 203), dtype, device)
+    expected = ref_fn(x.double().cpu().numpy())
+    theirs = torch_fn(x.cpu(), -1)  # torch's own result in this dtype
+    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+        ours = ours_fn(x)
+    assert ours.dtype == dtype
+    assert_within_torch_error(ours, theirs, expected, what=f"{op} {dtype}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_dtype_argument_matches_torch(op, device):
+    ours_fn, torch_fn, _, _ = OPS[op]
+    x = rows_of((3, 50), torch.bfloat16, device)
+    up = ours_fn(x, dim=-1, dtype=torch.float32)  # exact upcast inside the kernel
+    assert up.dtype == torch.float32
+    torch.testing.assert_close(up.cpu(), torch_fn(x.cpu(), -1, dtype=torch.float32), rtol=2e-6, atol=1e-7)
+    x32 = rows_of((3, 50), torch.float32, device)
+    down = ours_fn(x32, dim=-1, dtype=torch.bfloat16)  # narrowing cast happens first, like torch
+    assert down.dtype == torch.bfloat16
+    torch.testing.assert_close(down.cpu(), torch_fn(x32.cpu(), -1, dtype=torch.bfloat16), rtol=8e-3, atol=8e-3)
+    f64 = ours_fn(x32, dim=-1, dtype=torch.float64)
+    torch.testing.assert_close(f64.cpu(), torch_fn(x32.cpu().double(), -1), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_properties(max_block, device):
+    x = rows_of((4, 45), torch.float32, device)
+    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+        y = softmax_gpu.softmax(x)
+        torch.testing.assert_close(y.sum(-1).cpu(), torch.ones(4), rtol=0, atol=2e-6)
+        assert ((y >= 0) & (y <= 1)).all()
+        # Shift invariance: exact in float64; in float32 x + 1000 is itself rounded, so check it is stable.
+        x64 = x.double()
+        torch.testing.assert_close(softmax_gpu.softmax(x64 + 1000.0), softmax_gpu.softmax(x64), rtol=1e-10, atol=1e-13)
+        shifted = x + 1000.0
+        assert_matches(softmax_gpu.softmax(shifted), reference.softmax(shifted.cpu().numpy()), RTOL_FP32, ATOL_FP32)
+        torch.testing.assert_close(softmax_gpu.log_softmax(x).exp(), y, rtol=1e-5, atol=1e-7)
+
+        masked = x.clone()
+        masked[0, ::3] = -float("inf")
+        masked[1, :] = -float("inf")
+        ym = softmax_gpu.softmax(masked)
+        assert (ym[0, ::3] == 0).all()  # exact zeros
+        assert torch.isnan(ym[1]).all() and torch.isnan(torch.softmax(masked.cpu(), -1)[1]).all()  # like torch
+        assert torch.isneginf(softmax_gpu.log_softmax(masked)[0, ::3]).all()
+        assert_matches(ym[[0, 2, 3]], reference.softmax(masked[[0, 2, 3]].cpu().numpy()), RTOL_FP32, ATOL_FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_huge_logits_stay_finite(dtype, max_block, device):
+    x = torch.tensor([[1e4, -1e4, 0.0, 9990.0] * 10, [-1e4] * 39 + [1e4]], dtype=dtype, device=device)
+    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+        y, ly = softmax_gpu.softmax(x), softmax_gpu.log_softmax(x)
+    assert torch.isfinite(y).all() and torch.isfinite(ly).all()
+    assert_matches(y.float(), reference.softmax(x.double().cpu().numpy()), rtol=1e-2, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts: any rank, any dim, non-contiguous, empty
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_3d_along_every_dim(op, dim, device):
+    ours_fn, _, ref_fn, _ = OPS[op]
+    x = rows_of((3, 4, 37), torch.float32, device).reshape(3, 4, 37)
+    for max_block in (None, 16):
+        with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+            y = ours_fn(x, dim=dim)
+        assert y.shape == x.shape and y.is_contiguous()
+        assert_matches(y, ref_fn(x.cpu().numpy(), axis=dim), *TOL32[op], what=f"dim={dim}")
+
+
+def test_non_contiguous_inputs(device):
+    base = rows_of((40, 30), torch.float32, device)
+    for x in (base.t(), base[:, ::2], base[::3], base.t()[5:9]):
+        assert not x.is_contiguous()
+        assert_matches(softmax_gpu.softmax(x), reference.softmax(x.cpu().numpy()), RTOL_FP32, ATOL_FP32)
+        expected = reference.log_softmax(x.cpu().numpy(), 0)
+        assert_matches(softmax_gpu.log_softmax(x, 0), expected, *TOL32["log_softmax"])
+
+
+def test_empty_and_degenerate_shapes(device):
+    for shape, dim in [((0, 5), -1), ((5, 0), -1), ((0,), 0), ((2, 0, 3), 1), ((2, 0, 3), 2)]:
+        x = torch.empty(shape, device=device)
+        assert softmax_gpu.softmax(x, dim).shape == shape
+        assert softmax_gpu.log_softmax(x, dim).shape == shape
+        assert softmax_gpu.hardmax(x, dim).shape == shape
+    scalar = torch.tensor(3.5, device=device)
+    assert softmax_gpu.softmax(scalar).item() == 1.0 and softmax_gpu.log_softmax(scalar, 0).item() == 0.0
+    ones = softmax_gpu.softmax(rows_of((6, 1), torch.float32, device))  # dim of size 1
+    assert (ones == 1).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+
+def test_backward_matches_explicit_jacobian(device):
+    x = rows_of((1, 6), torch.float64, device).requires_grad_()
+    y = softmax_gpu.softmax(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    jac = reference.softmax_jacobian(y.detach().cpu().numpy()[0])
+    np.testing.assert_allclose(jac, jac.T, atol=0)  # the softmax Jacobian is symmetric
+    np.testing.assert_allclose(x.grad.cpu().numpy()[0], jac.T @ dy.cpu().numpy()[0], rtol=1e-12, atol=1e-15)
+    full = torch.autograd.functional.jacobian(lambda v: softmax_gpu.softmax(v), x.detach()[0])
+    np.testing.assert_allclose(full.cpu().numpy(), jac, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(3, 1), (4, 7), (5, 100), (3, 781)])
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_backward_launcher_every_element_written(op, shape, max_block, device):
+    _, _, ref_fwd, ref_bwd = OPS[op]
+    y = torch.from_numpy(ref_fwd(3 * np.random.default_rng(torch.seed() % 2**32).standard_normal(shape)))
+    y = y.float().to(device)
+    dy = rows_of(shape, torch.float32, device)  # non-uniform upstream gradient
+    dx = poisoned(shape, torch.float32, device)
+    cfg = config.row_config(shape[1], max_block or config.MAX_BLOCK_SOFTMAX_BWD)
+    launch_softmax_bwd(y, dy, dx, log=op == "log_softmax", cfg=cfg)
+    expected = ref_bwd(y.cpu().numpy(), dy.cpu().numpy())
+    assert_matches(dx, expected, rtol=1e-5, atol=1e-6, what=op)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_matches_torch_autograd(op, dtype, device):
+    ours_fn, torch_fn, _, _ = OPS[op]
+    x = rows_of((3, 5, 300), dtype, device)
+    dy = rows_of((3, 5, 300), dtype, device)
+    for dim in (-1, 1):
+        a = x.clone().requires_grad_()
+        ours_fn(a, dim).backward(dy)
+        b = x.detach().cpu().double().requires_grad_()
+        torch_fn(b, dim).backward(dy.cpu().double())
+        c = x.detach().cpu().clone().requires_grad_()
+        torch_fn(c, dim).backward(dy.cpu())
+        assert a.grad.dtype == dtype
+        if dtype == torch.float32:
+            assert_matches(a.grad, b.grad.numpy(), rtol=1e-5, atol=1e-6)
+        else:
+            assert_within_torch_error(a.grad, c.grad, b.grad.numpy(), what=f"{op} grad {dtype}")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("max_block", [None, 16])
+def test_gradcheck_float64(op, max_block, device):
+    x = torch.randn(3, 21, dtype=torch.float64, device=device, requires_grad=True)
+    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_BWD):
+        assert torch.autograd.gradcheck(lambda v: OPS[op][0](v, 0), (x,))
+        assert torch.autograd.gradcheck(lambda v: OPS[op][0](v, -1), (x,))
+
+
+def test_backward_through_dtype_cast(device):
+    x = rows_of((2, 40), torch.bfloat16, device).requires_grad_()
+    softmax_gpu.softmax(x, dtype=torch.float32).backward(torch.ones(2, 40, device=device).cumsum(-1))
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Memory traffic (exact, via the interpreter) and bounds
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_forward(log, dtype):
+    rows, cols = 3, 100
+    x = rows_of((rows, cols), dtype, "cpu")
+    y = torch.empty_like(x)
+    element = rows * cols * x.element_size()
+    with TrafficCounter(buffers=[x, y]) as single:
+        cfg = launch_softmax_fwd(x, y, log)
+    assert cfg.single_block
+    assert (single.bytes_loaded, single.bytes_stored) == (element, element)  # 1 read + 1 write
+    with TrafficCounter(buffers=[x, y]) as looped:
+        cfg = launch_softmax_fwd(x, y, log, cfg=config.row_config(cols, 32))
+    assert not cfg.single_block and cfg.block_n == 32
+    assert (looped.bytes_loaded, looped.bytes_stored) == (2 * element, element)  # 2 reads + 1 write
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("log", [False, True])
+def test_traffic_backward(log):
+    y = torch.softmax(torch.randn(4, 77), -1)
+    dy, dx = torch.randn(4, 77), torch.empty(4, 77)
+    element = y.numel() * 4
+    with TrafficCounter(buffers=[y, dy, dx]) as single:
+        assert launch_softmax_bwd(y, dy, dx, log).single_block
+    assert (single.bytes_loaded, single.bytes_stored) == (2 * element, element)  # 2 reads + 1 write
+    with TrafficCounter(buffers=[y, dy, dx]) as looped:
+        assert not launch_softmax_bwd(y, dy, dx, log, cfg=config.row_config(77, 16)).single_block
+    reads = (3 if log else 4) * element  # log_softmax's reduction pass needs only dy
+    assert (looped.bytes_loaded, looped.bytes_stored) == (reads, element)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bounds are checked in Triton's interpreter")
+def test_traffic_counter_catches_out_of_bounds():
+    """The bounds check is live: a launch that claims 50 columns on 40-column rows reads past the end."""
+    from softmax_gpu.kernels.softmax import softmax_fwd_kernel
+
+    x, y = torch.randn(2, 40), torch.empty(2, 40)
+    with pytest.raises(Exception, match="OutOfBoundsAccess"), TrafficCounter(buffers=[x, y]):
+        softmax_fwd_kernel[(2,)](x, y, 40, 40, 50, LOG=False, BLOCK_N=64, SINGLE_BLOCK=True, ACC_FP64=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input, devices, modules, registration
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_before_launch(device):
+    x = torch.randn(3, 4, device=device)
+    with pytest.raises(TypeError, match="floating-point"):
+        softmax_gpu.softmax(torch.ones(3, 4, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="floating-point"):
+        softmax_gpu.log_softmax(torch.ones(3, dtype=torch.bool, device=device))
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        softmax_gpu.softmax(x, dim=2)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        softmax_gpu.hardmax(x, dim=-3)
+    with pytest.raises(TypeError, match="must be Tensor"):
+        softmax_gpu.softmax([1.0, 2.0])
+    with pytest.raises(TypeError, match="dtype"):
+        softmax_gpu.softmax(x, dtype=torch.int32)
+
+
+def test_cpu_tensor_without_interpreter_says_what_to_do(tmp_path):
+    code = (
+        "import torch, softmax_gpu\n"
+        "try:\n    softmax_gpu.softmax(torch.randn(2, 3))\n"
+        "except RuntimeError as e:\n    print('ERR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_nn_modules(device):
+    x = rows_of((2, 3, 9), torch.float32, device)
+    torch.testing.assert_close(softmax_gpu.nn.Softmax(dim=1)(x), torch.softmax(x, 1), rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(softmax_gpu.nn.LogSoftmax()(x), torch.log_softmax(x, -1), rtol=2e-6, atol=1e-6)
+    assert "dim=1" in repr(softmax_gpu.nn.Softmax(dim=1))
+
+
+def test_opcheck(device):
+    x = torch.randn(3, 17, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.softmax_gpu.softmax_forward.default, (x, 1, False, torch.float32))
+    torch.library.opcheck(torch.ops.softmax_gpu.softmax_forward.default, (x, 0, True, torch.float32))
+    y = torch.softmax(x.detach(), 1)
+    torch.library.opcheck(torch.ops.softmax_gpu.softmax_backward.default, (y, torch.randn_like(y), 1, False))
+
+
+def test_torch_compile_fullgraph(device):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), softmax_gpu.nn.LogSoftmax(dim=-1)).to(device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 8, device=device)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, torch.log_softmax(model[0](x), -1), rtol=2e-6, atol=1e-6)
+    assert model[0].weight.grad is not None
