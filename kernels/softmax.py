@@ -12,7 +12,7 @@ scale; 16-bit inputs are accumulated in float32, float64 inputs in float64.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): e^x == 2^(x * LOG2E)
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x == 2^(x * LOG2E)
 
 
 @triton.jit

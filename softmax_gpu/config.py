@@ -28,16 +28,24 @@ class RowConfig:
     single_block: bool
 
 
-def warps_for(block_n: int) -> int:
-    """About 16 elements per thread for wide blocks (128-bit loads for every dtype), 1-32 warps."""
-    return max(1, min(32, block_n // 512))
+def warps_for(block_n: int, itemsize: int = 4) -> int:
+    """1-32 warps, giving wide blocks 64 bytes of accumulator per thread: 16 float32 elements
+    (four 128-bit loads of float32, two of 16-bit types) or 8 float64 ones."""
+    return max(1, min(32, block_n * max(itemsize, 4) // 2048))
 
 
-def row_config(n_cols: int, max_block_n: int) -> RowConfig:
-    """Picks the launch configuration for rows of n_cols elements."""
-    limit = max_block_n if _block_limit is None else min(max_block_n, _block_limit)
+def block_cap(max_block_n: int, itemsize: int) -> int:
+    """The family's limit; a quarter of it for float64, whose elements take two registers each
+    (at half the width the looped path still spills once 32 warps cap a thread at 64 registers)."""
+    return max_block_n if itemsize <= 4 else max_block_n // 4
+
+
+def row_config(n_cols: int, max_block_n: int, itemsize: int = 4) -> RowConfig:
+    """Picks the launch configuration for rows of n_cols elements of `itemsize` bytes."""
+    limit = block_cap(max_block_n, itemsize)
+    limit = limit if _block_limit is None else min(limit, _block_limit)
     block_n = max(MIN_BLOCK_N, min(triton.next_power_of_2(max(n_cols, 1)), limit))
-    return RowConfig(block_n=block_n, num_warps=warps_for(block_n), single_block=n_cols <= block_n)
+    return RowConfig(block_n=block_n, num_warps=warps_for(block_n, itemsize), single_block=n_cols <= block_n)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     Bytes: 1 read + 1 write per element on the single-block path, 2 reads + 1 write looped.
     """
     n_rows, n_cols = x.shape
-    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_FWD)
+    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size())
     check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
     with device_guard(x):
         softmax_fwd_kernel[(n_rows,)](
@@ -48,7 +48,7 @@ def launch_softmax_bwd(
     Bytes: 2 reads + 1 write per element on the single-block path.
     """
     n_rows, n_cols = y.shape
-    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_BWD)
+    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size())
     check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
     with device_guard(y):
         softmax_bwd_kernel[(n_rows,)](

@@ -1,0 +1,178 @@
+"""Compile every shipped Triton kernel configuration for sm_80 and sm_90 with no GPU present.
+
+For each kernel, dtype and launch configuration the row_config() can produce, this
+compiles through triton.compile with an explicit GPUTarget, then reads the cubin with
+the cuobjdump and nvdisasm that ship inside the triton wheel: registers, local
+(spilled) bytes, shared memory, and whether the global loads and stores are 128-bit
+(LDG.E.128 / STG.E.128). Pointers and row strides are assumed 16-byte aligned, as they
+are for rows whose length is a multiple of 16 elements (the common case the runtime
+specialises on). Exits 1 if any configuration spills.
+
+    python -m bench.compile_report [--arch 80 90] [--quick]
+"""
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot compile; this report needs real JIT functions
+    os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One kernel configuration to compile: the kernel's module and name, typed signature, constexprs."""
+
+    module: str
+    kernel: str
+    dtype: str
+    signature: tuple  # ((arg name, triton type), ...): "constexpr" for meta-parameters
+    constexprs: tuple  # ((name, value), ...)
+    num_warps: int
+    aligned: tuple = ()  # argument names assumed divisible by 16
+
+    @property
+    def label(self) -> str:
+        meta = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs)
+        return f"{meta} warps={self.num_warps}"
+
+
+def block_plan(max_block: int, quick: bool):
+    """(block_n, single_block) pairs row_config() can return: every power of two up to the
+    limit on the single-block path, and the limit on the looped path."""
+    from softmax_gpu import config
+
+    sizes, b = [], config.MIN_BLOCK_N
+    while b <= max_block:
+        sizes.append(b)
+        b *= 2
+    if quick:
+        sizes = [sizes[0], min(1024, max_block), max_block]
+    return [(b, True) for b in sizes] + [(max_block, False)]
+
+
+def softmax_variants(quick: bool):
+    from softmax_gpu import config
+
+    for kernel, max_block, ptrs, strides in (
+        ("softmax_fwd_kernel", config.MAX_BLOCK_SOFTMAX_FWD, ("x_ptr", "y_ptr"), ("x_row_stride", "y_row_stride")),
+        (
+            "softmax_bwd_kernel",
+            config.MAX_BLOCK_SOFTMAX_BWD,
+            ("y_ptr", "dy_ptr", "dx_ptr"),
+            ("y_row_stride", "dy_row_stride", "dx_row_stride"),
+        ),
+    ):
+        for dtype, ptr_type in DTYPES.items():
+            for log in (False, True):
+                itemsize = 8 if dtype == "fp64" else 4  # as row_config() sees the accumulation width
+                for block, single in block_plan(config.block_cap(max_block, itemsize), quick or dtype == "fp64"):
+                    sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (("n_cols", "i32"),)
+                    meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"))
+                    yield Variant(
+                        "softmax_gpu.kernels.softmax",
+                        kernel,
+                        dtype,
+                        sig + tuple((k, "constexpr") for k, _ in meta),
+                        meta,
+                        config.warps_for(block, itemsize),
+                        aligned=ptrs + strides + ("n_cols",),
+                    )
+
+
+def all_variants(quick: bool):
+    yield from softmax_variants(quick)
+    try:
+        from bench.compile_variants_ce import cross_entropy_variants
+    except ImportError:
+        return
+    yield from cross_entropy_variants(quick)
+
+
+@dataclasses.dataclass
+class Report:
+    variant: Variant
+    arch: int
+    regs: int
+    local: int
+    shared: int
+    ldg128: bool
+    stg128: bool
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_one(job):
+    """Compiles one variant for one arch and reads its resource usage (runs in a worker process)."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    variant, arch = job
+    fn = getattr(importlib.import_module(variant.module), variant.kernel)
+    names = [name for name, _ in variant.signature]
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
+    src = ASTSource(fn, dict(variant.signature), dict(variant.constexprs), attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", usage.stdout))
+    return Report(
+        variant,
+        arch,
+        regs=int(fields["REG"]),
+        local=int(fields["LOCAL"]) + int(fields.get("STACK", 0)),
+        shared=int(fields["SHARED"]),
+        ldg128="LDG.E.128" in sass,
+        stg128="STG.E.128" in sass,
+    )
+
+
+def run(archs=(80, 90), quick=False, jobs=None):
+    """Compiles every variant for every arch; returns the list of Reports."""
+    work = [(v, a) for v in all_variants(quick) for a in archs]
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        return list(pool.map(compile_one, work))
+
+
+def format_table(reports) -> str:
+    lines = [f"{'kernel':<26}{'sm':>4} {'dtype':<6}{'regs':>5}{'local':>6}{'smem':>7}  {'128-bit ld/st':<14}config"]
+    for r in reports:
+        wide = f"{'yes' if r.ldg128 else 'no'}/{'yes' if r.stg128 else 'no'}"
+        lines.append(
+            f"{r.variant.kernel:<26}{r.arch:>4} {r.variant.dtype:<6}{r.regs:>5}{r.local:>6}{r.shared:>7}  "
+            f"{wide:<14}{r.variant.label}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default 80 90)")
+    parser.add_argument("--quick", action="store_true", help="a few block sizes per kernel instead of all")
+    args = parser.parse_args(argv)
+    reports = run(tuple(args.arch), args.quick)
+    print(format_table(reports))
+    spills = [r for r in reports if r.local]
+    print(f"\n{len(reports)} configurations compiled, {len(spills)} spill registers to local memory")
+    return 1 if spills else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
