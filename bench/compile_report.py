@@ -44,9 +44,9 @@ class Variant:
         return f"{meta} warps={self.num_warps}"
 
 
-def block_plan(max_block: int, quick: bool):
+def block_plan(max_block: int, quick: bool, loop_block=None):
     """(block_n, single_block) pairs row_config() can return: every power of two up to the
-    limit on the single-block path, and the limit on the looped path."""
+    limit on the single-block path, and the loop block (default: the limit) on the looped path."""
     from softmax_gpu import config
 
     sizes, b = [], config.MIN_BLOCK_N
@@ -55,7 +55,7 @@ def block_plan(max_block: int, quick: bool):
         b *= 2
     if quick:
         sizes = [sizes[0], min(1024, max_block), max_block]
-    return [(b, True) for b in sizes] + [(max_block, False)]
+    return [(b, True) for b in sizes] + [(loop_block or max_block, False)]
 
 
 def softmax_variants(quick: bool):
@@ -87,12 +87,62 @@ def softmax_variants(quick: bool):
                     )
 
 
+# Feature sets of the cross-entropy kernel worth compiling: the plain training case (with
+# and without the gradient) and every option at once, for class indices and probabilities;
+# register pressure is highest with everything on.
+CE_FLAG_SETS = (
+    dict(SOFT_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False),
+    dict(SOFT_TARGET=False, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True),
+    dict(SOFT_TARGET=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True),
+)
+
+
+def cross_entropy_variants(quick: bool):
+    from softmax_gpu import config
+
+    module = "softmax_gpu.kernels.cross_entropy"
+    for dtype in ("fp32", "bf16", "fp16"):
+        ptr = DTYPES[dtype]
+        for flags in CE_FLAG_SETS:
+            for grad in (False, True):
+                if flags["SOFT_TARGET"] and not grad:
+                    continue
+                for block, single in block_plan(
+                    config.MAX_BLOCK_CROSS_ENTROPY, quick or flags["HAS_WEIGHT"], config.LOOP_BLOCK_CROSS_ENTROPY
+                ):
+                    sig = (
+                        ("logits_ptr", ptr),
+                        ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
+                        ("weight_ptr", "*fp32"),
+                        ("loss_ptr", "*fp32"),
+                        ("lse_ptr", "*fp32"),
+                        ("grad_ptr", ptr),
+                        ("logits_row_stride", "i64"),
+                        ("target_row_stride", "i64"),
+                        ("grad_row_stride", "i64"),
+                        ("grad_scale_ptr", "*fp32"),
+                        ("n_cols", "i32"),
+                        ("ignore_index", "i64"),
+                        ("label_smoothing", "fp32"),
+                        ("z_loss", "fp32"),
+                        ("softcap", "fp32"),
+                    )
+                    meta = tuple(flags.items()) + (("COMPUTE_GRAD", grad), ("BLOCK_N", block), ("SINGLE_BLOCK", single))
+                    aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
+                               "grad_row_stride", "n_cols", "weight_ptr")
+                    warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                    yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                                  meta, warps, aligned=aligned)
+        for block in (1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY):
+            sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
+                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"))
+            warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+            yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block),), warps,
+                          aligned=("grad_ptr", "grad_row_stride", "n_cols"))
+
+
 def all_variants(quick: bool):
     yield from softmax_variants(quick)
-    try:
-        from bench.compile_variants_ce import cross_entropy_variants
-    except ImportError:
-        return
     yield from cross_entropy_variants(quick)
 
 

@@ -7,13 +7,20 @@ sm_90 (``python -m bench.compile_report`` checks every one of them).
 """
 import contextlib
 import dataclasses
+from typing import Optional
 
 import triton
 
 # Largest single block, in elements, per kernel family (each block lives in registers).
 MAX_BLOCK_SOFTMAX_FWD = 16384
 MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
-MAX_BLOCK_CROSS_ENTROPY = 16384
+# Cross-entropy keeps up to five per-lane accumulators beside the logits, so it runs with
+# half the elements per thread (8) of the softmax kernels; the looped path uses narrower
+# blocks with fewer warps so a thread may hold more than 64 registers.
+MAX_BLOCK_CROSS_ENTROPY = 8192
+LOOP_BLOCK_CROSS_ENTROPY = 4096
+ELEMENTS_PER_THREAD = 16
+ELEMENTS_PER_THREAD_CROSS_ENTROPY = 8
 MIN_BLOCK_N = 16
 
 _block_limit = None  # set only by block_limit(), for tests that force the looped path
@@ -28,10 +35,12 @@ class RowConfig:
     single_block: bool
 
 
-def warps_for(block_n: int, itemsize: int = 4) -> int:
-    """1-32 warps, giving wide blocks 64 bytes of accumulator per thread: 16 float32 elements
-    (four 128-bit loads of float32, two of 16-bit types) or 8 float64 ones."""
-    return max(1, min(32, block_n * max(itemsize, 4) // 2048))
+def warps_for(block_n: int, itemsize: int = 4, elements_per_thread: int = ELEMENTS_PER_THREAD) -> int:
+    """1-32 warps, giving wide blocks elements_per_thread float32 accumulators a thread
+    (half as many for float64, whose elements take two registers). At 16, fp32 rows load
+    with four 128-bit loads a thread and 16-bit rows with two; at 8, one of each."""
+    per_thread = elements_per_thread if itemsize <= 4 else elements_per_thread // 2
+    return max(1, min(32, block_n // (32 * per_thread)))
 
 
 def block_cap(max_block_n: int, itemsize: int) -> int:
@@ -40,12 +49,24 @@ def block_cap(max_block_n: int, itemsize: int) -> int:
     return max_block_n if itemsize <= 4 else max_block_n // 4
 
 
-def row_config(n_cols: int, max_block_n: int, itemsize: int = 4) -> RowConfig:
-    """Picks the launch configuration for rows of n_cols elements of `itemsize` bytes."""
+def row_config(
+    n_cols: int,
+    max_block_n: int,
+    itemsize: int = 4,
+    loop_block_n: Optional[int] = None,
+    elements_per_thread: int = ELEMENTS_PER_THREAD,
+) -> RowConfig:
+    """Picks the launch configuration for rows of n_cols elements of `itemsize` bytes.
+
+    Rows up to the family's limit take one block; longer ones loop in blocks of
+    loop_block_n (default: the limit itself)."""
     limit = block_cap(max_block_n, itemsize)
+    if n_cols > limit and loop_block_n is not None:
+        limit = loop_block_n
     limit = limit if _block_limit is None else min(limit, _block_limit)
     block_n = max(MIN_BLOCK_N, min(triton.next_power_of_2(max(n_cols, 1)), limit))
-    return RowConfig(block_n=block_n, num_warps=warps_for(block_n, itemsize), single_block=n_cols <= block_n)
+    warps = warps_for(block_n, itemsize, elements_per_thread)
+    return RowConfig(block_n=block_n, num_warps=warps, single_block=n_cols <= block_n)
 
 
 @contextlib.contextmanager

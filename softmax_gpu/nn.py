@@ -1,6 +1,9 @@
 """torch.nn modules: thin wrappers that hold hyper-parameters and call the functional ops."""
+from typing import Optional
+
 import torch
 
+from . import cross_entropy as _cross_entropy
 from . import softmax as _softmax
 
 
@@ -30,3 +33,47 @@ class LogSoftmax(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Drop-in for torch.nn.CrossEntropyLoss backed by the fused kernel, plus z_loss, softcap
+    and inplace_backward (see softmax_gpu.cross_entropy)."""
+
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        inplace_backward: bool = False,
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return _cross_entropy.cross_entropy(
+            input,
+            target,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"z_loss={self.z_loss}, softcap={self.softcap}, inplace_backward={self.inplace_backward}"
+        )

@@ -121,3 +121,97 @@ def _merge(m, d, k, value, weight):
     d[k] = d[k] * np.exp(m[k] - m_new) + weight * np.exp(value - m_new)
     m[k] = m_new
     return m, d
+
+
+def cross_entropy(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
+    """Softmax cross-entropy with torch.nn.functional.cross_entropy's semantics, in float64.
+
+    logits: (C,), (N, C) or (N, C, d1, ...), class dim 1 (0 for 1-D). target: class
+    indices shaped like logits without the class dim, or probabilities shaped like logits.
+    Returns (loss, grad): loss reduced as asked ("none" keeps the target's shape), grad
+    the derivative of that loss with respect to the logits, same shape as the logits.
+
+    Per row, with z the (soft-capped) logits, log q = z - lse the log-probabilities:
+      index t:  (1 - eps) w_t (-log q_t) + (eps / C) sum_j w_j (-log q_j) + z_loss w_t lse^2
+      probs p:  sum_j w_j p'_j (-log q_j) + z_loss lse^2,   p' = (1 - eps) p + eps / C
+    and the gradient is softmax(z) - onehot(t) in the plain case; the comments below give
+    each extra term. "mean" divides by the summed weights of non-ignored targets (index
+    targets) or by the number of rows (probabilities), as torch does.
+    """
+    x = _f64(logits)
+    if x.ndim == 0:
+        raise ValueError("cross_entropy: logits must have at least one dim")
+    target = np.asarray(target)
+    soft = np.issubdtype(target.dtype, np.floating)
+    if x.ndim == 1:
+        x = x[None]
+        target = target[None]
+    n_classes = x.shape[1]
+    rows = np.moveaxis(x, 1, -1).reshape(-1, n_classes)
+    w = np.ones(n_classes) if weight is None else _f64(weight)
+    eps = float(label_smoothing)
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        z = rows if softcap is None else softcap * np.tanh(rows / softcap)
+        lse = _logsumexp(z)
+        log_q = z - lse[:, None]
+        q = np.exp(log_q)
+        if soft:
+            p = (1 - eps) * np.moveaxis(_f64(target), 1, -1).reshape(-1, n_classes) + eps / n_classes
+            row_loss = -(w * p * log_q).sum(1) + z_loss * lse**2
+            # d/dz_j: q_j sum_k w_k p'_k - w_j p'_j, and 2 z_loss lse q_j from the z-loss
+            dz = q * (w * p).sum(1, keepdims=True) - w * p + 2 * z_loss * lse[:, None] * q
+            denominator = float(len(rows))
+        else:
+            t = target.reshape(-1).astype(np.int64)
+            valid = t != ignore_index
+            if ((t[valid] < 0) | (t[valid] >= n_classes)).any():
+                raise IndexError(f"Target {t[valid & ((t < 0) | (t >= n_classes))][0]} is out of bounds.")
+            safe_t = np.where(valid, t, 0)
+            w_t = np.where(valid, w[safe_t], 0.0)
+            nll = -log_q[np.arange(len(t)), safe_t]
+            smooth = -(w * log_q).sum(1)
+            row_loss = (1 - eps) * w_t * nll + eps / n_classes * smooth + z_loss * w_t * lse**2
+            row_loss = np.where(valid, row_loss, 0.0)
+            one_hot = np.zeros_like(q)
+            one_hot[np.arange(len(t)), safe_t] = 1.0
+            # d/dz_j: (1 - eps) w_t (q_j - [j == t]) + (eps / C)(W q_j - w_j) + 2 z_loss w_t lse q_j
+            dz = (
+                (1 - eps) * w_t[:, None] * (q - one_hot)
+                + eps / n_classes * (w.sum() * q - w)
+                + 2 * z_loss * (w_t * lse)[:, None] * q
+            )
+            dz = np.where(valid[:, None], dz, 0.0)
+            denominator = w_t.sum()
+        if softcap is not None:
+            dz = dz * (1 - (z / softcap) ** 2)  # d(softcap tanh(x / softcap))/dx
+
+        if reduction == "none":
+            loss = row_loss.reshape(np.shape(target)[:1] + np.shape(target)[2:] if soft else np.shape(target))
+            if np.ndim(logits) == 1:
+                loss = loss.reshape(())
+        elif reduction == "sum":
+            loss = row_loss.sum()
+        elif reduction == "mean":
+            loss = row_loss.sum() / denominator
+            dz = dz / denominator
+        else:
+            raise ValueError(f"{reduction} is not a valid value for reduction")
+    moved = np.moveaxis(x, 1, -1).shape
+    grad = np.moveaxis(dz.reshape(moved), -1, 1).reshape(np.shape(logits))
+    return loss, grad
+
+
+def _logsumexp(z):
+    """Row-wise log sum e^z, shifted by the row maximum."""
+    m = z.max(axis=1)
+    return m + np.log(np.exp(z - m[:, None]).sum(axis=1))

@@ -1,0 +1,261 @@
+"""Fused softmax cross-entropy: loss, lse and the gradient in one pass over the logits.
+
+For row r with logits x (optionally soft-capped: z = s * tanh(x / s)), lse = log sum_j e^(z_j),
+q = softmax(z), class weights w (1 without weights), smoothing eps, C classes, z-loss lam:
+
+  class index t:  loss = (1 - eps) w_t (lse - z_t) + (eps / C) sum_j w_j (lse - z_j) + lam w_t lse^2
+                  dloss/dz_j = q_j [(1 - eps) w_t + (eps / C) W + 2 lam w_t lse] - (1 - eps) w_t [j == t] - (eps / C) w_j
+                  with W = sum_j w_j (= C without weights)
+  probabilities p (smoothed to p' = (1 - eps) p + eps / C):
+                  loss = sum_j w_j p'_j (lse - z_j) + lam lse^2
+                  dloss/dz_j = q_j [sum_k w_k p'_k + 2 lam lse] - w_j p'_j
+  soft cap:       dz/dx = 1 - (z / s)^2
+
+With one-hot p and no options both reduce to dloss/dz = softmax(z) - onehot(t).
+The running (max, sum) is the online normaliser of Milakov & Gimelshein (2018).
+"""
+import triton
+import triton.language as tl
+
+from .softmax import LOG2E, online_update
+
+
+@triton.jit
+def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """softcap * tanh(x / softcap), written with exp2 (tanh(u) = 1 - 2 / (e^(2u) + 1) saturates cleanly)."""
+    if HAS_SOFTCAP:
+        return softcap * (1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E / softcap)) + 1.0))
+    else:
+        return x
+
+
+@triton.jit
+def load_logits(row_ptr, cols, n_cols, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Soft-capped float32 logits of one block; lanes past the row are -inf."""
+    mask = cols < n_cols
+    x = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
+
+
+@triton.jit
+def load_target_block(row_ptr, cols, n_cols, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr):
+    """Probability targets of one block, smoothed: p' = (1 - eps) p + eps / C; 0 past the row."""
+    mask = cols < n_cols
+    p = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTHING:
+        p = tl.where(mask, (1.0 - label_smoothing) * p + label_smoothing * inv_classes, 0.0)
+    return p
+
+
+@triton.jit
+def load_weight_block(weight_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr):
+    """Class weights of one block (1.0 without weights); 0 past the row."""
+    mask = cols < n_cols
+    if HAS_WEIGHT:
+        return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.where(mask, 1.0, 0.0)
+
+
+@triton.jit
+def block_terms(
+    logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+    SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """One block's logits z and its share of the loss's linear terms, per lane:
+    z_t where the lane holds the target class, w_j z_j and w_j (smoothing) or
+    w_j p'_j z_j and w_j p'_j (probability targets); zeros where unused."""
+    z = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
+    in_row = cols < n_cols - start
+    zero = tl.zeros_like(z)
+    z_t = zero
+    wz = zero
+    w = zero
+    if SOFT_TARGET:
+        p = load_target_block(target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING)
+        w = p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+        wz = tl.where(in_row, w * z, 0.0)
+    else:
+        z_t = tl.where(cols + start == t, z, 0.0)
+        if HAS_SMOOTHING:
+            w = load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+            wz = tl.where(in_row, w * z, 0.0)
+    return z, z_t, wz, w
+
+
+@triton.jit
+def store_grad_block(
+    grad_row, target_row, weight_ptr, z, m, inv_d, coef, scale, start, cols, n_cols, t, w_t, valid, bad,
+    label_smoothing, inv_classes, softcap,
+    SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+):
+    """Writes d loss / d x for one block: q_j * coef minus the target terms, times dz/dx and scale.
+
+    q_j = e^(z_j - m) / d from the row maximum m and sum d, not e^(z_j - lse): lse rounded
+    to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q."""
+    in_row = cols < n_cols - start
+    g = tl.exp2((z - m) * LOG2E) * inv_d * coef
+    if SOFT_TARGET:
+        p = load_target_block(target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING)
+        g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+    else:
+        g -= tl.where(cols + start == t, (1.0 - label_smoothing) * w_t, 0.0)
+        if HAS_SMOOTHING:
+            g -= label_smoothing * inv_classes * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+    if HAS_SOFTCAP:
+        g *= 1.0 - (z / softcap) * (z / softcap)
+    g = tl.where(valid, g * scale, 0.0)
+    g = tl.where(bad, float("nan"), g)
+    tl.store(grad_row + start + cols, g.to(grad_row.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def cross_entropy_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    grad_scale_ptr,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+):
+    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of row r = program_id(0).
+
+    logits_ptr: (n_rows, n_cols) rows, column stride 1, row stride logits_row_stride.
+    target_ptr: class index per row (int32/int64, stride target_row_stride), or with
+        SOFT_TARGET a (n_rows, n_cols) probability row (row stride target_row_stride).
+    weight_ptr: (n_cols,) class weights, read only when HAS_WEIGHT.
+    loss_ptr, lse_ptr: (n_rows,) float32 outputs.
+    grad_ptr: gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD; may be
+        logits_ptr itself (in-place backward: each block is read before it is overwritten).
+    grad_scale_ptr: float32 device scalar multiplying the gradient (1 / total weight for
+        reduction="mean", 1 otherwise), read on device so the host never syncs.
+    ignore_index: rows whose target equals it get loss 0 and gradient 0.
+    A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
+    and gives a NaN loss and gradient for its row.
+    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) on the single-block path; the
+    looped path reads the row twice when it writes the gradient.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    target_row = target_ptr + row * target_row_stride  # used only for probability targets
+    grad_row = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK_N)
+    inv_classes = 1.0 / n_cols
+
+    # 1. The target: its class index, whether the row counts, and its weight.
+    if SOFT_TARGET:
+        t = -1
+        valid = True
+        bad = False
+        w_t = 1.0
+    else:
+        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+        valid = t != ignore_index
+        in_range = (t >= 0) & (t < n_cols)
+        bad = valid & (~in_range)  # surfaces as NaN; never used as an address unmasked
+        if HAS_WEIGHT:
+            w_t = tl.load(weight_ptr + t, mask=valid & in_range, other=0.0).to(tl.float32)
+        else:
+            w_t = tl.where(valid, 1.0, 0.0)
+
+    # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
+    if SINGLE_BLOCK:
+        z, zt_lane, wz_lane, w_lane = block_terms(
+            logits_row, target_row, weight_ptr, 0, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        m = tl.max(z, axis=0)
+        d = tl.sum(tl.exp2((z - m) * LOG2E), axis=0)
+    else:
+        m_lane = tl.zeros([BLOCK_N], tl.float32) - float("inf")
+        d_lane = tl.zeros([BLOCK_N], tl.float32)
+        zt_lane = tl.zeros([BLOCK_N], tl.float32)
+        wz_lane = tl.zeros([BLOCK_N], tl.float32)
+        w_lane = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            zb, zt_b, wz_b, w_b = block_terms(
+                logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            m_lane, d_lane = online_update(m_lane, d_lane, zb)
+            zt_lane += zt_b
+            wz_lane += wz_b
+            w_lane += w_b
+        m = tl.max(m_lane, axis=0)
+        d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+    log_d = tl.log(d)
+    lse = m + log_d
+    sum_wz = tl.sum(wz_lane, axis=0)
+    sum_w = tl.sum(w_lane, axis=0)
+
+    # 3. The loss of the row (float32 whatever the logits' dtype).
+    if SOFT_TARGET:
+        loss = sum_w * lse - sum_wz
+        coef = sum_w
+    else:
+        loss = (1.0 - label_smoothing) * w_t * ((m - tl.sum(zt_lane, axis=0)) + log_d)  # lse - z_t
+        coef = (1.0 - label_smoothing) * w_t
+        if HAS_SMOOTHING:
+            loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)
+            coef += label_smoothing * inv_classes * sum_w
+    if HAS_Z_LOSS:
+        loss += z_loss * w_t * lse * lse
+        coef += 2.0 * z_loss * w_t * lse
+    loss = tl.where(valid, loss, 0.0)
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss))
+    tl.store(lse_ptr + row, lse)
+
+    # 4. The gradient, from registers (single block) or a second read of the row.
+    if COMPUTE_GRAD:
+        scale = tl.load(grad_scale_ptr)
+        if SINGLE_BLOCK:
+            store_grad_block(
+                grad_row, target_row, weight_ptr, z, m, 1.0 / d, coef, scale, 0, cols, n_cols, t, w_t, valid, bad,
+                label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+        else:
+            for start in range(0, n_cols, BLOCK_N):
+                zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
+                store_grad_block(
+                    grad_row, target_row, weight_ptr, zb, m, 1.0 / d, coef, scale, start, cols, n_cols, t, w_t, valid,
+                    bad,
+                    label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,
+    upstream_ptr,
+    grad_row_stride,
+    upstream_stride,
+    n_cols,
+    BLOCK_N: tl.constexpr,
+):
+    """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar).
+
+    The common training case, a scalar loss whose upstream gradient is exactly 1, returns
+    after reading one float per row: no pass over the gradient and no host sync.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
+    if g_up != 1.0:
+        grad_row = grad_ptr + row * grad_row_stride
+        cols = tl.arange(0, BLOCK_N)
+        for start in range(0, n_cols, BLOCK_N):
+            mask = cols < n_cols - start
+            g = tl.load(grad_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_row + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,398 @@
+"""Fused cross-entropy against torch.nn.functional.cross_entropy and the float64 reference."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_matches, assert_within_torch_error, poisoned
+
+import softmax_gpu
+from softmax_gpu import config, reference
+from softmax_gpu.cross_entropy import cross_entropy_config, launch_cross_entropy
+from softmax_gpu.traffic import TrafficCounter
+
+RTOL, ATOL = 2e-6, 2e-7  # float32 loss and gradient against float64
+PATHS = [None, 16]  # the default single block, and 16-wide blocks that force the looped path
+
+
+def run_both(logits, target, upstream=None, max_block=None, **kw):
+    """Loss and input gradient from softmax_gpu and from torch (float64 CPU, the truth)."""
+    ours_in = logits.detach().clone().requires_grad_()
+    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        ours = softmax_gpu.cross_entropy(ours_in, target, **kw)
+        ours.backward(torch.ones_like(ours) if upstream is None else upstream)
+    kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    ref_in = logits.detach().double().cpu().requires_grad_()
+    tgt = target.cpu().double() if target.is_floating_point() else target.cpu().long()
+    theirs = F.cross_entropy(ref_in, tgt, **kw64)
+    theirs.backward(torch.ones_like(theirs) if upstream is None else upstream.double().cpu())
+    return ours, ours_in.grad, theirs.detach(), ref_in.grad
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.int32])
+def test_index_targets_every_torch_option(max_block, target_dtype, device):
+    n, c = 7, 37
+    logits = 2 * torch.randn(n, c, device=device)
+    weight = torch.rand(c, device=device) + 0.1
+    for ignore_index, reduction, smoothing, use_weight in itertools.product(
+        (-100, -1, 2), ("mean", "sum", "none"), (0.0, 0.15), (False, True)
+    ):
+        target = torch.randint(0, c, (n,), device=device)
+        target[1] = ignore_index if ignore_index != 2 else 2  # 2 is both a valid class and ignored
+        target[4] = -100 if ignore_index == -100 else target[4]
+        kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
+        if use_weight:
+            kw["weight"] = weight
+        upstream = torch.randn(n, device=device) if reduction == "none" else None
+        ours, grad, theirs, ref_grad = run_both(logits, target.to(target_dtype), upstream, max_block, **kw)
+        what = f"{kw.keys()} ignore={ignore_index} {reduction} eps={smoothing} weight={use_weight}"
+        assert ours.dtype == torch.float32
+        assert_matches(ours, theirs.numpy(), RTOL, ATOL, what=what + " loss")
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=what + " grad")
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+def test_probability_targets(max_block, device):
+    n, c = 5, 29
+    logits = 2 * torch.randn(n, c, device=device)
+    probs = torch.softmax(torch.randn(n, c, device=device), -1)
+    one_hot = F.one_hot(torch.randint(0, c, (n,)), c).float().to(device)
+    weight = torch.rand(c, device=device) + 0.1
+    for target, reduction, smoothing, use_weight in itertools.product(
+        (probs, one_hot), ("mean", "sum", "none"), (0.0, 0.2), (False, True)
+    ):
+        kw = dict(reduction=reduction, label_smoothing=smoothing, weight=weight if use_weight else None)
+        ours, grad, theirs, ref_grad = run_both(logits, target, None, max_block, **kw)
+        assert_matches(ours, theirs.numpy(), RTOL, ATOL, what=f"soft {reduction} {smoothing} {use_weight}")
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=f"soft grad {reduction} {smoothing} {use_weight}")
+
+
+def test_one_hot_gradient_is_softmax_minus_one_hot(device):
+    logits = torch.randn(4, 10, device=device, requires_grad=True)
+    target = torch.tensor([1, 3, 0, 9], device=device)
+    softmax_gpu.cross_entropy(logits, target, reduction="sum").backward()
+    expected = torch.softmax(logits.detach(), -1) - F.one_hot(target, 10).float()
+    torch.testing.assert_close(logits.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_all_ignored_batch(device):
+    logits = torch.randn(4, 9, device=device)
+    target = torch.full((4,), -100, device=device)
+    for reduction in ("mean", "sum", "none"):
+        ours, grad, theirs, ref_grad = run_both(logits, target, None, None, reduction=reduction)
+        assert_matches(ours, theirs.numpy(), 0, 0, what=reduction)  # NaN under "mean", zeros otherwise
+        assert (grad == 0).all() and (ref_grad == 0).all()
+
+
+def test_shapes_1d_spatial_and_non_contiguous(device):
+    # (C,) with a 0-d target
+    logits = torch.randn(11, device=device)
+    for reduction in ("mean", "none"):
+        ours, grad, theirs, ref_grad = run_both(logits, torch.tensor(4, device=device), reduction=reduction)
+        assert ours.shape == theirs.shape == ()
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
+    # (N, C, d1, d2): class dim 1, not innermost
+    logits = torch.randn(3, 13, 4, 2, device=device)
+    target = torch.randint(0, 13, (3, 4, 2), device=device)
+    target[0, 1, 1] = -100
+    for max_block in PATHS:
+        ours, grad, theirs, ref_grad = run_both(logits, target, torch.randn(3, 4, 2), max_block, reduction="none")
+        assert ours.shape == (3, 4, 2)
+        assert_matches(ours, theirs.numpy(), RTOL, ATOL)
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
+    probs = torch.softmax(torch.randn(3, 13, 4, device=device), 1)
+    ours, grad, theirs, ref_grad = run_both(torch.randn(3, 13, 4, device=device), probs)
+    assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
+    # a transposed (non-contiguous) (N, C) input
+    logits = torch.randn(21, 6, device=device).t()
+    assert not logits.is_contiguous()
+    ours, grad, theirs, ref_grad = run_both(logits, torch.randint(0, 21, (6,), device=device))
+    assert_matches(ours, theirs.numpy(), RTOL, ATOL)
+    assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
+    # an empty batch
+    empty = torch.randn(0, 5, device=device, requires_grad=True)
+    assert softmax_gpu.cross_entropy(empty, torch.zeros(0, dtype=torch.long), reduction="sum").item() == 0
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+def test_bfloat16_within_twice_torch_error(max_block, device):
+    n, c = 6, 203
+    logits = (3 * torch.randn(n, c)).bfloat16().to(device)
+    target = torch.randint(0, c, (n,), device=device)
+    a = logits.clone().requires_grad_()
+    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        loss = softmax_gpu.cross_entropy(a, target, label_smoothing=0.1)
+        loss.backward()
+    b = logits.cpu().clone().requires_grad_()
+    torch_loss = F.cross_entropy(b, target.cpu(), label_smoothing=0.1)
+    torch_loss.backward()
+    exp_loss, exp_grad = reference.cross_entropy(logits.double().cpu().numpy(), target.cpu().numpy(), label_smoothing=0.1)
+    assert loss.dtype == torch.float32 and a.grad.dtype == torch.bfloat16
+    assert_matches(loss, exp_loss, 1e-6, 1e-6)  # float32 loss from exact bf16 inputs: float32 accuracy
+    assert_within_torch_error(a.grad, b.grad, exp_grad, what="bf16 grad")
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+def test_z_loss_and_softcap(max_block, device):
+    n, c = 6, 45
+    logits = 20 * torch.randn(n, c, device=device)
+    target = torch.randint(0, c, (n,), device=device)
+    target[2] = -100
+    weight = torch.rand(c, device=device) + 0.5
+    for z_loss, softcap, use_weight, smoothing in itertools.product((0.0, 1e-3), (None, 15.0), (False, True), (0, 0.1)):
+        kw = dict(z_loss=z_loss, softcap=softcap, label_smoothing=smoothing, weight=weight if use_weight else None)
+        a = logits.clone().requires_grad_()
+        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+            loss = softmax_gpu.cross_entropy(a, target, **kw)
+            loss.backward()
+        exp_loss, exp_grad = reference.cross_entropy(
+            logits.cpu().numpy(), target.cpu().numpy(), None if not use_weight else weight.cpu().numpy(),
+            label_smoothing=smoothing, z_loss=z_loss, softcap=softcap,
+        )
+        assert_matches(loss, exp_loss, 1e-5, 1e-6, what=str(kw))
+        assert_matches(a.grad, exp_grad, 1e-5, 1e-7, what=f"grad {kw}")
+    # the same against a torch composition: softcap * tanh, then CE + z_loss * logsumexp^2
+    b = logits.double().cpu().requires_grad_()
+    capped = 15.0 * torch.tanh(b / 15.0)
+    valid = target.cpu() != -100
+    lse = torch.logsumexp(capped, -1)
+    composed = (F.cross_entropy(capped, target.cpu(), reduction="none") + 1e-3 * lse**2)[valid].mean()
+    ours = softmax_gpu.cross_entropy(logits, target, z_loss=1e-3, softcap=15.0)
+    torch.testing.assert_close(ours.double().cpu(), composed.detach(), rtol=1e-5, atol=1e-6)
+    # soft targets with z-loss
+    probs = torch.softmax(torch.randn(n, c, device=device), -1)
+    exp_loss, exp_grad = reference.cross_entropy(logits.cpu().numpy(), probs.cpu().numpy(), z_loss=1e-3, softcap=15.0)
+    a = logits.clone().requires_grad_()
+    softmax_gpu.cross_entropy(a, probs, z_loss=1e-3, softcap=15.0).backward()
+    assert_matches(a.grad, exp_grad, 1e-5, 1e-7)
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+def test_extreme_logits(max_block, device):
+    c = 40
+    logits = torch.randn(5, c, device=device)
+    logits[0, ::2] = 1e4
+    logits[0, 1::2] = -1e4
+    logits[1, ::3] = -float("inf")  # masked vocabulary
+    logits[2, :] = -float("inf")
+    logits[2, 7] = 3.0  # -inf everywhere but the target
+    target = torch.tensor([1, 4, 7, 0, 9], device=device)
+    ours, grad, theirs, ref_grad = run_both(logits, target, None, max_block, reduction="none")
+    assert torch.isfinite(ours).all() and torch.isfinite(grad).all()
+    assert_matches(ours, theirs.numpy(), RTOL, 1e-3, what="loss")
+    assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what="grad")
+    assert ours[2] == 0 and (grad[2] == 0).all()
+
+
+def test_confident_bfloat16_keeps_true_class_gradient(device):
+    c = 300
+    logits = torch.randn(4, c)
+    target = torch.tensor([3, 100, 250, 0])
+    logits[torch.arange(4), target] = 12.0  # p_true close to 1: grad = p - 1 is tiny and must not cancel to 0
+    logits = logits.bfloat16().to(device)
+    a = logits.clone().requires_grad_()
+    softmax_gpu.cross_entropy(a, target.to(device), reduction="sum").backward()
+    _, exp_grad = reference.cross_entropy(logits.double().cpu().numpy(), target.numpy(), reduction="sum")
+    got = a.grad[torch.arange(4), target.to(device)].double().cpu().numpy()
+    want = exp_grad[np.arange(4), target.numpy()]
+    assert (got < 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-2)
+
+
+def test_inplace_backward(device):
+    x = torch.randn(6, 33, device=device)
+    w = torch.randn(33, 33, device=device, requires_grad=True)
+    target = torch.randint(0, 33, (6,), device=device)
+    grads = []
+    for inplace in (False, True):
+        w.grad = None
+        logits = x @ w
+        softmax_gpu.cross_entropy(logits, target, inplace_backward=inplace).backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+    # The logits now hold the gradient: autograd refuses a graph that saved their values.
+    logits = x @ w
+    side = (logits**2).sum()  # pow saves its input
+    loss = softmax_gpu.cross_entropy(logits, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + side).backward()
+    leaf = torch.randn(3, 5, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        softmax_gpu.cross_entropy(leaf, torch.tensor([0, 1, 2], device=device), inplace_backward=True)
+    with torch.no_grad():  # nothing to differentiate: the logits are left alone
+        kept = x.clone()
+        softmax_gpu.cross_entropy(kept, target, inplace_backward=True)
+        assert torch.equal(kept, x)
+
+
+def test_backward_twice_is_refused(device):
+    logits = torch.randn(3, 7, device=device, requires_grad=True)
+    loss = softmax_gpu.cross_entropy(logits, torch.tensor([0, 1, 2], device=device))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_deterministic(device):
+    logits = torch.randn(9, 77, device=device, requires_grad=True)
+    target = torch.randint(0, 77, (9,), device=device)
+    results = []
+    for _ in range(2):
+        logits.grad = None
+        loss = softmax_gpu.cross_entropy(logits, target, label_smoothing=0.1, z_loss=1e-4)
+        loss.backward()
+        results.append((loss.detach().clone(), logits.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+# ---------------------------------------------------------------------------------------
+# Traffic and bounds (interpreter only)
+# ---------------------------------------------------------------------------------------
+
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="counted in Triton's interpreter")
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_forward_backward_reads_logits_once(dtype):
+    n, c = 4, 100
+    logits = torch.randn(n, c).to(dtype).requires_grad_()
+    target = torch.randint(0, c, (n,))
+    logits_bytes = n * c * logits.element_size()
+    with TrafficCounter() as t:
+        loss = softmax_gpu.cross_entropy(logits, target)
+        loss.backward()
+    assert cross_entropy_config(c).single_block
+    # O(N) beyond the logits: the target (8 B), grad scale (4 B) and upstream (4 B) read per
+    # row, loss and lse (4 B each) written per row.
+    assert t.bytes_loaded == logits_bytes + n * (8 + 4 + 4)
+    assert t.bytes_stored == logits_bytes + n * (4 + 4)
+    with TrafficCounter() as looped, config.block_limit(32):
+        softmax_gpu.cross_entropy(logits, target).backward()
+    assert looped.bytes_loaded == 2 * logits_bytes + n * (8 + 4 + 4)  # looped: 2 reads + 1 write
+    assert looped.bytes_stored == logits_bytes + n * (4 + 4)
+
+
+@interpreter_only
+def test_traffic_no_grad_forward_reads_only():
+    n, c = 4, 100
+    logits, target = torch.randn(n, c), torch.randint(0, c, (n,))
+    with torch.no_grad(), TrafficCounter() as t:
+        softmax_gpu.cross_entropy(logits, target)
+    assert t.bytes_loaded == n * c * 4 + n * 8 and t.bytes_stored == n * 8
+
+
+@interpreter_only
+def test_traffic_non_uniform_upstream_scales_rows():
+    n, c = 3, 50
+    logits = torch.randn(n, c, requires_grad=True)
+    with TrafficCounter() as t:
+        loss = softmax_gpu.cross_entropy(logits, torch.randint(0, c, (n,)), reduction="none")
+        loss.backward(torch.tensor([1.0, 2.0, 1.0]))  # only the middle row is rescaled
+    assert t.bytes_stored == 2 * n * 4 + n * c * 4 + c * 4
+
+
+@interpreter_only
+@pytest.mark.parametrize("max_block", PATHS)
+def test_bad_class_index_never_reads_out_of_bounds(max_block):
+    n, c = 3, 40
+    logits, target = torch.randn(n, c), torch.tensor([5, 40, -7])
+    loss, lse, grad = poisoned((n,), torch.float32, "cpu"), poisoned((n,), torch.float32, "cpu"), torch.empty(n, c)
+    scale = torch.ones(())
+    cfg = config.row_config(c, max_block or config.MAX_BLOCK_CROSS_ENTROPY)
+    with TrafficCounter(buffers=[logits, target, loss, lse, grad, scale]):
+        launch_cross_entropy(logits, target, None, loss, lse, grad, scale, -100, 0.0, 0.0, None, cfg=cfg)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
+    with pytest.raises(IndexError, match="Target 40 is out of bounds"):
+        softmax_gpu.cross_entropy(logits, target)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input, registration, modules, Keras form
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_before_launch(device):
+    x = torch.randn(4, 5, device=device)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    cases = [
+        (dict(input=x.long(), target=t), TypeError, "floating-point"),
+        (dict(input=x, target=t.float()), ValueError, "probability targets"),
+        (dict(input=x, target=t[:3]), ValueError, "class-index target"),
+        (dict(input=x, target=t.to(torch.int16)), TypeError, "int64 or int32"),
+        (dict(input=x, target=t, weight=torch.ones(4, device=device)), ValueError, "weight must have shape"),
+        (dict(input=x, target=t, reduction="avg"), ValueError, "reduction"),
+        (dict(input=x, target=t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(input=x, target=t, softcap=0.0), ValueError, "softcap"),
+        (dict(input=x, target=t, z_loss=-1.0), ValueError, "z_loss"),
+        (dict(input=x, target=t.to("meta")), RuntimeError, "same device"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match):
+            softmax_gpu.cross_entropy(**kwargs)
+
+
+def test_opcheck(device):
+    logits = torch.randn(4, 9, device=device)
+    target = torch.tensor([0, 8, -100, 3], device=device)
+    args = (logits, target, torch.rand(9, device=device), -100, "mean", 0.1, 1e-3, 5.0, True)
+    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default, args)
+    grad = torch.randn(4, 9, device=device)
+    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0)))
+
+
+def test_torch_compile_training_step(device):
+    model = torch.nn.Linear(8, 17).to(device)
+    loss_fn = softmax_gpu.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(x, y):
+        return loss_fn(model(x), y)
+
+    # fullgraph: the loss (custom ops inside an autograd.Function) traces with no graph break;
+    # aot_autograd compiles its backward too, which .backward() then runs.
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    x, y = torch.randn(5, 8, device=device), torch.randint(0, 17, (5,), device=device)
+    loss = compiled(x, y)
+    loss.backward()
+    got = model.weight.grad.clone()
+    model.weight.grad = None
+    expected = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, model.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_module_matches_torch_module(device):
+    weight = torch.rand(6, device=device)
+    ours = softmax_gpu.nn.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.05)
+    theirs = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=1, reduction="sum", label_smoothing=0.05)
+    x, y = torch.randn(8, 6, device=device), torch.randint(0, 6, (8,), device=device)
+    torch.testing.assert_close(ours(x, y), theirs(x, y), rtol=1e-6, atol=1e-6)
+    assert "label_smoothing=0.05" in repr(ours)
+    assert torch.equal(ours.state_dict()["weight"], weight)
+
+
+def test_seed_categorical_crossentropy_from_logits_both_ways(device):
+    """The seed's example: 2 samples, 10 classes, labels 1 and 3, one-hot y_true."""
+    logits = torch.tensor(
+        [[0.5, 2.1, -1.3, 0.0, 0.7, -0.2, 1.1, -2.0, 0.3, 0.9], [1.5, -0.4, 0.2, 3.3, -1.1, 0.6, 0.0, 0.8, -0.7, 1.2]],
+        device=device,
+    )
+    y_true = F.one_hot(torch.tensor([1, 3]), 10).float().to(device)
+    from_logits = softmax_gpu.categorical_crossentropy(y_true, logits, from_logits=True)
+    from_probs = softmax_gpu.categorical_crossentropy(y_true, softmax_gpu.softmax(logits))
+    expected = -np.log(reference.softmax(logits.cpu().numpy())[[0, 1], [1, 3]])
+    np.testing.assert_allclose(from_logits.cpu().numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(from_probs.cpu().numpy(), expected, rtol=1e-6)
+    smoothed = softmax_gpu.categorical_crossentropy(y_true, logits, from_logits=True, label_smoothing=0.1)
+    smoothed_probs = softmax_gpu.categorical_crossentropy(y_true, softmax_gpu.softmax(logits), label_smoothing=0.1)
+    torch.testing.assert_close(smoothed, smoothed_probs, rtol=1e-6, atol=1e-6)
+    # Keras clips probabilities: a confident wrong prediction costs -log(1e-7), not inf.
+    hard = softmax_gpu.categorical_crossentropy(y_true, F.one_hot(torch.tensor([0, 0]), 10).float().to(device))
+    np.testing.assert_allclose(hard.cpu().numpy(), [-np.log(1e-7)] * 2, rtol=1e-5)
+    # the overflow example: logits [123, 456, 789] are fine from_logits, and along axis 0
+    big = torch.tensor([[123.0], [456.0], [789.0]], device=device)
+    onehot = torch.tensor([[0.0], [0.0], [1.0]], device=device)
+    assert softmax_gpu.categorical_crossentropy(onehot, big, from_logits=True, axis=0).item() == 0.0
