@@ -15,10 +15,11 @@ import triton
 MAX_BLOCK_SOFTMAX_FWD = 16384
 MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
 # Cross-entropy keeps up to five per-lane accumulators beside the logits, so it runs with
-# half the elements per thread (8) of the softmax kernels; the looped path uses narrower
-# blocks with fewer warps so a thread may hold more than 64 registers.
+# half the elements per thread (8) of the softmax kernels. Its looped path streams the row in
+# 1024-wide blocks on 4 warps: at 2048 and 4096 wide (8 and 16 warps) ptxas held the
+# all-options probability-target variant to 64 registers and spilled on sm_80.
 MAX_BLOCK_CROSS_ENTROPY = 8192
-LOOP_BLOCK_CROSS_ENTROPY = 4096
+LOOP_BLOCK_CROSS_ENTROPY = 1024
 ELEMENTS_PER_THREAD = 16
 ELEMENTS_PER_THREAD_CROSS_ENTROPY = 8
 MIN_BLOCK_N = 16
