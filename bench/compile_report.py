@@ -6,7 +6,11 @@ the cuobjdump and nvdisasm that ship inside the triton wheel: registers, local
 (spilled) bytes, shared memory, and whether the global loads and stores are 128-bit
 (LDG.E.128 / STG.E.128). Pointers and row strides are assumed 16-byte aligned, as they
 are for rows whose length is a multiple of 16 elements (the common case the runtime
-specialises on). Exits 1 if any configuration spills.
+specialises on). Then, where nvcc is installed, the CUDA C kernels for CuPy
+(kernels/*.cu) are compiled with every warning an error, and each kernel's registers,
+spills and global load widths are listed. Exits 1 if anything spills, if nvcc fails,
+or if a vectorised CUDA C kernel makes loads narrower than 128 bits beyond its few
+scalar ones.
 
     python -m bench.compile_report [--arch 80 90] [--quick]
 """
@@ -19,9 +23,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot compile; this report needs real JIT functions
-    os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from softmax_gpu.cuda_source import SOURCES, kernels_folder
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
 
@@ -195,7 +197,8 @@ def compile_one(job):
 
 
 def run(archs=(80, 90), quick=False, jobs=None):
-    """Compiles every variant for every arch; returns the list of Reports."""
+    """Compiles every variant for every arch; returns the list of Reports. Needs a process in
+    which triton was not imported under TRITON_INTERPRET=1 (main() sees to it)."""
     work = [(v, a) for v in all_variants(quick) for a in archs]
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         return list(pool.map(compile_one, work))
@@ -212,16 +215,113 @@ def format_table(reports) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# CUDA C kernels for CuPy (kernels/*.cu), compiled with nvcc
+# ---------------------------------------------------------------------------------------
+
+# Scalar loads a vectorised kernel may make outside its main loops: the cross-entropy row's
+# target index, the gradient scale and the target logit.
+SCALAR_LOADS_ALLOWED = {"cross_entropy": 3, "softmax": 0}
+
+
+@dataclasses.dataclass
+class CudaReport:
+    kernel: str
+    arch: int
+    regs: int
+    local: int
+    shared: int
+    loads: dict  # LDG opcode -> count
+
+    @property
+    def vector_width(self) -> int:
+        return int(self.kernel.rsplit("_v", 1)[1])
+
+    @property
+    def unvectorised_loads(self) -> int:
+        """Loads narrower than 128 bits beyond the allowance, in a kernel meant to be vectorised."""
+        if self.vector_width == 1:
+            return 0
+        narrow = sum(n for op, n in self.loads.items() if ".128" not in op)
+        allowed = next(v for k, v in SCALAR_LOADS_ALLOWED.items() if self.kernel.startswith(k))
+        return max(0, narrow - allowed)
+
+
+def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
+    """nvcc -cubin for one arch with every warning an error (ptxas spill warnings included);
+    returns the CudaReports of its kernels. Raises CalledProcessError with nvcc's output on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-std=c++17", "-O3", "-Werror", "all-warnings",
+               "-Xptxas", "-warn-spills,-warn-lmem-usage,--warning-as-error", "-o", cubin,
+               os.path.join(kernels_folder(), source)]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    reports, loads = [], {}
+    current = None
+    for token in re.findall(r"Function : (\w+)|(LDG\.E[.\w]*)", sass):
+        if token[0]:
+            current = token[0]
+            loads[current] = {}
+        else:
+            loads[current][token[1]] = loads[current].get(token[1], 0) + 1
+    for name, fields in re.findall(r"Function (\w+):\s*\n\s*(.*)", usage.stdout):
+        f = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", fields))
+        reports.append(CudaReport(name, arch, int(f["REG"]), int(f["LOCAL"]) + int(f.get("STACK", 0)),
+                                  int(f["SHARED"]), loads.get(name, {})))  # fmt: skip
+    return sorted(reports, key=lambda r: r.kernel)
+
+
+def cuda_run(archs=(80, 90)):
+    """CudaReports for every .cu source and arch, or None when nvcc is not installed."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    work = [(source, arch) for source in SOURCES for arch in archs]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        batches = pool.map(compile_cuda, *zip(*work), [nvcc] * len(work))
+        return [r for batch in batches for r in batch]
+
+
+def format_cuda_table(reports) -> str:
+    lines = [f"{'CUDA C kernel':<26}{'sm':>4} {'regs':>5}{'local':>6}{'smem':>7}  global loads"]
+    for r in reports:
+        loads = " ".join(f"{op}x{n}" for op, n in sorted(r.loads.items()))
+        flag = "  UNVECTORISED" if r.unvectorised_loads else ""
+        lines.append(f"{r.kernel:<26}{r.arch:>4} {r.regs:>5}{r.local:>6}{r.shared:>7}  {loads}{flag}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default 80 90)")
     parser.add_argument("--quick", action="store_true", help="a few block sizes per kernel instead of all")
     args = parser.parse_args(argv)
+    # The interpreter cannot compile: this report needs real JIT functions.
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     reports = run(tuple(args.arch), args.quick)
     print(format_table(reports))
     spills = [r for r in reports if r.local]
-    print(f"\n{len(reports)} configurations compiled, {len(spills)} spill registers to local memory")
-    return 1 if spills else 0
+    try:
+        cuda = cuda_run(tuple(args.arch))
+    except subprocess.CalledProcessError as exc:
+        print(f"\nnvcc failed on a CUDA C kernel:\n{exc.stdout}{exc.stderr}")
+        return 1
+    if cuda is None:
+        print("\nnvcc not found: the CUDA C kernels (kernels/*.cu) were not compiled")
+        cuda = []
+    else:
+        print("\n" + format_cuda_table(cuda))
+    spills += [r for r in cuda if r.local]
+    narrow = [r for r in cuda if r.unvectorised_loads]
+    total = len(reports) + len(cuda)
+    print(f"\n{total} configurations compiled, {len(spills)} spill registers to local memory, "
+          f"{len(narrow)} vectorised CUDA C kernels with narrow loads")
+    return 1 if spills or narrow else 0
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class TrafficRow:
 
 def _run_op(op: str, x: torch.Tensor):
     import softmax_gpu
+    import softmax_gpu.ops.softmax  # noqa: F401  (registers torch.ops.softmax_gpu.*)
 
     if op == "softmax_fwd":
         softmax_gpu.softmax(x)

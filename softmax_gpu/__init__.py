@@ -2,13 +2,39 @@
 
 Triton kernels registered as PyTorch custom ops with autograd (this package), the same
 algorithms in CUDA C for CuPy arrays (``softmax_gpu.cupy``), and a float64 NumPy oracle
-(``softmax_gpu.reference``). Importing needs neither a GPU nor CuPy. Set
-TRITON_INTERPRET=1 before importing to run the kernels on CPU tensors (slow; for tests).
+(``softmax_gpu.reference``). Importing needs neither a GPU nor CuPy, and the PyTorch side
+loads on first use, so ``import softmax_gpu.cupy`` never imports torch. Set
+TRITON_INTERPRET=1 before the first use to run the kernels on CPU tensors (slow; for tests).
 """
-from . import nn, reference
-from .cross_entropy import cross_entropy
-from .keras import categorical_crossentropy
-from .softmax import hardmax, log_softmax, softmax
+import importlib
+
+from . import reference
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; loaded on first access (PEP 562).
+_FUNCTIONS = {
+    "softmax": "softmax_gpu.ops.softmax",
+    "log_softmax": "softmax_gpu.ops.softmax",
+    "hardmax": "softmax_gpu.ops.softmax",
+    "cross_entropy": "softmax_gpu.ops.cross_entropy",
+    "categorical_crossentropy": "softmax_gpu.keras",
+}
+_SUBMODULES = ("nn", "config", "traffic", "ops")
 
 __all__ = ["softmax", "log_softmax", "hardmax", "cross_entropy", "categorical_crossentropy", "nn", "reference"]
-__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in _FUNCTIONS:
+        value = getattr(importlib.import_module(_FUNCTIONS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_FUNCTIONS) | set(_SUBMODULES))

@@ -9,8 +9,6 @@ import contextlib
 import dataclasses
 from typing import Optional
 
-import triton
-
 # Largest single block, in elements, per kernel family (each block lives in registers).
 MAX_BLOCK_SOFTMAX_FWD = 16384
 MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
@@ -25,6 +23,28 @@ ELEMENTS_PER_THREAD_CROSS_ENTROPY = 8
 MIN_BLOCK_N = 16
 
 _block_limit = None  # set only by block_limit(), for tests that force the looped path
+
+
+# CUDA C kernels (kernels/softmax_common.cuh must agree): each thread caches CACHED_VALUES
+# values of its row in registers, and a block has at most MAX_THREADS threads.
+CUDA_CACHED_VALUES = 32
+CUDA_MAX_THREADS = 512
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cuda_threads(n_cols: int, vec: int, arrays_cached: int = 1) -> int:
+    """Threads per block for a CUDA C row kernel with packs of `vec` elements: the fewest
+    (a power of two from 32 to CUDA_MAX_THREADS) whose registers hold the whole row, so it is
+    read once; longer rows get CUDA_MAX_THREADS and loop. The backward caches two arrays."""
+    packs_per_thread = CUDA_CACHED_VALUES // (arrays_cached * vec)
+    packs = -(-n_cols // vec)
+    threads = 32
+    while threads < CUDA_MAX_THREADS and threads * packs_per_thread < packs:
+        threads *= 2
+    return threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +85,7 @@ def row_config(
     if n_cols > limit and loop_block_n is not None:
         limit = loop_block_n
     limit = limit if _block_limit is None else min(limit, _block_limit)
-    block_n = max(MIN_BLOCK_N, min(triton.next_power_of_2(max(n_cols, 1)), limit))
+    block_n = max(MIN_BLOCK_N, min(next_power_of_2(n_cols), limit))
     warps = warps_for(block_n, itemsize, elements_per_thread)
     return RowConfig(block_n=block_n, num_warps=warps, single_block=n_cols <= block_n)
 

@@ -2,7 +2,7 @@
 import torch
 
 from .checks import check_floating, normalize_dim
-from .cross_entropy import cross_entropy
+from .ops.cross_entropy import cross_entropy
 
 # Keras clips probabilities to [EPSILON, 1 - EPSILON] before the log when from_logits=False.
 EPSILON = 1e-7

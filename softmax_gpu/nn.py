@@ -3,8 +3,8 @@ from typing import Optional
 
 import torch
 
-from . import cross_entropy as _cross_entropy
-from . import softmax as _softmax
+from .ops import cross_entropy as _cross_entropy
+from .ops import softmax as _softmax
 
 
 class Softmax(torch.nn.Module):

@@ -9,7 +9,7 @@ from helpers import assert_matches, assert_within_torch_error, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
-from softmax_gpu.cross_entropy import cross_entropy_config, launch_cross_entropy
+from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_entropy
 from softmax_gpu.traffic import TrafficCounter
 
 RTOL, ATOL = 2e-6, 2e-7  # float32 loss and gradient against float64

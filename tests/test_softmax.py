@@ -11,7 +11,7 @@ from helpers import ATOL_FP32, RTOL_FP32, assert_matches, assert_within_torch_er
 
 import softmax_gpu
 from softmax_gpu import config, reference
-from softmax_gpu.softmax import launch_softmax_bwd, launch_softmax_fwd
+from softmax_gpu.ops.softmax import launch_softmax_bwd, launch_softmax_fwd
 from softmax_gpu.traffic import TrafficCounter
 
 OPS = {  # name -> (ours, torch's, reference forward, reference backward)

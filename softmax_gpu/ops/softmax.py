@@ -9,11 +9,11 @@ from typing import Optional
 
 import torch
 
-from . import config
-from .checks import check_floating, check_out_dtype, normalize_dim
-from .kernels.softmax import softmax_bwd_kernel, softmax_fwd_kernel
-from .layout import as_rows, from_rows
-from .runtime import check_launchable, device_guard
+from .. import config
+from ..checks import check_floating, check_out_dtype, normalize_dim
+from ..kernels.softmax import softmax_bwd_kernel, softmax_fwd_kernel
+from ..layout import as_rows, from_rows
+from ..runtime import check_launchable, device_guard
 
 
 def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optional[config.RowConfig] = None):

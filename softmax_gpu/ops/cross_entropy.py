@@ -15,10 +15,10 @@ from typing import Optional
 
 import torch
 
-from . import config
-from .checks import check_floating, check_same_device, check_tensor
-from .kernels.cross_entropy import cross_entropy_kernel, scale_grad_kernel
-from .runtime import check_launchable, device_guard
+from .. import config
+from ..checks import check_floating, check_same_device, check_tensor
+from ..kernels.cross_entropy import cross_entropy_kernel, scale_grad_kernel
+from ..runtime import check_launchable, device_guard
 
 REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a

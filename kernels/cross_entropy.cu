@@ -1,0 +1,120 @@
+// Fused softmax cross-entropy for CuPy: loss, lse and the gradient of the reduced loss in one
+// pass over the logits. One thread block per row, the same online (max, sum) as the softmax.
+//
+// Per row with class t, smoothing eps and C classes:
+//   loss    = (1 - eps) (lse - z_t) + (eps / C) sum_j (lse - z_j)
+//   grad_j  = scale * (softmax(z)_j - (1 - eps) [j == t] - eps / C)
+// where scale (1 / number of counted rows for a mean, else 1) is read on the device. Rows whose
+// target is ignore_index get loss 0 and gradient 0; a target outside [0, C) is never used as an
+// address and gives NaN loss and gradient for its row.
+#include "softmax_common.cuh"
+
+template <typename T, int VEC>
+__device__ void cross_entropy_row(const T* __restrict__ logits, long long target, float* loss, float* lse_out,
+                                  T* __restrict__ grad, int n_cols, long long ignore_index, float smoothing,
+                                  const float* grad_scale) {
+    typedef float A;
+    constexpr int ITEMS = CACHED_VALUES / VEC;
+    const long long n_packs = n_cols / VEC;
+    const bool cached = n_packs <= (long long)ITEMS * blockDim.x;
+    const bool valid = target != ignore_index;
+    const bool bad = valid && (target < 0 || target >= n_cols);
+    MaxSum<A> s{neg_inf<A>(), A(0)};
+    A sum_z = A(0);
+    A vals[ITEMS][VEC];
+    // 1. One read of the row: the online (max, sum) and, for smoothing, sum_j z_j.
+    if (cached) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+            const long long p = (long long)it * blockDim.x + threadIdx.x;
+            if (p < n_packs) {
+                Pack<T, VEC> pack = load_pack<T, VEC>(logits, p);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    vals[it][k] = to_acc(pack.v[k]);
+                    sum_z += vals[it][k];
+                }
+                s = add_pack<A, VEC>(s, vals[it]);
+            }
+        }
+    } else {
+        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
+            Pack<T, VEC> pack = load_pack<T, VEC>(logits, p);
+            A v[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                v[k] = to_acc(pack.v[k]);
+                sum_z += v[k];
+            }
+            s = add_pack<A, VEC>(s, v);
+        }
+    }
+    s = block_merge(s);
+    if (smoothing > 0.f) sum_z = block_sum(sum_z);
+    const A log_d = log_acc(s.d), inv_d = A(1) / s.d, lse = s.m + log_d;
+    const A uniform = smoothing / n_cols;
+
+    // 2. The loss, from one scalar read of the target logit.
+    if (threadIdx.x == 0) {
+        A row_loss = A(0);
+        if (bad) {
+            row_loss = __int_as_float(0x7fc00000);  // NaN
+        } else if (valid) {
+            const A z_t = to_acc(logits[target]);
+            row_loss = (1.f - smoothing) * ((s.m - z_t) + log_d);
+            if (smoothing > 0.f) row_loss += uniform * (n_cols * lse - sum_z);
+        }
+        *loss = row_loss;
+        *lse_out = lse;
+    }
+    if (grad == nullptr) return;
+
+    // 3. The gradient, from registers or a second read.
+    const A scale = *grad_scale;
+    const A nan = __int_as_float(0x7fc00000);
+    if (cached) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+            const long long p = (long long)it * blockDim.x + threadIdx.x;
+            if (p < n_packs) {
+                Pack<T, VEC> out;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                    const long long j = p * VEC + k;
+                    A g = exp_acc(vals[it][k] - s.m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
+                    out.v[k] = from_acc<T>(bad ? nan : valid ? g * scale : A(0));
+                }
+                store_pack<T, VEC>(grad, p, out);
+            }
+        }
+    } else {
+        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
+            Pack<T, VEC> pack = load_pack<T, VEC>(logits, p), out;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+                const long long j = p * VEC + k;
+                A g = exp_acc(to_acc(pack.v[k]) - s.m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
+                out.v[k] = from_acc<T>(bad ? nan : valid ? g * scale : A(0));
+            }
+            store_pack<T, VEC>(grad, p, out);
+        }
+    }
+}
+
+// cross_entropy_<type>_v<VEC>(logits, target, loss, lse, grad or NULL, strides in elements, ...)
+#define CROSS_ENTROPY_KERNEL(NAME, T, VEC)                                                                     \
+    extern "C" __global__ void __launch_bounds__(MAX_THREADS) cross_entropy_##NAME##_v##VEC(                   \
+        const T* logits, const long long* target, float* loss, float* lse, T* grad, long long logits_row_stride, \
+        long long grad_row_stride, int n_cols, long long ignore_index, float smoothing, const float* grad_scale) { \
+        const long long row = blockIdx.x;                                                                       \
+        cross_entropy_row<T, VEC>(logits + row * logits_row_stride, target[row], loss + row, lse + row,          \
+                                  grad == nullptr ? nullptr : grad + row * grad_row_stride, n_cols,              \
+                                  ignore_index, smoothing, grad_scale);                                          \
+    }
+
+CROSS_ENTROPY_KERNEL(f32, float, 1)
+CROSS_ENTROPY_KERNEL(f32, float, 4)
+CROSS_ENTROPY_KERNEL(f16, f16, 1)
+CROSS_ENTROPY_KERNEL(f16, f16, 8)
+CROSS_ENTROPY_KERNEL(bf16, bf16, 1)
+CROSS_ENTROPY_KERNEL(bf16, bf16, 8)

@@ -1,0 +1,125 @@
+// Shared device code for the CUDA C kernels (compiled at run time by NVRTC through CuPy, and
+// by nvcc in CI): 16-bit types without CUDA headers, float accumulation, 128-bit packs, and the
+// (max, sum) merge of the online softmax with its warp-shuffle and block reductions.
+//
+// The online normaliser (Milakov & Gimelshein, 2018) keeps a running maximum m and sum d;
+// two partial states merge as  m = max(m1, m2),  d = d1 e^(m1 - m) + d2 e^(m2 - m).
+#pragma once
+
+// 16-bit storage types as plain bits, so NVRTC needs no cuda_fp16.h / cuda_bf16.h.
+struct bf16 { unsigned short bits; };
+struct f16 { unsigned short bits; };
+
+// Accumulation type: float for float and 16-bit inputs, double for double.
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(bf16 v) { return __uint_as_float(((unsigned)v.bits) << 16); }
+__device__ __forceinline__ float to_acc(f16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ bf16 from_acc<bf16>(float v) {
+    unsigned u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{(unsigned short)((u >> 16) | 0x40u)};  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return bf16{(unsigned short)(u >> 16)};
+}
+template <> __device__ __forceinline__ f16 from_acc<f16>(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return f16{h};
+}
+
+template <typename A> __device__ __forceinline__ A neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000LL); }
+
+// e^x: exp2 with a log2(e) scale in float, exp in double.
+__device__ __forceinline__ float exp_acc(float x) { return exp2f(x * 1.4426950408889634f); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+
+// VEC elements loaded or stored as one aligned access (128 bits when VEC * sizeof(T) == 16).
+template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };
+
+template <typename T, int VEC>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* row, long long pack) {
+    return reinterpret_cast<const Pack<T, VEC>*>(row)[pack];
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* row, long long pack, const Pack<T, VEC>& p) {
+    reinterpret_cast<Pack<T, VEC>*>(row)[pack] = p;
+}
+
+// The online softmax state of a stretch of the row.
+template <typename A> struct MaxSum { A m; A d; };
+
+template <typename A>
+__device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
+    A m = max_acc(a.m, b.m);
+    if (m == neg_inf<A>()) return MaxSum<A>{m, A(0)};  // both saw only -inf: avoid -inf - -inf
+    return MaxSum<A>{m, a.d * exp_acc(a.m - m) + b.d * exp_acc(b.m - m)};
+}
+
+// Adds VEC values at once: one rescale of the running sum per pack, one exp per value.
+template <typename A, int VEC>
+__device__ __forceinline__ MaxSum<A> add_pack(MaxSum<A> s, const A (&v)[VEC]) {
+    A m = s.m;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) m = max_acc(m, v[k]);
+    if (m == neg_inf<A>()) return s;
+    A d = s.d * exp_acc(s.m - m);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) d += exp_acc(v[k] - m);
+    return MaxSum<A>{m, d};
+}
+
+// Warp shuffle, then shared memory across warps; every thread gets the row's state.
+template <typename A>
+__device__ __forceinline__ MaxSum<A> block_merge(MaxSum<A> s) {
+    __shared__ A shared_m[32], shared_d[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        s = merge(s, MaxSum<A>{__shfl_xor_sync(0xffffffffu, s.m, offset), __shfl_xor_sync(0xffffffffu, s.d, offset)});
+    if (lane == 0) { shared_m[warp] = s.m; shared_d[warp] = s.d; }
+    __syncthreads();
+    s = lane < n_warps ? MaxSum<A>{shared_m[lane], shared_d[lane]} : MaxSum<A>{neg_inf<A>(), A(0)};
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+        s = merge(s, MaxSum<A>{__shfl_xor_sync(0xffffffffu, s.m, offset), __shfl_xor_sync(0xffffffffu, s.d, offset)});
+    __syncthreads();  // the shared arrays may be reused by a later reduction
+    return s;
+}
+
+template <typename A>
+__device__ __forceinline__ A block_sum(A v) {
+    __shared__ A shared[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = (blockDim.x + 31) >> 5;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    v = lane < n_warps ? shared[lane] : A(0);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    __syncthreads();
+    return v;
+}
+
+// Registers each thread devotes to caching its share of a row (single-read path), and the
+// largest block: __launch_bounds__(MAX_THREADS) lets ptxas use up to 128 registers a thread,
+// so a row of up to MAX_THREADS * CACHED_VALUES = 16384 elements is read once.
+#define CACHED_VALUES 32
+#define MAX_THREADS 512

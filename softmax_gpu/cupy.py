@@ -1,0 +1,193 @@
+"""softmax_gpu for CuPy arrays: the online softmax and fused cross-entropy in CUDA C.
+
+The kernels (kernels/online_softmax.cu, kernels/cross_entropy.cu, shipped in the wheel as
+softmax_gpu/kernels) are compiled at first use by NVRTC through cupy.RawModule for the
+current card and cached by CuPy on disk. Importing this module never imports torch.
+Inputs are CuPy arrays or anything that speaks DLPack (a torch CUDA tensor, say); outputs
+are CuPy arrays. float32, float64 (softmax only) and float16; bfloat16 where CuPy can hold
+it (an array whose dtype is named 'bfloat16').
+
+    from softmax_gpu import cupy as sgc
+    y = sgc.softmax(x, axis=-1)
+    loss, grad = sgc.cross_entropy(logits, target)
+"""
+import functools
+
+try:
+    import cupy
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "softmax_gpu.cupy needs CuPy: pip install 'softmax-gpu[cupy]' (cupy-cuda12x); "
+        "the PyTorch API (softmax_gpu.softmax, ...) works without it"
+    ) from exc
+
+
+def _device_count() -> int:
+    try:
+        return cupy.cuda.runtime.getDeviceCount()
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return 0
+
+
+if _device_count() == 0:
+    raise RuntimeError("softmax_gpu.cupy needs a CUDA GPU and driver; CuPy found none")
+
+import numpy as np  # noqa: E402
+
+from .config import cuda_threads  # noqa: E402
+from .cuda_source import cuda_source  # noqa: E402
+
+TYPE_NAMES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+REDUCTIONS = ("none", "mean", "sum")
+
+
+@functools.lru_cache(maxsize=None)
+def _module() -> "cupy.RawModule":
+    """All kernels, compiled by NVRTC for this card on first use (CuPy caches the binary)."""
+    return cupy.RawModule(code=cuda_source(), options=("-std=c++17",))
+
+
+def _as_cupy(x, name: str):
+    if isinstance(x, cupy.ndarray):
+        return x
+    if hasattr(x, "__dlpack__"):
+        return cupy.from_dlpack(x)
+    raise TypeError(f"softmax_gpu.cupy: '{name}' must be a CuPy array or support DLPack, not {type(x).__name__}")
+
+
+def _type_name(a, fn: str, allowed=TYPE_NAMES) -> str:
+    name = TYPE_NAMES.get(a.dtype.name) if a.dtype.name in allowed else None
+    if name is None:
+        raise TypeError(f"{fn}: expected a {' / '.join(allowed)} array, got {a.dtype}")
+    return name
+
+
+def _axis(axis: int, ndim: int) -> int:
+    rank = max(ndim, 1)
+    if not -rank <= axis < rank:
+        raise IndexError(f"axis {axis} is out of bounds for array of dimension {ndim}")
+    return axis % rank
+
+
+def _rows(a, axis: int):
+    """(rows view or copy with unit column stride, its moved shape)."""
+    moved = cupy.moveaxis(a, axis, -1) if a.ndim else a.reshape(1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    if rows.strides[-1] != rows.itemsize:
+        rows = cupy.ascontiguousarray(rows)
+    return rows, moved.shape
+
+
+def _row_stride(a) -> int:
+    return a.strides[0] // a.itemsize if a.shape[0] > 1 else a.shape[1]
+
+
+def _vector_width(n_cols: int, *arrays) -> int:
+    """16 bytes of elements when every row of every array starts 16-byte aligned, else 1."""
+    vec = 16 // arrays[0].itemsize
+    aligned = all(a.data.ptr % 16 == 0 and (_row_stride(a) * a.itemsize) % 16 == 0 for a in arrays)
+    return vec if aligned and n_cols % vec == 0 else 1
+
+
+def _back(rows, moved_shape, axis: int, ndim: int):
+    if ndim == 0:
+        return rows.reshape(())
+    return cupy.ascontiguousarray(cupy.moveaxis(rows.reshape(moved_shape), -1, axis))
+
+
+def _forward(x, axis: int, log: bool, fn: str):
+    x = _as_cupy(x, "x")
+    type_name = _type_name(x, fn)
+    axis = _axis(axis, x.ndim)
+    if x.size == 0:
+        return cupy.empty_like(x)
+    rows, moved_shape = _rows(x, axis)
+    out = cupy.empty(rows.shape, dtype=x.dtype)
+    n_rows, n_cols = rows.shape
+    vec = _vector_width(n_cols, rows, out)
+    kernel = _module().get_function(f"softmax_fwd_{type_name}_v{vec}")
+    kernel((n_rows,), (cuda_threads(n_cols, vec),),
+           (rows, out, np.int64(_row_stride(rows)), np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+    return _back(out, moved_shape, axis, x.ndim)
+
+
+def _backward(y, dy, axis: int, log: bool, fn: str):
+    y, dy = _as_cupy(y, "y"), _as_cupy(dy, "dy")
+    type_name = _type_name(y, fn)
+    if dy.shape != y.shape or dy.dtype != y.dtype:
+        raise ValueError(f"{fn}: y {y.shape} {y.dtype} and dy {dy.shape} {dy.dtype} must match")
+    axis = _axis(axis, y.ndim)
+    if y.size == 0:
+        return cupy.empty_like(y)
+    y_rows, moved_shape = _rows(y, axis)
+    dy_rows, _ = _rows(dy, axis)
+    dx = cupy.empty(y_rows.shape, dtype=y.dtype)
+    n_rows, n_cols = y_rows.shape
+    vec = _vector_width(n_cols, y_rows, dy_rows, dx)
+    kernel = _module().get_function(f"softmax_bwd_{type_name}_v{vec}")
+    kernel((n_rows,), (cuda_threads(n_cols, vec, arrays_cached=2),),
+           (y_rows, dy_rows, dx, np.int64(_row_stride(y_rows)), np.int64(_row_stride(dy_rows)),
+            np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+    return _back(dx, moved_shape, axis, y.ndim)
+
+
+def softmax(x, axis: int = -1):
+    """softmax along `axis`: e^(x - max) / sum e^(x - max), in one pass over rows that fit on chip."""
+    return _forward(x, axis, False, "softmax_gpu.cupy.softmax")
+
+
+def log_softmax(x, axis: int = -1):
+    """log_softmax along `axis`: x - max - log(sum e^(x - max))."""
+    return _forward(x, axis, True, "softmax_gpu.cupy.log_softmax")
+
+
+def softmax_backward(y, dy, axis: int = -1):
+    """Gradient of softmax at output y for upstream dy: y * (dy - sum(dy * y))."""
+    return _backward(y, dy, axis, False, "softmax_gpu.cupy.softmax_backward")
+
+
+def log_softmax_backward(y, dy, axis: int = -1):
+    """Gradient of log_softmax at output y for upstream dy: dy - e^y * sum(dy)."""
+    return _backward(y, dy, axis, True, "softmax_gpu.cupy.log_softmax_backward")
+
+
+def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
+    """Fused softmax cross-entropy of (N, C) logits and (N,) class indices.
+
+    Returns (loss, grad): loss a float32 scalar ("mean", "sum") or (N,) array ("none"), and
+    grad the gradient of that loss with respect to the logits (for "none", of the sum of
+    the per-row losses), in the logits' dtype, from the same single pass. Semantics as
+    torch.nn.functional.cross_entropy: rows whose target is ignore_index count for nothing,
+    "mean" divides by the number of the others (NaN when there are none). A target outside
+    [0, C) gives NaN for its row; it is never used as an address.
+    """
+    fn = "softmax_gpu.cupy.cross_entropy"
+    logits, target = _as_cupy(logits, "logits"), _as_cupy(target, "target")
+    type_name = _type_name(logits, fn, allowed=("float32", "float16", "bfloat16"))
+    if logits.ndim != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"{fn}: expected (N, C) logits and (N,) targets, got {logits.shape} and {target.shape}")
+    if target.dtype.kind not in "iu":
+        raise TypeError(f"{fn}: target must hold integer class indices, got {target.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: {reduction!r} is not a valid value for reduction (expected one of {REDUCTIONS})")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
+    n_rows, n_cols = logits.shape
+    target = cupy.ascontiguousarray(target, dtype=cupy.int64)
+    counted = (target != ignore_index).sum(dtype=cupy.float32)  # on the device: no sync
+    scale = (1.0 / counted if reduction == "mean" else cupy.ones((), cupy.float32)).astype(cupy.float32)
+    loss = cupy.empty(n_rows, dtype=cupy.float32)
+    lse = cupy.empty(n_rows, dtype=cupy.float32)
+    if logits.strides[-1] != logits.itemsize:
+        logits = cupy.ascontiguousarray(logits)
+    grad = cupy.empty(logits.shape, dtype=logits.dtype)
+    if n_rows and n_cols:
+        vec = _vector_width(n_cols, logits, grad)
+        kernel = _module().get_function(f"cross_entropy_{type_name}_v{vec}")
+        kernel((n_rows,), (cuda_threads(n_cols, vec),),
+               (logits, target, loss, lse, grad, np.int64(_row_stride(logits)), np.int64(n_cols),
+                np.int32(n_cols), np.int64(ignore_index), np.float32(label_smoothing), scale))  # fmt: skip
+    if reduction == "none":
+        return loss, grad
+    total = loss.sum()
+    return (total / counted if reduction == "mean" else total), grad

@@ -1,0 +1,178 @@
+"""CuPy backend: CUDA C kernels compiled by nvcc here; run against the reference on a GPU."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softmax_gpu import config, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cupy_backend():
+    try:
+        import softmax_gpu.cupy as sgc
+    except (ImportError, RuntimeError) as exc:
+        return None, str(exc)
+    return sgc, ""
+
+
+sgc, why_not = _cupy_backend()
+needs_gpu = pytest.mark.skipif(sgc is None, reason=f"CuPy backend unavailable here: {why_not}")
+
+
+def test_import_never_pulls_in_torch_and_says_what_is_missing():
+    code = (
+        "import sys\n"
+        "try:\n    import softmax_gpu.cupy\n    print('OK')\n"
+        "except (ImportError, RuntimeError) as e:\n    print('ERR', type(e).__name__, e)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "torch loaded: False" in out.stdout, out.stdout + out.stderr
+    if "ERR ImportError" in out.stdout:
+        assert "pip install 'softmax-gpu[cupy]'" in out.stdout
+    elif "ERR RuntimeError" in out.stdout:
+        assert "needs a CUDA GPU" in out.stdout
+    else:
+        assert "OK" in out.stdout
+
+
+def test_header_constants_match_config():
+    header = (ROOT / "kernels" / "softmax_common.cuh").read_text()
+    assert int(re.search(r"#define CACHED_VALUES (\d+)", header).group(1)) == config.CUDA_CACHED_VALUES
+    assert int(re.search(r"#define MAX_THREADS (\d+)", header).group(1)) == config.CUDA_MAX_THREADS
+
+
+@pytest.mark.parametrize("n_cols", [1, 31, 1000, 4099, 20000])
+@pytest.mark.parametrize("vec", [1, 4, 8])
+def test_reference_blockwise_with_cuda_block_and_warp_sizes(n_cols, vec):
+    """The CUDA kernels' algorithm, block for block: each of `threads` lanes keeps its own
+    running (max, sum) over the columns it owns, then the lanes merge in a tree as the warp
+    shuffles and the block reduction do. Checked against the plain softmax."""
+    threads = config.cuda_threads(n_cols, vec)
+    x = 4 * np.random.default_rng(n_cols * 10 + vec).standard_normal((2, n_cols))
+    x[1, ::7] = -np.inf
+    got = reference.online_softmax(x, block=threads, lanes=threads)
+    np.testing.assert_allclose(got, reference.softmax(x), rtol=1e-12, atol=1e-300)
+    # threads are always whole warps, and the cached path holds the row when it can
+    assert threads % 32 == 0 and threads <= config.CUDA_MAX_THREADS
+    cached = -(-n_cols // vec) <= threads * (config.CUDA_CACHED_VALUES // vec)
+    assert cached == (n_cols <= config.CUDA_MAX_THREADS * config.CUDA_CACHED_VALUES)
+
+
+def test_nvcc_compiles_every_kernel_without_spills_and_vectorised():
+    from bench.compile_report import cuda_run, format_cuda_table
+
+    reports = cuda_run((80, 90))
+    if reports is None:
+        pytest.skip("nvcc is not installed")
+    table = format_cuda_table(reports)
+    names = {r.kernel for r in reports}
+    for kind, types in (("softmax_fwd", "f32 f64 f16 bf16"), ("softmax_bwd", "f32 f64 f16 bf16"), ("cross_entropy", "f32 f16 bf16")):
+        for t in types.split():
+            assert f"{kind}_{t}_v1" in names and any(n.startswith(f"{kind}_{t}_v") and not n.endswith("_v1") for n in names)
+    assert {r.arch for r in reports} == {80, 90}
+    assert all(r.local == 0 for r in reports), table
+    assert all(r.unvectorised_loads == 0 for r in reports), table
+    assert all(any(".128" in op for op in r.loads) for r in reports if r.vector_width > 1), table
+
+
+def test_nvrtc_source_is_one_valid_translation_unit(tmp_path):
+    """The exact text softmax_gpu.cupy gives NVRTC compiles on its own (here with nvcc)."""
+    import shutil
+
+    from softmax_gpu.cuda_source import cuda_source
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    source = tmp_path / "all_kernels.cu"
+    source.write_text(cuda_source())
+    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+                          "-o", str(tmp_path / "k.cubin"), str(source)], capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert '#include "softmax_common.cuh"' not in source.read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU (bench/device_check.sh)
+# ---------------------------------------------------------------------------------------
+
+SHAPES = [(3, 1), (4, 7), (5, 100), (3, 1024), (2, 4099), (2, 20000)]  # 20000: the looped path
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gpu_softmax_forward_and_backward(dtype, shape):
+    import cupy
+
+    rng = np.random.default_rng(sum(shape))
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    x[0, ::5] = -np.inf
+    dy = rng.standard_normal(shape).astype(dtype)
+    tol = {"float32": 2e-6, "float64": 1e-12, "float16": 2e-3}[dtype]
+    x64 = x.astype(np.float64)
+    for fn, ref_fn, atol in ((sgc.softmax, reference.softmax, tol), (sgc.log_softmax, reference.log_softmax, 8 * tol)):
+        y = cupy.asnumpy(fn(cupy.asarray(x)))
+        assert y.dtype == x.dtype
+        np.testing.assert_allclose(y.astype(np.float64), ref_fn(x64), rtol=tol, atol=atol)
+    y = reference.softmax(x64).astype(dtype)
+    dx = cupy.asnumpy(sgc.softmax_backward(cupy.asarray(y), cupy.asarray(dy)))
+    np.testing.assert_allclose(dx, reference.softmax_backward(y, dy), rtol=4 * tol, atol=4 * tol)
+    ly = reference.log_softmax(x64).astype(dtype)
+    dx = cupy.asnumpy(sgc.log_softmax_backward(cupy.asarray(ly), cupy.asarray(dy)))
+    np.testing.assert_allclose(dx, reference.log_softmax_backward(ly, dy), rtol=4 * tol, atol=4 * tol)
+
+
+@needs_gpu
+def test_gpu_layouts_and_extremes():
+    import cupy
+
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((3, 4, 37)))
+    for axis in (0, 1, 2, -1):
+        np.testing.assert_allclose(cupy.asnumpy(sgc.softmax(x, axis)), reference.softmax(cupy.asnumpy(x), axis), rtol=1e-12)
+    t = x[:, 0, :].T  # non-contiguous
+    np.testing.assert_allclose(cupy.asnumpy(sgc.softmax(t)), reference.softmax(cupy.asnumpy(t)), rtol=1e-12)
+    huge = cupy.asarray(np.array([[1e4, -1e4, 0.0, 9990.0] * 8], np.float16))
+    assert cupy.isfinite(sgc.softmax(huge)).all()
+    row_of_minus_inf = cupy.full((1, 9), -np.inf, cupy.float32)
+    assert cupy.isnan(sgc.softmax(row_of_minus_inf)).all()  # like torch
+    assert sgc.softmax(cupy.empty((0, 5), cupy.float32)).shape == (0, 5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n_cols", [7, 1000, 50257])
+def test_gpu_cross_entropy(dtype, n_cols):
+    import cupy
+
+    rng = np.random.default_rng(n_cols)
+    logits = (2 * rng.standard_normal((6, n_cols))).astype(dtype)
+    target = rng.integers(0, n_cols, 6)
+    target[2] = -100
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.1):
+            loss, grad = sgc.cross_entropy(cupy.asarray(logits), cupy.asarray(target), reduction=reduction,
+                                           label_smoothing=smoothing)  # fmt: skip
+            exp_loss, exp_grad = reference.cross_entropy(logits.astype(np.float64), target, reduction=reduction,
+                                                         label_smoothing=smoothing)  # fmt: skip
+            tol = 2e-5 if dtype == "float32" else 5e-3
+            np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=tol, atol=tol)
+            np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=tol, atol=tol / n_cols)
+    bad = target.copy()
+    bad[0] = n_cols  # out of range: NaN for its row, never an out-of-bounds read
+    loss, grad = sgc.cross_entropy(cupy.asarray(logits), cupy.asarray(bad), reduction="none")
+    assert cupy.isnan(loss[0]) and cupy.isnan(grad[0]).all() and cupy.isfinite(loss[1:]).all()
+
+
+@needs_gpu
+def test_gpu_accepts_dlpack_tensors():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(4, 33, device="cuda")
+    y = sgc.softmax(x)
+    np.testing.assert_allclose(torch.from_dlpack(y).cpu().numpy(), torch.softmax(x, -1).cpu().numpy(), rtol=2e-6, atol=1e-7)
