@@ -68,12 +68,14 @@ def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
 
 
 def make_inputs(case: Case, generator: torch.Generator):
-    x = torch.randn(case.rows, case.cols, device="cuda", dtype=torch.float32, generator=generator).mul_(2).to(case.dtype)
+    """Random inputs of the case on the generator's device."""
+    device = generator.device
+    x = torch.randn(case.rows, case.cols, device=device, generator=generator).mul_(2).to(case.dtype)
     inputs = {"x": x}
     if case.op == "softmax_bwd":
-        inputs["dy"] = torch.randn(x.shape, device="cuda", generator=generator).to(case.dtype)
+        inputs["dy"] = torch.randn(x.shape, device=device, generator=generator).to(case.dtype)
     if case.op.startswith("ce"):
-        inputs["target"] = torch.randint(0, case.cols, (case.rows,), device="cuda", generator=generator)
+        inputs["target"] = torch.randint(0, case.cols, (case.rows,), device=device, generator=generator)
     return inputs
 
 

@@ -21,34 +21,13 @@ __device__ void cross_entropy_row(const T* __restrict__ logits, long long target
     const bool bad = valid && (target < 0 || target >= n_cols);
     MaxSum<A> s{neg_inf<A>(), A(0)};
     A sum_z = A(0);
-    A vals[ITEMS][VEC];
+    A cache[ITEMS][VEC];
     // 1. One read of the row: the online (max, sum) and, for smoothing, sum_j z_j.
-    if (cached) {
+    read_packs<T, VEC, ITEMS>(logits, n_packs, cached, cache, [&](const A (&v)[VEC], long long) {
 #pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const long long p = (long long)it * blockDim.x + threadIdx.x;
-            if (p < n_packs) {
-                Pack<T, VEC> pack = load_pack<T, VEC>(logits, p);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    vals[it][k] = to_acc(pack.v[k]);
-                    sum_z += vals[it][k];
-                }
-                s = add_pack<A, VEC>(s, vals[it]);
-            }
-        }
-    } else {
-        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
-            Pack<T, VEC> pack = load_pack<T, VEC>(logits, p);
-            A v[VEC];
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                v[k] = to_acc(pack.v[k]);
-                sum_z += v[k];
-            }
-            s = add_pack<A, VEC>(s, v);
-        }
-    }
+        for (int k = 0; k < VEC; ++k) sum_z += v[k];
+        s = add_pack<A, VEC>(s, v);
+    });
     s = block_merge(s);
     if (smoothing > 0.f) sum_z = block_sum(sum_z);
     const A log_d = log_acc(s.d), inv_d = A(1) / s.d, lse = s.m + log_d;
@@ -70,35 +49,12 @@ __device__ void cross_entropy_row(const T* __restrict__ logits, long long target
     if (grad == nullptr) return;
 
     // 3. The gradient, from registers or a second read.
-    const A scale = *grad_scale;
+    const A scale = *grad_scale, m = s.m;
     const A nan = __int_as_float(0x7fc00000);
-    if (cached) {
-#pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const long long p = (long long)it * blockDim.x + threadIdx.x;
-            if (p < n_packs) {
-                Pack<T, VEC> out;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) {
-                    const long long j = p * VEC + k;
-                    A g = exp_acc(vals[it][k] - s.m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
-                    out.v[k] = from_acc<T>(bad ? nan : valid ? g * scale : A(0));
-                }
-                store_pack<T, VEC>(grad, p, out);
-            }
-        }
-    } else {
-        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
-            Pack<T, VEC> pack = load_pack<T, VEC>(logits, p), out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                const long long j = p * VEC + k;
-                A g = exp_acc(to_acc(pack.v[k]) - s.m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
-                out.v[k] = from_acc<T>(bad ? nan : valid ? g * scale : A(0));
-            }
-            store_pack<T, VEC>(grad, p, out);
-        }
-    }
+    write_packs<T, VEC, ITEMS>(logits, grad, n_packs, cached, cache, [&](A z, long long j) {
+        const A g = exp_acc(z - m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
+        return bad ? nan : valid ? g * scale : A(0);
+    });
 }
 
 // cross_entropy_<type>_v<VEC>(logits, target, loss, lse, grad or NULL, strides in elements, ...)

@@ -13,53 +13,14 @@ __device__ void softmax_forward_row(const T* __restrict__ x, T* __restrict__ y, 
     constexpr int ITEMS = CACHED_VALUES / VEC;
     const long long n_packs = n_cols / VEC;
     const bool cached = n_packs <= (long long)ITEMS * blockDim.x;
+    A cache[ITEMS][VEC];
     MaxSum<A> s{neg_inf<A>(), A(0)};
-    A vals[ITEMS][VEC];
-    if (cached) {
-#pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const long long p = (long long)it * blockDim.x + threadIdx.x;
-            if (p < n_packs) {
-                Pack<T, VEC> pack = load_pack<T, VEC>(x, p);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) vals[it][k] = to_acc(pack.v[k]);
-                s = add_pack<A, VEC>(s, vals[it]);
-            }
-        }
-    } else {
-        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
-            Pack<T, VEC> pack = load_pack<T, VEC>(x, p);
-            A v[VEC];
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) v[k] = to_acc(pack.v[k]);
-            s = add_pack<A, VEC>(s, v);
-        }
-    }
+    read_packs<T, VEC, ITEMS>(x, n_packs, cached, cache, [&](const A (&v)[VEC], long long) { s = add_pack<A, VEC>(s, v); });
     s = block_merge(s);  // an all -inf row leaves m = -inf: x - m is NaN, as in torch
-    const A log_d = log_acc(s.d), inv_d = A(1) / s.d;
-    if (cached) {
-#pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const long long p = (long long)it * blockDim.x + threadIdx.x;
-            if (p < n_packs) {
-                Pack<T, VEC> out;
-#pragma unroll
-                for (int k = 0; k < VEC; ++k)
-                    out.v[k] = from_acc<T>(log_out ? (vals[it][k] - s.m) - log_d : exp_acc(vals[it][k] - s.m) * inv_d);
-                store_pack<T, VEC>(y, p, out);
-            }
-        }
-    } else {
-        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
-            Pack<T, VEC> pack = load_pack<T, VEC>(x, p), out;
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-                const A v = to_acc(pack.v[k]);
-                out.v[k] = from_acc<T>(log_out ? (v - s.m) - log_d : exp_acc(v - s.m) * inv_d);
-            }
-            store_pack<T, VEC>(y, p, out);
-        }
-    }
+    const A m = s.m, log_d = log_acc(s.d), inv_d = A(1) / s.d;
+    write_packs<T, VEC, ITEMS>(x, y, n_packs, cached, cache, [&](A v, long long) {
+        return log_out ? (v - m) - log_d : exp_acc(v - m) * inv_d;
+    });
 }
 
 // softmax:      dx = y (dy - sum(dy y))      log_softmax:  dx = dy - e^y sum(dy)

@@ -118,6 +118,62 @@ __device__ __forceinline__ A block_sum(A v) {
     return v;
 }
 
+// The first pass of every row kernel: visit(values, pack) for each of this thread's packs,
+// either keeping the values in `cache` (the row fits: it is read once) or streaming them.
+template <typename T, int VEC, int ITEMS, typename Visit>
+__device__ __forceinline__ void read_packs(const T* __restrict__ row, long long n_packs, bool cached,
+                                           typename Acc<T>::type (&cache)[ITEMS][VEC], Visit visit) {
+    typedef typename Acc<T>::type A;
+    if (cached) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+            const long long p = (long long)it * blockDim.x + threadIdx.x;
+            if (p < n_packs) {
+                Pack<T, VEC> pack = load_pack<T, VEC>(row, p);
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) cache[it][k] = to_acc(pack.v[k]);
+                visit(cache[it], p);
+            }
+        }
+    } else {
+        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
+            Pack<T, VEC> pack = load_pack<T, VEC>(row, p);
+            A v[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) v[k] = to_acc(pack.v[k]);
+            visit(v, p);
+        }
+    }
+}
+
+// The last pass: out[j] = value(x_j, j) for each of this thread's elements, x_j taken from
+// `cache` or, for rows that did not fit, read again from `row`.
+template <typename T, int VEC, int ITEMS, typename Value>
+__device__ __forceinline__ void write_packs(const T* __restrict__ row, T* __restrict__ out, long long n_packs,
+                                            bool cached, const typename Acc<T>::type (&cache)[ITEMS][VEC],
+                                            Value value) {
+    typedef typename Acc<T>::type A;
+    if (cached) {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+            const long long p = (long long)it * blockDim.x + threadIdx.x;
+            if (p < n_packs) {
+                Pack<T, VEC> result;
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) result.v[k] = from_acc<T>(value(cache[it][k], p * VEC + k));
+                store_pack<T, VEC>(out, p, result);
+            }
+        }
+    } else {
+        for (long long p = threadIdx.x; p < n_packs; p += blockDim.x) {
+            Pack<T, VEC> pack = load_pack<T, VEC>(row, p), result;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) result.v[k] = from_acc<T>(value(A(to_acc(pack.v[k])), p * VEC + k));
+            store_pack<T, VEC>(out, p, result);
+        }
+    }
+}
+
 // Registers each thread devotes to caching its share of a row (single-read path), and the
 // largest block: __launch_bounds__(MAX_THREADS) lets ptxas use up to 128 registers a thread,
 // so a row of up to MAX_THREADS * CACHED_VALUES = 16384 elements is read once.

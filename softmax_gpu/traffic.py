@@ -51,13 +51,15 @@ class TrafficCounter:
         load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
         counter = self
 
-        def counted_load(builder, ptrs, mask, other, cache_policy, is_volatile):
+        # The trailing cache/eviction arguments differ between triton releases (3.6: cache_modifier,
+        # eviction_policy; 3.9: cache_policy), so they are passed through untouched.
+        def counted_load(builder, ptrs, mask, *args, **kwargs):
             counter.bytes_loaded += counter._tally("load", ptrs, mask)
-            return load(builder, ptrs, mask, other, cache_policy, is_volatile)
+            return load(builder, ptrs, mask, *args, **kwargs)
 
-        def counted_store(builder, ptrs, value, mask, cache_policy):
+        def counted_store(builder, ptrs, value, mask, *args, **kwargs):
             counter.bytes_stored += counter._tally("store", ptrs, mask)
-            return store(builder, ptrs, value, mask, cache_policy)
+            return store(builder, ptrs, value, mask, *args, **kwargs)
 
         self._saved = (InterpreterBuilder, load, store)
         InterpreterBuilder.create_masked_load = counted_load

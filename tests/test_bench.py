@@ -36,6 +36,27 @@ def test_cli_arguments():
     assert args.shapes == [(4096, 50257), (1, 128256)] and args.dtypes == ["bfloat16"]
 
 
+@pytest.mark.parametrize("op", ["softmax_fwd", "softmax_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd"])
+def test_correctness_gate_passes_right_providers_and_stops_wrong_ones(op, device):
+    """The gate the GPU sweep applies before timing, run here on small inputs."""
+    import torch
+
+    from bench import gpu, providers
+
+    loaded, _ = providers.load(["softmax_gpu", "torch"])
+    case = gpu.Case(op, 12, 80, torch.float32)
+    inputs = gpu.make_inputs(case, torch.Generator(device=device).manual_seed(0))
+    for name, funcs in loaded.items():
+        assert gpu.runner(op, funcs, inputs) is not None
+        assert gpu.gate(op, funcs, inputs) == "", name
+    wrong = dict(  # plausible-looking but wrong: no max shift for softmax, a dropped term elsewhere
+        softmax=lambda x: torch.exp(x) / torch.exp(x).sum(-1, keepdim=True) * 1.01,
+        log_softmax=lambda x: x - x.max(-1, keepdim=True).values,
+        cross_entropy=lambda logits, target: torch.nn.functional.cross_entropy(logits, target) * 1.01 + 0.01,
+    )
+    assert gpu.gate(op, wrong, inputs).startswith("wrong")
+
+
 def fake_rows():
     """Rows shaped like a run's output, to exercise the writer (not measurements)."""
     rows = []

@@ -215,7 +215,11 @@ def test_backward_launcher_every_element_written(op, shape, max_block, device):
     cfg = config.row_config(shape[1], max_block or config.MAX_BLOCK_SOFTMAX_BWD)
     launch_softmax_bwd(y, dy, dx, log=op == "log_softmax", cfg=cfg)
     expected = ref_bwd(y.cpu().numpy(), dy.cpu().numpy())
-    assert_matches(dx, expected, rtol=1e-5, atol=1e-6, what=op)
+    # The row sum (of dy, or dy * y) is accumulated in float32 over n terms: its rounding,
+    # about eps * sqrt(n) * the largest term, reaches dx scaled by e^y or y (both <= 1).
+    terms = (dy if op == "log_softmax" else dy * y).abs().max().item()
+    atol = 1e-6 + 4 * torch.finfo(torch.float32).eps * shape[1] ** 0.5 * terms
+    assert_matches(dx, expected, rtol=1e-5, atol=atol, what=op)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -233,7 +237,9 @@ def test_backward_matches_torch_autograd(op, dtype, device):
         torch_fn(c, dim).backward(dy.cpu())
         assert a.grad.dtype == dtype
         if dtype == torch.float32:
-            assert_matches(a.grad, b.grad.numpy(), rtol=1e-5, atol=1e-6)
+            # dx = y (dy - sum(dy y)) inherits y's float32 rounding times |dy - s|, which reaches
+            # ~10 max|dy| here: the absolute budget scales with the upstream gradient.
+            assert_matches(a.grad, b.grad.numpy(), rtol=1e-5, atol=2e-6 * dy.abs().max().item())
         else:
             assert_within_torch_error(a.grad, c.grad, b.grad.numpy(), what=f"{op} grad {dtype}")
 
