@@ -66,10 +66,15 @@ def run_gpu(args) -> int:
         print(f"skipping provider {name}: not importable ({reason})")
     meta["providers_skipped"] = missing
     cases = [gpu.Case(op, r, c, DTYPES[d]) for op in args.ops for d in args.dtypes for r, c in args.shapes]
+    names = list(loaded)
+    if not names:
+        print("no provider could be imported: nothing to measure")
+        return 1
     rows = []
-    for case in tqdm(cases, desc="bench", unit="case"):
-        for name, funcs in loaded.items():
-            rows.append(gpu.measure(case, name, funcs, copy_gbps, meta["datasheet_gbps"]))
+    for i, case in enumerate(tqdm(cases, desc="bench", unit="case")):
+        # Rotate who goes first, so no provider always inherits the others' warm caches or clocks.
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            rows.append(gpu.measure(case, name, loaded[name], copy_gbps, meta["datasheet_gbps"]))
     print(results.format_table(rows))
     paths = results.write_results(rows, meta, args.out)
     if not args.no_plot:

@@ -348,17 +348,20 @@ def test_torch_compile_training_step(device):
     loss_fn = softmax_gpu.nn.CrossEntropyLoss(label_smoothing=0.1)
 
     def forward(x, y):
-        return loss_fn(model(x), y)
+        logits = model(x)
+        return loss_fn(logits, y) + softmax_gpu.log_softmax(logits, -1).mean()
 
-    # fullgraph: the loss (custom ops inside an autograd.Function) traces with no graph break;
-    # aot_autograd compiles its backward too, which .backward() then runs.
-    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    # fullgraph with the default backend (inductor): the loss (custom ops inside an
+    # autograd.Function) and the log_softmax op trace with no graph break, and the compiled
+    # backward runs on .backward().
+    compiled = torch.compile(forward, fullgraph=True)
     x, y = torch.randn(5, 8, device=device), torch.randint(0, 17, (5,), device=device)
     loss = compiled(x, y)
     loss.backward()
     got = model.weight.grad.clone()
     model.weight.grad = None
-    expected = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    logits = model(x)
+    expected = F.cross_entropy(logits, y, label_smoothing=0.1) + F.log_softmax(logits, -1).mean()
     expected.backward()
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, model.weight.grad, rtol=1e-5, atol=1e-6)
@@ -396,3 +399,41 @@ def test_seed_categorical_crossentropy_from_logits_both_ways(device):
     big = torch.tensor([[123.0], [456.0], [789.0]], device=device)
     onehot = torch.tensor([[0.0], [0.0], [1.0]], device=device)
     assert softmax_gpu.categorical_crossentropy(onehot, big, from_logits=True, axis=0).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU only: sizes the interpreter cannot reach
+# ---------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda_only
+@pytest.mark.parametrize("n_cols", [50257, 128256, 151936])
+def test_cuda_real_vocabularies(n_cols):
+    logits = (2 * torch.randn(16, n_cols, device="cuda")).bfloat16()
+    target = torch.randint(0, n_cols, (16,), device="cuda")
+    ours, grad, theirs, ref_grad = run_both(logits, target, None, None, label_smoothing=0.1)
+    assert_matches(ours, theirs.numpy(), 1e-5, 1e-5)
+    assert_matches(grad.float(), ref_grad.numpy(), 1e-2, 1e-6)
+
+
+@cuda_only
+def test_cuda_offsets_beyond_2_pow_32_elements():
+    """N x C above 2**32: the last rows' offsets overflow 32 bits; check them against the reference."""
+    n_cols = 131072
+    n_rows = 2**32 // n_cols + 3
+    need = n_rows * n_cols * 2 * 2 + 2**30  # bf16 logits and gradient, plus slack
+    if torch.cuda.mem_get_info()[0] < need:
+        pytest.skip("not enough free GPU memory")
+    logits = torch.empty(n_rows, n_cols, device="cuda", dtype=torch.bfloat16).normal_()
+    target = torch.randint(0, n_cols, (n_rows,), device="cuda")
+    leaf = logits.requires_grad_()
+    loss = softmax_gpu.cross_entropy(leaf, target, reduction="none")
+    loss.sum().backward()
+    for row in (0, n_rows - 1):
+        exp_loss, exp_grad = reference.cross_entropy(
+            logits[row : row + 1].detach().double().cpu().numpy(), target[row : row + 1].cpu().numpy(), reduction="sum"
+        )
+        assert abs(loss[row].item() - exp_loss) < 1e-4
+        assert_matches(leaf.grad[row : row + 1].float(), exp_grad, 1e-2, 1e-6)

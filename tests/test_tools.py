@@ -32,3 +32,19 @@ def test_training_example_matches_torch():
     out = run(["examples/train_classifier.py", "--steps", "20"], timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "largest per-step difference" in out.stdout
+
+
+def test_wheel_ships_kernels_under_the_package_only(tmp_path):
+    """kernels/ installs as softmax_gpu.kernels, .cu sources included; never a top-level `kernels`."""
+    import zipfile
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert not [n for n in names if n.startswith("kernels/")]
+    for needed in ("softmax.py", "cross_entropy.py", "online_softmax.cu", "cross_entropy.cu", "softmax_common.cuh"):
+        assert f"softmax_gpu/kernels/{needed}" in names
+    assert "softmax_gpu/ops/cross_entropy.py" in names and "softmax_gpu/cupy.py" in names

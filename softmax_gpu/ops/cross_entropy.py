@@ -156,12 +156,17 @@ def cross_entropy_forward(
     return loss, lse, total, grad if grad is not None else logits.new_empty(0)
 
 
+def _fake_stats(logits):
+    """Shapes of (loss per row, lse, total weight): float32 (N,), (N,) and ()."""
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    n_rows = logits.shape[0]
+    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32), logits.new_empty((), **f32)
+
+
 @cross_entropy_forward.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
-    n_rows = logits.shape[0]
-    f32 = dict(dtype=torch.float32, device=logits.device)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32), logits.new_empty((), **f32), grad
+    return (*_fake_stats(logits), grad)
 
 
 @torch.library.custom_op("softmax_gpu::cross_entropy_forward_inplace", mutates_args=("logits",))
@@ -181,9 +186,7 @@ def cross_entropy_forward_inplace(
 
 @cross_entropy_forward_inplace.register_fake
 def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32), logits.new_empty((), **f32)
+    return _fake_stats(logits)
 
 
 @torch.library.custom_op("softmax_gpu::cross_entropy_scale_grad", mutates_args=("grad",))
