@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,6 +40,12 @@ def test_wheel_ships_kernels_under_the_package_only(tmp_path):
     """kernels/ installs as softmax_gpu.kernels, .cu sources included; never a top-level `kernels`."""
     import zipfile
 
+    # --no-build-isolation builds with the installed setuptools, which needs bdist_wheel:
+    # built in from setuptools 70.1, else from the `wheel` package.
+    setuptools = pytest.importorskip("setuptools")
+    version = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
+    if version < (70, 1):
+        pytest.importorskip("wheel", reason=f"setuptools {setuptools.__version__} needs `wheel` for bdist_wheel")
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=600,
