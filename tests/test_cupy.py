@@ -1,5 +1,4 @@
 """CuPy backend: CUDA C kernels compiled by nvcc here; run against the reference on a GPU."""
-import os
 import re
 import subprocess
 import sys

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import ATOL_FP32, RTOL_FP32, assert_matches, assert_within_torch_error, poisoned
 
 import softmax_gpu
