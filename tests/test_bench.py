@@ -93,7 +93,8 @@ def test_cpu_report_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--ops", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd"],
+        [sys.executable, "-m", "bench", "--quick", "--ops", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
+         "--dtypes", "float32", "bfloat16"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
