@@ -63,10 +63,17 @@ def block_plan(max_block: int, quick: bool, loop_block=None):
 def softmax_variants(quick: bool):
     from softmax_gpu import config
 
-    for kernel, max_block, ptrs, strides in (
-        ("softmax_fwd_kernel", config.MAX_BLOCK_SOFTMAX_FWD, ("x_ptr", "y_ptr"), ("x_row_stride", "y_row_stride")),
+    for kernel, max_block, loop_block, ptrs, strides in (
+        (
+            "softmax_fwd_kernel",
+            config.MAX_BLOCK_SOFTMAX_FWD,
+            config.LOOP_BLOCK_SOFTMAX_FWD,
+            ("x_ptr", "y_ptr"),
+            ("x_row_stride", "y_row_stride"),
+        ),
         (
             "softmax_bwd_kernel",
+            config.MAX_BLOCK_SOFTMAX_BWD,
             config.MAX_BLOCK_SOFTMAX_BWD,
             ("y_ptr", "dy_ptr", "dx_ptr"),
             ("y_row_stride", "dy_row_stride", "dx_row_stride"),
@@ -75,7 +82,10 @@ def softmax_variants(quick: bool):
         for dtype, ptr_type in DTYPES.items():
             for log in (False, True):
                 itemsize = 8 if dtype == "fp64" else 4  # as row_config() sees the accumulation width
-                for block, single in block_plan(config.block_cap(max_block, itemsize), quick or dtype == "fp64"):
+                plan = block_plan(
+                    config.block_cap(max_block, itemsize), quick, config.block_cap(loop_block, itemsize)
+                )
+                for block, single in plan:
                     sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (("n_cols", "i32"),)
                     meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"))
                     yield Variant(

@@ -10,7 +10,11 @@ import dataclasses
 from typing import Optional
 
 # Largest single block, in elements, per kernel family (each block lives in registers).
-MAX_BLOCK_SOFTMAX_FWD = 16384
+# The forward holds up to 32768 (32 warps, 32 values a thread: 46-60 registers, no spill), so
+# 32000-class rows are read once; its looped path, which keeps two per-lane vectors besides
+# the block, spills at that width and loops 16384 wide instead.
+MAX_BLOCK_SOFTMAX_FWD = 32768
+LOOP_BLOCK_SOFTMAX_FWD = 16384
 MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
 # Cross-entropy keeps up to five per-lane accumulators beside the logits, so it runs with
 # half the elements per thread (8) of the softmax kernels. Its looped path streams the row in
@@ -83,7 +87,7 @@ def row_config(
     loop_block_n (default: the limit itself)."""
     limit = block_cap(max_block_n, itemsize)
     if n_cols > limit and loop_block_n is not None:
-        limit = loop_block_n
+        limit = block_cap(loop_block_n, itemsize)
     limit = limit if _block_limit is None else min(limit, _block_limit)
     block_n = max(MIN_BLOCK_N, min(next_power_of_2(n_cols), limit))
     warps = warps_for(block_n, itemsize, elements_per_thread)

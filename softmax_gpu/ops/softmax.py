@@ -19,10 +19,13 @@ from ..runtime import check_launchable, device_guard
 def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optional[config.RowConfig] = None):
     """y[r] = (log_)softmax(x[r]) for 2-D x, y with unit column stride; returns the RowConfig used.
 
-    Bytes: 1 read + 1 write per element on the single-block path, 2 reads + 1 write looped.
+    Bytes: 1 read + 1 write per element on the single-block path (rows up to 32768), 2 reads +
+    1 write looped.
     """
     n_rows, n_cols = x.shape
-    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size())
+    cfg = cfg or config.row_config(
+        n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+    )
     check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
     with device_guard(x):
         softmax_fwd_kernel[(n_rows,)](
