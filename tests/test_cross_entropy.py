@@ -328,6 +328,7 @@ def test_bad_input_raises_before_launch(device):
         (dict(input=x, target=t, softcap=0.0), ValueError, "softcap"),
         (dict(input=x, target=t, z_loss=-1.0), ValueError, "z_loss"),
         (dict(input=x, target=t.to("meta")), RuntimeError, "same device"),
+        (dict(input=torch.tensor(1.0, device=device), target=t), ValueError, "at least one dim"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):

@@ -18,6 +18,7 @@ import torch
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
 from ..kernels.cross_entropy import cross_entropy_kernel, scale_grad_kernel
+from ..layout import as_rows
 from ..runtime import check_launchable, device_guard
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -308,6 +309,8 @@ def cross_entropy(
     """
     fn = "softmax_gpu.cross_entropy"
     check_floating(fn, "input", input)
+    if input.dim() == 0:
+        raise ValueError(f"{fn}(): input must have at least one dim (the classes)")
     _check_target(fn, input, target)
     if weight is not None:
         check_floating(fn, "weight", weight)
@@ -316,26 +319,16 @@ def cross_entropy(
             raise ValueError(f"{fn}(): weight must have shape ({n_classes},), got {tuple(weight.shape)}")
     check_same_device(fn, input=input, target=target, weight=weight)
     _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
-    if input.dim() == 0:
-        raise ValueError(f"{fn}(): input must have at least one dim (the classes)")
 
     class_dim = 1 if input.dim() > 1 else 0
-    logits = input.movedim(class_dim, -1) if input.dim() > 2 else input
-    rows = logits.reshape(-1, logits.shape[-1])
+    rows = as_rows(input, class_dim)  # (N * d1 * ..., C), ordered like the target
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise ValueError(f"{fn}(): inplace_backward=True would overwrite a leaf tensor that requires grad")
-        shares = rows.untyped_storage().data_ptr() == input.untyped_storage().data_ptr()
-        if rows.stride(-1) != 1 or not shares:
+        if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
-    elif rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    if target.is_floating_point():
-        tgt = (target.movedim(class_dim, -1) if target.dim() > 2 else target).reshape(rows.shape)
-        tgt = tgt if tgt.stride(-1) == 1 else tgt.contiguous()
-    else:
-        tgt = target.reshape(-1)
-    loss, *rest = CrossEntropyFunction.apply(
+    tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
+    loss, _lse = CrossEntropyFunction.apply(
         rows, tgt, weight, ignore_index, reduction, label_smoothing, float(z_loss), softcap, inplace_backward
     )
     if reduction == "none":  # rows were ordered (N, d1, ...), the target's own order

@@ -78,9 +78,8 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype) ->
     # cast happens first, as in torch (softmax of x.to(dtype)).
     if dtype.itemsize < x.dtype.itemsize or (dtype.itemsize == x.dtype.itemsize and dtype != x.dtype):
         x = x.to(dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.numel() == 0:
-        return out
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
     x_rows = as_rows(x, dim)
     y_rows = torch.empty(x_rows.shape, dtype=dtype, device=x.device)
     launch_softmax_fwd(x_rows, y_rows, log)
