@@ -98,7 +98,8 @@ def test_shapes_1d_spatial_and_non_contiguous(device):
     target = torch.randint(0, 13, (3, 4, 2), device=device)
     target[0, 1, 1] = -100
     for max_block in PATHS:
-        ours, grad, theirs, ref_grad = run_both(logits, target, torch.randn(3, 4, 2), max_block, reduction="none")
+        upstream = torch.randn(3, 4, 2, device=device)
+        ours, grad, theirs, ref_grad = run_both(logits, target, upstream, max_block, reduction="none")
         assert ours.shape == (3, 4, 2)
         assert_matches(ours, theirs.numpy(), RTOL, ATOL)
         assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
@@ -113,7 +114,7 @@ def test_shapes_1d_spatial_and_non_contiguous(device):
     assert_matches(grad, ref_grad.numpy(), RTOL, ATOL)
     # an empty batch
     empty = torch.randn(0, 5, device=device, requires_grad=True)
-    assert softmax_gpu.cross_entropy(empty, torch.zeros(0, dtype=torch.long), reduction="sum").item() == 0
+    assert softmax_gpu.cross_entropy(empty, torch.zeros(0, dtype=torch.long, device=device), reduction="sum").item() == 0
 
 
 @pytest.mark.parametrize("max_block", PATHS)
@@ -195,7 +196,7 @@ def test_confident_bfloat16_keeps_true_class_gradient(device):
     a = logits.clone().requires_grad_()
     softmax_gpu.cross_entropy(a, target.to(device), reduction="sum").backward()
     _, exp_grad = reference.cross_entropy(logits.double().cpu().numpy(), target.numpy(), reduction="sum")
-    got = a.grad[torch.arange(4), target.to(device)].double().cpu().numpy()
+    got = a.grad.cpu()[torch.arange(4), target].double().numpy()
     want = exp_grad[np.arange(4), target.numpy()]
     assert (got < 0).all()
     np.testing.assert_allclose(got, want, rtol=1e-2)
@@ -341,7 +342,7 @@ def test_opcheck(device):
     args = (logits, target, torch.rand(9, device=device), -100, "mean", 0.1, 1e-3, 5.0, True)
     torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default, args)
     grad = torch.randn(4, 9, device=device)
-    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0)))
+    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device)))
 
 
 def test_torch_compile_training_step(device):
