@@ -86,6 +86,7 @@ def online_softmax(x, block, lanes=1):
     y = e^(x - m) / d. With lanes=1 this is the one-lane online normaliser of
     Milakov & Gimelshein (2018).
     """
+    one_row = np.ndim(x) == 1
     x = np.atleast_2d(_f64(x))
     if block < 1 or lanes < 1 or block % lanes:
         raise ValueError(f"online_softmax: need block >= 1 and lanes dividing block, got {block}, {lanes}")
@@ -97,7 +98,7 @@ def online_softmax(x, block, lanes=1):
             chunk = row[start:start + block]
             for k in range(lanes):
                 for value in chunk[k::lanes]:
-                    m, d = _merge(m, d, k, value, 1.0)
+                    _update_lane(m, d, k, value)
         while m.size > 1:  # tree merge of lane pairs, as a shuffle reduction would
             half = m.size // 2
             m_new = np.maximum(m[:half], m[half:])
@@ -105,7 +106,7 @@ def online_softmax(x, block, lanes=1):
             m = m_new
         with np.errstate(invalid="ignore"):
             out[r] = np.exp(row - m[0]) / d[0]
-    return out.reshape(np.shape(x)) if np.ndim(x) > 1 else out[0]
+    return out[0] if one_row else out
 
 
 def _rescale(d, m_old, m_new):
@@ -114,13 +115,13 @@ def _rescale(d, m_old, m_new):
         return np.where(m_new == -np.inf, 0.0, d * np.exp(m_old - m_new))
 
 
-def _merge(m, d, k, value, weight):
+def _update_lane(m, d, k, value):
+    """Lane k takes one more value: m' = max(m, x), d' = d e^(m - m') + e^(x - m'), in place."""
     m_new = max(m[k], value)
     if m_new == -np.inf:
-        return m, d
-    d[k] = d[k] * np.exp(m[k] - m_new) + weight * np.exp(value - m_new)
+        return
+    d[k] = d[k] * np.exp(m[k] - m_new) + np.exp(value - m_new)
     m[k] = m_new
-    return m, d
 
 
 def cross_entropy(

@@ -58,6 +58,7 @@ def test_reference_blockwise_with_cuda_block_and_warp_sizes(n_cols, vec):
     x[1, ::7] = -np.inf
     got = reference.online_softmax(x, block=threads, lanes=threads)
     np.testing.assert_allclose(got, reference.softmax(x), rtol=1e-12, atol=1e-300)
+    assert reference.online_softmax(x[0], block=threads, lanes=threads).shape == (n_cols,)  # 1-D in, 1-D out
     # threads are always whole warps, and the cached path holds the row when it can
     assert threads % 32 == 0 and threads <= config.CUDA_MAX_THREADS
     cached = -(-n_cols // vec) <= threads * (config.CUDA_CACHED_VALUES // vec)
