@@ -4,12 +4,19 @@ CuPy) on this machine's GPU, against the copy-bandwidth ceiling.
 With no CUDA GPU it says so and prints the CPU report instead (exact bytes per element from
 Triton's interpreter, and the sm_90 compile report), then exits 0.
 
-    python -m bench [--quick] [--ops ...] [--dtypes ...] [--shapes 4096x32000 ...]
+`--dry-run` runs the GPU sweep itself on the CPU: the same code top to bottom, with the
+kernels in Triton's interpreter on shrunken shapes and CPU stand-ins for the timers and the
+copy probe (bench.gpu.dry_run_platform). It proves the sweep, the providers and the result
+files work before a GPU is spent on them; none of its figures is a GPU measurement.
+
+    python -m bench [--quick] [--dry-run] [--ops ...] [--dtypes ...] [--shapes 4096x32000 ...]
                     [--providers ...] [--out DIR] [--no-plot]
 """
 import argparse
+import math
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -29,6 +36,16 @@ SHAPES = (
 # 20 cases x 6 providers, dominated by torch.compile's compile per case.
 QUICK_SHAPES = [(32768, 4096), (4096, 32000), (4096, 128256), (32, 128256)]
 QUICK_DTYPES = ("bfloat16",)
+DRY_RUN_MAX_ROWS, DRY_RUN_MAX_COLS = 4, 256  # the interpreter costs ~1 ms per block step
+
+
+def dry_run_shape(rows: int, cols: int):
+    """A shape the interpreter runs in a moment that keeps the grid's character: classes are
+    divided by the power of two that brings them to at most 256, so powers of two stay powers
+    of two and odd vocabularies stay odd (50257 -> 197, 128256 -> 251)."""
+    if cols > DRY_RUN_MAX_COLS:
+        cols = math.ceil(cols / 2 ** math.ceil(math.log2(cols / DRY_RUN_MAX_COLS)))
+    return min(rows, DRY_RUN_MAX_ROWS), cols
 
 
 def parse_shape(text: str):
@@ -39,28 +56,46 @@ def parse_shape(text: str):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small subset (bfloat16, 4 shapes) meant to finish in under 2 minutes on an H100")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="run the GPU sweep on CPU (interpreter, shrunken shapes, CPU timer): checks the code, measures nothing",
+    )  # fmt: skip
     p.add_argument("--ops", nargs="+", choices=OPS, default=None)
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None)
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="ROWSxCOLS")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     p.add_argument(
-        "--out", default=os.environ.get("SOFTMAX_GPU_BENCH_OUT", "bench/results"), help="folder for JSON, CSV, PNG"
-    )
+        "--out", default=None,
+        help="folder for JSON, CSV, PNG (default: $SOFTMAX_GPU_BENCH_OUT, else bench/results; a dry run: a new temporary folder)",
+    )  # fmt: skip
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     args.ops = args.ops or list(OPS)
     args.dtypes = args.dtypes or list(QUICK_DTYPES if args.quick else DTYPES)
     args.shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    if args.dry_run:
+        args.shapes = list(dict.fromkeys(dry_run_shape(r, c) for r, c in args.shapes))
+        # Nothing lands in bench/results/ (where only real GPU runs belong) unless asked for.
+        args.out = args.out or tempfile.mkdtemp(prefix="softmax-gpu-dry-run-")
+    else:
+        args.out = args.out or os.environ.get("SOFTMAX_GPU_BENCH_OUT", "bench/results")
     return args
 
 
-def run_gpu(args) -> int:
-    from tqdm import tqdm
-
+def run_sweep(args, platform) -> int:
     from bench import gpu, providers, results
 
-    copy_gbps = gpu.copy_bandwidth_gbps()
-    meta = gpu.card_meta(copy_gbps)
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are a nicety
+
+        def tqdm(items, **_):
+            return items
+
+    if platform.dry_run:
+        print(gpu.DRY_RUN_WARNING)
+    copy_gbps = gpu.copy_bandwidth_gbps(platform)
+    meta = gpu.card_meta(platform, copy_gbps)
     print(f"{meta['card']} (driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']})")
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s" + (f"; datasheet {meta['datasheet_gbps']:.0f} GB/s" if meta["datasheet_gbps"] else ""))
     loaded, missing = providers.load(args.providers)
@@ -76,12 +111,13 @@ def run_gpu(args) -> int:
     for i, case in enumerate(tqdm(cases, desc="bench", unit="case")):
         # Rotate who goes first, so no provider always inherits the others' warm caches or clocks.
         for name in names[i % len(names):] + names[: i % len(names)]:
-            rows.append(gpu.measure(case, name, loaded[name], copy_gbps, meta["datasheet_gbps"]))
-    print(results.format_table(rows))
+            rows.append(gpu.measure(platform, case, name, loaded[name], copy_gbps, meta["datasheet_gbps"]))
+    print(results.format_table(rows, title=gpu.DRY_RUN_WARNING if platform.dry_run else meta["card"]))
     paths = results.write_results(rows, meta, args.out)
     if not args.no_plot:
         try:
-            paths += (results.plot_results(rows, meta, args.out),)
+            # The dry run's shapes are all small: plot them anyway, so the plotting code runs.
+            paths += (results.plot_results(rows, meta, args.out, min_elements=0 if platform.dry_run else 2**20),)
         except ImportError:
             print("matplotlib is not installed: no plot (pip install 'softmax-gpu[plot]')")
     print("wrote " + ", ".join(str(p) for p in paths if p))
@@ -90,8 +126,16 @@ def run_gpu(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        # The interpreter must be chosen before triton is first imported.
+        os.environ["TRITON_INTERPRET"] = "1"
+        from bench import gpu
+
+        return run_sweep(args, gpu.dry_run_platform())
     if torch.cuda.is_available():
-        return run_gpu(args)
+        from bench import gpu
+
+        return run_sweep(args, gpu.gpu_platform())
     # No GPU: the kernels run in Triton's interpreter, which must be chosen before triton loads.
     os.environ["TRITON_INTERPRET"] = "1"
     from bench import cpu_report

@@ -3,9 +3,19 @@
 Timing: triton.testing.do_bench medians (warm-up, L2 flushed between runs), or CUDA-graph
 replays (do_bench_cudagraph) for runs under ~50 us. Bandwidth is min_bytes / time, reported
 also as % of a device-to-device copy measured on the same card in the same run.
+
+Everything that differs between a GPU run and the CPU dry run (`python -m bench --dry-run`)
+sits in one `Platform`: the device, the two timers, the copy probe, the memory probe and
+the card's description. The dry run swaps in CPU stand-ins and runs the rest of this file
+unchanged, so a lent GPU never meets a line that has not run before.
 """
 import dataclasses
+import inspect
+import platform as host
+import statistics
 import subprocess
+import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,6 +36,11 @@ DATASHEET_GBPS = {
 }
 CHECK_ROWS = 8  # rows checked against the NumPy float64 reference before timing
 CUDAGRAPH_BELOW_MS = 0.05
+# Keywords for triton.testing's timers, shared by the GPU run and the dry run (which binds
+# them to the real functions' signatures, so a keyword a triton release lacks fails on CPU).
+DO_BENCH_KW = dict(warmup=25, rep=100, return_mode="median")
+CUDAGRAPH_KW = dict(rep=100, return_mode="median")
+COPY_KW = dict(warmup=25, rep=200, return_mode="median")
 # Tolerances for the correctness gate (max abs error on probabilities, log-probabilities and losses).
 GATE_ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -38,33 +53,103 @@ class Case:
     dtype: torch.dtype
 
 
-def card_meta(copy_gbps: float) -> dict:
-    import datetime
+@dataclasses.dataclass
+class Platform:
+    """Where the sweep runs: a CUDA GPU, or the CPU dry run."""
 
-    import triton
+    device: str
+    dry_run: bool
+    bench: Callable  # (fn, **DO_BENCH_KW) -> median ms
+    bench_graph: Callable  # (fn, **CUDAGRAPH_KW) -> median ms
+    graph_below_ms: float  # runs faster than this are re-timed with bench_graph
+    copy_bytes: int  # size of the copy-bandwidth probe
+    peak_extra_bytes: Callable  # (run) -> bytes above the inputs, or None where not measurable
+    describe: Callable  # () -> dict(card=..., driver=...)
 
-    name = torch.cuda.get_device_name()
+
+def gpu_platform() -> Platform:
+    import triton.testing
+
+    return Platform(
+        device="cuda", dry_run=False, bench=triton.testing.do_bench, bench_graph=triton.testing.do_bench_cudagraph,
+        graph_below_ms=CUDAGRAPH_BELOW_MS, copy_bytes=2**30, peak_extra_bytes=_cuda_peak_extra_bytes,
+        describe=_describe_cuda,
+    )  # fmt: skip
+
+
+def dry_run_platform() -> Platform:
+    """CPU stand-ins: a wall-clock timer that accepts exactly the keywords the triton timer it
+    replaces accepts, a small copy probe in host memory, no memory probe. Every other line of
+    the sweep is the GPU's. Kernels run in Triton's interpreter (TRITON_INTERPRET=1)."""
+    import triton.testing
+
+    return Platform(
+        device="cpu", dry_run=True, bench=_cpu_timer(triton.testing.do_bench),
+        bench_graph=_cpu_timer(triton.testing.do_bench_cudagraph),
+        graph_below_ms=float("inf"),  # so the graph-replay branch runs too
+        copy_bytes=2**24, peak_extra_bytes=lambda run: None, describe=_describe_cpu,
+    )  # fmt: skip
+
+
+def _cpu_timer(stands_for: Callable, reps: int = 3) -> Callable:
+    signature = inspect.signature(stands_for)
+
+    def timer(fn, **kwargs) -> float:
+        signature.bind(fn, **kwargs)  # TypeError here is what the GPU run would have raised
+        fn()  # warm-up (torch.compile compiles here)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return timer
+
+
+def _describe_cuda() -> dict:
     try:
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
         ).stdout.split("\n")[0].strip() or "unknown"
     except OSError:
         driver = "unknown"
-    datasheet = next((v for k, v in DATASHEET_GBPS.items() if k in name), None)
-    return dict(
-        card=name, driver=driver, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+    return dict(card=torch.cuda.get_device_name(), driver=driver)
+
+
+def _describe_cpu() -> dict:
+    return dict(card="dry-run-cpu", driver=f"none (CPU dry run on {host.machine()}, Triton interpreter)")
+
+
+def card_meta(platform: Platform, copy_gbps: float) -> dict:
+    import datetime
+
+    import triton
+
+    described = platform.describe()
+    datasheet = None if platform.dry_run else next((v for k, v in DATASHEET_GBPS.items() if k in described["card"]), None)
+    meta = dict(
+        **described, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         copy_gbps=copy_gbps, datasheet_gbps=datasheet, date=datetime.date.today().isoformat(),
+        dry_run=platform.dry_run,
     )  # fmt: skip
+    if platform.dry_run:
+        meta["warning"] = DRY_RUN_WARNING
+    return meta
 
 
-def copy_bandwidth_gbps(nbytes: int = 2**30) -> float:
-    """Device-to-device copy: reads and writes nbytes, so 2 * nbytes per run."""
-    import triton.testing
+DRY_RUN_WARNING = (
+    "DRY RUN on CPU: kernels ran in Triton's interpreter on shrunken shapes and were timed with a "
+    "CPU clock. No figure here is a GPU measurement."
+)
 
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+
+def copy_bandwidth_gbps(platform: Platform) -> float:
+    """A device-to-device copy: reads and writes copy_bytes, so 2 * copy_bytes per run."""
+    src = torch.empty(platform.copy_bytes, dtype=torch.uint8, device=platform.device).random_()
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    ms = platform.bench(lambda: dst.copy_(src), **COPY_KW)
+    return 2 * platform.copy_bytes / (ms * 1e-3) / 1e9
 
 
 def make_inputs(case: Case, generator: torch.Generator):
@@ -136,19 +221,17 @@ def gate(op: str, funcs: dict, inputs: dict) -> str:
     return ""
 
 
-def time_ms(run) -> float:
-    import triton.testing
-
-    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-    if ms < CUDAGRAPH_BELOW_MS:
+def time_ms(platform: Platform, run) -> float:
+    ms = platform.bench(run, **DO_BENCH_KW)
+    if ms < platform.graph_below_ms:
         try:
-            ms = triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
+            ms = platform.bench_graph(run, **CUDAGRAPH_KW)
         except Exception:
             pass  # not capturable (e.g. a host sync inside): keep the plain median
     return ms
 
 
-def peak_extra_bytes(run) -> int:
+def _cuda_peak_extra_bytes(run) -> int:
     """Peak memory of one run above what was allocated before it (inputs included in the base)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -159,11 +242,11 @@ def peak_extra_bytes(run) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def measure(case: Case, provider: str, funcs: dict, copy_gbps: float, datasheet) -> dict:
+def measure(platform: Platform, case: Case, provider: str, funcs: dict, copy_gbps: float, datasheet) -> dict:
     row = dict(op=case.op, dtype=str(case.dtype).replace("torch.", ""), rows=case.rows, cols=case.cols,
                provider=provider, status="ok", ms=None, gbps=None, pct_copy=None, pct_datasheet=None,
                peak_extra_bytes=None, min_bytes=None, note="")  # fmt: skip
-    generator = torch.Generator(device="cuda").manual_seed(case.rows * 1_000_003 + case.cols)
+    generator = torch.Generator(device=platform.device).manual_seed(case.rows * 1_000_003 + case.cols)
     try:
         inputs = make_inputs(case, generator)
         run = runner(case.op, funcs, inputs)
@@ -174,18 +257,18 @@ def measure(case: Case, provider: str, funcs: dict, copy_gbps: float, datasheet)
         if problem:
             row.update(status="wrong", note=problem)
             return row
-        ms = time_ms(run)
+        ms = time_ms(platform, run)
         nbytes = min_bytes(case.op, case.rows, case.cols, inputs["x"].element_size())
         gbps = nbytes / (ms * 1e-3) / 1e9
         row.update(ms=ms, gbps=gbps, pct_copy=100 * gbps / copy_gbps, min_bytes=nbytes)
         if datasheet:
             row["pct_datasheet"] = 100 * gbps / datasheet
         if case.op == "ce_fwd_bwd":
-            row["peak_extra_bytes"] = peak_extra_bytes(run)
+            row["peak_extra_bytes"] = platform.peak_extra_bytes(run)
     except torch.cuda.OutOfMemoryError:
         row.update(status="oom", note="out of GPU memory")
     except Exception as exc:
         row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}")
     finally:
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # a no-op where CUDA was never initialised (the dry run)
     return row

@@ -39,16 +39,16 @@ def write_results(rows, meta: dict, out_dir, day: datetime.date = None):
     return json_path, csv_path
 
 
-def plot_results(rows, meta: dict, out_dir, day: datetime.date = None):
+def plot_results(rows, meta: dict, out_dir, day: datetime.date = None, min_elements: int = 2**20):
     """One PNG: a panel per (op, dtype), GB/s against classes, a line per provider, and the
-    measured copy bandwidth as the ceiling. Latency shapes (fewer than 2**20 elements) and
+    measured copy bandwidth as the ceiling. Latency shapes (fewer than min_elements) and
     failed runs are left out; where several row counts share a class count, the largest is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok" and r["rows"] * r["cols"] >= 2**20]
+    ok = [r for r in rows if r["status"] == "ok" and r["rows"] * r["cols"] >= min_elements]
     panels = sorted({(r["op"], r["dtype"]) for r in ok})
     if not panels:
         return None
@@ -74,7 +74,10 @@ def plot_results(rows, meta: dict, out_dir, day: datetime.date = None):
             ax.set_ylabel("GB/s")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{meta['card']} ({meta.get('date', '')})")
+    title = f"{meta['card']} ({meta.get('date', '')})"
+    if meta.get("dry_run"):
+        title = "DRY RUN on CPU, not GPU measurements: " + title
+    fig.suptitle(title)
     fig.tight_layout()
     path = Path(out_dir) / f"{stem(meta, day)}.png"
     fig.savefig(path, dpi=110)
@@ -82,9 +85,9 @@ def plot_results(rows, meta: dict, out_dir, day: datetime.date = None):
     return path
 
 
-def format_table(rows) -> str:
+def format_table(rows, title: str = "") -> str:
     head = f"{'op':<16}{'dtype':<9}{'shape':>16}  {'provider':<14}{'ms':>9}{'GB/s':>9}{'%copy':>7}  note"
-    lines = [head]
+    lines = ([f"== {title}"] if title else []) + [head]
     for r in rows:
         shape = f"{r['rows']}x{r['cols']}"
         if r["status"] == "ok":

@@ -1,5 +1,6 @@
 """Shared test helpers: reference comparison with torch's own error as the yardstick."""
 import numpy as np
+import pytest
 import torch
 
 # float32 is held to ~1e-6 relative; 16-bit dtypes to twice torch's own error plus this atol.
@@ -45,3 +46,9 @@ def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, expected
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN, so an element the kernel fails to write cannot pass."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# Tests of the CPU instruments (interpreter subprocesses, the compile report, the benchmark's
+# dry run): CI runs them; on a GPU machine they would only spend its minutes, and its image
+# may pair triton 3.6 with a NumPy its interpreter cannot run under.
+cpu_instrument = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU instrument: CI runs it")

@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cpu_instrument
 
 from bench import results
-from bench.__main__ import QUICK_SHAPES, parse_args
+from bench.__main__ import OPS, QUICK_SHAPES, dry_run_shape, parse_args
 from bench.traffic_model import min_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +90,7 @@ def test_result_files(tmp_path):
     assert "softmax_gpu" in text and "wrong" in text
 
 
+@cpu_instrument
 def test_cpu_report_without_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -104,6 +106,105 @@ def test_cpu_report_without_gpu():
     assert lines[("softmax_bwd", "bfloat16", "one")][-1] == "1.000"  # 2 reads + 1 write
     assert float(lines[("ce_fwd_bwd", "float32", "one")][-1]) < 1.01  # logits once each way + O(N)
     assert "0 spill registers to local memory" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# The dry run: the GPU sweep's own code, top to bottom, on CPU
+# ---------------------------------------------------------------------------------------
+
+
+def test_dry_run_shapes_keep_the_grid_character():
+    assert dry_run_shape(32768, 4096) == (4, 256)
+    assert dry_run_shape(4096, 50257) == (4, 197)  # odd stays odd
+    assert dry_run_shape(16384, 128256) == (4, 251)
+    assert dry_run_shape(8192, 262144) == (4, 256)  # powers of two stay powers of two
+    assert dry_run_shape(1, 100) == (1, 100)
+    args = parse_args(["--dry-run", "--quick"])
+    assert args.shapes == [(4, 256), (4, 250), (4, 251)] and args.out != "bench/results"
+
+
+def test_dry_run_timer_takes_exactly_the_triton_timers_keywords():
+    import triton.testing
+
+    from bench import gpu
+
+    calls = []
+    timer = gpu._cpu_timer(triton.testing.do_bench)
+    assert timer(lambda: calls.append(1), **gpu.DO_BENCH_KW) >= 0 and len(calls) == 4  # warm-up + 3
+    with pytest.raises(TypeError):
+        timer(lambda: None, warmup=25, rep=100, return_mode="median", flush_l2=True)  # not a do_bench keyword
+    graph_timer = gpu._cpu_timer(triton.testing.do_bench_cudagraph)
+    graph_timer(lambda: None, **gpu.CUDAGRAPH_KW)
+    with pytest.raises(TypeError):
+        graph_timer(lambda: None, **gpu.DO_BENCH_KW)  # do_bench_cudagraph takes no warmup
+
+
+def read_run(out_dir: Path):
+    (json_path,) = out_dir.glob("dry-run-cpu_*.json")
+    data = json.loads(json_path.read_text())
+    with json_path.with_suffix(".csv").open() as f:
+        table = list(csv.DictReader(f))
+    return data, table
+
+
+@cpu_instrument
+def test_device_check_dry_run(tmp_path):
+    """bench/device_check.sh --dry-run: the script's staging, a test selection and
+    `python -m bench --dry-run --quick` (every op, the three providers that run on CPU)."""
+    before = sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert sorted(p.name for p in (ROOT / "bench" / "results").iterdir()) == before  # nothing written there
+    info = (tmp_path / "device_info.txt").read_text()
+    assert "--dry-run" in info and "softmax-gpu/softmax_gpu/kernels/__init__.py" in info  # the staged copy
+    assert re.search(r"\b2 passed\b", (tmp_path / "gpu_tests.txt").read_text())
+    assert "skipped in a dry run" in (tmp_path / "memcheck.txt").read_text()
+    assert "DRY RUN" in (tmp_path / "bench_quick.txt").read_text()
+
+    data, table = read_run(tmp_path)
+    meta = data["meta"]
+    assert meta["dry_run"] is True and "No figure here is a GPU measurement" in meta["warning"]
+    assert meta["card"] == "dry-run-cpu" and meta["datasheet_gbps"] is None and meta["copy_gbps"] > 0
+    assert set(meta["providers_skipped"]) >= {"liger", "quack", "cupy"}  # none installs here
+    shapes = {(4, 256), (4, 250), (4, 251)}
+    ran = {(r["op"], r["provider"], r["rows"], r["cols"]) for r in data["results"] if r["status"] == "ok"}
+    for provider in ("softmax_gpu", "torch", "torch.compile"):
+        assert {(op, provider, *s) for op in OPS for s in shapes} <= ran, provider
+    assert all(r["status"] == "ok" for r in data["results"]), [r for r in data["results"] if r["status"] != "ok"]
+    assert len(table) == len(data["results"]) == 5 * 3 * 3
+    assert all(r["peak_extra_bytes"] is None for r in data["results"])  # not measurable on CPU: not faked
+    png = next(tmp_path.glob("dry-run-cpu_*.png"))
+    assert png.stat().st_size > 10_000
+
+
+@cpu_instrument
+def test_dry_run_other_dtypes_and_default_folder():
+    """float32 and float16, odd widths, every provider named (the missing ones skip with a
+    reason); with no --out the files go to a new temporary folder, never bench/results."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SOFTMAX_GPU_BENCH_OUT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--dry-run", "--dtypes", "float32", "float16", "--shapes", "3x50257", "2x100",
+         "--providers", "softmax_gpu", "torch", "liger", "quack", "cupy", "--no-plot"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "skipping provider cupy" in out.stdout and "== DRY RUN" in out.stdout
+    wrote = re.search(r"^wrote (.*)$", out.stdout, re.M).group(1).split(", ")
+    folder = Path(wrote[0]).parent
+    try:
+        assert "softmax-gpu-dry-run-" in folder.name and not folder.is_relative_to(ROOT / "bench" / "results")
+        assert [Path(p).suffix for p in wrote] == [".json", ".csv"]  # --no-plot
+        data, _ = read_run(folder)
+        assert {(r["rows"], r["cols"]) for r in data["results"]} == {(3, 197), (2, 100)}
+        assert {r["dtype"] for r in data["results"]} == {"float32", "float16"}
+        bad = [r for r in data["results"] if r["status"] != "ok"]
+        assert not bad, bad
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_dockerfile_lints_clean():

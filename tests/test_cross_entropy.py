@@ -295,19 +295,38 @@ def test_traffic_non_uniform_upstream_scales_rows():
     assert t.bytes_stored == 2 * n * 4 + n * c * 4 + c * 4
 
 
+def _launch_with_bad_class_indices(max_block, device, counter):
+    n, c = 3, 40
+    logits, target = torch.randn(n, c, device=device), torch.tensor([5, 40, -7], device=device)
+    loss, lse, grad = poisoned((n,), torch.float32, device), poisoned((n,), torch.float32, device), torch.empty(n, c, device=device)
+    scale = torch.ones((), device=device)
+    cfg = config.row_config(c, max_block or config.MAX_BLOCK_CROSS_ENTROPY)
+    with counter([logits, target, loss, lse, grad, scale]):
+        launch_cross_entropy(logits, target, None, loss, lse, grad, scale, -100, 0.0, 0.0, None, cfg=cfg)
+    loss, grad = loss.cpu(), grad.cpu()
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
+    assert torch.isfinite(grad[0]).all()
+
+
 @interpreter_only
 @pytest.mark.parametrize("max_block", PATHS)
 def test_bad_class_index_never_reads_out_of_bounds(max_block):
-    n, c = 3, 40
-    logits, target = torch.randn(n, c), torch.tensor([5, 40, -7])
-    loss, lse, grad = poisoned((n,), torch.float32, "cpu"), poisoned((n,), torch.float32, "cpu"), torch.empty(n, c)
-    scale = torch.ones(())
-    cfg = config.row_config(c, max_block or config.MAX_BLOCK_CROSS_ENTROPY)
-    with TrafficCounter(buffers=[logits, target, loss, lse, grad, scale]):
-        launch_cross_entropy(logits, target, None, loss, lse, grad, scale, -100, 0.0, 0.0, None, cfg=cfg)
-    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
+    """The interpreter's counter checks every address against the buffers' bounds."""
+    _launch_with_bad_class_indices(max_block, "cpu", lambda buffers: TrafficCounter(buffers=buffers))
+    logits, target = torch.randn(3, 40), torch.tensor([5, 40, -7])
     with pytest.raises(IndexError, match="Target 40 is out of bounds"):
         softmax_gpu.cross_entropy(logits, target)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel; the interpreter's twin is above")
+@pytest.mark.parametrize("max_block", PATHS)
+def test_cuda_bad_class_index_rows_are_nan(max_block):
+    """Out-of-range targets on the GPU (no eager check there): NaN rows, and no stray access,
+    which bench/device_check.sh confirms by running this test under compute-sanitizer."""
+    import contextlib
+
+    _launch_with_bad_class_indices(max_block, "cuda", lambda buffers: contextlib.nullcontext())
+    torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------------------------

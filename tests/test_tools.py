@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cpu_instrument
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +18,7 @@ def run(args, timeout, **env):
     )
 
 
+@cpu_instrument
 def test_compile_report_has_no_spills():
     """Every shipped Triton configuration compiles for sm_80 and sm_90 here, with no GPU,
     without spilling; and the wide configurations load and store 128 bits at a time."""
