@@ -88,6 +88,11 @@ def test_result_files(tmp_path):
     assert png.name == "nvidia-h100-80gb-hbm3_2026-11-26.png" and png.stat().st_size > 10_000
     text = results.format_table(fake_rows())
     assert "softmax_gpu" in text and "wrong" in text
+    table = results.markdown_table(fake_rows(), meta).splitlines()
+    assert table[0].startswith("NVIDIA H100 80GB HBM3, driver 555.42") and "copy 2900 GB/s" in table[0]
+    assert table[2] == "| op | dtype | shape | ms | GB/s | % copy | vs torch | vs liger |"
+    assert "| softmax_fwd | bfloat16 | 4096×4096 | 1.0000 | 1000 | 50.0 | 1.00× | — |" in table
+    assert table[-1].startswith("| ce_fwd_bwd | float32 | 1×128256 |") and table[-1].endswith("| — | wrong |")
 
 
 @cpu_instrument
