@@ -132,14 +132,16 @@ def cross_entropy_variants(quick: bool):
                         ("logits_row_stride", "i64"),
                         ("target_row_stride", "i64"),
                         ("grad_row_stride", "i64"),
-                        ("grad_scale_ptr", "*fp32"),
+                        ("grad_divisor_ptr", "*fp32"),
                         ("n_cols", "i32"),
                         ("ignore_index", "i64"),
                         ("label_smoothing", "fp32"),
                         ("z_loss", "fp32"),
                         ("softcap", "fp32"),
                     )
-                    meta = tuple(flags.items()) + (("COMPUTE_GRAD", grad), ("BLOCK_N", block), ("SINGLE_BLOCK", single))
+                    meta = tuple(flags.items()) + (
+                        ("COMPUTE_GRAD", grad), ("DIVIDE_GRAD", grad), ("BLOCK_N", block), ("SINGLE_BLOCK", single)
+                    )  # fmt: skip
                     aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
                                "grad_row_stride", "n_cols", "weight_ptr")
                     warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)

@@ -120,7 +120,7 @@ def cross_entropy_kernel(
     logits_row_stride,
     target_row_stride,
     grad_row_stride,
-    grad_scale_ptr,
+    grad_divisor_ptr,
     n_cols,
     ignore_index,
     label_smoothing,
@@ -132,6 +132,7 @@ def cross_entropy_kernel(
     HAS_Z_LOSS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -144,8 +145,8 @@ def cross_entropy_kernel(
     loss_ptr, lse_ptr: (n_rows,) float32 outputs.
     grad_ptr: gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD; may be
         logits_ptr itself (in-place backward: each block is read before it is overwritten).
-    grad_scale_ptr: float32 device scalar multiplying the gradient (1 / total weight for
-        reduction="mean", 1 otherwise), read on device so the host never syncs.
+    grad_divisor_ptr: float32 device scalar dividing the gradient (the total weight, for
+        reduction="mean"), read on device only when DIVIDE_GRAD, so the host never syncs.
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
@@ -222,7 +223,9 @@ def cross_entropy_kernel(
 
     # 4. The gradient, from registers (single block) or a second read of the row.
     if COMPUTE_GRAD:
-        scale = tl.load(grad_scale_ptr)
+        scale = 1.0
+        if DIVIDE_GRAD:
+            scale = 1.0 / tl.load(grad_divisor_ptr)
         if SINGLE_BLOCK:
             store_grad_block(
                 grad_row, target_row, weight_ptr, z, m, 1.0 / d, coef, scale, 0, cols, n_cols, t, w_t, valid, bad,

@@ -299,10 +299,10 @@ def _launch_with_bad_class_indices(max_block, device, counter):
     n, c = 3, 40
     logits, target = torch.randn(n, c, device=device), torch.tensor([5, 40, -7], device=device)
     loss, lse, grad = poisoned((n,), torch.float32, device), poisoned((n,), torch.float32, device), torch.empty(n, c, device=device)
-    scale = torch.ones((), device=device)
+    divisor = torch.full((), 2.0, device=device)
     cfg = config.row_config(c, max_block or config.MAX_BLOCK_CROSS_ENTROPY)
-    with counter([logits, target, loss, lse, grad, scale]):
-        launch_cross_entropy(logits, target, None, loss, lse, grad, scale, -100, 0.0, 0.0, None, cfg=cfg)
+    with counter([logits, target, loss, lse, grad, divisor]):
+        launch_cross_entropy(logits, target, None, loss, lse, grad, divisor, -100, 0.0, 0.0, None, cfg=cfg)
     loss, grad = loss.cpu(), grad.cpu()
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
     assert torch.isfinite(grad[0]).all()
@@ -358,8 +358,12 @@ def test_bad_input_raises_before_launch(device):
 def test_opcheck(device):
     logits = torch.randn(4, 9, device=device)
     target = torch.tensor([0, 8, -100, 3], device=device)
-    args = (logits, target, torch.rand(9, device=device), -100, "mean", 0.1, 1e-3, 5.0, True)
-    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default, args)
+    total = torch.tensor(3.0, device=device)
+    for divisor in (total, None):
+        args = (logits, target, torch.rand(9, device=device), divisor, -100, 0.1, 1e-3, 5.0, True)
+        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default, args)
+    args = (logits.clone(), target, None, total, -100, 0.0, 0.0, None)
+    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward_inplace.default, args)
     grad = torch.randn(4, 9, device=device)
     torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device)))
 

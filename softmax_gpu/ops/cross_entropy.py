@@ -7,6 +7,13 @@ Layers, top to bottom:
                                             backward scales it by the upstream gradient
   cross_entropy()                           checks and torch.nn.functional's signature
 
+Under torch.compile / export the Function calls the custom ops, which is what the tracer
+needs. In eager mode it calls the same Python implementations directly: the dispatcher
+round trip of a Python custom op costs tens of microseconds per call, which the first H100
+run showed to dominate a forward+backward (about 1 ms of host time around a 255 us kernel
+at 32768 x 4096). Mutations are then reported to autograd by hand (increment_version), as
+the custom op would.
+
 Forward plus backward reads the logits once and writes the gradient once (when a row
 fits one block); the backward's scaling costs nothing when the upstream gradient is 1.
 """
@@ -44,7 +51,7 @@ def launch_cross_entropy(
     loss: torch.Tensor,
     lse: torch.Tensor,
     grad: Optional[torch.Tensor],
-    grad_scale: torch.Tensor,
+    grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
@@ -54,7 +61,8 @@ def launch_cross_entropy(
     """Per-row loss and lse (float32) and, when grad is given, the gradient (may be logits itself).
 
     logits (N, C) with unit column stride; target (N,) class indices or (N, C) probabilities
-    with unit column stride; grad_scale a float32 device scalar. Returns the RowConfig used.
+    with unit column stride; grad_divisor None, or a float32 device scalar the gradient is
+    divided by (the mean's total weight). Returns the RowConfig used.
     Bytes: N*C reads (+ N*C writes with grad) + O(N) on the single-block path.
     """
     n_rows, n_cols = logits.shape
@@ -72,7 +80,7 @@ def launch_cross_entropy(
             logits_row_stride=logits.stride(0),
             target_row_stride=target.stride(0),
             grad_row_stride=grad.stride(0) if grad is not None else 0,
-            grad_scale_ptr=grad_scale,
+            grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
             n_cols=n_cols,
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
@@ -84,6 +92,7 @@ def launch_cross_entropy(
             HAS_Z_LOSS=z_loss != 0,
             HAS_SOFTCAP=softcap is not None,
             COMPUTE_GRAD=grad is not None,
+            DIVIDE_GRAD=grad is not None and grad_divisor is not None,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
             num_warps=cfg.num_warps,
@@ -119,82 +128,100 @@ def _check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad):
-    """Shared body of the two forward ops: returns (loss rows, lse, total weight for the mean)."""
+def _total_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+    """The denominator of reduction="mean", on device (no sync): the summed class weight of the
+    rows that are not ignored (their count without weights), or the row count for
+    probability targets. Two small launches in the common case (compare, sum)."""
+    if target.is_floating_point():
+        return torch.full((), float(target.shape[0]), dtype=torch.float32, device=target.device)
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum(dtype=torch.float32)
+    return (weight.float()[target.masked_fill(~valid, 0)] * valid).sum()
+
+
+def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad):
+    """Shared body of the two forward ops: returns (loss rows, lse), fills grad if given."""
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    if target.is_floating_point():
-        total = torch.full((), float(n_rows), dtype=torch.float32, device=logits.device)
-    else:
-        valid = target != ignore_index
-        w_t = valid.float() if weight is None else weight.float()[target.masked_fill(~valid, 0)] * valid
-        total = w_t.sum()  # on device: no sync
-    grad_scale = 1.0 / total if reduction == "mean" else torch.ones((), device=logits.device)
     if n_rows:
         launch_cross_entropy(
-            logits, target, weight, loss, lse, grad, grad_scale, ignore_index, label_smoothing, z_loss, softcap
+            logits, target, weight, loss, lse, grad, grad_divisor, ignore_index, label_smoothing, z_loss, softcap
         )
-    return loss, lse, total
+    return loss, lse
 
 
-@torch.library.custom_op("softmax_gpu::cross_entropy_forward", mutates_args=())
-def cross_entropy_forward(
+def _cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
+    grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
-    reduction: str,
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per row, lse, total weight, gradient of the reduced loss or an empty tensor) for 2-D logits."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per row, lse, gradient of the summed loss divided by grad_divisor, or an empty
+    tensor) for 2-D logits."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
-    loss, lse, total = _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, grad)
-    return loss, lse, total, grad if grad is not None else logits.new_empty(0)
+    loss, lse = _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad)
+    return loss, lse, grad if grad is not None else logits.new_empty(0)
+
+
+cross_entropy_forward = torch.library.custom_op(
+    "softmax_gpu::cross_entropy_forward", _cross_entropy_forward, mutates_args=()
+)
 
 
 def _fake_stats(logits):
-    """Shapes of (loss per row, lse, total weight): float32 (N,), (N,) and ()."""
+    """Shapes of (loss per row, lse): float32 (N,) and (N,)."""
     f32 = dict(dtype=torch.float32, device=logits.device)
     n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32), logits.new_empty((), **f32)
+    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32)
 
 
 @cross_entropy_forward.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad):
+def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, compute_grad):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
     return (*_fake_stats(logits), grad)
 
 
-@torch.library.custom_op("softmax_gpu::cross_entropy_forward_inplace", mutates_args=("logits",))
-def cross_entropy_forward_inplace(
+def _cross_entropy_forward_inplace(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
+    grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
-    reduction: str,
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, but the gradient overwrites the logits (no N x C buffer)."""
-    return _forward(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, logits)
+    return _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, logits)
+
+
+cross_entropy_forward_inplace = torch.library.custom_op(
+    "softmax_gpu::cross_entropy_forward_inplace", _cross_entropy_forward_inplace, mutates_args=("logits",)
+)
 
 
 @cross_entropy_forward_inplace.register_fake
-def _(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap):
     return _fake_stats(logits)
 
 
-@torch.library.custom_op("softmax_gpu::cross_entropy_scale_grad", mutates_args=("grad",))
-def cross_entropy_scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
+def _cross_entropy_scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
     """grad (N, C) *= upstream ((N,) or scalar) in place, skipping rows scaled by exactly 1."""
     if grad.numel():
         launch_scale_grad(grad, upstream)
+
+
+cross_entropy_scale_grad = torch.library.custom_op(
+    "softmax_gpu::cross_entropy_scale_grad", _cross_entropy_scale_grad, mutates_args=("grad",)
+)
 
 
 @cross_entropy_scale_grad.register_fake
@@ -208,19 +235,22 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
         compute_grad = ctx.needs_input_grad[0]
+        eager = not torch.compiler.is_compiling()
+        total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
+        options = (ignore_index, label_smoothing, z_loss, softcap)
         if compute_grad and inplace:
-            # The op declares that it mutates `logits`, so its version counter is bumped: anything
-            # else in the graph that saved the logits' values fails autograd's version check at
-            # backward instead of silently using the gradient. (mark_dirty is not used because a
-            # Function that dirties a view may return only that one tensor.)
-            loss, lse, total = cross_entropy_forward_inplace(
-                logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
-            )
+            # Declared as mutating `logits`, so its version counter is bumped: anything else in
+            # the graph that saved the logits' values fails autograd's version check at
+            # backward instead of silently using the gradient. (mark_dirty is not used because
+            # a Function that dirties a view may return only that one tensor.)
+            op = _cross_entropy_forward_inplace if eager else cross_entropy_forward_inplace
+            loss, lse = op(logits, target, weight, total, *options)
+            if eager:
+                torch.autograd.graph.increment_version(logits)
             grad = logits
         else:
-            loss, lse, total, grad = cross_entropy_forward(
-                logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, compute_grad
-            )
+            op = _cross_entropy_forward if eager else cross_entropy_forward
+            loss, lse, grad = op(logits, target, weight, total, *options, compute_grad)
         if compute_grad:
             ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(lse)
@@ -240,7 +270,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             )
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
-        cross_entropy_scale_grad(grad, grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float())
+        upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
+        if torch.compiler.is_compiling():
+            cross_entropy_scale_grad(grad, upstream)
+        else:
+            _cross_entropy_scale_grad(grad, upstream)
+            torch.autograd.graph.increment_version(grad)
         return grad, None, None, None, None, None, None, None, None
 
 
