@@ -5,8 +5,9 @@
 //   loss    = (1 - eps) (lse - z_t) + (eps / C) sum_j (lse - z_j)
 //   grad_j  = scale * (softmax(z)_j - (1 - eps) [j == t] - eps / C)
 // where scale (1 / number of counted rows for a mean, else 1) is read on the device. Rows whose
-// target is ignore_index get loss 0 and gradient 0; a target outside [0, C) is never used as an
-// address and gives NaN loss and gradient for its row.
+// target is ignore_index get loss 0 and gradient 0 (NaN where the row holds a NaN logit, as in
+// torch); a target outside [0, C) is never used as an address and gives NaN loss and gradient
+// for its row. Any NaN logit makes its row's lse, loss and gradient NaN.
 #include "softmax_common.cuh"
 
 template <typename T, int VEC>
@@ -53,7 +54,7 @@ __device__ void cross_entropy_row(const T* __restrict__ logits, long long target
     const A nan = __int_as_float(0x7fc00000);
     write_packs<T, VEC, ITEMS>(logits, grad, n_packs, cached, cache, [&](A z, long long j) {
         const A g = exp_acc(z - m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
-        return bad ? nan : valid ? g * scale : A(0);
+        return bad ? nan : valid ? g * scale : (g == g ? A(0) : g);  // NaN logits: NaN, as torch
     });
 }
 

@@ -104,7 +104,9 @@ def store_grad_block(
             g -= label_smoothing * inv_classes * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
     if HAS_SOFTCAP:
         g *= 1.0 - (z / softcap) * (z / softcap)
-    g = tl.where(valid, g * scale, 0.0)
+    # Ignored rows get 0, except where g is NaN (a NaN logit in the row): torch's gradient
+    # there is 0 * NaN = NaN too, though the row's loss is 0.
+    g = tl.where(valid, g * scale, tl.where(g == g, 0.0, g))
     g = tl.where(bad, float("nan"), g)
     tl.store(grad_row + start + cols, g.to(grad_row.dtype.element_ty), mask=in_row)
 

@@ -39,9 +39,12 @@ def online_update(m, d, x):
     """Merges the block x into per-lane running (max, sum) vectors.
 
     A lane that has only seen -inf keeps m = -inf and d = 0; the where() avoids
-    the NaN of e^(-inf - (-inf)) there.
+    the NaN of e^(-inf - (-inf)) there. The maximum propagates NaN: a plain max would
+    return -inf for max(-inf, NaN), the lane would count the NaN as "not seen" and the
+    row would come out finite. With it, m and d turn NaN and so does the whole row, as
+    in torch.
     """
-    m_new = tl.maximum(m, x)
+    m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     seen = m_new != -float("inf")
     alpha = tl.where(seen, tl.exp2((m - m_new) * LOG2E), 0.0)
     p = tl.where(seen, tl.exp2((x - m_new) * LOG2E), 0.0)

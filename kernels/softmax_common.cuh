@@ -47,8 +47,10 @@ __device__ __forceinline__ float exp_acc(float x) { return exp2f(x * 1.442695040
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+// A maximum that keeps NaN (fmaxf/fmax drop it): max(-inf, NaN) must be NaN, or a running
+// state that has seen only -inf would skip the NaN and the row would come out finite.
+__device__ __forceinline__ float max_acc(float a, float b) { return (a > b || a != a) ? a : b; }
+__device__ __forceinline__ double max_acc(double a, double b) { return (a > b || a != a) ? a : b; }
 
 // VEC elements loaded or stored as one aligned access (128 bits when VEC * sizeof(T) == 16).
 template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Pack { T v[VEC]; };

@@ -187,6 +187,38 @@ def test_extreme_logits(max_block, device):
     assert ours[2] == 0 and (grad[2] == 0).all()
 
 
+@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_nan_logit_makes_its_row_nan(max_block, smoothing, device):
+    """A NaN anywhere in a row: that row's loss and gradient are NaN, whatever the path; an
+    ignored row with a NaN has loss 0 and a NaN gradient, exactly as torch."""
+    nan = float("nan")
+    logits = 2 * torch.randn(6, 53, device=device)
+    logits[0, 0] = nan  # first element
+    logits[1, 40] = nan  # a later block on the looped path
+    logits[2, :] = -float("inf")
+    logits[2, 7] = nan  # among -inf only
+    logits[3, 52] = nan  # ragged last block
+    logits[4, 9] = nan  # ignored row
+    target = torch.tensor([3, 40, 7, 0, -100, 11], device=device)
+    ours, grad, theirs, ref_grad = run_both(logits, target, None, max_block, reduction="none", label_smoothing=smoothing)
+    assert_matches(ours, theirs.numpy(), RTOL, ATOL, what="loss")  # NaN positions must match too
+    assert_matches(grad, ref_grad.numpy(), 1e-5, 1e-6, what="grad")
+    assert torch.isnan(grad[:5]).all() and torch.isfinite(grad[5]).all()
+    mean, *_ = run_both(logits, target, None, max_block, label_smoothing=smoothing)
+    assert torch.isnan(mean)
+
+
+def test_nan_probability_target_row(device):
+    logits = torch.randn(3, 20, device=device)
+    logits[1, 13] = float("nan")
+    target = torch.softmax(torch.randn(3, 20, device=device), -1)
+    for max_block in PATHS:
+        ours, grad, theirs, ref_grad = run_both(logits, target, None, max_block, reduction="none")
+        assert_matches(ours, theirs.numpy(), RTOL, ATOL, what="loss")
+        assert_matches(grad, ref_grad.numpy(), 1e-5, 1e-6, what="grad")
+
+
 def test_confident_bfloat16_keeps_true_class_gradient(device):
     c = 300
     logits = torch.randn(4, c)

@@ -146,6 +146,33 @@ def test_gpu_layouts_and_extremes():
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("n_cols", [61, 1024, 20000])  # odd (scalar packs), vectorised, looped
+def test_gpu_nan_makes_its_row_nan(dtype, n_cols):
+    """A NaN anywhere in a row, even among -inf only (where fmax would drop it), makes the
+    whole row NaN for softmax, log_softmax and cross-entropy; clean rows are unaffected."""
+    import cupy
+
+    rng = np.random.default_rng(n_cols)
+    x = (2 * rng.standard_normal((5, n_cols))).astype(dtype)
+    x[0, 0] = np.nan
+    x[1, n_cols - 1] = np.nan
+    x[2, :] = -np.inf
+    x[2, n_cols // 2] = np.nan
+    x[3, 7] = np.nan  # its target is ignored: loss 0, gradient NaN (as torch)
+    for fn in (sgc.softmax, sgc.log_softmax):
+        y = cupy.asnumpy(fn(cupy.asarray(x)))
+        assert np.isnan(y[:4]).all() and np.isfinite(y[4]).all()
+    if dtype == "float64":
+        return  # the cross-entropy kernels take 16- and 32-bit logits
+    target = np.array([1, 2, 3, -100, 4])
+    loss, grad = sgc.cross_entropy(cupy.asarray(x), cupy.asarray(target), reduction="none")
+    loss, grad = cupy.asnumpy(loss), cupy.asnumpy(grad)
+    assert np.isnan(loss[:3]).all() and loss[3] == 0 and np.isfinite(loss[4])
+    assert np.isnan(grad[:4]).all() and np.isfinite(grad[4]).all()
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("n_cols", [7, 1000, 50257])
 def test_gpu_cross_entropy(dtype, n_cols):

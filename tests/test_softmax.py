@@ -147,6 +147,39 @@ def test_huge_logits_stay_finite(dtype, max_block, device):
     assert_matches(y.float(), reference.softmax(x.double().cpu().numpy()), rtol=1e-2, atol=1e-3)
 
 
+def nan_rows(n_cols, device):
+    """Rows that hide a NaN from a NaN-dropping maximum in different ways, and a clean row."""
+    nan, inf = float("nan"), float("inf")
+    x = rows_of((6, n_cols), torch.float32, device)
+    x[0, 0] = nan  # the first element: every lane's running max is still -inf
+    x[1, n_cols // 2 + 3] = nan  # the middle of a later block
+    x[2, :] = -inf
+    x[2, n_cols - 5] = nan  # NaN among -inf only: max(-inf, NaN) must not be -inf
+    x[3, n_cols - 1] = nan  # the ragged last block
+    x[4, :] = nan
+    return x
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_makes_its_row_nan(op, max_block, dtype, device):
+    """Any NaN in a row makes the whole row NaN, on the single-block and looped paths, as in
+    torch; the clean row is unaffected. Gradients likewise."""
+    ours_fn, torch_fn, ref_fn, ref_bwd = OPS[op]
+    x = nan_rows(61, device).to(dtype)
+    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+        leaf = x.detach().requires_grad_()
+        y = ours_fn(leaf, -1)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    expected = torch_fn(x.double().cpu(), -1)
+    assert torch.isnan(y[:5].float()).all(), torch.isnan(y.float()).sum(-1)
+    assert_matches(y[5:].float(), ref_fn(x[5:].double().cpu().numpy()), 2e-2, 1e-2, what="clean row")
+    assert torch.isnan(expected[:5]).all()  # torch agrees
+    assert torch.isnan(leaf.grad[:5].float()).all() and torch.isfinite(leaf.grad[5]).all()
+
+
 # ---------------------------------------------------------------------------------------
 # Layouts: any rank, any dim, non-contiguous, empty
 # ---------------------------------------------------------------------------------------
