@@ -219,6 +219,39 @@ def test_nan_probability_target_row(device):
         assert_matches(grad, ref_grad.numpy(), 1e-5, 1e-6, what="grad")
 
 
+def test_weight_with_any_strides_and_integer_options(device):
+    logits = 2 * torch.randn(6, 10, device=device)
+    target = torch.tensor([1, 9, -100, 4, 0, 7], device=device)
+    big = torch.rand(20, device=device) + 0.1
+    for weight in (big[::2], big.view(10, 2)[:, 1], big[:10].flip(0)):  # strided, column, negative stride
+        ours, grad, theirs, ref_grad = run_both(logits, target, weight=weight)
+        assert_matches(ours, theirs.numpy(), RTOL, ATOL, what="loss")
+        assert_matches(grad, ref_grad.numpy(), 1e-5, 1e-7, what="grad")
+    # Python ints where floats are expected behave as the same floats
+    ints = softmax_gpu.cross_entropy(logits, target, label_smoothing=1, z_loss=1, softcap=3)
+    floats = softmax_gpu.cross_entropy(logits, target, label_smoothing=1.0, z_loss=1.0, softcap=3.0)
+    assert ints.item() == floats.item()
+
+
+def test_out_of_range_target_with_weight_never_indexes(device, monkeypatch):
+    """With class weights a bad class index must not go through weight[target] (a device-side
+    assert on CUDA): the mean loss comes out NaN instead. On CPU the eager IndexError check is
+    switched off here, to take the path CUDA takes by default."""
+    import softmax_gpu.ops.cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_check_class_indices", lambda *args: None)
+    logits = torch.randn(3, 6, device=device, requires_grad=True)
+    target = torch.tensor([2, 6, -100], device=device)
+    weight = torch.rand(6, device=device)
+    assert torch.isnan(ce._total_weight(target, weight, -100))
+    assert torch.isfinite(ce._total_weight(torch.tensor([2, 5, -100], device=device), weight, -100))
+    loss = softmax_gpu.cross_entropy(logits, target, weight=weight)
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()  # a device-side assert would surface here
+    assert torch.isnan(loss) and torch.isnan(logits.grad[:2]).all() and (logits.grad[2] == 0).all()  # row 2 ignored
+
+
 def test_confident_bfloat16_keeps_true_class_gradient(device):
     c = 300
     logits = torch.randn(4, c)

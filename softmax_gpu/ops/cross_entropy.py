@@ -137,7 +137,13 @@ def _total_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_i
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=torch.float32)
-    return (weight.float()[target.masked_fill(~valid, 0)] * valid).sum()
+    # Never index with an unchecked class index: on CUDA an out-of-range one would trip a
+    # device-side assert and kill the context. A bad row makes the total NaN instead (its
+    # loss is NaN too, so the mean is NaN either way, and so is every gradient).
+    n_classes = weight.shape[0]
+    in_range = (target >= 0) & (target < n_classes)
+    w_t = weight.float()[target.clamp(0, n_classes - 1)]
+    return torch.where(valid & ~in_range, float("nan"), w_t * valid).sum()
 
 
 def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad):
@@ -363,8 +369,11 @@ def cross_entropy(
         if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
+    if weight is not None:
+        weight = weight.contiguous()  # the kernel reads weight[j] at unit stride
+    softcap = None if softcap is None else float(softcap)
     loss, _lse = CrossEntropyFunction.apply(
-        rows, tgt, weight, ignore_index, reduction, label_smoothing, float(z_loss), softcap, inplace_backward
+        rows, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), softcap, inplace_backward
     )
     if reduction == "none":  # rows were ordered (N, d1, ...), the target's own order
         return loss.view(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
