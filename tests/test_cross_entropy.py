@@ -433,6 +433,63 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device)))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_eager_fast_path_matches_the_custom_ops_bitwise(reduction, inplace, device, monkeypatch):
+    """Plain eager calls skip the dispatcher; the custom-op path must give the same bits, and
+    both must report the in-place writes to autograd (version counters)."""
+    import softmax_gpu.ops.cross_entropy as ce
+
+    logits = 3 * torch.randn(5, 37, device=device)
+    target = torch.tensor([0, 36, -100, 7, 7], device=device)
+    weight = torch.rand(37, device=device)
+    results = []
+    for plain in (True, False):
+        monkeypatch.setattr(ce, "_plain_eager", lambda *tensors, plain=plain: plain)
+        leaf = logits.clone().requires_grad_()
+        x = leaf * 1.0 if inplace else leaf  # in-place needs a non-leaf
+        version = x._version
+        loss = softmax_gpu.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1,
+                                         inplace_backward=inplace)  # fmt: skip
+        if inplace:
+            assert x._version > version  # the gradient overwrote x: autograd must know
+        seen, version = [], x._version
+        leaf.register_hook(lambda g: seen.append(g._version))
+        loss.backward(torch.full_like(loss, 0.5))  # upstream != 1: the scaling kernel writes
+        if inplace:
+            assert x._version > version  # the scaling wrote into x's storage
+        else:
+            assert seen and seen[0] >= 1  # the scaling wrote the gradient in place
+        results.append((loss.detach(), leaf.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_tracers_see_the_custom_op(device):
+    """make_fx, FakeTensorMode and export must trace the custom op, not the eager shortcut."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    logits = torch.randn(4, 9, device=device)
+    target = torch.tensor([0, 8, -100, 3], device=device)
+
+    def f(x, y):
+        return softmax_gpu.cross_entropy(x, y)
+
+    for mode in ("real", "fake"):
+        graph = make_fx(f, tracing_mode=mode)(logits, target).graph
+        assert any("softmax_gpu.cross_entropy_forward" in str(n.target) for n in graph.nodes), mode
+    with FakeTensorMode() as fake:
+        assert f(fake.from_tensor(logits), fake.from_tensor(target)).shape == ()
+
+    class Loss(torch.nn.Module):
+        def forward(self, x, y):
+            return f(x, y)
+
+    exported = torch.export.export(Loss(), (logits, target))
+    assert any("softmax_gpu.cross_entropy_forward" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(logits, target), f(logits, target))
+
+
 def test_torch_compile_training_step(device):
     model = torch.nn.Linear(8, 17).to(device)
     loss_fn = softmax_gpu.nn.CrossEntropyLoss(label_smoothing=0.1)

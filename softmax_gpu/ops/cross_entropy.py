@@ -7,12 +7,13 @@ Layers, top to bottom:
                                             backward scales it by the upstream gradient
   cross_entropy()                           checks and torch.nn.functional's signature
 
-Under torch.compile / export the Function calls the custom ops, which is what the tracer
-needs. In eager mode it calls the same Python implementations directly: the dispatcher
-round trip of a Python custom op costs tens of microseconds per call, which the first H100
-run showed to dominate a forward+backward (about 1 ms of host time around a 255 us kernel
-at 32768 x 4096). Mutations are then reported to autograd by hand (increment_version), as
-the custom op would.
+Under any tracer (torch.compile, export, make_fx, FakeTensorMode, jit.trace), any active
+dispatch mode, tensor subclasses or functorch transforms, the Function calls the custom ops,
+which is what those need. For plain tensors in plain eager mode it calls the same Python
+implementations directly (`_plain_eager`): the dispatcher round trip of a Python custom op
+costs tens of microseconds per call, which the first H100 run showed to dominate a
+forward+backward (about 1 ms of host time around a 255 us kernel at 32768 x 4096).
+Mutations are then reported to autograd by hand (increment_version), as the custom op would.
 
 Forward plus backward reads the logits once and writes the gradient once (when a row
 fits one block); the backward's scaling costs nothing when the upstream gradient is 1.
@@ -235,13 +236,34 @@ def _(grad, upstream):
     return None
 
 
+def _plain_eager(*tensors) -> bool:
+    """True when the ops may skip the dispatcher: no compiler, tracer or dispatch mode is
+    active and every tensor is a plain torch.Tensor (or Parameter) outside functorch."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t)):
+            return False
+    return True
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _current_dispatch_mode():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode()
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Forward computes the loss and stores d loss / d logits; backward scales it by the upstream gradient."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
         compute_grad = ctx.needs_input_grad[0]
-        eager = not torch.compiler.is_compiling()
+        eager = _plain_eager(logits, target, weight)
         total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
         options = (ignore_index, label_smoothing, z_loss, softcap)
         if compute_grad and inplace:
@@ -277,11 +299,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
-        if torch.compiler.is_compiling():
-            cross_entropy_scale_grad(grad, upstream)
-        else:
+        if _plain_eager(grad, upstream):
             _cross_entropy_scale_grad(grad, upstream)
             torch.autograd.graph.increment_version(grad)
+        else:
+            cross_entropy_scale_grad(grad, upstream)
         return grad, None, None, None, None, None, None, None, None
 
 
