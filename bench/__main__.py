@@ -40,9 +40,12 @@ DRY_RUN_MAX_ROWS, DRY_RUN_MAX_COLS = 4, 256  # the interpreter costs ~1 ms per b
 
 
 def dry_run_shape(rows: int, cols: int):
-    """A shape the interpreter runs in a moment that keeps the grid's character: classes are
-    divided by the power of two that brings them to at most 256, so powers of two stay powers
-    of two and odd vocabularies stay odd (50257 -> 197, 128256 -> 251)."""
+    """A shape the interpreter runs in a moment: at most 4 rows, and classes divided (rounding
+    up) by the power of two that brings them to at most 256. Powers of two stay powers of two
+    and the real vocabularies stay distinct and unaligned (50257 -> 197, 128256 -> 251), but
+    parity is not always kept (50001 -> 196). Rows this short take the kernels' single-block
+    path: the looped path is the unit tests' business (config.block_limit), the dry run's is
+    the sweep's Python."""
     if cols > DRY_RUN_MAX_COLS:
         cols = math.ceil(cols / 2 ** math.ceil(math.log2(cols / DRY_RUN_MAX_COLS)))
     return min(rows, DRY_RUN_MAX_ROWS), cols

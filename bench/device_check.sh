@@ -4,7 +4,8 @@
 # selection under compute-sanitizer, and `python -m bench --quick`; write logs, results and
 # plots to a folder.
 #
-#   bash bench/device_check.sh [--dry-run] [OUT_DIR]   (default: $OUT if set, else bench/results)
+#   bash bench/device_check.sh [--dry-run] [OUT_DIR]   (default: $OUT if set, else bench/results;
+#                                                      with --dry-run a new temporary folder)
 #
 # --dry-run does the same staging on a machine without a GPU and runs what can run there: a
 # small interpreter test selection and `python -m bench --dry-run --quick` instead of the GPU
@@ -19,12 +20,22 @@
 set -uo pipefail
 py="${PYTHON:-python3}"  # the GPU image has python3 (with torch), not always python
 dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry_run=1
-    shift
-fi
+out=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) dry_run=1 ;;
+        -*) echo "device_check.sh: unknown option $arg" >&2; exit 2 ;;
+        *) out="$arg" ;;
+    esac
+done
 cd "$(dirname "$0")/.."
-out="${1:-${OUT:-bench/results}}"
+if [ -z "$out" ]; then
+    if [ "$dry_run" -eq 1 ]; then
+        out="$(mktemp -d -t softmax-gpu-dry-run-XXXXXX)"  # dry runs never land in bench/results/
+    else
+        out="${OUT:-bench/results}"
+    fi
+fi
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 tmp="$(mktemp -d)"

@@ -7,7 +7,8 @@ also as % of a device-to-device copy measured on the same card in the same run.
 Everything that differs between a GPU run and the CPU dry run (`python -m bench --dry-run`)
 sits in one `Platform`: the device, the two timers, the copy probe, the memory probe and
 the card's description. The dry run swaps in CPU stand-ins and runs the rest of this file
-unchanged, so a lent GPU never meets a line that has not run before.
+unchanged, so the sweep's Python has run before a lent GPU sees it (the GPU-only lines are
+the Platform's CUDA functions; the kernels' looped paths are covered by the unit tests).
 """
 import dataclasses
 import inspect

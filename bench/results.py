@@ -30,7 +30,7 @@ def write_results(rows, meta: dict, out_dir, day: datetime.date = None):
     base = out / stem(meta, day)
     json_path, csv_path = base.with_suffix(".json"), base.with_suffix(".csv")
     json_path.write_text(json.dumps({"meta": meta, "results": list(rows)}, indent=1, default=str) + "\n")
-    meta_cols = ("card", "driver", "torch", "triton", "copy_gbps")
+    meta_cols = ("card", "driver", "torch", "triton", "copy_gbps", "dry_run")
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=meta_cols + FIELDS)
         writer.writeheader()
@@ -113,7 +113,8 @@ def markdown_table(rows, meta: dict, ours: str = "softmax_gpu") -> str:
     others = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != ours]
     head = ["op", "dtype", "shape", "ms", "GB/s", "% copy"] + [f"vs {p}" for p in others]
     lines = [
-        f"{meta['card']}, driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']}; "
+        ("DRY RUN on CPU, not GPU measurements: " if meta.get("dry_run") else "")
+        + f"{meta['card']}, driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"copy {meta['copy_gbps']:.0f} GB/s measured in the same run",
         "",
         "| " + " | ".join(head) + " |",

@@ -172,6 +172,8 @@ def test_device_check_dry_run(tmp_path):
     data, table = read_run(tmp_path)
     meta = data["meta"]
     assert meta["dry_run"] is True and "No figure here is a GPU measurement" in meta["warning"]
+    assert all(row["dry_run"] == "True" for row in table)
+    assert results.markdown_table(data["results"], meta).startswith("DRY RUN on CPU, not GPU measurements")
     assert meta["card"] == "dry-run-cpu" and meta["datasheet_gbps"] is None and meta["copy_gbps"] > 0
     assert set(meta["providers_skipped"]) >= {"liger", "quack", "cupy"}  # none installs here
     shapes = {(4, 256), (4, 250), (4, 251)}
@@ -183,6 +185,34 @@ def test_device_check_dry_run(tmp_path):
     assert all(r["peak_extra_bytes"] is None for r in data["results"])  # not measurable on CPU: not faked
     png = next(tmp_path.glob("dry-run-cpu_*.png"))
     assert png.stat().st_size > 10_000
+
+
+@cpu_instrument
+@cpu_instrument
+def test_device_check_dry_run_defaults_to_a_temporary_folder(tmp_path):
+    """With no OUT_DIR (and no $OUT) a dry run writes to a new temporary folder, never
+    bench/results/; options may come in any position."""
+    before = sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "device_check.sh"), "--dryrun"], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "unknown option --dryrun" in bad.stderr
+    script = ROOT / "bench" / "device_check.sh"
+    # Only the argument handling is under test here: stop right after the folder is chosen.
+    text = script.read_text().replace('mkdir -p "$out"', 'mkdir -p "$out"; echo "OUT=$out"; exit 0', 1)
+    probe = tmp_path / "bench" / "device_check.sh"  # the script cds to its folder's parent: tmp_path
+    probe.parent.mkdir()
+    probe.write_text(text)
+    for args in (["--dry-run"], []):
+        out = subprocess.run(["bash", str(probe), *args], env=env, capture_output=True, text=True, timeout=60)
+        chosen = re.search(r"^OUT=(.*)$", out.stdout, re.M).group(1)
+        if args:
+            assert "softmax-gpu-dry-run-" in chosen and not chosen.startswith(str(tmp_path))
+            shutil.rmtree(chosen)
+        else:
+            assert chosen == "bench/results" and (tmp_path / "bench" / "results").is_dir()
+    assert sorted(p.name for p in (ROOT / "bench" / "results").iterdir()) == before
 
 
 @cpu_instrument
