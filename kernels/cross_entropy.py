@@ -85,21 +85,27 @@ def block_terms(
 
 @triton.jit
 def store_grad_block(
-    grad_row, target_row, weight_ptr, z, m, inv_d, coef, scale, start, cols, n_cols, t, w_t, valid, bad,
-    label_smoothing, inv_classes, softcap,
+    grad_row, target_row, weight_ptr, z, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t, w_t, valid,
+    bad, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
     """Writes d loss / d x for one block: q_j * coef minus the target terms, times dz/dx and scale.
 
     q_j = e^(z_j - m) / d from the row maximum m and sum d, not e^(z_j - lse): lse rounded
-    to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q."""
+    to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q.
+    The target class's q_t * coef - c_t (c_t = (1 - eps) w_t) is computed as
+    q_t (coef - c_t) - c_t * other_over_d, with other_over_d = sum_{j != t} q_j = 1 - q_t
+    summed directly: q_t - 1 cancels to 0 in float32 once q_t > 1 - 6e-8 (a confident row),
+    while the sum of the other classes keeps its relative accuracy."""
     in_row = cols < n_cols - start
-    g = tl.exp2((z - m) * LOG2E) * inv_d * coef
+    q = tl.exp2((z - m) * LOG2E) * inv_d
     if SOFT_TARGET:
+        g = q * coef
         p = load_target_block(target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING)
         g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
     else:
-        g -= tl.where(cols + start == t, (1.0 - label_smoothing) * w_t, 0.0)
+        c_t = (1.0 - label_smoothing) * w_t
+        g = tl.where(cols + start == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
         if HAS_SMOOTHING:
             g -= label_smoothing * inv_classes * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
     if HAS_SOFTCAP:
@@ -184,23 +190,37 @@ def cross_entropy_kernel(
             logits_row, target_row, weight_ptr, 0, cols, n_cols, t, label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         m = tl.max(z, axis=0)
-        d = tl.sum(tl.exp2((z - m) * LOG2E), axis=0)
+        e = tl.exp2((z - m) * LOG2E)
+        d = tl.sum(e, axis=0)
+        other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)  # sum over j != t (used for hard targets)
     else:
         m_lane = tl.zeros([BLOCK_N], tl.float32) - float("inf")
         d_lane = tl.zeros([BLOCK_N], tl.float32)
         zt_lane = tl.zeros([BLOCK_N], tl.float32)
         wz_lane = tl.zeros([BLOCK_N], tl.float32)
         w_lane = tl.zeros([BLOCK_N], tl.float32)
+        o_lane = tl.zeros([BLOCK_N], tl.float32)  # the running sum without the target class
         for start in range(0, n_cols, BLOCK_N):
             zb, zt_b, wz_b, w_b = block_terms(
                 logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            m_lane, d_lane = online_update(m_lane, d_lane, zb)
+            if SOFT_TARGET:
+                m_lane, d_lane = online_update(m_lane, d_lane, zb)
+            else:
+                m_next, d_next = online_update(m_lane, d_lane, zb)
+                # the same update for the sum over j != t: rescale, then add all but the target
+                # (a lane that has seen only -inf keeps 0, as online_update's where() does)
+                rescale = tl.where(m_next != -float("inf"), tl.exp2((m_lane - m_next) * LOG2E), 0.0)
+                fresh = tl.where((m_next != -float("inf")) & (cols + start != t), tl.exp2((zb - m_next) * LOG2E), 0.0)
+                o_lane = o_lane * rescale + fresh
+                m_lane, d_lane = m_next, d_next
             zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b
         m = tl.max(m_lane, axis=0)
-        d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+        lane_scale = tl.exp2((m_lane - m) * LOG2E)
+        d = tl.sum(d_lane * lane_scale, axis=0)
+        other = tl.sum(o_lane * lane_scale, axis=0)
     log_d = tl.log(d)
     lse = m + log_d
     sum_wz = tl.sum(wz_lane, axis=0)
@@ -230,14 +250,14 @@ def cross_entropy_kernel(
             scale = 1.0 / tl.load(grad_divisor_ptr)
         if SINGLE_BLOCK:
             store_grad_block(
-                grad_row, target_row, weight_ptr, z, m, 1.0 / d, coef, scale, 0, cols, n_cols, t, w_t, valid, bad,
-                label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                grad_row, target_row, weight_ptr, z, m, 1.0 / d, other / d, coef, scale, 0, cols, n_cols, t, w_t, valid,
+                bad, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         else:
             for start in range(0, n_cols, BLOCK_N):
                 zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
                 store_grad_block(
-                    grad_row, target_row, weight_ptr, zb, m, 1.0 / d, coef, scale, start, cols, n_cols, t, w_t, valid,
-                    bad,
+                    grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
+                    w_t, valid, bad,
                     label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
 
 

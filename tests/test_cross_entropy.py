@@ -252,6 +252,29 @@ def test_out_of_range_target_with_weight_never_indexes(device, monkeypatch):
     assert torch.isnan(loss) and torch.isnan(logits.grad[:2]).all() and (logits.grad[2] == 0).all()  # row 2 ignored
 
 
+@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_very_confident_rows_keep_the_true_class_gradient(max_block, dtype, smoothing, device):
+    """The true class 30 above the rest: q_t - 1 is exactly 0 in float32, yet the exact
+    gradient (about -C e^-30, or dominated by smoothing) must come out to ~1% relative."""
+    c = 70
+    logits = torch.randn(4, c)
+    target = torch.tensor([3, 69, 16, 40])
+    logits[torch.arange(4), target] = logits.max() + 30.0
+    logits[3, 41] = logits[3, 40] + 1  # one row where the target is not the maximum
+    logits = logits.to(dtype).to(device)
+    a = logits.clone().requires_grad_()
+    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        softmax_gpu.cross_entropy(a, target.to(device), reduction="sum", label_smoothing=smoothing).backward()
+    _, exp_grad = reference.cross_entropy(logits.double().cpu().numpy(), target.numpy(), reduction="sum",
+                                          label_smoothing=smoothing)  # fmt: skip
+    got = a.grad.cpu()[torch.arange(4), target].double().numpy()
+    want = exp_grad[np.arange(4), target.numpy()]
+    assert (got < 0).all() and (want[:3] > -1e-9).all() if smoothing == 0 else True
+    np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == torch.float32 else 2e-2)
+
+
 def test_confident_bfloat16_keeps_true_class_gradient(device):
     c = 300
     logits = torch.randn(4, c)
