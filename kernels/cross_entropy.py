@@ -17,7 +17,7 @@ The running (max, sum) is the online normaliser of Milakov & Gimelshein (2018).
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, online_update
+from .softmax import LOG2E, online_step
 
 
 @triton.jit
@@ -192,7 +192,10 @@ def cross_entropy_kernel(
         m = tl.max(z, axis=0)
         e = tl.exp2((z - m) * LOG2E)
         d = tl.sum(e, axis=0)
-        other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)  # sum over j != t (used for hard targets)
+        other = 0.0  # sum over j != t of e^(z_j - m): only the gradient for class indices needs it
+        if COMPUTE_GRAD:
+            if not SOFT_TARGET:
+                other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
     else:
         m_lane = tl.zeros([BLOCK_N], tl.float32) - float("inf")
         d_lane = tl.zeros([BLOCK_N], tl.float32)
@@ -204,16 +207,11 @@ def cross_entropy_kernel(
             zb, zt_b, wz_b, w_b = block_terms(
                 logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-            if SOFT_TARGET:
-                m_lane, d_lane = online_update(m_lane, d_lane, zb)
-            else:
-                m_next, d_next = online_update(m_lane, d_lane, zb)
-                # the same update for the sum over j != t: rescale, then add all but the target
-                # (a lane that has seen only -inf keeps 0, as online_update's where() does)
-                rescale = tl.where(m_next != -float("inf"), tl.exp2((m_lane - m_next) * LOG2E), 0.0)
-                fresh = tl.where((m_next != -float("inf")) & (cols + start != t), tl.exp2((zb - m_next) * LOG2E), 0.0)
-                o_lane = o_lane * rescale + fresh
-                m_lane, d_lane = m_next, d_next
+            m_lane, alpha, p = online_step(m_lane, zb)
+            d_lane = d_lane * alpha + p
+            if COMPUTE_GRAD:
+                if not SOFT_TARGET:
+                    o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
             zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b

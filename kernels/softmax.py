@@ -35,19 +35,27 @@ def acc_zeros(BLOCK_N: tl.constexpr, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def online_update(m, d, x):
-    """Merges the block x into per-lane running (max, sum) vectors.
+def online_step(m, x):
+    """One step of the per-lane running maximum: (m', alpha, p) with m' = max(m, x), alpha =
+    e^(m - m') to rescale sums kept against m, and p = e^(x - m') to add to them.
 
-    A lane that has only seen -inf keeps m = -inf and d = 0; the where() avoids
+    A lane that has only seen -inf keeps m' = -inf and alpha = p = 0; the where() avoids
     the NaN of e^(-inf - (-inf)) there. The maximum propagates NaN: a plain max would
     return -inf for max(-inf, NaN), the lane would count the NaN as "not seen" and the
-    row would come out finite. With it, m and d turn NaN and so does the whole row, as
-    in torch.
+    row would come out finite. With it, m' and the sums turn NaN and so does the whole
+    row, as in torch.
     """
     m_new = tl.maximum(m, x, propagate_nan=tl.PropagateNan.ALL)
     seen = m_new != -float("inf")
     alpha = tl.where(seen, tl.exp2((m - m_new) * LOG2E), 0.0)
     p = tl.where(seen, tl.exp2((x - m_new) * LOG2E), 0.0)
+    return m_new, alpha, p
+
+
+@triton.jit
+def online_update(m, d, x):
+    """Merges the block x into per-lane running (max, sum) vectors (see online_step)."""
+    m_new, alpha, p = online_step(m, x)
     return m_new, d * alpha + p
 
 

@@ -22,6 +22,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
@@ -120,11 +121,16 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
     return cfg
 
 
+def _bad_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int) -> torch.Tensor:
+    """Where a class index is neither in [0, n_classes) nor ignore_index (bool, on device)."""
+    return ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+
+
 def _check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int) -> None:
     """Eager range check: free on CPU; on CUDA only with SOFTMAX_GPU_CHECK_TARGETS=1 (it syncs)."""
     if target.is_floating_point() or (target.device.type == "cuda" and not CHECK_TARGETS_ON_CUDA):
         return
-    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+    bad = _bad_class_indices(target, n_classes, ignore_index)
     if bad.any():
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
@@ -142,9 +148,8 @@ def _total_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_i
     # device-side assert and kill the context. A bad row makes the total NaN instead (its
     # loss is NaN too, so the mean is NaN either way, and so is every gradient).
     n_classes = weight.shape[0]
-    in_range = (target >= 0) & (target < n_classes)
     w_t = weight.float()[target.clamp(0, n_classes - 1)]
-    return torch.where(valid & ~in_range, float("nan"), w_t * valid).sum()
+    return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid).sum()
 
 
 def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad):
@@ -239,7 +244,7 @@ def _(grad, upstream):
 def _plain_eager(*tensors) -> bool:
     """True when the ops may skip the dispatcher: no compiler, tracer or dispatch mode is
     active and every tensor is a plain torch.Tensor (or Parameter) outside functorch."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _current_dispatch_mode() is not None:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None:
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or _is_functorch_wrapped(t)):
@@ -249,12 +254,6 @@ def _plain_eager(*tensors) -> bool:
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
-def _current_dispatch_mode():
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode()
 
 
 class CrossEntropyFunction(torch.autograd.Function):
