@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+DRY_RUN_MARK = "DRY RUN on CPU, not GPU measurements: "  # leads the plot title and Markdown of a dry run
 FIELDS = (
     "op", "dtype", "rows", "cols", "provider", "status", "ms", "gbps", "pct_copy", "pct_datasheet",
     "peak_extra_bytes", "min_bytes", "note",
@@ -81,7 +82,7 @@ def plot_results(rows, meta: dict, out_dir, day: datetime.date = None, min_eleme
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 3 * ncols), fontsize=7)
     title = f"{meta['card']} ({meta.get('date', '')})"
     if meta.get("dry_run"):
-        title = "DRY RUN on CPU, not GPU measurements: " + title
+        title = DRY_RUN_MARK + title
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.8 / fig.get_figheight(), 1, 1 - 0.2 / fig.get_figheight()))
     path = Path(out_dir) / f"{stem(meta, day)}.png"
@@ -113,7 +114,7 @@ def markdown_table(rows, meta: dict, ours: str = "softmax_gpu") -> str:
     others = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != ours]
     head = ["op", "dtype", "shape", "ms", "GB/s", "% copy"] + [f"vs {p}" for p in others]
     lines = [
-        ("DRY RUN on CPU, not GPU measurements: " if meta.get("dry_run") else "")
+        (DRY_RUN_MARK if meta.get("dry_run") else "")
         + f"{meta['card']}, driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"copy {meta['copy_gbps']:.0f} GB/s measured in the same run",
         "",
