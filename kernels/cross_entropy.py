@@ -31,7 +31,7 @@ def acc_scalar(hi, lo, ACC_FP64: tl.constexpr):
     """A host float passed as float32 hi + lo: hi in float32, hi + lo in float64 (Triton passes
     Python floats as float32, which would cost a float64 kernel 1e-8 relative)."""
     if ACC_FP64:
-        return hi.to(tl.float64) + lo.to(tl.float64)
+        return (tl.zeros([], tl.float64) + hi) + lo
     else:
         return hi
 
