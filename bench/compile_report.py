@@ -74,7 +74,7 @@ def softmax_variants(quick: bool):
         (
             "softmax_bwd_kernel",
             config.MAX_BLOCK_SOFTMAX_BWD,
-            config.MAX_BLOCK_SOFTMAX_BWD,
+            config.LOOP_BLOCK_SOFTMAX_BWD,
             ("y_ptr", "dy_ptr", "dx_ptr"),
             ("y_row_stride", "dy_row_stride", "dx_row_stride"),
         ),
@@ -104,6 +104,8 @@ def softmax_variants(quick: bool):
 # register pressure is highest with everything on.
 CE_FLAG_SETS = (
     dict(SOFT_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False),
+    # the plain variant's widest block (softmax_gpu.ops.cross_entropy.is_plain) with its options on
+    dict(SOFT_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=True, HAS_SOFTCAP=True),
     dict(SOFT_TARGET=False, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True),
     dict(SOFT_TARGET=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True),
 )
@@ -126,10 +128,15 @@ def cross_entropy_variants(quick: bool):
             for grad in (False, True):
                 if flags["SOFT_TARGET"] and not grad:
                     continue
+                plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"])
                 for block, single in block_plan(
-                    config.block_cap(config.MAX_BLOCK_CROSS_ENTROPY, itemsize),
-                    quick or flags["HAS_WEIGHT"],
-                    config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize),
+                    config.block_cap(
+                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
+                    ),
+                    quick or flags["HAS_WEIGHT"] or flags["HAS_Z_LOSS"],
+                    config.block_cap(
+                        config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
+                    ),
                 ):
                     sig = (
                         ("logits_ptr", ptr),

@@ -250,10 +250,10 @@ def cross_entropy_kernel(
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m = tl.max(z, axis=0)
         e = tl.exp2((z - m) * LOG2E)
-        d = tl.sum(e, axis=0)
-        other = tl.zeros_like(d)
         if KEEP_OTHER:
             other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
+        else:
+            d = tl.sum(e, axis=0)
     else:
         m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
@@ -266,16 +266,27 @@ def cross_entropy_kernel(
                 logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m_lane, alpha, p = online_step(m_lane, zb)
-            d_lane = d_lane * alpha + p
             if KEEP_OTHER:
                 o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+            else:
+                d_lane = d_lane * alpha + p
             zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b
         m = tl.max(m_lane, axis=0)
         lane_scale = tl.exp2((m_lane - m) * LOG2E)
-        d = tl.sum(d_lane * lane_scale, axis=0)
-        other = tl.sum(o_lane * lane_scale, axis=0)
+        if KEEP_OTHER:
+            other = tl.sum(o_lane * lane_scale, axis=0)
+        else:
+            d = tl.sum(d_lane * lane_scale, axis=0)
+    z_t = tl.sum(zt_lane, axis=0)
+    if KEEP_OTHER:
+        # d = (sum without the target) + e^(z_t - m): a sum of positive terms, no cancellation,
+        # and no second per-lane sum to hold (the widest plain block spilled with one).
+        # (whenever t is a class, ignored or not, its lane was left out of `other`)
+        d = other + tl.where((t >= 0) & (t < n_cols), tl.exp2((z_t - m) * LOG2E), 0.0)
+    else:
+        other = tl.zeros_like(d)
     log_d = tl.log(d)
     lse = m + log_d
     sum_wz = tl.sum(wz_lane, axis=0)
@@ -286,7 +297,7 @@ def cross_entropy_kernel(
         loss = sum_w * lse - sum_wz
         coef = sum_w
     else:
-        loss = (1.0 - label_smoothing) * w_t * ((m - tl.sum(zt_lane, axis=0)) + log_d)  # lse - z_t
+        loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)  # lse - z_t
         coef = (1.0 - label_smoothing) * w_t
         if HAS_SMOOTHING:
             loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)

@@ -15,13 +15,22 @@ from typing import Optional
 # the block, spills at that width and loops 16384 wide instead.
 MAX_BLOCK_SOFTMAX_FWD = 32768
 LOOP_BLOCK_SOFTMAX_FWD = 16384
-MAX_BLOCK_SOFTMAX_BWD = 8192  # holds y and dy at once
+# The backward holds y and dy at once: 16 of each a thread at 16384 (32 warps), no spill.
+MAX_BLOCK_SOFTMAX_BWD = 16384
+LOOP_BLOCK_SOFTMAX_BWD = 8192
 # Cross-entropy keeps up to five per-lane accumulators beside the logits, so it runs with
 # half the elements per thread (8) of the softmax kernels. Its looped path streams the row in
 # 1024-wide blocks on 4 warps: at 2048 and 4096 wide (8 and 16 warps) ptxas held the
 # all-options probability-target variant to 64 registers and spilled on sm_80.
 MAX_BLOCK_CROSS_ENTROPY = 8192
 LOOP_BLOCK_CROSS_ENTROPY = 1024
+# The plain variant (class indices, no class weights, no smoothing; z-loss and softcap
+# allowed) keeps no per-lane sums of weights or logits, so one block holds 16384 classes
+# (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
+# thread under 32 warps' 64-register cap) the gradient-writing variants spill 8-32 bytes
+# (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
+MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
+LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
 ELEMENTS_PER_THREAD = 16
 ELEMENTS_PER_THREAD_CROSS_ENTROPY = 8
 MIN_BLOCK_N = 16

@@ -42,10 +42,13 @@ REDUCTIONS = ("none", "mean", "sum")
 CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
 
 
-def cross_entropy_config(n_cols: int, itemsize: int = 4, streaming: bool = False) -> config.RowConfig:
+def cross_entropy_config(
+    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False
+) -> config.RowConfig:
     """Launch configuration for rows of n_cols classes of `itemsize` bytes: the forward's (one
-    block when the row fits), or with streaming=True the backward kernel's, which always
-    loops and so streams in the looped path's block width."""
+    block when the row fits; wider for the plain variant: class indices without weights or
+    smoothing), or with streaming=True the backward kernel's, which always loops and so
+    streams in the looped path's block width."""
     if streaming:
         return config.row_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
@@ -53,11 +56,16 @@ def cross_entropy_config(n_cols: int, itemsize: int = 4, streaming: bool = False
         )  # fmt: skip
     return config.row_config(
         n_cols,
-        config.MAX_BLOCK_CROSS_ENTROPY,
+        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY,
         itemsize,
-        loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY,
+        loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
     )
+
+
+def is_plain(target: torch.Tensor, weight: Optional[torch.Tensor], label_smoothing: float) -> bool:
+    """The variant with the widest single block: class indices, no weights, no smoothing."""
+    return not target.is_floating_point() and weight is None and label_smoothing == 0
 
 
 def _hi_lo(x: float) -> tuple[float, float]:
@@ -92,7 +100,7 @@ def launch_cross_entropy(
     Bytes: N*C reads (+ N*C writes with grad) + O(N) on the single-block path.
     """
     n_rows, n_cols = logits.shape
-    cfg = cfg or cross_entropy_config(n_cols, logits.element_size())
+    cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing))
     soft = target.is_floating_point()
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)

@@ -51,7 +51,9 @@ def launch_softmax_bwd(
     Bytes: 2 reads + 1 write per element on the single-block path.
     """
     n_rows, n_cols = y.shape
-    cfg = cfg or config.row_config(n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size())
+    cfg = cfg or config.row_config(
+        n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+    )
     check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
     with device_guard(y):
         softmax_bwd_kernel[(n_rows,)](
