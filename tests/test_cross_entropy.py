@@ -365,6 +365,28 @@ def test_traffic_forward_backward_reads_logits_once(dtype):
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    "c, kw, logit_reads",
+    [
+        (16384, {}, 1),  # plain rows read once up to config.MAX_BLOCK_CROSS_ENTROPY_PLAIN
+        (16385, {}, 2),
+        (8192, dict(label_smoothing=0.1), 1),  # the option-heavy variants up to 8192
+        (8193, dict(label_smoothing=0.1), 2),
+    ],
+)
+def test_traffic_single_read_limits(c, kw, logit_reads):
+    """bfloat16 forward + backward: N x C read logit_reads times and written once."""
+    n = 2
+    logits = torch.randn(n, c).bfloat16().requires_grad_()
+    target = torch.randint(0, c, (n,))
+    with TrafficCounter() as t:
+        softmax_gpu.cross_entropy(logits, target, **kw).backward()
+    nc = n * c * 2
+    assert t.bytes_loaded == logit_reads * nc + n * (8 + 4 + 4)
+    assert t.bytes_stored == nc + n * (4 + 4)
+
+
+@interpreter_only
 def test_traffic_no_grad_forward_reads_only():
     n, c = 4, 100
     logits, target = torch.randn(n, c), torch.randint(0, c, (n,))

@@ -329,6 +329,19 @@ def test_traffic_backward(log):
     assert (looped.bytes_loaded, looped.bytes_stored) == (reads, element)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("cols, reads", [(16384, 2), (16385, 4)])
+def test_traffic_backward_single_read_limit(cols, reads):
+    """The backward reads y and dy once up to 16384 columns (config.MAX_BLOCK_SOFTMAX_BWD),
+    and twice past it."""
+    assert config.MAX_BLOCK_SOFTMAX_BWD == 16384
+    y = torch.softmax(torch.randn(2, cols), -1)
+    dy, dx = torch.randn(2, cols), torch.empty(2, cols)
+    with TrafficCounter(buffers=[y, dy, dx]) as t:
+        launch_softmax_bwd(y, dy, dx, False)
+    assert (t.bytes_loaded, t.bytes_stored) == (reads * y.numel() * 4, y.numel() * 4)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bounds are checked in Triton's interpreter")
 def test_traffic_counter_catches_out_of_bounds():
     """The bounds check is live: a launch that claims 50 columns on 40-column rows reads past the end."""
