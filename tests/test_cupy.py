@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from softmax_gpu import config, reference
+from softmax_gpu.cuda_source import NVRTC_OPTIONS, cuda_source, kernel_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +73,8 @@ def test_nvcc_compiles_every_kernel_without_spills_and_vectorised():
     if reports is None:
         pytest.skip("nvcc is not installed")
     table = format_cuda_table(reports)
-    names = {r.kernel for r in reports}
-    for kind, types in (("softmax_fwd", "f32 f64 f16 bf16"), ("softmax_bwd", "f32 f64 f16 bf16"), ("cross_entropy", "f32 f16 bf16")):
-        for t in types.split():
-            assert f"{kind}_{t}_v1" in names and any(n.startswith(f"{kind}_{t}_v") and not n.endswith("_v1") for n in names)
+    for arch in (80, 90):  # exactly the kernels the host code can launch
+        assert sorted(r.kernel for r in reports if r.arch == arch) == kernel_names(), table
     assert {r.arch for r in reports} == {80, 90}
     assert all(r.local == 0 for r in reports), table
     assert all(r.unvectorised_loads == 0 for r in reports), table
@@ -86,16 +85,125 @@ def test_nvrtc_source_is_one_valid_translation_unit(tmp_path):
     """The exact text softmax_gpu.cupy gives NVRTC compiles on its own (here with nvcc)."""
     import shutil
 
-    from softmax_gpu.cuda_source import cuda_source
-
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
     source = tmp_path / "all_kernels.cu"
     source.write_text(cuda_source())
-    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", *NVRTC_OPTIONS, "-Werror", "all-warnings",
                           "-o", str(tmp_path / "k.cubin"), str(source)], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert '#include "softmax_common.cuh"' not in source.read_text()
+
+
+# What cupy.RawModule adds after the caller's options before NVRTC compiles (CuPy 13-14,
+# cupy/cuda/compiler.py: _compile_with_cache_cuda and _compile_using_nvrtc_no_warning), for a
+# card of compute capability `arch`. CuPy also puts -I options for its own headers around the
+# caller's; the source includes nothing (checked below), so they change nothing and are left out.
+def cupy_appended_options(arch: int) -> tuple:
+    return ("-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+
+
+def nvrtc_libraries() -> list:
+    """The NVRTC shared libraries found here: the nvidia-cuda-nvrtc wheels' (the test extra
+    installs one on Linux), then the system's."""
+    import ctypes.util
+    import importlib.util
+
+    found = []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found += sorted(str(p) for p in Path(root).glob("*/lib/libnvrtc.so*") if "builtins" not in p.name)
+    system = ctypes.util.find_library("nvrtc")
+    return found + ([system] if system else [])
+
+
+class Nvrtc:
+    """The few NVRTC calls CuPy makes to build a module, through ctypes (no GPU needed)."""
+
+    def __init__(self, path: str):
+        import ctypes
+
+        self.ctypes, self.lib = ctypes, ctypes.CDLL(path)
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+        self.version = (major.value, minor.value)
+
+    def _check(self, result):
+        if result != 0:
+            self.lib.nvrtcGetErrorString.restype = self.ctypes.c_char_p
+            raise RuntimeError(f"NVRTC error {result}: {self.lib.nvrtcGetErrorString(result).decode()}")
+
+    def _bytes(self, program, size_fn, get_fn) -> bytes:
+        size = self.ctypes.c_size_t()
+        self._check(size_fn(program, self.ctypes.byref(size)))
+        buffer = self.ctypes.create_string_buffer(size.value)
+        self._check(get_fn(program, buffer))
+        return buffer.raw[: size.value]
+
+    def compile(self, source: str, options) -> tuple:
+        """(exit code, log, PTX, CUBIN); PTX and CUBIN are empty when compilation failed."""
+        ct, lib = self.ctypes, self.lib
+        program = ct.c_void_p()
+        self._check(lib.nvrtcCreateProgram(ct.byref(program), source.encode(), b"kern.cu", 0, None, None))
+        try:
+            opts = (ct.c_char_p * len(options))(*[o.encode() for o in options])
+            result = lib.nvrtcCompileProgram(program, len(options), opts)
+            log = self._bytes(program, lib.nvrtcGetProgramLogSize, lib.nvrtcGetProgramLog).rstrip(b"\0").decode()
+            if result != 0:
+                return result, log, "", b""
+            ptx = self._bytes(program, lib.nvrtcGetPTXSize, lib.nvrtcGetPTX).rstrip(b"\0").decode()
+            cubin = self._bytes(program, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN)
+            return result, log, ptx, cubin
+        finally:
+            lib.nvrtcDestroyProgram(ct.byref(program))
+
+
+# float32 PTX instructions that have a flush-to-zero form; -ftz=true gives every one of them .ftz.
+FTZ_CAPABLE = re.compile(r"^\s*((?:abs|neg|add|sub|mul|fma|div|rcp|sqrt|rsqrt|ex2|lg2|min|max|setp)(?:\.\w+)*\.f32)\s", re.M)
+
+
+def test_ftz_is_chosen_explicitly_and_is_what_cupy_compiles_with():
+    """NVRTC obeys the last -ftz it is given and CuPy appends -ftz=true after our options: our
+    explicit choice must be that same value, or the module would silently get CuPy's."""
+    ours = [o for o in NVRTC_OPTIONS if o.startswith("-ftz=")]
+    effective = [o for o in NVRTC_OPTIONS + cupy_appended_options(90) if o.startswith("-ftz=")][-1]
+    assert ours == [effective] == ["-ftz=true"]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvrtc_library_builds_the_module_cupy_builds(arch, tmp_path):
+    """The real NVRTC library compiles cuda_source() with NVRTC_OPTIONS plus what CuPy appends,
+    as cupy.RawModule does on an sm_80 / sm_90 card: no warnings, every kernel the host code
+    launches is in the module, the flush-to-zero choice shows on every float32 instruction
+    that has the modifier, and the cubin keeps all in registers."""
+    libraries = nvrtc_libraries()
+    if not libraries:
+        pytest.skip("no NVRTC library here (pip install nvidia-cuda-nvrtc; the test extra installs it on Linux)")
+    source = cuda_source()
+    assert "#include" not in source  # so CuPy's -I options cannot change the result
+    options = NVRTC_OPTIONS + cupy_appended_options(arch)
+    ftz = [o for o in options if o.startswith("-ftz=")][-1] == "-ftz=true"
+    nvrtc = Nvrtc(libraries[0])
+    result, log, ptx, cubin = nvrtc.compile(source, options)
+    assert result == 0, log
+    assert log.strip() == "", f"NVRTC {nvrtc.version} warned:\n{log}"
+    assert f".target sm_{arch}" in ptx and cubin[:4] == b"\x7fELF"
+    assert sorted(re.findall(r"\.entry (\w+)\(", ptx)) == kernel_names()
+    ops = FTZ_CAPABLE.findall(ptx)
+    assert any(op.startswith("ex2.") for op in ops) and any(op.startswith("fma.") for op in ops)
+    wrong = sorted({op for op in ops if (".ftz." in op) != ftz})
+    assert not wrong, f"{'-ftz=true' if ftz else '-ftz=false'} but these float32 instructions disagree: {wrong}"
+    from bench.compile_report import _tool
+
+    cuobjdump = _tool("cuobjdump")
+    if not Path(cuobjdump).exists():
+        return  # triton ships cuobjdump; without it, no resource check
+    (tmp_path / "k.cubin").write_bytes(cubin)
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    functions = re.findall(r"Function (\w+):\s*\n\s*(.*)", usage.stdout)
+    assert sorted(name for name, _ in functions) == kernel_names(), usage.stdout + usage.stderr
+    spilled = [name for name, fields in functions if re.search(r"LOCAL:[1-9]|STACK:[1-9]", fields)]
+    assert not spilled, usage.stdout
 
 
 # ---------------------------------------------------------------------------------------
