@@ -311,3 +311,135 @@ def test_gpu_accepts_dlpack_tensors():
     x = torch.randn(4, 33, device="cuda")
     y = sgc.softmax(x)
     np.testing.assert_allclose(torch.from_dlpack(y).cpu().numpy(), torch.softmax(x, -1).cpu().numpy(), rtol=2e-6, atol=1e-7)
+
+
+def _bfloat16():
+    """CuPy's bfloat16 dtype (ml_dtypes.bfloat16, CuPy >= 14), or a skip that says why not."""
+    import cupy
+
+    if int(cupy.__version__.split(".")[0]) < 14:
+        pytest.skip(f"CuPy {cupy.__version__} cannot hold bfloat16 arrays (CuPy >= 14 with ml_dtypes can)")
+    return pytest.importorskip("ml_dtypes", reason="CuPy's bfloat16 arrays need ml_dtypes").bfloat16
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_cols", [70, 1024, 20000, 20001])  # scalar / vectorised; read once / streamed
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_gpu_confident_rows_keep_the_true_class_gradient(dtype, n_cols, smoothing):
+    """The true class 30 above the rest: q_t - 1 is exactly 0 in float32, yet the exact
+    gradient (about -C e^-30, or dominated by smoothing) must come out to ~1% relative."""
+    import cupy
+
+    np_dtype = _bfloat16() if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(n_cols)
+    logits = rng.standard_normal((4, n_cols))
+    target = np.array([3, n_cols - 1, n_cols // 2, 40])
+    logits[np.arange(4), target] = logits.max() + 30.0
+    logits[3, 41] = logits[3, 40] + 1  # one row where the target is not the maximum
+    logits = logits.astype(np_dtype)
+    _, grad = sgc.cross_entropy(cupy.asarray(logits), cupy.asarray(target), reduction="sum", label_smoothing=smoothing)
+    _, exp_grad = reference.cross_entropy(logits.astype(np.float64), target, reduction="sum", label_smoothing=smoothing)
+    got = cupy.asnumpy(grad)[np.arange(4), target].astype(np.float64)
+    want = exp_grad[np.arange(4), target]
+    if smoothing == 0:
+        assert (want[:3] > -1e-6).all() and (got[:3] < 0).all(), got  # tiny, yet not 0
+    np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == "float32" else 2e-2)
+
+
+@needs_gpu
+def test_gpu_runs_on_the_input_device_not_the_current_one():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(1)
+    x_host = rng.standard_normal((5, 64)).astype(np.float32)
+    target_host = np.array([1, 2, 3, -100, 63])
+    with cupy.cuda.Device(1):
+        x, target = cupy.asarray(x_host), cupy.asarray(target_host)
+    with cupy.cuda.Device(0):
+        y, ly = sgc.softmax(x), sgc.log_softmax(x)
+        dx, ldx = sgc.softmax_backward(y, y), sgc.log_softmax_backward(ly, y)
+        loss, grad = sgc.cross_entropy(x, target, reduction="none")
+        assert cupy.cuda.runtime.getDevice() == 0  # the caller's device is left as it was
+        assert [a.device.id for a in (y, ly, dx, ldx, loss, grad)] == [1] * 6
+        x64 = x_host.astype(np.float64)
+        np.testing.assert_allclose(cupy.asnumpy(y), reference.softmax(x64), rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(cupy.asnumpy(ly), reference.log_softmax(x64), rtol=2e-5, atol=2e-5)
+        exp_loss, exp_grad = reference.cross_entropy(x64, target_host, reduction="none")
+        np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(cupy.asnumpy(grad), exp_grad, rtol=2e-5, atol=2e-6)
+        on_zero = cupy.asarray(target_host)
+        with pytest.raises(ValueError, match="device"):
+            sgc.cross_entropy(x, on_zero)
+        with pytest.raises(ValueError, match="device"):
+            sgc.softmax_backward(y, cupy.asarray(x_host))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_no_classes(dtype):
+    """C == 0: every target but ignore_index is out of range (NaN loss), ignored rows give 0
+    and "mean" over no counted rows NaN, as torch; nothing is launched or left uninitialised."""
+    import cupy
+
+    logits = cupy.empty((3, 0), dtype)
+    target = cupy.asarray([0, -100, 2])
+    stale = cupy.full(3, 7.0, cupy.float32)  # memory the pool may hand out again: not read back
+    del stale
+    loss, grad = sgc.cross_entropy(logits, target, reduction="none")
+    assert grad.shape == (3, 0) and grad.dtype == logits.dtype
+    loss = cupy.asnumpy(loss)
+    assert np.isnan(loss[0]) and loss[1] == 0 and np.isnan(loss[2])
+    assert np.isnan(float(sgc.cross_entropy(logits, target, reduction="sum")[0]))
+    ignored = cupy.full(3, -100)
+    assert float(sgc.cross_entropy(logits, ignored, reduction="sum")[0]) == 0.0
+    assert np.isnan(float(sgc.cross_entropy(logits, ignored, reduction="mean")[0]))
+    for fn in (sgc.softmax, sgc.log_softmax):
+        assert fn(logits).shape == (3, 0)
+    for fn in (sgc.softmax_backward, sgc.log_softmax_backward):
+        assert fn(logits, logits).shape == (3, 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_cols", [7, 1024, 20000])  # scalar, vectorised, streamed
+def test_gpu_bfloat16(n_cols):
+    import cupy
+
+    bf16 = _bfloat16()
+    rng = np.random.default_rng(n_cols)
+    x = (3 * rng.standard_normal((4, n_cols))).astype(bf16)
+    x64 = x.astype(np.float64)
+    y = sgc.softmax(cupy.asarray(x))
+    assert y.dtype.name == "bfloat16"
+    np.testing.assert_allclose(cupy.asnumpy(y).astype(np.float64), reference.softmax(x64), rtol=8e-3, atol=1e-6)
+    ly = cupy.asnumpy(sgc.log_softmax(cupy.asarray(x))).astype(np.float64)
+    np.testing.assert_allclose(ly, reference.log_softmax(x64), rtol=8e-3, atol=8e-3)
+    y_in = reference.softmax(x64).astype(bf16)
+    dy = rng.standard_normal((4, n_cols)).astype(bf16)
+    dx = cupy.asnumpy(sgc.softmax_backward(cupy.asarray(y_in), cupy.asarray(dy))).astype(np.float64)
+    want = reference.softmax_backward(y_in.astype(np.float64), dy.astype(np.float64))
+    np.testing.assert_allclose(dx, want, rtol=1e-2, atol=1e-6)
+    target = rng.integers(0, n_cols, 4)
+    target[1] = -100
+    loss, grad = sgc.cross_entropy(cupy.asarray(x), cupy.asarray(target), label_smoothing=0.1)
+    exp_loss, exp_grad = reference.cross_entropy(x64, target, label_smoothing=0.1)
+    assert loss.dtype == np.float32 and grad.dtype.name == "bfloat16"
+    np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-4)  # float32 math on exact bf16 inputs
+    np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=1e-2, atol=1e-2 / n_cols)
+
+
+@needs_gpu
+def test_gpu_kernels_are_looked_up_once_per_device():
+    import cupy
+
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    sgc.softmax(x)
+    before = sgc._function.cache_info()
+    sgc.softmax(x)
+    after = sgc._function.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    kernel = sgc._kernel("softmax_fwd", x, 4)
+    assert kernel is sgc._kernel("softmax_fwd", x, 4) and kernel.name == "softmax_fwd_f32_v4"
+    assert sgc._module(x.device.id) is sgc._module(x.device.id)
