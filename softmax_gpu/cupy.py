@@ -209,7 +209,7 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
             # No class exists: every target but ignore_index is out of range, so its row's loss
             # is NaN (the rule for any out-of-range target) and an ignored row's is 0, as torch
             # gives for ignored rows. Nothing to launch.
-            loss = cupy.where(ignored, cupy.float32(0), cupy.float32(np.nan))
+            loss = cupy.where(ignored, cupy.zeros((), cupy.float32), cupy.full((), np.nan, cupy.float32))
         else:
             loss = cupy.empty(n_rows, dtype=cupy.float32)
             lse = cupy.empty(n_rows, dtype=cupy.float32)
