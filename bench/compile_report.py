@@ -23,7 +23,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-from softmax_gpu.cuda_source import SOURCES, kernels_folder
+from softmax_gpu.cuda_source import NVRTC_OPTIONS, SOURCES, kernels_folder
 
 DTYPES = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16", "fp64": "*fp64"}
 
@@ -300,11 +300,12 @@ class CudaReport:
 
 
 def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
-    """nvcc -cubin for one arch with every warning an error (ptxas spill warnings included);
-    returns the CudaReports of its kernels. Raises CalledProcessError with nvcc's output on failure."""
+    """nvcc -cubin for one arch, with the options CuPy's NVRTC gets (-ftz included) and every
+    warning an error (ptxas spill warnings included); returns the CudaReports of its kernels.
+    Raises CalledProcessError with nvcc's output on failure."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
-        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-std=c++17", "-O3", "-Werror", "all-warnings",
+        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", *NVRTC_OPTIONS, "-O3", "-Werror", "all-warnings",
                "-Xptxas", "-warn-spills,-warn-lmem-usage,--warning-as-error", "-o", cubin,
                os.path.join(kernels_folder(), source)]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True, text=True)

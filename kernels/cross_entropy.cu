@@ -8,6 +8,11 @@
 // target is ignore_index get loss 0 and gradient 0 (NaN where the row holds a NaN logit, as in
 // torch); a target outside [0, C) is never used as an address and gives NaN loss and gradient
 // for its row. Any NaN logit makes its row's lse, loss and gradient NaN.
+//
+// The target's term q_t - (1 - eps) is computed as eps q_t - (1 - eps) sum_{j != t} q_j: in a
+// confident row q_t - 1 rounds to 0 in float32 once q_t > 1 - 6e-8, while the sum of the other
+// classes' probabilities, accumulated beside the online sum, keeps its relative accuracy (a true
+// class 30 above the rest gets about -C e^-30, not 0).
 #include "softmax_common.cuh"
 
 template <typename T, int VEC>
@@ -22,13 +27,18 @@ __device__ void cross_entropy_row(const T* __restrict__ logits, long long target
     const bool bad = valid && (target < 0 || target >= n_cols);
     MaxSum<A> s{neg_inf<A>(), A(0)};
     A sum_z = A(0);
+    A rest = A(0);  // sum over j != target of e^(z_j - s.m), rescaled with s.m as s.d is
     A cache[ITEMS][VEC];
-    // 1. One read of the row: the online (max, sum) and, for smoothing, sum_j z_j.
-    read_packs<T, VEC, ITEMS>(logits, n_packs, cached, cache, [&](const A (&v)[VEC], long long) {
+    // 1. One read of the row: the online (max, sum) and the sum without the target, and for
+    //    smoothing sum_j z_j.
+    read_packs<T, VEC, ITEMS>(logits, n_packs, cached, cache, [&](const A (&v)[VEC], long long p) {
 #pragma unroll
         for (int k = 0; k < VEC; ++k) sum_z += v[k];
-        s = add_pack<A, VEC>(s, v);
+        const long long first = p * VEC;  // the target's place in this pack, or -1
+        const int skip = target >= first && target < first + VEC ? int(target - first) : -1;
+        s = add_pack<A, VEC>(s, rest, v, skip);
     });
+    const A own_m = s.m;
     s = block_merge(s);
     if (smoothing > 0.f) sum_z = block_sum(sum_z);
     const A log_d = log_acc(s.d), inv_d = A(1) / s.d, lse = s.m + log_d;
@@ -49,11 +59,16 @@ __device__ void cross_entropy_row(const T* __restrict__ logits, long long target
     }
     if (grad == nullptr) return;
 
-    // 3. The gradient, from registers or a second read.
-    const A scale = *grad_scale, m = s.m;
+    // 3. The gradient, from registers or a second read. Each thread's rest is brought to the
+    //    row maximum before the block sums it (a thread that saw only -inf adds nothing).
+    const A m = s.m;
+    rest = own_m == neg_inf<A>() ? A(0) : rest * exp_acc(own_m - m);
+    if (valid) rest = block_sum(rest);  // valid is the same for the whole block
+    const A scale = *grad_scale, keep = 1.f - smoothing, other_q = rest * inv_d;
     const A nan = __int_as_float(0x7fc00000);
     write_packs<T, VEC, ITEMS>(logits, grad, n_packs, cached, cache, [&](A z, long long j) {
-        const A g = exp_acc(z - m) * inv_d - uniform - (j == target ? 1.f - smoothing : 0.f);
+        const A q = exp_acc(z - m) * inv_d;
+        const A g = (j == target ? smoothing * q - keep * other_q : q) - uniform;
         return bad ? nan : valid ? g * scale : (g == g ? A(0) : g);  // NaN logits: NaN, as torch
     });
 }

@@ -74,17 +74,33 @@ __device__ __forceinline__ MaxSum<A> merge(MaxSum<A> a, MaxSum<A> b) {
     return MaxSum<A>{m, a.d * exp_acc(a.m - m) + b.d * exp_acc(b.m - m)};
 }
 
-// Adds VEC values at once: one rescale of the running sum per pack, one exp per value.
+// Adds VEC values at once: one rescale of the running sum per pack, one exp per value. Also
+// keeps `rest`, the sum of e^(v_k - m) over the values other than v[skip], rescaled with the
+// running maximum exactly as the sum is (skip outside [0, VEC) leaves out nothing; rest then
+// follows d). The cross-entropy uses it for the target's q_t - 1 = -rest / d, which keeps its
+// relative accuracy where 1 - q_t would cancel to 0.
 template <typename A, int VEC>
-__device__ __forceinline__ MaxSum<A> add_pack(MaxSum<A> s, const A (&v)[VEC]) {
+__device__ __forceinline__ MaxSum<A> add_pack(MaxSum<A> s, A& rest, const A (&v)[VEC], int skip) {
     A m = s.m;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) m = max_acc(m, v[k]);
     if (m == neg_inf<A>()) return s;
-    A d = s.d * exp_acc(s.m - m);
+    const A rescale = exp_acc(s.m - m);
+    A d = s.d * rescale, r = rest * rescale;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) d += exp_acc(v[k] - m);
+    for (int k = 0; k < VEC; ++k) {
+        const A e = exp_acc(v[k] - m);
+        d += e;
+        r += k == skip ? A(0) : e;
+    }
+    rest = r;
     return MaxSum<A>{m, d};
+}
+
+template <typename A, int VEC>
+__device__ __forceinline__ MaxSum<A> add_pack(MaxSum<A> s, const A (&v)[VEC]) {
+    A unused = A(0);  // the compiler drops it
+    return add_pack<A, VEC>(s, unused, v, -1);
 }
 
 // Warp shuffle, then shared memory across warps; every thread gets the row's state.

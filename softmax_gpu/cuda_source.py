@@ -2,14 +2,58 @@
 
 NVRTC gets one translation unit: the shared header (without its #pragma once, which
 compilers warn about in a main file), then each .cu file with its #include of the header
-removed. Pure Python (no torch, no CuPy), so CI can compile the exact same
-text with nvcc.
+removed, compiled with NVRTC_OPTIONS. The kernel names the host code launches come from
+kernel_name() here too. Pure Python (no torch, no CuPy), so CI can compile the exact same
+text with the same options, through the NVRTC library and with nvcc.
 """
 import importlib
 import os
 
 HEADER = "softmax_common.cuh"
 SOURCES = ("online_softmax.cu", "cross_entropy.cu")
+
+# The options softmax_gpu.cupy passes to cupy.RawModule, and CI to the NVRTC library. CuPy
+# itself appends "-ftz=true" after the caller's options on every RawModule compile (as it has
+# since its first compile_with_cache), and NVRTC obeys the last -ftz it is given, so
+# "-ftz=false" here would be overridden, with a warning. Flush-to-zero is therefore chosen on
+# purpose and written out, so the binary CI inspects is the one CuPy builds. What it costs:
+# float32 operations read and write subnormals (|x| < 2^-126 = 1.2e-38) as 0. A softmax
+# probability or gradient entry below 1.2e-38 comes back 0 where torch (built without ftz) can
+# return a float32/bfloat16 subnormal; float16 results are unaffected (its smallest subnormal is
+# 6e-8), float64 is never flushed, and lse and the loss are unaffected (the row sum is >= 1). The
+# Triton kernels' exp (ex2.approx.ftz.f32) flushes the same way.
+NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
+
+# dtype name -> the type suffix of the kernels; the dtypes each kernel family takes.
+TYPE_NAMES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
+ITEMSIZES = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
+FAMILIES = {
+    "softmax_fwd": ("float32", "float64", "float16", "bfloat16"),
+    "softmax_bwd": ("float32", "float64", "float16", "bfloat16"),
+    "cross_entropy": ("float32", "float16", "bfloat16"),
+}
+
+
+def pack_width(dtype_name: str) -> int:
+    """Elements in a 128-bit pack, the width of a vectorised kernel."""
+    return 16 // ITEMSIZES[dtype_name]
+
+
+def kernel_name(family: str, dtype_name: str, vec: int) -> str:
+    """The extern "C" name of one kernel, e.g. softmax_fwd_f32_v4."""
+    if dtype_name not in FAMILIES[family] or vec not in (1, pack_width(dtype_name)):
+        raise ValueError(f"no {family} kernel for {dtype_name} with packs of {vec}")
+    return f"{family}_{TYPE_NAMES[dtype_name]}_v{vec}"
+
+
+def kernel_names() -> list:
+    """Every kernel name softmax_gpu.cupy can launch."""
+    return sorted(
+        kernel_name(family, dtype, vec)
+        for family, dtypes in FAMILIES.items()
+        for dtype in dtypes
+        for vec in (1, pack_width(dtype))
+    )
 
 
 def kernels_folder() -> str:

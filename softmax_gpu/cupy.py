@@ -1,11 +1,13 @@
 """softmax_gpu for CuPy arrays: the online softmax and fused cross-entropy in CUDA C.
 
 The kernels (kernels/online_softmax.cu, kernels/cross_entropy.cu, shipped in the wheel as
-softmax_gpu/kernels) are compiled at first use by NVRTC through cupy.RawModule for the
-current card and cached by CuPy on disk. Importing this module never imports torch.
+softmax_gpu/kernels) are compiled at first use on each device by NVRTC through
+cupy.RawModule, with cuda_source.NVRTC_OPTIONS, and cached by CuPy on disk; each kernel
+function is looked up once per (device, name). Every call runs and allocates on the device
+of its input array, whatever the current device. Importing this module never imports torch.
 Inputs are CuPy arrays or anything that speaks DLPack (a torch CUDA tensor, say); outputs
 are CuPy arrays. float32, float64 (softmax only) and float16; bfloat16 where CuPy can hold
-it (an array whose dtype is named 'bfloat16').
+it (CuPy >= 14 with ml_dtypes: an array whose dtype is named 'bfloat16').
 
     from softmax_gpu import cupy as sgc
     y = sgc.softmax(x, axis=-1)
@@ -35,16 +37,27 @@ if _device_count() == 0:
 import numpy as np  # noqa: E402
 
 from .config import cuda_threads  # noqa: E402
-from .cuda_source import cuda_source  # noqa: E402
+from .cuda_source import FAMILIES, NVRTC_OPTIONS, cuda_source, kernel_name, pack_width  # noqa: E402
 
-TYPE_NAMES = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16"}
 REDUCTIONS = ("none", "mean", "sum")
 
 
 @functools.lru_cache(maxsize=None)
-def _module() -> "cupy.RawModule":
-    """All kernels, compiled by NVRTC for this card on first use (CuPy caches the binary)."""
-    return cupy.RawModule(code=cuda_source(), options=("-std=c++17",))
+def _module(device_id: int) -> "cupy.RawModule":
+    """All kernels for one device; NVRTC compiles them there on first use (CuPy caches the binary)."""
+    return cupy.RawModule(code=cuda_source(), options=NVRTC_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _function(device_id: int, name: str) -> "cupy.RawKernel":
+    """One compiled kernel on one device, looked up once. Call with that device current."""
+    return _module(device_id).get_function(name)
+
+
+def _kernel(family: str, a, vec: int) -> "cupy.RawKernel":
+    """The `family` kernel for array a's dtype and packs of vec, on a's device (call inside
+    `with a.device:`, so that a first use compiles it there)."""
+    return _function(a.device.id, kernel_name(family, a.dtype.name, vec))
 
 
 def _as_cupy(x, name: str):
@@ -55,11 +68,17 @@ def _as_cupy(x, name: str):
     raise TypeError(f"softmax_gpu.cupy: '{name}' must be a CuPy array or support DLPack, not {type(x).__name__}")
 
 
-def _type_name(a, fn: str, allowed=TYPE_NAMES) -> str:
-    name = TYPE_NAMES.get(a.dtype.name) if a.dtype.name in allowed else None
-    if name is None:
+def _check_dtype(a, fn: str, family: str) -> None:
+    allowed = FAMILIES[family]
+    if a.dtype.name not in allowed:
         raise TypeError(f"{fn}: expected a {' / '.join(allowed)} array, got {a.dtype}")
-    return name
+
+
+def _same_device(fn: str, **arrays) -> None:
+    (first, a), *others = arrays.items()
+    for name, b in others:
+        if b.device != a.device:
+            raise ValueError(f"{fn}: '{name}' is on device {b.device.id} but '{first}' is on device {a.device.id}")
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -84,7 +103,7 @@ def _row_stride(a) -> int:
 
 def _vector_width(n_cols: int, *arrays) -> int:
     """16 bytes of elements when every row of every array starts 16-byte aligned, else 1."""
-    vec = 16 // arrays[0].itemsize
+    vec = pack_width(arrays[0].dtype.name)
     aligned = all(a.data.ptr % 16 == 0 and (_row_stride(a) * a.itemsize) % 16 == 0 for a in arrays)
     return vec if aligned and n_cols % vec == 0 else 1
 
@@ -97,38 +116,39 @@ def _back(rows, moved_shape, axis: int, ndim: int):
 
 def _forward(x, axis: int, log: bool, fn: str):
     x = _as_cupy(x, "x")
-    type_name = _type_name(x, fn)
+    _check_dtype(x, fn, "softmax_fwd")
     axis = _axis(axis, x.ndim)
-    if x.size == 0:
-        return cupy.empty_like(x)
-    rows, moved_shape = _rows(x, axis)
-    out = cupy.empty(rows.shape, dtype=x.dtype)
-    n_rows, n_cols = rows.shape
-    vec = _vector_width(n_cols, rows, out)
-    kernel = _module().get_function(f"softmax_fwd_{type_name}_v{vec}")
-    kernel((n_rows,), (cuda_threads(n_cols, vec),),
-           (rows, out, np.int64(_row_stride(rows)), np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
-    return _back(out, moved_shape, axis, x.ndim)
+    with x.device:
+        if x.size == 0:  # (N, 0), (0, C), ...: nothing to launch
+            return cupy.empty_like(x)
+        rows, moved_shape = _rows(x, axis)
+        out = cupy.empty(rows.shape, dtype=x.dtype)
+        n_rows, n_cols = rows.shape
+        vec = _vector_width(n_cols, rows, out)
+        _kernel("softmax_fwd", x, vec)((n_rows,), (cuda_threads(n_cols, vec),),
+            (rows, out, np.int64(_row_stride(rows)), np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+        return _back(out, moved_shape, axis, x.ndim)
 
 
 def _backward(y, dy, axis: int, log: bool, fn: str):
     y, dy = _as_cupy(y, "y"), _as_cupy(dy, "dy")
-    type_name = _type_name(y, fn)
+    _check_dtype(y, fn, "softmax_bwd")
     if dy.shape != y.shape or dy.dtype != y.dtype:
         raise ValueError(f"{fn}: y {y.shape} {y.dtype} and dy {dy.shape} {dy.dtype} must match")
+    _same_device(fn, y=y, dy=dy)
     axis = _axis(axis, y.ndim)
-    if y.size == 0:
-        return cupy.empty_like(y)
-    y_rows, moved_shape = _rows(y, axis)
-    dy_rows, _ = _rows(dy, axis)
-    dx = cupy.empty(y_rows.shape, dtype=y.dtype)
-    n_rows, n_cols = y_rows.shape
-    vec = _vector_width(n_cols, y_rows, dy_rows, dx)
-    kernel = _module().get_function(f"softmax_bwd_{type_name}_v{vec}")
-    kernel((n_rows,), (cuda_threads(n_cols, vec, arrays_cached=2),),
-           (y_rows, dy_rows, dx, np.int64(_row_stride(y_rows)), np.int64(_row_stride(dy_rows)),
-            np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
-    return _back(dx, moved_shape, axis, y.ndim)
+    with y.device:
+        if y.size == 0:
+            return cupy.empty_like(y)
+        y_rows, moved_shape = _rows(y, axis)
+        dy_rows, _ = _rows(dy, axis)
+        dx = cupy.empty(y_rows.shape, dtype=y.dtype)
+        n_rows, n_cols = y_rows.shape
+        vec = _vector_width(n_cols, y_rows, dy_rows, dx)
+        _kernel("softmax_bwd", y, vec)((n_rows,), (cuda_threads(n_cols, vec, arrays_cached=2),),
+            (y_rows, dy_rows, dx, np.int64(_row_stride(y_rows)), np.int64(_row_stride(dy_rows)),
+             np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+        return _back(dx, moved_shape, axis, y.ndim)
 
 
 def softmax(x, axis: int = -1):
@@ -159,11 +179,13 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
     the per-row losses), in the logits' dtype, from the same single pass. Semantics as
     torch.nn.functional.cross_entropy: rows whose target is ignore_index count for nothing,
     "mean" divides by the number of the others (NaN when there are none). A target outside
-    [0, C) gives NaN for its row; it is never used as an address.
+    [0, C) gives NaN for its row; it is never used as an address. With C == 0 every target
+    is out of range: loss NaN, except 0 for ignored rows, and an (N, 0) grad. logits and
+    target must be on the same device; the work runs there.
     """
     fn = "softmax_gpu.cupy.cross_entropy"
     logits, target = _as_cupy(logits, "logits"), _as_cupy(target, "target")
-    type_name = _type_name(logits, fn, allowed=("float32", "float16", "bfloat16"))
+    _check_dtype(logits, fn, "cross_entropy")
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"{fn}: expected (N, C) logits and (N,) targets, got {logits.shape} and {target.shape}")
     if target.dtype.kind not in "iu":
@@ -172,22 +194,31 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
         raise ValueError(f"{fn}: {reduction!r} is not a valid value for reduction (expected one of {REDUCTIONS})")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
+    _same_device(fn, logits=logits, target=target)
+    ignore_index = np.int64(ignore_index)
     n_rows, n_cols = logits.shape
-    target = cupy.ascontiguousarray(target, dtype=cupy.int64)
-    counted = (target != ignore_index).sum(dtype=cupy.float32)  # on the device: no sync
-    scale = (1.0 / counted if reduction == "mean" else cupy.ones((), cupy.float32)).astype(cupy.float32)
-    loss = cupy.empty(n_rows, dtype=cupy.float32)
-    lse = cupy.empty(n_rows, dtype=cupy.float32)
-    if logits.strides[-1] != logits.itemsize:
-        logits = cupy.ascontiguousarray(logits)
-    grad = cupy.empty(logits.shape, dtype=logits.dtype)
-    if n_rows and n_cols:
-        vec = _vector_width(n_cols, logits, grad)
-        kernel = _module().get_function(f"cross_entropy_{type_name}_v{vec}")
-        kernel((n_rows,), (cuda_threads(n_cols, vec),),
-               (logits, target, loss, lse, grad, np.int64(_row_stride(logits)), np.int64(n_cols),
-                np.int32(n_cols), np.int64(ignore_index), np.float32(label_smoothing), scale))  # fmt: skip
-    if reduction == "none":
-        return loss, grad
-    total = loss.sum()
-    return (total / counted if reduction == "mean" else total), grad
+    with logits.device:
+        target = cupy.ascontiguousarray(target, dtype=cupy.int64)
+        ignored = target == ignore_index
+        counted = (~ignored).sum(dtype=cupy.float32)  # on the device: no sync
+        scale = (1.0 / counted if reduction == "mean" else cupy.ones((), cupy.float32)).astype(cupy.float32)
+        if logits.strides[-1] != logits.itemsize:
+            logits = cupy.ascontiguousarray(logits)
+        grad = cupy.empty(logits.shape, dtype=logits.dtype)
+        if n_cols == 0:
+            # No class exists: every target but ignore_index is out of range, so its row's loss
+            # is NaN (the rule for any out-of-range target) and an ignored row's is 0, as torch
+            # gives for ignored rows. Nothing to launch.
+            loss = cupy.where(ignored, cupy.zeros((), cupy.float32), cupy.full((), np.nan, cupy.float32))
+        else:
+            loss = cupy.empty(n_rows, dtype=cupy.float32)
+            lse = cupy.empty(n_rows, dtype=cupy.float32)
+            if n_rows:
+                vec = _vector_width(n_cols, logits, grad)
+                _kernel("cross_entropy", logits, vec)((n_rows,), (cuda_threads(n_cols, vec),),
+                    (logits, target, loss, lse, grad, np.int64(_row_stride(logits)), np.int64(n_cols),
+                     np.int32(n_cols), ignore_index, np.float32(label_smoothing), scale))  # fmt: skip
+        if reduction == "none":
+            return loss, grad
+        total = loss.sum()
+        return (total / counted if reduction == "mean" else total), grad

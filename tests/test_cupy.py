@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from softmax_gpu import config, reference
+from softmax_gpu.cuda_source import NVRTC_OPTIONS, cuda_source, kernel_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +73,8 @@ def test_nvcc_compiles_every_kernel_without_spills_and_vectorised():
     if reports is None:
         pytest.skip("nvcc is not installed")
     table = format_cuda_table(reports)
-    names = {r.kernel for r in reports}
-    for kind, types in (("softmax_fwd", "f32 f64 f16 bf16"), ("softmax_bwd", "f32 f64 f16 bf16"), ("cross_entropy", "f32 f16 bf16")):
-        for t in types.split():
-            assert f"{kind}_{t}_v1" in names and any(n.startswith(f"{kind}_{t}_v") and not n.endswith("_v1") for n in names)
+    for arch in (80, 90):  # exactly the kernels the host code can launch
+        assert sorted(r.kernel for r in reports if r.arch == arch) == kernel_names(), table
     assert {r.arch for r in reports} == {80, 90}
     assert all(r.local == 0 for r in reports), table
     assert all(r.unvectorised_loads == 0 for r in reports), table
@@ -86,16 +85,125 @@ def test_nvrtc_source_is_one_valid_translation_unit(tmp_path):
     """The exact text softmax_gpu.cupy gives NVRTC compiles on its own (here with nvcc)."""
     import shutil
 
-    from softmax_gpu.cuda_source import cuda_source
-
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
     source = tmp_path / "all_kernels.cu"
     source.write_text(cuda_source())
-    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-std=c++17", "-Werror", "all-warnings",
+    out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", *NVRTC_OPTIONS, "-Werror", "all-warnings",
                           "-o", str(tmp_path / "k.cubin"), str(source)], capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert '#include "softmax_common.cuh"' not in source.read_text()
+
+
+# What cupy.RawModule adds after the caller's options before NVRTC compiles (CuPy 13-14,
+# cupy/cuda/compiler.py: _compile_with_cache_cuda and _compile_using_nvrtc_no_warning), for a
+# card of compute capability `arch`. CuPy also puts -I options for its own headers around the
+# caller's; the source includes nothing (checked below), so they change nothing and are left out.
+def cupy_appended_options(arch: int) -> tuple:
+    return ("-ftz=true", f"-arch=sm_{arch}", "--device-as-default-execution-space")
+
+
+def nvrtc_libraries() -> list:
+    """The NVRTC shared libraries found here: the nvidia-cuda-nvrtc wheels' (the test extra
+    installs one on Linux), then the system's."""
+    import ctypes.util
+    import importlib.util
+
+    found = []
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found += sorted(str(p) for p in Path(root).glob("*/lib/libnvrtc.so*") if "builtins" not in p.name)
+    system = ctypes.util.find_library("nvrtc")
+    return found + ([system] if system else [])
+
+
+class Nvrtc:
+    """The few NVRTC calls CuPy makes to build a module, through ctypes (no GPU needed)."""
+
+    def __init__(self, path: str):
+        import ctypes
+
+        self.ctypes, self.lib = ctypes, ctypes.CDLL(path)
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+        self.version = (major.value, minor.value)
+
+    def _check(self, result):
+        if result != 0:
+            self.lib.nvrtcGetErrorString.restype = self.ctypes.c_char_p
+            raise RuntimeError(f"NVRTC error {result}: {self.lib.nvrtcGetErrorString(result).decode()}")
+
+    def _bytes(self, program, size_fn, get_fn) -> bytes:
+        size = self.ctypes.c_size_t()
+        self._check(size_fn(program, self.ctypes.byref(size)))
+        buffer = self.ctypes.create_string_buffer(size.value)
+        self._check(get_fn(program, buffer))
+        return buffer.raw[: size.value]
+
+    def compile(self, source: str, options) -> tuple:
+        """(exit code, log, PTX, CUBIN); PTX and CUBIN are empty when compilation failed."""
+        ct, lib = self.ctypes, self.lib
+        program = ct.c_void_p()
+        self._check(lib.nvrtcCreateProgram(ct.byref(program), source.encode(), b"kern.cu", 0, None, None))
+        try:
+            opts = (ct.c_char_p * len(options))(*[o.encode() for o in options])
+            result = lib.nvrtcCompileProgram(program, len(options), opts)
+            log = self._bytes(program, lib.nvrtcGetProgramLogSize, lib.nvrtcGetProgramLog).rstrip(b"\0").decode()
+            if result != 0:
+                return result, log, "", b""
+            ptx = self._bytes(program, lib.nvrtcGetPTXSize, lib.nvrtcGetPTX).rstrip(b"\0").decode()
+            cubin = self._bytes(program, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN)
+            return result, log, ptx, cubin
+        finally:
+            lib.nvrtcDestroyProgram(ct.byref(program))
+
+
+# float32 PTX instructions that have a flush-to-zero form; -ftz=true gives every one of them .ftz.
+FTZ_CAPABLE = re.compile(r"^\s*((?:abs|neg|add|sub|mul|fma|div|rcp|sqrt|rsqrt|ex2|lg2|min|max|setp)(?:\.\w+)*\.f32)\s", re.M)
+
+
+def test_ftz_is_chosen_explicitly_and_is_what_cupy_compiles_with():
+    """NVRTC obeys the last -ftz it is given and CuPy appends -ftz=true after our options: our
+    explicit choice must be that same value, or the module would silently get CuPy's."""
+    ours = [o for o in NVRTC_OPTIONS if o.startswith("-ftz=")]
+    effective = [o for o in NVRTC_OPTIONS + cupy_appended_options(90) if o.startswith("-ftz=")][-1]
+    assert ours == [effective] == ["-ftz=true"]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_nvrtc_library_builds_the_module_cupy_builds(arch, tmp_path):
+    """The real NVRTC library compiles cuda_source() with NVRTC_OPTIONS plus what CuPy appends,
+    as cupy.RawModule does on an sm_80 / sm_90 card: no warnings, every kernel the host code
+    launches is in the module, the flush-to-zero choice shows on every float32 instruction
+    that has the modifier, and the cubin keeps all in registers."""
+    libraries = nvrtc_libraries()
+    if not libraries:
+        pytest.skip("no NVRTC library here (pip install nvidia-cuda-nvrtc; the test extra installs it on Linux)")
+    source = cuda_source()
+    assert "#include" not in source  # so CuPy's -I options cannot change the result
+    options = NVRTC_OPTIONS + cupy_appended_options(arch)
+    ftz = [o for o in options if o.startswith("-ftz=")][-1] == "-ftz=true"
+    nvrtc = Nvrtc(libraries[0])
+    result, log, ptx, cubin = nvrtc.compile(source, options)
+    assert result == 0, log
+    assert log.strip() == "", f"NVRTC {nvrtc.version} warned:\n{log}"
+    assert f".target sm_{arch}" in ptx and cubin[:4] == b"\x7fELF"
+    assert sorted(re.findall(r"\.entry (\w+)\(", ptx)) == kernel_names()
+    ops = FTZ_CAPABLE.findall(ptx)
+    assert any(op.startswith("ex2.") for op in ops) and any(op.startswith("fma.") for op in ops)
+    wrong = sorted({op for op in ops if (".ftz." in op) != ftz})
+    assert not wrong, f"{'-ftz=true' if ftz else '-ftz=false'} but these float32 instructions disagree: {wrong}"
+    from bench.compile_report import _tool
+
+    cuobjdump = _tool("cuobjdump")
+    if not Path(cuobjdump).exists():
+        return  # triton ships cuobjdump; without it, no resource check
+    (tmp_path / "k.cubin").write_bytes(cubin)
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    functions = re.findall(r"Function (\w+):\s*\n\s*(.*)", usage.stdout)
+    assert sorted(name for name, _ in functions) == kernel_names(), usage.stdout + usage.stderr
+    spilled = [name for name, fields in functions if re.search(r"LOCAL:[1-9]|STACK:[1-9]", fields)]
+    assert not spilled, usage.stdout
 
 
 # ---------------------------------------------------------------------------------------
@@ -203,3 +311,135 @@ def test_gpu_accepts_dlpack_tensors():
     x = torch.randn(4, 33, device="cuda")
     y = sgc.softmax(x)
     np.testing.assert_allclose(torch.from_dlpack(y).cpu().numpy(), torch.softmax(x, -1).cpu().numpy(), rtol=2e-6, atol=1e-7)
+
+
+def _bfloat16():
+    """CuPy's bfloat16 dtype (ml_dtypes.bfloat16, CuPy >= 14), or a skip that says why not."""
+    import cupy
+
+    if int(cupy.__version__.split(".")[0]) < 14:
+        pytest.skip(f"CuPy {cupy.__version__} cannot hold bfloat16 arrays (CuPy >= 14 with ml_dtypes can)")
+    return pytest.importorskip("ml_dtypes", reason="CuPy's bfloat16 arrays need ml_dtypes").bfloat16
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("n_cols", [70, 1024, 20000, 20001])  # scalar / vectorised; read once / streamed
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_gpu_confident_rows_keep_the_true_class_gradient(dtype, n_cols, smoothing):
+    """The true class 30 above the rest: q_t - 1 is exactly 0 in float32, yet the exact
+    gradient (about -C e^-30, or dominated by smoothing) must come out to ~1% relative."""
+    import cupy
+
+    np_dtype = _bfloat16() if dtype == "bfloat16" else np.float32
+    rng = np.random.default_rng(n_cols)
+    logits = rng.standard_normal((4, n_cols))
+    target = np.array([3, n_cols - 1, n_cols // 2, 40])
+    logits[np.arange(4), target] = logits.max() + 30.0
+    logits[3, 41] = logits[3, 40] + 1  # one row where the target is not the maximum
+    logits = logits.astype(np_dtype)
+    _, grad = sgc.cross_entropy(cupy.asarray(logits), cupy.asarray(target), reduction="sum", label_smoothing=smoothing)
+    _, exp_grad = reference.cross_entropy(logits.astype(np.float64), target, reduction="sum", label_smoothing=smoothing)
+    got = cupy.asnumpy(grad)[np.arange(4), target].astype(np.float64)
+    want = exp_grad[np.arange(4), target]
+    if smoothing == 0:
+        assert (want[:3] > -1e-6).all() and (got[:3] < 0).all(), got  # tiny, yet not 0
+    np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == "float32" else 2e-2)
+
+
+@needs_gpu
+def test_gpu_runs_on_the_input_device_not_the_current_one():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(1)
+    x_host = rng.standard_normal((5, 64)).astype(np.float32)
+    target_host = np.array([1, 2, 3, -100, 63])
+    with cupy.cuda.Device(1):
+        x, target = cupy.asarray(x_host), cupy.asarray(target_host)
+    with cupy.cuda.Device(0):
+        y, ly = sgc.softmax(x), sgc.log_softmax(x)
+        dx, ldx = sgc.softmax_backward(y, y), sgc.log_softmax_backward(ly, y)
+        loss, grad = sgc.cross_entropy(x, target, reduction="none")
+        assert cupy.cuda.runtime.getDevice() == 0  # the caller's device is left as it was
+        assert [a.device.id for a in (y, ly, dx, ldx, loss, grad)] == [1] * 6
+        x64 = x_host.astype(np.float64)
+        np.testing.assert_allclose(cupy.asnumpy(y), reference.softmax(x64), rtol=2e-6, atol=1e-7)
+        np.testing.assert_allclose(cupy.asnumpy(ly), reference.log_softmax(x64), rtol=2e-5, atol=2e-5)
+        exp_loss, exp_grad = reference.cross_entropy(x64, target_host, reduction="none")
+        np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(cupy.asnumpy(grad), exp_grad, rtol=2e-5, atol=2e-6)
+        on_zero = cupy.asarray(target_host)
+        with pytest.raises(ValueError, match="device"):
+            sgc.cross_entropy(x, on_zero)
+        with pytest.raises(ValueError, match="device"):
+            sgc.softmax_backward(y, cupy.asarray(x_host))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gpu_no_classes(dtype):
+    """C == 0: every target but ignore_index is out of range (NaN loss), ignored rows give 0
+    and "mean" over no counted rows NaN, as torch; nothing is launched or left uninitialised."""
+    import cupy
+
+    logits = cupy.empty((3, 0), dtype)
+    target = cupy.asarray([0, -100, 2])
+    stale = cupy.full(3, 7.0, cupy.float32)  # memory the pool may hand out again: not read back
+    del stale
+    loss, grad = sgc.cross_entropy(logits, target, reduction="none")
+    assert grad.shape == (3, 0) and grad.dtype == logits.dtype
+    loss = cupy.asnumpy(loss)
+    assert np.isnan(loss[0]) and loss[1] == 0 and np.isnan(loss[2])
+    assert np.isnan(float(sgc.cross_entropy(logits, target, reduction="sum")[0]))
+    ignored = cupy.full(3, -100)
+    assert float(sgc.cross_entropy(logits, ignored, reduction="sum")[0]) == 0.0
+    assert np.isnan(float(sgc.cross_entropy(logits, ignored, reduction="mean")[0]))
+    for fn in (sgc.softmax, sgc.log_softmax):
+        assert fn(logits).shape == (3, 0)
+    for fn in (sgc.softmax_backward, sgc.log_softmax_backward):
+        assert fn(logits, logits).shape == (3, 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_cols", [7, 1024, 20000])  # scalar, vectorised, streamed
+def test_gpu_bfloat16(n_cols):
+    import cupy
+
+    bf16 = _bfloat16()
+    rng = np.random.default_rng(n_cols)
+    x = (3 * rng.standard_normal((4, n_cols))).astype(bf16)
+    x64 = x.astype(np.float64)
+    y = sgc.softmax(cupy.asarray(x))
+    assert y.dtype.name == "bfloat16"
+    np.testing.assert_allclose(cupy.asnumpy(y).astype(np.float64), reference.softmax(x64), rtol=8e-3, atol=1e-6)
+    ly = cupy.asnumpy(sgc.log_softmax(cupy.asarray(x))).astype(np.float64)
+    np.testing.assert_allclose(ly, reference.log_softmax(x64), rtol=8e-3, atol=8e-3)
+    y_in = reference.softmax(x64).astype(bf16)
+    dy = rng.standard_normal((4, n_cols)).astype(bf16)
+    dx = cupy.asnumpy(sgc.softmax_backward(cupy.asarray(y_in), cupy.asarray(dy))).astype(np.float64)
+    want = reference.softmax_backward(y_in.astype(np.float64), dy.astype(np.float64))
+    np.testing.assert_allclose(dx, want, rtol=1e-2, atol=1e-6)
+    target = rng.integers(0, n_cols, 4)
+    target[1] = -100
+    loss, grad = sgc.cross_entropy(cupy.asarray(x), cupy.asarray(target), label_smoothing=0.1)
+    exp_loss, exp_grad = reference.cross_entropy(x64, target, label_smoothing=0.1)
+    assert loss.dtype == np.float32 and grad.dtype.name == "bfloat16"
+    np.testing.assert_allclose(float(loss), exp_loss, rtol=1e-4)  # float32 math on exact bf16 inputs
+    np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=1e-2, atol=1e-2 / n_cols)
+
+
+@needs_gpu
+def test_gpu_kernels_are_looked_up_once_per_device():
+    import cupy
+
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    sgc.softmax(x)
+    before = sgc._function.cache_info()
+    sgc.softmax(x)
+    after = sgc._function.cache_info()
+    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    kernel = sgc._kernel("softmax_fwd", x, 4)
+    assert kernel is sgc._kernel("softmax_fwd", x, 4) and kernel.name == "softmax_fwd_f32_v4"
+    assert sgc._module(x.device.id) is sgc._module(x.device.id)
