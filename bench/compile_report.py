@@ -146,10 +146,13 @@ def cross_entropy_variants(quick: bool):
                         ("lse_ptr", acc),
                         ("grad_ptr", ptr),
                         ("stats_ptr", acc),
+                        ("reduced_ptr", acc),
+                        ("counter_ptr", "*i32"),
                         ("logits_row_stride", "i64"),
                         ("target_row_stride", "i64"),
                         ("grad_row_stride", "i64"),
                         ("grad_divisor_ptr", acc),
+                        ("n_rows", "i32"),
                         ("n_cols", "i32"),
                         ("ignore_index", "i64"),
                         ("label_smoothing", "fp32"),
@@ -163,8 +166,10 @@ def cross_entropy_variants(quick: bool):
                         # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
                         # both values compile, without doubling the report's time.
                         ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
-                        ("SAVE_STATS", grad and deferred), ("ACC_FP64", dtype == "fp64"),
-                        ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                        ("SAVE_STATS", grad and deferred),
+                        # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
+                        ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
+                        ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("REDUCE_BLOCK", config.REDUCE_BLOCK),
                     )  # fmt: skip
                     warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
@@ -185,6 +190,16 @@ def cross_entropy_variants(quick: bool):
                 warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                 yield Variant(module, "cross_entropy_backward_kernel", dtype,
                               sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+        for soft, has_weight in ((False, False), (False, True), (True, False)):
+            sig = (
+                ("target_ptr", ptr if soft else "*i64"), ("weight_ptr", "*fp32"), ("total_ptr", acc),
+                ("counter_ptr", "*i32"), ("target_row_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32"),
+                ("ignore_index", "i64"),
+            )  # fmt: skip
+            meta = (("SOFT_TARGET", soft), ("HAS_WEIGHT", has_weight), ("COMPUTE_TOTAL", True),
+                    ("ACC_FP64", dtype == "fp64"), ("BLOCK", config.REDUCE_BLOCK))  # fmt: skip
+            yield Variant(module, "cross_entropy_prepare_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                          meta, config.REDUCE_WARPS)
         if deferred:
             continue
         for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):

@@ -173,6 +173,74 @@ def row_target(target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_in
 
 
 @triton.jit
+def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
+                ACC_FP64: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+    """The last program to finish sums loss_ptr[0:n_rows] in row order (divided by
+    *divisor_ptr when DIVIDE) into *reduced_ptr. The barrier puts this program's loss store
+    before its release on the counter; the acquire of the last program's atomic, and loads
+    that bypass L1 (.cg), make every other program's loss visible to it."""
+    tl.debug_barrier()
+    done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if done == n_rows - 1:
+        r = tl.arange(0, REDUCE_BLOCK)
+        acc = acc_zeros(REDUCE_BLOCK, ACC_FP64)
+        for start in range(0, n_rows, REDUCE_BLOCK):
+            acc += to_acc(tl.load(loss_ptr + start + r, mask=start + r < n_rows, other=0.0, cache_modifier=".cg"),
+                          ACC_FP64)
+        total = tl.sum(acc, axis=0)
+        if DIVIDE:
+            total = total / to_acc(tl.load(divisor_ptr), ACC_FP64)
+        tl.store(reduced_ptr, total.to(reduced_ptr.dtype.element_ty))
+
+
+@triton.jit
+def cross_entropy_prepare_kernel(
+    target_ptr,
+    weight_ptr,
+    total_ptr,
+    counter_ptr,
+    target_row_stride,
+    n_rows,
+    n_cols,
+    ignore_index,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    COMPUTE_TOTAL: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program, run before cross_entropy_kernel when it reduces: zeroes the done-counter
+    and, with COMPUTE_TOTAL, writes the mean's divisor: the summed class weight of the rows
+    that are not ignored (their count without weights; n_rows for probability targets), or
+    NaN when a row's class index is out of range (never used as an address). Rows are summed
+    in order, so the total is the same bits every run. Bytes: one read of the targets."""
+    tl.store(counter_ptr, 0)
+    if COMPUTE_TOTAL:
+        if SOFT_TARGET:
+            total = to_acc(tl.full([], n_rows, tl.int32), ACC_FP64)
+        else:
+            r = tl.arange(0, BLOCK)
+            acc = acc_zeros(BLOCK, ACC_FP64)
+            n_bad = tl.zeros([BLOCK], tl.int32)
+            for start in range(0, n_rows, BLOCK):
+                rows = start + r
+                t = tl.load(target_ptr + rows.to(tl.int64) * target_row_stride, mask=rows < n_rows,
+                            other=ignore_index).to(tl.int64)
+                valid = (rows < n_rows) & (t != ignore_index)
+                in_range = (t >= 0) & (t < n_cols)
+                if HAS_WEIGHT:
+                    w = to_acc(tl.load(weight_ptr + t, mask=valid & in_range, other=0.0), ACC_FP64)
+                else:
+                    w = to_acc(tl.where(valid, 1.0, 0.0), ACC_FP64)
+                acc += w
+                n_bad += (valid & ~in_range).to(tl.int32)
+            total = tl.sum(acc, axis=0)
+            if HAS_WEIGHT:  # without weights a bad row counts 1, as torch's total does
+                total = tl.where(tl.sum(n_bad, axis=0) > 0, float("nan"), total)
+        tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+
+
+@triton.jit
 def cross_entropy_kernel(
     logits_ptr,
     target_ptr,
@@ -181,10 +249,13 @@ def cross_entropy_kernel(
     lse_ptr,
     grad_ptr,
     stats_ptr,
+    reduced_ptr,
+    counter_ptr,
     logits_row_stride,
     target_row_stride,
     grad_row_stride,
     grad_divisor_ptr,
+    n_rows,
     n_cols,
     ignore_index,
     label_smoothing,
@@ -201,9 +272,11 @@ def cross_entropy_kernel(
     COMPUTE_GRAD: tl.constexpr,
     DIVIDE_GRAD: tl.constexpr,
     SAVE_STATS: tl.constexpr,
+    REDUCE: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
 ):
     """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of row r = program_id(0).
 
@@ -218,7 +291,12 @@ def cross_entropy_kernel(
         coefficient of q_j in the gradient, all cross_entropy_backward_kernel needs besides
         the logits and target.
     grad_divisor_ptr: device scalar dividing the gradient (the total weight, for
-        reduction="mean"), read on device only when DIVIDE_GRAD, so the host never syncs.
+        reduction="mean"), read on device only when DIVIDE_GRAD (and by the reduction when
+        REDUCE == 2), so the host never syncs.
+    REDUCE: 0 leaves the per-row losses; 1 (sum) and 2 (mean, over *grad_divisor_ptr) also
+        write the reduced loss to reduced_ptr: every program counts itself done on counter_ptr
+        (zeroed by cross_entropy_prepare_kernel), and the last one sums the n_rows losses in
+        row order, REDUCE_BLOCK at a time, so the result is the same bits every run.
     label_smoothing, z_loss, softcap (float32) and their *_lo remainders: with ACC_FP64 the
         option is hi + lo in float64; otherwise the remainders are unused.
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
@@ -308,6 +386,8 @@ def cross_entropy_kernel(
     loss = tl.where(valid, loss, 0.0)
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+    if REDUCE != 0:
+        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
     if SAVE_STATS:
         stats_row = stats_ptr + row * 4
         tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))

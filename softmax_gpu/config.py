@@ -31,6 +31,11 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
 MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
 LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
+# Cross-entropy's reductions ("sum", "mean"): the one-program prepare kernel (the mean's total)
+# and the last program of the loss kernel (the sum of the row losses) step through rows
+# REDUCE_BLOCK at a time; the prepare kernel runs on REDUCE_WARPS warps.
+REDUCE_BLOCK = 1024
+REDUCE_WARPS = 4
 ELEMENTS_PER_THREAD = 16
 ELEMENTS_PER_THREAD_CROSS_ENTROPY = 8
 MIN_BLOCK_N = 16

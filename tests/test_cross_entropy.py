@@ -343,6 +343,18 @@ def test_deterministic(device):
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="counted in Triton's interpreter")
 
 
+def MEAN_LOADS(n):
+    """O(N) bytes a float32-stats forward+backward with reduction="mean" loads besides the
+    logits: targets twice (8 B each), the divisor, the upstream and the row loss (4 B each) per
+    row, and the divisor once more for the mean."""
+    return n * (8 + 8 + 4 + 4 + 4) + 4
+
+
+def MEAN_STORES(n):
+    """... and stores: loss and lse per row, then the counter, the total and the mean."""
+    return n * (4 + 4) + 12
+
+
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_forward_backward_reads_logits_once(dtype):
@@ -354,14 +366,16 @@ def test_traffic_forward_backward_reads_logits_once(dtype):
         loss = softmax_gpu.cross_entropy(logits, target)
         loss.backward()
     assert cross_entropy_config(c).single_block
-    # O(N) beyond the logits: the target (8 B), grad scale (4 B) and upstream (4 B) read per
-    # row, loss and lse (4 B each) written per row.
-    assert t.bytes_loaded == logits_bytes + n * (8 + 4 + 4)
-    assert t.bytes_stored == logits_bytes + n * (4 + 4)
+    # O(N) beyond the logits: per row the target (8 B) read twice (the mean's total, the loss),
+    # the grad scale, the upstream and the row loss (for the mean) read (4 B each); loss and
+    # lse written (4 B each); then the counter, the total and the mean (4 B each) and the
+    # mean's divisor read once more.
+    assert t.bytes_loaded == logits_bytes + MEAN_LOADS(n)
+    assert t.bytes_stored == logits_bytes + MEAN_STORES(n)
     with TrafficCounter() as looped, config.block_limit(32):
         softmax_gpu.cross_entropy(logits, target).backward()
-    assert looped.bytes_loaded == 2 * logits_bytes + n * (8 + 4 + 4)  # looped: 2 reads + 1 write
-    assert looped.bytes_stored == logits_bytes + n * (4 + 4)
+    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n)  # looped: 2 reads + 1 write
+    assert looped.bytes_stored == logits_bytes + MEAN_STORES(n)
 
 
 @interpreter_only
@@ -382,8 +396,8 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
     with TrafficCounter() as t:
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
     nc = n * c * 2
-    assert t.bytes_loaded == logit_reads * nc + n * (8 + 4 + 4)
-    assert t.bytes_stored == nc + n * (4 + 4)
+    assert t.bytes_loaded == logit_reads * nc + MEAN_LOADS(n)
+    assert t.bytes_stored == nc + MEAN_STORES(n)
 
 
 @interpreter_only
@@ -392,7 +406,8 @@ def test_traffic_no_grad_forward_reads_only():
     logits, target = torch.randn(n, c), torch.randint(0, c, (n,))
     with torch.no_grad(), TrafficCounter() as t:
         softmax_gpu.cross_entropy(logits, target)
-    assert t.bytes_loaded == n * c * 4 + n * 8 and t.bytes_stored == n * 8
+    # + the targets again and the row losses for the mean; counter, total and mean stored
+    assert t.bytes_loaded == n * c * 4 + n * (8 + 8 + 4) + 4 and t.bytes_stored == n * 8 + 12
 
 
 @interpreter_only
@@ -480,15 +495,15 @@ def _opcheck_samples(device):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         total = torch.tensor(3.0, device=device, dtype=acc)
         samples = (
-            (target, weight, total, (-100, 0.1, 1e-3, 5.0)),
-            (target.clamp(min=0), None, None, (3, 0.0, 0.0, None)),
-            (probs.to(dtype), weight, total, (-100, 0.2, 1e-2, 2.0)),
+            (target, weight, total, (-100, 0.1, 1e-3, 5.0, "mean")),
+            (target.clamp(min=0), None, None, (3, 0.0, 0.0, None, "none")),
+            (probs.to(dtype), weight, total, (-100, 0.2, 1e-2, 2.0, "sum")),
         )
         for tgt, w, divisor, options in samples if dtype == torch.float32 else samples[:1]:
             for compute_grad, save_stats in ((True, False), (False, True)):
-                yield ops.cross_entropy_forward.default, (logits, tgt, w, divisor, *options, compute_grad, save_stats)
-            yield ops.cross_entropy_forward_inplace.default, (logits.clone(), tgt, w, divisor, *options)
-            stats = ops.cross_entropy_forward.default(logits, tgt, w, divisor, *options, False, True)[3]
+                yield ops.cross_entropy_forward.default, (logits, tgt, w, *options, compute_grad, save_stats)
+            yield ops.cross_entropy_forward_inplace.default, (logits.clone(), tgt, w, *options)
+            stats = ops.cross_entropy_forward.default(logits, tgt, w, *options, False, True)[3]
             for upstream in (torch.tensor(2.0**16, device=device, dtype=acc), torch.rand(n, device=device, dtype=acc)):
                 eps, softcap = options[1], options[3]
                 yield ops.cross_entropy_backward.default, (logits, tgt, w, stats, upstream, divisor, options[0], eps, softcap)
@@ -663,3 +678,66 @@ def test_cuda_offsets_beyond_2_pow_32_elements():
         )
         assert abs(loss[row].item() - exp_loss) < 1e-4
         assert_matches(leaf.grad[row : row + 1].float(), exp_grad, 1e-2, 1e-6)
+
+
+# Ops that only allocate or re-view memory; anything else seen under the mode launches a kernel.
+_NO_LAUNCH = {"empty", "empty_like", "new_empty", "empty_strided", "view", "_unsafe_view", "reshape", "as_strided",
+              "alias", "detach", "t", "transpose", "permute", "expand", "select", "slice", "squeeze", "unsqueeze"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "kw", [{}, dict(weight=True, label_smoothing=0.1, z_loss=1e-3), dict(soft=True)], ids=["plain", "options", "soft"]
+)
+def test_forward_launches_at_most_two_kernels(reduction, kw, device, monkeypatch):
+    """A cross-entropy forward (with the gradient, for every reduction) launches the loss
+    kernel and, for "sum" and "mean", the one-program prepare kernel: nothing else. Triton
+    launches are counted at the launcher's kernels; torch ops under a dispatch mode, which
+    also routes the call through the custom ops, as torch.compile would."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import softmax_gpu.ops.cross_entropy as ce
+
+    class Counted:
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.launching = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if func.namespace != "softmax_gpu" and name not in _NO_LAUNCH:
+                self.launching.append(name)
+            return func(*args, **(kwargs or {}))
+
+    kw = dict(kw)
+    monkeypatch.setattr(ce, "_check_class_indices", lambda *args: None)  # CPU-only eager check (CUDA skips it)
+    n, c = 6, 40
+    logits = torch.randn(n, c, device=device, requires_grad=True)
+    if kw.pop("soft", False):
+        target = torch.softmax(torch.randn(n, c, device=device), -1)
+    else:
+        target = torch.randint(0, c, (n,), device=device)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(c, device=device)
+    kernels = {name: Counted(getattr(ce, name)) for name in ("cross_entropy_kernel", "cross_entropy_prepare_kernel")}
+    for name, counted in kernels.items():
+        monkeypatch.setattr(ce, name, counted)
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
+    with TorchOps() as mode:
+        loss = softmax_gpu.cross_entropy(logits, target, reduction=reduction, **kw)
+    triton_launches = sum(k.launches for k in kernels.values())
+    assert triton_launches == (1 if reduction == "none" else 2)
+    assert mode.launching == [], mode.launching
+    assert loss.shape == (() if reduction != "none" else (n,))
+    # the plain eager path (no mode) launches the same kernels
+    before = triton_launches
+    softmax_gpu.cross_entropy(logits, target, reduction=reduction, **kw)
+    assert sum(k.launches for k in kernels.values()) - before == triton_launches

@@ -135,11 +135,12 @@ def test_traffic_float16_reads_logits_twice_bfloat16_once():
             softmax_gpu.cross_entropy(logits, target).backward()
         counts[dtype] = (t.bytes_loaded, t.bytes_stored)
     nc = n * c * 2
-    # beyond N x C: bf16 reads target (8 B), divisor and upstream (4 B each) per row and writes
-    # loss, lse (4 B each); fp16 also writes 4 stats and reads them back, the target again,
-    # and reads the upstream and divisor once per row in the backward.
-    assert counts[torch.bfloat16] == (nc + n * (8 + 4 + 4), nc + n * (4 + 4))
-    assert counts[torch.float16] == (2 * nc + n * (8 + 8 + 16 + 4 + 4), nc + n * (4 + 4 + 16))
+    # beyond N x C, the mean's O(N) bytes (test_cross_entropy.MEAN_LOADS / MEAN_STORES);
+    # fp16 reads no divisor in the forward, writes 4 stats a row and reads them back, reads
+    # the target again, and the upstream and divisor once a row in the backward.
+    mean_loads, mean_stores = n * (8 + 8 + 4 + 4 + 4) + 4, n * (4 + 4) + 12
+    assert counts[torch.bfloat16] == (nc + mean_loads, nc + mean_stores)
+    assert counts[torch.float16] == (2 * nc + mean_loads - 4 * n + n * (8 + 16 + 4), nc + mean_stores + 16 * n)
 
 
 # ---------------------------------------------------------------------------------------

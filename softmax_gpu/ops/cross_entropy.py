@@ -32,7 +32,12 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
-from ..kernels.cross_entropy import cross_entropy_backward_kernel, cross_entropy_kernel, scale_grad_kernel
+from ..kernels.cross_entropy import (
+    cross_entropy_backward_kernel,
+    cross_entropy_kernel,
+    cross_entropy_prepare_kernel,
+    scale_grad_kernel,
+)
 from ..layout import as_rows
 from ..runtime import check_launchable, device_guard
 
@@ -89,10 +94,15 @@ def launch_cross_entropy(
     softcap: Optional[float],
     cfg: Optional[config.RowConfig] = None,
     stats: Optional[torch.Tensor] = None,
+    reduced: Optional[torch.Tensor] = None,
+    counter: Optional[torch.Tensor] = None,
+    reduction: str = "none",
 ) -> config.RowConfig:
     """Per-row loss and lse (float32; float64 for float64 logits) and, when grad is given,
     the gradient (may be logits itself); with stats ((N, 4), the accumulation dtype) the row
-    statistics launch_cross_entropy_backward needs.
+    statistics launch_cross_entropy_backward needs. For reduction "sum" / "mean" the reduced
+    loss goes to the 0-d `reduced`, using the int32 `counter` that launch_cross_entropy_prepare
+    zeroed (and for "mean" its total, passed as grad_divisor).
 
     logits (N, C) with unit column stride; target (N,) class indices or (N, C) probabilities
     with unit column stride; grad_divisor None, or a device scalar the gradient is divided
@@ -113,10 +123,13 @@ def launch_cross_entropy(
             lse_ptr=lse,
             grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
             stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
+            reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
+            counter_ptr=counter if counter is not None else target,
             logits_row_stride=logits.stride(0),
             target_row_stride=target.stride(0),
             grad_row_stride=grad.stride(0) if grad is not None else 0,
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
+            n_rows=n_rows,
             n_cols=n_cols,
             ignore_index=ignore_index,
             label_smoothing=eps,
@@ -133,12 +146,47 @@ def launch_cross_entropy(
             COMPUTE_GRAD=grad is not None,
             DIVIDE_GRAD=grad is not None and grad_divisor is not None,
             SAVE_STATS=stats is not None,
+            REDUCE=REDUCE_CODES[reduction],
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
+            REDUCE_BLOCK=config.REDUCE_BLOCK,
             num_warps=cfg.num_warps,
         )
     return cfg
+
+
+REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def launch_cross_entropy_prepare(
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    total: Optional[torch.Tensor],
+    counter: torch.Tensor,
+    n_classes: int,
+    ignore_index: int,
+) -> None:
+    """Zeroes `counter` and, when `total` (0-d, the accumulation dtype) is given, writes the
+    mean's divisor into it. One program; bytes: one read of the class indices."""
+    check_launchable("softmax_gpu.cross_entropy", cross_entropy_prepare_kernel, target)
+    with device_guard(target):
+        cross_entropy_prepare_kernel[(1,)](
+            target_ptr=target,
+            weight_ptr=weight if weight is not None else counter,  # never read without HAS_WEIGHT
+            total_ptr=total if total is not None else counter,  # never written without COMPUTE_TOTAL
+            counter_ptr=counter,
+            target_row_stride=target.stride(0),
+            n_rows=target.shape[0],
+            n_cols=n_classes,
+            ignore_index=ignore_index,
+            SOFT_TARGET=target.is_floating_point(),
+            HAS_WEIGHT=weight is not None,
+            COMPUTE_TOTAL=total is not None,
+            ACC_FP64=total is not None and total.dtype == torch.float64,
+            BLOCK=config.REDUCE_BLOCK,
+            num_warps=config.REDUCE_WARPS,
+        )
 
 
 def launch_cross_entropy_backward(
@@ -256,41 +304,72 @@ def _total_weight(
     return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid).sum()
 
 
-def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad, stats=None):
-    """Shared body of the two forward ops: returns (loss rows, lse), fills grad / stats if given."""
+def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats=None):
+    """Shared body of the two forward ops: (loss, lse, total) with the loss per row, or
+    reduced to a 0-d tensor, and total the mean's divisor (else None); fills grad / stats if
+    given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none"."""
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
-    loss = torch.empty(n_rows, dtype=_acc_dtype(logits), device=logits.device)
-    lse = torch.empty(n_rows, dtype=_acc_dtype(logits), device=logits.device)
+    acc = dict(dtype=_acc_dtype(logits), device=logits.device)
+    loss = torch.empty(n_rows, **acc)
+    lse = torch.empty(n_rows, **acc)
+    reduced = total = counter = None
+    if reduction != "none":
+        reduced = torch.empty((), **acc)
+        counter = torch.empty((), dtype=torch.int32, device=logits.device)
+        total = torch.empty((), **acc) if reduction == "mean" else None
+        if n_rows:
+            launch_cross_entropy_prepare(target, weight, total, counter, n_classes, ignore_index)
+        else:  # torch: the sum of nothing is 0, the mean 0 / 0 = NaN
+            reduced.fill_(0.0 if reduction == "sum" else float("nan"))
+            if total is not None:
+                total.fill_(0.0)
     if n_rows:
         launch_cross_entropy(
-            logits, target, weight, loss, lse, grad, grad_divisor, ignore_index, label_smoothing, z_loss, softcap,
-            stats=stats,
+            logits, target, weight, loss, lse, grad, total, ignore_index, label_smoothing, z_loss, softcap,
+            stats=stats, reduced=reduced, counter=counter, reduction=reduction,
         )  # fmt: skip
-    return loss, lse
+    return (loss if reduced is None else reduced), lse, total
+
+
+def _fake_outputs(logits, reduction):
+    """Shapes of (loss, lse, total): the loss (N,) or 0-d, lse (N,), total 0-d for the mean
+    (else empty), all in the accumulation dtype."""
+    acc = dict(dtype=_acc_dtype(logits), device=logits.device)
+    n_rows = logits.shape[0]
+    loss = logits.new_empty(n_rows if reduction == "none" else (), **acc)
+    total = logits.new_empty(() if reduction == "mean" else (0,), **acc)
+    return loss, logits.new_empty(n_rows, **acc), total
 
 
 def _cross_entropy_forward(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
-    grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
+    reduction: str,
     compute_grad: bool,
     save_stats: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per row, lse, gradient of the summed loss divided by grad_divisor or an empty
-    tensor, row statistics for cross_entropy_backward or an empty tensor) for 2-D logits."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss (per row, or reduced), lse, gradient of the reduced loss or an empty tensor, row
+    statistics for cross_entropy_backward or an empty tensor, the mean's divisor or an empty
+    tensor) for 2-D logits."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     stats = logits.new_empty((logits.shape[0], 4), dtype=_acc_dtype(logits)) if save_stats else None
-    loss, lse = _forward(
-        logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad, stats
+    loss, lse, total = _forward(
+        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats
     )
     # Separate empty tensors: a custom op's outputs may not alias one another.
-    return loss, lse, grad if grad is not None else logits.new_empty(0), stats if stats is not None else lse.new_empty(0)
+    return (
+        loss,
+        lse,
+        grad if grad is not None else logits.new_empty(0),
+        stats if stats is not None else lse.new_empty(0),
+        total if total is not None else lse.new_empty(0),
+    )
 
 
 cross_entropy_forward = torch.library.custom_op(
@@ -298,34 +377,30 @@ cross_entropy_forward = torch.library.custom_op(
 )
 
 
-def _fake_stats(logits):
-    """Shapes of (loss per row, lse): (N,) and (N,) in the accumulation dtype."""
-    acc = dict(dtype=_acc_dtype(logits), device=logits.device)
-    n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, **acc), logits.new_empty(n_rows, **acc)
-
-
 @cross_entropy_forward.register_fake
-def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, compute_grad,
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad,
       save_stats=False):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
     acc = _acc_dtype(logits)
     stats = logits.new_empty((logits.shape[0], 4) if save_stats else (0,), dtype=acc)
-    return (*_fake_stats(logits), grad, stats)
+    loss, lse, total = _fake_outputs(logits, reduction)
+    return loss, lse, grad, stats, total
 
 
 def _cross_entropy_forward_inplace(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
-    grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, but the gradient overwrites the logits (no N x C buffer)."""
-    return _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, logits)
+    loss, lse, total = _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                                logits)  # fmt: skip
+    return loss, lse, total if total is not None else lse.new_empty(0)
 
 
 cross_entropy_forward_inplace = torch.library.custom_op(
@@ -334,8 +409,8 @@ cross_entropy_forward_inplace = torch.library.custom_op(
 
 
 @cross_entropy_forward_inplace.register_fake
-def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap):
-    return _fake_stats(logits)
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction):
+    return _fake_outputs(logits, reduction)
 
 
 def _cross_entropy_scale_grad(grad: torch.Tensor, upstream: torch.Tensor) -> None:
@@ -439,8 +514,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         target_grad = target.is_floating_point() and ctx.needs_input_grad[1]
         defer = logits_grad and logits.dtype in DEFERRED_GRAD_DTYPES
         eager = _plain_eager(logits, target, weight)
-        total = _total_weight(target, weight, ignore_index, _acc_dtype(logits)) if reduction == "mean" else None
-        options = (ignore_index, label_smoothing, z_loss, softcap)
+        options = (ignore_index, label_smoothing, z_loss, softcap, reduction)
         grad = stats = None
         if logits_grad and inplace and not defer:
             # Declared as mutating `logits`, so its version counter is bumped: anything else in
@@ -448,17 +522,18 @@ class CrossEntropyFunction(torch.autograd.Function):
             # backward instead of silently using the gradient. (mark_dirty is not used because
             # a Function that dirties a view may return only that one tensor.)
             op = _cross_entropy_forward_inplace if eager else cross_entropy_forward_inplace
-            loss, lse = op(logits, target, weight, total, *options)
+            loss, lse, total = op(logits, target, weight, *options)
             if eager:
                 torch.autograd.graph.increment_version(logits)
             grad = logits
         else:
             op = _cross_entropy_forward if eager else cross_entropy_forward
-            loss, lse, grad, stats = op(logits, target, weight, total, *options, logits_grad and not defer, defer)
+            loss, lse, grad, stats, total = op(logits, target, weight, *options, logits_grad and not defer, defer)
             if defer and inplace and eager:
                 # The backward will write the gradient over the logits: the same contract as
                 # the stored in-place path, whose version bump this repeats now.
                 torch.autograd.graph.increment_version(logits)
+        total = total if reduction == "mean" else None
         ctx.mode = "deferred" if defer else "stored" if logits_grad else None
         ctx.inplace = inplace and eager
         ctx.options = (ignore_index, label_smoothing, softcap, reduction)
@@ -476,10 +551,6 @@ class CrossEntropyFunction(torch.autograd.Function):
         )
         ctx.mark_non_differentiable(lse)
         ctx.backward_done = False
-        if reduction == "mean":
-            loss = loss.sum() / total
-        elif reduction == "sum":
-            loss = loss.sum()
         return loss, lse
 
     @staticmethod
