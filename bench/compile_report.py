@@ -13,6 +13,11 @@ or if a vectorised CUDA C kernel makes loads narrower than 128 bits beyond its f
 scalar ones.
 
     python -m bench.compile_report [--arch 80 90] [--quick]
+    python -m bench.compile_report --op ce_fwd_bwd --shape 4096x50257 --dtype bfloat16
+
+With --op, it compiles exactly the kernels the launchers would launch for those calls
+(found by running them on meta tensors with the kernels replaced by recorders), with
+triton's own specialisation of the integer arguments, and exits 1 on any spill.
 """
 import argparse
 import dataclasses
@@ -363,14 +368,139 @@ def format_cuda_table(reports) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# Exact launches: the kernels the launchers would launch for one call
+# ---------------------------------------------------------------------------------------
+
+OPS = ("softmax_fwd", "softmax_bwd", "ce_fwd", "ce_fwd_bwd")
+_TYPE_CODES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64", "int64": "i64",
+               "int32": "i32"}  # fmt: skip
+
+
+class _Capture:
+    """Stands in for a JIT kernel in a launcher module: records (kernel, kwargs) per launch."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.launches.append((self.kernel, grid, kwargs))
+
+
+def _variant(kernel, kwargs) -> Variant:
+    """The Variant triton would compile for these launch arguments: tensors as typed pointers,
+    16-byte aligned where their offset is (fresh allocations are); ints equal to 1 as
+    constexprs and multiples of 16 marked divisible, as triton specialises them."""
+    fn = kernel.fn
+    constexpr_names = {p.name for p in kernel.params if p.is_constexpr}
+    signature, constexprs, aligned = [], [], []
+    for name in kernel.arg_names:
+        value = kwargs[name]
+        if name in constexpr_names or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature.append((name, "constexpr"))
+            constexprs.append((name, value))
+        elif hasattr(value, "dtype") and hasattr(value, "storage_offset"):
+            signature.append((name, "*" + _TYPE_CODES[str(value.dtype).split(".")[-1]]))
+            if value.storage_offset() * value.element_size() % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, bool):
+            signature.append((name, "i1"))
+        elif isinstance(value, int):
+            signature.append((name, "i32" if -(2**31) <= value < 2**31 else "i64"))
+            if value % 16 == 0:
+                aligned.append(name)
+        elif isinstance(value, float):
+            signature.append((name, "fp32"))
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    dtype = next((_TYPE_CODES[str(v.dtype).split(".")[-1]] for v in kwargs.values() if hasattr(v, "dtype")), "-")
+    return Variant(fn.__module__, fn.__name__, dtype, tuple(signature), tuple(constexprs),
+                   kwargs.get("num_warps", 4), aligned=tuple(aligned))  # fmt: skip
+
+
+def exact_launches(op: str, shape: tuple, dtype: str) -> list:
+    """The kernels (as Variants) that softmax_gpu launches for `op` on a (rows, cols) input of
+    `dtype`, found by running the real launchers on meta tensors with every kernel replaced by
+    a recorder. ce_fwd_bwd lists the backward's launches too; softmax_bwd only the backward's."""
+    import torch
+
+    import softmax_gpu
+    from softmax_gpu.ops import cross_entropy as ce
+    from softmax_gpu.ops import softmax as sm
+
+    launches, patched = [], []
+    for module in (sm, ce):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, _Capture(getattr(module, name), launches))
+        patched.append((module, "check_launchable", module.check_launchable))
+        module.check_launchable = lambda *args: None
+    patched.append((ce, "_check_class_indices", ce._check_class_indices))
+    ce._check_class_indices = lambda *args: None
+    try:
+        x = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+        target = torch.empty(shape[0], dtype=torch.int64, device="meta")
+        # softmax always dispatches through its custom op, whose meta kernel is the fake one:
+        # call what the op calls for a contiguous (rows, cols) input, its launchers.
+        if op == "softmax_fwd":
+            sm.launch_softmax_fwd(x, torch.empty_like(x), False)
+        elif op == "softmax_bwd":
+            sm.launch_softmax_bwd(torch.empty_like(x), torch.empty_like(x), torch.empty_like(x), False)
+        elif op == "ce_fwd":
+            with torch.no_grad():
+                softmax_gpu.cross_entropy(x, target)
+        elif op == "ce_fwd_bwd":
+            softmax_gpu.cross_entropy(x.requires_grad_(), target).backward()
+        else:
+            raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)
+    return [_variant(kernel, kwargs) for kernel, _grid, kwargs in launches]
+
+
+def _parse_shape(text: str) -> tuple:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
+
+
+def exact_main(args) -> int:
+    """--op: compile exactly the launches of each (op, shape, dtype) and report them."""
+    variants = []
+    for op in args.op:
+        for shape in args.shape:
+            for dtype in args.dtype:
+                for v in exact_launches(op, _parse_shape(shape), dtype):
+                    variants.append((f"{op} {shape} {dtype}", v))
+    unique = list(dict.fromkeys(v for _, v in variants))
+    work = [(v, a) for v in unique for a in args.arch]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        reports = dict(zip(work, pool.map(compile_one, work)))
+    lines = []
+    for what, v in variants:
+        lines.append(f"# {what}: {v.kernel} {v.label}")
+    print("\n".join(lines))
+    ordered = [reports[(v, a)] for _, v in variants for a in args.arch]
+    print(format_table(ordered))
+    spills = [r for r in ordered if r.local]
+    print(f"\n{len(unique)} distinct launches compiled for sm {' '.join(map(str, args.arch))}, {len(spills)} spill")
+    return 1 if spills else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default 80 90)")
     parser.add_argument("--quick", action="store_true", help="a few block sizes per kernel instead of all")
+    parser.add_argument("--op", nargs="+", choices=OPS, help="compile exactly the launches of these ops ...")
+    parser.add_argument("--shape", nargs="+", default=["4096x50257"], help="... on these ROWSxCOLS inputs ...")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16"], help="... of these dtypes (torch names)")
     args = parser.parse_args(argv)
     # The interpreter cannot compile: this report needs real JIT functions.
     os.environ.pop("TRITON_INTERPRET", None)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if args.op:
+        return exact_main(args)
     reports = run(tuple(args.arch), args.quick)
     print(format_table(reports))
     spills = [r for r in reports if r.local]
