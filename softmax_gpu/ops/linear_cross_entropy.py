@@ -250,11 +250,10 @@ def _backward(
         else:  # an empty batch: the kernel would have no row tile to start the sums from
             dw = dw.zero_() if dw is not None else None
             db = db.zero_() if db is not None else None
-    empty = input.new_empty(0)
     return (
-        dx.to(input.dtype) if dx is not None else empty,
-        dw.to(linear_weight.dtype) if dw is not None else empty,
-        db.to(linear_bias.dtype) if db is not None else empty,
+        dx.to(input.dtype) if dx is not None else input.new_empty(0),  # one empty tensor each: outputs must not alias
+        dw.to(linear_weight.dtype) if dw is not None else input.new_empty(0),
+        db.to(linear_bias.dtype) if db is not None else input.new_empty(0),
     )
 
 
@@ -266,11 +265,10 @@ linear_cross_entropy_backward = torch.library.custom_op(
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, stats, upstream, grad_divisor, ignore_index,
       label_smoothing, softcap, input_grad, weight_grad, bias_grad):  # fmt: skip
-    empty = input.new_empty(0)
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else empty,
-        torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if weight_grad else empty,
-        torch.empty_like(linear_bias, memory_format=torch.contiguous_format) if bias_grad else empty,
+        torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty(0),
+        torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0),
+        torch.empty_like(linear_bias, memory_format=torch.contiguous_format) if bias_grad else input.new_empty(0),
     )
 
 
