@@ -175,15 +175,15 @@ LINEAR_CE_KERNELS = {
 
 def linear_cross_entropy_variants(quick: bool):
     """Each kernel at its shipped tiles for a large problem (tiles are only ever shrunk for
-    small ones), in bfloat16, float16 and float32 (with TF32 products, torch's switch on, and
-    exact ones); float32 with exact products runs on FMA units, every other one on tensor cores."""
+    small ones), in bfloat16, float16 and float32 (TF32 products when torch's switch is on,
+    3xTF32 when off): all on tensor cores."""
     from softmax_gpu import config
 
     module = "softmax_gpu.kernels.linear_cross_entropy"
     common = (("n_rows", "i32"), ("n_cols", "i32"), ("hidden", "i32"),
               ("stride_xm", "i64"), ("stride_xk", "constexpr"), ("stride_wv", "i64"), ("stride_wk", "constexpr"),
               ("stride_tm", "i64"), ("stride_tv", "constexpr"), ("stride_stats", "i64"))  # fmt: skip
-    precisions = (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee"))
+    precisions = (("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "tf32x3"))
     for kind, kernel in LINEAR_CE_KERNELS.items():
         for dtype, precision in precisions[:2] if quick else precisions:
             ptr = DTYPES[dtype]

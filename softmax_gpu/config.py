@@ -119,7 +119,6 @@ def block_limit(block_n: int):
 # block_k] product, so they take narrower tiles than the forward. num_stages is the depth of
 # the software pipeline over the hidden dim; its shared memory is
 # num_stages * (block_m + block_v) * block_k * itemsize (72 KiB for the 16-bit forward).
-# 32-bit inputs take half the block_k so the pipeline fits sm_80's shared memory too.
 # `python -m bench.compile_report` checks that none of them spills.
 
 
@@ -135,12 +134,13 @@ class TileConfig:
 
 
 LINEAR_CE_TILES = {
-    # kernel: (block_m, block_v, block_k for 16-bit inputs, num_warps, num_stages). The
-    # compile report's worst case (probability targets with every option) spilled at 128 x 128
-    # and at 64 x 128 on 8 warps; these compile to at most ~250 registers on sm_80, none spilled.
-    "forward": (128, 64, 64, 8, 3),
-    "backward_input": (64, 64, 64, 8, 2),
-    "backward_weight": (64, 64, 64, 8, 2),
+    # kernel: {input itemsize: (block_m, block_v, block_k, num_warps, num_stages)}. Chosen
+    # with the compile report's worst case (probability targets with every option): 16-bit
+    # tiles spilled at 128 x 128 and at 64 x 128 on 8 warps, float32 ones (TF32 or 3xTF32
+    # products) at block_k 32.
+    "forward": {2: (128, 64, 64, 8, 3), 4: (64, 64, 16, 8, 3)},
+    "backward_input": {2: (64, 64, 64, 8, 2), 4: (32, 64, 16, 4, 2)},
+    "backward_weight": {2: (64, 64, 64, 8, 2), 4: (64, 64, 16, 8, 2)},
 }
 LINEAR_CE_KERNELS = tuple(LINEAR_CE_TILES)
 
@@ -151,9 +151,7 @@ def linear_cross_entropy_tiles(kernel: str, itemsize: int, n_rows: int, n_cols: 
     """The tiles of `kernel` ("forward", "backward_input", "backward_weight") for an
     (n_rows, hidden) input of `itemsize` bytes and n_cols classes: the table above, shrunk to
     the problem (a power of two, at least 16, the smallest tl.dot operand) and to tile_limit()."""
-    block_m, block_v, block_k, warps, stages = LINEAR_CE_TILES[kernel]
-    if itemsize > 2:
-        block_k //= 2
+    block_m, block_v, block_k, warps, stages = LINEAR_CE_TILES[kernel][2 if itemsize <= 2 else 4]
     limits = _tile_limit or (block_m, block_v, block_k)
     block_m = max(16, min(block_m, limits[0], next_power_of_2(n_rows)))
     block_v = max(16, min(block_v, limits[1], next_power_of_2(n_cols)))

@@ -35,11 +35,13 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _input_precision(x: torch.Tensor) -> str:
-    """tl.dot's precision: float32 products follow torch's TF32 switch for matmuls, as
-    F.linear does; 16-bit products are exact in float32 either way."""
-    if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's precision. float32 follows torch's TF32 switch for matmuls: TF32 when it is on,
+    as F.linear; when it is off (torch's default), 3xTF32, float32-level accuracy on tensor
+    cores (Triton's exact "ieee" products run on FMA units and spilled registers in every
+    tile shape tried). 16-bit products are exact in float32 either way."""
+    if x.dtype != torch.float32:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _common_args(x, w, b, target, weight):
