@@ -189,7 +189,7 @@ def linear_cross_entropy_fwd_kernel(
     sum_wz = tl.zeros((BLOCK_M,), tl.float32)  # sum_j w_j z_j, or sum_j w_j p'_j z_j
     sum_w = tl.zeros((BLOCK_M,), tl.float32)  # sum_j w_j, or sum_j w_j p'_j
     for v0 in range(0, n_cols, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_wv may pass 2**31
         z = logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, hidden,
                         stride_xm, stride_xk, stride_wv, stride_wk, softcap,
                         HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K, INPUT_PRECISION)
@@ -289,7 +289,7 @@ def linear_cross_entropy_bwd_input_kernel(
     m, inv_d, other_d, coef, scale = row_state(stats_ptr, upstream_ptr, divisor_ptr, rows, n_rows, stride_stats,
                                                stride_up, DIVIDE)
     for v0 in range(0, n_cols, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_wv may pass 2**31
         col_in = cols < n_cols
         z = logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, hidden,
                         stride_xm, stride_xk, stride_wv, stride_wk, softcap,

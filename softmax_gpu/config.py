@@ -137,9 +137,10 @@ LINEAR_CE_TILES = {
     # kernel: {input itemsize: (block_m, block_v, block_k, num_warps, num_stages)}. Chosen
     # with the compile report's worst case (probability targets with every option): 16-bit
     # tiles spilled at 128 x 128 and at 64 x 128 on 8 warps, float32 ones (TF32 or 3xTF32
-    # products) at block_k 32.
+    # products) at block_k 32, and the float32 input gradient, by a few bytes, at every other
+    # shape tried (64 x 64 and 64 x 32 on 4 or 8 warps, 32 x 32, 32 x 64 on 2 stages).
     "forward": {2: (128, 64, 64, 8, 3), 4: (64, 64, 16, 8, 3)},
-    "backward_input": {2: (64, 64, 64, 8, 2), 4: (32, 64, 16, 4, 2)},
+    "backward_input": {2: (64, 64, 64, 8, 2), 4: (32, 64, 16, 4, 3)},
     "backward_weight": {2: (64, 64, 64, 8, 2), 4: (64, 64, 16, 8, 2)},
 }
 LINEAR_CE_KERNELS = tuple(LINEAR_CE_TILES)
@@ -153,10 +154,12 @@ def linear_cross_entropy_tiles(kernel: str, itemsize: int, n_rows: int, n_cols: 
     the problem (a power of two, at least 16, the smallest tl.dot operand) and to tile_limit()."""
     block_m, block_v, block_k, warps, stages = LINEAR_CE_TILES[kernel][2 if itemsize <= 2 else 4]
     limits = _tile_limit or (block_m, block_v, block_k)
+    shipped = block_m * block_v
     block_m = max(16, min(block_m, limits[0], next_power_of_2(n_rows)))
     block_v = max(16, min(block_v, limits[1], next_power_of_2(n_cols)))
     block_k = max(16, min(block_k, limits[2], next_power_of_2(hidden)))
-    warps = min(warps, max(1, block_m * block_v // 512))  # shrunk tiles: at least 16 tile values a thread
+    if block_m * block_v < shipped:  # a shrunk tile: fewer warps, at least 16 tile values a thread
+        warps = min(warps, max(1, block_m * block_v // 512))
     return TileConfig(block_m, block_v, block_k, warps, stages)
 
 
