@@ -175,7 +175,7 @@ def allocations(fn):
     return max(sizes, default=0), sum(sizes)
 
 
-def memory_table(shapes=CPU_SHAPES, dtype=torch.float32):
+def memory_table(shapes, dtype=torch.float32):
     """Rows (N, H, V, provider, largest, total, logits bytes) for forward + backward on CPU."""
     providers = {"softmax_gpu": _ours(), "torch": _torch_unfused}
     try:
@@ -201,7 +201,7 @@ def format_memory_table(rows) -> str:
 
 def cpu_report(ops) -> None:
     print("No CUDA GPU: the fused linear cross-entropy's memory table and FLOP counts (no timings).\n")
-    print(format_memory_table(memory_table()))
+    print(format_memory_table(memory_table(CPU_SHAPES)))
     print("\nFLOPs an ideal kernel needs at the benchmark's cases (softmax_gpu multiplies 5/4 of the fwd+bwd figure):")
     for op in ops:
         for n, h, v in SHAPES:

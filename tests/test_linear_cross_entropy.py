@@ -329,6 +329,8 @@ def test_bad_input_raises_before_launch(device):
         (dict(input=x, linear_weight=w, target=t, z_loss=-1.0), ValueError, "z_loss"),
         (dict(input=x, linear_weight=w, target=t, softcap=0.0), ValueError, "softcap"),
         (dict(input=x, linear_weight=w, target=t.to("meta")), RuntimeError, "same device"),
+        (dict(input=x, linear_weight=w, target=torch.rand(4, V, device=device), ignore_index=0), RuntimeError,
+         "ignore_index is not supported"),  # as torch, for probability targets
         (dict(input=torch.tensor(1.0, device=device), linear_weight=w, target=t), ValueError, "at least one dim"),
     ]
     for kwargs, error, match in cases:
@@ -474,3 +476,20 @@ def test_module_and_reference_agree(device):
                                                  reduction="sum", label_smoothing=0.2, z_loss=1e-2, softcap=6.0)
     np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(bb.grad.cpu().numpy(), ref_grad.sum(0), rtol=1e-4, atol=1e-5)
+
+
+@interpreter_only
+def test_bench_cpu_report(monkeypatch, capsys):
+    """`python -m bench --ops linear_ce_fwd_bwd` without a GPU: the allocation table (ours under
+    the logits' size, unfused torch at it) and the FLOP counts, at a tiny size."""
+    from bench import linear_ce
+    from bench.__main__ import main
+
+    monkeypatch.setattr(linear_ce, "CPU_SHAPES", ((32, 16, 128),))
+    assert main(["--ops", "linear_ce_fwd_bwd"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("32x16x128")}
+    logits = 32 * 128 * 4
+    assert int(rows["softmax_gpu"][2].replace(",", "")) < logits <= int(rows["torch"][2].replace(",", ""))
+    assert "linear_ce_fwd_bwd  8192 x 4096 x 128256: 3.443e+13" in out
+    assert linear_ce.flops("linear_ce_fwd", 2, 3, 5) == 60 and linear_ce.flops("linear_ce_fwd_bwd", 2, 3, 5) == 240

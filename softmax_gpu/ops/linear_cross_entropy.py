@@ -399,6 +399,8 @@ def linear_cross_entropy(
         ignore_index = -100
     _check_operands(FN, input, linear_weight, target, linear_bias, weight)
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if target.is_floating_point() and ignore_index != -100:
+        raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     n_classes, hidden = linear_weight.shape
     x = input.reshape(-1, hidden)  # a view when it can be: the kernels take both strides
     tgt = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
