@@ -21,6 +21,9 @@ import tempfile
 import torch
 
 OPS = ("softmax_fwd", "softmax_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd")
+# The fused linear cross-entropy is matmul-bound and has its own cases (tokens x hidden x
+# classes) and figures (TFLOP/s, peak memory): bench/linear_ce.py, run only when asked for.
+LINEAR_CE_OPS = ("linear_ce_fwd", "linear_ce_fwd_bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("softmax_gpu", "torch", "torch.compile", "liger", "quack", "cupy")
 VOCABS = (32000, 50257, 128256, 151936, 262144)
@@ -63,7 +66,7 @@ def parse_args(argv):
         "--dry-run", action="store_true",
         help="run the GPU sweep on CPU (interpreter, shrunken shapes, CPU timer): checks the code, measures nothing",
     )  # fmt: skip
-    p.add_argument("--ops", nargs="+", choices=OPS, default=None)
+    p.add_argument("--ops", nargs="+", choices=OPS + LINEAR_CE_OPS, default=None)
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None)
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="ROWSxCOLS")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -129,6 +132,14 @@ def run_sweep(args, platform) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    linear_ops = [op for op in args.ops if op in LINEAR_CE_OPS]
+    if linear_ops:
+        from bench import linear_ce
+
+        status = linear_ce.main(["--ops", *linear_ops])
+        args.ops = [op for op in args.ops if op not in LINEAR_CE_OPS]
+        if not args.ops:
+            return status
     if args.dry_run:
         # The interpreter must be chosen before triton is first imported.
         os.environ["TRITON_INTERPRET"] = "1"

@@ -44,6 +44,7 @@ class Variant:
     constexprs: tuple  # ((name, value), ...)
     num_warps: int
     aligned: tuple = ()  # argument names assumed divisible by 16
+    num_stages: int = 3  # triton's default software-pipeline depth
 
     @property
     def label(self) -> str:
@@ -215,9 +216,75 @@ def cross_entropy_variants(quick: bool):
                           aligned=("grad_ptr", "grad_row_stride", "n_cols"))
 
 
+# Fused linear cross-entropy: the plain training case and every option at once (class
+# indices and probabilities); each kernel at its shipped tiles, in every dtype.
+LINEAR_CE_FLAG_SETS = (
+    dict(SOFT_TARGET=False, HAS_BIAS=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False),
+    dict(SOFT_TARGET=False, HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True),
+    dict(SOFT_TARGET=True, HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True),
+)
+LINEAR_CE_KERNELS = {
+    "forward": "linear_cross_entropy_fwd_kernel",
+    "backward_input": "linear_cross_entropy_bwd_input_kernel",
+    "backward_weight": "linear_cross_entropy_bwd_weight_kernel",
+}
+
+
+def linear_cross_entropy_variants(quick: bool):
+    """Each kernel at its shipped tiles for a large problem (tiles are only ever shrunk for
+    small ones), in bfloat16, float16 and float32 (TF32 products when torch's switch is on,
+    3xTF32 when off): all on tensor cores."""
+    from softmax_gpu import config
+
+    module = "softmax_gpu.kernels.linear_cross_entropy"
+    common = (("n_rows", "i32"), ("n_cols", "i32"), ("hidden", "i32"),
+              ("stride_xm", "i64"), ("stride_xk", "constexpr"), ("stride_wv", "i64"), ("stride_wk", "constexpr"),
+              ("stride_tm", "i64"), ("stride_tv", "constexpr"), ("stride_stats", "i64"))  # fmt: skip
+    # (dtype, products, flag sets): each of these kernels takes ~10 s to compile, so float16
+    # (the same code as bfloat16) and TF32 (the tiles of 3xTF32, which holds more) compile
+    # only their worst case; --quick keeps bfloat16 alone.
+    plan = (("bf16", "ieee", LINEAR_CE_FLAG_SETS), ("fp16", "ieee", LINEAR_CE_FLAG_SETS[2:]),
+            ("fp32", "tf32", LINEAR_CE_FLAG_SETS[2:]), ("fp32", "tf32x3", LINEAR_CE_FLAG_SETS))  # fmt: skip
+    for kind, kernel in LINEAR_CE_KERNELS.items():
+        for dtype, precision, flag_sets in plan[:1] if quick else plan:
+            ptr = DTYPES[dtype]
+            tiles = config.linear_cross_entropy_tiles(kind, 2 if dtype != "fp32" else 4, 1 << 16, 1 << 17, 1 << 12)
+            for flags in flag_sets:
+                operands = (("x_ptr", ptr), ("w_ptr", ptr), ("b_ptr", ptr),
+                            ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"), ("weight_ptr", "*fp32"))  # fmt: skip
+                options = (("ignore_index", "i64"), ("label_smoothing", "fp32"))
+                if kind == "forward":
+                    buffers = (("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("stats_ptr", "*fp32"))
+                    strides = common
+                    options += (("z_loss", "fp32"), ("softcap", "fp32"))
+                    extra = (("HAS_Z_LOSS", flags["HAS_SMOOTHING"]), ("COMPUTE_STATS", True))
+                else:
+                    buffers = (("stats_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("divisor_ptr", "*fp32"))
+                    buffers += (("dx_ptr", "*fp32"),) if kind == "backward_input" else (("dw_ptr", "*fp32"),
+                                                                                        ("db_ptr", "*fp32"))
+                    strides = common + (("stride_up", "constexpr"),
+                                        ("stride_dxm" if kind == "backward_input" else "stride_dwv", "i64"))
+                    options += (("softcap", "fp32"),)
+                    extra = (("DIVIDE", True),)
+                    if kind == "backward_weight":
+                        extra += (("COMPUTE_DW", True), ("COMPUTE_DB", flags["HAS_BIAS"]))
+                meta = tuple(flags.items()) + extra + (
+                    ("BLOCK_M", tiles.block_m), ("BLOCK_V", tiles.block_v), ("BLOCK_K", tiles.block_k),
+                    ("INPUT_PRECISION", precision),
+                )  # fmt: skip
+                constant_strides = {"stride_xk": 1, "stride_wk": 1, "stride_tv": 1, "stride_up": 0}
+                signature = operands + buffers + strides + options
+                constexprs = tuple((k, v) for k, v in constant_strides.items() if any(k == n for n, _ in signature))
+                aligned = tuple(n for n, t in signature if t.startswith("*") or n in ("hidden", "stride_xm", "stride_wv",
+                                                                                       "stride_dxm", "stride_dwv"))
+                yield Variant(module, kernel, dtype, signature + tuple((k, "constexpr") for k, _ in meta),
+                              constexprs + meta, tiles.num_warps, aligned=aligned, num_stages=tiles.num_stages)
+
+
 def all_variants(quick: bool):
     yield from softmax_variants(quick)
     yield from cross_entropy_variants(quick)
+    yield from linear_cross_entropy_variants(quick)
 
 
 @dataclasses.dataclass
@@ -229,6 +296,7 @@ class Report:
     shared: int
     ldg128: bool
     stg128: bool
+    mma: str  # tensor-core instructions in the SASS: "HGMMA" (wgmma, sm_90), "HMMA" (mma.sync), or "-"
 
 
 def _tool(name: str) -> str:
@@ -250,7 +318,7 @@ def compile_one(job):
     names = [name for name, _ in variant.signature]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
     src = ASTSource(fn, dict(variant.signature), dict(variant.constexprs), attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -265,6 +333,7 @@ def compile_one(job):
         shared=int(fields["SHARED"]),
         ldg128="LDG.E.128" in sass,
         stg128="STG.E.128" in sass,
+        mma=next((op for op in ("HGMMA", "HMMA") if op in sass), "-"),
     )
 
 
@@ -277,12 +346,13 @@ def run(archs=(80, 90), quick=False, jobs=None):
 
 
 def format_table(reports) -> str:
-    lines = [f"{'kernel':<26}{'sm':>4} {'dtype':<6}{'regs':>5}{'local':>6}{'smem':>7}  {'128-bit ld/st':<14}config"]
+    lines = [f"{'kernel':<26}{'sm':>4} {'dtype':<6}{'regs':>5}{'local':>6}{'smem':>7}  {'128-bit ld/st':<14}"
+             f"{'mma':<6}config"]  # fmt: skip
     for r in reports:
         wide = f"{'yes' if r.ldg128 else 'no'}/{'yes' if r.stg128 else 'no'}"
         lines.append(
             f"{r.variant.kernel:<26}{r.arch:>4} {r.variant.dtype:<6}{r.regs:>5}{r.local:>6}{r.shared:>7}  "
-            f"{wide:<14}{r.variant.label}"
+            f"{wide:<14}{r.mma:<6}{r.variant.label}"
         )
     return "\n".join(lines)
 

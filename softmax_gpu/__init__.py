@@ -18,11 +18,15 @@ _FUNCTIONS = {
     "log_softmax": "softmax_gpu.ops.softmax",
     "hardmax": "softmax_gpu.ops.softmax",
     "cross_entropy": "softmax_gpu.ops.cross_entropy",
+    "linear_cross_entropy": "softmax_gpu.ops.linear_cross_entropy",
     "categorical_crossentropy": "softmax_gpu.keras",
 }
 _SUBMODULES = ("nn", "config", "traffic", "ops")
 
-__all__ = ["softmax", "log_softmax", "hardmax", "cross_entropy", "categorical_crossentropy", "nn", "reference"]
+__all__ = [
+    "softmax", "log_softmax", "hardmax", "cross_entropy", "linear_cross_entropy", "categorical_crossentropy", "nn",
+    "reference",
+]
 
 
 def __getattr__(name):

@@ -122,3 +122,72 @@ def block_limit(block_n: int):
         yield
     finally:
         _block_limit = previous
+
+
+# ---------------------------------------------------------------------------------------
+# Fused linear + cross-entropy (kernels/linear_cross_entropy.py): tiles, not rows
+# ---------------------------------------------------------------------------------------
+# Each program holds a [block_m rows x block_v classes] float32 logit tile in registers,
+# built by tl.dot over the hidden dim block_k at a time (tensor cores: HMMA on sm_80, wgmma
+# on sm_90). The backward kernels also hold the tile's gradient and a [block_m or block_v x
+# block_k] product, so they take narrower tiles than the forward. num_stages is the depth of
+# the software pipeline over the hidden dim; its shared memory is
+# num_stages * (block_m + block_v) * block_k * itemsize (72 KiB for the 16-bit forward).
+# `python -m bench.compile_report` checks that none of them spills.
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch options of one linear cross-entropy kernel."""
+
+    block_m: int
+    block_v: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+LINEAR_CE_TILES = {
+    # kernel: {input itemsize: (block_m, block_v, block_k, num_warps, num_stages)}. Chosen
+    # with the compile report's worst case (probability targets with every option): 16-bit
+    # tiles spilled at 128 x 128 and at 64 x 128 on 8 warps, float32 ones (TF32 or 3xTF32
+    # products) at block_k 32, and the float32 input gradient, by a few bytes, at every other
+    # shape tried (64 x 64 and 64 x 32 on 4 or 8 warps, 32 x 32, 32 x 64 on 2 stages).
+    "forward": {2: (128, 64, 64, 8, 3), 4: (64, 64, 16, 8, 3)},
+    "backward_input": {2: (64, 64, 64, 8, 2), 4: (32, 64, 16, 4, 3)},
+    "backward_weight": {2: (64, 64, 64, 8, 2), 4: (64, 64, 16, 8, 2)},
+}
+LINEAR_CE_KERNELS = tuple(LINEAR_CE_TILES)
+
+_tile_limit = None  # (block_m, block_v, block_k) caps, set only by tile_limit(), for tests
+
+
+def linear_cross_entropy_tiles(kernel: str, itemsize: int, n_rows: int, n_cols: int, hidden: int) -> TileConfig:
+    """The tiles of `kernel` ("forward", "backward_input", "backward_weight") for an
+    (n_rows, hidden) input of `itemsize` bytes and n_cols classes: the table above, shrunk to
+    the problem (a power of two, at least 16, the smallest tl.dot operand) and to tile_limit()."""
+    block_m, block_v, block_k, warps, stages = LINEAR_CE_TILES[kernel][2 if itemsize <= 2 else 4]
+    limits = _tile_limit or (block_m, block_v, block_k)
+    shipped = block_m * block_v
+    block_m = max(16, min(block_m, limits[0], next_power_of_2(n_rows)))
+    block_v = max(16, min(block_v, limits[1], next_power_of_2(n_cols)))
+    block_k = max(16, min(block_k, limits[2], next_power_of_2(hidden)))
+    if block_m * block_v < shipped:  # a shrunk tile: fewer warps, at least 16 tile values a thread
+        warps = min(warps, max(1, block_m * block_v // 512))
+    return TileConfig(block_m, block_v, block_k, warps, stages)
+
+
+@contextlib.contextmanager
+def tile_limit(block_m: int, block_v: int, block_k: int):
+    """Caps the linear cross-entropy tiles inside the block (powers of two >= 16).
+
+    Meant for tests: small problems then take several row, vocabulary and hidden tiles."""
+    global _tile_limit
+    for name, value in (("block_m", block_m), ("block_v", block_v), ("block_k", block_k)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"tile_limit: {name} must be a power of two >= 16, got {value}")
+    previous, _tile_limit = _tile_limit, (block_m, block_v, block_k)
+    try:
+        yield
+    finally:
+        _tile_limit = previous

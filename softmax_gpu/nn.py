@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from .ops import cross_entropy as _cross_entropy
+from .ops import linear_cross_entropy as _linear_cross_entropy
 from .ops import softmax as _softmax
 
 
@@ -76,4 +77,53 @@ class CrossEntropyLoss(torch.nn.Module):
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
             f"z_loss={self.z_loss}, softcap={self.softcap}, inplace_backward={self.inplace_backward}"
+        )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """The loss of an LM head without its logits: holds the options of
+    softmax_gpu.linear_cross_entropy; forward(input, linear_weight, target, linear_bias=None)."""
+
+    def __init__(
+        self,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        *,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        target: torch.Tensor,
+        linear_bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return _linear_cross_entropy.linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
+            f"z_loss={self.z_loss}, softcap={self.softcap}"
         )

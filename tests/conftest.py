@@ -51,5 +51,28 @@ def _round_bf16_to_nearest_even():
     interpreter.InterpreterBuilder.cast_impl = cast_impl
 
 
+def _dot_bfloat16_as_values():
+    """Workaround: triton's interpreter (3.9) stores bfloat16 as its uint16 bit patterns and its
+    InterpreterBuilder.create_dot hands those straight to np.matmul, so a bfloat16 tl.dot
+    multiplies integers. Widen both operands to float32 first (exact), which is what the
+    tensor cores compute too: exact products, float32 sums."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype.scalar != interpreter.tl.bfloat16:
+            return handle
+        bits = np.ascontiguousarray(handle.data).astype(np.uint32) << 16
+        return interpreter.TensorHandle(bits.view(np.float32), interpreter.tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _round_bf16_to_nearest_even()
+    _dot_bfloat16_as_values()

@@ -30,6 +30,14 @@ def test_compile_report_has_no_spills():
     assert {r[0] for r in rows} >= {"softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "scale_grad_kernel"}
     wide = [r for r in rows if "BLOCK_N=1024" in " ".join(r) and r[0].startswith("softmax")]
     assert wide and all(r[6] == "yes/yes" for r in wide), wide
+    # The fused linear cross-entropy: every kernel on both archs, its products on tensor
+    # cores (mma.sync on sm_80, wgmma where the tile allows on sm_90: not for the 32-row
+    # float32 input-gradient tiles, below wgmma's 64).
+    linear = [line.split() for line in out.stdout.splitlines() if line.startswith("linear_cross_entropy")]
+    assert {(r[0], r[1]) for r in linear} == {(k, a) for k in ("linear_cross_entropy_fwd_kernel",
+        "linear_cross_entropy_bwd_input_kernel", "linear_cross_entropy_bwd_weight_kernel") for a in ("80", "90")}
+    assert all(r[7] == "HMMA" for r in linear if r[1] == "80"), linear
+    assert all(r[7] == "HGMMA" for r in linear if r[1] == "90" and "BLOCK_M=32" not in r), linear
 
 
 EXACT_SHAPES = ["4096x50257", "4096x1000", "32768x128", "1x128256", "4096x151936"]
@@ -66,6 +74,13 @@ def test_compile_report_on_exact_launches():
 
 def test_training_example_matches_torch():
     out = run(["examples/train_classifier.py", "--steps", "20"], timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "largest per-step difference" in out.stdout
+
+
+def test_tiny_lm_example_matches_unfused_head():
+    out = run(["examples/train_tiny_lm.py", "--steps", "3", "--batch", "2", "--seq", "16", "--vocab", "200"],
+              timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "largest per-step difference" in out.stdout
 

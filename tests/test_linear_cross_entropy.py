@@ -1,0 +1,495 @@
+"""Fused linear + cross-entropy against float64 F.linear + F.cross_entropy (+ our z-loss and soft cap).
+
+Shapes are irregular on purpose: N = 33 rows, H = 40 features, V = 300 classes are multiples
+of no tile. Each parity case runs twice: with the shipped tiles (shrunk to the problem: one
+hidden tile, a few vocabulary tiles) and with 16 x 64 x 16 tiles, which split the batch into
+three row tiles, the vocabulary into five tiles and the hidden dim into three, so every
+loop and every mask of the three kernels runs.
+"""
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ATOL_16BIT, assert_matches, max_abs_err, poisoned
+
+import softmax_gpu
+from softmax_gpu import config, reference
+from softmax_gpu.ops import linear_cross_entropy as lce
+
+N, H, V = 33, 40, 300
+TILINGS = [None, (16, 64, 16)]  # the shipped tiles, and small ones that force every loop
+RTOL = 1e-5  # float32 against float64: relative to the largest element of each result
+
+
+def tiles(limit):
+    return config.tile_limit(*limit) if limit else contextlib.nullcontext()
+
+
+def reference_loss(x, w, b, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
+                   z_loss=0.0, softcap=None):  # fmt: skip
+    """The unfused definition, in whatever dtype its inputs have: F.linear, the soft cap, then
+    F.cross_entropy plus z_loss * w_t * lse^2 per counted row (the repo's z-loss)."""
+    z = F.linear(x, w, b)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    flat, tgt = z.reshape(-1, z.shape[-1]), target.reshape(-1, z.shape[-1]) if target.is_floating_point() else target
+    tgt = tgt if tgt.is_floating_point() else tgt.reshape(-1).long()
+    w_ce = weight.to(z.dtype) if weight is not None else None
+    rows = F.cross_entropy(flat, tgt.to(z.dtype) if tgt.is_floating_point() else tgt, w_ce, ignore_index=ignore_index,
+                           reduction="none", label_smoothing=label_smoothing)  # fmt: skip
+    if tgt.is_floating_point():
+        w_t = torch.ones(len(flat), dtype=z.dtype)
+    else:
+        valid = tgt != ignore_index
+        w_t = (w_ce[tgt.clamp(0)] if w_ce is not None else torch.ones_like(flat[:, 0])) * valid
+    if z_loss:
+        rows = rows + z_loss * w_t * torch.logsumexp(flat, -1) ** 2
+    if reduction == "none":
+        return rows.reshape(target.shape[:-1] if target.is_floating_point() else target.shape)
+    return rows.sum() / w_t.sum() if reduction == "mean" else rows.sum()
+
+
+def make_inputs(device, dtype=torch.float32, n=N, h=H, v=V, bias=False, shape=None):
+    x = torch.randn(*(shape or (n,)), h, device=device).to(dtype)
+    w = (torch.randn(v, h, device=device) / h**0.5 * 3).to(dtype)  # logits of spread ~3
+    b = torch.randn(v, device=device).to(dtype) if bias else None
+    return x, w, b
+
+
+def run(x, w, b, target, limit=None, upstream=None, **kw):
+    """(loss, grads of x, w, b) from softmax_gpu; upstream: the loss's upstream gradient."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b)]
+    with tiles(limit):
+        loss = softmax_gpu.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], **kw)
+        loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+    return loss.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def run_reference(x, w, b, target, upstream=None, dtype=torch.float64, **kw):
+    """The same from reference_loss on CPU in `dtype` (float64: the truth)."""
+    leaves = [t.detach().cpu().to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    loss = reference_loss(*leaves, target.cpu(), **kw)
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.cpu().to(dtype))
+    return loss.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def assert_close_fp32(got, want, what):
+    """float32 against float64, relative to the result's scale (sums over H or V rows)."""
+    scale = float(want.abs().max()) if want.numel() else 1.0
+    assert_matches(got, want.numpy(), rtol=RTOL, atol=RTOL * scale, what=what)
+
+
+# Option sets: each combines several options; together they cover every option, every
+# reduction, both ignore_index kinds (a negative one, and a valid class that is ignored) and
+# both class-index dtypes.
+CASES = {
+    "plain-mean": dict(reduction="mean"),
+    "weight-smooth-bias-sum": dict(reduction="sum", weight=True, label_smoothing=0.2, ignore_index=2, bias=True,
+                                   int32=True),  # fmt: skip
+    "zloss-softcap-none": dict(reduction="none", z_loss=1e-2, softcap=4.0, ignore_index=-1, weight=True),
+    "everything-mean": dict(reduction="mean", weight=True, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, bias=True),
+}
+
+
+def case_inputs(name, device):
+    opts = dict(CASES[name])
+    bias, use_weight, int32 = opts.pop("bias", False), opts.pop("weight", False), opts.pop("int32", False)
+    x, w, b = make_inputs(device, bias=bias)
+    target = torch.randint(0, V, (N,), device=device)
+    ignore = opts.get("ignore_index", -100)
+    target[[1, 7, 20]] = ignore
+    target[4] = 2  # class 2: ignored where ignore_index == 2
+    if int32:
+        target = target.int()
+    if use_weight:
+        opts["weight"] = torch.rand(V, device=device) + 0.1
+    upstream = torch.randn(N, device=device) if opts["reduction"] == "none" else None
+    return x, w, b, target, upstream, opts
+
+
+@pytest.mark.parametrize("limit", TILINGS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_unfused(name, limit, device):
+    x, w, b, target, upstream, opts = case_inputs(name, device)
+    loss, grads = run(x, w, b, target, limit, upstream, **opts)
+    ref_loss, ref_grads = run_reference(x, w, b, target, upstream, **opts)
+    assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
+    assert_close_fp32(loss.cpu(), ref_loss, f"{name} loss")
+    for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+        assert (got is None) == (want is None), what
+        if got is not None:
+            assert got.dtype == torch.float32 and got.shape == want.shape
+            assert_close_fp32(got.cpu(), want, f"{name} {what}")
+
+
+def test_same_as_cross_entropy_of_the_linear(device):
+    """The definition in the docstring: softmax_gpu.cross_entropy of the materialised logits."""
+    x, w, b = make_inputs(device, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    ours = softmax_gpu.linear_cross_entropy(x, w, target, linear_bias=b, **kw)
+    theirs = softmax_gpu.cross_entropy(F.linear(x, w, b), target, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", TILINGS)
+def test_probability_targets(limit, device):
+    x, w, b = make_inputs(device, bias=True)
+    probs = torch.softmax(2 * torch.randn(N, V, device=device), -1)
+    for kw in (dict(reduction="mean"), dict(reduction="sum", weight=torch.rand(V, device=device), label_smoothing=0.3,
+                                            z_loss=1e-2, softcap=3.0)):  # fmt: skip
+        loss, grads = run(x, w, b, probs, limit, **kw)
+        ref_loss, ref_grads = run_reference(x, w, b, probs, **kw)
+        assert_close_fp32(loss.cpu(), ref_loss, "soft loss")
+        for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+            assert_close_fp32(got.cpu(), want, f"soft {what}")
+
+
+@pytest.mark.parametrize("shape", [(), (3, 11)])
+def test_1d_and_3d_inputs(shape, device):
+    """(H,) with a 0-d target and (..., H) with target (...): the batch dims are flattened."""
+    x = torch.randn(*shape, H, device=device)
+    _, w, b = make_inputs(device, bias=True)
+    target = torch.randint(0, V, shape, device=device)
+    for reduction in ("none", "mean"):
+        upstream = torch.randn(shape, device=device) if reduction == "none" else None
+        loss, grads = run(x, w, b, target, (16, 64, 16), upstream, reduction=reduction, label_smoothing=0.1)
+        ref_loss, ref_grads = run_reference(x, w, b, target, upstream, reduction=reduction, label_smoothing=0.1)
+        assert loss.shape == ref_loss.shape == (shape if reduction == "none" else ())
+        assert_close_fp32(loss.cpu(), ref_loss, f"{shape} {reduction} loss")
+        for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+            assert got.shape == want.shape
+            assert_close_fp32(got.cpu(), want, f"{shape} {reduction} {what}")
+
+
+def test_non_contiguous_operands(device):
+    """Any strides for the input and the weight (a transposed view, a sliced batch)."""
+    x = torch.randn(2 * N, H, device=device)[::2]
+    w = torch.randn(H, V, device=device).t() / 4  # (V, H) with column stride V
+    target = torch.randint(0, V, (N,), device=device)
+    loss, grads = run(x, w, None, target, (16, 64, 16))
+    ref_loss, ref_grads = run_reference(x, w, None, target)
+    assert_close_fp32(loss.cpu(), ref_loss, "loss")
+    for what, got, want in zip(("dx", "dw"), grads, ref_grads):
+        assert_close_fp32(got.cpu(), want, what)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch(reduction, device):
+    """No row counts: torch gives a NaN mean (0 / 0), a zero sum, and zero gradients."""
+    x, w, b = make_inputs(device, bias=True)
+    target = torch.full((N,), -100, device=device)
+    loss, grads = run(x, w, b, target, (16, 64, 16), reduction=reduction)
+    ref_loss, ref_grads = run_reference(x, w, b, target, reduction=reduction)
+    assert_matches(loss, ref_loss.numpy(), 0, 0, "loss")
+    for got, want in zip(grads, ref_grads):
+        assert_matches(got, want.numpy(), 0, 0, "grad")
+
+
+def test_only_the_gradients_asked_for(device):
+    """Each of input / linear_weight / linear_bias alone, and none (no statistics saved)."""
+    x, w, b = make_inputs(device, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    _, ref_grads = run_reference(x, w, b, target, label_smoothing=0.1)
+    for i in range(3):
+        leaves = [t.clone().requires_grad_(j == i) for j, t in enumerate((x, w, b))]
+        with tiles((16, 64, 16)):
+            softmax_gpu.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                             label_smoothing=0.1).backward()  # fmt: skip
+        assert all((t.grad is None) == (j != i) for j, t in enumerate(leaves))
+        assert_close_fp32(leaves[i].grad.cpu(), ref_grads[i], f"grad {i} alone")
+    loss = softmax_gpu.linear_cross_entropy(x, w, target, linear_bias=b)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("limit", TILINGS)
+def test_16bit_within_twice_torch_error(dtype, limit, device):
+    """Our error against float64 is at most twice torch's own unfused error in that dtype
+    (F.linear and F.cross_entropy on 16-bit logits) plus a small atol, for the loss and each
+    gradient; the gradients come back in the input's dtype."""
+    x, w, b = make_inputs(device, dtype, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    target[3] = -100
+    kw = dict(reduction="mean", weight=torch.rand(V, device=device) + 0.5, label_smoothing=0.1, z_loss=1e-3,
+              softcap=8.0)  # fmt: skip
+    loss, grads = run(x, w, b, target, limit, **kw)
+    ref_loss, ref_grads = run_reference(x, w, b, target, **kw)
+    torch_loss, torch_grads = run_reference(x, w, b, target, dtype=dtype, **kw)
+    for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
+                                       [ref_loss, *ref_grads]):  # fmt: skip
+        assert got.dtype == (torch.float32 if what == "loss" else dtype), what
+        budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[dtype]
+        assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=f"{dtype} {what}")
+
+
+def test_nan_input_gives_nan_like_torch(device):
+    """A NaN feature makes its row's loss NaN and, through the shared weight gradient, every
+    dW and db element NaN; torch in float64 agrees element by element."""
+    x, w, b = make_inputs(device, bias=True)
+    x[5, 7] = float("nan")
+    target = torch.randint(0, V, (N,), device=device)
+    loss, grads = run(x, w, b, target, (16, 64, 16), torch.ones(N, device=device), reduction="none")
+    ref_loss, ref_grads = run_reference(x, w, b, target, torch.ones(N), reduction="none")
+    assert_matches(loss.cpu(), ref_loss.numpy(), 1e-4, 1e-5, "loss")
+    for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+        assert torch.equal(got.isnan().cpu(), want.isnan()), what
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_confident_rows_keep_the_true_class_gradient(smoothing, device):
+    """Row i's true class 30 above the rest: q_t - 1 rounds to 0 in float32, yet the exact
+    gradient, -(sum of the other classes' probabilities) = about -V e^-30 here, must come out
+    to 1% relative, like softmax_gpu.cross_entropy's. Feature i of row i is 1 and only the
+    target's weight row is non-zero there (30), so dX[i, i] = 30 (q_t - 1) alone."""
+    target = torch.tensor([3, 299, 16, 150])
+    x = torch.randn(4, H) / 10
+    x[:, :4] = torch.eye(4)
+    w = torch.randn(V, H) / 10
+    w[:, :4] = 0
+    w[target, torch.arange(4)] = 30.0
+    x, w, target = x.to(device), w.to(device), target.to(device)
+    _, (dx, _, _) = run(x, w, None, target, (16, 64, 16), reduction="sum", label_smoothing=smoothing)
+    _, (ref_dx, _, _) = run_reference(x, w, None, target, reduction="sum", label_smoothing=smoothing)
+    got, want = dx.cpu().diagonal().double(), ref_dx.diagonal()
+    if smoothing == 0:
+        assert (want < 0).all() and (want > -1e-8).all()
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers: every output element written, bounds and bad targets
+# ---------------------------------------------------------------------------------------
+
+
+def test_launchers_write_every_element(device):
+    """NaN-poisoned outputs: the forward's loss, lse and statistics, and the backward's
+    float32 accumulators (which the kernels fill without zeroing) are all overwritten."""
+    x, w, b = make_inputs(device, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    opts = (-100, 0.1, 2.0)  # ignore_index, label_smoothing, softcap
+    loss, lse, stats = (poisoned(s, torch.float32, device) for s in ((N,), (N,), (4, N)))
+    with tiles((16, 64, 16)):
+        lce.launch_forward(x, w, b, target, None, loss, lse, stats, opts[0], opts[1], 0.0, opts[2])
+        dx, dw, db = (poisoned(s, torch.float32, device) for s in ((N, H), (V, H), (V,)))
+        upstream = torch.tensor(1.0, device=device)
+        lce.launch_backward_input(x, w, b, target, None, stats, upstream, None, dx, *opts)
+        lce.launch_backward_weight(x, w, b, target, None, stats, upstream, None, dw, db, *opts)
+    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum", label_smoothing=0.1, softcap=2.0)
+    ref_lse = torch.logsumexp(2.0 * torch.tanh(F.linear(x.double(), w.double(), b.double()) / 2.0), -1)
+    assert_close_fp32(loss.sum().cpu(), ref_loss, "loss")
+    assert_close_fp32(lse.cpu(), ref_lse, "lse")
+    assert not stats.isnan().any()
+    for what, got, want in zip(("dx", "dw", "db"), (dx, dw, db), ref_grads):
+        assert_close_fp32(got.cpu(), want, what)
+
+
+interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bounds check")
+
+
+@interpreter_only
+def test_bad_class_index_rows_are_nan_and_never_read_out_of_bounds():
+    """Past the eager check (which the CPU path does), a class index out of range is never an
+    address: the traffic counter checks every access against the buffers, and the row's loss
+    is NaN, as in softmax_gpu.cross_entropy on CUDA."""
+    from softmax_gpu.traffic import TrafficCounter
+
+    x, w, _ = make_inputs("cpu", n=4)
+    target = torch.tensor([5, V, -100, -7])
+    weight = torch.rand(V)
+    loss, lse, stats = torch.empty(4), torch.empty(4), torch.empty(4, 4)
+    with TrafficCounter(buffers=[x, w, target, weight, loss, lse, stats]):
+        lce.launch_forward(x, w, None, target, weight, loss, lse, stats, -100, 0.0, 0.0, None)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[[1, 3]]).all() and loss[2] == 0
+    with pytest.raises(IndexError, match=f"Target {V} is out of bounds"):
+        softmax_gpu.linear_cross_entropy(x, w, target)
+
+
+def test_bad_input_raises_before_launch(device):
+    x, w, b = make_inputs(device, n=4, bias=True)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    fn = "softmax_gpu.linear_cross_entropy"
+    cases = [
+        (dict(input=x.long(), linear_weight=w, target=t), TypeError, "floating-point tensor for 'input'"),
+        (dict(input=x.double(), linear_weight=w.double(), target=t), TypeError, "float32, float16 or bfloat16"),
+        (dict(input=x, linear_weight=w.half(), target=t), TypeError, "same dtype"),
+        (dict(input=x, linear_weight=w[:, :5], target=t), ValueError, "linear_weight must have shape"),
+        (dict(input=x, linear_weight=w[:0], target=t[:0].float()), ValueError, "at least one class"),
+        (dict(input=x, linear_weight=w, target=t, linear_bias=b[:5]), ValueError, "linear_bias must have shape"),
+        (dict(input=x, linear_weight=w, target=t, linear_bias=b.half()), TypeError, "linear_bias must have"),
+        (dict(input=x, linear_weight=w, target=t[:3]), ValueError, "class-index target"),
+        (dict(input=x, linear_weight=w, target=torch.rand(4, 7, device=device)), ValueError, "probability targets"),
+        (dict(input=x, linear_weight=w, target=t.to(torch.int16)), TypeError, "int64 or int32"),
+        (dict(input=x, linear_weight=w, target=t, weight=torch.ones(4, device=device)), ValueError, "weight must"),
+        (dict(input=x, linear_weight=w, target=t, reduction="avg"), ValueError, "reduction"),
+        (dict(input=x, linear_weight=w, target=t, label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(input=x, linear_weight=w, target=t, z_loss=-1.0), ValueError, "z_loss"),
+        (dict(input=x, linear_weight=w, target=t, softcap=0.0), ValueError, "softcap"),
+        (dict(input=x, linear_weight=w, target=t.to("meta")), RuntimeError, "same device"),
+        (dict(input=x, linear_weight=w, target=torch.rand(4, V, device=device), ignore_index=0), RuntimeError,
+         "ignore_index is not supported"),  # as torch, for probability targets
+        (dict(input=torch.tensor(1.0, device=device), linear_weight=w, target=t), ValueError, "at least one dim"),
+    ]
+    for kwargs, error, match in cases:
+        with pytest.raises(error, match=match) as info:
+            softmax_gpu.linear_cross_entropy(**kwargs)
+        assert fn in str(info.value), kwargs
+
+
+def test_empty_batch(device):
+    x, w, b = make_inputs(device, n=0, bias=True)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    loss = softmax_gpu.linear_cross_entropy(leaves[0], leaves[1], torch.zeros(0, dtype=torch.long, device=device),
+                                            linear_bias=leaves[2], reduction="sum")  # fmt: skip
+    loss.backward()
+    assert loss == 0 and leaves[0].grad.shape == (0, H)
+    assert (leaves[1].grad == 0).all() and (leaves[2].grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Memory, determinism, registration
+# ---------------------------------------------------------------------------------------
+
+
+def largest_allocation(fn) -> int:
+    """Bytes of the largest single tensor allocation (torch's CPU allocator, through the
+    profiler) made while fn() runs, its nested calls included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    leaves = [e for e in prof.events() if not e.cpu_children and e.cpu_memory_usage > 0]
+    return max(e.cpu_memory_usage for e in leaves)
+
+
+@interpreter_only
+@pytest.mark.parametrize("n, v", [(64, 512), (128, 1024)])
+def test_no_tensor_grows_with_n_times_v(n, v):
+    """Forward + backward allocate nothing of N x V: the largest tensor is a gradient (dW,
+    V x H float32) and stays under a fixed fraction of the logits' N x V float32 bytes as
+    both grow, while the unfused pair, measured the same way, allocates the full logits."""
+    h = 16
+    x, w, b = make_inputs("cpu", n=n, h=h, v=v, bias=True)
+    target = torch.randint(0, v, (n,))
+    logits_bytes = n * v * 4
+
+    def fused():
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        loss = softmax_gpu.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                                label_smoothing=0.1, z_loss=1e-3)  # fmt: skip
+        loss.backward()
+
+    def unfused():
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        F.cross_entropy(F.linear(leaves[0], leaves[1], leaves[2]), target, label_smoothing=0.1).backward()
+
+    ours = largest_allocation(fused)
+    assert ours <= max(n, v) * h * 4, ours  # a gradient's float32 accumulator at most
+    assert ours <= logits_bytes / 4, (ours, logits_bytes)
+    assert largest_allocation(unfused) >= logits_bytes  # the tracker does see logits when they exist
+
+
+def test_deterministic(device):
+    """Bitwise the same twice, with many tiles in every dim (no atomics, fixed order)."""
+    x, w, b = make_inputs(device, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    results = [run(x, w, b, target, (16, 64, 16), label_smoothing=0.1, z_loss=1e-4) for _ in range(2)]
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_opcheck(device):
+    x, w, b = make_inputs(device, n=5, h=24, v=40, bias=True)
+    target = torch.tensor([0, 39, -100, 3, 3], device=device)
+    weight = torch.rand(40, device=device)
+    loss, lse, stats = lce.linear_cross_entropy_forward(x, w, b, target, weight, -100, 0.1, 1e-3, 5.0, True)
+    for compute_stats in (True, False):
+        args = (x, w, b, target, weight, -100, 0.1, 1e-3, 5.0, compute_stats)
+        torch.library.opcheck(torch.ops.softmax_gpu.linear_cross_entropy_forward.default, args)
+    total = torch.tensor(4.0, device=device)
+    for upstream, divisor, needs in ((torch.tensor(1.0, device=device), total, (True, True, True)),
+                                     (torch.randn(5, device=device), None, (False, True, False))):  # fmt: skip
+        args = (x, w, b, target, weight, stats, upstream, divisor, -100, 0.1, 5.0, *needs)
+        torch.library.opcheck(torch.ops.softmax_gpu.linear_cross_entropy_backward.default, args)
+
+
+def test_tracers_see_the_custom_ops(device):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w, _ = make_inputs(device, n=4, h=16, v=20)
+    target = torch.tensor([0, 19, -100, 3], device=device)
+
+    def step(x, w, t):
+        w = w.detach().requires_grad_()
+        loss = softmax_gpu.linear_cross_entropy(x, w, t)
+        return torch.autograd.grad(loss, w)
+
+    graph = make_fx(step, tracing_mode="fake")(x, w, target).graph
+    targets = {str(n.target) for n in graph.nodes}
+    assert {"softmax_gpu.linear_cross_entropy_forward.default",
+            "softmax_gpu.linear_cross_entropy_backward.default"} <= targets  # fmt: skip
+
+
+def test_torch_compile_training_step(device):
+    """fullgraph: the custom ops inside the autograd.Function trace with no graph break, and
+    the compiled backward runs on .backward()."""
+    head = torch.nn.Linear(16, 37, bias=True).to(device)
+    body = torch.nn.Linear(8, 16).to(device)
+    loss_fn = softmax_gpu.nn.LinearCrossEntropyLoss(label_smoothing=0.1, z_loss=1e-3)
+
+    def forward(x, y):
+        return loss_fn(torch.tanh(body(x)), head.weight, y, head.bias)
+
+    compiled = torch.compile(forward, fullgraph=True)
+    x, y = torch.randn(6, 8, device=device), torch.randint(0, 37, (6,), device=device)
+    loss = compiled(x, y)
+    loss.backward()
+    got = [p.grad.clone() for p in (head.weight, head.bias, body.weight)]
+    for p in (head.weight, head.bias, body.weight, body.bias):
+        p.grad = None
+    logits = head(torch.tanh(body(x)))
+    expected = softmax_gpu.cross_entropy(logits, y, label_smoothing=0.1, z_loss=1e-3)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, p in zip(got, (head.weight, head.bias, body.weight)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_module_and_reference_agree(device):
+    """nn.LinearCrossEntropyLoss forwards its options; the float64 NumPy reference of
+    cross_entropy on the materialised logits gives the same loss and logit gradient."""
+    x, w, b = make_inputs(device, n=6, bias=True)
+    target = torch.randint(0, V, (6,), device=device)
+    weight = torch.rand(V, device=device)
+    module = softmax_gpu.nn.LinearCrossEntropyLoss(weight, reduction="sum", label_smoothing=0.2, z_loss=1e-2,
+                                                   softcap=6.0)  # fmt: skip
+    assert "z_loss=0.01" in repr(module)
+    bb = b.clone().requires_grad_()
+    loss = module(x, w, target, bb)
+    loss.backward()
+    logits = F.linear(x.double(), w.double(), b.double()).cpu().numpy()
+    ref_loss, ref_grad = reference.cross_entropy(logits, target.cpu().numpy(), weight.double().cpu().numpy(),
+                                                 reduction="sum", label_smoothing=0.2, z_loss=1e-2, softcap=6.0)
+    np.testing.assert_allclose(loss.item(), ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(bb.grad.cpu().numpy(), ref_grad.sum(0), rtol=1e-4, atol=1e-5)
+
+
+@interpreter_only
+def test_bench_cpu_report(monkeypatch, capsys):
+    """`python -m bench --ops linear_ce_fwd_bwd` without a GPU: the allocation table (ours under
+    the logits' size, unfused torch at it) and the FLOP counts, at a tiny size."""
+    from bench import linear_ce
+    from bench.__main__ import main
+
+    monkeypatch.setattr(linear_ce, "CPU_SHAPES", ((32, 16, 128),))
+    assert main(["--ops", "linear_ce_fwd_bwd"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith("32x16x128")}
+    logits = 32 * 128 * 4
+    assert int(rows["softmax_gpu"][2].replace(",", "")) < logits <= int(rows["torch"][2].replace(",", ""))
+    assert "linear_ce_fwd_bwd  8192 x 4096 x 128256: 3.443e+13" in out
+    assert linear_ce.flops("linear_ce_fwd", 2, 3, 5) == 60 and linear_ce.flops("linear_ce_fwd_bwd", 2, 3, 5) == 240
