@@ -8,7 +8,6 @@ runs more examples locally.
 """
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
