@@ -91,16 +91,23 @@ def softmax_variants(quick: bool):
                 plan = block_plan(
                     config.block_cap(max_block, itemsize), quick, config.block_cap(loop_block, itemsize)
                 )
-                for block, single in plan:
-                    sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (("n_cols", "i32"),)
-                    meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"))
+                # short single-block rows take several rows a program (config.short_rows)
+                plan = [(b, single, 1) for b, single in plan] + [
+                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
+                ]
+                for block, single, rows in plan:
+                    sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (
+                        ("n_rows", "i32"), ("n_cols", "i32"))
+                    meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"),
+                            ("ROWS", rows))  # fmt: skip
+                    warps = config.warps_for(block * rows, itemsize)
                     yield Variant(
                         "softmax_gpu.kernels.softmax",
                         kernel,
                         dtype,
                         sig + tuple((k, "constexpr") for k, _ in meta),
                         meta,
-                        config.warps_for(block, itemsize),
+                        warps,
                         aligned=ptrs + strides + ("n_cols",),
                     )
 

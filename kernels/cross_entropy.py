@@ -23,7 +23,7 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, acc_zeros, online_step
+from .softmax import LOG2E, acc_zeros, online_step, to_acc
 
 
 @triton.jit
@@ -34,15 +34,6 @@ def acc_scalar(hi, lo, ACC_FP64: tl.constexpr):
         return (tl.zeros([], tl.float64) + hi) + lo
     else:
         return hi
-
-
-@triton.jit
-def to_acc(x, ACC_FP64: tl.constexpr):
-    """x in the accumulation dtype."""
-    if ACC_FP64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit

@@ -26,6 +26,15 @@ def load_row_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
+def to_acc(x, ACC_FP64: tl.constexpr):
+    """x in the accumulation dtype: float64 with ACC_FP64, else float32."""
+    if ACC_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
 def acc_zeros(BLOCK_N: tl.constexpr, ACC_FP64: tl.constexpr):
     """A zero vector in the accumulation dtype."""
     if ACC_FP64:
@@ -65,38 +74,46 @@ def softmax_fwd_kernel(
     y_ptr,
     x_row_stride,
     y_row_stride,
+    n_rows,
     n_cols,
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
-    """y[r, :] = softmax(x[r, :]) (or log_softmax when LOG), for row r = program_id(0).
+    """y[r, :] = softmax(x[r, :]) (or log_softmax when LOG), for rows r = program_id(0) * ROWS + i.
 
     x_ptr, y_ptr: row-major rows whose columns are contiguous (column stride 1).
     x_row_stride, y_row_stride: elements between consecutive rows (int64 offsets are
         used, so n_rows * row_stride may exceed 2**31).
-    n_cols: row length; BLOCK_N >= n_cols when SINGLE_BLOCK, else the loop's step.
+    n_rows, n_cols: the rows' count and length; BLOCK_N >= n_cols when SINGLE_BLOCK, else
+        the loop's step.
     LOG: write log_softmax instead of softmax.
     ACC_FP64: accumulate in float64 (float64 inputs) instead of float32.
+    ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only): short rows then
+        still give each thread several 16-byte loads and the SM enough bytes in flight.
     A row that is -inf everywhere gives NaN, as torch does.
     """
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
-    y_row = y_ptr + row * y_row_stride
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
-        # 1 read + 1 write: the whole row stays in registers.
-        x = load_row_block(x_row, cols, n_cols, ACC_FP64)
-        shifted = x - tl.max(x, axis=0)  # subtract the maximum so exp never overflows
+        # 1 read + 1 write: the rows stay in registers.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        x = to_acc(tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=-float("inf")),
+                   ACC_FP64)
+        shifted = x - tl.max(x, axis=1)[:, None]  # subtract the maximum so exp never overflows
         e = tl.exp2(shifted * LOG2E)
-        d = tl.sum(e, axis=0)
+        d = tl.sum(e, axis=1)[:, None]
         if LOG:
             y = shifted - tl.log(d)
         else:
             y = e / d
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * x_row_stride
+        y_row = y_ptr + row * y_row_stride
         # 1. one pass for the per-lane running (max, sum), then merge the lanes.
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
         m_lane = d_lane - float("inf")
@@ -135,34 +152,39 @@ def softmax_bwd_kernel(
     y_row_stride,
     dy_row_stride,
     dx_row_stride,
+    n_rows,
     n_cols,
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
     """Gradient of softmax (or log_softmax when LOG) from its output y and upstream dy.
 
     softmax:      dx_i = y_i * (dy_i - sum_j dy_j * y_j)      (J_ij = y_i (delta_ij - y_j))
     log_softmax:  dx_i = dy_i - e^(y_i) * sum_j dy_j
-    Pointers and strides as in softmax_fwd_kernel; reads y and dy once and writes dx
+    Pointers, strides and ROWS as in softmax_fwd_kernel; reads y and dy once and writes dx
     once when SINGLE_BLOCK, else makes a reduction pass first.
     """
-    row = tl.program_id(0).to(tl.int64)
-    y_row = y_ptr + row * y_row_stride
-    dy_row = dy_ptr + row * dy_row_stride
-    dx_row = dx_ptr + row * dx_row_stride
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
-        dy = load_grad_block(dy_row, cols, n_cols, ACC_FP64)
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        dy = to_acc(tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0), ACC_FP64)
+        y_tile = y_ptr + rows[:, None] * y_row_stride + cols[None, :]
         if LOG:
-            y = load_row_block(y_row, cols, n_cols, ACC_FP64)  # -inf padding: e^y = 0
-            dx = dy - tl.exp2(y * LOG2E) * tl.sum(dy, axis=0)
+            y = to_acc(tl.load(y_tile, mask=mask, other=-float("inf")), ACC_FP64)  # -inf padding: e^y = 0
+            dx = dy - tl.exp2(y * LOG2E) * tl.sum(dy, axis=1)[:, None]
         else:
-            y = load_grad_block(y_row, cols, n_cols, ACC_FP64)
-            dx = y * (dy - tl.sum(dy * y, axis=0))
-        tl.store(dx_row + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_cols)
+            y = to_acc(tl.load(y_tile, mask=mask, other=0.0), ACC_FP64)
+            dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
+        tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        y_row = y_ptr + row * y_row_stride
+        dy_row = dy_ptr + row * dy_row_stride
+        dx_row = dx_ptr + row * dx_row_stride
         # 1. the row's reduction: sum(dy) for log_softmax, sum(dy * y) for softmax.
         acc = acc_zeros(BLOCK_N, ACC_FP64)
         for start in range(0, n_cols, BLOCK_N):

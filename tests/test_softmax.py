@@ -349,7 +349,7 @@ def test_traffic_counter_catches_out_of_bounds():
 
     x, y = torch.randn(2, 40), torch.empty(2, 40)
     with pytest.raises(Exception, match="OutOfBoundsAccess"), TrafficCounter(buffers=[x, y]):
-        softmax_fwd_kernel[(2,)](x, y, 40, 40, 50, LOG=False, BLOCK_N=64, SINGLE_BLOCK=True, ACC_FP64=False)
+        softmax_fwd_kernel[(2,)](x, y, 40, 40, 2, 50, LOG=False, BLOCK_N=64, SINGLE_BLOCK=True, ACC_FP64=False)
 
 
 # ---------------------------------------------------------------------------------------

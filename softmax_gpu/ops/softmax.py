@@ -8,6 +8,7 @@ and mirror torch.nn.functional.
 from typing import Optional
 
 import torch
+import triton
 
 from .. import config
 from ..checks import check_floating, check_out_dtype, normalize_dim
@@ -23,21 +24,27 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     1 write looped.
     """
     n_rows, n_cols = x.shape
-    cfg = cfg or config.row_config(
-        n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+    cfg = cfg or config.short_rows(
+        config.row_config(
+            n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+        ),
+        n_rows,
+        y.element_size(),
     )
     check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
     with device_guard(x):
-        softmax_fwd_kernel[(n_rows,)](
+        softmax_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
             x_ptr=x,
             y_ptr=y,
             x_row_stride=x.stride(0),
             y_row_stride=y.stride(0),
+            n_rows=n_rows,
             n_cols=n_cols,
             LOG=log,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=y.dtype == torch.float64,
+            ROWS=cfg.rows,
             num_warps=cfg.num_warps,
         )
     return cfg
@@ -51,23 +58,29 @@ def launch_softmax_bwd(
     Bytes: 2 reads + 1 write per element on the single-block path.
     """
     n_rows, n_cols = y.shape
-    cfg = cfg or config.row_config(
-        n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+    cfg = cfg or config.short_rows(
+        config.row_config(
+            n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+        ),
+        n_rows,
+        dx.element_size(),
     )
     check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
     with device_guard(y):
-        softmax_bwd_kernel[(n_rows,)](
+        softmax_bwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
             y_ptr=y,
             dy_ptr=dy,
             dx_ptr=dx,
             y_row_stride=y.stride(0),
             dy_row_stride=dy.stride(0),
             dx_row_stride=dx.stride(0),
+            n_rows=n_rows,
             n_cols=n_cols,
             LOG=log,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=dx.dtype == torch.float64,
+            ROWS=cfg.rows,
             num_warps=cfg.num_warps,
         )
     return cfg
