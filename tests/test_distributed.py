@@ -232,10 +232,34 @@ def _three_ranks_worker(rank, world):
     # 16-wide blocks: rank 0's rows take the looped path (two blocks, the second ragged).
     _options_worker(rank, world, 5, 37, ((10, 20), (30, 7), (0, 10)), 16)
     _bad_input_worker(rank, world)
+    _subgroup_worker(rank, world)
+
+
+def _subgroup_worker(rank, world):
+    """Any process group: ranks 0 and 2 share a 22-class vocabulary in a group of their own
+    (implied starts follow the rank in that group), while rank 1 sits it out."""
+    import softmax_gpu
+    from softmax_gpu.distributed import vocab_parallel_cross_entropy
+
+    group = dist.new_group([0, 2])  # every rank must call new_group
+    torch.manual_seed(torch.initial_seed() + 1)  # the bad-input cases drew different sizes per rank
+    logits = 2 * torch.randn(5, 22, device=device())
+    target = torch.randint(0, 22, (5,), device=device())
+    if rank == 1:
+        return
+    start = 11 * dist.get_rank(group)
+    shard = logits[:, start : start + 11].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, group=group, label_smoothing=0.1)
+    loss.backward()
+    full = logits.clone().requires_grad_()
+    expected = softmax_gpu.cross_entropy(full, target, label_smoothing=0.1)
+    expected.backward()
+    assert_matches(loss, expected.detach().numpy(), RTOL, ATOL, what="subgroup loss")
+    assert_matches(shard.grad, to_f64(full.grad[:, start : start + 11]), RTOL, ATOL, what="subgroup grad")
 
 
 @needs_gloo
-def test_three_ranks_uneven_shards_every_option_then_bad_shards_raise_on_every_rank():
+def test_three_ranks_uneven_shards_every_option_bad_shards_raise_on_every_rank_subgroup():
     run_ranks(3, _three_ranks_worker)
 
 
