@@ -113,43 +113,73 @@ def cross_entropy_variants(quick: bool):
     from softmax_gpu import config
 
     module = "softmax_gpu.kernels.cross_entropy"
-    for dtype in ("fp32", "bf16", "fp16"):
+    aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
+               "grad_row_stride", "n_cols", "weight_ptr")  # fmt: skip
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
         ptr = DTYPES[dtype]
+        acc = "*fp64" if dtype == "fp64" else "*fp32"
+        itemsize = 8 if dtype == "fp64" else 4  # as row_config() sees the accumulation width
+        # bf16 and fp32 write the gradient in the forward; fp16 and fp64 save row stats and
+        # write it in cross_entropy_backward_kernel (softmax_gpu.ops.cross_entropy.DEFERRED_GRAD_DTYPES).
+        deferred = dtype in ("fp16", "fp64")
         for index, flags in enumerate(CE_FLAG_SETS):
             for grad in (False, True):
                 if flags["SOFT_TARGET"] and not grad:
                     continue
                 for block, single in block_plan(
-                    config.MAX_BLOCK_CROSS_ENTROPY, quick or flags["HAS_WEIGHT"], config.LOOP_BLOCK_CROSS_ENTROPY
+                    config.block_cap(config.MAX_BLOCK_CROSS_ENTROPY, itemsize),
+                    quick or flags["HAS_WEIGHT"],
+                    config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize),
                 ):
                     sig = (
                         ("logits_ptr", ptr),
                         ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
                         ("weight_ptr", "*fp32"),
-                        ("loss_ptr", "*fp32"),
-                        ("lse_ptr", "*fp32"),
+                        ("loss_ptr", acc),
+                        ("lse_ptr", acc),
                         ("grad_ptr", ptr),
+                        ("stats_ptr", acc),
                         ("logits_row_stride", "i64"),
                         ("target_row_stride", "i64"),
                         ("grad_row_stride", "i64"),
-                        ("grad_divisor_ptr", "*fp32"),
+                        ("grad_divisor_ptr", acc),
                         ("n_cols", "i32"),
                         ("ignore_index", "i64"),
                         ("label_smoothing", "fp32"),
                         ("z_loss", "fp32"),
                         ("softcap", "fp32"),
+                        ("label_smoothing_lo", "fp32"),
+                        ("z_loss_lo", "fp32"),
+                        ("softcap_lo", "fp32"),
                     )
                     meta = tuple(flags.items()) + (
                         # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
                         # both values compile, without doubling the report's time.
-                        ("COMPUTE_GRAD", grad), ("DIVIDE_GRAD", grad and index % 2 == 0),
+                        ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
+                        ("SAVE_STATS", grad and deferred), ("ACC_FP64", dtype == "fp64"),
                         ("BLOCK_N", block), ("SINGLE_BLOCK", single),
                     )  # fmt: skip
-                    aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
-                               "grad_row_stride", "n_cols", "weight_ptr")
-                    warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                    warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                                   meta, warps, aligned=aligned)
+            if deferred and (index == 0 or not quick):
+                block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
+                sig = (
+                    ("logits_ptr", ptr), ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
+                    ("weight_ptr", "*fp32"), ("stats_ptr", acc), ("upstream_ptr", acc), ("grad_divisor_ptr", acc),
+                    ("grad_ptr", ptr), ("logits_row_stride", "i64"), ("target_row_stride", "i64"),
+                    ("grad_row_stride", "i64"), ("upstream_stride", "i64"), ("n_cols", "i32"),
+                    ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
+                    ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"),
+                )  # fmt: skip
+                meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                    ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", dtype == "fp64"), ("BLOCK_N", block),
+                )  # fmt: skip
+                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                yield Variant(module, "cross_entropy_backward_kernel", dtype,
+                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+        if deferred:
+            continue
         for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
                    ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"))

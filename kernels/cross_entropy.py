@@ -13,11 +13,36 @@ q = softmax(z), class weights w (1 without weights), smoothing eps, C classes, z
 
 With one-hot p and no options both reduce to dloss/dz = softmax(z) - onehot(t).
 The running (max, sum) is the online normaliser of Milakov & Gimelshein (2018).
+
+Two ways to the gradient: cross_entropy_kernel writes it during the forward (scaled for an
+upstream gradient of 1; scale_grad_kernel rescales in the backward), or, with SAVE_STATS, it
+saves four numbers per row and cross_entropy_backward_kernel writes the gradient in the
+backward with the upstream factor folded in before the one rounding to the logits' dtype.
+16-bit and float32 accumulate in float32; float64 logits (ACC_FP64) in float64 throughout.
 """
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, online_step
+from .softmax import LOG2E, acc_zeros, online_step
+
+
+@triton.jit
+def acc_scalar(hi, lo, ACC_FP64: tl.constexpr):
+    """A host float passed as float32 hi + lo: hi in float32, hi + lo in float64 (Triton passes
+    Python floats as float32, which would cost a float64 kernel 1e-8 relative)."""
+    if ACC_FP64:
+        return (tl.zeros([], tl.float64) + hi) + lo
+    else:
+        return hi
+
+
+@triton.jit
+def to_acc(x, ACC_FP64: tl.constexpr):
+    """x in the accumulation dtype."""
+    if ACC_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
 
 
 @triton.jit
@@ -30,55 +55,58 @@ def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_logits(row_ptr, cols, n_cols, softcap, HAS_SOFTCAP: tl.constexpr):
-    """Soft-capped float32 logits of one block; lanes past the row are -inf."""
+def load_logits(row_ptr, cols, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Soft-capped logits of one block in the accumulation dtype; lanes past the row are -inf."""
     mask = cols < n_cols
-    x = tl.load(row_ptr + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    x = to_acc(tl.load(row_ptr + cols, mask=mask, other=-float("inf")), ACC_FP64)
     return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
 
 
 @triton.jit
-def load_target_block(row_ptr, cols, n_cols, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr):
+def load_target_block(
+    row_ptr, cols, n_cols, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr, ACC_FP64: tl.constexpr
+):
     """Probability targets of one block, smoothed: p' = (1 - eps) p + eps / C; 0 past the row."""
     mask = cols < n_cols
-    p = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    p = to_acc(tl.load(row_ptr + cols, mask=mask, other=0.0), ACC_FP64)
     if HAS_SMOOTHING:
         p = tl.where(mask, (1.0 - label_smoothing) * p + label_smoothing * inv_classes, 0.0)
     return p
 
 
 @triton.jit
-def load_weight_block(weight_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr):
+def load_weight_block(weight_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
     """Class weights of one block (1.0 without weights); 0 past the row."""
     mask = cols < n_cols
     if HAS_WEIGHT:
-        return tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        return to_acc(tl.load(weight_ptr + cols, mask=mask, other=0.0), ACC_FP64)
     else:
         return tl.where(mask, 1.0, 0.0)
-
 
 @triton.jit
 def block_terms(
     logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_FP64: tl.constexpr,
 ):
     """One block's logits z and its share of the loss's linear terms, per lane:
     z_t where the lane holds the target class, w_j z_j and w_j (smoothing) or
     w_j p'_j z_j and w_j p'_j (probability targets); zeros where unused."""
-    z = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
+    z = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
     in_row = cols < n_cols - start
     zero = tl.zeros_like(z)
     z_t = zero
     wz = zero
     w = zero
     if SOFT_TARGET:
-        p = load_target_block(target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING)
-        w = p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+        p = load_target_block(
+            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        w = p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
         wz = tl.where(in_row, w * z, 0.0)
     else:
         z_t = tl.where(cols + start == t, z, 0.0)
         if HAS_SMOOTHING:
-            w = load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+            w = load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
             wz = tl.where(in_row, w * z, 0.0)
     return z, z_t, wz, w
 
@@ -88,6 +116,7 @@ def store_grad_block(
     grad_row, target_row, weight_ptr, z, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t, w_t, valid,
     bad, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_FP64: tl.constexpr,
 ):
     """Writes d loss / d x for one block: q_j * coef minus the target terms, times dz/dx and scale.
 
@@ -96,18 +125,21 @@ def store_grad_block(
     The target class's q_t * coef - c_t (c_t = (1 - eps) w_t) is computed as
     q_t (coef - c_t) - c_t * other_over_d, with other_over_d = sum_{j != t} q_j = 1 - q_t
     summed directly: q_t - 1 cancels to 0 in float32 once q_t > 1 - 6e-8 (a confident row),
-    while the sum of the other classes keeps its relative accuracy."""
+    while the sum of the other classes keeps its relative accuracy. The scale (the upstream
+    gradient over the mean's divisor) is applied before the one rounding to the store dtype."""
     in_row = cols < n_cols - start
     q = tl.exp2((z - m) * LOG2E) * inv_d
     if SOFT_TARGET:
         g = q * coef
-        p = load_target_block(target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING)
-        g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+        p = load_target_block(
+            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
     else:
         c_t = (1.0 - label_smoothing) * w_t
         g = tl.where(cols + start == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
         if HAS_SMOOTHING:
-            g -= label_smoothing * inv_classes * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT)
+            g -= label_smoothing * inv_classes * load_weight_block(
+                weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
     if HAS_SOFTCAP:
         g *= 1.0 - (z / softcap) * (z / softcap)
     # Ignored rows get 0, except where g is NaN (a NaN logit in the row): torch's gradient
@@ -118,6 +150,29 @@ def store_grad_block(
 
 
 @triton.jit
+def row_target(target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index,
+               SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
+    """(t, valid, bad, w_t) of one row: its class index (-1 for probabilities), whether it
+    counts (not ignore_index), whether it is out of range (its loss and gradient become NaN;
+    it is never used as an address unmasked) and its class weight (0 when ignored)."""
+    if SOFT_TARGET:
+        t = -1
+        valid = True
+        bad = False
+        w_t = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+    else:
+        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+        valid = t != ignore_index
+        in_range = (t >= 0) & (t < n_cols)
+        bad = valid & (~in_range)
+        if HAS_WEIGHT:
+            w_t = to_acc(tl.load(weight_ptr + t, mask=valid & in_range, other=0.0), ACC_FP64)
+        else:
+            w_t = to_acc(tl.where(valid, 1.0, 0.0), ACC_FP64)
+    return t, valid, bad, w_t
+
+
+@triton.jit
 def cross_entropy_kernel(
     logits_ptr,
     target_ptr,
@@ -125,6 +180,7 @@ def cross_entropy_kernel(
     loss_ptr,
     lse_ptr,
     grad_ptr,
+    stats_ptr,
     logits_row_stride,
     target_row_stride,
     grad_row_stride,
@@ -134,6 +190,9 @@ def cross_entropy_kernel(
     label_smoothing,
     z_loss,
     softcap,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
     SOFT_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -141,6 +200,8 @@ def cross_entropy_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     DIVIDE_GRAD: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
 ):
@@ -150,11 +211,16 @@ def cross_entropy_kernel(
     target_ptr: class index per row (int32/int64, stride target_row_stride), or with
         SOFT_TARGET a (n_rows, n_cols) probability row (row stride target_row_stride).
     weight_ptr: (n_cols,) class weights, read only when HAS_WEIGHT.
-    loss_ptr, lse_ptr: (n_rows,) float32 outputs.
+    loss_ptr, lse_ptr: (n_rows,) outputs (float32; float64 with ACC_FP64).
     grad_ptr: gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD; may be
         logits_ptr itself (in-place backward: each block is read before it is overwritten).
-    grad_divisor_ptr: float32 device scalar dividing the gradient (the total weight, for
+    stats_ptr: (n_rows, 4) with SAVE_STATS: the row's max m, 1/d, (sum_{j != t} q_j) and the
+        coefficient of q_j in the gradient, all cross_entropy_backward_kernel needs besides
+        the logits and target.
+    grad_divisor_ptr: device scalar dividing the gradient (the total weight, for
         reduction="mean"), read on device only when DIVIDE_GRAD, so the host never syncs.
+    label_smoothing, z_loss, softcap (float32) and their *_lo remainders: with ACC_FP64 the
+        option is hi + lo in float64; otherwise the remainders are unused.
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
@@ -166,52 +232,43 @@ def cross_entropy_kernel(
     target_row = target_ptr + row * target_row_stride  # used only for probability targets
     grad_row = grad_ptr + row * grad_row_stride
     cols = tl.arange(0, BLOCK_N)
-    inv_classes = 1.0 / n_cols
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
+    KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
 
     # 1. The target: its class index, whether the row counts, and its weight.
-    if SOFT_TARGET:
-        t = -1
-        valid = True
-        bad = False
-        w_t = 1.0
-    else:
-        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
-        valid = t != ignore_index
-        in_range = (t >= 0) & (t < n_cols)
-        bad = valid & (~in_range)  # surfaces as NaN; never used as an address unmasked
-        if HAS_WEIGHT:
-            w_t = tl.load(weight_ptr + t, mask=valid & in_range, other=0.0).to(tl.float32)
-        else:
-            w_t = tl.where(valid, 1.0, 0.0)
+    t, valid, bad, w_t = row_target(
+        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
 
     # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
     if SINGLE_BLOCK:
         z, zt_lane, wz_lane, w_lane = block_terms(
             logits_row, target_row, weight_ptr, 0, cols, n_cols, t, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m = tl.max(z, axis=0)
         e = tl.exp2((z - m) * LOG2E)
         d = tl.sum(e, axis=0)
-        other = 0.0  # sum over j != t of e^(z_j - m): only the gradient for class indices needs it
-        if COMPUTE_GRAD:
-            if not SOFT_TARGET:
-                other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
+        other = tl.zeros_like(d)
+        if KEEP_OTHER:
+            other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
     else:
-        m_lane = tl.zeros([BLOCK_N], tl.float32) - float("inf")
-        d_lane = tl.zeros([BLOCK_N], tl.float32)
-        zt_lane = tl.zeros([BLOCK_N], tl.float32)
-        wz_lane = tl.zeros([BLOCK_N], tl.float32)
-        w_lane = tl.zeros([BLOCK_N], tl.float32)
-        o_lane = tl.zeros([BLOCK_N], tl.float32)  # the running sum without the target class
+        m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
+        d_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        zt_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        w_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        o_lane = acc_zeros(BLOCK_N, ACC_FP64)  # the running sum without the target class
         for start in range(0, n_cols, BLOCK_N):
             zb, zt_b, wz_b, w_b = block_terms(
                 logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m_lane, alpha, p = online_step(m_lane, zb)
             d_lane = d_lane * alpha + p
-            if COMPUTE_GRAD:
-                if not SOFT_TARGET:
-                    o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+            if KEEP_OTHER:
+                o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
             zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b
@@ -224,7 +281,7 @@ def cross_entropy_kernel(
     sum_wz = tl.sum(wz_lane, axis=0)
     sum_w = tl.sum(w_lane, axis=0)
 
-    # 3. The loss of the row (float32 whatever the logits' dtype).
+    # 3. The loss of the row (float32 for every dtype but float64).
     if SOFT_TARGET:
         loss = sum_w * lse - sum_wz
         coef = sum_w
@@ -238,25 +295,93 @@ def cross_entropy_kernel(
         loss += z_loss * w_t * lse * lse
         coef += 2.0 * z_loss * w_t * lse
     loss = tl.where(valid, loss, 0.0)
-    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss))
-    tl.store(lse_ptr + row, lse)
+    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
+    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+    if SAVE_STATS:
+        stats_row = stats_ptr + row * 4
+        tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
+        tl.store(stats_row + 1, (1.0 / d).to(stats_ptr.dtype.element_ty))
+        tl.store(stats_row + 2, (other / d).to(stats_ptr.dtype.element_ty))
+        tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
 
     # 4. The gradient, from registers (single block) or a second read of the row.
     if COMPUTE_GRAD:
-        scale = 1.0
+        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
         if DIVIDE_GRAD:
-            scale = 1.0 / tl.load(grad_divisor_ptr)
+            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
         if SINGLE_BLOCK:
             store_grad_block(
                 grad_row, target_row, weight_ptr, z, m, 1.0 / d, other / d, coef, scale, 0, cols, n_cols, t, w_t, valid,
-                bad, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                bad, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                ACC_FP64)
         else:
             for start in range(0, n_cols, BLOCK_N):
-                zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
+                zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
                 store_grad_block(
                     grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
-                    w_t, valid, bad,
-                    label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                    w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+
+
+@triton.jit
+def cross_entropy_backward_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    stats_ptr,
+    upstream_ptr,
+    grad_divisor_ptr,
+    grad_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    upstream_stride,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    label_smoothing_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """d loss / d logits of row r = program_id(0) times the upstream gradient, from the
+    row statistics cross_entropy_kernel saved (SAVE_STATS): one read of the logits, one
+    write of the gradient, the factor upstream[r * upstream_stride] / divisor applied in
+    float32 (float64) before the single rounding to the gradient's dtype. Used where a
+    gradient stored at the forward's scale and rescaled later would lose entries: float16
+    under a loss scale of 2^16, where (q - onehot) / N underflows before the factor comes.
+    grad_ptr may be logits_ptr (each block is read before it is overwritten). Arguments
+    otherwise as in cross_entropy_kernel."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_row_stride
+    target_row = target_ptr + row * target_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    cols = tl.arange(0, BLOCK_N)
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    t, valid, bad, w_t = row_target(
+        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    stats_row = stats_ptr + row * 4
+    m = to_acc(tl.load(stats_row), ACC_FP64)
+    inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
+    other_over_d = to_acc(tl.load(stats_row + 2), ACC_FP64)
+    coef = to_acc(tl.load(stats_row + 3), ACC_FP64)
+    scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
+    if DIVIDE_GRAD:
+        scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+    for start in range(0, n_cols, BLOCK_N):
+        zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_row, target_row, weight_ptr, zb, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t,
+            w_t, valid, bad, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
 
 
 @triton.jit
@@ -272,6 +397,7 @@ def scale_grad_kernel(
 
     The common training case, a scalar loss whose upstream gradient is exactly 1, returns
     after reading one float per row: no pass over the gradient and no host sync.
+    Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
     """
     row = tl.program_id(0).to(tl.int64)
     g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)

@@ -443,17 +443,50 @@ def test_bad_input_raises_before_launch(device):
             softmax_gpu.cross_entropy(**kwargs)
 
 
-def test_opcheck(device):
-    logits = torch.randn(4, 9, device=device)
+def _opcheck_samples(device):
+    """Sample arguments for every cross-entropy custom op, covering its options: class
+    indices and probabilities, weight, smoothing, z-loss, softcap, both divisors, the stats
+    of the deferred gradient, 16-bit and float64 logits."""
+    ops = torch.ops.softmax_gpu
+    n, c = 4, 9
     target = torch.tensor([0, 8, -100, 3], device=device)
-    total = torch.tensor(3.0, device=device)
-    for divisor in (total, None):
-        args = (logits, target, torch.rand(9, device=device), divisor, -100, 0.1, 1e-3, 5.0, True)
-        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default, args)
-    args = (logits.clone(), target, None, total, -100, 0.0, 0.0, None)
-    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward_inplace.default, args)
-    grad = torch.randn(4, 9, device=device)
-    torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device)))
+    probs = torch.softmax(torch.randn(n, c, device=device), -1)
+    weight = torch.rand(c, device=device)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        logits = torch.randn(n, c, device=device).to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        total = torch.tensor(3.0, device=device, dtype=acc)
+        samples = (
+            (target, weight, total, (-100, 0.1, 1e-3, 5.0)),
+            (target.clamp(min=0), None, None, (3, 0.0, 0.0, None)),
+            (probs.to(dtype), weight, total, (-100, 0.2, 1e-2, 2.0)),
+        )
+        for tgt, w, divisor, options in samples if dtype == torch.float32 else samples[:1]:
+            for compute_grad, save_stats in ((True, False), (False, True)):
+                yield ops.cross_entropy_forward.default, (logits, tgt, w, divisor, *options, compute_grad, save_stats)
+            yield ops.cross_entropy_forward_inplace.default, (logits.clone(), tgt, w, divisor, *options)
+            stats = ops.cross_entropy_forward.default(logits, tgt, w, divisor, *options, False, True)[3]
+            for upstream in (torch.tensor(2.0**16, device=device, dtype=acc), torch.rand(n, device=device, dtype=acc)):
+                eps, softcap = options[1], options[3]
+                yield ops.cross_entropy_backward.default, (logits, tgt, w, stats, upstream, divisor, options[0], eps, softcap)
+        if dtype != torch.float64:
+            grad = torch.randn(n, c, device=device).to(dtype)
+            yield ops.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device))
+            yield ops.cross_entropy_scale_grad.default, (grad, torch.rand(n, device=device))
+
+
+def test_opcheck(device):
+    """torch.library.opcheck on every cross-entropy op: schema, fake (meta) kernel, autograd
+    registration and dispatch, for each sample."""
+    seen = set()
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+        seen.add(op)
+    assert {o.name() for o in seen} == {
+        f"softmax_gpu::{name}"
+        for name in ("cross_entropy_forward", "cross_entropy_forward_inplace", "cross_entropy_backward",
+                     "cross_entropy_scale_grad")
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -1,10 +1,13 @@
 """Fused softmax cross-entropy: launchers, PyTorch custom ops, autograd, and cross_entropy().
 
 Layers, top to bottom:
-  launch_cross_entropy / launch_scale_grad  fill preallocated buffers (one launcher per kernel)
-  softmax_gpu::cross_entropy_forward[_inplace], softmax_gpu::cross_entropy_scale_grad   custom ops
-  CrossEntropyFunction                      autograd: the forward stores the gradient, the
-                                            backward scales it by the upstream gradient
+  launch_cross_entropy / launch_cross_entropy_backward / launch_scale_grad
+                                            fill preallocated buffers (one launcher per kernel)
+  softmax_gpu::cross_entropy_forward[_inplace], ::cross_entropy_backward,
+  ::cross_entropy_scale_grad                custom ops
+  CrossEntropyFunction                      autograd: the forward stores the gradient and the
+                                            backward scales it, or (float16, float64) the
+                                            backward computes it with the upstream factor
   cross_entropy()                           checks and torch.nn.functional's signature
 
 Under any tracer (torch.compile, export, make_fx, FakeTensorMode, jit.trace), any active
@@ -15,18 +18,21 @@ costs tens of microseconds per call, which the first H100 run showed to dominate
 forward+backward (about 1 ms of host time around a 255 us kernel at 32768 x 4096).
 Mutations are then reported to autograd by hand (increment_version), as the custom op would.
 
-Forward plus backward reads the logits once and writes the gradient once (when a row
-fits one block); the backward's scaling costs nothing when the upstream gradient is 1.
+Forward plus backward reads the logits once and writes the gradient once (bfloat16 and
+float32 rows that fit one block); the backward's scaling costs nothing when the upstream
+gradient is 1. float16 and float64 read the logits once more, in the backward.
 """
+import math
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
-from ..kernels.cross_entropy import cross_entropy_kernel, scale_grad_kernel
+from ..kernels.cross_entropy import cross_entropy_backward_kernel, cross_entropy_kernel, scale_grad_kernel
 from ..layout import as_rows
 from ..runtime import check_launchable, device_guard
 
@@ -36,14 +42,29 @@ REDUCTIONS = ("none", "mean", "sum")
 CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
 
 
-def cross_entropy_config(n_cols: int) -> config.RowConfig:
-    """Launch configuration of both cross-entropy kernels for rows of n_cols classes."""
+def cross_entropy_config(n_cols: int, itemsize: int = 4, streaming: bool = False) -> config.RowConfig:
+    """Launch configuration for rows of n_cols classes of `itemsize` bytes: the forward's (one
+    block when the row fits), or with streaming=True the backward kernel's, which always
+    loops and so streams in the looped path's block width."""
+    if streaming:
+        return config.row_config(
+            n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
+            elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
+        )  # fmt: skip
     return config.row_config(
         n_cols,
         config.MAX_BLOCK_CROSS_ENTROPY,
+        itemsize,
         loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
     )
+
+
+def _hi_lo(x: float) -> tuple[float, float]:
+    """x as float32 hi + float32 lo: Triton passes Python floats as float32, and float64
+    kernels rebuild x from both (to about 2^-48 relative)."""
+    hi = float(np.float32(x))
+    return hi, (float(np.float32(x - hi)) if math.isfinite(hi) else 0.0)
 
 
 def launch_cross_entropy(
@@ -59,17 +80,21 @@ def launch_cross_entropy(
     z_loss: float,
     softcap: Optional[float],
     cfg: Optional[config.RowConfig] = None,
+    stats: Optional[torch.Tensor] = None,
 ) -> config.RowConfig:
-    """Per-row loss and lse (float32) and, when grad is given, the gradient (may be logits itself).
+    """Per-row loss and lse (float32; float64 for float64 logits) and, when grad is given,
+    the gradient (may be logits itself); with stats ((N, 4), the accumulation dtype) the row
+    statistics launch_cross_entropy_backward needs.
 
     logits (N, C) with unit column stride; target (N,) class indices or (N, C) probabilities
-    with unit column stride; grad_divisor None, or a float32 device scalar the gradient is
-    divided by (the mean's total weight). Returns the RowConfig used.
+    with unit column stride; grad_divisor None, or a device scalar the gradient is divided
+    by (the mean's total weight). Returns the RowConfig used.
     Bytes: N*C reads (+ N*C writes with grad) + O(N) on the single-block path.
     """
     n_rows, n_cols = logits.shape
-    cfg = cfg or cross_entropy_config(n_cols)
+    cfg = cfg or cross_entropy_config(n_cols, logits.element_size())
     soft = target.is_floating_point()
+    (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
         cross_entropy_kernel[(n_rows,)](
@@ -79,15 +104,19 @@ def launch_cross_entropy(
             loss_ptr=loss,
             lse_ptr=lse,
             grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
+            stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
             logits_row_stride=logits.stride(0),
             target_row_stride=target.stride(0),
             grad_row_stride=grad.stride(0) if grad is not None else 0,
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
             n_cols=n_cols,
             ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap or 0.0,
+            label_smoothing=eps,
+            z_loss=lam,
+            softcap=cap,
+            label_smoothing_lo=eps_lo,
+            z_loss_lo=lam_lo,
+            softcap_lo=cap_lo,
             SOFT_TARGET=soft,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0,
@@ -95,8 +124,61 @@ def launch_cross_entropy(
             HAS_SOFTCAP=softcap is not None,
             COMPUTE_GRAD=grad is not None,
             DIVIDE_GRAD=grad is not None and grad_divisor is not None,
+            SAVE_STATS=stats is not None,
+            ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
+            num_warps=cfg.num_warps,
+        )
+    return cfg
+
+
+def launch_cross_entropy_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    upstream: torch.Tensor,
+    grad_divisor: Optional[torch.Tensor],
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+    cfg: Optional[config.RowConfig] = None,
+) -> config.RowConfig:
+    """grad = d loss / d logits * upstream (/ grad_divisor), from the stats launch_cross_entropy
+    saved; upstream (N,) or 0-d in the accumulation dtype. grad may be logits itself.
+    Bytes: N*C reads + N*C writes + O(N)."""
+    n_rows, n_cols = logits.shape
+    cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True)
+    (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
+    check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_backward_kernel, logits)
+    with device_guard(logits):
+        cross_entropy_backward_kernel[(n_rows,)](
+            logits_ptr=logits,
+            target_ptr=target,
+            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
+            stats_ptr=stats,
+            upstream_ptr=upstream,
+            grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
+            grad_ptr=grad,
+            logits_row_stride=logits.stride(0),
+            target_row_stride=target.stride(0),
+            grad_row_stride=grad.stride(0),
+            upstream_stride=upstream.stride(0) if upstream.dim() else 0,
+            n_cols=n_cols,
+            ignore_index=ignore_index,
+            label_smoothing=eps,
+            softcap=cap,
+            label_smoothing_lo=eps_lo,
+            softcap_lo=cap_lo,
+            SOFT_TARGET=target.is_floating_point(),
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0,
+            HAS_SOFTCAP=softcap is not None,
+            DIVIDE_GRAD=grad_divisor is not None,
+            ACC_FP64=logits.dtype == torch.float64,
+            BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
         )
     return cfg
@@ -135,33 +217,48 @@ def _check_class_indices(target: torch.Tensor, n_classes: int, ignore_index: int
         raise IndexError(f"Target {target[bad][0].item()} is out of bounds.")
 
 
-def _total_weight(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The dtype of the loss, lse and every accumulation: float64 for float64 logits, else float32."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+# Logits dtypes whose gradient is written in the backward, with the upstream factor, instead
+# of in the forward: float16, whose (q - onehot) / N underflows before a loss scale of 2^16
+# could rescue it, and float64, where the price (a second read of the logits) is no concern
+# next to exactness, and which gradcheck and retain_graph then work with.
+DEFERRED_GRAD_DTYPES = (torch.float16, torch.float64)
+
+
+def _total_weight(
+    target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The denominator of reduction="mean", on device (no sync): the summed class weight of the
     rows that are not ignored (their count without weights), or the row count for
     probability targets. Two small launches in the common case (compare, sum)."""
     if target.is_floating_point():
-        return torch.full((), float(target.shape[0]), dtype=torch.float32, device=target.device)
+        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
     valid = target != ignore_index
     if weight is None:
-        return valid.sum(dtype=torch.float32)
+        return valid.sum(dtype=dtype)
     # Never index with an unchecked class index: on CUDA an out-of-range one would trip a
     # device-side assert and kill the context. A bad row makes the total NaN instead (its
     # loss is NaN too, so the mean is NaN either way, and so is every gradient).
     n_classes = weight.shape[0]
-    w_t = weight.float()[target.clamp(0, n_classes - 1)]
+    w_t = weight.to(dtype)[target.clamp(0, n_classes - 1)]
     return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid).sum()
 
 
-def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad):
-    """Shared body of the two forward ops: returns (loss rows, lse), fills grad if given."""
+def _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad, stats=None):
+    """Shared body of the two forward ops: returns (loss rows, lse), fills grad / stats if given."""
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    loss = torch.empty(n_rows, dtype=_acc_dtype(logits), device=logits.device)
+    lse = torch.empty(n_rows, dtype=_acc_dtype(logits), device=logits.device)
     if n_rows:
         launch_cross_entropy(
-            logits, target, weight, loss, lse, grad, grad_divisor, ignore_index, label_smoothing, z_loss, softcap
-        )
+            logits, target, weight, loss, lse, grad, grad_divisor, ignore_index, label_smoothing, z_loss, softcap,
+            stats=stats,
+        )  # fmt: skip
     return loss, lse
 
 
@@ -175,12 +272,17 @@ def _cross_entropy_forward(
     z_loss: float,
     softcap: Optional[float],
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per row, lse, gradient of the summed loss divided by grad_divisor, or an empty
-    tensor) for 2-D logits."""
+    save_stats: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per row, lse, gradient of the summed loss divided by grad_divisor or an empty
+    tensor, row statistics for cross_entropy_backward or an empty tensor) for 2-D logits."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
-    loss, lse = _forward(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad)
-    return loss, lse, grad if grad is not None else logits.new_empty(0)
+    stats = logits.new_empty((logits.shape[0], 4), dtype=_acc_dtype(logits)) if save_stats else None
+    loss, lse = _forward(
+        logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, grad, stats
+    )
+    # Separate empty tensors: a custom op's outputs may not alias one another.
+    return loss, lse, grad if grad is not None else logits.new_empty(0), stats if stats is not None else lse.new_empty(0)
 
 
 cross_entropy_forward = torch.library.custom_op(
@@ -189,16 +291,19 @@ cross_entropy_forward = torch.library.custom_op(
 
 
 def _fake_stats(logits):
-    """Shapes of (loss per row, lse): float32 (N,) and (N,)."""
-    f32 = dict(dtype=torch.float32, device=logits.device)
+    """Shapes of (loss per row, lse): (N,) and (N,) in the accumulation dtype."""
+    acc = dict(dtype=_acc_dtype(logits), device=logits.device)
     n_rows = logits.shape[0]
-    return logits.new_empty(n_rows, **f32), logits.new_empty(n_rows, **f32)
+    return logits.new_empty(n_rows, **acc), logits.new_empty(n_rows, **acc)
 
 
 @cross_entropy_forward.register_fake
-def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, compute_grad):
+def _(logits, target, weight, grad_divisor, ignore_index, label_smoothing, z_loss, softcap, compute_grad,
+      save_stats=False):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return (*_fake_stats(logits), grad)
+    acc = _acc_dtype(logits)
+    stats = logits.new_empty((logits.shape[0], 4) if save_stats else (0,), dtype=acc)
+    return (*_fake_stats(logits), grad, stats)
 
 
 def _cross_entropy_forward_inplace(
@@ -241,6 +346,57 @@ def _(grad, upstream):
     return None
 
 
+def _backward_into(grad, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing,
+                   softcap):
+    if grad.numel():
+        launch_cross_entropy_backward(
+            logits, target, weight, stats, upstream, grad_divisor, grad, ignore_index, label_smoothing, softcap
+        )
+    return grad
+
+
+def _cross_entropy_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    upstream: torch.Tensor,
+    grad_divisor: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+) -> torch.Tensor:
+    """d loss / d logits times upstream ((N,) or 0-d) over grad_divisor, in one rounding to
+    the logits' dtype, from the row statistics cross_entropy_forward saved."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return _backward_into(
+        grad, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap
+    )
+
+
+cross_entropy_backward = torch.library.custom_op(
+    "softmax_gpu::cross_entropy_backward", _cross_entropy_backward, mutates_args=()
+)
+
+
+@cross_entropy_backward.register_fake
+def _(logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _target_gradient(logits, lse, weight, scale, label_smoothing, softcap, dtype):
+    """d loss / d p for probability targets: (1 - eps) w_j (lse - z_j) times the row's scale
+    (the upstream gradient, over the row count for a mean), in the accumulation dtype, rounded
+    once to the target's dtype. Smoothing's p' = (1 - eps) p + eps / C gives the (1 - eps)."""
+    z = logits.to(lse.dtype)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    g = (lse.unsqueeze(1) - z) * ((1.0 - label_smoothing) * (scale.unsqueeze(1) if scale.dim() else scale))
+    if weight is not None:
+        g = g * weight.to(lse.dtype)
+    return g.to(dtype)
+
+
 def _plain_eager(*tensors) -> bool:
     """True when the ops may skip the dispatcher: no compiler, tracer or dispatch mode is
     active and every tensor is a plain torch.Tensor (or Parameter) outside functorch."""
@@ -257,15 +413,28 @@ _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Forward computes the loss and stores d loss / d logits; backward scales it by the upstream gradient."""
+    """The loss, with the gradient of the logits formed one of two ways:
+
+    stored:   the forward writes d loss / d logits (for an upstream gradient of 1, divided by
+              the mean's total); the backward rescales it in place only where the upstream
+              gradient is not 1. 1 read + 1 write of N x C in all: bfloat16 and float32.
+    deferred: the forward saves 4 numbers per row; the backward reads the logits again and
+              writes the gradient with the upstream factor applied before rounding. 2 reads
+              + 1 write: float16 and float64 (DEFERRED_GRAD_DTYPES).
+    Probability targets that require grad get d loss / d p in the backward from the saved
+    logits and lse.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
-        compute_grad = ctx.needs_input_grad[0]
+        logits_grad = ctx.needs_input_grad[0]
+        target_grad = target.is_floating_point() and ctx.needs_input_grad[1]
+        defer = logits_grad and logits.dtype in DEFERRED_GRAD_DTYPES
         eager = _plain_eager(logits, target, weight)
-        total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
+        total = _total_weight(target, weight, ignore_index, _acc_dtype(logits)) if reduction == "mean" else None
         options = (ignore_index, label_smoothing, z_loss, softcap)
-        if compute_grad and inplace:
+        grad = stats = None
+        if logits_grad and inplace and not defer:
             # Declared as mutating `logits`, so its version counter is bumped: anything else in
             # the graph that saved the logits' values fails autograd's version check at
             # backward instead of silently using the gradient. (mark_dirty is not used because
@@ -277,9 +446,26 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = logits
         else:
             op = _cross_entropy_forward if eager else cross_entropy_forward
-            loss, lse, grad = op(logits, target, weight, total, *options, compute_grad)
-        if compute_grad:
-            ctx.save_for_backward(grad)
+            loss, lse, grad, stats = op(logits, target, weight, total, *options, logits_grad and not defer, defer)
+            if defer and inplace and eager:
+                # The backward will write the gradient over the logits: the same contract as
+                # the stored in-place path, whose version bump this repeats now.
+                torch.autograd.graph.increment_version(logits)
+        ctx.mode = "deferred" if defer else "stored" if logits_grad else None
+        ctx.inplace = inplace and eager
+        ctx.options = (ignore_index, label_smoothing, softcap, reduction)
+        ctx.target_grad_dtype = target.dtype if target_grad else None
+        ctx.acc = _acc_dtype(logits)
+        keep_logits = defer or target_grad
+        ctx.save_for_backward(
+            grad if ctx.mode == "stored" else None,
+            logits if keep_logits else None,
+            target if defer else None,
+            weight if keep_logits else None,
+            stats if defer else None,
+            total,
+            lse if target_grad else None,
+        )
         ctx.mark_non_differentiable(lse)
         ctx.backward_done = False
         if reduction == "mean":
@@ -290,20 +476,36 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        if ctx.backward_done:
-            raise RuntimeError(
-                "softmax_gpu.cross_entropy: backward ran twice through the same graph; the fused loss "
-                "stores its gradient once, so run the forward again instead of retain_graph=True"
-            )
-        ctx.backward_done = True
-        (grad,) = ctx.saved_tensors
-        upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
-        if _plain_eager(grad, upstream):
-            _cross_entropy_scale_grad(grad, upstream)
-            torch.autograd.graph.increment_version(grad)
-        else:
-            cross_entropy_scale_grad(grad, upstream)
-        return grad, None, None, None, None, None, None, None, None
+        if ctx.mode == "stored" or (ctx.mode == "deferred" and ctx.inplace):
+            if ctx.backward_done:  # checked before saved_tensors, whose version check would fail first
+                raise RuntimeError(
+                    "softmax_gpu.cross_entropy: backward ran twice through the same graph; the fused loss "
+                    "stores its gradient once, so run the forward again instead of retain_graph=True"
+                )
+            ctx.backward_done = True
+        grad, logits, target, weight, stats, total, lse = ctx.saved_tensors
+        ignore_index, label_smoothing, softcap, reduction = ctx.options
+        upstream = grad_loss.to(ctx.acc) if grad_loss.dim() == 0 else grad_loss.reshape(-1).to(ctx.acc)
+        grad_target = None
+        if ctx.target_grad_dtype is not None:  # before an in-place backward overwrites the logits
+            scale = upstream / total if reduction == "mean" else upstream
+            grad_target = _target_gradient(logits, lse, weight, scale, label_smoothing, softcap, ctx.target_grad_dtype)
+        if ctx.mode == "stored":
+            if _plain_eager(grad, upstream):
+                _cross_entropy_scale_grad(grad, upstream)
+                torch.autograd.graph.increment_version(grad)
+            else:
+                cross_entropy_scale_grad(grad, upstream)
+        elif ctx.mode == "deferred":
+            args = (target, weight, stats, upstream, total, ignore_index, label_smoothing, softcap)
+            if ctx.inplace:
+                grad = _backward_into(logits, logits, *args)
+                torch.autograd.graph.increment_version(logits)
+            elif _plain_eager(logits, target, weight, stats, upstream):
+                grad = _cross_entropy_backward(logits, *args)
+            else:
+                grad = cross_entropy_backward(logits, *args)
+        return grad, grad_target, None, None, None, None, None, None, None
 
 
 def _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index):
@@ -352,7 +554,8 @@ def cross_entropy(
     """Fused softmax cross-entropy with torch.nn.functional.cross_entropy's semantics.
 
     Args:
-        input: logits (C,), (N, C) or (N, C, d1, ...), classes along dim 1; float32/16/bfloat16.
+        input: logits (C,), (N, C) or (N, C, d1, ...), classes along dim 1; float32, float16,
+            bfloat16 or float64.
         target: class indices (int64/int32) shaped like input without the class dim, or
             class probabilities shaped like input.
         weight: (C,) class weights; ignore_index: target value that contributes nothing;
@@ -363,10 +566,14 @@ def cross_entropy(
             then holds the gradient: autograd raises if anything else needed its values, and
             it must not be a leaf that requires grad.
     Returns:
-        float32 loss: a scalar, or the target's shape for reduction="none".
+        the loss, float32 (float64 for float64 input): a scalar, or the target's shape for
+        reduction="none". Gradients flow to input and to probability targets.
 
-    The forward reads the logits once and, when they require grad, writes the gradient in
-    the same pass; no host synchronisation anywhere. A class index out of range gives a NaN
+    For bfloat16 and float32 the forward reads the logits once and, when they require grad,
+    writes the gradient in the same pass (the backward rescales it only where the upstream
+    gradient is not 1). For float16 and float64 the backward writes it, with the upstream
+    factor (a loss scale, say) applied before the one rounding; that reads the logits twice.
+    No host synchronisation anywhere. A class index out of range gives a NaN
     loss for its row on CUDA (an IndexError on CPU, or on CUDA with SOFTMAX_GPU_CHECK_TARGETS=1).
     """
     fn = "softmax_gpu.cross_entropy"
@@ -387,6 +594,10 @@ def cross_entropy(
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise ValueError(f"{fn}(): inplace_backward=True would overwrite a leaf tensor that requires grad")
+        if target.is_floating_point() and target.requires_grad:
+            raise ValueError(
+                f"{fn}(): inplace_backward=True overwrites the logits that the probability target's gradient needs"
+            )
         if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
