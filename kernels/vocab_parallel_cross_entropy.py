@@ -6,7 +6,8 @@ combined by two all-reduces on the host (MAX of the row maximum, SUM of the pack
 statistics), and the loss and this shard's gradient follow from the combined numbers (loss
 kernel). The math is kernels/cross_entropy.py's with lse, z_t, w_t and the smoothing sums
 taken over all V classes; every device helper that touches a block of logits is shared
-with that kernel.
+with that kernel. Accumulation is float32 for every logits dtype (the helpers' ACC_FP64 is
+False here: float64 logits are not yet computed in float64 as cross_entropy does).
 
 Packed statistics, float32, one row of N_STATS per row of logits (the SUM all-reduce):
   class index t:  0: sum_{j != t} e^(z_j - m)  (the target's own term is left out so that the
@@ -96,7 +97,7 @@ def vocab_parallel_stats_kernel(
     for start in range(0, n_cols, BLOCK_N):
         zb, zt_b, wz_b, w_b = block_terms(
             logits_row, target_row, weight_ptr, start, cols, n_cols, t_local, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False)
         m_lane, alpha, p = online_step(m_lane, zb)
         # The target's lane is left out of the index-target sum (column 0, see the docstring).
         d_lane = d_lane * alpha + tl.where(cols + start == t_local, 0.0, p)
@@ -235,8 +236,8 @@ def vocab_parallel_loss_kernel(
         # store_grad_block addresses the target and weight blocks from the row start; the
         # shard's columns are numbered from 0, and t_local = -1 when another rank owns t.
         for start in range(0, n_cols, BLOCK_N):
-            zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP)
+            zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, False)
             store_grad_block(
                 grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols,
                 t_local, w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False)
