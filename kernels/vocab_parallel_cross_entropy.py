@@ -138,9 +138,11 @@ def vocab_parallel_loss_kernel(
     lse_ptr,
     grad_ptr,
     grad_divisor_ptr,
+    upstream_ptr,
     logits_row_stride,
     target_row_stride,
     grad_row_stride,
+    upstream_stride,
     n_cols,
     n_classes,
     col_start,
@@ -155,6 +157,7 @@ def vocab_parallel_loss_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     DIVIDE_GRAD: tl.constexpr,
+    HAS_UPSTREAM: tl.constexpr,
     N_STATS: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -169,6 +172,10 @@ def vocab_parallel_loss_kernel(
     grad_ptr: (n_rows, n_cols) gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD.
     grad_divisor_ptr: float32 device scalar dividing the gradient (reduction="mean"), read
         only when DIVIDE_GRAD.
+    upstream_ptr: float32 upstream gradient, upstream_ptr[row * upstream_stride] (stride 0: a
+        scalar), read only when HAS_UPSTREAM (a gradient formed in the backward): the factor
+        is applied before the one rounding to the logits' dtype, so float16 gradients under
+        loss scaling keep the entries torch keeps.
     Other pointers, strides and options as in vocab_parallel_stats_kernel; a class index
     outside [0, n_classes) that is not ignore_index gives a NaN loss and gradient row.
     Bytes: O(1) per row for the loss; 1 read + 1 write of the shard's row with COMPUTE_GRAD.
@@ -230,6 +237,8 @@ def vocab_parallel_loss_kernel(
         scale = 1.0
         if DIVIDE_GRAD:
             scale = 1.0 / tl.load(grad_divisor_ptr)
+        if HAS_UPSTREAM:
+            scale *= tl.load(upstream_ptr + row * upstream_stride)
         logits_row = logits_ptr + row * logits_row_stride
         grad_row = grad_ptr + row * grad_row_stride
         cols = tl.arange(0, BLOCK_N)

@@ -329,6 +329,20 @@ def _collectives_and_special_rows_worker(rank, world, n_rows, n_classes):
         ours, exact = float(grad[4, t4 - start]), float(grad64[4, t4])
         assert exact < 0 and abs(ours - exact) <= 0.02 * abs(exact), (ours, exact)
 
+    # float16 under loss scaling: the gradient is formed in the backward with the factor
+    # applied before the rounding, as cross_entropy does, so entries far below float16's
+    # smallest subnormal before the factor (q ~ e^-24 / N) survive x 2^16.
+    spread = 6 * logits
+    half = spread[:, start:stop].half().requires_grad_()
+    with count_collectives() as calls:
+        (vocab_parallel_cross_entropy(half, target) * 65536.0).backward()
+    assert calls[-1][0] == "all_reduce" and len(calls) == 2, calls  # forward only: nothing in the backward
+    full = spread.half().requires_grad_()
+    (softmax_gpu.cross_entropy(full, target) * 65536.0).backward()
+    kept = full.grad[:, start:stop] != 0
+    assert kept.sum() > 0 and (half.grad[kept] != 0).all(), "float16 gradient entries lost under loss scaling"
+    torch.testing.assert_close(half.grad.float(), full.grad[:, start:stop].float(), rtol=2e-3, atol=1e-5)
+
     # bfloat16 logits, float32 loss: within twice torch's own bfloat16 error.
     check_case(rank, world, n_classes, None, "bf16", logits, target, dtype=torch.bfloat16, label_smoothing=0.1)
 
@@ -393,6 +407,7 @@ def test_kernels_on_simulated_ranks_with_poisoned_buffers(max_block, device):
     index[4] = 20  # the first class of the third shard
     probs = torch.softmax(torch.randn(n_rows, n_classes, device=device), -1)
     options = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    upstream = torch.randn(n_rows, device=device)
     for target, use_weight in ((index, True), (index.int(), False), (probs, True)):
         w = weight if use_weight else None
         soft = target.is_floating_point()
@@ -413,12 +428,13 @@ def test_kernels_on_simulated_ranks_with_poisoned_buffers(max_block, device):
                 loss, lse = poisoned((n_rows,), torch.float32, device), poisoned((n_rows,), torch.float32, device)
                 grad = poisoned((n_rows, stop - start), torch.float32, device)
                 vp.launch_vocab_parallel_loss(logits[:, start:stop], tgt, None if w is None else w[start:stop],
-                                              global_max, total, loss, lse, grad, None, n_classes, start, -100,
-                                              *options.values())  # fmt: skip
+                                              global_max, total, loss, lse, grad, None, upstream, n_classes, start,
+                                              -100, *options.values())  # fmt: skip
                 grads.append(grad)
                 losses.append((loss, lse))
         loss64, grad64 = reference.cross_entropy(to_f64(logits), to_f64(target) if soft else target.cpu().numpy(),
                                                  weight=None if w is None else to_f64(w), reduction="none", **options)
+        grad64 = grad64 * to_f64(upstream)[:, None]  # the factor the backward route applies in the kernel
         lse64 = np.log(np.exp(5.0 * np.tanh(to_f64(logits) / 5.0)).sum(1))
         what = f"soft={soft} weight={use_weight} block={max_block}"
         for loss, lse in losses:  # every shard computes the whole loss, bit for bit the same
@@ -450,8 +466,9 @@ def test_opcheck_of_both_ops(device):
     stats_args = (logits, target, weight, 20, 0, -100, 0.1, 5.0)
     torch.library.opcheck(vocab_parallel_stats, stats_args)
     row_max, stats = vocab_parallel_stats(*stats_args)
-    for divisor in (torch.tensor(3.0, device=device), None):
-        args = (logits, target, weight, row_max, stats, divisor, 20, 0, -100, 0.1, 1e-3, 5.0, True)
+    upstream = torch.randn(4, device=device)
+    for divisor, factor in ((torch.tensor(3.0, device=device), None), (None, upstream)):
+        args = (logits, target, weight, row_max, stats, divisor, factor, 20, 0, -100, 0.1, 1e-3, 5.0, True)
         torch.library.opcheck(vocab_parallel_loss, args)
 
 
@@ -463,8 +480,8 @@ def test_ops_trace_under_torch_compile(device):
 
     def shard_loss(logits, target):  # one rank's kernels, no collective between them
         row_max, stats = vocab_parallel_stats(logits, target, None, 9, 0, -100, 0.0, None)
-        loss, _lse, grad = vocab_parallel_loss(logits, target, None, row_max, stats, None, 9, 0, -100, 0.0, 0.0,
-                                               None, True)  # fmt: skip
+        loss, _lse, grad = vocab_parallel_loss(logits, target, None, row_max, stats, None, None, 9, 0, -100, 0.0,
+                                               0.0, None, True)  # fmt: skip
         return loss.sum(), grad
 
     logits, target = torch.randn(3, 9, device=device), torch.tensor([0, 8, -100], device=device)

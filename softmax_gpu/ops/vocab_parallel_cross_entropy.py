@@ -5,8 +5,9 @@ top to bottom:
   launch_vocab_parallel_stats / launch_vocab_parallel_loss   fill preallocated buffers
   softmax_gpu::vocab_parallel_stats, softmax_gpu::vocab_parallel_loss   custom ops
   combine_stats                       the two all-reduces between them (the only communication)
-  VocabParallelCrossEntropyFunction   autograd: the forward stores this shard's gradient, the
-                                      backward scales it by the upstream gradient (no collective)
+  VocabParallelCrossEntropyFunction   autograd, with cross_entropy's two gradient routes (formed
+                                      in the forward, or in the backward for float16/float64);
+                                      the backward never communicates
 The public function, its checks and the shard-layout validation are in softmax_gpu/distributed.py.
 
 Per forward, per rank: the stats kernel reads the shard once; one all-reduce MAX of the row
@@ -23,6 +24,7 @@ from .. import config
 from ..kernels.vocab_parallel_cross_entropy import vocab_parallel_loss_kernel, vocab_parallel_stats_kernel
 from ..runtime import check_launchable, device_guard
 from .cross_entropy import (
+    DEFERRED_GRAD_DTYPES,
     _bad_class_indices,
     _check_class_indices,
     _cross_entropy_scale_grad,
@@ -104,6 +106,7 @@ def launch_vocab_parallel_loss(
     lse: torch.Tensor,
     grad: Optional[torch.Tensor],
     grad_divisor: Optional[torch.Tensor],
+    upstream: Optional[torch.Tensor],
     n_classes: int,
     col_start: int,
     ignore_index: int,
@@ -112,8 +115,8 @@ def launch_vocab_parallel_loss(
     softcap: Optional[float],
 ) -> None:
     """Per-row loss and lse (float32) from the all-reduced statistics and, when grad is given,
-    d loss / d logits for this shard (divided by the float32 device scalar grad_divisor if
-    given). Bytes: O(N), + N * V_local reads and writes with grad. Its blocks are
+    d loss / d logits for this shard (divided by the float32 device scalar grad_divisor and
+    multiplied by the float32 upstream gradient, (N,) or 0-d, where given). Bytes: O(N), + N * V_local reads and writes with grad. Its blocks are
     cross-entropy's (up to 8192 wide): it keeps no per-lane accumulators, and no variant spills."""
     n_rows, n_cols = logits.shape
     cfg = cross_entropy_config(n_cols)
@@ -129,9 +132,11 @@ def launch_vocab_parallel_loss(
             lse_ptr=lse,
             grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
+            upstream_ptr=upstream if upstream is not None else loss,  # read only with HAS_UPSTREAM
             logits_row_stride=logits.stride(0),
             target_row_stride=target.stride(0),
             grad_row_stride=grad.stride(0) if grad is not None else 0,
+            upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
             n_cols=n_cols,
             n_classes=n_classes,
             col_start=col_start,
@@ -146,6 +151,7 @@ def launch_vocab_parallel_loss(
             HAS_SOFTCAP=softcap is not None,
             COMPUTE_GRAD=grad is not None,
             DIVIDE_GRAD=grad is not None and grad_divisor is not None,
+            HAS_UPSTREAM=grad is not None and upstream is not None,
             N_STATS=stats.shape[1],
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
@@ -196,6 +202,7 @@ def _vocab_parallel_loss(
     global_max: torch.Tensor,
     stats: torch.Tensor,
     grad_divisor: Optional[torch.Tensor],
+    upstream: Optional[torch.Tensor],
     n_classes: int,
     col_start: int,
     ignore_index: int,
@@ -204,13 +211,13 @@ def _vocab_parallel_loss(
     softcap: Optional[float],
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per row, lse, this shard's gradient of the summed loss divided by grad_divisor,
-    or an empty tensor) from the all-reduced maxima and statistics."""
+    """(loss per row, lse, this shard's gradient of the summed loss divided by grad_divisor
+    and times upstream, or an empty tensor) from the all-reduced maxima and statistics."""
     loss, lse, grad = _fake_loss(logits, compute_grad)
     if logits.shape[0]:
         launch_vocab_parallel_loss(
             logits, target, weight, global_max, stats, loss, lse, grad if compute_grad else None, grad_divisor,
-            n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap,
+            upstream, n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap,
         )  # fmt: skip
     return loss, lse, grad
 
@@ -228,8 +235,8 @@ vocab_parallel_loss = torch.library.custom_op(
 
 
 @vocab_parallel_loss.register_fake
-def _(logits, target, weight, global_max, stats, grad_divisor, n_classes, col_start, ignore_index, label_smoothing,
-      z_loss, softcap, compute_grad):  # fmt: skip
+def _(logits, target, weight, global_max, stats, grad_divisor, upstream, n_classes, col_start, ignore_index,
+      label_smoothing, z_loss, softcap, compute_grad):  # fmt: skip
     return _fake_loss(logits, compute_grad)
 
 
@@ -261,13 +268,18 @@ def total_weight(target: torch.Tensor, stats: torch.Tensor, has_weight: bool, ig
 
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """Forward: stats kernel, two all-reduces, loss kernel (which also writes this shard's
-    d loss / d logits); backward: scales that gradient by the upstream gradient, locally."""
+    """Forward: stats kernel, two all-reduces, loss kernel. The gradient routes follow
+    cross_entropy's: for bfloat16 and float32 the loss kernel also writes this shard's
+    d loss / d logits and the backward scales it by the upstream gradient; for float16 and
+    float64 (DEFERRED_GRAD_DTYPES) the backward runs the loss kernel again from the saved
+    O(N) statistics with the upstream factor applied before the rounding. Neither backward
+    communicates: the statistics are already global."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, group, n_classes, col_start, ignore_index, reduction,
                 label_smoothing, z_loss, softcap):  # fmt: skip
-        compute_grad = ctx.needs_input_grad[0]
+        deferred = ctx.needs_input_grad[0] and logits.dtype in DEFERRED_GRAD_DTYPES
+        compute_grad = ctx.needs_input_grad[0] and not deferred
         eager = _plain_eager(logits, target, weight)
         options = (n_classes, col_start, ignore_index, label_smoothing)
         row_max, stats = (_vocab_parallel_stats if eager else vocab_parallel_stats)(
@@ -281,10 +293,14 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if reduction == "mean":
             total = total_weight(target, stats, weight is not None, ignore_index, n_classes)
         loss, lse, grad = (_vocab_parallel_loss if eager else vocab_parallel_loss)(
-            logits, target, weight, global_max, stats, total, *options, z_loss, softcap, compute_grad
+            logits, target, weight, global_max, stats, total, None, *options, z_loss, softcap, compute_grad
         )
+        ctx.deferred = deferred
         if compute_grad:
             ctx.save_for_backward(grad)
+        elif deferred:
+            ctx.save_for_backward(logits, target, weight, global_max, stats, total)
+            ctx.options = (*options, z_loss, softcap)
         ctx.mark_non_differentiable(lse)
         ctx.backward_done = False
         if reduction == "mean":
@@ -295,6 +311,12 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
+        if ctx.deferred:
+            logits, target, weight, global_max, stats, total = ctx.saved_tensors
+            loss_op = _vocab_parallel_loss if _plain_eager(logits, upstream) else vocab_parallel_loss
+            _loss, _lse, grad = loss_op(logits, target, weight, global_max, stats, total, upstream, *ctx.options, True)
+            return grad, None, None, None, None, None, None, None, None, None, None
         if ctx.backward_done:
             raise RuntimeError(
                 "softmax_gpu.vocab_parallel_cross_entropy: backward ran twice through the same graph; the "
@@ -302,7 +324,6 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             )
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
-        upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
         if _plain_eager(grad, upstream):
             _cross_entropy_scale_grad(grad, upstream)
             torch.autograd.graph.increment_version(grad)
