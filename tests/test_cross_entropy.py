@@ -437,6 +437,7 @@ def test_bad_input_raises_before_launch(device):
         (dict(input=x, target=t, z_loss=-1.0), ValueError, "z_loss"),
         (dict(input=x, target=t.to("meta")), RuntimeError, "same device"),
         (dict(input=torch.tensor(1.0, device=device), target=t), ValueError, "at least one dim"),
+        (dict(input=x, target=torch.softmax(x, -1), ignore_index=0), RuntimeError, "not supported for floating"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):

@@ -588,6 +588,8 @@ def cross_entropy(
             raise ValueError(f"{fn}(): weight must have shape ({n_classes},), got {tuple(weight.shape)}")
     check_same_device(fn, input=input, target=target, weight=weight)
     _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if target.is_floating_point() and ignore_index != -100:
+        raise RuntimeError(f"{fn}(): ignore_index is not supported for floating point target (as in torch)")
 
     class_dim = 1 if input.dim() > 1 else 0
     rows = as_rows(input, class_dim)  # (N * d1 * ..., C), ordered like the target
