@@ -149,6 +149,8 @@ def vocab_parallel_cross_entropy(
         weight = weight.contiguous()  # the kernels read weight[j] at unit stride
     check_same_device(FN, logits=logits, target=target, weight=weight)
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if target.is_floating_point() and ignore_index != -100:
+        raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
         raise TypeError(f"{FN}(): vocab_start must be None or an int, but got {type(vocab_start).__name__}")
     if vocab_start is not None and vocab_start < 0:

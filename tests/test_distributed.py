@@ -386,6 +386,8 @@ def _bad_input_worker(rank, world):
         vocab_parallel_cross_entropy(logits, target, label_smoothing=1.5)
     with pytest.raises(TypeError, match="vocab_start"):
         vocab_parallel_cross_entropy(logits, target, vocab_start=1.0)
+    with pytest.raises(RuntimeError, match="ignore_index is not supported for floating point target"):
+        vocab_parallel_cross_entropy(logits, torch.rand(3, 5, device=dev), ignore_index=0)
 
 
 # ---------------------------------------------------------------- in the test process
