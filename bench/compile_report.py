@@ -288,10 +288,53 @@ def linear_cross_entropy_variants(quick: bool):
                               constexprs + meta, tiles.num_warps, aligned=aligned, num_stages=tiles.num_stages)
 
 
+def vocab_parallel_variants(quick: bool):
+    """The two vocab-parallel kernels (float32 accumulation for every dtype) for the
+    cross-entropy flag sets: the stats kernel at the widths stats_config() gives (up to the
+    looped path's 1024), the loss kernel at 16, 1024 and 8192 with the gradient, and once
+    without it. A few widths only: neither kernel has a path that depends on the width."""
+    from softmax_gpu import config
+
+    module = "softmax_gpu.kernels.vocab_parallel_cross_entropy"
+    for dtype in ("fp32", "bf16", "fp16"):
+        ptr = DTYPES[dtype]
+        for index, flags in enumerate(CE_FLAG_SETS):
+            soft, weighted, smoothed = flags["SOFT_TARGET"], flags["HAS_WEIGHT"], flags["HAS_SMOOTHING"]
+            n_stats = 3 if soft else 2 + weighted + 2 * smoothed
+            target = ptr if soft else "*i64"
+            stats_flags = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS")
+            for block in (16, config.LOOP_BLOCK_CROSS_ENTROPY) if index == 0 else (config.LOOP_BLOCK_CROSS_ENTROPY,):
+                sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("max_ptr", "*fp32"),
+                       ("stats_ptr", "*fp32"), ("logits_row_stride", "i64"), ("target_row_stride", "i64"),
+                       ("n_cols", "i32"), ("n_classes", "i32"), ("col_start", "i32"), ("ignore_index", "i64"),
+                       ("label_smoothing", "fp32"), ("softcap", "fp32"))  # fmt: skip
+                meta = stats_flags + (("N_STATS", n_stats), ("BLOCK_N", block))
+                warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                yield Variant(module, "vocab_parallel_stats_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                              meta, warps, aligned=("logits_ptr", "logits_row_stride", "n_cols"))  # fmt: skip
+            loss_plan = [(b, True) for b in (16, 1024, config.MAX_BLOCK_CROSS_ENTROPY)] + [(1024, False)] * (index == 0)
+            for block, grad in loss_plan:
+                sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("max_ptr", "*fp32"),
+                       ("stats_ptr", "*fp32"), ("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("grad_ptr", ptr),
+                       ("grad_divisor_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("logits_row_stride", "i64"),
+                       ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("upstream_stride", "i64"),
+                       ("n_cols", "i32"), ("n_classes", "i32"), ("col_start", "i32"), ("ignore_index", "i64"),
+                       ("label_smoothing", "fp32"), ("z_loss", "fp32"), ("softcap", "fp32"))  # fmt: skip
+                # float16 forms its gradient in the backward, with the upstream factor (HAS_UPSTREAM).
+                meta = tuple(flags.items()) + (("COMPUTE_GRAD", grad), ("DIVIDE_GRAD", grad and index % 2 == 0),
+                                               ("HAS_UPSTREAM", grad and dtype == "fp16"),
+                                               ("N_STATS", n_stats), ("BLOCK_N", block))  # fmt: skip
+                warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                yield Variant(module, "vocab_parallel_loss_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                              meta, warps, aligned=("logits_ptr", "grad_ptr", "logits_row_stride", "grad_row_stride",
+                                                    "n_cols"))  # fmt: skip
+
+
 def all_variants(quick: bool):
     yield from softmax_variants(quick)
     yield from cross_entropy_variants(quick)
     yield from linear_cross_entropy_variants(quick)
+    yield from vocab_parallel_variants(quick)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,170 @@
+"""Cross-entropy over a vocabulary sharded across the ranks of a torch.distributed group.
+
+    vocab_parallel_cross_entropy(logits, target, *, group=None, vocab_start=None, ...)
+
+Each rank passes the logits of its own slice of the classes; every rank gets the loss of
+the full, unsharded problem and the gradient for its slice. Importing this module needs
+neither an initialised process group nor a GPU; the kernels and custom ops live in
+softmax_gpu/ops/vocab_parallel_cross_entropy.py.
+"""
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .checks import check_floating, check_same_device, check_tensor
+from .ops.cross_entropy import _check_options
+from .ops.vocab_parallel_cross_entropy import VocabParallelCrossEntropyFunction
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+FN = "softmax_gpu.vocab_parallel_cross_entropy"
+
+# Validated shard layouts: (group, this rank's V_local, its vocab_start or None) ->
+# (this rank's first class, V). Filled by the first call per key; later calls with the same
+# key exchange nothing for validation.
+_LAYOUTS: dict = {}
+
+
+def _resolve_group(group):
+    if not dist.is_available():
+        raise RuntimeError(f"{FN}(): this build of torch has no torch.distributed")
+    if not dist.is_initialized():
+        raise RuntimeError(f"{FN}(): the default process group is not initialised (call init_process_group first)")
+    group = dist.group.WORLD if group is None else group
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{FN}(): this rank is not a member of the given process group")
+    return group
+
+
+def _tiling_error(table) -> Optional[str]:
+    """Why the gathered (explicit, start, V_local) rows, one per group rank, do not tile
+    [0, V) (None when they do). Every rank sees the same table, so every rank gets the same
+    message and raises at the same point: nobody is left waiting in a later collective."""
+    explicit = [row[0] for row in table]
+    if any(explicit) and not all(explicit):
+        given = [r for r, e in enumerate(explicit) if e]
+        return f"vocab_start must be given on every rank or on none; ranks {given} of {len(table)} gave it"
+    sizes = [row[2] for row in table]
+    if not any(explicit):
+        if len(set(sizes)) > 1:
+            return (
+                f"with vocab_start=None every rank must hold the same number of classes (equal shards in rank "
+                f"order), but the ranks hold {sizes}; pass vocab_start for uneven shards"
+            )
+        return None
+    covered = 0
+    for start, size, rank in sorted((row[1], row[2], r) for r, row in enumerate(table) if row[2] > 0):
+        if start > covered:
+            return f"the shards leave classes [{covered}, {start}) to no rank (rank {rank}'s shard starts at {start})"
+        if start < covered:
+            return f"the shards overlap: rank {rank}'s shard [{start}, {start + size}) starts before {covered}"
+        covered = start + size
+    return None if covered > 0 else "no rank holds any class"
+
+
+def _shard_layout(group, n_local: int, vocab_start: Optional[int], device) -> tuple[int, int]:
+    """(this rank's first class, V), checking once per (group, V_local, vocab_start) that the
+    ranks' shards tile [0, V): one all-gather of 3 int64 per rank and one device-to-host copy
+    on that first call, nothing afterwards. Raises ValueError on every rank when they do not."""
+    key = (group, n_local, vocab_start)
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = torch.tensor([vocab_start is not None, vocab_start or 0, n_local], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    table = torch.stack(rows).tolist()
+    error = _tiling_error(table)
+    if error is not None:
+        raise ValueError(f"{FN}(): the vocabulary shards do not tile [0, V): {error}")
+    if vocab_start is None:
+        layout = (rank * n_local, world * n_local)
+    else:
+        layout = (vocab_start, max(row[1] + row[2] for row in table))
+    _LAYOUTS[key] = layout
+    return layout
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """softmax_gpu.cross_entropy of the full problem, with the classes sharded across a group.
+
+    Args:
+        logits: (N, V_local), this rank's logits for classes [vocab_start, vocab_start + V_local).
+        target: (N,) global class indices (int64/int32), the same on every rank; or (N, V_local)
+            probabilities for this rank's classes.
+        group: the process group holding the shards (default: the world).
+        vocab_start: this rank's first class. None: equal shards in rank order, rank * V_local
+            (every rank must then hold the same V_local). Explicit starts allow uneven shards.
+        weight: (V_local,) this rank's shard of the class weights.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in cross_entropy, over
+            all V classes (smoothing puts eps / V, not eps / V_local, on every class).
+    Returns:
+        float32 loss, identical on every rank: a scalar, or (N,) for reduction="none". Its
+        gradient with respect to `logits` is this rank's shard of the full gradient.
+
+    Communication per forward: one all-reduce MAX of N float32 and one all-reduce SUM of
+    N x (2 to 5) float32; none in the backward; no host synchronisation. The first call for
+    a given (group, V_local, vocab_start) also all-gathers 3 int64 per rank and reads them on
+    the host, to check that the shards tile [0, V) (ValueError on every rank otherwise); the
+    result is cached. Ranks that change their shards inconsistently after that first call
+    are not detected (like any mismatched collective, they would wait on each other).
+    A class index outside [0, V) behaves as in cross_entropy: IndexError for CPU tensors,
+    a NaN row on CUDA (checked eagerly with SOFTMAX_GPU_CHECK_TARGETS=1).
+    """
+    check_floating(FN, "logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"{FN}(): logits must be (N, V_local), got shape {tuple(logits.shape)}")
+    check_tensor(FN, "target", target)
+    if target.is_floating_point():
+        if target.shape != logits.shape:
+            raise ValueError(
+                f"{FN}(): probability targets must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}"
+            )
+    elif target.dtype in (torch.int64, torch.int32):
+        if target.shape != logits.shape[:1]:
+            raise ValueError(
+                f"{FN}(): expected class-index target of shape ({logits.shape[0]},), got {tuple(target.shape)}"
+            )
+    else:
+        raise TypeError(f"{FN}(): target must hold class indices (int64 or int32) or probabilities, got {target.dtype}")
+    if weight is not None:
+        check_floating(FN, "weight", weight)
+        if weight.shape != logits.shape[1:]:
+            raise ValueError(f"{FN}(): weight must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
+        weight = weight.contiguous()  # the kernels read weight[j] at unit stride
+    check_same_device(FN, logits=logits, target=target, weight=weight)
+    _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    if target.is_floating_point() and ignore_index != -100:
+        raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+        raise TypeError(f"{FN}(): vocab_start must be None or an int, but got {type(vocab_start).__name__}")
+    if vocab_start is not None and vocab_start < 0:
+        raise ValueError(f"{FN}(): vocab_start must be >= 0, but got {vocab_start}")
+    group = _resolve_group(group)
+    col_start, n_classes = _shard_layout(group, logits.shape[1], vocab_start, logits.device)
+
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()  # the kernels need unit column stride; any row stride is fine
+    if target.is_floating_point() and target.stride(1) != 1:
+        target = target.contiguous()
+    softcap = None if softcap is None else float(softcap)
+    loss, _lse = VocabParallelCrossEntropyFunction.apply(
+        logits, target, weight, group, n_classes, col_start, ignore_index, reduction,
+        float(label_smoothing), float(z_loss), softcap,
+    )  # fmt: skip
+    return loss
