@@ -182,7 +182,9 @@ def cross_entropy_variants(quick: bool):
                         ("SAVE_STATS", grad and deferred),
                         # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
                         ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
-                        ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("REDUCE_BLOCK", config.REDUCE_BLOCK),
+                        ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                        ("REDUCE_BLOCK", config.reduce_block(
+                            config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY))),
                     )  # fmt: skip
                     warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),

@@ -9,7 +9,7 @@ from helpers import assert_matches, assert_within_torch_error, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
-from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_entropy
+from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_entropy, launch_cross_entropy_prepare
 from softmax_gpu.traffic import TrafficCounter
 
 RTOL, ATOL = 2e-6, 2e-7  # float32 loss and gradient against float64
@@ -243,8 +243,10 @@ def test_out_of_range_target_with_weight_never_indexes(device, monkeypatch):
     logits = torch.randn(3, 6, device=device, requires_grad=True)
     target = torch.tensor([2, 6, -100], device=device)
     weight = torch.rand(6, device=device)
-    assert torch.isnan(ce._total_weight(target, weight, -100))
+    assert torch.isnan(ce._total_weight(target, weight, -100))  # (the fused linear cross-entropy's total)
     assert torch.isfinite(ce._total_weight(torch.tensor([2, 5, -100], device=device), weight, -100))
+    total = ce._forward(logits.detach(), target, weight, -100, 0.0, 0.0, None, "mean", None)[2]
+    assert torch.isnan(total)  # the prepare kernel's total, which cross_entropy uses
     loss = softmax_gpu.cross_entropy(logits, target, weight=weight)
     loss.backward()
     if device == "cuda":
@@ -437,6 +439,27 @@ def _launch_with_bad_class_indices(max_block, device, counter):
     loss, grad = loss.cpu(), grad.cpu()
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
     assert torch.isfinite(grad[0]).all()
+    # the mean with class weights: the prepare kernel gathers weight[t] only for good t, and
+    # the last program's row sum reads only the n row losses (50 lands in padding lanes)
+    target = torch.tensor([5, 40, -7, 50], device=device)
+    logits = torch.randn(4, c, device=device)
+    weight = torch.rand(c, device=device)
+    loss, lse = poisoned((4,), torch.float32, device), poisoned((4,), torch.float32, device)
+    total, reduced = poisoned((), torch.float32, device), poisoned((), torch.float32, device)
+    count = torch.full((), 7, dtype=torch.int32, device=device)
+    with counter([logits, target, weight, loss, lse, total, reduced, count]):
+        launch_cross_entropy_prepare(target, weight, total, count, c, -100)
+        launch_cross_entropy(logits, target, weight, loss, lse, None, total, -100, 0.0, 0.0, None, cfg=cfg,
+                             reduced=reduced, counter=count, reduction="mean")  # fmt: skip
+    assert torch.isnan(total) and torch.isnan(reduced) and count.item() == 4
+    good = torch.tensor([5, 0, 39, -100], device=device)  # and a clean batch: the mean itself
+    with counter([logits, good, weight, loss, lse, total, reduced, count]):
+        launch_cross_entropy_prepare(good, weight, total, count, c, -100)
+        launch_cross_entropy(logits, good, weight, loss, lse, None, total, -100, 0.0, 0.0, None, cfg=cfg,
+                             reduced=reduced, counter=count, reduction="mean")  # fmt: skip
+    expected = F.cross_entropy(logits.double().cpu(), good.cpu(), weight=weight.double().cpu())
+    torch.testing.assert_close(reduced.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(total.cpu(), weight[good[:3]].sum().cpu())
 
 
 @interpreter_only
@@ -737,13 +760,47 @@ def test_forward_launches_at_most_two_kernels(reduction, kw, device, monkeypatch
     for name, counted in kernels.items():
         monkeypatch.setattr(ce, name, counted)
     monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
+    # A dispatch mode does not see inside a custom op; so the Python bodies run under it here
+    # (the eager fast path, forced), and every torch op they make is seen.
+    monkeypatch.setattr(ce, "_plain_eager", lambda *tensors: True)
     with TorchOps() as mode:
         loss = softmax_gpu.cross_entropy(logits, target, reduction=reduction, **kw)
     triton_launches = sum(k.launches for k in kernels.values())
     assert triton_launches == (1 if reduction == "none" else 2)
     assert mode.launching == [], mode.launching
+    monkeypatch.undo()
+    for name, counted in kernels.items():  # (undo restored the kernels too)
+        monkeypatch.setattr(ce, name, counted)
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
+    monkeypatch.setattr(ce, "_check_class_indices", lambda *args: None)
     assert loss.shape == (() if reduction != "none" else (n,))
     # the plain eager path (no mode) launches the same kernels
     before = triton_launches
     softmax_gpu.cross_entropy(logits, target, reduction=reduction, **kw)
     assert sum(k.launches for k in kernels.values()) - before == triton_launches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the last-program reduction's ordering needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cuda_reduction_over_many_programs_is_exact_and_deterministic(dtype, reduction):
+    """2^17 rows: the programs finish in any order and the last one sums every row's loss
+    (the interpreter always runs them in order, so only a GPU exercises this). The result
+    matches float64 and is the same bits every run, also with two calls in flight on two
+    streams."""
+    n, c = 1 << 17, 64
+    logits = torch.randn(n, c, device="cuda").to(dtype)
+    target = torch.randint(0, c, (n,), device="cuda")
+    target[::5] = -100
+    expected = F.cross_entropy(logits.double(), target, reduction=reduction)
+    first = softmax_gpu.cross_entropy(logits, target, reduction=reduction)
+    torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-3)
+    for _ in range(20):
+        assert torch.equal(softmax_gpu.cross_entropy(logits, target, reduction=reduction), first)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = []
+    for stream in streams:
+        with torch.cuda.stream(stream):
+            results.append(softmax_gpu.cross_entropy(logits, target, reduction=reduction))
+    torch.cuda.synchronize()
+    assert all(torch.equal(r, first) for r in results)

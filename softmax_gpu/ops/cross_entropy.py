@@ -110,6 +110,8 @@ def launch_cross_entropy(
     Bytes: N*C reads (+ N*C writes with grad) + O(N) on the single-block path.
     """
     n_rows, n_cols = logits.shape
+    if (reduced is None or counter is None) != (reduction == "none"):
+        raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing))
     soft = target.is_floating_point()
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
@@ -150,7 +152,7 @@ def launch_cross_entropy(
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
-            REDUCE_BLOCK=config.REDUCE_BLOCK,
+            REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
             num_warps=cfg.num_warps,
         )
     return cfg
@@ -577,10 +579,10 @@ class CrossEntropyFunction(torch.autograd.Function):
                 cross_entropy_scale_grad(grad, upstream)
         elif ctx.mode == "deferred":
             args = (target, weight, stats, upstream, total, ignore_index, label_smoothing, softcap)
-            if ctx.inplace:
+            if ctx.inplace and _plain_eager(logits, target, weight, stats, upstream):
                 grad = _backward_into(logits, logits, *args)
                 torch.autograd.graph.increment_version(logits)
-            elif _plain_eager(logits, target, weight, stats, upstream):
+            elif _plain_eager(logits, target, weight, stats, upstream):  # (a traced backward allocates)
                 grad = _cross_entropy_backward(logits, *args)
             else:
                 grad = cross_entropy_backward(logits, *args)
@@ -594,8 +596,8 @@ def _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index
         raise ValueError(f"{fn}(): label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
     if not (z_loss >= 0.0 and z_loss != float("inf")):
         raise ValueError(f"{fn}(): z_loss must be a finite number >= 0, but got {z_loss}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"{fn}(): softcap must be None or > 0, but got {softcap}")
+    if softcap is not None and not (softcap > 0 and softcap != float("inf")):
+        raise ValueError(f"{fn}(): softcap must be None or a finite number > 0, but got {softcap}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}(): ignore_index must be an int, but got {type(ignore_index).__name__}")
 
@@ -681,6 +683,8 @@ def cross_entropy(
             )
         if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
+        if torch._debug_has_internal_overlap(rows) != 0:
+            raise ValueError(f"{fn}(): inplace_backward=True needs logits whose elements do not overlap (not expanded)")
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
     if weight is not None:
         weight = weight.contiguous()  # the kernel reads weight[j] at unit stride
