@@ -141,7 +141,7 @@ def cross_entropy_variants(quick: bool):
             for grad in (False, True):
                 if flags["SOFT_TARGET"] and not grad:
                     continue
-                plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"])
+                plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
                 for block, single in block_plan(
                     config.block_cap(
                         config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY, itemsize

@@ -29,6 +29,7 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
 # thread under 32 warps' 64-register cap) the gradient-writing variants spill 8-32 bytes
 # (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
+# float64 keeps the general limits (its plain looped block spilled 8 bytes on sm_90).
 MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
 LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
 # Cross-entropy's reductions ("sum", "mean"): the one-program prepare kernel (the mean's total)

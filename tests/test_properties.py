@@ -117,48 +117,84 @@ def cross_entropy_cases(draw):
         ignore_index = -100  # torch refuses any other with probabilities (so do we: test_bad_input)
         target = torch.softmax(torch.randn(*shape, generator=g, dtype=torch.float64), class_dim).to(x.dtype)
     else:
-        target = torch.randint(0, n_classes, target_shape, generator=g)
+        target = torch.randint(0, n_classes, target_shape, generator=g).to(draw(st.sampled_from([torch.int64,
+                                                                                                 torch.int32])))
         if target.numel() and draw(st.booleans()):
             target.view(-1)[0] = ignore_index
     kw = dict(
         reduction=draw(st.sampled_from(["mean", "sum", "none"])),
         label_smoothing=draw(st.sampled_from([0.0, 0.1])),
         ignore_index=ignore_index,
+        z_loss=draw(st.sampled_from([0.0, 0.0, 1e-2])),
+        softcap=draw(st.sampled_from([None, None, 5.0])),
     )
     if draw(st.booleans()):
         kw["weight"] = (torch.rand(n_classes, generator=g, dtype=torch.float64) + 0.2).to(x.dtype).to(DEVICE)
-    return x, target.to(DEVICE), kw
+    # upstream factors up to a loss scale's 2^16, from the example's own seed
+    scale = draw(st.sampled_from([1.0, 1.0, 2.0**16, 1 / 3]))
+    return x, target.to(DEVICE), kw, class_dim, draw(st.integers(0, 2**31 - 1)), scale
+
+
+def _composed_cross_entropy(x, target, class_dim, weight=None, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, z_loss=0.0, softcap=None):
+    """torch's cross-entropy plus our options, composed from torch ops in x's dtype:
+    z = s tanh(x / s), F.cross_entropy(z, ...) + z_loss * w_t * lse(z)^2 per row (w_t = 1
+    for probabilities, 0 for ignored rows), then the reduction (the mean over the summed
+    class weight of the counted rows, as torch's)."""
+    z = softcap * torch.tanh(x / softcap) if softcap is not None else x
+    rows = F.cross_entropy(z, target, weight=weight, ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)  # fmt: skip
+    if target.is_floating_point():
+        w_t = torch.ones_like(rows)
+        total = torch.tensor(float(rows.numel()), dtype=x.dtype)
+    else:
+        valid = target != ignore_index
+        w_t = (weight[target.clamp(min=0)] if weight is not None else torch.ones_like(rows)) * valid
+        total = w_t.sum()
+    if z_loss:
+        rows = rows + z_loss * w_t * torch.logsumexp(z, dim=class_dim) ** 2
+    if reduction == "none":
+        return rows
+    return rows.sum() / total if reduction == "mean" else rows.sum()
 
 
 @SETTINGS
 @given(case=cross_entropy_cases(), max_block=MAX_BLOCKS, target_grad=st.booleans())
 def test_cross_entropy_property(case, max_block, target_grad):
-    x, target, kw = case
+    x, target, kw, class_dim, seed, scale = case
     soft = target.is_floating_point()
     leaf = x.detach().clone().requires_grad_()
     tgt = target.detach().clone().requires_grad_(soft and target_grad)
     with _block(max_block):
         loss = softmax_gpu.cross_entropy(leaf, tgt, **kw)
-        up = torch.rand_like(loss) + 0.5
-        loss.backward(up)
-    kw64 = {k: (v.cpu().double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        up = scale * (torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5)
+        loss.backward(up.to(loss.dtype).to(loss.device))
+    ref_kw = {k: (v.cpu().double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     x64 = x.detach().cpu().double().requires_grad_()
-    t64 = target.cpu().double().requires_grad_(soft and target_grad) if soft else target.cpu()
-    loss64 = F.cross_entropy(x64, t64, **kw64)
-    loss64.backward(up.cpu().double())
-    what = f"CE {tuple(x.shape)} {x.dtype} stride={x.stride()} soft={soft} {kw} block={max_block}"
+    t64 = target.cpu().double().requires_grad_(soft and target_grad) if soft else target.cpu().long()
+    loss64 = _composed_cross_entropy(x64, t64, class_dim, **ref_kw)
+    loss64.backward(up.to(loss.dtype).double())
+    what = f"CE {tuple(x.shape)} {x.dtype} stride={x.stride()} soft={soft} {kw} block={max_block} upstream x{scale}"
     assert loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
     assert loss.shape == loss64.shape
-    # the loss is accumulated in float32 (float64): compare it as float32 would be held
+    # the loss is accumulated in float32 (float64): the same composition in float32 is the yardstick
     kw32 = {k: (v.cpu().float() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
-    loss_torch32 = F.cross_entropy(x.detach().cpu().float(), target.cpu().float() if soft else target.cpu(), **kw32)
+    x32 = x.detach().cpu().float().requires_grad_()
+    t32 = target.cpu().float() if soft else target.cpu().long()
+    loss32 = _composed_cross_entropy(x32, t32, class_dim, **kw32)
     tol = 1e-10 if x.dtype == torch.float64 else 2e-5
-    err_budget = max_abs_err(loss_torch32, loss64.detach().numpy())
+    err_budget = max_abs_err(loss32, loss64.detach().numpy())
     assert_matches(loss, loss64.detach().numpy(), tol, 2 * err_budget + 1e-6, what=what + " loss")
-    x16 = x.detach().cpu().float().requires_grad_()
-    F.cross_entropy(x16, target.cpu().float() if soft else target.cpu(), **kw32).backward(up.cpu().float())
-    _compare(leaf.grad, x16.grad.to(x.dtype), x64.grad.numpy(), what + " grad")
+    # gradients: torch's float32 computation rounded once to the logits' dtype is the yardstick
+    loss32.backward(up.to(loss.dtype).float())
+    budget_ref = x32.grad.to(x.dtype)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        truth = x64.grad.numpy()
+        budget = 2 * max_abs_err(budget_ref, truth) + ATOL_16BIT[x.dtype] * max(scale, 1.0)
+        assert_matches(leaf.grad, truth, 0.0, budget, what=what + " grad")
+    else:
+        _compare(leaf.grad, budget_ref, x64.grad.numpy(), what + " grad")
     if soft and target_grad:
         assert tgt.grad is not None and tgt.grad.dtype == target.dtype
         rtol = 1e-10 if x.dtype == torch.float64 else 2e-5 if x.dtype == torch.float32 else 2e-2
-        assert_matches(tgt.grad, t64.grad.numpy(), rtol, rtol, what=what + " target grad")
+        assert_matches(tgt.grad, t64.grad.numpy(), rtol, rtol * max(scale, 1.0), what=what + " target grad")

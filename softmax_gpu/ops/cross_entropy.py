@@ -59,6 +59,7 @@ def cross_entropy_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
             elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
         )  # fmt: skip
+    plain = plain and itemsize <= 4  # float64's looped plain block spilled (8 bytes, sm_90)
     return config.row_config(
         n_cols,
         config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY,
