@@ -165,3 +165,65 @@ def test_checks_before_any_collective():
     if dist.is_available() and not dist.is_initialized():
         with pytest.raises(RuntimeError, match="vocab_parallel_linear_cross_entropy.*not initialised"):
             vocab_parallel_linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long))
+
+
+def test_shards_simulated_in_one_process_several_tiles(device):
+    """The kernels on 3 simulated shards, the collectives done by hand (max, rescale, sum), with
+    16-wide tiles so each shard takes several row and vocabulary tiles: the full problem's
+    loss, dX summed over the shards, and the shards' dW and db put together."""
+    import softmax_gpu
+    from softmax_gpu import config
+    from softmax_gpu.ops.vocab_parallel_linear_cross_entropy import (
+        finish_rows,
+        vocab_parallel_linear_backward,
+        vocab_parallel_linear_stats,
+    )
+
+    n_rows, hidden, n_classes, bounds = 20, 24, 53, [(0, 17), (17, 40), (40, 53)]
+    x = torch.randn(n_rows, hidden, device=device)
+    w = torch.randn(n_classes, hidden, device=device) / 3
+    b = torch.randn(n_classes, device=device)
+    weight = torch.rand(n_classes, device=device) + 0.1
+    target = torch.randint(0, n_classes, (n_rows,), device=device)
+    target[:3] = torch.tensor([5, 52, 20])
+    options = dict(ignore_index=5, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    with config.tile_limit(16, 16, 16):
+        maxima, partial = [], []
+        for lo, hi in bounds:
+            m, s = vocab_parallel_linear_stats(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], n_classes, lo, 5, 0.1, 4.0)
+            maxima.append(m)
+            partial.append(s)
+        global_max = torch.stack(maxima).amax(0)
+        stats = sum(s * torch.cat([torch.exp(m - global_max)[:, None].expand(-1, 2), torch.ones_like(s[:, 2:])], 1)
+                    for m, s in zip(maxima, partial))  # fmt: skip
+        loss, _lse, rows, w_t = finish_rows(global_max, stats, target, True, n_classes, 5, 0.1, 1e-3)
+        total = w_t.sum()
+        upstream = torch.tensor(1.0, device=device)
+        grads = [vocab_parallel_linear_backward(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], rows, upstream, total,
+                                                n_classes, lo, 5, 0.1, 4.0, True, True, True) for lo, hi in bounds]
+        x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
+        expected = softmax_gpu.linear_cross_entropy(x1, w1, target, linear_bias=b1, weight=weight, **options)
+        expected.backward()
+    assert_matches(loss.sum() / total, to_f64(expected), RTOL, ATOL, what="loss")
+    assert_matches(sum(g[0] for g in grads), to_f64(x1.grad), RTOL, ATOL, what="dX summed over shards")
+    assert_matches(torch.cat([g[1] for g in grads]), to_f64(w1.grad), RTOL, ATOL, what="dW")
+    assert_matches(torch.cat([g[2] for g in grads]), to_f64(b1.grad), RTOL, ATOL, what="db")
+
+
+def test_opcheck_of_both_ops(device):
+    """The two custom ops' fake implementations and schemas."""
+    from softmax_gpu.ops.vocab_parallel_linear_cross_entropy import (
+        vocab_parallel_linear_backward,
+        vocab_parallel_linear_stats,
+    )
+
+    x, w, b = torch.randn(4, 8, device=device), torch.randn(9, 8, device=device), torch.randn(9, device=device)
+    target = torch.tensor([0, 12, -100, 3], device=device)  # 12: another shard's class
+    weight = torch.rand(9, device=device)
+    stats_args = (x, w, b, target, weight, 20, 0, -100, 0.1, 5.0)
+    torch.library.opcheck(vocab_parallel_linear_stats, stats_args)
+    rows = torch.rand(4, 4, device=device)
+    for divisor, upstream in ((torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)),
+                              (None, torch.randn(4, device=device))):  # fmt: skip
+        args = (x, w, b, target, weight, rows, upstream, divisor, 20, 0, -100, 0.1, 5.0, True, True, True)
+        torch.library.opcheck(vocab_parallel_linear_backward, args)
