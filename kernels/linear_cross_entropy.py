@@ -115,6 +115,27 @@ def row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_t, ignore_i
 
 
 @triton.jit
+def shard_row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_t, ignore_index, col_start, n_classes,
+                      HAS_WEIGHT: tl.constexpr):
+    """row_targets for a shard holding global classes [col_start, col_start + n_cols) of
+    n_classes: t in the shard's own coordinates (-1 when the target lies in another shard, so
+    it matches none of this shard's columns), valid and bad judged against all n_classes, and
+    w_t the target's weight where this shard holds it (0 elsewhere; the gradient reads w_t
+    only in the target's column)."""
+    row_in = rows < n_rows
+    t = tl.load(target_ptr + rows * stride_t, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = row_in & (t != ignore_index)
+    bad = valid & ((t < 0) | (t >= n_classes))
+    t_local = t - col_start
+    mine = valid & (t_local >= 0) & (t_local < n_cols)
+    if HAS_WEIGHT:
+        w_t = tl.load(weight_ptr + t_local, mask=mine, other=0.0).to(tl.float32)
+    else:
+        w_t = tl.where(mine, 1.0, 0.0)
+    return tl.where(mine, t_local, -1), valid, bad, w_t
+
+
+@triton.jit
 def grad_logits_tile(
     z, rows, cols, n_rows, n_cols, t, valid, bad, w_t, m, inv_d, other_d, coef, scale,
     target_ptr, weight_ptr, stride_tm, stride_tv, label_smoothing, inv_classes, softcap,
@@ -264,9 +285,9 @@ def linear_cross_entropy_bwd_input_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, divisor_ptr, dx_ptr,
     n_rows, n_cols, hidden,
     stride_xm, stride_xk, stride_wv, stride_wk, stride_tm, stride_tv, stride_stats, stride_up, stride_dxm,
-    ignore_index, label_smoothing, softcap,
+    ignore_index, label_smoothing, softcap, col_start, n_classes,
     SOFT_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dx[rows] = sum over vocabulary tiles of G W[cols], for rows [pid * BLOCK_M, +BLOCK_M).
@@ -278,14 +299,23 @@ def linear_cross_entropy_bwd_input_kernel(
     1, accumulated in place tile by tile (read back from the second vocabulary tile on), so
     it needs no zeroing. G is rounded to the input's dtype for the product, as torch's
     unfused backward rounds the logits' gradient.
+    SHARDED (class-index targets only): w_ptr, b_ptr and weight_ptr hold global classes
+    [col_start, col_start + n_cols) of n_classes, the targets are global indices and the
+    stats are the full problem's (see shard_row_targets); dx is then this shard's part of the
+    input gradient. Without SHARDED, col_start and n_classes are not read.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < n_rows
     ks = tl.arange(0, BLOCK_K)
-    inv_classes = 1.0 / n_cols
-    t, valid, bad, w_t = row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm, ignore_index,
-                                     SOFT_TARGET, HAS_WEIGHT)
+    if SHARDED:
+        inv_classes = 1.0 / n_classes
+        t, valid, bad, w_t = shard_row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm, ignore_index,
+                                               col_start, n_classes, HAS_WEIGHT)
+    else:
+        inv_classes = 1.0 / n_cols
+        t, valid, bad, w_t = row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm, ignore_index,
+                                         SOFT_TARGET, HAS_WEIGHT)
     m, inv_d, other_d, coef, scale = row_state(stats_ptr, upstream_ptr, divisor_ptr, rows, n_rows, stride_stats,
                                                stride_up, DIVIDE)
     for v0 in range(0, n_cols, BLOCK_V):
@@ -316,9 +346,9 @@ def linear_cross_entropy_bwd_weight_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, divisor_ptr, dw_ptr, db_ptr,
     n_rows, n_cols, hidden,
     stride_xm, stride_xk, stride_wv, stride_wk, stride_tm, stride_tv, stride_stats, stride_up, stride_dwv,
-    ignore_index, label_smoothing, softcap,
+    ignore_index, label_smoothing, softcap, col_start, n_classes,
     SOFT_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dw[cols] = sum over row tiles of G^T X[rows] (COMPUTE_DW) and db[cols] = sum of G over the
@@ -333,13 +363,20 @@ def linear_cross_entropy_bwd_weight_kernel(
     cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     col_in = cols < n_cols
     ks = tl.arange(0, BLOCK_K)
-    inv_classes = 1.0 / n_cols
+    if SHARDED:
+        inv_classes = 1.0 / n_classes
+    else:
+        inv_classes = 1.0 / n_cols
     db = tl.zeros((BLOCK_V,), tl.float32)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_in = rows < n_rows
-        t, valid, bad, w_t = row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm, ignore_index,
-                                         SOFT_TARGET, HAS_WEIGHT)
+        if SHARDED:
+            t, valid, bad, w_t = shard_row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm,
+                                                   ignore_index, col_start, n_classes, HAS_WEIGHT)
+        else:
+            t, valid, bad, w_t = row_targets(target_ptr, weight_ptr, rows, n_rows, n_cols, stride_tm, ignore_index,
+                                             SOFT_TARGET, HAS_WEIGHT)
         m, inv_d, other_d, coef, scale = row_state(stats_ptr, upstream_ptr, divisor_ptr, rows, n_rows, stride_stats,
                                                    stride_up, DIVIDE)
         z = logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, n_rows, n_cols, hidden,

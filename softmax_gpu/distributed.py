@@ -1,11 +1,13 @@
 """Cross-entropy over a vocabulary sharded across the ranks of a torch.distributed group.
 
     vocab_parallel_cross_entropy(logits, target, *, group=None, vocab_start=None, ...)
+    vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, group=None, ...)
 
-Each rank passes the logits of its own slice of the classes; every rank gets the loss of
-the full, unsharded problem and the gradient for its slice. Importing this module needs
-neither an initialised process group nor a GPU; the kernels and custom ops live in
-softmax_gpu/ops/vocab_parallel_cross_entropy.py.
+Each rank passes the logits (or the LM head's weight rows) of its own slice of the classes;
+every rank gets the loss of the full, unsharded problem and the gradient for its slice.
+Importing this module needs neither an initialised process group nor a GPU; the kernels
+and custom ops live in softmax_gpu/ops/vocab_parallel_cross_entropy.py and
+softmax_gpu/ops/vocab_parallel_linear_cross_entropy.py.
 """
 from typing import Optional
 
@@ -14,9 +16,11 @@ import torch.distributed as dist
 
 from .checks import check_floating, check_same_device, check_tensor
 from .ops.cross_entropy import _check_options
+from .ops.linear_cross_entropy import _check_operands
 from .ops.vocab_parallel_cross_entropy import VocabParallelCrossEntropyFunction
+from .ops.vocab_parallel_linear_cross_entropy import VocabParallelLinearCrossEntropyFunction
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
 FN = "softmax_gpu.vocab_parallel_cross_entropy"
 
@@ -26,14 +30,14 @@ FN = "softmax_gpu.vocab_parallel_cross_entropy"
 _LAYOUTS: dict = {}
 
 
-def _resolve_group(group):
+def _resolve_group(group, fn=FN):
     if not dist.is_available():
-        raise RuntimeError(f"{FN}(): this build of torch has no torch.distributed")
+        raise RuntimeError(f"{fn}(): this build of torch has no torch.distributed")
     if not dist.is_initialized():
-        raise RuntimeError(f"{FN}(): the default process group is not initialised (call init_process_group first)")
+        raise RuntimeError(f"{fn}(): the default process group is not initialised (call init_process_group first)")
     group = dist.group.WORLD if group is None else group
     if dist.get_rank(group) < 0:
-        raise ValueError(f"{FN}(): this rank is not a member of the given process group")
+        raise ValueError(f"{fn}(): this rank is not a member of the given process group")
     return group
 
 
@@ -63,7 +67,7 @@ def _tiling_error(table) -> Optional[str]:
     return None if covered > 0 else "no rank holds any class"
 
 
-def _shard_layout(group, n_local: int, vocab_start: Optional[int], device) -> tuple[int, int]:
+def _shard_layout(group, n_local: int, vocab_start: Optional[int], device, fn=FN) -> tuple[int, int]:
     """(this rank's first class, V), checking once per (group, V_local, vocab_start) that the
     ranks' shards tile [0, V): one all-gather of 3 int64 per rank and one device-to-host copy
     on that first call, nothing afterwards. Raises ValueError on every rank when they do not."""
@@ -78,13 +82,20 @@ def _shard_layout(group, n_local: int, vocab_start: Optional[int], device) -> tu
     table = torch.stack(rows).tolist()
     error = _tiling_error(table)
     if error is not None:
-        raise ValueError(f"{FN}(): the vocabulary shards do not tile [0, V): {error}")
+        raise ValueError(f"{fn}(): the vocabulary shards do not tile [0, V): {error}")
     if vocab_start is None:
         layout = (rank * n_local, world * n_local)
     else:
         layout = (vocab_start, max(row[1] + row[2] for row in table))
     _LAYOUTS[key] = layout
     return layout
+
+
+def _check_vocab_start(fn, vocab_start):
+    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
+        raise TypeError(f"{fn}(): vocab_start must be None or an int, but got {type(vocab_start).__name__}")
+    if vocab_start is not None and vocab_start < 0:
+        raise ValueError(f"{fn}(): vocab_start must be >= 0, but got {vocab_start}")
 
 
 def vocab_parallel_cross_entropy(
@@ -151,10 +162,7 @@ def vocab_parallel_cross_entropy(
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int)):
-        raise TypeError(f"{FN}(): vocab_start must be None or an int, but got {type(vocab_start).__name__}")
-    if vocab_start is not None and vocab_start < 0:
-        raise ValueError(f"{FN}(): vocab_start must be >= 0, but got {vocab_start}")
+    _check_vocab_start(FN, vocab_start)
     group = _resolve_group(group)
     col_start, n_classes = _shard_layout(group, logits.shape[1], vocab_start, logits.device)
 
@@ -167,4 +175,76 @@ def vocab_parallel_cross_entropy(
         logits, target, weight, group, n_classes, col_start, ignore_index, reduction,
         float(label_smoothing), float(z_loss), softcap,
     )  # fmt: skip
+    return loss
+
+
+LINEAR_FN = "softmax_gpu.vocab_parallel_linear_cross_entropy"
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """softmax_gpu.linear_cross_entropy of the full problem, with the LM head sharded by class.
+
+    Args:
+        input: (N, H) or (..., H) features, float32, float16 or bfloat16; the same on every rank.
+        linear_weight: (V_local, H), this rank's rows of the head: classes
+            [vocab_start, vocab_start + V_local); linear_bias: (V_local,) or None.
+        target: global class indices (int64/int32) shaped like input without its last dim,
+            the same on every rank. (Probability targets are not supported here.)
+        group, vocab_start: as in vocab_parallel_cross_entropy (None: equal shards in rank order).
+        weight: (V_local,) this rank's shard of the class weights.
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in linear_cross_entropy,
+            over all V classes.
+    Returns:
+        float32 loss, identical on every rank: a scalar, or the target's shape for
+        reduction="none". Gradients: this rank's shard of d/d linear_weight and
+        d/d linear_bias, and the full d/d input (summed over the ranks) on every rank.
+
+    Communication: forward, one all-reduce MAX of N float32 and one all-reduce SUM of
+    N x (3 to 6) float32 (plus, on the first call per layout, the cached shard check of
+    vocab_parallel_cross_entropy); backward, one all-reduce SUM of dX, N x H float32, when
+    the input needs a gradient (every rank must then ask for it), none otherwise. No tensor
+    of size N x V_local is made; no host synchronisation. The upstream gradient (for
+    reduction="none") must be the same on every rank, as the loss is.
+    """
+    fn = LINEAR_FN
+    if ignore_index is None:
+        ignore_index = -100
+    check_tensor(fn, "target", target)
+    if target.is_floating_point():
+        raise TypeError(f"{fn}(): target must hold class indices (int64 or int32); probability targets are not "
+                        f"supported, got {target.dtype}")  # fmt: skip
+    _check_operands(fn, input, linear_weight, target, linear_bias, weight)
+    _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    _check_vocab_start(fn, vocab_start)
+    group = _resolve_group(group, fn)
+    n_local, hidden = linear_weight.shape
+    col_start, n_classes = _shard_layout(group, n_local, vocab_start, input.device, fn)
+
+    x = input.reshape(-1, hidden)  # a view when it can be: the kernels take both strides
+    tgt = target.reshape(-1)
+    softcap = None if softcap is None else float(softcap)
+    if weight is not None:
+        weight = weight.contiguous()  # the kernels read weight[j] and linear_bias[j] at unit stride
+    if linear_bias is not None:
+        linear_bias = linear_bias.contiguous()
+    loss, _lse = VocabParallelLinearCrossEntropyFunction.apply(
+        x, linear_weight, linear_bias, tgt, weight, group, n_classes, col_start, ignore_index, reduction,
+        float(label_smoothing), float(z_loss), softcap,
+    )  # fmt: skip
+    if reduction == "none":
+        return loss.view(input.shape[:-1])
     return loss

@@ -42,7 +42,8 @@ def run_ranks(world: int, worker, *args):
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{tmp}/rendezvous"
         ctx = mp.start_processes(
-            _entry, args=(world, init, seed, worker.__name__, args), nprocs=world, join=False, start_method="spawn"
+            _entry, args=(world, init, seed, f"{worker.__module__}:{worker.__name__}", args), nprocs=world, join=False,
+            start_method="spawn",
         )
         deadline = time.monotonic() + DEADLINE_S
         while not ctx.join(timeout=1.0):  # raises, with the rank's traceback, if one failed
@@ -62,7 +63,8 @@ def _entry(rank, world, init, seed, worker_name, args):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(seed)  # the same full problem on every rank
-        globals()[worker_name](rank, world, *args)
+        module, name = worker_name.split(":")  # workers may live in other test modules
+        getattr(importlib.import_module(module), name)(rank, world, *args)
     finally:
         dist.destroy_process_group()
 

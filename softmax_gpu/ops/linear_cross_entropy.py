@@ -104,8 +104,12 @@ def launch_forward(x, w, b, target, weight, loss, lse, stats, ignore_index, labe
     return cfg
 
 
-def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap):
+def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard):
+    """shard: None, or (col_start, n_classes) for a vocabulary shard (the vocab-parallel op)."""
     return dict(
+        col_start=shard[0] if shard is not None else 0,  # read only with SHARDED
+        n_classes=shard[1] if shard is not None else 0,
+        SHARDED=shard is not None,
         stats_ptr=stats,
         upstream_ptr=upstream,
         divisor_ptr=divisor if divisor is not None else stats,  # read only with DIVIDE
@@ -120,16 +124,19 @@ def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, soft
     )
 
 
-def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx, ignore_index, label_smoothing, softcap):
+def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx, ignore_index, label_smoothing, softcap,
+                          shard=None):  # fmt: skip
     """dx (N, H) float32, unit column stride, = G W with G = d loss / d logits times
-    upstream / divisor (upstream a scalar or (N,), divisor None or a float32 scalar)."""
+    upstream / divisor (upstream a scalar or (N,), divisor None or a float32 scalar).
+    shard=(col_start, n_classes): w, b and weight are classes [col_start, col_start + V_local)
+    of n_classes, target holds global class indices and stats the full problem's rows."""
     cfg = _tiles("backward_input", x, w)
     check_launchable(FN, linear_cross_entropy_bwd_input_kernel, x)
     grid = (triton_cdiv(x.shape[0], cfg.block_m),)
     with device_guard(x):
         linear_cross_entropy_bwd_input_kernel[grid](
             **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap),
+            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard),
             dx_ptr=dx,
             stride_dxm=dx.stride(0),
             BLOCK_M=cfg.block_m,
@@ -142,16 +149,16 @@ def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx,
 
 
 def launch_backward_weight(x, w, b, target, weight, stats, upstream, divisor, dw, db, ignore_index, label_smoothing,
-                           softcap):  # fmt: skip
+                           softcap, shard=None):  # fmt: skip
     """dw (V, H) float32 = G^T x and/or db (V,) float32 = G summed over the rows (either may be
-    None, not both); G as in launch_backward_input. Needs at least one row."""
+    None, not both); G and shard as in launch_backward_input. Needs at least one row."""
     cfg = _tiles("backward_weight", x, w)
     check_launchable(FN, linear_cross_entropy_bwd_weight_kernel, x)
     grid = (triton_cdiv(w.shape[0], cfg.block_v),)
     with device_guard(x):
         linear_cross_entropy_bwd_weight_kernel[grid](
             **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap),
+            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard),
             dw_ptr=dw if dw is not None else stats,  # never touched without COMPUTE_DW
             db_ptr=db if db is not None else stats,  # never written without COMPUTE_DB
             stride_dwv=dw.stride(0) if dw is not None else 0,
