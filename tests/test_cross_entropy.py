@@ -727,13 +727,23 @@ def test_forward_launches_at_most_two_kernels(reduction, kw, device, monkeypatch
 
     import softmax_gpu.ops.cross_entropy as ce
 
+    inside_launch = []  # the interpreter's own tensor traffic while a kernel runs is not counted
+
     class Counted:
         def __init__(self, kernel):
             self.kernel, self.launches = kernel, 0
 
         def __getitem__(self, grid):
             self.launches += 1
-            return self.kernel[grid]
+
+            def launch(*args, **kwargs):
+                inside_launch.append(True)
+                try:
+                    return self.kernel[grid](*args, **kwargs)
+                finally:
+                    inside_launch.pop()
+
+            return launch
 
     class TorchOps(TorchDispatchMode):
         def __init__(self):
@@ -742,7 +752,7 @@ def test_forward_launches_at_most_two_kernels(reduction, kw, device, monkeypatch
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
-            if func.namespace != "softmax_gpu" and name not in _NO_LAUNCH:
+            if func.namespace != "softmax_gpu" and name not in _NO_LAUNCH and not inside_launch:
                 self.launching.append(name)
             return func(*args, **(kwargs or {}))
 
