@@ -273,8 +273,11 @@ def linear_cross_entropy_variants(quick: bool):
                                                                                         ("db_ptr", "*fp32"))
                     strides = common + (("stride_up", "constexpr"),
                                         ("stride_dxm" if kind == "backward_input" else "stride_dwv", "i64"))
-                    options += (("softcap", "fp32"),)
-                    extra = (("DIVIDE", True),)
+                    options += (("softcap", "fp32"), ("col_start", "i32"), ("n_classes", "i32"),
+                                ("grad_skip_threshold", "fp32"))
+                    # the sharded variant (vocab_parallel_variants) and tile skipping (off by
+                    # default; it only wraps the products in a branch) are left out
+                    extra = (("DIVIDE", True), ("SHARDED", False), ("SKIP_SMALL", False))
                     if kind == "backward_weight":
                         extra += (("COMPUTE_DW", True), ("COMPUTE_DB", flags["HAS_BIAS"]))
                 meta = tuple(flags.items()) + extra + (

@@ -170,6 +170,16 @@ def grad_logits_tile(
 
 
 @triton.jit
+def tile_counts(g, grad_skip_threshold, SKIP_SMALL: tl.constexpr):
+    """Whether a gradient tile is accumulated: always without SKIP_SMALL, else when some |g|
+    reaches grad_skip_threshold or some g is NaN (a NaN is never dropped)."""
+    if SKIP_SMALL:
+        return tl.max(tl.max(tl.where(g == g, tl.abs(g), float("inf")), axis=1), axis=0) >= grad_skip_threshold
+    else:
+        return True
+
+
+@triton.jit
 def linear_cross_entropy_fwd_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr, stats_ptr,
     n_rows, n_cols, hidden,
@@ -285,9 +295,9 @@ def linear_cross_entropy_bwd_input_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, divisor_ptr, dx_ptr,
     n_rows, n_cols, hidden,
     stride_xm, stride_xk, stride_wv, stride_wk, stride_tm, stride_tv, stride_stats, stride_up, stride_dxm,
-    ignore_index, label_smoothing, softcap, col_start, n_classes,
+    ignore_index, label_smoothing, softcap, col_start, n_classes, grad_skip_threshold,
     SOFT_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr, SKIP_SMALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dx[rows] = sum over vocabulary tiles of G W[cols], for rows [pid * BLOCK_M, +BLOCK_M).
@@ -303,6 +313,10 @@ def linear_cross_entropy_bwd_input_kernel(
     [col_start, col_start + n_cols) of n_classes, the targets are global indices and the
     stats are the full problem's (see shard_row_targets); dx is then this shard's part of the
     input gradient. Without SHARDED, col_start and n_classes are not read.
+    SKIP_SMALL: a [rows x classes] tile whose every |G| (scaled, float32, before the cast) is
+    below grad_skip_threshold adds nothing (its product with W is skipped; the logits are
+    still recomputed). A tile holding a NaN is never skipped. Without SKIP_SMALL,
+    grad_skip_threshold is not read.
     """
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -318,6 +332,7 @@ def linear_cross_entropy_bwd_input_kernel(
                                          SOFT_TARGET, HAS_WEIGHT)
     m, inv_d, other_d, coef, scale = row_state(stats_ptr, upstream_ptr, divisor_ptr, rows, n_rows, stride_stats,
                                                stride_up, DIVIDE)
+    started = pid * 0  # int: whether dx[rows] holds a first term (from the first vocabulary tile kept)
     for v0 in range(0, n_cols, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_wv may pass 2**31
         col_in = cols < n_cols
@@ -327,18 +342,31 @@ def linear_cross_entropy_bwd_input_kernel(
         g = grad_logits_tile(z, rows, cols, n_rows, n_cols, t, valid, bad, w_t, m, inv_d, other_d, coef, scale,
                              target_ptr, weight_ptr, stride_tm, stride_tv, label_smoothing, inv_classes, softcap,
                              SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        g = g.to(w_ptr.dtype.element_ty)
-        w_ptrs = w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk
-        dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + ks[None, :]
-        for k0 in range(0, hidden, BLOCK_K):
-            k_in = ks < hidden - k0
-            w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
-            dx_mask = row_in[:, None] & k_in[None, :]
-            dx = tl.load(dx_ptrs, mask=dx_mask & (v0 > 0), other=0.0)
-            dx = tl.dot(g, w, dx, input_precision=INPUT_PRECISION)
-            tl.store(dx_ptrs, dx, mask=dx_mask)
-            w_ptrs += BLOCK_K * stride_wk
-            dx_ptrs += BLOCK_K
+        if tile_counts(g, grad_skip_threshold, SKIP_SMALL):
+            g = g.to(w_ptr.dtype.element_ty)
+            w_ptrs = w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk
+            if SKIP_SMALL:
+                has_dx = (ks * 0 + started)[None, :] > 0  # a term to add to (a tile: the interpreter masks with no scalar)
+            else:
+                has_dx = v0 > 0
+            dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + ks[None, :]
+            for k0 in range(0, hidden, BLOCK_K):
+                k_in = ks < hidden - k0
+                w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
+                dx_mask = row_in[:, None] & k_in[None, :]
+                dx = tl.load(dx_ptrs, mask=dx_mask & has_dx, other=0.0)
+                dx = tl.dot(g, w, dx, input_precision=INPUT_PRECISION)
+                tl.store(dx_ptrs, dx, mask=dx_mask)
+                w_ptrs += BLOCK_K * stride_wk
+                dx_ptrs += BLOCK_K
+            started = pid * 0 + 1
+    if SKIP_SMALL:
+        if started == 0:  # every tile skipped: dx[rows] = 0
+            dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + ks[None, :]
+            for k0 in range(0, hidden, BLOCK_K):
+                tl.store(dx_ptrs, tl.zeros((BLOCK_M, BLOCK_K), tl.float32),
+                         mask=row_in[:, None] & (ks < hidden - k0)[None, :])
+                dx_ptrs += BLOCK_K
 
 
 @triton.jit
@@ -346,9 +374,9 @@ def linear_cross_entropy_bwd_weight_kernel(
     x_ptr, w_ptr, b_ptr, target_ptr, weight_ptr, stats_ptr, upstream_ptr, divisor_ptr, dw_ptr, db_ptr,
     n_rows, n_cols, hidden,
     stride_xm, stride_xk, stride_wv, stride_wk, stride_tm, stride_tv, stride_stats, stride_up, stride_dwv,
-    ignore_index, label_smoothing, softcap, col_start, n_classes,
+    ignore_index, label_smoothing, softcap, col_start, n_classes, grad_skip_threshold,
     SOFT_TARGET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DIVIDE: tl.constexpr, SHARDED: tl.constexpr, SKIP_SMALL: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dw[cols] = sum over row tiles of G^T X[rows] (COMPUTE_DW) and db[cols] = sum of G over the
@@ -357,7 +385,8 @@ def linear_cross_entropy_bwd_weight_kernel(
     Arguments as in the input-gradient kernel; dw_ptr: (n_cols, hidden) float32, row stride
     stride_dwv, column stride 1, accumulated in place (read back from the second row tile on);
     db_ptr: (n_cols,) float32. The batch must have at least one row (the launcher returns
-    zeros for an empty one).
+    zeros for an empty one). SKIP_SMALL and grad_skip_threshold as in the input-gradient
+    kernel: a skipped tile adds to neither dw nor db.
     """
     pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -368,6 +397,7 @@ def linear_cross_entropy_bwd_weight_kernel(
     else:
         inv_classes = 1.0 / n_cols
     db = tl.zeros((BLOCK_V,), tl.float32)
+    started = pid * 0  # int: whether dw[cols] holds a first term (from the first row tile kept)
     for r0 in range(0, n_rows, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
         row_in = rows < n_rows
@@ -385,20 +415,33 @@ def linear_cross_entropy_bwd_weight_kernel(
         g = grad_logits_tile(z, rows, cols, n_rows, n_cols, t, valid, bad, w_t, m, inv_d, other_d, coef, scale,
                              target_ptr, weight_ptr, stride_tm, stride_tv, label_smoothing, inv_classes, softcap,
                              SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
-        if COMPUTE_DB:
-            db += tl.sum(g, axis=0)
-        if COMPUTE_DW:
-            gt = tl.trans(g.to(x_ptr.dtype.element_ty))
-            x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+        if tile_counts(g, grad_skip_threshold, SKIP_SMALL):
+            if COMPUTE_DB:
+                db += tl.sum(g, axis=0)
+            if COMPUTE_DW:
+                gt = tl.trans(g.to(x_ptr.dtype.element_ty))
+                x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+                if SKIP_SMALL:
+                    has_dw = (ks * 0 + started)[None, :] > 0  # a term to add to (a tile: the interpreter masks with no scalar)
+                else:
+                    has_dw = r0 > 0
+                dw_ptrs = dw_ptr + cols[:, None] * stride_dwv + ks[None, :]
+                for k0 in range(0, hidden, BLOCK_K):
+                    k_in = ks < hidden - k0
+                    x = tl.load(x_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
+                    dw_mask = col_in[:, None] & k_in[None, :]
+                    dw = tl.load(dw_ptrs, mask=dw_mask & has_dw, other=0.0)
+                    dw = tl.dot(gt, x, dw, input_precision=INPUT_PRECISION)
+                    tl.store(dw_ptrs, dw, mask=dw_mask)
+                    x_ptrs += BLOCK_K * stride_xk
+                    dw_ptrs += BLOCK_K
+            started = pid * 0 + 1
+    if COMPUTE_DW and SKIP_SMALL:
+        if started == 0:  # every tile skipped: dw[cols] = 0
             dw_ptrs = dw_ptr + cols[:, None] * stride_dwv + ks[None, :]
             for k0 in range(0, hidden, BLOCK_K):
-                k_in = ks < hidden - k0
-                x = tl.load(x_ptrs, mask=row_in[:, None] & k_in[None, :], other=0.0)
-                dw_mask = col_in[:, None] & k_in[None, :]
-                dw = tl.load(dw_ptrs, mask=dw_mask & (r0 > 0), other=0.0)
-                dw = tl.dot(gt, x, dw, input_precision=INPUT_PRECISION)
-                tl.store(dw_ptrs, dw, mask=dw_mask)
-                x_ptrs += BLOCK_K * stride_xk
+                tl.store(dw_ptrs, tl.zeros((BLOCK_V, BLOCK_K), tl.float32),
+                         mask=col_in[:, None] & (ks < hidden - k0)[None, :])
                 dw_ptrs += BLOCK_K
     if COMPUTE_DB:
         tl.store(db_ptr + cols, db, mask=col_in)

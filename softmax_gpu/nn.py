@@ -93,6 +93,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         *,
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
+        grad_skip_threshold: Optional[float] = None,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
@@ -101,6 +102,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.label_smoothing = label_smoothing
         self.z_loss = z_loss
         self.softcap = softcap
+        self.grad_skip_threshold = grad_skip_threshold  # None: exact gradients (see linear_cross_entropy)
 
     def forward(
         self,
@@ -120,6 +122,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             softcap=self.softcap,
+            grad_skip_threshold=self.grad_skip_threshold,
         )
 
     def extra_repr(self) -> str:

@@ -493,3 +493,123 @@ def test_bench_cpu_report(monkeypatch, capsys):
     assert int(rows["softmax_gpu"][2].replace(",", "")) < logits <= int(rows["torch"][2].replace(",", ""))
     assert "linear_ce_fwd_bwd  8192 x 4096 x 128256: 3.443e+13" in out
     assert linear_ce.flops("linear_ce_fwd", 2, 3, 5) == 60 and linear_ce.flops("linear_ce_fwd_bwd", 2, 3, 5) == 240
+
+
+# ---------------------------------------------------------------------------------------
+# grad_skip_threshold: CCE-style skipping of negligible gradient tiles (off by default)
+# ---------------------------------------------------------------------------------------
+
+SKIP_TILES = (16, 64, 16)  # 3 row tiles (16, 16, 1 rows) x 5 vocabulary tiles (64 ... 44 classes)
+
+
+def skewed_inputs(device):
+    """Logits where vocabulary tile 0 (classes 0-63) holds nearly all the probability: the
+    other tiles' biases are -30, so their |gradient| is ~1e-13, except class 150 (tile 2),
+    the target of row 20 (row tile 1), whose gradient is ~-1 there."""
+    x, w, _ = make_inputs(device)
+    b = torch.full((V,), -30.0, device=device)
+    b[:64] = 0.0
+    target = torch.randint(0, 64, (N,), device=device)
+    target[20] = 150
+    return x, w, b, target
+
+
+def emulated_skip(x, w, b, target, threshold, block_m, block_v):
+    """float64 gradients (reduction="sum") with every tile of G whose max |G| < threshold zeroed,
+    and the keep mask per (row tile, vocabulary tile)."""
+    z = F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu())
+    g = torch.softmax(z, -1) - F.one_hot(target.cpu(), V).double()
+    keep = torch.zeros(-(-N // block_m), -(-V // block_v), dtype=torch.bool)
+    for i in range(keep.shape[0]):
+        for j in range(keep.shape[1]):
+            tile = g[i * block_m:(i + 1) * block_m, j * block_v:(j + 1) * block_v]
+            keep[i, j] = bool(tile.abs().max() >= threshold)
+            if not keep[i, j]:
+                tile.zero_()
+    return (g @ w.double().cpu(), g.T @ x.double().cpu(), g.sum(0)), keep
+
+
+def test_grad_skip_threshold_off_and_zero_are_exact(device):
+    """None (the default) and 0.0 (no |g| is below 0) give bitwise the same gradients."""
+    x, w, b, target = skewed_inputs(device)
+    _, exact = run(x, w, b, target, SKIP_TILES, reduction="sum")
+    for threshold in (None, 0.0):
+        _, grads = run(x, w, b, target, SKIP_TILES, reduction="sum", grad_skip_threshold=threshold)
+        assert all(torch.equal(a, e) for a, e in zip(grads, exact)), threshold
+
+
+def test_grad_skip_threshold_skips_only_small_tiles(device):
+    """With a threshold between the tiny tiles' |g| (~1e-13) and the others' (~1e-2 and up):
+    the result is the float64 gradient with exactly the skipped tiles zeroed; the vocabulary
+    tiles no row tile skips keep bitwise the exact dW and db, those all row tiles skip get 0;
+    and the change is no more than the skipped terms (each |g| < threshold)."""
+    threshold = 1e-6
+    x, w, b, target = skewed_inputs(device)
+    _, exact = run(x, w, b, target, SKIP_TILES, reduction="sum")
+    _, grads = run(x, w, b, target, SKIP_TILES, reduction="sum", grad_skip_threshold=threshold)
+    want, keep = emulated_skip(x, w, b, target, threshold, SKIP_TILES[0], SKIP_TILES[1])
+    # vocabulary tile 0 kept everywhere; tile 2 only by row tile 1 (row 20's target); the rest skipped
+    assert keep[:, 0].all() and keep[:, 2].tolist() == [False, True, False]
+    assert not keep[:, [1, 3, 4]].any()
+    for what, got, ref in zip(("dx", "dw", "db"), grads, want):
+        assert_close_fp32(got.cpu(), ref, what)
+    block_v = SKIP_TILES[1]
+    dw, db = grads[1].cpu(), grads[2].cpu()
+    for j in range(keep.shape[1]):
+        cols = slice(j * block_v, (j + 1) * block_v)
+        if keep[:, j].all():
+            assert torch.equal(dw[cols], exact[1].cpu()[cols]) and torch.equal(db[cols], exact[2].cpu()[cols])
+        elif not keep[:, j].any():
+            assert not dw[cols].any() and not db[cols].any()
+    # each skipped g_ij < threshold changes dX[i] by at most threshold * |W_j| and dW_j by threshold * |X_i|
+    n_skipped_classes = V - block_v
+    assert float((grads[0] - exact[0]).abs().max()) <= threshold * n_skipped_classes * float(w.abs().max())
+    assert float((grads[1] - exact[1]).abs().max()) <= threshold * N * float(x.abs().max())
+    assert float((grads[2] - exact[2]).abs().max()) <= threshold * N
+
+
+def test_grad_skip_threshold_huge_skips_everything(device):
+    """Every tile skipped: the launchers still write every element of their (NaN-poisoned)
+    outputs, all 0; through the public function too, for 16-bit inputs and the module."""
+    x, w, b, target = skewed_inputs(device)
+    loss, lse, stats = (poisoned(s, torch.float32, device) for s in ((N,), (N,), (4, N)))
+    opts = (-100, 0.0, None)
+    with tiles(SKIP_TILES):
+        lce.launch_forward(x, w, b, target, None, loss, lse, stats, opts[0], opts[1], 0.0, opts[2])
+        dx, dw, db = (poisoned(s, torch.float32, device) for s in ((N, H), (V, H), (V,)))
+        upstream = torch.tensor(1.0, device=device)
+        lce.launch_backward_input(x, w, b, target, None, stats, upstream, None, dx, *opts, grad_skip_threshold=1e30)
+        lce.launch_backward_weight(x, w, b, target, None, stats, upstream, None, dw, db, *opts,
+                                   grad_skip_threshold=1e30)  # fmt: skip
+    for got in (dx, dw, db):
+        assert torch.equal(got, torch.zeros_like(got))
+    for dtype in (torch.float32, torch.bfloat16):
+        loss, grads = run(x.to(dtype), w.to(dtype), b.to(dtype), target, SKIP_TILES, grad_skip_threshold=1e30)
+        exact_loss, _ = run(x.to(dtype), w.to(dtype), b.to(dtype), target, SKIP_TILES)
+        assert torch.equal(loss, exact_loss)  # the loss is never changed
+        assert all(g.dtype == dtype and not g.any() for g in grads)
+    module = softmax_gpu.nn.LinearCrossEntropyLoss(grad_skip_threshold=1e30)
+    xs = x.clone().requires_grad_()
+    module(xs, w, target, b).backward()
+    assert not xs.grad.any()
+
+
+def test_grad_skip_threshold_bad_values_raise_before_launch(device):
+    x, w, _ = make_inputs(device, n=4)
+    t = torch.tensor([0, 1, 2, 3], device=device)
+    fn = "softmax_gpu.linear_cross_entropy"
+    for bad in (-1.0, -1e-30, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"{fn}\\(\\): grad_skip_threshold must be a finite number >= 0"):
+            softmax_gpu.linear_cross_entropy(x, w, t, grad_skip_threshold=bad)
+    for bad in ("1e-3", torch.tensor(1e-3)):
+        with pytest.raises(TypeError, match="grad_skip_threshold must be a float or None"):
+            softmax_gpu.linear_cross_entropy(x, w, t, grad_skip_threshold=bad)
+
+
+def test_grad_skip_threshold_opcheck(device):
+    x, w, b = make_inputs(device, n=5, h=24, v=40, bias=True)
+    target = torch.tensor([0, 39, -100, 3, 3], device=device)
+    _, _, stats = lce.linear_cross_entropy_forward(x, w, b, target, None, -100, 0.0, 0.0, None, True)
+    args = (x, w, b, target, None, stats, torch.tensor(1.0, device=device), None, -100, 0.0, None, True, True, True,
+            1e-3)  # fmt: skip
+    torch.library.opcheck(torch.ops.softmax_gpu.linear_cross_entropy_backward.default, args)

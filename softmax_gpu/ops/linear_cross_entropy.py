@@ -104,9 +104,12 @@ def launch_forward(x, w, b, target, weight, loss, lse, stats, ignore_index, labe
     return cfg
 
 
-def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard):
-    """shard: None, or (col_start, n_classes) for a vocabulary shard (the vocab-parallel op)."""
+def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard, grad_skip_threshold):
+    """shard: None, or (col_start, n_classes) for a vocabulary shard (the vocab-parallel op);
+    grad_skip_threshold: None, or skip the tiles whose every |gradient| is below it."""
     return dict(
+        grad_skip_threshold=grad_skip_threshold if grad_skip_threshold is not None else 0.0,  # read only with SKIP_SMALL
+        SKIP_SMALL=grad_skip_threshold is not None,
         col_start=shard[0] if shard is not None else 0,  # read only with SHARDED
         n_classes=shard[1] if shard is not None else 0,
         SHARDED=shard is not None,
@@ -125,18 +128,21 @@ def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, soft
 
 
 def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx, ignore_index, label_smoothing, softcap,
-                          shard=None):  # fmt: skip
+                          shard=None, grad_skip_threshold=None):  # fmt: skip
     """dx (N, H) float32, unit column stride, = G W with G = d loss / d logits times
     upstream / divisor (upstream a scalar or (N,), divisor None or a float32 scalar).
     shard=(col_start, n_classes): w, b and weight are classes [col_start, col_start + V_local)
-    of n_classes, target holds global class indices and stats the full problem's rows."""
+    of n_classes, target holds global class indices and stats the full problem's rows.
+    grad_skip_threshold (a float >= 0, or None: off): leave out the [rows x classes] tiles
+    of G whose every |element| is below it (CCE-style; changes the result)."""
     cfg = _tiles("backward_input", x, w)
     check_launchable(FN, linear_cross_entropy_bwd_input_kernel, x)
     grid = (triton_cdiv(x.shape[0], cfg.block_m),)
     with device_guard(x):
         linear_cross_entropy_bwd_input_kernel[grid](
             **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard),
+            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard,
+                             grad_skip_threshold),
             dx_ptr=dx,
             stride_dxm=dx.stride(0),
             BLOCK_M=cfg.block_m,
@@ -149,16 +155,18 @@ def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx,
 
 
 def launch_backward_weight(x, w, b, target, weight, stats, upstream, divisor, dw, db, ignore_index, label_smoothing,
-                           softcap, shard=None):  # fmt: skip
+                           softcap, shard=None, grad_skip_threshold=None):  # fmt: skip
     """dw (V, H) float32 = G^T x and/or db (V,) float32 = G summed over the rows (either may be
-    None, not both); G and shard as in launch_backward_input. Needs at least one row."""
+    None, not both); G, shard and grad_skip_threshold as in launch_backward_input. Needs at
+    least one row."""
     cfg = _tiles("backward_weight", x, w)
     check_launchable(FN, linear_cross_entropy_bwd_weight_kernel, x)
     grid = (triton_cdiv(w.shape[0], cfg.block_v),)
     with device_guard(x):
         linear_cross_entropy_bwd_weight_kernel[grid](
             **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard),
+            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard,
+                             grad_skip_threshold),
             dw_ptr=dw if dw is not None else stats,  # never touched without COMPUTE_DW
             db_ptr=db if db is not None else stats,  # never written without COMPUTE_DB
             stride_dwv=dw.stride(0) if dw is not None else 0,
@@ -237,10 +245,11 @@ def _backward(
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
+    grad_skip_threshold: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_r upstream_r loss_r / grad_divisor (upstream a float32 scalar or (N,))
     with respect to input, linear_weight and linear_bias, in their dtypes; an empty tensor
-    for each one not asked for."""
+    for each one not asked for. grad_skip_threshold: see launch_backward_input."""
     n_rows, hidden = input.shape
     n_classes = linear_weight.shape[0]
     f32 = dict(dtype=torch.float32, device=input.device)
@@ -250,12 +259,12 @@ def _backward(
     if input_grad:
         dx = torch.empty(n_rows, hidden, **f32)
         if n_rows:
-            launch_backward_input(*operands, dx, *options)
+            launch_backward_input(*operands, dx, *options, grad_skip_threshold=grad_skip_threshold)
     if weight_grad or bias_grad:
         dw = torch.empty(n_classes, hidden, **f32) if weight_grad else None
         db = torch.empty(n_classes, **f32) if bias_grad else None
         if n_rows:
-            launch_backward_weight(*operands, dw, db, *options)
+            launch_backward_weight(*operands, dw, db, *options, grad_skip_threshold=grad_skip_threshold)
         else:  # an empty batch: the kernel would have no row tile to start the sums from
             dw = dw.zero_() if dw is not None else None
             db = db.zero_() if db is not None else None
@@ -273,7 +282,7 @@ linear_cross_entropy_backward = torch.library.custom_op(
 
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, stats, upstream, grad_divisor, ignore_index,
-      label_smoothing, softcap, input_grad, weight_grad, bias_grad):  # fmt: skip
+      label_smoothing, softcap, input_grad, weight_grad, bias_grad, grad_skip_threshold=None):  # fmt: skip
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty(0),
         torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0),
@@ -292,7 +301,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, softcap):  # fmt: skip
+                z_loss, softcap, grad_skip_threshold=None):  # fmt: skip
         needs = ctx.needs_input_grad[:3]
         total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
         loss, lse, stats = linear_cross_entropy_forward(
@@ -301,6 +310,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if any(needs):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, total)
         ctx.options = (ignore_index, label_smoothing, softcap)
+        ctx.grad_skip_threshold = grad_skip_threshold
         ctx.mark_non_differentiable(lse)
         if reduction == "mean":
             loss = loss.sum() / total
@@ -316,13 +326,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
         dx, dw, db = linear_cross_entropy_backward(
             input, linear_weight, linear_bias, target, weight, stats, upstream, total, *ctx.options,
-            needs[0], needs[1], needs[2] and linear_bias is not None,
+            needs[0], needs[1], needs[2] and linear_bias is not None, ctx.grad_skip_threshold,
         )  # fmt: skip
         return (
             dx if needs[0] else None,
             dw if needs[1] else None,
             db if needs[2] and linear_bias is not None else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )  # fmt: skip
 
 
@@ -382,6 +392,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    grad_skip_threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """cross_entropy(input @ linear_weight.T + linear_bias, target) without storing the logits.
 
@@ -394,6 +405,11 @@ def linear_cross_entropy(
             that contributes nothing; reduction: "none" | "mean" | "sum"; label_smoothing in
             [0, 1]; z_loss: adds z_loss * lse^2 per row (times its class weight); softcap: logits
             -> softcap * tanh(logits / softcap) before the softmax. All as in softmax_gpu.cross_entropy.
+        grad_skip_threshold: None (the default: exact gradients), or a finite float >= 0: the
+            backward leaves out every [rows x classes] tile of the logits' gradient (after the
+            upstream scale) whose every |element| is below it, as Cut Cross-Entropy does. This
+            changes the gradients (by less than the threshold per logit element left out),
+            not the loss; 0.0 leaves nothing out.
     Returns:
         float32 loss: a scalar, or the target's batch shape for reduction="none".
 
@@ -412,13 +428,21 @@ def linear_cross_entropy(
     x = input.reshape(-1, hidden)  # a view when it can be: the kernels take both strides
     tgt = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
     softcap = None if softcap is None else float(softcap)
+    if grad_skip_threshold is not None:
+        if isinstance(grad_skip_threshold, torch.Tensor) or not isinstance(grad_skip_threshold, (int, float)):
+            raise TypeError(f"{FN}(): grad_skip_threshold must be a float or None, got "
+                            f"{type(grad_skip_threshold).__name__}")  # fmt: skip
+        grad_skip_threshold = float(grad_skip_threshold)
+        if not (0.0 <= grad_skip_threshold < float("inf")):
+            raise ValueError(f"{FN}(): grad_skip_threshold must be a finite number >= 0 (or None), got "
+                             f"{grad_skip_threshold}")  # fmt: skip
     if weight is not None:
         weight = weight.contiguous()  # the kernels read weight[j] and linear_bias[j] at unit stride
     if linear_bias is not None:
         linear_bias = linear_bias.contiguous()
     loss, _lse = LinearCrossEntropyFunction.apply(
         x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        softcap,
+        softcap, grad_skip_threshold,
     )  # fmt: skip
     if reduction == "none":
         return loss.view(input.shape[:-1])
