@@ -164,6 +164,28 @@ def row_target(target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_in
 
 
 @triton.jit
+def row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+             SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
+    """(loss, coef) of a row (or of each row of a tile) from its lse = m + log_d and the linear
+    terms (module docstring): coef is the factor of q_j in d loss / d z_j. Rows that are not
+    valid (ignore_index) get loss 0. Shared by every kernel that forms the cross-entropy."""
+    lse = m + log_d
+    if SOFT_TARGET:
+        loss = sum_w * lse - sum_wz
+        coef = sum_w
+    else:
+        loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)  # (1 - eps) w_t (lse - z_t)
+        coef = (1.0 - label_smoothing) * w_t
+        if HAS_SMOOTHING:
+            loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)
+            coef += label_smoothing * inv_classes * sum_w
+    if HAS_Z_LOSS:
+        loss += z_loss * w_t * lse * lse
+        coef += 2.0 * z_loss * w_t * lse
+    return tl.where(valid, loss, 0.0), coef
+
+
+@triton.jit
 def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
                 ACC_FP64: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
     """The last program to finish sums loss_ptr[0:n_rows] in row order (divided by
@@ -362,19 +384,8 @@ def cross_entropy_kernel(
     sum_w = tl.sum(w_lane, axis=0)
 
     # 3. The loss of the row (float32 for every dtype but float64).
-    if SOFT_TARGET:
-        loss = sum_w * lse - sum_wz
-        coef = sum_w
-    else:
-        loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)  # lse - z_t
-        coef = (1.0 - label_smoothing) * w_t
-        if HAS_SMOOTHING:
-            loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)
-            coef += label_smoothing * inv_classes * sum_w
-    if HAS_Z_LOSS:
-        loss += z_loss * w_t * lse * lse
-        coef += 2.0 * z_loss * w_t * lse
-    loss = tl.where(valid, loss, 0.0)
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
     if REDUCE != 0:

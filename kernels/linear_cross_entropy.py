@@ -28,7 +28,7 @@ classes (so a confident row keeps its true-class gradient), and the soft cap's c
 import triton
 import triton.language as tl
 
-from .cross_entropy import soft_cap
+from .cross_entropy import row_loss, soft_cap
 from .softmax import LOG2E
 
 # Rows of the per-row statistics the forward saves for the backward (a (4, N) float32 tensor).
@@ -252,19 +252,8 @@ def linear_cross_entropy_fwd_kernel(
     lse = m + log_d
 
     # 3. The loss of each row (float32 whatever the input dtype), and coef of its gradient.
-    if SOFT_TARGET:
-        loss = sum_w * lse - sum_wz
-        coef = sum_w
-    else:
-        loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)  # (1 - eps) w_t (lse - z_t)
-        coef = (1.0 - label_smoothing) * w_t
-        if HAS_SMOOTHING:
-            loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)
-            coef += label_smoothing * inv_classes * sum_w
-    if HAS_Z_LOSS:
-        loss += z_loss * w_t * lse * lse
-        coef += 2.0 * z_loss * w_t * lse
-    loss = tl.where(valid, loss, 0.0)
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
     tl.store(loss_ptr + rows, tl.where(bad, float("nan"), loss), mask=row_in)
     tl.store(lse_ptr + rows, lse, mask=row_in)
     if COMPUTE_STATS:

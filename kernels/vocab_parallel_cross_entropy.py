@@ -22,7 +22,7 @@ m is the shard's own row maximum, written separately for the MAX all-reduce.
 import triton
 import triton.language as tl
 
-from .cross_entropy import block_terms, load_logits, store_grad_block
+from .cross_entropy import block_terms, load_logits, row_loss, store_grad_block
 from .softmax import LOG2E, online_step
 
 
@@ -193,6 +193,7 @@ def vocab_parallel_loss_kernel(
         valid = True
         bad = False
         w_t = 1.0
+        z_t = 0.0  # (unused with probability targets)
         other = 0.0
         sum_wz = tl.load(stats_row + 1)
         sum_w = tl.load(stats_row + 2)
@@ -216,19 +217,8 @@ def vocab_parallel_loss_kernel(
     lse = m + log_d
 
     # 2. The loss of the row, as in cross_entropy_kernel.
-    if SOFT_TARGET:
-        loss = sum_w * lse - sum_wz
-        coef = sum_w
-    else:
-        loss = (1.0 - label_smoothing) * w_t * ((m - z_t) + log_d)  # lse - z_t
-        coef = (1.0 - label_smoothing) * w_t
-        if HAS_SMOOTHING:
-            loss += label_smoothing * inv_classes * (sum_w * lse - sum_wz)
-            coef += label_smoothing * inv_classes * sum_w
-    if HAS_Z_LOSS:
-        loss += z_loss * w_t * lse * lse
-        coef += 2.0 * z_loss * w_t * lse
-    loss = tl.where(valid, loss, 0.0)
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
     tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss))
     tl.store(lse_ptr + row, lse)
 

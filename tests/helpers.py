@@ -52,3 +52,15 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 # dry run): CI runs them; on a GPU machine they would only spend its minutes, and its image
 # may pair triton 3.6 with a NumPy its interpreter cannot run under.
 cpu_instrument = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU instrument: CI runs it")
+
+
+def MEAN_LOADS(n):
+    """O(N) bytes a cross-entropy forward+backward with reduction="mean" loads besides the
+    logits (bfloat16/float32, class indices): targets twice (8 B each), the divisor, the
+    upstream and the row loss (4 B each) per row, and the divisor once more for the mean."""
+    return n * (8 + 8 + 4 + 4 + 4) + 4
+
+
+def MEAN_STORES(n):
+    """... and stores: loss and lse per row, then the counter, the total and the mean."""
+    return n * (4 + 4) + 12

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_matches, assert_within_torch_error, poisoned
+from helpers import MEAN_LOADS, MEAN_STORES, assert_matches, assert_within_torch_error, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
@@ -349,18 +349,6 @@ def test_deterministic(device):
 # ---------------------------------------------------------------------------------------
 
 interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="counted in Triton's interpreter")
-
-
-def MEAN_LOADS(n):
-    """O(N) bytes a float32-stats forward+backward with reduction="mean" loads besides the
-    logits: targets twice (8 B each), the divisor, the upstream and the row loss (4 B each) per
-    row, and the divisor once more for the mean."""
-    return n * (8 + 8 + 4 + 4 + 4) + 4
-
-
-def MEAN_STORES(n):
-    """... and stores: loss and lse per row, then the counter, the total and the mean."""
-    return n * (4 + 4) + 12
 
 
 @interpreter_only

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_matches
+from helpers import MEAN_LOADS, MEAN_STORES, assert_matches
 
 import softmax_gpu
 from softmax_gpu import config
@@ -135,12 +135,11 @@ def test_traffic_float16_reads_logits_twice_bfloat16_once():
             softmax_gpu.cross_entropy(logits, target).backward()
         counts[dtype] = (t.bytes_loaded, t.bytes_stored)
     nc = n * c * 2
-    # beyond N x C, the mean's O(N) bytes (test_cross_entropy.MEAN_LOADS / MEAN_STORES);
-    # fp16 reads no divisor in the forward, writes 4 stats a row and reads them back, reads
-    # the target again, and the upstream and divisor once a row in the backward.
-    mean_loads, mean_stores = n * (8 + 8 + 4 + 4 + 4) + 4, n * (4 + 4) + 12
-    assert counts[torch.bfloat16] == (nc + mean_loads, nc + mean_stores)
-    assert counts[torch.float16] == (2 * nc + mean_loads - 4 * n + n * (8 + 16 + 4), nc + mean_stores + 16 * n)
+    # beyond N x C, the mean's O(N) bytes (helpers.MEAN_LOADS / MEAN_STORES); fp16 reads no
+    # divisor in the forward, writes 4 stats a row and reads them back, reads the target
+    # again, and the upstream and divisor once a row in the backward.
+    assert counts[torch.bfloat16] == (nc + MEAN_LOADS(n), nc + MEAN_STORES(n))
+    assert counts[torch.float16] == (2 * nc + MEAN_LOADS(n) - 4 * n + n * (8 + 16 + 4), nc + MEAN_STORES(n) + 16 * n)
 
 
 # ---------------------------------------------------------------------------------------
