@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -65,8 +66,16 @@ def _entry(rank, world, init, seed, worker_name, args):
         torch.manual_seed(seed)  # the same full problem on every rank
         module, name = worker_name.split(":")  # workers may live in other test modules
         getattr(importlib.import_module(module), name)(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Report first, and leave the group up: the other ranks may be inside a collective
+        # with this one, and tearing gloo down under them aborts the process (SIGABRT) before
+        # spawn has written this traceback. The parent kills the rest.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    # Every rank past its last collective before any rank closes its connections.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 COLLECTIVES = (
