@@ -23,7 +23,7 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, acc_zeros, online_step, to_acc
+from .softmax import LOG2E, acc_zeros, edge_cols, online_step, row_layout, to_acc, vec_offset
 
 
 @triton.jit
@@ -46,98 +46,91 @@ def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_logits(row_ptr, cols, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Soft-capped logits of one block in the accumulation dtype; lanes past the row are -inf."""
-    mask = cols < n_cols
-    x = to_acc(tl.load(row_ptr + cols, mask=mask, other=-float("inf")), ACC_FP64)
+def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off."""
+    x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf")), ACC_FP64)
     return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
 
 
 @triton.jit
-def load_target_block(
-    row_ptr, cols, n_cols, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr, ACC_FP64: tl.constexpr
-):
-    """Probability targets of one block, smoothed: p' = (1 - eps) p + eps / C; 0 past the row."""
-    mask = cols < n_cols
-    p = to_acc(tl.load(row_ptr + cols, mask=mask, other=0.0), ACC_FP64)
+def load_target_block(ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Probability targets at ptrs, smoothed: p' = (1 - eps) p + eps / C; 0 where mask is off."""
+    p = to_acc(tl.load(ptrs, mask=mask, other=0.0), ACC_FP64)
     if HAS_SMOOTHING:
         p = tl.where(mask, (1.0 - label_smoothing) * p + label_smoothing * inv_classes, 0.0)
     return p
 
 
 @triton.jit
-def load_weight_block(weight_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Class weights of one block (1.0 without weights); 0 past the row."""
-    mask = cols < n_cols
+def load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Class weights of the classes cls (1.0 without weights); 0 where mask is off."""
     if HAS_WEIGHT:
-        return to_acc(tl.load(weight_ptr + cols, mask=mask, other=0.0), ACC_FP64)
+        return to_acc(tl.load(weight_ptr + cls, mask=mask, other=0.0), ACC_FP64)
     else:
         return tl.where(mask, 1.0, 0.0)
 
+
 @triton.jit
 def block_terms(
-    logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+    logit_ptrs, target_ptrs, weight_ptr, cls, mask, t, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_FP64: tl.constexpr,
 ):
-    """One block's logits z and its share of the loss's linear terms, per lane:
-    z_t where the lane holds the target class, w_j z_j and w_j (smoothing) or
-    w_j p'_j z_j and w_j p'_j (probability targets); zeros where unused."""
-    z = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
-    in_row = cols < n_cols - start
+    """One block's logits z (lanes at logit_ptrs, of classes cls, live where mask) and its
+    share of the loss's linear terms, per lane: z_t where the lane holds the target class,
+    w_j z_j and w_j (smoothing) or w_j p'_j z_j and w_j p'_j (probability targets at
+    target_ptrs); zeros where unused."""
+    z = load_logits(logit_ptrs, mask, softcap, HAS_SOFTCAP, ACC_FP64)
     zero = tl.zeros_like(z)
     z_t = zero
     wz = zero
     w = zero
     if SOFT_TARGET:
-        p = load_target_block(
-            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
-        w = p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
-        wz = tl.where(in_row, w * z, 0.0)
+        p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        w = p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+        wz = tl.where(mask, w * z, 0.0)
     else:
-        z_t = tl.where(cols + start == t, z, 0.0)
+        z_t = tl.where(cls == t, z, 0.0)
         if HAS_SMOOTHING:
-            w = load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
-            wz = tl.where(in_row, w * z, 0.0)
+            w = load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+            wz = tl.where(mask, w * z, 0.0)
     return z, z_t, wz, w
 
 
 @triton.jit
 def store_grad_block(
-    grad_row, target_row, weight_ptr, z, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t, w_t, valid,
-    bad, label_smoothing, inv_classes, softcap,
+    grad_ptrs, target_ptrs, weight_ptr, cls, mask, z, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+    label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_FP64: tl.constexpr,
 ):
-    """Writes d loss / d x for one block: q_j * coef minus the target terms, times dz/dx and scale.
+    """Writes d loss / d x for one block (lanes at grad_ptrs, of classes cls, live where mask):
+    q_j * coef minus the target terms, times dz/dx and scale.
 
-    q_j = e^(z_j - m) / d from the row maximum m and sum d, not e^(z_j - lse): lse rounded
+    q_j = e^(z_j - m) / d from the row maximum m and 1/d, not e^(z_j - lse): lse rounded
     to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q.
     The target class's q_t * coef - c_t (c_t = (1 - eps) w_t) is computed as
     q_t (coef - c_t) - c_t * other_over_d, with other_over_d = sum_{j != t} q_j = 1 - q_t
     summed directly: q_t - 1 cancels to 0 in float32 once q_t > 1 - 6e-8 (a confident row),
     while the sum of the other classes keeps its relative accuracy. The scale (the upstream
     gradient over the mean's divisor) is applied before the one rounding to the store dtype."""
-    in_row = cols < n_cols - start
     q = tl.exp2((z - m) * LOG2E) * inv_d
     if SOFT_TARGET:
         g = q * coef
-        p = load_target_block(
-            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
-        g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
+        p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        g -= p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     else:
         c_t = (1.0 - label_smoothing) * w_t
-        g = tl.where(cols + start == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
+        g = tl.where(cls == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
         if HAS_SMOOTHING:
-            g -= label_smoothing * inv_classes * load_weight_block(
-                weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
+            g -= label_smoothing * inv_classes * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     if HAS_SOFTCAP:
         g *= 1.0 - (z / softcap) * (z / softcap)
     # Ignored rows get 0, except where g is NaN (a NaN logit in the row): torch's gradient
     # there is 0 * NaN = NaN too, though the row's loss is 0.
     g = tl.where(valid, g * scale, tl.where(g == g, 0.0, g))
     g = tl.where(bad, float("nan"), g)
-    tl.store(grad_row + start + cols, g.to(grad_row.dtype.element_ty), mask=in_row)
+    tl.store(grad_ptrs, g.to(grad_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -290,6 +283,8 @@ def cross_entropy_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of row r = program_id(0).
 
@@ -315,13 +310,19 @@ def cross_entropy_kernel(
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
-    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) on the single-block path; the
-    looped path reads the row twice when it writes the gradient.
+    VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
+        (kernels/softmax.py); the logits, gradient and probability-target row strides agree
+        modulo VEC.
+    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
+    single-block path; the looped path reads the row's body twice when it writes the gradient.
     """
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * logits_row_stride
     target_row = target_ptr + row * target_row_stride  # used only for probability targets
     grad_row = grad_ptr + row * grad_row_stride
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC)
+    target_body = vec_offset(row, target_row_stride, VEC)
+    grad_body = vec_offset(row, grad_row_stride, VEC)
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
@@ -330,58 +331,81 @@ def cross_entropy_kernel(
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
 
-    # 1. The target: its class index, whether the row counts, and its weight.
+    # 1. The target: its class index, whether the row counts, its weight, and its logit (one
+    #    scalar load; whenever t is a class, ignored or not, so that d below can add it back).
     t, valid, bad, w_t = row_target(
         target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    if SOFT_TARGET:
+        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)
+    else:
+        t_in_row = (t >= 0) & (t < n_cols)
+        z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
 
-    # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
+    # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms. The
+    #    body's lanes are columns shift + cols (+ start); the edge's, e_cls.
+    if HAS_EDGE:
+        e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+        ze, _zt, wz_e, w_e = block_terms(
+            logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
+            softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
     if SINGLE_BLOCK:
-        z, zt_lane, wz_lane, w_lane = block_terms(
-            logits_row, target_row, weight_ptr, 0, cols, n_cols, t, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        body_mask = cols < n_body
+        z, _zt, wz_lane, w_lane = block_terms(
+            logits_ptr + logits_body + cols, target_ptr + target_body + cols, weight_ptr, shift + cols, body_mask, t,
+            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m = tl.max(z, axis=0)
+        if HAS_EDGE:
+            m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp2((z - m) * LOG2E)
         if KEEP_OTHER:
-            other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
+            other = tl.sum(tl.where(shift + cols == t, 0.0, e), axis=0)
         else:
             d = tl.sum(e, axis=0)
     else:
         m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        zt_lane = acc_zeros(BLOCK_N, ACC_FP64)
         wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
         w_lane = acc_zeros(BLOCK_N, ACC_FP64)
         o_lane = acc_zeros(BLOCK_N, ACC_FP64)  # the running sum without the target class
-        for start in range(0, n_cols, BLOCK_N):
-            zb, zt_b, wz_b, w_b = block_terms(
-                logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+        for start in range(0, n_body, BLOCK_N):
+            cls = shift + start + cols
+            zb, _zt, wz_b, w_b = block_terms(
+                logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
+                cols < n_body - start, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m_lane, alpha, p = online_step(m_lane, zb)
             if KEEP_OTHER:
-                o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+                o_lane = o_lane * alpha + tl.where(cls == t, 0.0, p)
             else:
                 d_lane = d_lane * alpha + p
-            zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b
         m = tl.max(m_lane, axis=0)
+        if HAS_EDGE:
+            m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
         lane_scale = tl.exp2((m_lane - m) * LOG2E)
         if KEEP_OTHER:
             other = tl.sum(o_lane * lane_scale, axis=0)
         else:
             d = tl.sum(d_lane * lane_scale, axis=0)
-    z_t = tl.sum(zt_lane, axis=0)
+    sum_wz = tl.sum(wz_lane, axis=0)
+    sum_w = tl.sum(w_lane, axis=0)
+    if HAS_EDGE:
+        e_e = tl.exp2((ze - m) * LOG2E)
+        if KEEP_OTHER:
+            other += tl.sum(tl.where(e_cls == t, 0.0, e_e), axis=0)
+        else:
+            d += tl.sum(e_e, axis=0)
+        sum_wz += tl.sum(wz_e, axis=0)
+        sum_w += tl.sum(w_e, axis=0)
     if KEEP_OTHER:
         # d = (sum without the target) + e^(z_t - m): a sum of positive terms, no cancellation,
         # and no second per-lane sum to hold (the widest plain block spilled with one).
-        # (whenever t is a class, ignored or not, its lane was left out of `other`)
-        d = other + tl.where((t >= 0) & (t < n_cols), tl.exp2((z_t - m) * LOG2E), 0.0)
+        d = other + tl.where(t_in_row, tl.exp2((z_t - m) * LOG2E), 0.0)
     else:
         other = tl.zeros_like(d)
     log_d = tl.log(d)
     lse = m + log_d
-    sum_wz = tl.sum(wz_lane, axis=0)
-    sum_w = tl.sum(w_lane, axis=0)
 
     # 3. The loss of the row (float32 for every dtype but float64).
     loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
@@ -390,30 +414,39 @@ def cross_entropy_kernel(
     tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
     if REDUCE != 0:
         reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
+    inv_d = 1.0 / d
     if SAVE_STATS:
         stats_row = stats_ptr + row * 4
         tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 1, (1.0 / d).to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 2, (other / d).to(stats_ptr.dtype.element_ty))
+        tl.store(stats_row + 1, inv_d.to(stats_ptr.dtype.element_ty))
+        tl.store(stats_row + 2, (other * inv_d).to(stats_ptr.dtype.element_ty))
         tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
 
-    # 4. The gradient, from registers (single block) or a second read of the row.
+    # 4. The gradient, from registers (single block, and the edge) or a second read of the body.
     if COMPUTE_GRAD:
         scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
         if DIVIDE_GRAD:
             scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+        other_over_d = other * inv_d
         if SINGLE_BLOCK:
             store_grad_block(
-                grad_row, target_row, weight_ptr, z, m, 1.0 / d, other / d, coef, scale, 0, cols, n_cols, t, w_t, valid,
-                bad, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                ACC_FP64)
+                grad_ptr + grad_body + cols, target_ptr + target_body + cols, weight_ptr, shift + cols, cols < n_body,
+                z, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         else:
-            for start in range(0, n_cols, BLOCK_N):
-                zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+            for start in range(0, n_body, BLOCK_N):
+                body_mask = cols < n_body - start
+                zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
                 store_grad_block(
-                    grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
-                    w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+                    grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+                    shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+                    label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                    ACC_FP64)
+        if HAS_EDGE:
+            store_grad_block(
+                grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
+                scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
 
 
 @triton.jit
@@ -442,6 +475,8 @@ def cross_entropy_backward_kernel(
     DIVIDE_GRAD: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """d loss / d logits of row r = program_id(0) times the upstream gradient, from the
     row statistics cross_entropy_kernel saved (SAVE_STATS): one read of the logits, one
@@ -455,6 +490,9 @@ def cross_entropy_backward_kernel(
     logits_row = logits_ptr + row * logits_row_stride
     target_row = target_ptr + row * target_row_stride
     grad_row = grad_ptr + row * grad_row_stride
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC)
+    target_body = vec_offset(row, target_row_stride, VEC)
+    grad_body = vec_offset(row, grad_row_stride, VEC)
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
@@ -469,11 +507,19 @@ def cross_entropy_backward_kernel(
     scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
     if DIVIDE_GRAD:
         scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-    for start in range(0, n_cols, BLOCK_N):
-        zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+    for start in range(0, n_body, BLOCK_N):
+        body_mask = cols < n_body - start
+        zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
         store_grad_block(
-            grad_row, target_row, weight_ptr, zb, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t,
-            w_t, valid, bad, label_smoothing, inv_classes, softcap,
+            grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+            shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if HAS_EDGE:
+        e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+        ze = load_logits(logits_row + e_cls, e_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef, scale,
+            t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
 
 
@@ -485,19 +531,27 @@ def scale_grad_kernel(
     upstream_stride,
     n_cols,
     BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar).
 
     The common training case, a scalar loss whose upstream gradient is exactly 1, returns
     after reading one float per row: no pass over the gradient and no host sync.
     Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
+    VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
     """
     row = tl.program_id(0).to(tl.int64)
     g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
     if g_up != 1.0:
-        grad_row = grad_ptr + row * grad_row_stride
+        body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(0, n_cols, BLOCK_N):
-            mask = cols < n_cols - start
-            g = tl.load(grad_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_row + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+        for start in range(0, n_body, BLOCK_N):
+            mask = cols < n_body - start
+            g = tl.load(grad_ptr + body + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + body + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+        if HAS_EDGE:
+            e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            grad_row = grad_ptr + row * grad_row_stride
+            g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
+            tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)

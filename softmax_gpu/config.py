@@ -82,6 +82,30 @@ class RowConfig:
     num_warps: int
     single_block: bool
     rows: int = 1
+    vec: int = 1  # elements per 16-byte vector of the row's aligned body (1: no split)
+    edge: bool = False  # rows have a head or tail outside whole vectors (see vectors())
+
+
+# 128-bit loads at every width: the row kernels cut each row into an aligned body of whole
+# VECTOR_BYTES vectors and a head and tail of a few elements (kernels/softmax.py). Triton only
+# proves alignment for integers it specialised as multiples of 16, so without the cut a row of
+# 50257 or 1000 elements compiles to one narrow load per element.
+VECTOR_BYTES = 16
+
+
+def vectors(cfg: RowConfig, n_rows: int, n_cols: int, tensors) -> RowConfig:
+    """cfg with the body/edge split for rows read and written through `tensors`, a sequence of
+    (itemsize, row_stride) of every row tensor the kernel vectorises. vec is the element count
+    of a 16-byte vector of the narrowest dtype; the rows of every tensor must then start at the
+    same column modulo vec (their row strides agree modulo vec, or there is one row), else
+    vec = 1. edge is False when every row is whole vectors from column 0 (the width and the
+    row strides are multiples of vec): the kernel then skips the head and tail."""
+    vec = VECTOR_BYTES // min(itemsize for itemsize, _ in tensors)
+    strides = [0 if n_rows <= 1 else stride for _, stride in tensors]
+    if len({stride % vec for stride in strides}) > 1:
+        return dataclasses.replace(cfg, vec=1, edge=False)
+    edge = n_cols % vec != 0 or strides[0] % vec != 0
+    return dataclasses.replace(cfg, vec=vec, edge=edge)
 
 
 # Short rows: the softmax kernels give a program several rows until its tile holds

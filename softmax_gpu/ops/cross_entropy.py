@@ -115,6 +115,7 @@ def launch_cross_entropy(
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing))
     soft = target.is_floating_point()
+    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
@@ -154,12 +155,20 @@ def launch_cross_entropy(
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
             REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
         )
     return cfg
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _row_tensors(*tensors):
+    """(itemsize, row stride) of the (N, C) row tensors a kernel streams (config.vectors):
+    logits and gradient, and probability targets; class indices and absent ones are skipped."""
+    return [(t.element_size(), t.stride(0)) for t in tensors if t is not None and t.dim() == 2]
 
 
 def launch_cross_entropy_prepare(
@@ -210,6 +219,7 @@ def launch_cross_entropy_backward(
     Bytes: N*C reads + N*C writes + O(N)."""
     n_rows, n_cols = logits.shape
     cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True)
+    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_backward_kernel, logits)
     with device_guard(logits):
@@ -238,6 +248,8 @@ def launch_cross_entropy_backward(
             DIVIDE_GRAD=grad_divisor is not None,
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
         )
     return cfg
@@ -247,7 +259,7 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
     exactly 1 are left untouched without being read."""
     n_rows, n_cols = grad.shape
-    cfg = cfg or cross_entropy_config(n_cols)
+    cfg = config.vectors(cfg or cross_entropy_config(n_cols), n_rows, n_cols, _row_tensors(grad))
     check_launchable("softmax_gpu.cross_entropy backward", scale_grad_kernel, grad)
     with device_guard(grad):
         scale_grad_kernel[(n_rows,)](
@@ -257,6 +269,8 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
             upstream_stride=upstream.stride(0) if upstream.dim() else 0,
             n_cols=n_cols,
             BLOCK_N=cfg.block_n,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
         )
     return cfg

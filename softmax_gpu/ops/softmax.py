@@ -24,12 +24,18 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     1 write looped.
     """
     n_rows, n_cols = x.shape
-    cfg = cfg or config.short_rows(
-        config.row_config(
-            n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+    cfg = config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+            ),
+            n_rows,
+            y.element_size(),
         ),
         n_rows,
-        y.element_size(),
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (x, y)],
     )
     check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
     with device_guard(x):
@@ -45,6 +51,8 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=y.dtype == torch.float64,
             ROWS=cfg.rows,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
         )
     return cfg
@@ -58,12 +66,18 @@ def launch_softmax_bwd(
     Bytes: 2 reads + 1 write per element on the single-block path.
     """
     n_rows, n_cols = y.shape
-    cfg = cfg or config.short_rows(
-        config.row_config(
-            n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+    cfg = config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+            ),
+            n_rows,
+            dx.element_size(),
         ),
         n_rows,
-        dx.element_size(),
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
     )
     check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
     with device_guard(y):
@@ -81,6 +95,8 @@ def launch_softmax_bwd(
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=dx.dtype == torch.float64,
             ROWS=cfg.rows,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
         )
     return cfg
