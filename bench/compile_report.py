@@ -3,8 +3,9 @@
 For each kernel, dtype and launch configuration the row_config() can produce, this
 compiles through triton.compile with an explicit GPUTarget, then reads the cubin with
 the cuobjdump and nvdisasm that ship inside the triton wheel: registers, local
-(spilled) bytes, shared memory, and whether the global loads and stores are 128-bit
-(LDG.E.128 / STG.E.128). Pointers and row strides are assumed 16-byte aligned, as they
+(spilled) bytes, shared memory, whether the global loads and stores are 128-bit
+(LDG.E.128 / STG.E.128) and how many load and store instructions are narrower ("narrow":
+a row kernel's few scalar loads, its head/tail edge, or a hot loop that did not vectorise). Pointers and row strides are assumed 16-byte aligned, as they
 are for rows whose length is a multiple of 16 elements (the common case the runtime
 specialises on). Then, where nvcc is installed, the CUDA C kernels for CuPy
 (kernels/*.cu) are compiled with every warning an error, and each kernel's registers,
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
 
 from softmax_gpu.cuda_source import NVRTC_OPTIONS, SOURCES, kernels_folder
 
@@ -45,6 +47,7 @@ class Variant:
     num_warps: int
     aligned: tuple = ()  # argument names assumed divisible by 16
     num_stages: int = 3  # triton's default software-pipeline depth
+    maxnreg: Optional[int] = None  # the register cap the launcher passes (config.max_registers)
 
     @property
     def label(self) -> str:
@@ -64,6 +67,19 @@ def block_plan(max_block: int, quick: bool, loop_block=None):
     if quick:
         sizes = [sizes[0], min(1024, max_block), max_block]
     return [(b, True) for b in sizes] + [(loop_block or max_block, False)]
+
+
+def vector_plan(itemsize: int, block: int, single: bool):
+    """(VEC, HAS_EDGE) pairs to compile for a row kernel of `itemsize`-byte elements
+    (config.vectors): the aligned body with the head/tail edge everywhere; and for the
+    widest single blocks and the looped ones, where registers run short, also the edge-free
+    variant (widths that are whole vectors) and VEC=1 (row strides that disagree modulo a
+    vector). `python -m bench.compile_report --op` compiles the exact variant of a call."""
+    vec = 16 // itemsize
+    pairs = [(vec, True)]
+    if block >= 8192 or not single:
+        pairs += [(vec, False), (1, False)]
+    return pairs
 
 
 def softmax_variants(quick: bool):
@@ -96,20 +112,22 @@ def softmax_variants(quick: bool):
                     (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
                 ]
                 for block, single, rows in plan:
-                    sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (
-                        ("n_rows", "i32"), ("n_cols", "i32"))
-                    meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"),
-                            ("ROWS", rows))  # fmt: skip
-                    warps = config.warps_for(block * rows, itemsize)
-                    yield Variant(
-                        "softmax_gpu.kernels.softmax",
-                        kernel,
-                        dtype,
-                        sig + tuple((k, "constexpr") for k, _ in meta),
-                        meta,
-                        warps,
-                        aligned=ptrs + strides + ("n_cols",),
-                    )
+                    for vec, edge in vector_plan(int(ptr_type[-2:]) // 8, block * rows, single):
+                        sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (
+                            ("n_rows", "i32"), ("n_cols", "i32"))
+                        meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                                ("ACC_FP64", dtype == "fp64"), ("ROWS", rows), ("VEC", vec), ("HAS_EDGE", edge))
+                        warps = config.warps_for(block * rows, itemsize)
+                        yield Variant(
+                            "softmax_gpu.kernels.softmax",
+                            kernel,
+                            dtype,
+                            sig + tuple((k, "constexpr") for k, _ in meta),
+                            meta,
+                            warps,
+                            aligned=ptrs + strides + ("n_cols",),
+                            maxnreg=config.max_registers(warps),
+                        )
 
 
 # Feature sets of the cross-entropy kernel worth compiling: the plain training case (with
@@ -142,9 +160,10 @@ def cross_entropy_variants(quick: bool):
                 if flags["SOFT_TARGET"] and not grad:
                     continue
                 plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
+                wide = plain and not flags["HAS_SOFTCAP"]  # as softmax_gpu.ops.cross_entropy.cross_entropy_config
                 for block, single in block_plan(
                     config.block_cap(
-                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
+                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if wide else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
                     ),
                     quick or flags["HAS_WEIGHT"] or flags["HAS_Z_LOSS"],
                     config.block_cap(
@@ -175,20 +194,23 @@ def cross_entropy_variants(quick: bool):
                         ("z_loss_lo", "fp32"),
                         ("softcap_lo", "fp32"),
                     )
-                    meta = tuple(flags.items()) + (
-                        # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
-                        # both values compile, without doubling the report's time.
-                        ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
-                        ("SAVE_STATS", grad and deferred),
-                        # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
-                        ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
-                        ("BLOCK_N", block), ("SINGLE_BLOCK", single),
-                        ("REDUCE_BLOCK", config.reduce_block(
-                            config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY))),
-                    )  # fmt: skip
-                    warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                    yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                                  meta, warps, aligned=aligned)
+                    for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, single):
+                        meta = tuple(flags.items()) + (
+                            # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
+                            # both values compile, without doubling the report's time.
+                            ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
+                            ("SAVE_STATS", grad and deferred),
+                            # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
+                            ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
+                            ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                            ("REDUCE_BLOCK", config.reduce_block(
+                                config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY))),
+                            ("VEC", vec), ("HAS_EDGE", edge),
+                        )  # fmt: skip
+                        warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                        yield Variant(module, "cross_entropy_kernel", dtype,
+                                      sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
+                                      maxnreg=config.max_registers(warps))
             if deferred and (index == 0 or not quick):
                 block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
                 sig = (
@@ -199,12 +221,15 @@ def cross_entropy_variants(quick: bool):
                     ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
                     ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"),
                 )  # fmt: skip
-                meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
-                    ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", dtype == "fp64"), ("BLOCK_N", block),
-                )  # fmt: skip
-                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                yield Variant(module, "cross_entropy_backward_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+                for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", dtype == "fp64"), ("BLOCK_N", block),
+                        ("VEC", vec), ("HAS_EDGE", edge),
+                    )  # fmt: skip
+                    warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                    yield Variant(module, "cross_entropy_backward_kernel", dtype,
+                                  sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
+                                  maxnreg=config.max_registers(warps))
         for soft, has_weight in ((False, False), (False, True), (True, False)):
             sig = (
                 ("target_ptr", ptr if soft else "*i64"), ("weight_ptr", "*fp32"), ("total_ptr", acc),
@@ -219,10 +244,13 @@ def cross_entropy_variants(quick: bool):
             continue
         for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
-                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"))
+                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"), ("VEC", "constexpr"),
+                   ("HAS_EDGE", "constexpr"))  # fmt: skip
             warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-            yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block),), warps,
-                          aligned=("grad_ptr", "grad_row_stride", "n_cols"))
+            for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
+                yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block), ("VEC", vec),
+                              ("HAS_EDGE", edge)), warps, aligned=("grad_ptr", "grad_row_stride", "n_cols"),
+                              maxnreg=config.max_registers(warps))
 
 
 # Fused linear cross-entropy: the plain training case and every option at once (class
@@ -352,6 +380,7 @@ class Report:
     ldg128: bool
     stg128: bool
     mma: str  # tensor-core instructions in the SASS: "HGMMA" (wgmma, sm_90), "HMMA" (mma.sync), or "-"
+    narrow: tuple = (0, 0)  # global loads and stores narrower than 128 bits in the SASS (instructions)
 
 
 def _tool(name: str) -> str:
@@ -373,7 +402,10 @@ def compile_one(job):
     names = [name for name, _ in variant.signature]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
     src = ASTSource(fn, dict(variant.signature), dict(variant.constexprs), attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    if variant.maxnreg is not None:
+        options["maxnreg"] = variant.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -389,6 +421,7 @@ def compile_one(job):
         ldg128="LDG.E.128" in sass,
         stg128="STG.E.128" in sass,
         mma=next((op for op in ("HGMMA", "HMMA") if op in sass), "-"),
+        narrow=tuple(sum(".128" not in o for o in re.findall(rf"\b{op}\.E[.A-Z0-9_]*", sass)) for op in ("LDG", "STG")),
     )
 
 
@@ -402,12 +435,13 @@ def run(archs=(80, 90), quick=False, jobs=None):
 
 def format_table(reports) -> str:
     lines = [f"{'kernel':<26}{'sm':>4} {'dtype':<6}{'regs':>5}{'local':>6}{'smem':>7}  {'128-bit ld/st':<14}"
-             f"{'mma':<6}config"]  # fmt: skip
+             f"{'narrow':<8}{'mma':<6}config"]  # fmt: skip
     for r in reports:
         wide = f"{'yes' if r.ldg128 else 'no'}/{'yes' if r.stg128 else 'no'}"
+        narrow = f"{r.narrow[0]}/{r.narrow[1]}"
         lines.append(
             f"{r.variant.kernel:<26}{r.arch:>4} {r.variant.dtype:<6}{r.regs:>5}{r.local:>6}{r.shared:>7}  "
-            f"{wide:<14}{r.mma:<6}{r.variant.label}"
+            f"{wide:<14}{narrow:<8}{r.mma:<6}{r.variant.label}"
         )
     return "\n".join(lines)
 
@@ -540,7 +574,7 @@ def _variant(kernel, kwargs) -> Variant:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
     dtype = next((_TYPE_CODES[str(v.dtype).split(".")[-1]] for v in kwargs.values() if hasattr(v, "dtype")), "-")
     return Variant(fn.__module__, fn.__name__, dtype, tuple(signature), tuple(constexprs),
-                   kwargs.get("num_warps", 4), aligned=tuple(aligned))  # fmt: skip
+                   kwargs.get("num_warps", 4), aligned=tuple(aligned), maxnreg=kwargs.get("maxnreg"))  # fmt: skip
 
 
 def exact_launches(op: str, shape: tuple, dtype: str) -> list:

@@ -320,7 +320,7 @@ def cross_entropy_kernel(
     logits_row = logits_ptr + row * logits_row_stride
     target_row = target_ptr + row * target_row_stride  # used only for probability targets
     grad_row = grad_ptr + row * grad_row_stride
-    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC)
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
     target_body = vec_offset(row, target_row_stride, VEC)
     grad_body = vec_offset(row, grad_row_stride, VEC)
     cols = tl.arange(0, BLOCK_N)
@@ -331,21 +331,15 @@ def cross_entropy_kernel(
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
 
-    # 1. The target: its class index, whether the row counts, its weight, and its logit (one
-    #    scalar load; whenever t is a class, ignored or not, so that d below can add it back).
+    # 1. The target: its class index, whether the row counts, and its weight.
     t, valid, bad, w_t = row_target(
         target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
-    if SOFT_TARGET:
-        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)
-    else:
-        t_in_row = (t >= 0) & (t < n_cols)
-        z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
 
     # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms. The
     #    body's lanes are columns shift + cols (+ start); the edge's, e_cls.
     if HAS_EDGE:
         e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
-        ze, _zt, wz_e, w_e = block_terms(
+        ze, _zt_edge, wz_e, w_e = block_terms(
             logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
             softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
     if SINGLE_BLOCK:
@@ -369,7 +363,7 @@ def cross_entropy_kernel(
         o_lane = acc_zeros(BLOCK_N, ACC_FP64)  # the running sum without the target class
         for start in range(0, n_body, BLOCK_N):
             cls = shift + start + cols
-            zb, _zt, wz_b, w_b = block_terms(
+            zb, _zt_block, wz_b, w_b = block_terms(
                 logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
                 cols < n_body - start, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
@@ -390,6 +384,13 @@ def cross_entropy_kernel(
             d = tl.sum(d_lane * lane_scale, axis=0)
     sum_wz = tl.sum(wz_lane, axis=0)
     sum_w = tl.sum(w_lane, axis=0)
+    # The target's logit: one scalar load (whenever t is a class, ignored or not, so that d
+    # below can add it back), after the pass over the row so it holds no register there.
+    if SOFT_TARGET:
+        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)
+    else:
+        t_in_row = (t >= 0) & (t < n_cols)
+        z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
     if HAS_EDGE:
         e_e = tl.exp2((ze - m) * LOG2E)
         if KEEP_OTHER:
@@ -490,7 +491,7 @@ def cross_entropy_backward_kernel(
     logits_row = logits_ptr + row * logits_row_stride
     target_row = target_ptr + row * target_row_stride
     grad_row = grad_ptr + row * grad_row_stride
-    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC)
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
     target_body = vec_offset(row, target_row_stride, VEC)
     grad_body = vec_offset(row, grad_row_stride, VEC)
     cols = tl.arange(0, BLOCK_N)
@@ -544,7 +545,7 @@ def scale_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
     if g_up != 1.0:
-        body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC)
+        body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC, HAS_EDGE)
         cols = tl.arange(0, BLOCK_N)
         for start in range(0, n_body, BLOCK_N):
             mask = cols < n_body - start

@@ -88,14 +88,19 @@ def vec_offset(row, row_stride, VEC: tl.constexpr):
 
 
 @triton.jit
-def row_layout(row, row_stride, n_cols, VEC: tl.constexpr):
+def row_layout(row, row_stride, n_cols, VEC: tl.constexpr, HAS_EDGE: tl.constexpr):
     """(body, shift, n_body) of a row of n_cols elements (row may be a vector of rows):
     columns [0, shift) are the head, [shift, shift + n_body) the body, which starts at
     element offset `body` (a multiple of VEC) and is a multiple of VEC long, and
-    [shift + n_body, n_cols) the tail. VEC = 1 gives shift 0 and the whole row as body."""
+    [shift + n_body, n_cols) the tail. Without HAS_EDGE the launcher has checked that rows
+    are whole vectors from column 0: shift is the constant 0 and the body the whole row."""
     body = vec_offset(row, row_stride, VEC)
-    shift = tl.minimum(body - row * row_stride, n_cols)
-    n_body = (n_cols - shift) // VEC * VEC
+    if HAS_EDGE:
+        shift = tl.minimum(body - row * row_stride, n_cols)
+        n_body = (n_cols - shift) // VEC * VEC
+    else:
+        shift = 0
+        n_body = row * 0 + n_cols // VEC * VEC  # shaped like row
     return body, shift, n_body
 
 
@@ -146,7 +151,7 @@ def softmax_fwd_kernel(
         # 1 read + 1 write: the rows stay in registers.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = (rows < n_rows)[:, None]
-        x_body, shift, n_body = row_layout(rows, x_row_stride, n_cols, VEC)
+        x_body, shift, n_body = row_layout(rows, x_row_stride, n_cols, VEC, HAS_EDGE)
         y_body = vec_offset(rows, y_row_stride, VEC)
         mask = row_ok & (cols[None, :] < n_body[:, None])
         x = to_acc(tl.load(x_ptr + x_body[:, None] + cols[None, :], mask=mask, other=-float("inf")), ACC_FP64)
@@ -181,7 +186,7 @@ def softmax_fwd_kernel(
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_row_stride
         y_row = y_ptr + row * y_row_stride
-        x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC)
+        x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
         y_body = vec_offset(row, y_row_stride, VEC)
         # 1. one pass for the per-lane running (max, sum), then merge the lanes (and the edge).
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
@@ -258,7 +263,7 @@ def softmax_bwd_kernel(
     if SINGLE_BLOCK:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         row_ok = (rows < n_rows)[:, None]
-        y_body, shift, n_body = row_layout(rows, y_row_stride, n_cols, VEC)
+        y_body, shift, n_body = row_layout(rows, y_row_stride, n_cols, VEC, HAS_EDGE)
         dy_body = vec_offset(rows, dy_row_stride, VEC)
         dx_body = vec_offset(rows, dx_row_stride, VEC)
         mask = row_ok & (cols[None, :] < n_body[:, None])
@@ -288,7 +293,7 @@ def softmax_bwd_kernel(
             tl.store(dx_ptr + (rows * dx_row_stride)[:, None] + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)
     else:
         row = tl.program_id(0).to(tl.int64)
-        y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC)
+        y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
         dy_body = vec_offset(row, dy_row_stride, VEC)
         dx_body = vec_offset(row, dx_row_stride, VEC)
         # 1. the row's reduction: sum(dy) for log_softmax, sum(dy * y) for softmax.

@@ -29,6 +29,8 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
 # thread under 32 warps' 64-register cap) the gradient-writing variants spill 8-32 bytes
 # (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
+# With a soft cap, whose gradient keeps the capped logits, 16384 took 64 registers and spilled
+# 8-24 bytes on sm_90: the soft-capped plain variant single-blocks to MAX_BLOCK_CROSS_ENTROPY.
 # float64 keeps the general limits (its plain looped block spilled 8 bytes on sm_90).
 MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
 LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
@@ -84,6 +86,23 @@ class RowConfig:
     rows: int = 1
     vec: int = 1  # elements per 16-byte vector of the row's aligned body (1: no split)
     edge: bool = False  # rows have a head or tail outside whole vectors (see vectors())
+
+    @property
+    def maxnreg(self) -> int:
+        return max_registers(self.num_warps)
+
+
+# The register file of an SM (sm_80, sm_90): 64K 32-bit registers.
+REGISTERS_PER_SM = 65536
+
+
+def max_registers(num_warps: int) -> int:
+    """The register cap (.maxnreg) the row kernels are compiled with: a thread's share of the
+    register file when one program fills it (64 at 32 warps; 255, ptxas's own limit, at 8 or
+    fewer). Stating it changes nothing for most kernels, but without it ptxas compiled some
+    32-warp cross-entropy variants to 32 registers and spilled, to fit two programs per SM on
+    sm_80."""
+    return min(255, REGISTERS_PER_SM // (32 * num_warps))
 
 
 # 128-bit loads at every width: the row kernels cut each row into an aligned body of whole

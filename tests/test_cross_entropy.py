@@ -69,6 +69,73 @@ def test_probability_targets(max_block, device):
         assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=f"soft grad {reduction} {smoothing} {use_weight}")
 
 
+UNALIGNED_OPTIONS = {
+    "plain": {},
+    "weights, smoothing, ignore": dict(weight=True, label_smoothing=0.1, ignore_index=2),
+    "z-loss, softcap": dict(z_loss=1e-3, softcap=3.0),
+    "probabilities": dict(soft=True, label_smoothing=0.1),
+    "probabilities, other stride": dict(soft="other stride"),
+    "none, upstream": dict(reduction="none"),
+}
+# Gradient tolerance per dtype against float64 (the loss is float32, float64 for float64).
+GRAD_TOL = {torch.float32: (RTOL, ATOL), torch.float64: (1e-12, 1e-14), torch.bfloat16: (8e-3, 1e-4),
+            torch.float16: (1e-3, 1e-5)}  # fmt: skip
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("what", UNALIGNED_OPTIONS)
+def test_unaligned_rows_of_odd_width(what, dtype, max_block, device):
+    """Logits that are a view at column 3 of a NaN buffer, rows 53 wide 60 apart: every row
+    starts at another alignment, so the kernels take head, aligned body and tail (and the
+    float16/float64 backward kernel and the rescale kernel too). A stray read of the NaN
+    around the view would turn its row's loss NaN; in-place, a stray write would land in it."""
+    n, c, pitch, offset = 6, 53, 60, 3
+    options = dict(UNALIGNED_OPTIONS[what])
+    soft = options.pop("soft", False)
+    kw = dict(options)
+    if kw.pop("weight", False):
+        kw["weight"] = (torch.rand(c, device=device) + 0.1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    values = 2 * torch.randn(n, c, device=device)
+    if soft:
+        t_pitch, t_offset = (pitch, offset) if soft is True else (c + 2, 0)
+        t_buf = torch.full((n, t_pitch), float("nan"), device=device, dtype=dtype)
+        target = t_buf[:, t_offset:t_offset + c]
+        target.copy_(torch.softmax(torch.randn(n, c, device=device), -1))
+    else:
+        target = torch.randint(0, c, (n,), device=device)
+        target[1] = kw.get("ignore_index", -100)
+    upstream = torch.randn(n, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32) if (
+        kw.get("reduction") == "none") else None  # fmt: skip
+    ref_in = values.to(dtype).double().cpu().requires_grad_()
+    for inplace in (False, True):
+        leaf = values.to(dtype).clone().requires_grad_()
+        buf = torch.full((n, pitch), float("nan"), device=device, dtype=dtype)
+        buf[:, offset:offset + c] = leaf  # buf now holds the logits and carries their graph
+        logits = buf[:, offset:offset + c]
+        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY_PLAIN):
+            loss = softmax_gpu.cross_entropy(logits, target, inplace_backward=inplace, **kw)
+            loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+        if not inplace:
+            kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            z_loss, softcap = kw64.pop("z_loss", 0.0), kw64.pop("softcap", None)
+            z = ref_in if softcap is None else softcap * torch.tanh(ref_in / softcap)
+            tgt = target.double().cpu() if soft else target.cpu()
+            ref = F.cross_entropy(z, tgt, **kw64)
+            if z_loss:  # over the rows that count (mean: this option set has no weights)
+                counted = (target.cpu() != -100).double()
+                ref = ref + z_loss * (counted * torch.logsumexp(z, -1) ** 2).sum() / counted.sum()
+            ref.backward(torch.ones_like(ref) if upstream is None else upstream.double().cpu())
+            loss_tol = (1e-12, 1e-14) if dtype == torch.float64 else (RTOL, ATOL)
+            assert_matches(loss, ref.detach().numpy(), *loss_tol, what=f"{what} {dtype} loss")
+        assert_matches(leaf.grad, ref_in.grad.numpy(), *GRAD_TOL[dtype], what=f"{what} {dtype} inplace={inplace} grad")
+        if inplace:  # the gradient went through the logits' storage
+            torch.testing.assert_close(logits.detach(), leaf.grad, rtol=0, atol=0)
+        outside = torch.ones(n, pitch, dtype=torch.bool)
+        outside[:, offset:offset + c] = False
+        assert buf.detach().cpu()[outside].isnan().all(), "a write outside the rows"
+
+
 def test_one_hot_gradient_is_softmax_minus_one_hot(device):
     logits = torch.randn(4, 10, device=device, requires_grad=True)
     target = torch.tensor([1, 3, 0, 9], device=device)

@@ -48,12 +48,13 @@ CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
 
 
 def cross_entropy_config(
-    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False
+    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False, softcap: bool = False
 ) -> config.RowConfig:
     """Launch configuration for rows of n_cols classes of `itemsize` bytes: the forward's (one
     block when the row fits; wider for the plain variant: class indices without weights or
-    smoothing), or with streaming=True the backward kernel's, which always loops and so
-    streams in the looped path's block width."""
+    smoothing, and a wider loop block), or with streaming=True the backward kernel's, which
+    always loops and so streams in the looped path's block width. The plain variant with a
+    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY_PLAIN)."""
     if streaming:
         return config.row_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
@@ -62,7 +63,7 @@ def cross_entropy_config(
     plain = plain and itemsize <= 4  # float64's looped plain block spilled (8 bytes, sm_90)
     return config.row_config(
         n_cols,
-        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY,
+        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain and not softcap else config.MAX_BLOCK_CROSS_ENTROPY,
         itemsize,
         loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
@@ -113,7 +114,9 @@ def launch_cross_entropy(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
-    cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing))
+    cfg = cfg or cross_entropy_config(
+        n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
+    )
     soft = target.is_floating_point()
     cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
@@ -158,6 +161,7 @@ def launch_cross_entropy(
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -251,6 +255,7 @@ def launch_cross_entropy_backward(
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -272,6 +277,7 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -698,7 +704,9 @@ def cross_entropy(
             )
         if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
-        if torch._debug_has_internal_overlap(rows) != 0:
+        # rows is (N, C) with unit column stride: its elements overlap exactly when rows are
+        # closer than C apart (an expanded tensor has row stride 0).
+        if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose elements do not overlap (not expanded)")
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
     if weight is not None:

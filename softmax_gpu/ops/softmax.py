@@ -54,6 +54,7 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -98,6 +99,7 @@ def launch_softmax_bwd(
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
