@@ -39,20 +39,22 @@ def pack_width(dtype_name: str) -> int:
     return 16 // ITEMSIZES[dtype_name]
 
 
-def kernel_name(family: str, dtype_name: str, vec: int) -> str:
-    """The extern "C" name of one kernel, e.g. softmax_fwd_f32_v4."""
+def kernel_name(family: str, dtype_name: str, vec: int, warp_rows: bool = False) -> str:
+    """The extern "C" name of one kernel, e.g. softmax_fwd_f32_v4 (a block per row) or
+    softmax_fwd_warp_f32_v4 (a warp per row, several rows to a block)."""
     if dtype_name not in FAMILIES[family] or vec not in (1, pack_width(dtype_name)):
         raise ValueError(f"no {family} kernel for {dtype_name} with packs of {vec}")
-    return f"{family}_{TYPE_NAMES[dtype_name]}_v{vec}"
+    return f"{family}_{'warp_' if warp_rows else ''}{TYPE_NAMES[dtype_name]}_v{vec}"
 
 
 def kernel_names() -> list:
     """Every kernel name softmax_gpu.cupy can launch."""
     return sorted(
-        kernel_name(family, dtype, vec)
+        kernel_name(family, dtype, vec, warp_rows)
         for family, dtypes in FAMILIES.items()
         for dtype in dtypes
         for vec in (1, pack_width(dtype))
+        for warp_rows in (False, True)
     )
 
 
