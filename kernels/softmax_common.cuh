@@ -231,6 +231,7 @@ __device__ __forceinline__ void read_row(const Team& team, const T* const (&rows
     }
     if (cached) {
         constexpr int BATCH = ITEMS < LOAD_BATCH / NA ? ITEMS : LOAD_BATCH / NA;  // packs of every array
+        static_assert(ITEMS % BATCH == 0, "whole batches");
 #pragma unroll
         for (int first = 0; first < ITEMS; first += BATCH) {
             Pack<T, VEC> raw[BATCH][NA];

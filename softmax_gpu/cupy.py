@@ -37,7 +37,7 @@ if _device_count() == 0:
 import numpy as np  # noqa: E402
 
 from .config import cuda_launch  # noqa: E402
-from .cuda_source import FAMILIES, NVRTC_OPTIONS, cuda_source, kernel_name, pack_width  # noqa: E402
+from .cuda_source import FAMILIES, NVRTC_OPTIONS, cuda_source, kernel_name, matching_shift, vector_width  # noqa: E402
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -109,27 +109,18 @@ def _row_stride(a) -> int:
 
 
 def _vector_width(*arrays) -> int:
-    """16 bytes of elements when row r of every array starts at the same offset from a 16-byte
-    boundary (same start offset, same row stride modulo 16 bytes), else 1. The vectorised
-    kernels then take each row as a scalar head up to its first boundary, 128-bit packs, and a
-    scalar tail, at any width and offset: every array's packs must be aligned together."""
-    vec = pack_width(arrays[0].dtype.name)
-    itemsize = arrays[0].itemsize
-    if any(a.data.ptr % itemsize for a in arrays):
-        return 1  # not even element-aligned: no pack boundary to find
-    offsets = {a.data.ptr % 16 for a in arrays}
-    strides = {(_row_stride(a) * itemsize) % 16 for a in arrays}
-    return vec if len(offsets) == 1 and len(strides) == 1 else 1
+    """Packs of 128 bits when every array's rows sit at the same offset from a 16-byte boundary."""
+    return vector_width(arrays[0].dtype.name, [(a.data.ptr, _row_stride(a)) for a in arrays])
 
 
 def _empty_rows_like(a, shape):
-    """An empty C-contiguous array of a's dtype and `shape` (2-D, not empty) whose start sits at
-    a's offset from a 16-byte boundary, so that its rows and a's agree whenever a's rows are
-    contiguous (or their stride differs from the row length by a multiple of 16 bytes) and the
-    vectorised kernels can read one and write the other. Costs at most 15 bytes of padding."""
+    """An empty C-contiguous array of a's dtype and 2-D `shape` (not empty) that starts at a's
+    offset from a 16-byte boundary, so that its rows and a's share pack boundaries (and the
+    vectorised kernels apply) whenever a's row stride is its row length, or differs from it by
+    a multiple of 16 bytes. Costs at most 15 bytes of padding."""
     n = shape[0] * shape[1]
     buffer = cupy.empty(n + 16 // a.itemsize, dtype=a.dtype)
-    shift = ((a.data.ptr - buffer.data.ptr) % 16) // a.itemsize
+    shift = matching_shift(a.data.ptr, buffer.data.ptr, a.itemsize)
     return buffer[shift : shift + n].reshape(shape)
 
 

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from softmax_gpu import config, reference
-from softmax_gpu.cuda_source import NVRTC_OPTIONS, cuda_source, kernel_names
+from softmax_gpu.cuda_source import (
+    ITEMSIZES,
+    NVRTC_OPTIONS,
+    cuda_source,
+    kernel_names,
+    matching_shift,
+    pack_width,
+    vector_width,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +54,153 @@ def test_header_constants_match_config():
     header = (ROOT / "kernels" / "softmax_common.cuh").read_text()
     assert int(re.search(r"#define CACHED_VALUES (\d+)", header).group(1)) == config.CUDA_CACHED_VALUES
     assert int(re.search(r"#define MAX_THREADS (\d+)", header).group(1)) == config.CUDA_MAX_THREADS
+    assert int(re.search(r"#define WARP_ROW_COLS (\d+)", header).group(1)) == config.CUDA_WARP_ROW_COLS
+    assert int(re.search(r"#define WARP_ROWS (\d+)", header).group(1)) == config.CUDA_WARP_ROWS
+
+
+def _header_constant(name: str) -> int:
+    header = (ROOT / "kernels" / "softmax_common.cuh").read_text()
+    return int(re.search(rf"#define {name} (\d+)", header).group(1))
+
+
+@pytest.mark.parametrize("arrays_cached", [1, 2])
+@pytest.mark.parametrize("n_rows", [1, 3, 4, 5, 1001])
+@pytest.mark.parametrize("n_cols", [1, 16, 511, 512, 513, 1000, 1024, 1025, 50257])
+def test_cuda_launch_gives_short_rows_a_warp_each_and_covers_every_row(n_rows, n_cols, arrays_cached):
+    """Rows up to WARP_ROW_COLS (half for the backward) take the warp kernels, WARP_ROWS to a
+    block: enough blocks for every row, and the warp's registers hold the whole row (so the
+    warp kernels' streaming path is never needed); longer rows a block each."""
+    for vec in (1, 2, 4, 8):
+        launch = config.cuda_launch(n_rows, n_cols, vec, arrays_cached)
+        assert launch.warp_rows == (n_cols <= config.CUDA_WARP_ROW_COLS // arrays_cached)
+        if launch.warp_rows:
+            assert launch.block == 32 * config.CUDA_WARP_ROWS
+            assert (launch.grid - 1) * config.CUDA_WARP_ROWS < n_rows <= launch.grid * config.CUDA_WARP_ROWS
+            items = config.CUDA_CACHED_VALUES // (arrays_cached * vec)  # packs a lane caches
+            assert n_cols // vec <= items * 32  # cached: n_packs <= ITEMS * 32 for any head
+        else:
+            assert (launch.grid, launch.block) == (n_rows, config.cuda_threads(n_cols, vec, arrays_cached))
+
+
+# ---------------------------------------------------------------------------------------
+# The index arithmetic of the vectorised kernels, replayed on the host
+# ---------------------------------------------------------------------------------------
+
+
+def row_split(address: int, n_cols: int, itemsize: int, vec: int) -> tuple:
+    """softmax_common.cuh's split_row, step for step: (head, n_packs, edges)."""
+    offset = address // itemsize % vec
+    to_boundary = (vec - offset) % vec
+    head = to_boundary if to_boundary < n_cols else n_cols
+    n_packs = (n_cols - head) // vec
+    return head, n_packs, n_cols - n_packs * vec
+
+
+def edge_col(split: tuple, vec: int, e: int) -> int:
+    head, n_packs, _ = split
+    return e if e < head else head + n_packs * vec + (e - head)
+
+
+def stream_packs(split: tuple, rank: int, size: int, unroll: int) -> list:
+    """The packs read_row/write_row's streaming loop gives one thread, in order."""
+    n_packs, packs = split[1], []
+    first = rank
+    while first < n_packs:
+        packs += [p for p in (first + u * size for u in range(unroll)) if p < n_packs]
+        first += unroll * size
+    return packs
+
+
+def cached_packs(split: tuple, rank: int, size: int, items: int, batch: int) -> list:
+    """The packs read_row's cached path gives one thread: batches of `batch` of its ITEMS."""
+    return [p for first in range(0, items, batch) for b in range(batch)
+            if (p := (first + b) * size + rank) < split[1]]  # fmt: skip
+
+
+def thread_columns(address, n_cols, itemsize, vec, size, cached, arrays=1):
+    """{rank: [(column, address of the access, width in elements)]} for one row."""
+    split = row_split(address, n_cols, itemsize, vec)
+    items = _header_constant("CACHED_VALUES") // (arrays * vec)
+    batch = min(items, _header_constant("LOAD_BATCH") // arrays)
+    unroll = max(1, min(4, _header_constant("STREAM_BYTES") // (arrays * vec * itemsize)))
+    body = address + split[0] * itemsize
+    columns = {}
+    for rank in range(size):
+        packs = cached_packs(split, rank, size, items, batch) if cached else stream_packs(split, rank, size, unroll)
+        got = [(split[0] + p * vec, body + p * vec * itemsize, vec) for p in packs]
+        if rank < split[2]:
+            col = edge_col(split, vec, rank)
+            got.append((col, address + col * itemsize, 1))
+        columns[rank] = got
+    return split, columns
+
+
+WIDTHS = sorted(set(range(0, 40)) | {63, 64, 65, 1000, 1001, 1023, 1024, 1025, 4099, 16383, 16385, 50257})
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+def test_head_body_tail_cover_each_element_once_with_aligned_packs(itemsize):
+    """For every start offset and many widths (0 to 39 and real vocabularies), for a warp and
+    for blocks, on the cached and the streaming paths: every column in [0, n_cols) is read
+    (and written) exactly once, nothing outside the row is addressed, every pack is 16-byte
+    aligned, and each thread has at most one edge element (head + tail <= 2 (VEC - 1) < 32)."""
+    vec = 16 // itemsize
+    for offset in range(vec):
+        address = (1 << 20) + offset * itemsize  # a row starting `offset` elements past a boundary
+        for n_cols in WIDTHS:
+            for size in (32, 64, 512):
+                capacity = size * _header_constant("CACHED_VALUES") // vec  # packs the cache holds
+                for cached in (True, False):
+                    split, columns = thread_columns(address, n_cols, itemsize, vec, size, cached)
+                    head, n_packs, edges = split
+                    if cached and n_packs > capacity:
+                        continue  # the kernel takes the streaming path for such rows
+                    assert 0 <= head < vec and edges <= 2 * (vec - 1) < 32 and head + n_packs * vec <= n_cols
+                    seen = np.zeros(n_cols, np.int64)
+                    for accesses in columns.values():
+                        assert sum(width == 1 for *_, width in accesses) <= 1
+                        for col, at, width in accesses:
+                            assert 0 <= col and col + width <= n_cols, (offset, n_cols, col, width)
+                            assert at == address + col * itemsize
+                            assert width == 1 or at % 16 == 0, (offset, n_cols, col)
+                            seen[col : col + width] += 1
+                    assert (seen == 1).all(), (offset, n_cols, size, cached, np.flatnonzero(seen != 1)[:5])
+                    if n_cols >= head + vec and offset:
+                        assert head == vec - offset  # the head ends exactly at the first boundary
+
+
+@pytest.mark.parametrize("dtype", list(ITEMSIZES))
+@pytest.mark.parametrize("n_cols", [1, 7, 1000, 1001, 50257])
+def test_host_keeps_odd_widths_and_unaligned_views_vectorised(dtype, n_cols):
+    """softmax_gpu.cupy's choice, replayed on addresses: a contiguous input at any element
+    offset (a view starting at element 1 or 3 of a buffer) and any width gets an output that
+    starts at the same offset from a 16-byte boundary (matching_shift) and the 128-bit kernel,
+    and then row r of input and output split identically, with aligned packs in both. A
+    column slice whose row stride breaks that (x[:, 1:]) or a second input at another offset
+    falls back to packs of 1."""
+    itemsize, vec = ITEMSIZES[dtype], pack_width(dtype)
+    for offset in (0, 1, 3, vec - 1):
+        for buffer_start in (0, 256, 256 + itemsize):  # where the output's allocation happens to start
+            x = (4096 + offset * itemsize, n_cols)  # (address, row stride in elements)
+            buffer = 1 << 24 + buffer_start
+            shift = matching_shift(x[0], buffer, itemsize)
+            assert 0 <= shift < 16 // itemsize
+            out = (buffer + shift * itemsize, n_cols)
+            assert vector_width(dtype, [x, out]) == vec
+            for r in range(9):
+                x_row, out_row = x[0] + r * x[1] * itemsize, out[0] + r * out[1] * itemsize
+                assert row_split(x_row, n_cols, itemsize, vec) == row_split(out_row, n_cols, itemsize, vec)
+                head = row_split(x_row, n_cols, itemsize, vec)[0]
+                if head < n_cols:
+                    assert (x_row + head * itemsize) % 16 == (out_row + head * itemsize) % 16 == 0
+            if vec > 1:
+                sliced = (x[0], n_cols + 1)  # rows of a wider buffer: another offset each row
+                assert vector_width(dtype, [sliced, (out[0], n_cols)]) == 1
+                other = (x[0] + itemsize, n_cols)
+                assert vector_width(dtype, [x, other, out]) == 1
+            padded = (x[0], n_cols + 16 // itemsize)  # a stride 16 bytes longer keeps the offsets
+            assert vector_width(dtype, [padded, out]) == vec
+    assert vector_width(dtype, [(4096 + 1, n_cols)]) == (1 if itemsize > 1 else vec)  # not element-aligned
 
 
 @pytest.mark.parametrize("n_cols", [1, 31, 1000, 4099, 20000])
