@@ -598,3 +598,261 @@ def test_gpu_kernels_are_looked_up_once_per_device():
     kernel = sgc._kernel("softmax_fwd", x, 4)
     assert kernel is sgc._kernel("softmax_fwd", x, 4) and kernel.name == "softmax_fwd_f32_v4"
     assert sgc._module(x.device.id) is sgc._module(x.device.id)
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU: any width, any offset, short rows (issue 9). Outputs come NaN-poisoned inside a
+# guard band of a sentinel, so an element the kernel forgets shows up as NaN and a write
+# outside the rows as a changed sentinel; the kernels launched are recorded and checked.
+# ---------------------------------------------------------------------------------------
+
+TOLERANCES = {"float32": 2e-6, "float64": 1e-12, "float16": 2e-3, "bfloat16": 8e-3}
+GUARD = 64  # sentinel elements on each side of every output (a multiple of 16 bytes)
+SENTINEL = 7.0
+WIDTHS_GPU = [1, 7, 16, 100, 1000, 1001, 1024, 1025, 4099, 20001, 50257]  # warp / block, cached / streamed
+
+
+def _np_dtype(dtype: str):
+    return _bfloat16() if dtype == "bfloat16" else np.dtype(dtype)
+
+
+@pytest.fixture
+def poisoned():
+    """Replaces softmax_gpu.cupy's output allocation and kernel lookup for one test (restored
+    after): outputs NaN-filled between sentinel guards, at the offset the host asked for."""
+    import types
+
+    import cupy
+
+    made, launched = [], []
+    original_empty, original_kernel = sgc._empty_rows_like, sgc._kernel
+
+    def empty_rows_like(a, shape):
+        n = shape[0] * shape[1]
+        host = np.full(n + 2 * GUARD + 16 // a.itemsize, SENTINEL, dtype=a.dtype)
+        buffer = cupy.asarray(host)
+        start = GUARD + matching_shift(a.data.ptr, buffer.data.ptr + GUARD * a.itemsize, a.itemsize)
+        host[start : start + n] = np.nan
+        buffer.set(host)
+        made.append((buffer, start, n))
+        return buffer[start : start + n].reshape(shape)
+
+    def kernel(family, a, vec, warp_rows=False):
+        launched.append((family, vec, warp_rows))
+        return original_kernel(family, a, vec, warp_rows)
+
+    def check_guards():
+        for buffer, start, n in made:
+            host = cupy.asnumpy(buffer).astype(np.float64)
+            outside = np.concatenate([host[:start], host[start + n :]])
+            assert (outside == SENTINEL).all(), f"a kernel wrote outside its rows: {np.flatnonzero(outside != SENTINEL)[:8]}"
+        made.clear()
+
+    sgc._empty_rows_like, sgc._kernel = empty_rows_like, kernel
+    try:
+        yield types.SimpleNamespace(launched=launched, check_guards=check_guards)
+    finally:
+        sgc._empty_rows_like, sgc._kernel = original_empty, original_kernel
+
+
+def _at_offset(host: np.ndarray, offset: int):
+    """A device copy of 2-D `host` whose data starts `offset` elements into a fresh buffer
+    (rows contiguous): with CuPy's 256-byte-aligned allocations, offset elements past a
+    16-byte boundary."""
+    import cupy
+
+    flat = np.zeros(host.size + offset, host.dtype)
+    flat[offset:] = host.ravel()
+    buffer = cupy.asarray(flat)
+    view = buffer[offset:].reshape(host.shape)
+    assert view.data.ptr % 16 == offset * host.itemsize % 16
+    return view
+
+
+def _expect_kernel(launched, family: str, dtype: str, n_cols: int, vectorised: bool, arrays_cached: int = 1):
+    assert launched, "nothing launched"
+    got = launched.pop()
+    warp = n_cols <= config.CUDA_WARP_ROW_COLS // arrays_cached
+    assert got == (family, pack_width(dtype) if vectorised else 1, warp), got
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("n_cols", WIDTHS_GPU)
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_gpu_softmax_any_width_at_any_offset(poisoned, dtype, n_cols, offset):
+    """Odd widths and views starting at element 1 or 3 of a buffer take the 128-bit kernels
+    (an aligned head, packed body, scalar tail; one warp a row up to 1024): forward and
+    backward against the float64 reference, every output element written, nothing outside
+    the rows, the same bits on a second run. 5 rows: not a multiple of 4 warp rows a block."""
+    import cupy
+
+    np_dtype, tol = _np_dtype(dtype), TOLERANCES[dtype]
+    rng = np.random.default_rng(n_cols * 10 + offset)
+    x = (3 * rng.standard_normal((5, n_cols))).astype(np_dtype)
+    x[0, :: max(1, n_cols // 7)] = -np.inf  # -inf in the head, body and tail, not the whole row
+    if n_cols > 1:
+        x[0, 1] = 0.0
+    x64 = x.astype(np.float64)
+    xd = _at_offset(x, offset)
+    for fn, ref_fn, atol in ((sgc.softmax, reference.softmax, tol), (sgc.log_softmax, reference.log_softmax, 8 * tol)):
+        y = fn(xd)
+        _expect_kernel(poisoned.launched, "softmax_fwd", dtype, n_cols, vectorised=True)
+        got = cupy.asnumpy(y).astype(np.float64)
+        np.testing.assert_allclose(got, ref_fn(x64), rtol=tol, atol=atol)
+        assert cupy.array_equal(fn(xd), y)  # bitwise, run to run
+        poisoned.launched.pop()
+    poisoned.check_guards()
+
+    for ref_y, fn, ref_bwd in (
+        (reference.softmax, sgc.softmax_backward, reference.softmax_backward),
+        (reference.log_softmax, sgc.log_softmax_backward, reference.log_softmax_backward),
+    ):
+        y = ref_y(x64).astype(np_dtype)
+        dy = rng.standard_normal((5, n_cols)).astype(np_dtype)
+        want = ref_bwd(y.astype(np.float64), dy.astype(np.float64))
+        for dy_offset, vectorised in ((offset, True), (offset + 1, pack_width(dtype) == 1)):
+            dx = fn(_at_offset(y, offset), _at_offset(dy, dy_offset))  # another offset: packs of 1
+            _expect_kernel(poisoned.launched, "softmax_bwd", dtype, n_cols, vectorised, arrays_cached=2)
+            finite = np.isfinite(want)
+            got = cupy.asnumpy(dx).astype(np.float64)
+            np.testing.assert_allclose(got[finite], want[finite], rtol=4 * tol, atol=4 * tol)
+    poisoned.check_guards()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n_cols", [16, 17, 100, 255, 512, 513, 1000, 1024])
+@pytest.mark.parametrize("n_rows", [1, 3, 5, 130, 4097])
+def test_gpu_many_short_rows_one_warp_each(poisoned, dtype, n_cols, n_rows):
+    """Short rows, four to a block, row counts that leave the last block partly empty: every
+    row right (the idle warps of the last block write nothing), forward, backward, loss."""
+    import cupy
+
+    tol = TOLERANCES[dtype]
+    rng = np.random.default_rng(n_cols * 7 + n_rows)
+    x = (2 * rng.standard_normal((n_rows, n_cols))).astype(dtype)
+    x64 = x.astype(np.float64)
+    y = sgc.softmax(cupy.asarray(x))
+    _expect_kernel(poisoned.launched, "softmax_fwd", dtype, n_cols, vectorised=True)
+    np.testing.assert_allclose(cupy.asnumpy(y).astype(np.float64), reference.softmax(x64), rtol=tol, atol=tol)
+    y_in = reference.softmax(x64).astype(dtype)
+    dy = rng.standard_normal((n_rows, n_cols)).astype(dtype)
+    dx = sgc.softmax_backward(cupy.asarray(y_in), cupy.asarray(dy))
+    _expect_kernel(poisoned.launched, "softmax_bwd", dtype, n_cols, vectorised=True, arrays_cached=2)
+    want = reference.softmax_backward(y_in.astype(np.float64), dy.astype(np.float64))
+    np.testing.assert_allclose(cupy.asnumpy(dx).astype(np.float64), want, rtol=4 * tol, atol=4 * tol)
+    target = rng.integers(0, n_cols, n_rows)
+    target[::3] = -100
+    loss, grad = sgc.cross_entropy(cupy.asarray(x), cupy.asarray(target), reduction="none", label_smoothing=0.1)
+    _expect_kernel(poisoned.launched, "cross_entropy", dtype, n_cols, vectorised=True)
+    exp_loss, exp_grad = reference.cross_entropy(x64, target, reduction="none", label_smoothing=0.1)
+    ce_tol = 2e-5 if dtype == "float32" else 5e-3
+    np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=ce_tol, atol=ce_tol)
+    np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=ce_tol, atol=ce_tol / n_cols)
+    poisoned.check_guards()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("n_cols", [1, 7, 1000, 1001, 4099, 50257])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_gpu_cross_entropy_any_width_at_any_offset(poisoned, dtype, n_cols, offset):
+    """Every option of the CUDA C cross-entropy on unaligned logits of odd widths: reductions,
+    label smoothing, ignore_index, targets in the head (0) and the tail (C - 1); an
+    out-of-range target gives NaN for its row only; confident rows keep their true-class
+    gradient wherever the target falls (head, body, tail)."""
+    import cupy
+
+    np_dtype = _np_dtype(dtype)
+    tol = 2e-5 if dtype == "float32" else 5e-3 if dtype == "float16" else 2e-2
+    rng = np.random.default_rng(n_cols + offset)
+    logits = (2 * rng.standard_normal((7, n_cols))).astype(np_dtype)
+    target = rng.integers(0, n_cols, 7)
+    target[0], target[1], target[2] = 0, n_cols - 1, -100
+    logits64 = logits.astype(np.float64)
+    ld = _at_offset(logits, offset)
+    for reduction in ("mean", "sum", "none"):
+        for smoothing in (0.0, 0.1):
+            loss, grad = sgc.cross_entropy(ld, cupy.asarray(target), reduction=reduction, label_smoothing=smoothing)
+            _expect_kernel(poisoned.launched, "cross_entropy", dtype, n_cols, vectorised=True)
+            exp_loss, exp_grad = reference.cross_entropy(logits64, target, reduction=reduction, label_smoothing=smoothing)
+            np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=tol, atol=tol)
+            np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=tol, atol=tol / n_cols)
+            again = sgc.cross_entropy(ld, cupy.asarray(target), reduction=reduction, label_smoothing=smoothing)
+            poisoned.launched.pop()
+            assert cupy.array_equal(again[0], loss) and cupy.array_equal(again[1], grad)  # bitwise
+    bad = target.copy()
+    bad[3] = n_cols
+    loss, grad = sgc.cross_entropy(ld, cupy.asarray(bad), reduction="none")
+    poisoned.launched.pop()
+    loss, grad = cupy.asnumpy(loss), cupy.asnumpy(grad).astype(np.float64)
+    assert np.isnan(loss[3]) and np.isnan(grad[3]).all()
+    rows = [r for r in range(7) if r != 3]
+    assert np.isfinite(loss[rows]).all() and np.isfinite(grad[rows]).all()
+    poisoned.check_guards()
+
+    if n_cols < 3 or dtype == "float16":
+        return  # float16 cannot hold the true class's gradient (about -C e^-30): it rounds to -0
+    confident = rng.standard_normal((3, n_cols))
+    where = np.array([0, n_cols // 2, n_cols - 1])  # head, body, tail (at offsets 1 and 3)
+    confident[np.arange(3), where] = confident.max() + 30.0
+    confident = confident.astype(np_dtype)
+    _, grad = sgc.cross_entropy(_at_offset(confident, offset), cupy.asarray(where), reduction="sum")
+    poisoned.launched.pop()
+    # q_t - 1 = -S / (1 + S), S = sum_{j != t} e^(z_j - z_t): exact in float64, where the
+    # reference's q_t - 1 itself cancels (2% off for C = 7)
+    z = confident.astype(np.float64)
+    others = np.exp(z - z[np.arange(3), where][:, None]).sum(1) - 1.0
+    got = cupy.asnumpy(grad)[np.arange(3), where].astype(np.float64)
+    assert (got < 0).all(), got  # tiny, yet not 0
+    np.testing.assert_allclose(got, -others / (1 + others), rtol=1e-2 if dtype == "float32" else 2e-2)
+    poisoned.check_guards()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("n_cols", [7, 1001, 50257])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_gpu_nan_in_head_body_or_tail_makes_its_row_nan(poisoned, dtype, n_cols, offset):
+    """A NaN at the first column (the unaligned head at offset 3), in the body, at the last
+    column (the tail), or among -inf makes its whole row NaN; the clean row stays finite."""
+    import cupy
+
+    rng = np.random.default_rng(n_cols + offset)
+    x = rng.standard_normal((5, n_cols)).astype(dtype)
+    x[0, 0] = np.nan
+    x[1, n_cols // 2] = np.nan
+    x[2, n_cols - 1] = np.nan
+    x[3, :] = -np.inf
+    x[3, n_cols - 1] = np.nan
+    xd = _at_offset(x, offset)
+    for fn in (sgc.softmax, sgc.log_softmax):
+        y = cupy.asnumpy(fn(xd))
+        assert np.isnan(y[:4]).all() and np.isfinite(y[4]).all()
+    y_in = np.full(x.shape, 0.5, dtype)
+    dy = np.where(np.isnan(x), np.nan, 1.0 / n_cols).astype(dtype)  # the NaN enters both backward sums
+    for fn in (sgc.softmax_backward, sgc.log_softmax_backward):
+        dx = cupy.asnumpy(fn(_at_offset(y_in, offset), _at_offset(dy, offset)))
+        assert np.isnan(dx[:4]).all() and np.isfinite(dx[4]).all()
+    if dtype != "float64":
+        loss, grad = sgc.cross_entropy(xd, cupy.asarray([0, 1, -100, 2, 3]), reduction="none")
+        loss, grad = cupy.asnumpy(loss), cupy.asnumpy(grad)
+        assert np.isnan(loss[[0, 1, 3]]).all() and loss[2] == 0 and np.isfinite(loss[4])
+        assert np.isnan(grad[:4]).all() and np.isfinite(grad[4]).all()
+    poisoned.check_guards()
+
+
+@needs_gpu
+@pytest.mark.parametrize("n_cols", [7, 1000, 4099])
+def test_gpu_column_slices_fall_back_to_scalar_packs(poisoned, n_cols):
+    """x[:, 1:] of a float32 buffer: each row at another offset from the output's, so the
+    host launches packs of 1 (still correct, never misaligned)."""
+    import cupy
+
+    wide = np.random.default_rng(n_cols).standard_normal((6, n_cols + 1)).astype(np.float32)
+    x = cupy.asarray(wide)[:, 1:]
+    y = sgc.softmax(x)
+    _expect_kernel(poisoned.launched, "softmax_fwd", "float32", n_cols, vectorised=False)
+    np.testing.assert_allclose(cupy.asnumpy(y), reference.softmax(wide[:, 1:].astype(np.float64)), rtol=2e-6, atol=1e-7)
+    poisoned.check_guards()
