@@ -222,7 +222,12 @@ def test_reference_blockwise_with_cuda_block_and_warp_sizes(n_cols, vec):
 
 
 def test_nvcc_compiles_every_kernel_without_spills_and_vectorised():
-    from bench.compile_report import cuda_run, format_cuda_table
+    """Every kernel, block and warp-per-row, for sm_80 and sm_90: no spill, and in each
+    vectorised kernel (which serves every width and offset whose arrays share pack boundaries:
+    the unaligned-row path is the same code, with a runtime head) the body loads and stores
+    are 128-bit, the only narrower accesses being the one edge element per array and the
+    cross-entropy's scalars (bench.compile_report's allowances)."""
+    from bench.compile_report import SCALAR_LOADS_ALLOWED, cuda_run, format_cuda_table
 
     reports = cuda_run((80, 90))
     if reports is None:
@@ -232,8 +237,13 @@ def test_nvcc_compiles_every_kernel_without_spills_and_vectorised():
         assert sorted(r.kernel for r in reports if r.arch == arch) == kernel_names(), table
     assert {r.arch for r in reports} == {80, 90}
     assert all(r.local == 0 for r in reports), table
-    assert all(r.unvectorised_loads == 0 for r in reports), table
-    assert all(any(".128" in op for op in r.loads) for r in reports if r.vector_width > 1), table
+    assert all(r.unvectorised_loads == 0 and r.unvectorised_stores == 0 for r in reports), table
+    for r in (r for r in reports if r.vector_width > 1):
+        wide = sum(n for op, n in r.loads.items() if ".128" in op)
+        narrow = sum(n for op, n in r.loads.items() if ".128" not in op)
+        assert wide >= 4 and any(".128" in op for op in r.stores), (r.kernel, table)
+        edges = next(v for k, v in SCALAR_LOADS_ALLOWED.items() if r.kernel.startswith(k))
+        assert narrow == edges, (r.kernel, table)  # the edges are loaded once, not per path
 
 
 def test_nvrtc_source_is_one_valid_translation_unit(tmp_path):
