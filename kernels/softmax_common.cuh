@@ -195,12 +195,13 @@ __device__ __forceinline__ RowSplit<VEC> split_row(const T* row, int n_cols) {
     return RowSplit<VEC>{head, n_packs, n_cols - n_packs * VEC};
 }
 
-// Loads in flight instead of a dependent chain: the cached path issues its packs' loads
-// LOAD_BATCH packs at a time (all of them in every vectorised kernel but float64's, whose 16
-// packs go in two batches) before the math on any of them, and the streaming loop loads
-// STREAM_BYTES a thread a step (two 128-bit packs of one array, or one of each of two) before
-// their math. Deeper batches or steps pushed registers past 64 (16-bit types) or spilled
-// (float64) under MAX_THREADS' 128-register cap.
+// Loads in flight instead of a dependent chain: the cached path issues its loads LOAD_BATCH at
+// a time (packs of every array together: all of a row's packs in every vectorised kernel but
+// float64's, which take two batches) before the math on any of them, and the streaming loop
+// loads STREAM_BYTES a thread a step (two 128-bit packs of one array, or one of each of two;
+// at most 4 scalar loads in the VEC == 1 kernels) before their math. All 32 loads of the
+// scalar float64 kernel at once spilled under MAX_THREADS' 128-register cap, and 64-byte
+// streaming steps took 16-bit kernels to 112-127 registers.
 #define LOAD_BATCH 8
 #define STREAM_BYTES 32
 template <typename T, int VEC, int NA> struct StreamStep {
