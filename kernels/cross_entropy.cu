@@ -77,21 +77,22 @@ __device__ __forceinline__ void cross_entropy_row(const Team& team, const T* __r
 
 // cross_entropy[_warp]_<type>_v<VEC>(logits, target, loss, lse, grad or NULL, strides in
 // elements, ..., n_rows): one row per block, or (_warp) one per warp, WARP_ROWS to a block.
-#define CROSS_ENTROPY_KERNEL(TEAM_NAME, TEAM, THREADS, REGS, NAME, T, VEC)                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS)) cross_entropy_##TEAM_NAME##NAME##_v##VEC(             \
-        const T* logits, const long long* target, float* loss, float* lse, T* grad, long long logits_row_stride, \
-        long long grad_row_stride, int n_cols, long long ignore_index, float smoothing, const float* grad_scale,  \
-        long long n_rows) {                                                                                       \
-        const TEAM team;                                                                                          \
-        const long long row = team.row();                                                                         \
-        if (row >= n_rows) return;                                                                                \
-        cross_entropy_row<T, VEC>(team, logits + row * logits_row_stride, target[row], loss + row, lse + row,      \
-                                  grad == nullptr ? nullptr : grad + row * grad_row_stride, n_cols, ignore_index,  \
-                                  smoothing, grad_scale);                                                         \
+#define CROSS_ENTROPY_KERNEL(TEAM_NAME, TEAM, THREADS, REGS, NAME, T, VEC)                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS))                        \
+        cross_entropy_##TEAM_NAME##NAME##_v##VEC(                                                                   \
+        const T* logits, const long long* target, float* loss, float* lse, T* grad, long long logits_row_stride,    \
+        long long grad_row_stride, int n_cols, long long ignore_index, float smoothing, const float* grad_scale,    \
+        long long n_rows) {                                                                                         \
+        const TEAM team;                                                                                            \
+        const long long row = team.row();                                                                           \
+        if (row >= n_rows) return;                                                                                  \
+        cross_entropy_row<T, VEC>(team, logits + row * logits_row_stride, target[row], loss + row, lse + row,       \
+                                  grad == nullptr ? nullptr : grad + row * grad_row_stride, n_cols, ignore_index,   \
+                                  smoothing, grad_scale);                                                           \
     }
 
-#define CROSS_ENTROPY_KERNELS_BOTH_TEAMS(NAME, T, VEC)                  \
-    CROSS_ENTROPY_KERNEL(, BlockTeam, MAX_THREADS, 64, NAME, T, VEC)        \
+#define CROSS_ENTROPY_KERNELS_BOTH_TEAMS(NAME, T, VEC)                                                              \
+    CROSS_ENTROPY_KERNEL(, BlockTeam, MAX_THREADS, 64, NAME, T, VEC)                                                \
     CROSS_ENTROPY_KERNEL(warp_, WarpTeam, 32 * WARP_ROWS, 72, NAME, T, VEC)
 
 CROSS_ENTROPY_KERNELS_BOTH_TEAMS(f32, float, 1)

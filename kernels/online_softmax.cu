@@ -56,27 +56,28 @@ __device__ __forceinline__ void softmax_backward_row(const Team& team, const T* 
 // n_rows); the _warp kernels WARP_ROWS rows per block of 32 * WARP_ROWS threads. Row strides
 // are in elements. A vectorised (VEC > 1) kernel needs every array's rows at the same offset
 // from a 16-byte boundary, which the host checks before choosing it; any width works.
-#define SOFTMAX_KERNELS(TEAM_NAME, TEAM, THREADS, REGS, NAME, T, VEC)                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS))                                                      \
-        softmax_fwd_##TEAM_NAME##NAME##_v##VEC(const T* x, T* y, long long x_row_stride, long long y_row_stride, \
-                                               int n_cols, int log_out, long long n_rows) {                     \
-        const TEAM team;                                                                                       \
-        const long long row = team.row();                                                                      \
-        if (row >= n_rows) return;                                                                             \
-        softmax_forward_row<T, VEC>(team, x + row * x_row_stride, y + row * y_row_stride, n_cols, log_out != 0); \
-    }                                                                                                          \
-    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS)) softmax_bwd_##TEAM_NAME##NAME##_v##VEC(              \
-        const T* y, const T* dy, T* dx, long long y_row_stride, long long dy_row_stride, long long dx_row_stride, \
-        int n_cols, int log_out, long long n_rows) {                                                           \
-        const TEAM team;                                                                                       \
-        const long long row = team.row();                                                                      \
-        if (row >= n_rows) return;                                                                             \
-        softmax_backward_row<T, VEC>(team, y + row * y_row_stride, dy + row * dy_row_stride,                   \
-                                     dx + row * dx_row_stride, n_cols, log_out != 0);                          \
+#define SOFTMAX_KERNELS(TEAM_NAME, TEAM, THREADS, REGS, NAME, T, VEC)                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS))                        \
+        softmax_fwd_##TEAM_NAME##NAME##_v##VEC(const T* x, T* y, long long x_row_stride, long long y_row_stride,    \
+                                               int n_cols, int log_out, long long n_rows) {                         \
+        const TEAM team;                                                                                            \
+        const long long row = team.row();                                                                           \
+        if (row >= n_rows) return;                                                                                  \
+        softmax_forward_row<T, VEC>(team, x + row * x_row_stride, y + row * y_row_stride, n_cols, log_out != 0);    \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS(THREADS, T, VEC, REGS))                        \
+        softmax_bwd_##TEAM_NAME##NAME##_v##VEC(                                                                     \
+        const T* y, const T* dy, T* dx, long long y_row_stride, long long dy_row_stride, long long dx_row_stride,   \
+        int n_cols, int log_out, long long n_rows) {                                                                \
+        const TEAM team;                                                                                            \
+        const long long row = team.row();                                                                           \
+        if (row >= n_rows) return;                                                                                  \
+        softmax_backward_row<T, VEC>(team, y + row * y_row_stride, dy + row * dy_row_stride,                        \
+                                     dx + row * dx_row_stride, n_cols, log_out != 0);                               \
     }
 
-#define SOFTMAX_KERNELS_BOTH_TEAMS(NAME, T, VEC)                  \
-    SOFTMAX_KERNELS(, BlockTeam, MAX_THREADS, 64, NAME, T, VEC)       \
+#define SOFTMAX_KERNELS_BOTH_TEAMS(NAME, T, VEC)                                                                    \
+    SOFTMAX_KERNELS(, BlockTeam, MAX_THREADS, 64, NAME, T, VEC)                                                     \
     SOFTMAX_KERNELS(warp_, WarpTeam, 32 * WARP_ROWS, 72, NAME, T, VEC)
 
 SOFTMAX_KERNELS_BOTH_TEAMS(f32, float, 1)

@@ -181,7 +181,9 @@ template <int VEC> struct RowSplit {
     long long n_packs;  // aligned packs of VEC elements from column head on
     int edges;          // head + tail scalar elements
     __device__ __forceinline__ long long pack_col(long long p) const { return head + p * VEC; }
-    __device__ __forceinline__ long long edge_col(int e) const { return e < head ? e : pack_col(n_packs) + (e - head); }
+    __device__ __forceinline__ long long edge_col(int e) const {
+        return e < head ? e : pack_col(n_packs) + (e - head);  // head first, then the tail
+    }
 };
 
 template <typename T, int VEC>
