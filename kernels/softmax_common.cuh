@@ -181,6 +181,10 @@ template <int VEC> struct RowSplit {
     long long n_packs;  // aligned packs of VEC elements from column head on
     int edges;          // head + tail scalar elements
     __device__ __forceinline__ long long pack_col(long long p) const { return head + p * VEC; }
+    // Packs rank, rank + size, ... below n_packs: how many a thread of a team of `size` owns.
+    __device__ __forceinline__ int cached_packs(int rank, int size) const {
+        return rank < n_packs ? int((n_packs - 1 - rank) / size) + 1 : 0;
+    }
     __device__ __forceinline__ long long edge_col(int e) const {
         return e < head ? e : pack_col(n_packs) + (e - head);  // head first, then the tail
     }
@@ -233,6 +237,7 @@ __device__ __forceinline__ void read_row(const Team& team, const T* const (&rows
         for (int a = 0; a < NA; ++a) edge_raw[a] = rows[a][col];
     }
     if (cached) {
+        const int mine = split.cached_packs(rank, size);
         constexpr int BATCH = ITEMS < LOAD_BATCH / NA ? ITEMS : LOAD_BATCH / NA;  // packs of every array
         static_assert(ITEMS % BATCH == 0, "whole batches");
 #pragma unroll
@@ -241,7 +246,7 @@ __device__ __forceinline__ void read_row(const Team& team, const T* const (&rows
 #pragma unroll
             for (int b = 0; b < BATCH; ++b) {
                 const long long p = (long long)(first + b) * size + rank;
-                if (p < split.n_packs) {
+                if (first + b < mine) {
 #pragma unroll
                     for (int a = 0; a < NA; ++a) raw[b][a] = load_pack<T, VEC>(rows[a] + split.head, p);
                 }
@@ -249,7 +254,7 @@ __device__ __forceinline__ void read_row(const Team& team, const T* const (&rows
 #pragma unroll
             for (int b = 0; b < BATCH; ++b) {
                 const long long p = (long long)(first + b) * size + rank;
-                if (p < split.n_packs) {
+                if (first + b < mine) {
 #pragma unroll
                     for (int a = 0; a < NA; ++a)
 #pragma unroll
@@ -302,10 +307,11 @@ __device__ __forceinline__ void write_row(const Team& team, const T* const (&row
     typedef typename Acc<T>::type A;
     const int rank = team.rank(), size = team.size();
     if (cached) {
+        const int mine = split.cached_packs(rank, size);
 #pragma unroll
         for (int it = 0; it < ITEMS; ++it) {
             const long long p = (long long)it * size + rank;
-            if (p < split.n_packs) {
+            if (it < mine) {
                 Pack<T, VEC> result;
 #pragma unroll
                 for (int k = 0; k < VEC; ++k) {

@@ -112,9 +112,13 @@ def stream_packs(split: tuple, rank: int, size: int, unroll: int) -> list:
 
 
 def cached_packs(split: tuple, rank: int, size: int, items: int, batch: int) -> list:
-    """The packs read_row's cached path gives one thread: batches of `batch` of its ITEMS."""
-    return [p for first in range(0, items, batch) for b in range(batch)
-            if (p := (first + b) * size + rank) < split[1]]  # fmt: skip
+    """The packs read_row's cached path gives one thread: batches of `batch` of its ITEMS,
+    item `it` taken while it < mine (RowSplit::cached_packs), i.e. while its pack is < n_packs."""
+    n_packs = split[1]
+    mine = (n_packs - 1 - rank) // size + 1 if rank < n_packs else 0
+    packs = [(first + b) * size + rank for first in range(0, items, batch) for b in range(batch) if first + b < mine]
+    assert packs == [p for p in range(rank, n_packs, size)][: len(packs)]  # the same as p < n_packs
+    return packs
 
 
 def thread_columns(address, n_cols, itemsize, vec, size, cached, arrays=1):
