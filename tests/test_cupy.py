@@ -736,7 +736,7 @@ def test_gpu_softmax_any_width_at_any_offset(poisoned, dtype, n_cols, offset):
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("n_cols", [16, 17, 100, 255, 512, 513, 1000, 1024])
 @pytest.mark.parametrize("n_rows", [1, 3, 5, 130, 4097])
 def test_gpu_many_short_rows_one_warp_each(poisoned, dtype, n_cols, n_rows):
@@ -744,25 +744,28 @@ def test_gpu_many_short_rows_one_warp_each(poisoned, dtype, n_cols, n_rows):
     row right (the idle warps of the last block write nothing), forward, backward, loss."""
     import cupy
 
-    tol = TOLERANCES[dtype]
+    np_dtype, tol = _np_dtype(dtype), TOLERANCES[dtype]
     rng = np.random.default_rng(n_cols * 7 + n_rows)
-    x = (2 * rng.standard_normal((n_rows, n_cols))).astype(dtype)
+    x = (2 * rng.standard_normal((n_rows, n_cols))).astype(np_dtype)
     x64 = x.astype(np.float64)
     y = sgc.softmax(cupy.asarray(x))
     _expect_kernel(poisoned.launched, "softmax_fwd", dtype, n_cols, vectorised=True)
     np.testing.assert_allclose(cupy.asnumpy(y).astype(np.float64), reference.softmax(x64), rtol=tol, atol=tol)
-    y_in = reference.softmax(x64).astype(dtype)
-    dy = rng.standard_normal((n_rows, n_cols)).astype(dtype)
+    y_in = reference.softmax(x64).astype(np_dtype)
+    dy = rng.standard_normal((n_rows, n_cols)).astype(np_dtype)
     dx = sgc.softmax_backward(cupy.asarray(y_in), cupy.asarray(dy))
     _expect_kernel(poisoned.launched, "softmax_bwd", dtype, n_cols, vectorised=True, arrays_cached=2)
     want = reference.softmax_backward(y_in.astype(np.float64), dy.astype(np.float64))
     np.testing.assert_allclose(cupy.asnumpy(dx).astype(np.float64), want, rtol=4 * tol, atol=4 * tol)
+    if dtype == "float64":
+        poisoned.check_guards()
+        return  # the cross-entropy kernels take 16- and 32-bit logits
     target = rng.integers(0, n_cols, n_rows)
     target[::3] = -100
     loss, grad = sgc.cross_entropy(cupy.asarray(x), cupy.asarray(target), reduction="none", label_smoothing=0.1)
     _expect_kernel(poisoned.launched, "cross_entropy", dtype, n_cols, vectorised=True)
     exp_loss, exp_grad = reference.cross_entropy(x64, target, reduction="none", label_smoothing=0.1)
-    ce_tol = 2e-5 if dtype == "float32" else 5e-3
+    ce_tol = {"float32": 2e-5, "float16": 5e-3, "bfloat16": 2e-2}[dtype]
     np.testing.assert_allclose(cupy.asnumpy(loss), exp_loss, rtol=ce_tol, atol=ce_tol)
     np.testing.assert_allclose(cupy.asnumpy(grad).astype(np.float64), exp_grad, rtol=ce_tol, atol=ce_tol / n_cols)
     poisoned.check_guards()
@@ -827,7 +830,7 @@ def test_gpu_cross_entropy_any_width_at_any_offset(poisoned, dtype, n_cols, offs
 
 
 @needs_gpu
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
 @pytest.mark.parametrize("n_cols", [7, 1001, 50257])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_gpu_nan_in_head_body_or_tail_makes_its_row_nan(poisoned, dtype, n_cols, offset):
@@ -835,8 +838,9 @@ def test_gpu_nan_in_head_body_or_tail_makes_its_row_nan(poisoned, dtype, n_cols,
     column (the tail), or among -inf makes its whole row NaN; the clean row stays finite."""
     import cupy
 
+    np_dtype = _np_dtype(dtype)
     rng = np.random.default_rng(n_cols + offset)
-    x = rng.standard_normal((5, n_cols)).astype(dtype)
+    x = rng.standard_normal((5, n_cols)).astype(np_dtype)
     x[0, 0] = np.nan
     x[1, n_cols // 2] = np.nan
     x[2, n_cols - 1] = np.nan
@@ -846,8 +850,8 @@ def test_gpu_nan_in_head_body_or_tail_makes_its_row_nan(poisoned, dtype, n_cols,
     for fn in (sgc.softmax, sgc.log_softmax):
         y = cupy.asnumpy(fn(xd))
         assert np.isnan(y[:4]).all() and np.isfinite(y[4]).all()
-    y_in = np.full(x.shape, 0.5, dtype)
-    dy = np.where(np.isnan(x), np.nan, 1.0 / n_cols).astype(dtype)  # the NaN enters both backward sums
+    y_in = np.full(x.shape, 0.5, np_dtype)
+    dy = np.where(np.isnan(x), np.nan, 1.0 / n_cols).astype(np_dtype)  # the NaN enters both backward sums
     for fn in (sgc.softmax_backward, sgc.log_softmax_backward):
         dx = cupy.asnumpy(fn(_at_offset(y_in, offset), _at_offset(dy, offset)))
         assert np.isnan(dx[:4]).all() and np.isfinite(dx[4]).all()
