@@ -9,9 +9,9 @@ a row kernel's few scalar loads, its head/tail edge, or a hot loop that did not 
 are for rows whose length is a multiple of 16 elements (the common case the runtime
 specialises on). Then, where nvcc is installed, the CUDA C kernels for CuPy
 (kernels/*.cu) are compiled with every warning an error, and each kernel's registers,
-spills and global load widths are listed. Exits 1 if anything spills, if nvcc fails,
-or if a vectorised CUDA C kernel makes loads narrower than 128 bits beyond its few
-scalar ones.
+spills and global load and store widths are listed. Exits 1 if anything spills, if nvcc
+fails, or if a vectorised CUDA C kernel makes loads or stores narrower than 128 bits beyond
+its few scalar ones (the unaligned head / tail element and the cross-entropy's scalars).
 
     python -m bench.compile_report [--arch 80 90] [--quick]
     python -m bench.compile_report --op ce_fwd_bwd --shape 4096x50257 --dtype bfloat16
@@ -450,9 +450,12 @@ def format_table(reports) -> str:
 # CUDA C kernels for CuPy (kernels/*.cu), compiled with nvcc
 # ---------------------------------------------------------------------------------------
 
-# Scalar loads a vectorised kernel may make outside its main loops: the cross-entropy row's
-# target index, the gradient scale and the target logit.
-SCALAR_LOADS_ALLOWED = {"cross_entropy": 3, "softmax": 0}
+# Scalar accesses a vectorised kernel may make outside its 128-bit body: one edge element (a
+# row's unaligned head or its tail, softmax_common.cuh's RowSplit) per array read or written,
+# and the cross-entropy row's target index, gradient scale and target logit (loads) and its
+# loss and lse (stores). Any more means a body access was split.
+SCALAR_LOADS_ALLOWED = {"softmax_fwd": 1, "softmax_bwd": 2, "cross_entropy": 1 + 3}
+SCALAR_STORES_ALLOWED = {"softmax_fwd": 1, "softmax_bwd": 1, "cross_entropy": 1 + 2}
 
 
 @dataclasses.dataclass
@@ -463,19 +466,28 @@ class CudaReport:
     local: int
     shared: int
     loads: dict  # LDG opcode -> count
+    stores: dict = dataclasses.field(default_factory=dict)  # STG opcode -> count
 
     @property
     def vector_width(self) -> int:
         return int(self.kernel.rsplit("_v", 1)[1])
 
+    def _narrow(self, ops: dict, allowances: dict) -> int:
+        if self.vector_width == 1:
+            return 0
+        narrow = sum(n for op, n in ops.items() if ".128" not in op)
+        allowed = next(v for k, v in allowances.items() if self.kernel.startswith(k))
+        return max(0, narrow - allowed)
+
     @property
     def unvectorised_loads(self) -> int:
         """Loads narrower than 128 bits beyond the allowance, in a kernel meant to be vectorised."""
-        if self.vector_width == 1:
-            return 0
-        narrow = sum(n for op, n in self.loads.items() if ".128" not in op)
-        allowed = next(v for k, v in SCALAR_LOADS_ALLOWED.items() if self.kernel.startswith(k))
-        return max(0, narrow - allowed)
+        return self._narrow(self.loads, SCALAR_LOADS_ALLOWED)
+
+    @property
+    def unvectorised_stores(self) -> int:
+        """Stores narrower than 128 bits beyond the allowance, in a kernel meant to be vectorised."""
+        return self._narrow(self.stores, SCALAR_STORES_ALLOWED)
 
 
 def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
@@ -490,18 +502,20 @@ def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    reports, loads = [], {}
+    reports, loads, stores = [], {}, {}
     current = None
-    for token in re.findall(r"Function : (\w+)|(LDG\.E[.\w]*)", sass):
-        if token[0]:
-            current = token[0]
-            loads[current] = {}
+    for function, load, store in re.findall(r"Function : (\w+)|(LDG\.E[.\w]*)|(STG\.E[.\w]*)", sass):
+        if function:
+            current = function
+            loads[current], stores[current] = {}, {}
+        elif load:
+            loads[current][load] = loads[current].get(load, 0) + 1
         else:
-            loads[current][token[1]] = loads[current].get(token[1], 0) + 1
+            stores[current][store] = stores[current].get(store, 0) + 1
     for name, fields in re.findall(r"Function (\w+):\s*\n\s*(.*)", usage.stdout):
         f = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", fields))
         reports.append(CudaReport(name, arch, int(f["REG"]), int(f["LOCAL"]) + int(f.get("STACK", 0)),
-                                  int(f["SHARED"]), loads.get(name, {})))  # fmt: skip
+                                  int(f["SHARED"]), loads.get(name, {}), stores.get(name, {})))  # fmt: skip
     return sorted(reports, key=lambda r: r.kernel)
 
 
@@ -519,11 +533,12 @@ def cuda_run(archs=(80, 90)):
 
 
 def format_cuda_table(reports) -> str:
-    lines = [f"{'CUDA C kernel':<26}{'sm':>4} {'regs':>5}{'local':>6}{'smem':>7}  global loads"]
+    lines = [f"{'CUDA C kernel':<28}{'sm':>4} {'regs':>5}{'local':>6}{'smem':>7}  global loads | stores"]
     for r in reports:
         loads = " ".join(f"{op}x{n}" for op, n in sorted(r.loads.items()))
-        flag = "  UNVECTORISED" if r.unvectorised_loads else ""
-        lines.append(f"{r.kernel:<26}{r.arch:>4} {r.regs:>5}{r.local:>6}{r.shared:>7}  {loads}{flag}")
+        stores = " ".join(f"{op}x{n}" for op, n in sorted(r.stores.items()))
+        flag = "  UNVECTORISED" if r.unvectorised_loads or r.unvectorised_stores else ""
+        lines.append(f"{r.kernel:<28}{r.arch:>4} {r.regs:>5}{r.local:>6}{r.shared:>7}  {loads} | {stores}{flag}")
     return "\n".join(lines)
 
 
@@ -674,10 +689,10 @@ def main(argv=None) -> int:
     else:
         print("\n" + format_cuda_table(cuda))
     spills += [r for r in cuda if r.local]
-    narrow = [r for r in cuda if r.unvectorised_loads]
+    narrow = [r for r in cuda if r.unvectorised_loads or r.unvectorised_stores]
     total = len(reports) + len(cuda)
     print(f"\n{total} configurations compiled, {len(spills)} spill registers to local memory, "
-          f"{len(narrow)} vectorised CUDA C kernels with narrow loads")
+          f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores")
     return 1 if spills or narrow else 0
 
 

@@ -53,10 +53,19 @@ MIN_BLOCK_N = 16
 _block_limit = None  # set only by block_limit(), for tests that force the looped path
 
 
-# CUDA C kernels (kernels/softmax_common.cuh must agree): each thread caches CACHED_VALUES
-# values of its row in registers, and a block has at most MAX_THREADS threads.
+# CUDA C kernels (kernels/softmax_common.cuh must agree, tests/test_cupy.py checks): each
+# thread caches CACHED_VALUES values of its row in registers, and a block has at most
+# MAX_THREADS threads. Rows of up to CUDA_WARP_ROW_COLS elements (half in the backward, which
+# caches y and dy) run one warp a row, CUDA_WARP_ROWS rows a block (WARP_ROW_COLS, WARP_ROWS):
+# 1024 is the most a warp's registers hold (32 lanes x 32 values), so every short row is still
+# read once, and these are exactly the rows that got a single-warp block before, paying a
+# shared-memory round trip and __syncthreads per reduction with at most 32 blocks (32 warps)
+# resident an SM. Four rows a block: 128 threads, 7 blocks (28 warps) an SM at the warp
+# kernels' 72-register budget, and a partial last block wastes at most 3 warps.
 CUDA_CACHED_VALUES = 32
 CUDA_MAX_THREADS = 512
+CUDA_WARP_ROW_COLS = 1024
+CUDA_WARP_ROWS = 4
 
 
 def next_power_of_2(n: int) -> int:
@@ -73,6 +82,24 @@ def cuda_threads(n_cols: int, vec: int, arrays_cached: int = 1) -> int:
     while threads < CUDA_MAX_THREADS and threads * packs_per_thread < packs:
         threads *= 2
     return threads
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaLaunch:
+    """How a CUDA C row kernel is launched: the warp-per-row kernel (warp_rows) or the
+    block-per-row one, and its grid and block sizes (1-D)."""
+
+    warp_rows: bool
+    grid: int
+    block: int
+
+
+def cuda_launch(n_rows: int, n_cols: int, vec: int, arrays_cached: int = 1) -> CudaLaunch:
+    """Short rows (up to CUDA_WARP_ROW_COLS // arrays_cached) one warp each, CUDA_WARP_ROWS to
+    a block; longer ones a block each, of cuda_threads()."""
+    if n_cols <= CUDA_WARP_ROW_COLS // arrays_cached:
+        return CudaLaunch(warp_rows=True, grid=-(-n_rows // CUDA_WARP_ROWS), block=32 * CUDA_WARP_ROWS)
+    return CudaLaunch(warp_rows=False, grid=n_rows, block=cuda_threads(n_cols, vec, arrays_cached))
 
 
 @dataclasses.dataclass(frozen=True)
