@@ -161,7 +161,7 @@ def cross_entropy_variants(quick: bool):
                     continue
                 plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
                 wide = plain and not flags["HAS_SOFTCAP"]  # as softmax_gpu.ops.cross_entropy.cross_entropy_config
-                for block, single in block_plan(
+                plan = block_plan(
                     config.block_cap(
                         config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if wide else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
                     ),
@@ -169,7 +169,13 @@ def cross_entropy_variants(quick: bool):
                     config.block_cap(
                         config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
                     ),
-                ):
+                )
+                # short single-block rows take several rows a program (config.short_rows)
+                plan = [(b, single, 1) for b, single in plan] + [
+                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
+                ]
+                for block, single, rows in plan:
+                    warps = config.warps_for(block * rows, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     sig = (
                         ("logits_ptr", ptr),
                         ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
@@ -194,7 +200,7 @@ def cross_entropy_variants(quick: bool):
                         ("z_loss_lo", "fp32"),
                         ("softcap_lo", "fp32"),
                     )
-                    for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, single):
+                    for vec, edge in vector_plan(int(ptr[-2:]) // 8, block * rows, single):
                         meta = tuple(flags.items()) + (
                             # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
                             # both values compile, without doubling the report's time.
@@ -203,11 +209,9 @@ def cross_entropy_variants(quick: bool):
                             # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
                             ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
                             ("BLOCK_N", block), ("SINGLE_BLOCK", single),
-                            ("REDUCE_BLOCK", config.reduce_block(
-                                config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY))),
-                            ("VEC", vec), ("HAS_EDGE", edge),
+                            ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge),
+                            ("ROWS", rows),
                         )  # fmt: skip
-                        warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                         yield Variant(module, "cross_entropy_kernel", dtype,
                                       sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
                                       maxnreg=config.max_registers(warps))

@@ -134,19 +134,21 @@ def store_grad_block(
 
 
 @triton.jit
-def row_target(target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index,
+def row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols, ignore_index,
                SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
-    """(t, valid, bad, w_t) of one row: its class index (-1 for probabilities), whether it
-    counts (not ignore_index), whether it is out of range (its loss and gradient become NaN;
-    it is never used as an address unmasked) and its class weight (0 when ignored)."""
+    """(t, valid, bad, w_t) of a row, or of each row of a vector `row` (those past the end,
+    where row_ok is off, read nothing and count as ignored): its class index (-1 for
+    probabilities), whether it counts (not ignore_index), whether it is out of range (its
+    loss and gradient become NaN; it is never used as an address unmasked) and its class
+    weight (0 when ignored)."""
     if SOFT_TARGET:
-        t = -1
-        valid = True
-        bad = False
-        w_t = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+        t = row * 0 - 1
+        valid = row_ok
+        bad = t >= 0
+        w_t = to_acc(tl.where(row_ok, 1.0, 1.0), ACC_FP64)
     else:
-        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
-        valid = t != ignore_index
+        t = tl.load(target_ptr + row * target_row_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (t != ignore_index)
         in_range = (t >= 0) & (t < n_cols)
         bad = valid & (~in_range)
         if HAS_WEIGHT:
@@ -181,13 +183,13 @@ def row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_clas
 @triton.jit
 def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
                 ACC_FP64: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
-    """The last program to finish sums loss_ptr[0:n_rows] in row order (divided by
+    """The last program of the grid to finish sums loss_ptr[0:n_rows] in row order (divided by
     *divisor_ptr when DIVIDE) into *reduced_ptr. The barrier puts this program's loss store
     before its release on the counter; the acquire of the last program's atomic, and loads
     that bypass L1 (.cg), make every other program's loss visible to it."""
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if done == n_rows - 1:
+    if done == tl.num_programs(0) - 1:
         r = tl.arange(0, REDUCE_BLOCK)
         acc = acc_zeros(REDUCE_BLOCK, ACC_FP64)
         for start in range(0, n_rows, REDUCE_BLOCK):
@@ -197,6 +199,35 @@ def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE:
         if DIVIDE:
             total = total / to_acc(tl.load(divisor_ptr), ACC_FP64)
         tl.store(reduced_ptr, total.to(reduced_ptr.dtype.element_ty))
+
+
+@triton.jit
+def row_outputs(loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz,
+                n_cols, label_smoothing, inv_classes, z_loss,
+                SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                KEEP_OTHER: tl.constexpr, SAVE_STATS: tl.constexpr):
+    """Stores the loss and lse of a row (or of each row of a vector `rows`, where row_ok) and,
+    with SAVE_STATS, its 4 statistics; returns (1/d, sum_{j != t} q_j, coef) for the gradient.
+    With KEEP_OTHER, d arrives as the sum without the target class (`other`) and gets the
+    target's e^(z_t - m) added back: a sum of positive terms, no cancellation, and no second
+    per-lane sum to hold (the widest plain block spilled with one). Whenever t is a class,
+    ignored or not, its lane was left out of `other`."""
+    if KEEP_OTHER:
+        d = other + tl.where((t >= 0) & (t < n_cols), tl.exp2((z_t - m) * LOG2E), 0.0)
+    log_d = tl.log(d)
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+    tl.store(loss_ptr + rows, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(lse_ptr + rows, (m + log_d).to(lse_ptr.dtype.element_ty), mask=row_ok)
+    inv_d = 1.0 / d
+    other_over_d = other * inv_d
+    if SAVE_STATS:
+        stats_row = stats_ptr + rows * 4
+        tl.store(stats_row, m.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 1, inv_d.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 2, other_over_d.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty), mask=row_ok)
+    return inv_d, other_over_d, coef
 
 
 @triton.jit
@@ -285,8 +316,9 @@ def cross_entropy_kernel(
     REDUCE_BLOCK: tl.constexpr,
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
+    ROWS: tl.constexpr = 1,
 ):
-    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of row r = program_id(0).
+    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
 
     logits_ptr: (n_rows, n_cols) rows, column stride 1, row stride logits_row_stride.
     target_ptr: class index per row (int32/int64, stride target_row_stride), or with
@@ -313,16 +345,12 @@ def cross_entropy_kernel(
     VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
         (kernels/softmax.py); the logits, gradient and probability-target row strides agree
         modulo VEC.
+    ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only), so that short rows
+        still give each thread 16-byte loads.
     Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
     single-block path; the looped path reads the row's body twice when it writes the gradient.
     """
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * logits_row_stride
-    target_row = target_ptr + row * target_row_stride  # used only for probability targets
-    grad_row = grad_ptr + row * grad_row_stride
-    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
-    target_body = vec_offset(row, target_row_stride, VEC)
-    grad_body = vec_offset(row, grad_row_stride, VEC)
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
@@ -330,37 +358,99 @@ def cross_entropy_kernel(
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
+    scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+    if COMPUTE_GRAD and DIVIDE_GRAD:
+        scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
 
-    # 1. The target: its class index, whether the row counts, and its weight.
-    t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
-
-    # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms. The
-    #    body's lanes are columns shift + cols (+ start); the edge's, e_cls.
-    if HAS_EDGE:
-        e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
-        ze, _zt_edge, wz_e, w_e = block_terms(
-            logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
-            softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
     if SINGLE_BLOCK:
-        body_mask = cols < n_body
-        z, _zt, wz_lane, w_lane = block_terms(
-            logits_ptr + logits_body + cols, target_ptr + target_body + cols, weight_ptr, shift + cols, body_mask, t,
-            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
-        m = tl.max(z, axis=0)
+        # One read of ROWS rows held in registers, [ROWS, BLOCK_N]; per-row values are [ROWS].
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        # 1. The targets: class index, whether the row counts, its weight.
+        t, valid, bad, w_t = row_target(target_ptr, weight_ptr, rows, row_ok, target_row_stride, n_cols,
+                                        ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        # 2. lse and the loss's linear terms; the body's lanes are columns shift + cols, the edge's e_cls.
+        logits_body, shift, n_body = row_layout(rows, logits_row_stride, n_cols, VEC, HAS_EDGE)
+        target_body = vec_offset(rows, target_row_stride, VEC)
+        grad_body = vec_offset(rows, grad_row_stride, VEC)
+        mask = row_ok[:, None] & (cols[None, :] < n_body[:, None])
+        cls = shift[:, None] + cols[None, :]
+        z, _zt, wz, w = block_terms(
+            logits_ptr + logits_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
+            weight_ptr, cls, mask, t[:, None], label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        m = tl.max(z, axis=1)
         if HAS_EDGE:
-            m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
-        e = tl.exp2((z - m) * LOG2E)
+            e_cls, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
+            e_mask = row_ok[:, None] & e_mask
+            logits_rows = logits_ptr + (rows * logits_row_stride)[:, None]
+            target_rows = target_ptr + (rows * target_row_stride)[:, None]
+            ze, _zt_edge, wz_e, w_e = block_terms(
+                logits_rows + e_cls, target_rows + e_cls, weight_ptr, e_cls, e_mask, t[:, None], label_smoothing,
+                inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            m = tl.maximum(m, tl.max(ze, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2((z - m[:, None]) * LOG2E)
         if KEEP_OTHER:
-            other = tl.sum(tl.where(shift + cols == t, 0.0, e), axis=0)
+            d = tl.sum(tl.where(cls == t[:, None], 0.0, e), axis=1)  # `other` until row_outputs
         else:
-            d = tl.sum(e, axis=0)
+            d = tl.sum(e, axis=1)
+        sum_wz = tl.sum(wz, axis=1)
+        sum_w = tl.sum(w, axis=1)
+        if HAS_EDGE:
+            e_e = tl.exp2((ze - m[:, None]) * LOG2E)
+            if KEEP_OTHER:
+                d += tl.sum(tl.where(e_cls == t[:, None], 0.0, e_e), axis=1)
+            else:
+                d += tl.sum(e_e, axis=1)
+            sum_wz += tl.sum(wz_e, axis=1)
+            sum_w += tl.sum(w_e, axis=1)
+        # The target's logit: one scalar load a row (whenever t is a class, ignored or not).
+        z_t = tl.zeros_like(m)
+        if not SOFT_TARGET:
+            t_in_row = row_ok & (t >= 0) & (t < n_cols)
+            z_t = tl.where(t_in_row, load_logits(logits_ptr + rows * logits_row_stride + t, t_in_row, softcap,
+                                                 HAS_SOFTCAP, ACC_FP64), 0.0)
+        # 3. The loss (float32 for every dtype but float64), lse and the saved statistics.
+        other = d if KEEP_OTHER else tl.zeros_like(d)
+        inv_d, other_over_d, coef = row_outputs(
+            loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
+            label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+        # 4. The gradient, from registers.
+        if COMPUTE_GRAD:
+            store_grad_block(
+                grad_ptr + grad_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
+                weight_ptr, cls, mask, z, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale,
+                t[:, None], w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            if HAS_EDGE:
+                store_grad_block(
+                    grad_ptr + (rows * grad_row_stride)[:, None] + e_cls, target_rows + e_cls, weight_ptr, e_cls,
+                    e_mask, ze, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale, t[:, None],
+                    w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
     else:
+        # One row a program, streamed BLOCK_N at a time with per-lane running sums.
+        row = pid
+        row_ok = row < n_rows
+        logits_row = logits_ptr + row * logits_row_stride
+        target_row = target_ptr + row * target_row_stride  # used only for probability targets
+        grad_row = grad_ptr + row * grad_row_stride
+        logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+        target_body = vec_offset(row, target_row_stride, VEC)
+        grad_body = vec_offset(row, grad_row_stride, VEC)
+        # 1. The target: its class index, whether the row counts, and its weight.
+        t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols,
+                                        ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
+        if HAS_EDGE:
+            e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            ze, _zt_edge, wz_e, w_e = block_terms(
+                logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
+                softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
-        d_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        d_lane = acc_zeros(BLOCK_N, ACC_FP64)  # without the target's class when KEEP_OTHER
         wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
         w_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        o_lane = acc_zeros(BLOCK_N, ACC_FP64)  # the running sum without the target class
         for start in range(0, n_body, BLOCK_N):
             cls = shift + start + cols
             zb, _zt_block, wz_b, w_b = block_terms(
@@ -369,7 +459,7 @@ def cross_entropy_kernel(
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m_lane, alpha, p = online_step(m_lane, zb)
             if KEEP_OTHER:
-                o_lane = o_lane * alpha + tl.where(cls == t, 0.0, p)
+                d_lane = d_lane * alpha + tl.where(cls == t, 0.0, p)
             else:
                 d_lane = d_lane * alpha + p
             wz_lane += wz_b
@@ -377,64 +467,29 @@ def cross_entropy_kernel(
         m = tl.max(m_lane, axis=0)
         if HAS_EDGE:
             m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
-        lane_scale = tl.exp2((m_lane - m) * LOG2E)
-        if KEEP_OTHER:
-            other = tl.sum(o_lane * lane_scale, axis=0)
-        else:
-            d = tl.sum(d_lane * lane_scale, axis=0)
-    sum_wz = tl.sum(wz_lane, axis=0)
-    sum_w = tl.sum(w_lane, axis=0)
-    # The target's logit: one scalar load (whenever t is a class, ignored or not, so that d
-    # below can add it back), after the pass over the row so it holds no register there.
-    if SOFT_TARGET:
-        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)
-    else:
-        t_in_row = (t >= 0) & (t < n_cols)
-        z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
-    if HAS_EDGE:
-        e_e = tl.exp2((ze - m) * LOG2E)
-        if KEEP_OTHER:
-            other += tl.sum(tl.where(e_cls == t, 0.0, e_e), axis=0)
-        else:
-            d += tl.sum(e_e, axis=0)
-        sum_wz += tl.sum(wz_e, axis=0)
-        sum_w += tl.sum(w_e, axis=0)
-    if KEEP_OTHER:
-        # d = (sum without the target) + e^(z_t - m): a sum of positive terms, no cancellation,
-        # and no second per-lane sum to hold (the widest plain block spilled with one).
-        d = other + tl.where(t_in_row, tl.exp2((z_t - m) * LOG2E), 0.0)
-    else:
-        other = tl.zeros_like(d)
-    log_d = tl.log(d)
-    lse = m + log_d
-
-    # 3. The loss of the row (float32 for every dtype but float64).
-    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
-                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
-    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
-    if REDUCE != 0:
-        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
-    inv_d = 1.0 / d
-    if SAVE_STATS:
-        stats_row = stats_ptr + row * 4
-        tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 1, inv_d.to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 2, (other * inv_d).to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
-
-    # 4. The gradient, from registers (single block, and the edge) or a second read of the body.
-    if COMPUTE_GRAD:
-        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
-        if DIVIDE_GRAD:
-            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-        other_over_d = other * inv_d
-        if SINGLE_BLOCK:
-            store_grad_block(
-                grad_ptr + grad_body + cols, target_ptr + target_body + cols, weight_ptr, shift + cols, cols < n_body,
-                z, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
-        else:
+        d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+        sum_wz = tl.sum(wz_lane, axis=0)
+        sum_w = tl.sum(w_lane, axis=0)
+        if HAS_EDGE:
+            e_e = tl.exp2((ze - m) * LOG2E)
+            if KEEP_OTHER:
+                d += tl.sum(tl.where(e_cls == t, 0.0, e_e), axis=0)
+            else:
+                d += tl.sum(e_e, axis=0)
+            sum_wz += tl.sum(wz_e, axis=0)
+            sum_w += tl.sum(w_e, axis=0)
+        # The target's logit: one scalar load, after the pass so it holds no register there.
+        z_t = tl.zeros_like(m)
+        if not SOFT_TARGET:
+            t_in_row = (t >= 0) & (t < n_cols)
+            z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
+        # 3. The loss, lse and the saved statistics.
+        other = d if KEEP_OTHER else tl.zeros_like(d)
+        inv_d, other_over_d, coef = row_outputs(
+            loss_ptr, lse_ptr, stats_ptr, row, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
+            label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+        # 4. The gradient: a second read of the body; the edge from registers.
+        if COMPUTE_GRAD:
             for start in range(0, n_body, BLOCK_N):
                 body_mask = cols < n_body - start
                 zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
@@ -443,11 +498,13 @@ def cross_entropy_kernel(
                     shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
                     label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
                     ACC_FP64)
-        if HAS_EDGE:
-            store_grad_block(
-                grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
-                scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            if HAS_EDGE:
+                store_grad_block(
+                    grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
+                    scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if REDUCE != 0:
+        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -499,7 +556,8 @@ def cross_entropy_backward_kernel(
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        target_ptr, weight_ptr, row, row >= 0, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT,
+        ACC_FP64)
     stats_row = stats_ptr + row * 4
     m = to_acc(tl.load(stats_row), ACC_FP64)
     inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)

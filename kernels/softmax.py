@@ -99,8 +99,8 @@ def row_layout(row, row_stride, n_cols, VEC: tl.constexpr, HAS_EDGE: tl.constexp
         shift = tl.minimum(body - row * row_stride, n_cols)
         n_body = (n_cols - shift) // VEC * VEC
     else:
-        shift = 0
-        n_body = row * 0 + n_cols // VEC * VEC  # shaped like row
+        shift = row * 0  # shaped like row
+        n_body = row * 0 + n_cols // VEC * VEC
     return body, shift, n_body
 
 

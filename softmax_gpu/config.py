@@ -154,19 +154,24 @@ def vectors(cfg: RowConfig, n_rows: int, n_cols: int, tensors) -> RowConfig:
     return dataclasses.replace(cfg, vec=vec, edge=edge)
 
 
-# Short rows: the softmax kernels give a program several rows until its tile holds
-# SHORT_ROWS_TILE elements (at 16 a thread on 4 warps: two or four 16-byte loads a thread),
-# instead of one short row on one warp with a few narrow loads.
+# Short rows: the softmax and cross-entropy kernels give a program several rows until its tile
+# holds SHORT_ROWS_TILE elements (softmax: 16 a thread on 4 warps, two or four 16-byte loads a
+# thread; cross-entropy: 8 a thread on 8 warps), instead of one short row on one warp with a
+# few narrow loads.
 SHORT_ROWS_TILE = 2048
 
 
-def short_rows(cfg: RowConfig, n_rows: int, itemsize: int = 4) -> RowConfig:
+def short_rows(
+    cfg: RowConfig, n_rows: int, itemsize: int = 4, elements_per_thread: int = ELEMENTS_PER_THREAD
+) -> RowConfig:
     """cfg with several rows per program when its single block is narrower than
     SHORT_ROWS_TILE (never more rows than there are, rounded up to a power of two)."""
     if not cfg.single_block or cfg.block_n >= SHORT_ROWS_TILE or n_rows <= 1:
         return cfg
     rows = min(SHORT_ROWS_TILE // cfg.block_n, next_power_of_2(n_rows))
-    return dataclasses.replace(cfg, rows=rows, num_warps=warps_for(rows * cfg.block_n, itemsize))
+    return dataclasses.replace(
+        cfg, rows=rows, num_warps=warps_for(rows * cfg.block_n, itemsize, elements_per_thread)
+    )
 
 
 def warps_for(block_n: int, itemsize: int = 4, elements_per_thread: int = ELEMENTS_PER_THREAD) -> int:

@@ -54,12 +54,13 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 cpu_instrument = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU instrument: CI runs it")
 
 
-def MEAN_LOADS(n, itemsize):
+def MEAN_LOADS(n, itemsize, programs):
     """O(N) bytes a cross-entropy forward+backward with reduction="mean" loads besides the
     logits (bfloat16/float32 of `itemsize` bytes, class indices): targets twice (8 B each),
-    the target's logit, the divisor, the upstream and the row loss (4 B each) per row, and
-    the divisor once more for the mean."""
-    return n * (8 + 8 + itemsize + 4 + 4 + 4) + 4
+    the target's logit, the upstream and the row loss (4 B each) per row, the divisor once
+    per forward program (4 B; programs = rows, or fewer when short rows share a program),
+    and the divisor once more for the mean."""
+    return n * (8 + 8 + itemsize + 4 + 4) + 4 * programs + 4
 
 
 def MEAN_STORES(n):

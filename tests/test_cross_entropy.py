@@ -1,4 +1,5 @@
 """Fused cross-entropy against torch.nn.functional.cross_entropy and the float64 reference."""
+import contextlib
 import itertools
 
 import numpy as np
@@ -134,6 +135,66 @@ def test_unaligned_rows_of_odd_width(what, dtype, max_block, device):
         outside = torch.ones(n, pitch, dtype=torch.bool)
         outside[:, offset:offset + c] = False
         assert buf.detach().cpu()[outside].isnan().all(), "a write outside the rows"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("what", ["plain", "weights, smoothing, ignore", "probabilities", "z-loss, softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_short_rows_several_a_program(dtype, what, reduction, device):
+    """Rows narrower than config.SHORT_ROWS_TILE share a program ([rows x block] tiles): 37
+    rows of 101 classes take 3 programs of 16 rows, the last one partial, and the reduction's
+    last-program sum counts programs, not rows. Outputs poisoned, every option, every dtype."""
+    n, c = 37, 101
+    f64 = dtype == torch.float64
+    acc = torch.float64 if f64 else torch.float32
+    logits = (2 * torch.randn(n, c, device=device)).to(dtype)
+    kw = {}
+    if what == "probabilities":
+        target = torch.softmax(torch.randn(n, c, device=device), -1).to(dtype)
+    else:
+        target = torch.randint(0, c, (n,), device=device)
+        target[[1, 20]] = 2 if what.endswith("ignore") else -100
+    if what.startswith("weights"):
+        kw = dict(weight=(torch.rand(c, device=device) + 0.1).to(acc), label_smoothing=0.1, ignore_index=2)
+    if what == "z-loss, softcap":
+        kw = dict(z_loss=1e-3, softcap=3.0)
+    loss, lse = poisoned((n,), acc, device), poisoned((n,), acc, device)
+    grad = poisoned((n, c), dtype, device)
+    reduced, counter, total = poisoned((), acc, device), torch.full((), 5, dtype=torch.int32, device=device), None
+    eps, lam, cap = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap")
+    ignore = kw.get("ignore_index", -100)
+    if reduction == "mean":
+        total = poisoned((), acc, device)
+    buffers = [t for t in (logits, target, loss, lse, grad, reduced, counter, total, kw.get("weight")) if t is not None]
+    bounds = TrafficCounter(buffers=buffers) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with bounds:  # in the interpreter, every access is checked against the buffers
+        if reduction != "none":
+            launch_cross_entropy_prepare(target, kw.get("weight"), total, counter, c, ignore)
+        cfg = launch_cross_entropy(logits, target, kw.get("weight"), loss, lse, grad, total, ignore, eps, lam, cap,
+                                   reduced=None if reduction == "none" else reduced,
+                                   counter=None if reduction == "none" else counter, reduction=reduction)
+    assert cfg.single_block and cfg.rows == 16
+    # float64 torch: the per-row losses and the gradient of the (reduced) loss.
+    z64 = logits.double().cpu().requires_grad_()
+    z = z64 if cap is None else cap * torch.tanh(z64 / cap)
+    tgt = target.double().cpu() if what == "probabilities" else target.cpu()
+    kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if k in ("weight", "label_smoothing", "ignore_index")}
+    per_row = F.cross_entropy(z, tgt, reduction="none", **kw64)
+    if lam:
+        per_row = per_row + lam * torch.where(tgt != -100, torch.logsumexp(z, -1) ** 2, 0.0)
+    if what == "probabilities" or "weight" not in kw:
+        counted = torch.ones(n, dtype=torch.float64) if what == "probabilities" else (tgt != ignore).double()
+    else:
+        counted = torch.where(tgt != ignore, kw64["weight"][tgt.clamp(0, c - 1)], 0.0)
+    reduced64 = per_row.sum() / (counted.sum() if reduction == "mean" else 1.0)
+    reduced64.backward()
+    tol = (1e-12, 1e-14) if f64 else (RTOL, ATOL)
+    assert_matches(loss, per_row.detach().numpy(), *tol, what=f"{what} {dtype} row losses")
+    assert_matches(lse, torch.logsumexp(z, -1).detach().numpy(), *tol, what=f"{what} {dtype} lse")
+    if reduction != "none":
+        assert_matches(reduced, reduced64.detach().numpy(), *tol, what=f"{what} {dtype} {reduction}")
+    # the gradient of the sum ("none", "sum") or the mean of the row losses
+    assert_matches(grad, z64.grad.numpy(), *GRAD_TOL[dtype], what=f"{what} {dtype} grad")
 
 
 def test_one_hot_gradient_is_softmax_minus_one_hot(device):
@@ -434,14 +495,14 @@ def test_traffic_forward_backward_reads_logits_once(dtype):
     # (4 B each); loss and lse written (4 B each); then the counter, the total and the mean
     # (4 B each) and the mean's divisor read once more.
     size = logits.element_size()
-    assert t.bytes_loaded == logits_bytes + MEAN_LOADS(n, size)
+    assert t.bytes_loaded == logits_bytes + MEAN_LOADS(n, size, programs=1)  # 4 short rows, one program
     assert t.bytes_stored == logits_bytes + MEAN_STORES(n)
     with TrafficCounter() as looped, config.block_limit(32):
         softmax_gpu.cross_entropy(logits, target).backward()
     # looped: 2 reads + 1 write, but the few head and tail elements of each row are read once
     edge = edge_elements(n, c, c, 16 // size) * size
     assert edge > 0 or size == 4
-    assert looped.bytes_loaded == 2 * logits_bytes - edge + MEAN_LOADS(n, size)
+    assert looped.bytes_loaded == 2 * logits_bytes - edge + MEAN_LOADS(n, size, programs=n)
     assert looped.bytes_stored == logits_bytes + MEAN_STORES(n)
 
 
@@ -464,7 +525,7 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
     nc = n * c * 2
     edge = edge_elements(n, c, c, 8) * 2 if logit_reads == 2 else 0  # the looped path reads the edge once
-    assert t.bytes_loaded == logit_reads * nc - edge + MEAN_LOADS(n, 2)
+    assert t.bytes_loaded == logit_reads * nc - edge + MEAN_LOADS(n, 2, programs=n)
     assert t.bytes_stored == nc + MEAN_STORES(n)
 
 

@@ -114,15 +114,20 @@ def launch_cross_entropy(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
-    cfg = cfg or cross_entropy_config(
-        n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
+    cfg = cfg or config.short_rows(
+        cross_entropy_config(
+            n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
+        ),
+        n_rows,
+        logits.element_size(),
+        config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
     )
     soft = target.is_floating_point()
     cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
-        cross_entropy_kernel[(n_rows,)](
+        cross_entropy_kernel[(-(-n_rows // cfg.rows),)](
             logits_ptr=logits,
             target_ptr=target,
             weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
@@ -160,6 +165,7 @@ def launch_cross_entropy(
             REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
+            ROWS=cfg.rows,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )
