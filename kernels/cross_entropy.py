@@ -23,7 +23,7 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, acc_zeros, edge_cols, online_step, row_layout, to_acc, vec_offset
+from .softmax import FIRST_PASS, LAST_PASS, LOG2E, acc_zeros, edge_cols, online_step, row_layout, to_acc, vec_offset
 
 
 @triton.jit
@@ -46,9 +46,10 @@ def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off."""
-    x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf")), ACC_FP64)
+def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+    """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off. EVICT:
+    the eviction hint (kernels/softmax.py, FIRST_PASS / LAST_PASS; "" for none)."""
+    x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy=EVICT), ACC_FP64)
     return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
 
 
@@ -74,13 +75,13 @@ def load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT: tl.constexpr, ACC_FP64:
 def block_terms(
     logit_ptrs, target_ptrs, weight_ptr, cls, mask, t, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr, EVICT: tl.constexpr = "",
 ):
     """One block's logits z (lanes at logit_ptrs, of classes cls, live where mask) and its
     share of the loss's linear terms, per lane: z_t where the lane holds the target class,
     w_j z_j and w_j (smoothing) or w_j p'_j z_j and w_j p'_j (probability targets at
     target_ptrs); zeros where unused."""
-    z = load_logits(logit_ptrs, mask, softcap, HAS_SOFTCAP, ACC_FP64)
+    z = load_logits(logit_ptrs, mask, softcap, HAS_SOFTCAP, ACC_FP64, EVICT)
     zero = tl.zeros_like(z)
     z_t = zero
     wz = zero
@@ -374,10 +375,14 @@ def cross_entropy_kernel(
         target_body = vec_offset(rows, target_row_stride, VEC)
         grad_body = vec_offset(rows, grad_row_stride, VEC)
         mask = row_ok[:, None] & (cols[None, :] < n_body[:, None])
-        cls = shift[:, None] + cols[None, :]
+        # Lane j of the body holds class shift + j: the lanes are numbered from the body's start
+        # (weights from weight_ptr + shift, the target as t - shift), so that no per-lane class
+        # index is kept in registers.
+        body_weights = weight_ptr + shift[:, None]
+        body_t = (t - shift)[:, None]
         z, _zt, wz, w = block_terms(
             logits_ptr + logits_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
-            weight_ptr, cls, mask, t[:, None], label_smoothing, inv_classes, softcap,
+            body_weights, cols[None, :], mask, body_t, label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m = tl.max(z, axis=1)
         if HAS_EDGE:
@@ -391,7 +396,7 @@ def cross_entropy_kernel(
             m = tl.maximum(m, tl.max(ze, axis=1), propagate_nan=tl.PropagateNan.ALL)
         e = tl.exp2((z - m[:, None]) * LOG2E)
         if KEEP_OTHER:
-            d = tl.sum(tl.where(cls == t[:, None], 0.0, e), axis=1)  # `other` until row_outputs
+            d = tl.sum(tl.where(cols[None, :] == body_t, 0.0, e), axis=1)  # `other` until row_outputs
         else:
             d = tl.sum(e, axis=1)
         sum_wz = tl.sum(wz, axis=1)
@@ -419,8 +424,8 @@ def cross_entropy_kernel(
         if COMPUTE_GRAD:
             store_grad_block(
                 grad_ptr + grad_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
-                weight_ptr, cls, mask, z, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale,
-                t[:, None], w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
+                body_weights, cols[None, :], mask, z, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None],
+                scale, body_t, w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             if HAS_EDGE:
                 store_grad_block(
@@ -456,7 +461,7 @@ def cross_entropy_kernel(
             zb, _zt_block, wz_b, w_b = block_terms(
                 logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
                 cols < n_body - start, t, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, FIRST_PASS)
             m_lane, alpha, p = online_step(m_lane, zb)
             if KEEP_OTHER:
                 d_lane = d_lane * alpha + tl.where(cls == t, 0.0, p)
@@ -492,7 +497,8 @@ def cross_entropy_kernel(
         if COMPUTE_GRAD:
             for start in range(0, n_body, BLOCK_N):
                 body_mask = cols < n_body - start
-                zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+                zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64,
+                                 LAST_PASS)
                 store_grad_block(
                     grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
                     shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,

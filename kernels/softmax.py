@@ -26,10 +26,18 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x == 2^(x * LOG2E)
 
 
+# Eviction hints of the looped paths, which read a row twice: the first pass asks L2 to keep
+# the row ("evict_last": createpolicy L2::evict_last on sm_80+), so that the second pass, which
+# marks it "evict_first", finds it there instead of in DRAM.
+FIRST_PASS = tl.constexpr("evict_last")
+LAST_PASS = tl.constexpr("evict_first")
+
+
 @triton.jit
-def load_row_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr):
-    """Loads ptr[cols] (masked to cols < n_cols, padding -inf) in the accumulation dtype."""
-    x = tl.load(ptr + cols, mask=cols < n_cols, other=-float("inf"))
+def load_row_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+    """Loads ptr[cols] (masked to cols < n_cols, padding -inf) in the accumulation dtype,
+    with the eviction hint EVICT ("" for none)."""
+    x = tl.load(ptr + cols, mask=cols < n_cols, other=-float("inf"), eviction_policy=EVICT)
     if ACC_FP64:
         return x.to(tl.float64)
     else:
@@ -192,7 +200,7 @@ def softmax_fwd_kernel(
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
         m_lane = d_lane - float("inf")
         for start in range(0, n_body, BLOCK_N):
-            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64)
+            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64, FIRST_PASS)
             m_lane, d_lane = online_update(m_lane, d_lane, x)
         m = tl.max(m_lane, axis=0)
         if HAS_EDGE:
@@ -207,7 +215,7 @@ def softmax_fwd_kernel(
         log_d = tl.log(d)
         inv_d = 1.0 / d
         for start in range(0, n_body, BLOCK_N):
-            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64)
+            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64, LAST_PASS)
             if LOG:
                 y = (x - m) - log_d
             else:
@@ -222,9 +230,10 @@ def softmax_fwd_kernel(
 
 
 @triton.jit
-def load_grad_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr):
-    """Loads ptr[cols] (masked to cols < n_cols, padding 0) in the accumulation dtype."""
-    v = tl.load(ptr + cols, mask=cols < n_cols, other=0.0)
+def load_grad_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+    """Loads ptr[cols] (masked to cols < n_cols, padding 0) in the accumulation dtype, with
+    the eviction hint EVICT."""
+    v = tl.load(ptr + cols, mask=cols < n_cols, other=0.0, eviction_policy=EVICT)
     if ACC_FP64:
         return v.to(tl.float64)
     else:
@@ -299,11 +308,11 @@ def softmax_bwd_kernel(
         # 1. the row's reduction: sum(dy) for log_softmax, sum(dy * y) for softmax.
         acc = acc_zeros(BLOCK_N, ACC_FP64)
         for start in range(0, n_body, BLOCK_N):
-            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64)
+            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64, FIRST_PASS)
             if LOG:
                 acc += dy
             else:
-                acc += dy * load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
+                acc += dy * load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64, FIRST_PASS)
         s = tl.sum(acc, axis=0)
         if HAS_EDGE:
             e_cols, e_mask = edge_cols(shift, n_body, n_cols, VEC)
@@ -315,12 +324,12 @@ def softmax_bwd_kernel(
                 s += tl.sum(dye * ye, axis=0)
         # 2. the gradient, block by block.
         for start in range(0, n_body, BLOCK_N):
-            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64)
+            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64, LAST_PASS)
             if LOG:
                 y = load_row_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
                 dx = dy - tl.exp2(y * LOG2E) * s
             else:
-                y = load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
+                y = load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64, LAST_PASS)
                 dx = y * (dy - s)
             tl.store(dx_ptr + dx_body + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_body - start)
         if HAS_EDGE:

@@ -174,7 +174,9 @@ def test_odd_widths_and_unaligned_rows(op, path, layout):
         used = launch_softmax_bwd(y, dy, dx, log, cfg=cfg)
     assert used.vec > 1  # y, dy and dx share a layout
     expected = OPS[op][3](y.double().numpy(), dy.double().numpy())
-    assert_matches(dx, expected, *tol, what=f"{op} backward {layout} {path}")
+    # dx = y (dy - s) cancels in dy - s: float32 error is absolute, about 1e-7 of |dy| ~ 1
+    bwd_tol = (1e-5, 1e-6) if y_dtype == torch.float32 else tol
+    assert_matches(dx, expected, *bwd_tol, what=f"{op} backward {layout} {path}")
     assert dx_buf[y_outside].isnan().all(), "a write outside the rows"
     n = y.numel() * y.element_size()
     reads = 2 * n
