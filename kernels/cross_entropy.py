@@ -103,10 +103,12 @@ def store_grad_block(
     grad_ptrs, target_ptrs, weight_ptr, cls, mask, z, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
     label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    ACC_FP64: tl.constexpr, w=0.0, W_GIVEN: tl.constexpr = False,
 ):
     """Writes d loss / d x for one block (lanes at grad_ptrs, of classes cls, live where mask):
-    q_j * coef minus the target terms, times dz/dx and scale.
+    q_j * coef minus the target terms, times dz/dx and scale. With W_GIVEN, w is the block's
+    w_j p'_j (probability targets) or w_j (smoothing) as block_terms returned it, still in
+    registers; otherwise they are read again.
 
     q_j = e^(z_j - m) / d from the row maximum m and 1/d, not e^(z_j - lse): lse rounded
     to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q.
@@ -118,13 +120,19 @@ def store_grad_block(
     q = tl.exp2((z - m) * LOG2E) * inv_d
     if SOFT_TARGET:
         g = q * coef
-        p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
-        g -= p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+        if W_GIVEN:
+            g -= w
+        else:
+            p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+            g -= p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     else:
         c_t = (1.0 - label_smoothing) * w_t
         g = tl.where(cls == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
         if HAS_SMOOTHING:
-            g -= label_smoothing * inv_classes * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+            if W_GIVEN:
+                g -= label_smoothing * inv_classes * w
+            else:
+                g -= label_smoothing * inv_classes * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     if HAS_SOFTCAP:
         g *= 1.0 - (z / softcap) * (z / softcap)
     # Ignored rows get 0, except where g is NaN (a NaN logit in the row): torch's gradient
@@ -426,13 +434,13 @@ def cross_entropy_kernel(
                 grad_ptr + grad_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
                 body_weights, cols[None, :], mask, z, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None],
                 scale, body_t, w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w, True)
             if HAS_EDGE:
                 store_grad_block(
                     grad_ptr + (rows * grad_row_stride)[:, None] + e_cls, target_rows + e_cls, weight_ptr, e_cls,
                     e_mask, ze, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale, t[:, None],
                     w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
-                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w_e, True)
     else:
         # One row a program, streamed BLOCK_N at a time with per-lane running sums.
         row = pid
@@ -508,7 +516,7 @@ def cross_entropy_kernel(
                 store_grad_block(
                     grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
                     scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w_e, True)
     if REDUCE != 0:
         reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
 

@@ -530,6 +530,25 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
 
 
 @interpreter_only
+@pytest.mark.parametrize("max_block", PATHS)
+def test_traffic_probability_targets_and_weights_read_once(max_block):
+    """On the single-block path the probability targets and the class weights are read once
+    (the gradient reuses them from registers); the looped path reads them again with the
+    logits. Beyond that: per row the upstream (0-d, 4 B) in the backward and the row loss
+    for the mean (4 B); the divisor once a program and once for the mean."""
+    n, c = 4, 100
+    logits = torch.randn(n, c, requires_grad=True)
+    target = torch.softmax(torch.randn(n, c), -1)
+    with TrafficCounter() as t, config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        softmax_gpu.cross_entropy(logits, target, weight=torch.rand(c) + 0.1, label_smoothing=0.1).backward()
+    nc = n * c * 4
+    if max_block is None:  # one program of 4 rows
+        assert t.bytes_loaded == 3 * nc + n * (4 + 4) + 4 + 4
+    else:  # 4 programs; the second pass reads the body of logits, targets and weights again, not the edge
+        assert t.bytes_loaded == 6 * nc + n * (4 + 4) + 4 * n + 4
+
+
+@interpreter_only
 def test_traffic_no_grad_forward_reads_only():
     n, c = 4, 100
     logits, target = torch.randn(n, c), torch.randint(0, c, (n,))
