@@ -204,3 +204,195 @@ def softmax_bwd_kernel(
                 y = load_grad_block(y_row + start, cols, n_cols - start, ACC_FP64)
                 dx = y * (dy - s)
             tl.store(dx_row + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_cols - start)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows: few long rows, each spread over a (rows, chunks) grid of programs
+# ---------------------------------------------------------------------------------------
+# Chunk c = program_id(1) of row r = program_id(0) holds columns [c * chunk_cols,
+# (c + 1) * chunk_cols) of the row (chunk_cols a multiple of BLOCK_N; the last chunk is cut
+# by the row's end, and its blocks past the end are fully masked). A first kernel writes each
+# chunk's partial statistics, a second combines the row's partials, the same fixed order in
+# every program of the row (no atomics: the same bits every run), and writes its chunk, as in
+# split-K decoding. Partials live in a (n_rows, fields, n_chunks) buffer of the accumulation
+# dtype, so that a program's combine reads each field of its row as one contiguous vector.
+
+
+@triton.jit
+def merge_stats(m, d, m_part, d_part):
+    """Merges two per-lane (max, sum) pairs: m' = max(m, m_part) (NaN propagates) and
+    d' = d e^(m - m') + d_part e^(m_part - m'), a part that saw only -inf adding 0."""
+    m_new, alpha, p = online_step(m, m_part)
+    return m_new, d * alpha + d_part * p
+
+
+@triton.jit
+def reduce_lanes(m_lane, d_lane):
+    """(m, d) of per-lane (max, sum) vectors: lanes that saw only -inf add 0, so a part that is
+    -inf everywhere gives (-inf, 0) (merge_stats then ignores it); a NaN lane makes d NaN."""
+    m = tl.max(m_lane, axis=0)
+    scale = tl.where(m_lane == -float("inf"), 0.0, tl.exp2((m_lane - m) * LOG2E))
+    return m, tl.sum(d_lane * scale, axis=0)
+
+
+@triton.jit
+def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The row's (max, sum) from its chunks' partials: maxima at part_row[0:n_chunks], sums at
+    part_row[n_chunks:2 n_chunks], merged CHUNKS_BLOCK at a time in a fixed order."""
+    c = tl.arange(0, CHUNKS_BLOCK)
+    d_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    m_lane = d_lane - float("inf")
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        mask = c < n_chunks - start
+        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
+        d_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+        m_lane, d_lane = merge_stats(m_lane, d_lane, m_part, d_part)
+    return reduce_lanes(m_lane, d_lane)
+
+
+@triton.jit
+def softmax_split_stats_kernel(
+    x_ptr,
+    part_ptr,
+    x_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    BLOCK_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    """Partial (max, sum) of chunk c = program_id(1) of row r = program_id(0):
+    part[r, 0, c] = m_c = max of the chunk, part[r, 1, c] = sum over it of e^(x - m_c)
+    ((-inf, 0) for a chunk that is -inf everywhere; NaN sum with a NaN).
+    part_ptr: (n_rows, 2, n_chunks), contiguous, the accumulation dtype. Bytes: one read of
+    the chunk, two values written."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    col0 = chunk * chunk_cols
+    x_chunk = x_ptr + row * x_row_stride + col0
+    n_left = n_cols - col0  # columns from the chunk's start to the row's end
+    cols = tl.arange(0, BLOCK_N)
+    d_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    m_lane = d_lane - float("inf")
+    for start in range(0, chunk_cols, BLOCK_N):
+        x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
+        m_lane, d_lane = online_update(m_lane, d_lane, x)
+    m, d = reduce_lanes(m_lane, d_lane)
+    part_row = part_ptr + row * 2 * n_chunks
+    tl.store(part_row + chunk, m.to(part_ptr.dtype.element_ty))
+    tl.store(part_row + n_chunks + chunk, d.to(part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def softmax_split_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    part_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    """y = softmax(x) (log_softmax when LOG) on chunk c = program_id(1) of row r =
+    program_id(0), from the row's partials (softmax_split_stats_kernel) combined here.
+    A row that is -inf everywhere gives m = -inf, d = 0 and so NaN, as torch does.
+    Bytes: the row's 2 n_chunks partials, one read of the chunk, one write."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    m, d = combine_chunks(part_ptr + row * 2 * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
+    log_d = tl.log(d)
+    col0 = chunk * chunk_cols
+    x_chunk = x_ptr + row * x_row_stride + col0
+    y_chunk = y_ptr + row * y_row_stride + col0
+    n_left = n_cols - col0
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, chunk_cols, BLOCK_N):
+        x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            y = (x - m) - log_d
+        else:
+            y = tl.exp2((x - m) * LOG2E) / d
+        tl.store(y_chunk + start + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_left - start)
+
+
+@triton.jit
+def softmax_split_bwd_stats_kernel(
+    y_ptr,
+    dy_ptr,
+    part_ptr,
+    y_row_stride,
+    dy_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    """The backward's partial reduction of chunk c = program_id(1) of row r = program_id(0):
+    part[r, c] = sum over the chunk of dy (log_softmax) or dy * y (softmax).
+    part_ptr: (n_rows, n_chunks), contiguous, the accumulation dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    col0 = chunk * chunk_cols
+    y_chunk = y_ptr + row * y_row_stride + col0
+    dy_chunk = dy_ptr + row * dy_row_stride + col0
+    n_left = n_cols - col0
+    cols = tl.arange(0, BLOCK_N)
+    acc = acc_zeros(BLOCK_N, ACC_FP64)
+    for start in range(0, chunk_cols, BLOCK_N):
+        dy = load_grad_block(dy_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            acc += dy
+        else:
+            acc += dy * load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+    tl.store(part_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0).to(part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def softmax_split_bwd_kernel(
+    y_ptr,
+    dy_ptr,
+    dx_ptr,
+    part_ptr,
+    y_row_stride,
+    dy_row_stride,
+    dx_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+):
+    """dx on chunk c = program_id(1) of row r = program_id(0), as softmax_bwd_kernel, with the
+    row's sum s added up from its partials (softmax_split_bwd_stats_kernel) in a fixed order."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, CHUNKS_BLOCK)
+    s_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        s_lane += to_acc(tl.load(part_ptr + row * n_chunks + start + c, mask=c < n_chunks - start, other=0.0),
+                         ACC_FP64)
+    s = tl.sum(s_lane, axis=0)
+    col0 = chunk * chunk_cols
+    y_chunk = y_ptr + row * y_row_stride + col0
+    dy_chunk = dy_ptr + row * dy_row_stride + col0
+    dx_chunk = dx_ptr + row * dx_row_stride + col0
+    n_left = n_cols - col0
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, chunk_cols, BLOCK_N):
+        dy = load_grad_block(dy_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            y = load_row_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+            dx = dy - tl.exp2(y * LOG2E) * s
+        else:
+            y = load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+            dx = y * (dy - s)
+        tl.store(dx_chunk + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_left - start)
