@@ -23,7 +23,7 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, acc_zeros, online_step, to_acc
+from .softmax import LOG2E, acc_zeros, merge_stats, online_step, reduce_lanes, to_acc
 
 
 @triton.jit
@@ -501,3 +501,285 @@ def scale_grad_kernel(
             mask = cols < n_cols - start
             g = tl.load(grad_row + start + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(grad_row + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows: few long rows, each spread over a (rows, chunks) grid of programs
+# ---------------------------------------------------------------------------------------
+# As kernels/softmax.py's split kernels: chunk c = program_id(1) of row r = program_id(0)
+# holds columns [c * chunk_cols, (c + 1) * chunk_cols). cross_entropy_split_stats_kernel
+# writes each chunk's partials into a (n_rows, N_PART, n_chunks) buffer of the accumulation
+# dtype:
+#   0: m_c, the chunk's maximum          1: sum over the chunk, the target's column left out,
+#                                           of e^(z_j - m_c) (see store_grad_block)
+#   2, 3 (probability targets or smoothing): the chunk's sum_j w_j z_j and sum_j w_j (as
+#        block_terms gives them: with p'_j folded in for probability targets)
+# cross_entropy_split_kernel combines them, in the same fixed order in every program of the
+# row, into the row's lse and loss, and writes the chunk's gradient from them.
+
+
+@triton.jit
+def cross_entropy_split_stats_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    part_ptr,
+    total_ptr,
+    counter_ptr,
+    logits_row_stride,
+    target_row_stride,
+    n_rows,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    label_smoothing_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREPARE_BLOCK: tl.constexpr,
+):
+    """The partials of chunk c = program_id(1) of row r = program_id(0) (see above).
+
+    part_ptr: (n_rows, N_PART, n_chunks), contiguous, N_PART = 4 with probability targets or
+        smoothing, else 2. Other pointers, strides and options as in cross_entropy_kernel.
+    REDUCE != 0: program (0, 0) also does cross_entropy_prepare_kernel's work (zeroes
+        *counter_ptr and, for the mean (REDUCE == 2), writes its divisor to *total_ptr), so a
+        split forward with a reduction is two launches, like the one-program-a-row one.
+    Bytes: one read of the chunk (and of its probability targets / class weights where the
+    options use them), one target per program, N_PART values written."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if REDUCE != 0:
+        if (row == 0) & (chunk == 0):
+            cross_entropy_prepare_kernel(
+                target_ptr, weight_ptr, total_ptr, counter_ptr, target_row_stride, n_rows, n_cols, ignore_index,
+                SOFT_TARGET, HAS_WEIGHT, REDUCE == 2, ACC_FP64, PREPARE_BLOCK)
+    LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
+    N_PART: tl.constexpr = 4 if LINEAR else 2
+    logits_row = logits_ptr + row * logits_row_stride
+    target_row = target_ptr + row * target_row_stride  # used only for probability targets
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    t = -1  # matches no column: probability targets leave nothing out
+    if not SOFT_TARGET:
+        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
+    o_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    w_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    for step in range(0, chunk_cols, BLOCK_N):
+        start = col0 + step
+        zb, _zt, wz_b, w_b = block_terms(
+            logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        m_lane, alpha, p = online_step(m_lane, zb)
+        o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+        wz_lane += wz_b
+        w_lane += w_b
+    m, other = reduce_lanes(m_lane, o_lane)
+    part = part_ptr + row * N_PART * n_chunks + chunk
+    tl.store(part, m.to(part_ptr.dtype.element_ty))
+    tl.store(part + n_chunks, other.to(part_ptr.dtype.element_ty))
+    if LINEAR:
+        tl.store(part + 2 * n_chunks, tl.sum(wz_lane, axis=0).to(part_ptr.dtype.element_ty))
+        tl.store(part + 3 * n_chunks, tl.sum(w_lane, axis=0).to(part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def cross_entropy_split_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    part_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    stats_ptr,
+    reduced_ptr,
+    counter_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    grad_divisor_ptr,
+    n_rows,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
+):
+    """cross_entropy_kernel's outputs for a split row: every program (r, c) combines row r's
+    partials (cross_entropy_split_stats_kernel) into its lse and loss; program (r, 0) writes
+    the loss, lse and (SAVE_STATS) the four row statistics and joins the reduction (REDUCE:
+    the last of the n_rows chunk-0 programs sums the losses in row order); with COMPUTE_GRAD
+    each program writes d loss / d logits on its chunk. The target's logit z_t is read
+    directly (one element a program). Arguments as in cross_entropy_kernel; part_ptr and the
+    chunking as in cross_entropy_split_stats_kernel.
+    Bytes: the row's N_PART * n_chunks partials and O(1) a program; with COMPUTE_GRAD one
+    read and one write of the chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
+    N_PART: tl.constexpr = 4 if LINEAR else 2
+    logits_row = logits_ptr + row * logits_row_stride
+    target_row = target_ptr + row * target_row_stride  # used only for probability targets
+    grad_row = grad_ptr + row * grad_row_stride
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+
+    # 1. The target, and its logit (never addressed with an index out of [0, n_cols)).
+    t, valid, bad, w_t = row_target(
+        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    if SOFT_TARGET:
+        has_t = False
+        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
+    else:
+        has_t = (t >= 0) & (t < n_cols)
+        z_t = soft_cap(to_acc(tl.load(logits_row + t, mask=has_t, other=0.0), ACC_FP64), softcap, HAS_SOFTCAP)
+
+    # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order.
+    part_row = part_ptr + row * N_PART * n_chunks
+    c = tl.arange(0, CHUNKS_BLOCK)
+    m_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64) - float("inf")
+    o_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    wz_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    w_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        mask = c < n_chunks - start
+        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
+        o_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+        m_lane, o_lane = merge_stats(m_lane, o_lane, m_part, o_part)
+        if LINEAR:
+            wz_lane += to_acc(tl.load(part_row + 2 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+            w_lane += to_acc(tl.load(part_row + 3 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+    m, other = reduce_lanes(m_lane, o_lane)
+    # d = (sum without the target) + e^(z_t - m), as cross_entropy_kernel forms it.
+    d = other
+    if not SOFT_TARGET:
+        d += tl.where(has_t, tl.exp2((z_t - m) * LOG2E), 0.0)
+    log_d = tl.log(d)
+    lse = m + log_d
+    sum_wz = tl.sum(wz_lane, axis=0)
+    sum_w = tl.sum(w_lane, axis=0)
+
+    # 3. The loss; the row's outputs from its first chunk's program only.
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+    if chunk == 0:
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+        if SAVE_STATS:
+            stats_row = stats_ptr + row * 4
+            tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
+            tl.store(stats_row + 1, (1.0 / d).to(stats_ptr.dtype.element_ty))
+            tl.store(stats_row + 2, (other / d).to(stats_ptr.dtype.element_ty))
+            tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
+        if REDUCE != 0:
+            reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64,
+                        REDUCE_BLOCK)
+
+    # 4. The chunk's gradient: a second read of the chunk.
+    if COMPUTE_GRAD:
+        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+        if DIVIDE_GRAD:
+            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+        col0 = chunk * chunk_cols
+        cols = tl.arange(0, BLOCK_N)
+        for step in range(0, chunk_cols, BLOCK_N):
+            start = col0 + step
+            zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+            store_grad_block(
+                grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
+                w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+
+
+@triton.jit
+def cross_entropy_split_backward_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    stats_ptr,
+    upstream_ptr,
+    grad_divisor_ptr,
+    grad_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    upstream_stride,
+    n_cols,
+    chunk_cols,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    label_smoothing_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """cross_entropy_backward_kernel on chunk c = program_id(1) of row r = program_id(0):
+    the deferred gradient (float16, float64) of a split row, from the same four row
+    statistics. One read of the chunk, one write."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    logits_row = logits_ptr + row * logits_row_stride
+    target_row = target_ptr + row * target_row_stride
+    grad_row = grad_ptr + row * grad_row_stride
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    t, valid, bad, w_t = row_target(
+        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    stats_row = stats_ptr + row * 4
+    m = to_acc(tl.load(stats_row), ACC_FP64)
+    inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
+    other_over_d = to_acc(tl.load(stats_row + 2), ACC_FP64)
+    coef = to_acc(tl.load(stats_row + 3), ACC_FP64)
+    scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
+    if DIVIDE_GRAD:
+        scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    for step in range(0, chunk_cols, BLOCK_N):
+        start = col0 + step
+        zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_row, target_row, weight_ptr, zb, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t,
+            w_t, valid, bad, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
