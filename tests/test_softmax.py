@@ -333,11 +333,11 @@ def test_traffic_backward(log):
 @pytest.mark.parametrize("cols, reads", [(16384, 2), (16385, 4)])
 def test_traffic_backward_single_read_limit(cols, reads):
     """The backward reads y and dy once up to 16384 columns (config.MAX_BLOCK_SOFTMAX_BWD),
-    and twice past it."""
+    and twice past it (one program a row: two such rows would otherwise split)."""
     assert config.MAX_BLOCK_SOFTMAX_BWD == 16384
     y = torch.softmax(torch.randn(2, cols), -1)
     dy, dx = torch.randn(2, cols), torch.empty(2, cols)
-    with TrafficCounter(buffers=[y, dy, dx]) as t:
+    with TrafficCounter(buffers=[y, dy, dx]) as t, config.no_split():
         launch_softmax_bwd(y, dy, dx, False)
     assert (t.bytes_loaded, t.bytes_stored) == (reads * y.numel() * 4, y.numel() * 4)
 
@@ -421,3 +421,126 @@ def test_cuda_offsets_beyond_2_pow_31_elements():
     for row in (0, n_rows - 1):
         expected = reference.softmax(x[row].double().cpu().numpy())
         assert_within_torch_error(y[row].cpu(), torch.softmax(x[row].cpu(), -1), expected, what=f"row {row}")
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (few long rows: a (rows, chunks) grid, config.split_rows)
+# ---------------------------------------------------------------------------------------
+# Forced on small rows (rows, cols, chunk width): chunks of 32 columns walked in 16-wide
+# blocks (two steps a chunk, the last chunk partial and, at 203 columns, ragged), and 19
+# single-block chunks, more than one combine step (block_limit caps its width at 16 too).
+SPLIT_SHAPES = [(3, 100, 32), (2, 203, 32), (1, 300, 16)]
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+def test_split_rows_forward_and_backward(shape, dtype, log, device):
+    *shape, chunk = shape
+    """Split forward and backward against the float64 reference, outputs poisoned, with a NaN
+    row, a -inf row and a row -inf in a whole chunk (that chunk adds nothing)."""
+    op = "log_softmax" if log else "softmax"
+    _, torch_fn, ref_fwd, ref_bwd = OPS[op]
+    x = rows_of(tuple(shape), dtype, device)
+    x[0, 40:72] = float("-inf")  # the second chunk entirely
+    if shape[0] > 1:
+        x[1, shape[1] // 2] = float("nan")
+    if shape[0] > 2:
+        x[2] = float("-inf")
+    shape = tuple(shape)
+    y = poisoned(shape, dtype, device)
+    with config.block_limit(16), config.force_split(chunk):
+        split = launch_softmax_fwd(x, y, log)
+    assert isinstance(split, config.SplitConfig) and (split.block_n, split.chunk_cols) == (16, chunk)
+    assert split.chunks == -(-shape[1] // chunk) and split.chunks_block == min(16, config.next_power_of_2(split.chunks))
+    expected = ref_fwd(x.double().cpu().numpy())
+    if dtype in (torch.float32, torch.float64):
+        rtol, atol = TOL32[op] if dtype == torch.float32 else (1e-12, 1e-12)
+        assert_matches(y, expected, rtol, atol, what=f"{op} split forward")
+    else:
+        assert_within_torch_error(y, torch_fn(x.float(), -1).to(dtype), expected, what=f"{op} split forward")
+    # the backward at a finite output (the reference has no NaN/inf rows to differentiate)
+    y = torch.from_numpy(ref_fwd(rows_of(shape, torch.float64, "cpu").numpy())).to(device=device, dtype=dtype)
+    dy, dx = rows_of(shape, dtype, device), poisoned(shape, dtype, device)
+    with config.block_limit(16), config.force_split(chunk):
+        assert isinstance(launch_softmax_bwd(y, dy, dx, log), config.SplitConfig)
+    expected = ref_bwd(y.double().cpu().numpy(), dy.double().cpu().numpy())
+    tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}.get(dtype, (2e-2, 2e-2))
+    assert_matches(dx, expected, *tol, what=f"{op} split backward")
+
+
+def test_split_rows_match_one_program_a_row_and_are_deterministic(device):
+    """Through the public functions: the split path gives what the looped path gives (to
+    rounding), and the same bits on every run, forward and backward."""
+    x = rows_of((2, 150), torch.float32, device).requires_grad_()
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        with config.block_limit(16), config.force_split(48):
+            y = softmax_gpu.log_softmax(x)
+            y.backward(torch.ones_like(y))
+        runs.append((y.detach().clone(), x.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    x.grad = None
+    with config.block_limit(16):
+        y = softmax_gpu.log_softmax(x)
+        y.backward(torch.ones_like(y))
+    torch.testing.assert_close(runs[0][0], y, rtol=2e-6, atol=4e-6)
+    torch.testing.assert_close(runs[0][1], x.grad, rtol=2e-6, atol=4e-6)
+
+
+def test_split_gradcheck_float64(device):
+    x = torch.randn(2, 70, dtype=torch.float64, device=device, requires_grad=True)
+    with config.block_limit(16), config.force_split(32):
+        assert torch.autograd.gradcheck(lambda t: softmax_gpu.softmax(t, -1), (x,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_traffic_split_rows(log, dtype):
+    """Split: the looped path's 2 reads + 1 write forward (3 + 1 or 4 + 1 backward), plus the
+    partials: each chunk writes its own (2 values forward, 1 backward) and each chunk's
+    program reads all of its row's."""
+    rows, cols = 3, 200
+    x = rows_of((rows, cols), dtype, "cpu")
+    y = torch.empty_like(x)
+    element = rows * cols * x.element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    with TrafficCounter() as fwd, config.block_limit(16), config.force_split(32):
+        split = launch_softmax_fwd(x, y, log)
+    chunks = split.chunks
+    assert chunks == 7
+    partials = rows * chunks * 2 * acc
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + chunks * partials, element + partials)
+    dy, dx = rows_of((rows, cols), dtype, "cpu"), torch.empty_like(x)
+    with TrafficCounter() as bwd, config.block_limit(16), config.force_split(32):
+        launch_softmax_bwd(y, dy, dx, log)
+    partials = rows * chunks * acc
+    reads = (3 if log else 4) * element
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads + chunks * partials, element + partials)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, split",
+    [(1, 128256, True), (32, 128256, True), (66, 50257, True), (67, 50257, False), (4096, 128256, False),
+     (1, 32768, False), (8, 1000, False)],
+)
+def test_config_splits_few_long_rows(rows, cols, split):
+    """Rows split when they would loop and are at most half the SM count; chunks fill the SMs."""
+    for fwd in (True, False):
+        family = (config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) if fwd else (
+            config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD)
+        for itemsize in (2, 4, 8):
+            cfg = config.split_rows(rows, cols, itemsize, *family)
+            if not split or (fwd and cols <= config.block_cap(family[0], itemsize)):
+                assert cfg is None or not fwd or not split, cfg
+                continue
+            assert cfg is not None, (rows, cols, itemsize, fwd)
+            assert cfg.chunks >= 2 and cfg.chunk_cols % cfg.block_n == 0 and cfg.chunk_cols >= config.SPLIT_MIN_CHUNK
+            assert (cfg.chunks - 1) * cfg.chunk_cols < cols <= cfg.chunks * cfg.chunk_cols  # no empty chunk
+            assert rows * cfg.chunks <= config.DEFAULT_SM_COUNT + rows and cfg.chunks <= config.SPLIT_MAX_CHUNKS
+    one = config.split_rows(1, 128256, 4, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD)
+    assert one.chunks == 126 and one.block_n == 1024  # 126 programs on 132 SMs instead of 1
+    with config.no_split():
+        assert config.split_rows(1, 128256, 4, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) is None
