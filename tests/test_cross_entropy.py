@@ -389,7 +389,7 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
     n = 2
     logits = torch.randn(n, c).bfloat16().requires_grad_()
     target = torch.randint(0, c, (n,))
-    with TrafficCounter() as t:
+    with TrafficCounter() as t, config.no_split():  # (two such rows would otherwise split)
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
     nc = n * c * 2
     assert t.bytes_loaded == logit_reads * nc + MEAN_LOADS(n)
@@ -802,3 +802,152 @@ def test_cuda_reduction_over_many_programs_is_exact_and_deterministic(dtype, red
             results.append(softmax_gpu.cross_entropy(logits, target, reduction=reduction))
     torch.cuda.synchronize()
     assert all(torch.equal(r, first) for r in results)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (few long rows: a (rows, chunks) grid, config.split_rows)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_split_rows_every_option(dtype, reduction, device):
+    """Forced split (chunks of 32 columns in 16-wide blocks, the last one partial) against
+    float64 torch: class indices (one ignored, one a valid class that is ignore_index) with
+    and without weights, smoothing, z-loss and softcap, and probability targets; forward and
+    the gradient (stored for bfloat16/float32, deferred for float16/float64)."""
+    n, c = 4, 150
+    logits = (3 * torch.randn(n, c, device=device)).to(dtype)
+    weight = torch.rand(c, device=device) + 0.1
+    cases = [dict(), dict(weight=weight, label_smoothing=0.1, ignore_index=5), dict(soft=True, label_smoothing=0.2),
+             dict(soft=True, weight=weight)]
+    for kw in cases:
+        kw = dict(kw)
+        if kw.pop("soft", False):
+            target = torch.softmax(torch.randn(n, c, device=device), -1)
+        else:
+            target = torch.randint(0, c, (n,), device=device)
+            target[1], target[2] = kw.get("ignore_index", -100), 5  # ignored; a class, ignored where ignore_index=5
+        upstream = torch.randn(n, device=device) if reduction == "none" else None
+        with config.force_split(32):
+            ours, grad, theirs, ref_grad = run_both(logits.float(), target, upstream, 16, reduction=reduction, **kw)
+            ours_dtype, grad_dtype, _, _ = run_both(logits, target.to(dtype) if target.is_floating_point() else target,
+                                                    upstream, 16, reduction=reduction, **kw)  # fmt: skip
+        what = f"{dtype} {reduction} {sorted(kw)}"
+        assert_matches(ours, theirs.numpy(), RTOL, 1e-6, what=what + " loss (float32)")
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=what + " grad (float32)")
+        tol = {torch.float64: (1e-12, 1e-12), torch.float32: (RTOL, 1e-6)}.get(dtype, (1e-2, 1e-2))
+        assert_matches(ours_dtype, theirs.numpy(), *tol, what=what + " loss")
+        assert_matches(grad_dtype, ref_grad.numpy(), *tol, what=what + " grad")
+
+
+def test_split_rows_z_loss_softcap_nan_and_determinism(device):
+    """Split rows with z-loss and softcap; a NaN logit makes its row's loss and gradient NaN
+    (also in another chunk than the target's); two runs give the same bits."""
+    n, c = 3, 130
+    logits = 3 * torch.randn(n, c, device=device)
+    target = torch.tensor([3, 120, 64], device=device)
+    results = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        with config.block_limit(16), config.force_split(32):
+            loss = softmax_gpu.cross_entropy(x, target, z_loss=1e-3, softcap=4.0, reduction="sum")
+            loss.backward()
+        results.append((loss.detach(), x.grad))
+    ref = logits.double().cpu().requires_grad_()
+    z = 4.0 * torch.tanh(ref / 4.0)
+    lse = torch.logsumexp(z, -1)
+    (F.cross_entropy(z, target.cpu(), reduction="sum") + 1e-3 * (lse**2).sum()).backward()
+    assert_matches(results[0][1], ref.grad.numpy(), RTOL, ATOL, what="z-loss softcap split grad")
+    logits[1, 10] = float("nan")  # chunk 0; the target (120) is in chunk 3
+    with config.force_split(32):
+        loss, grad, _, _ = run_both(logits, target, None, 16, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_split_rows(dtype):
+    """Split forward + backward (mean): the looped path's 2 reads + 1 write of the logits and
+    its stores, plus the partials (2 values a chunk written, all of its row's read by each
+    chunk's program) and O(N * chunks) scalar loads."""
+    n, c = 3, 200
+    logits = torch.randn(n, c).to(dtype).requires_grad_()
+    target = torch.randint(0, c, (n,))
+    with config.block_limit(32), config.force_split(32):
+        split = softmax_gpu.ops.cross_entropy.cross_entropy_split(n, c, logits.element_size())
+    chunks = split.chunks
+    assert chunks == 7
+    logits_bytes = n * c * logits.element_size()
+    with TrafficCounter() as looped, config.block_limit(32), config.no_split():
+        softmax_gpu.cross_entropy(logits, target).backward()
+    with TrafficCounter() as t, config.block_limit(32), config.force_split(32):
+        softmax_gpu.cross_entropy(logits, target).backward()
+    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n)
+    partials = n * chunks * 2 * 4  # (max, sum without the target) a chunk, float32
+    # O(N): the targets once (the mean's total, in program (0, 0)), the upstream, the row
+    # losses and the divisor once (the last program's mean); per program (n * chunks of them)
+    # the target in each kernel (8 B twice), z_t (one logit) and the divisor (the gradient's
+    # scale); and each program's read of its row's partials.
+    per_row = n * (8 + 4 + 4) + 4
+    per_program = n * chunks * (8 + 8 + logits.element_size() + 4)
+    assert t.bytes_loaded == 2 * logits_bytes + per_row + per_program + chunks * partials
+    assert t.bytes_stored == looped.bytes_stored + partials
+
+
+def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
+    """Every reduction: the split stats kernel and the combine, no prepare launch."""
+    import softmax_gpu.ops.cross_entropy as ce
+
+    launches = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in ("cross_entropy_kernel", "cross_entropy_prepare_kernel", "cross_entropy_split_stats_kernel",
+                 "cross_entropy_split_kernel"):
+        monkeypatch.setattr(ce, name, Counted(name, getattr(ce, name)))
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
+    logits, target = torch.randn(2, 70, device=device), torch.randint(0, 70, (2,), device=device)
+    for reduction in ("mean", "sum", "none"):
+        launches.clear()
+        with torch.no_grad(), config.force_split(32):
+            loss = softmax_gpu.cross_entropy(logits, target, reduction=reduction)
+        assert launches == [("cross_entropy_split_stats_kernel", (2, 3)), ("cross_entropy_split_kernel", (2, 3))]
+        expected = F.cross_entropy(logits.double().cpu(), target.cpu(), reduction=reduction)
+        torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_split_rows_opcheck(device):
+    logits = torch.randn(2, 70, device=device)
+    target = torch.randint(0, 70, (2,), device=device)
+    with config.force_split(32):
+        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default,
+                              (logits, target, None, -100, 0.1, 0.0, None, "mean", True, False))
+        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default,
+                              (logits.double(), target, None, -100, 0.0, 1e-3, 3.0, "sum", False, True))
+
+
+@pytest.mark.parametrize("rows, cols, plain, split", [(1, 128256, True, True), (32, 128256, True, True),
+                                                      (32, 128256, False, True), (4096, 128256, True, False),
+                                                      (1, 16384, True, False), (1, 8192, False, False)])
+def test_config_splits_few_long_rows(rows, cols, plain, split):
+    """The cross-entropy split for issue 9's few long rows and not for a training batch or
+    rows the forward reads in one block."""
+    from softmax_gpu.ops.cross_entropy import cross_entropy_split
+
+    for itemsize in (2, 4, 8):
+        cfg = cross_entropy_split(rows, cols, itemsize, plain=plain)
+        # float64's single block is a quarter as wide, so its narrower rows loop and split too
+        assert (cfg is not None) == (split or (itemsize == 8 and 2 * rows <= config.DEFAULT_SM_COUNT)), (itemsize, cfg)
+        if cfg is not None:
+            assert cfg.chunks >= 2 and rows * cfg.chunks <= config.DEFAULT_SM_COUNT + rows
+            assert (cfg.chunks - 1) * cfg.chunk_cols < cols <= cfg.chunks * cfg.chunk_cols
+    assert cross_entropy_split(1, 128256, 2, plain=True).chunks == 126
+    assert cross_entropy_split(32, 128256, 2, streaming=True).chunks == 5
