@@ -404,7 +404,7 @@ def split_variants(quick: bool):
                        ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
                        ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
                 meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
-                    ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block), ("PREPARE_BLOCK", config.REDUCE_BLOCK))
+                    ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block), ("PREPARE_BLOCK", config.reduce_block(warps)))
                 yield Variant(module, "cross_entropy_split_stats_kernel", dtype,
                               sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
                               aligned=tuple(a for a in aligned if a != "grad_row_stride" and a != "grad_ptr"))

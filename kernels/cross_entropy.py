@@ -552,7 +552,8 @@ def cross_entropy_split_stats_kernel(
         smoothing, else 2. Other pointers, strides and options as in cross_entropy_kernel.
     REDUCE != 0: program (0, 0) also does cross_entropy_prepare_kernel's work (zeroes
         *counter_ptr and, for the mean (REDUCE == 2), writes its divisor to *total_ptr), so a
-        split forward with a reduction is two launches, like the one-program-a-row one.
+        split forward with a reduction is two launches, like the one-program-a-row one;
+        PREPARE_BLOCK is that work's step through the targets (config.reduce_block).
     Bytes: one read of the chunk (and of its probability targets / class weights where the
     options use them), one target per program, N_PART values written."""
     row = tl.program_id(0).to(tl.int64)

@@ -1,4 +1,5 @@
 """Fused cross-entropy against torch.nn.functional.cross_entropy and the float64 reference."""
+import contextlib
 import itertools
 
 import numpy as np
@@ -13,13 +14,28 @@ from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_ent
 from softmax_gpu.traffic import TrafficCounter
 
 RTOL, ATOL = 2e-6, 2e-7  # float32 loss and gradient against float64
-PATHS = [None, 16]  # the default single block, and 16-wide blocks that force the looped path
+# The default single block; 16-wide blocks that force the looped path; and split rows (chunks
+# of 16 columns, config.force_split) on the same small shapes (29 columns and up).
+SPLIT = "split"
+PATHS = [None, 16, SPLIT]
+LOOP_PATHS = [None, 16]  # (tests that launch the one-program-a-row kernel directly)
+
+
+@contextlib.contextmanager
+def on_path(max_block):
+    """Runs the block on the path PATHS names."""
+    if max_block == SPLIT:
+        with config.block_limit(16), config.force_split(16):
+            yield
+    else:
+        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+            yield
 
 
 def run_both(logits, target, upstream=None, max_block=None, **kw):
     """Loss and input gradient from softmax_gpu and from torch (float64 CPU, the truth)."""
     ours_in = logits.detach().clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         ours = softmax_gpu.cross_entropy(ours_in, target, **kw)
         ours.backward(torch.ones_like(ours) if upstream is None else upstream)
     kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -123,7 +139,7 @@ def test_bfloat16_within_twice_torch_error(max_block, device):
     logits = (3 * torch.randn(n, c)).bfloat16().to(device)
     target = torch.randint(0, c, (n,), device=device)
     a = logits.clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         loss = softmax_gpu.cross_entropy(a, target, label_smoothing=0.1)
         loss.backward()
     b = logits.cpu().clone().requires_grad_()
@@ -145,7 +161,7 @@ def test_z_loss_and_softcap(max_block, device):
     for z_loss, softcap, use_weight, smoothing in itertools.product((0.0, 1e-3), (None, 15.0), (False, True), (0, 0.1)):
         kw = dict(z_loss=z_loss, softcap=softcap, label_smoothing=smoothing, weight=weight if use_weight else None)
         a = logits.clone().requires_grad_()
-        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        with on_path(max_block):
             loss = softmax_gpu.cross_entropy(a, target, **kw)
             loss.backward()
         exp_loss, exp_grad = reference.cross_entropy(
@@ -267,7 +283,7 @@ def test_very_confident_rows_keep_the_true_class_gradient(max_block, dtype, smoo
     logits[3, 41] = logits[3, 40] + 1  # one row where the target is not the maximum
     logits = logits.to(dtype).to(device)
     a = logits.clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         softmax_gpu.cross_entropy(a, target.to(device), reduction="sum", label_smoothing=smoothing).backward()
     # The expected value in float64, written so that it keeps its own digits: q_t - 1 as
     # -(sum of the other q_j). (The reference's e^(z_t - lse) - 1 loses them: lse near 33
@@ -451,7 +467,7 @@ def _launch_with_bad_class_indices(max_block, device, counter):
 
 
 @interpreter_only
-@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("max_block", LOOP_PATHS)
 def test_bad_class_index_never_reads_out_of_bounds(max_block):
     """The interpreter's counter checks every address against the buffers' bounds."""
     _launch_with_bad_class_indices(max_block, "cpu", lambda buffers: TrafficCounter(buffers=buffers))
@@ -461,11 +477,10 @@ def test_bad_class_index_never_reads_out_of_bounds(max_block):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel; the interpreter's twin is above")
-@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("max_block", LOOP_PATHS)
 def test_cuda_bad_class_index_rows_are_nan(max_block):
     """Out-of-range targets on the GPU (no eager check there): NaN rows, and no stray access,
     which bench/device_check.sh confirms by running this test under compute-sanitizer."""
-    import contextlib
 
     _launch_with_bad_class_indices(max_block, "cuda", lambda buffers: contextlib.nullcontext())
     torch.cuda.synchronize()

@@ -1,4 +1,5 @@
 """softmax / log_softmax / hardmax against the float64 NumPy reference, through the interpreter on CPU."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,6 +28,23 @@ TOL32 = {"softmax": (RTOL_FP32, ATOL_FP32), "log_softmax": (RTOL_FP32, 4e-6)}
 # columns than the smallest block; a block-sized row; odd widths that leave a ragged
 # last block; and a row that needs several blocks once block_limit(16) is in force.
 SHAPES = [(1, 1), (3, 1), (4, 7), (2, 16), (5, 100), (3, 781)]
+
+
+# Paths a test runs on: the default single block; 16-wide blocks, which force the looped
+# path; and split rows (chunks of 32 columns in 16-wide blocks, config.force_split).
+SPLIT = "split"
+PATHS = [None, 16, SPLIT]
+
+
+@contextlib.contextmanager
+def on_path(max_block):
+    """Runs the block on the path PATHS names."""
+    if max_block == SPLIT:
+        with config.block_limit(16), config.force_split(32):
+            yield
+    else:
+        with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+            yield
 
 
 def rows_of(shape, dtype, device):
@@ -81,13 +99,13 @@ def test_forward_float32_every_element_written(op, shape, max_block, device):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_forward_16bit_within_twice_torch_error(op, dtype, max_block, device):
     ours_fn, torch_fn, ref_fn, _ = OPS[op]
     x = rows_of((6, 203), dtype, device)
     expected = ref_fn(x.double().cpu().numpy())
     theirs = torch_fn(x.cpu(), -1)  # torch's own result in this dtype
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         ours = ours_fn(x)
     assert ours.dtype == dtype
     assert_within_torch_error(ours, theirs, expected, what=f"{op} {dtype}")
@@ -113,10 +131,10 @@ def test_dtype_argument_matches_torch(op, device):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_properties(max_block, device):
     x = rows_of((4, 45), torch.float32, device)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         y = softmax_gpu.softmax(x)
         torch.testing.assert_close(y.sum(-1).cpu(), torch.ones(4), rtol=0, atol=2e-6)
         assert ((y >= 0) & (y <= 1)).all()
@@ -138,10 +156,10 @@ def test_properties(max_block, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_huge_logits_stay_finite(dtype, max_block, device):
     x = torch.tensor([[1e4, -1e4, 0.0, 9990.0] * 10, [-1e4] * 39 + [1e4]], dtype=dtype, device=device)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         y, ly = softmax_gpu.softmax(x), softmax_gpu.log_softmax(x)
     assert torch.isfinite(y).all() and torch.isfinite(ly).all()
     assert_matches(y.float(), reference.softmax(x.double().cpu().numpy()), rtol=1e-2, atol=1e-3)
@@ -161,14 +179,14 @@ def nan_rows(n_cols, device):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_makes_its_row_nan(op, max_block, dtype, device):
-    """Any NaN in a row makes the whole row NaN, on the single-block and looped paths, as in
-    torch; the clean row is unaffected. Gradients likewise."""
+    """Any NaN in a row makes the whole row NaN, on the single-block, looped and split paths, as
+    in torch; the clean row is unaffected. Gradients likewise."""
     ours_fn, torch_fn, ref_fn, ref_bwd = OPS[op]
     x = nan_rows(61, device).to(dtype)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         leaf = x.detach().requires_grad_()
         y = ours_fn(leaf, -1)
         dy = torch.randn_like(y)

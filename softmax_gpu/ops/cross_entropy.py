@@ -229,7 +229,7 @@ def launch_cross_entropy_split(
     with device_guard(logits):
         cross_entropy_split_stats_kernel[grid](
             total_ptr=total if total is not None else part,  # written only for the mean
-            PREPARE_BLOCK=config.REDUCE_BLOCK, **common,
+            PREPARE_BLOCK=config.reduce_block(split.num_warps), **common,
         )  # fmt: skip
         cross_entropy_split_kernel[grid](
             loss_ptr=loss,
