@@ -508,14 +508,16 @@ def scale_grad_kernel(
 # ---------------------------------------------------------------------------------------
 # As kernels/softmax.py's split kernels: chunk c = program_id(1) of row r = program_id(0)
 # holds columns [c * chunk_cols, (c + 1) * chunk_cols). cross_entropy_split_stats_kernel
-# writes each chunk's partials into a (n_rows, N_PART, n_chunks) buffer of the accumulation
-# dtype:
+# writes each chunk's partials into a buffer of the accumulation dtype, one row of
+# N_PART * n_chunks + 1 values per row of logits, field f of chunk c at f * n_chunks + c:
 #   0: m_c, the chunk's maximum          1: sum over the chunk, the target's column left out,
 #                                           of e^(z_j - m_c) (see store_grad_block)
 #   2, 3 (probability targets or smoothing): the chunk's sum_j w_j z_j and sum_j w_j (as
 #        block_terms gives them: with p'_j folded in for probability targets)
+# and last, z_t, written by the chunk that holds the target class (class indices only).
 # cross_entropy_split_kernel combines them, in the same fixed order in every program of the
-# row, into the row's lse and loss, and writes the chunk's gradient from them.
+# row, into the row's lse and loss, and writes the chunk's gradient from them. It reads no
+# logits but its own chunk's, so the gradient may overwrite them (inplace_backward).
 
 
 @triton.jit
@@ -548,14 +550,15 @@ def cross_entropy_split_stats_kernel(
 ):
     """The partials of chunk c = program_id(1) of row r = program_id(0) (see above).
 
-    part_ptr: (n_rows, N_PART, n_chunks), contiguous, N_PART = 4 with probability targets or
-        smoothing, else 2. Other pointers, strides and options as in cross_entropy_kernel.
+    part_ptr: (n_rows, N_PART * n_chunks + 1), contiguous, N_PART = 4 with probability targets
+        or smoothing, else 2. Other pointers, strides and options as in cross_entropy_kernel.
     REDUCE != 0: program (0, 0) also does cross_entropy_prepare_kernel's work (zeroes
         *counter_ptr and, for the mean (REDUCE == 2), writes its divisor to *total_ptr), so a
         split forward with a reduction is two launches, like the one-program-a-row one;
         PREPARE_BLOCK is that work's step through the targets (config.reduce_block).
     Bytes: one read of the chunk (and of its probability targets / class weights where the
-    options use them), one target per program, N_PART values written."""
+    options use them), one target per program, N_PART values written (and z_t, read and
+    written again by the target's chunk)."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     if REDUCE != 0:
@@ -589,12 +592,19 @@ def cross_entropy_split_stats_kernel(
         wz_lane += wz_b
         w_lane += w_b
     m, other = reduce_lanes(m_lane, o_lane)
-    part = part_ptr + row * N_PART * n_chunks + chunk
+    part_row = part_ptr + row * (N_PART * n_chunks + 1)
+    part = part_row + chunk
     tl.store(part, m.to(part_ptr.dtype.element_ty))
     tl.store(part + n_chunks, other.to(part_ptr.dtype.element_ty))
     if LINEAR:
         tl.store(part + 2 * n_chunks, tl.sum(wz_lane, axis=0).to(part_ptr.dtype.element_ty))
         tl.store(part + 3 * n_chunks, tl.sum(w_lane, axis=0).to(part_ptr.dtype.element_ty))
+    if not SOFT_TARGET:
+        # The target's logit, for the combine: the one element of the row it needs outside
+        # its own chunk, which an in-place gradient may already have overwritten there.
+        owner = (t >= col0) & (t < col0 + chunk_cols) & (t < n_cols)
+        z_t = soft_cap(to_acc(tl.load(logits_row + t, mask=owner, other=0.0), ACC_FP64), softcap, HAS_SOFTCAP)
+        tl.store(part_row + N_PART * n_chunks, z_t.to(part_ptr.dtype.element_ty), mask=owner)
 
 
 @triton.jit
@@ -642,9 +652,10 @@ def cross_entropy_split_kernel(
     partials (cross_entropy_split_stats_kernel) into its lse and loss; program (r, 0) writes
     the loss, lse and (SAVE_STATS) the four row statistics and joins the reduction (REDUCE:
     the last of the n_rows chunk-0 programs sums the losses in row order); with COMPUTE_GRAD
-    each program writes d loss / d logits on its chunk. The target's logit z_t is read
-    directly (one element a program). Arguments as in cross_entropy_kernel; part_ptr and the
-    chunking as in cross_entropy_split_stats_kernel.
+    each program writes d loss / d logits on its chunk. The target's logit z_t comes from the
+    partials too. Arguments as in cross_entropy_kernel; part_ptr and the chunking as in
+    cross_entropy_split_stats_kernel. grad_ptr may be logits_ptr: a program reads no logits
+    but its own chunk's, each block before overwriting it.
     Bytes: the row's N_PART * n_chunks partials and O(1) a program; with COMPUTE_GRAD one
     read and one write of the chunk."""
     row = tl.program_id(0).to(tl.int64)
@@ -659,18 +670,18 @@ def cross_entropy_split_kernel(
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
 
-    # 1. The target, and its logit (never addressed with an index out of [0, n_cols)).
+    # 1. The target, and its logit from the partials (written only when t is a class).
     t, valid, bad, w_t = row_target(
         target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    part_row = part_ptr + row * (N_PART * n_chunks + 1)
     if SOFT_TARGET:
         has_t = False
         z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
     else:
         has_t = (t >= 0) & (t < n_cols)
-        z_t = soft_cap(to_acc(tl.load(logits_row + t, mask=has_t, other=0.0), ACC_FP64), softcap, HAS_SOFTCAP)
+        z_t = to_acc(tl.load(part_row + N_PART * n_chunks, mask=has_t, other=0.0), ACC_FP64)
 
     # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order.
-    part_row = part_ptr + row * N_PART * n_chunks
     c = tl.arange(0, CHUNKS_BLOCK)
     m_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64) - float("inf")
     o_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)

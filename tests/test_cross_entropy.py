@@ -885,8 +885,8 @@ def test_split_rows_z_loss_softcap_nan_and_determinism(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_split_rows(dtype):
     """Split forward + backward (mean): the looped path's 2 reads + 1 write of the logits and
-    its stores, plus the partials (2 values a chunk written, all of its row's read by each
-    chunk's program) and O(N * chunks) scalar loads."""
+    its stores, plus the partials (2 values a chunk and z_t written, all of its row's read by
+    each chunk's program) and O(N * chunks) scalar loads."""
     n, c = 3, 200
     logits = torch.randn(n, c).to(dtype).requires_grad_()
     target = torch.randint(0, c, (n,))
@@ -902,13 +902,14 @@ def test_traffic_split_rows(dtype):
     assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n)
     partials = n * chunks * 2 * 4  # (max, sum without the target) a chunk, float32
     # O(N): the targets once (the mean's total, in program (0, 0)), the upstream, the row
-    # losses and the divisor once (the last program's mean); per program (n * chunks of them)
-    # the target in each kernel (8 B twice), z_t (one logit) and the divisor (the gradient's
-    # scale); and each program's read of its row's partials.
-    per_row = n * (8 + 4 + 4) + 4
-    per_program = n * chunks * (8 + 8 + logits.element_size() + 4)
+    # losses and the divisor once (the last program's mean), the target's logit once more (by
+    # the chunk that holds it); per program (n * chunks of them) the target in each kernel
+    # (8 B twice), z_t from the partials and the divisor (the gradient's scale) (4 B each);
+    # and each program's read of its row's partials.
+    per_row = n * (8 + 4 + 4 + logits.element_size()) + 4
+    per_program = n * chunks * (8 + 8 + 4 + 4)
     assert t.bytes_loaded == 2 * logits_bytes + per_row + per_program + chunks * partials
-    assert t.bytes_stored == looped.bytes_stored + partials
+    assert t.bytes_stored == looped.bytes_stored + partials + n * 4  # and z_t, one a row
 
 
 def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
@@ -966,3 +967,21 @@ def test_config_splits_few_long_rows(rows, cols, plain, split):
             assert (cfg.chunks - 1) * cfg.chunk_cols < cols <= cfg.chunks * cfg.chunk_cols
     assert cross_entropy_split(1, 128256, 2, plain=True).chunks == 126
     assert cross_entropy_split(32, 128256, 2, streaming=True).chunks == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_rows_inplace_backward(dtype, device):
+    """inplace_backward with split rows: each program overwrites only its own chunk, and no
+    program reads another chunk's logits after the first launch (the target's logit among
+    them: the stats launch hands it over), so the gradient is the out-of-place one."""
+    n, c = 3, 100
+    x = torch.randn(n, c, device=device).to(dtype)
+    w = torch.eye(c, device=device, dtype=dtype).requires_grad_()
+    target = torch.tensor([90, 5, 40], device=device)  # the last chunk, the first, a middle one
+    grads = []
+    for inplace in (False, True):
+        w.grad = None
+        with config.force_split(16):
+            softmax_gpu.cross_entropy(x @ w, target, label_smoothing=0.1, inplace_backward=inplace).backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -207,14 +207,16 @@ def launch_cross_entropy_split(
     Bytes: the logits read once (twice with grad) and the gradient written once, plus the
     partials: n_rows * chunks * N_PART values written and n_rows * chunks^2 * N_PART read
     (every program reads its row's, from L2), N_PART = 4 with probability targets or
-    smoothing, else 2."""
+    smoothing, else 2; and the target's logit, read twice and written once a row and read
+    once a program. grad may be logits itself."""
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_split_stats_kernel, logits)
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy_split: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     soft = target.is_floating_point()
     acc = _acc_dtype(logits)
-    part = torch.empty((n_rows, 4 if soft or label_smoothing > 0 else 2, split.chunks), dtype=acc, device=logits.device)
+    n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
+    part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     grid = (n_rows, split.chunks)
     common = dict(
