@@ -562,3 +562,11 @@ def test_config_splits_few_long_rows(rows, cols, split):
     assert one.chunks == 126 and one.block_n == 1024  # 126 programs on 132 SMs instead of 1
     with config.no_split():
         assert config.split_rows(1, 128256, 4, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) is None
+
+
+def test_split_rows_opcheck(device):
+    x = torch.randn(2, 70, device=device)
+    with config.force_split(32):
+        torch.library.opcheck(torch.ops.softmax_gpu.softmax_forward.default, (x, 1, False, torch.float32))
+        y = torch.softmax(x, 1)
+        torch.library.opcheck(torch.ops.softmax_gpu.softmax_backward.default, (y, torch.randn_like(y), 1, True))
