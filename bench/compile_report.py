@@ -3,14 +3,15 @@
 For each kernel, dtype and launch configuration the row_config() can produce, this
 compiles through triton.compile with an explicit GPUTarget, then reads the cubin with
 the cuobjdump and nvdisasm that ship inside the triton wheel: registers, local
-(spilled) bytes, shared memory, and whether the global loads and stores are 128-bit
-(LDG.E.128 / STG.E.128). Pointers and row strides are assumed 16-byte aligned, as they
+(spilled) bytes, shared memory, whether the global loads and stores are 128-bit
+(LDG.E.128 / STG.E.128) and how many load and store instructions are narrower ("narrow":
+a row kernel's few scalar loads, its head/tail edge, or a hot loop that did not vectorise). Pointers and row strides are assumed 16-byte aligned, as they
 are for rows whose length is a multiple of 16 elements (the common case the runtime
 specialises on). Then, where nvcc is installed, the CUDA C kernels for CuPy
 (kernels/*.cu) are compiled with every warning an error, and each kernel's registers,
-spills and global load widths are listed. Exits 1 if anything spills, if nvcc fails,
-or if a vectorised CUDA C kernel makes loads narrower than 128 bits beyond its few
-scalar ones.
+spills and global load and store widths are listed. Exits 1 if anything spills, if nvcc
+fails, or if a vectorised CUDA C kernel makes loads or stores narrower than 128 bits beyond
+its few scalar ones (the unaligned head / tail element and the cross-entropy's scalars).
 
     python -m bench.compile_report [--arch 80 90] [--quick]
     python -m bench.compile_report --op ce_fwd_bwd --shape 4096x50257 --dtype bfloat16
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
 
 from softmax_gpu.cuda_source import NVRTC_OPTIONS, SOURCES, kernels_folder
 
@@ -45,6 +47,7 @@ class Variant:
     num_warps: int
     aligned: tuple = ()  # argument names assumed divisible by 16
     num_stages: int = 3  # triton's default software-pipeline depth
+    maxnreg: Optional[int] = None  # the register cap the launcher passes (config.max_registers)
 
     @property
     def label(self) -> str:
@@ -64,6 +67,19 @@ def block_plan(max_block: int, quick: bool, loop_block=None):
     if quick:
         sizes = [sizes[0], min(1024, max_block), max_block]
     return [(b, True) for b in sizes] + [(loop_block or max_block, False)]
+
+
+def vector_plan(itemsize: int, block: int, single: bool):
+    """(VEC, HAS_EDGE) pairs to compile for a row kernel of `itemsize`-byte elements
+    (config.vectors): the aligned body with the head/tail edge everywhere; and for the
+    widest single blocks and the looped ones, where registers run short, also the edge-free
+    variant (widths that are whole vectors) and VEC=1 (row strides that disagree modulo a
+    vector). `python -m bench.compile_report --op` compiles the exact variant of a call."""
+    vec = 16 // itemsize
+    pairs = [(vec, True)]
+    if block >= 8192 or not single:
+        pairs += [(vec, False), (1, False)]
+    return pairs
 
 
 def softmax_variants(quick: bool):
@@ -96,20 +112,22 @@ def softmax_variants(quick: bool):
                     (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
                 ]
                 for block, single, rows in plan:
-                    sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (
-                        ("n_rows", "i32"), ("n_cols", "i32"))
-                    meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single), ("ACC_FP64", dtype == "fp64"),
-                            ("ROWS", rows))  # fmt: skip
-                    warps = config.warps_for(block * rows, itemsize)
-                    yield Variant(
-                        "softmax_gpu.kernels.softmax",
-                        kernel,
-                        dtype,
-                        sig + tuple((k, "constexpr") for k, _ in meta),
-                        meta,
-                        warps,
-                        aligned=ptrs + strides + ("n_cols",),
-                    )
+                    for vec, edge in vector_plan(int(ptr_type[-2:]) // 8, block * rows, single):
+                        sig = tuple((p, ptr_type) for p in ptrs) + tuple((s, "i64") for s in strides) + (
+                            ("n_rows", "i32"), ("n_cols", "i32"))
+                        meta = (("LOG", log), ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                                ("ACC_FP64", dtype == "fp64"), ("ROWS", rows), ("VEC", vec), ("HAS_EDGE", edge))
+                        warps = config.warps_for(block * rows, itemsize)
+                        yield Variant(
+                            "softmax_gpu.kernels.softmax",
+                            kernel,
+                            dtype,
+                            sig + tuple((k, "constexpr") for k, _ in meta),
+                            meta,
+                            warps,
+                            aligned=ptrs + strides + ("n_cols",),
+                            maxnreg=config.max_registers(warps),
+                        )
 
 
 # Feature sets of the cross-entropy kernel worth compiling: the plain training case (with
@@ -142,15 +160,22 @@ def cross_entropy_variants(quick: bool):
                 if flags["SOFT_TARGET"] and not grad:
                     continue
                 plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
-                for block, single in block_plan(
+                wide = plain and not flags["HAS_SOFTCAP"]  # as softmax_gpu.ops.cross_entropy.cross_entropy_config
+                plan = block_plan(
                     config.block_cap(
-                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
+                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if wide else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
                     ),
                     quick or flags["HAS_WEIGHT"] or flags["HAS_Z_LOSS"],
                     config.block_cap(
                         config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
                     ),
-                ):
+                )
+                # short single-block rows take several rows a program (config.short_rows)
+                plan = [(b, single, 1) for b, single in plan] + [
+                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
+                ]
+                for block, single, rows in plan:
+                    warps = config.warps_for(block * rows, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                     sig = (
                         ("logits_ptr", ptr),
                         ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
@@ -175,20 +200,21 @@ def cross_entropy_variants(quick: bool):
                         ("z_loss_lo", "fp32"),
                         ("softcap_lo", "fp32"),
                     )
-                    meta = tuple(flags.items()) + (
-                        # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
-                        # both values compile, without doubling the report's time.
-                        ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
-                        ("SAVE_STATS", grad and deferred),
-                        # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
-                        ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
-                        ("BLOCK_N", block), ("SINGLE_BLOCK", single),
-                        ("REDUCE_BLOCK", config.reduce_block(
-                            config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY))),
-                    )  # fmt: skip
-                    warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                    yield Variant(module, "cross_entropy_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                                  meta, warps, aligned=aligned)
+                    for vec, edge in vector_plan(int(ptr[-2:]) // 8, block * rows, single):
+                        meta = tuple(flags.items()) + (
+                            # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
+                            # both values compile, without doubling the report's time.
+                            ("COMPUTE_GRAD", grad and not deferred), ("DIVIDE_GRAD", grad and index % 2 == 0),
+                            ("SAVE_STATS", grad and deferred),
+                            # the reduction (the last program's sum) alternates like DIVIDE_GRAD: mean, none, sum
+                            ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
+                            ("BLOCK_N", block), ("SINGLE_BLOCK", single),
+                            ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge),
+                            ("ROWS", rows),
+                        )  # fmt: skip
+                        yield Variant(module, "cross_entropy_kernel", dtype,
+                                      sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
+                                      maxnreg=config.max_registers(warps))
             if deferred and (index == 0 or not quick):
                 block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
                 sig = (
@@ -199,12 +225,15 @@ def cross_entropy_variants(quick: bool):
                     ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
                     ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"),
                 )  # fmt: skip
-                meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
-                    ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", dtype == "fp64"), ("BLOCK_N", block),
-                )  # fmt: skip
-                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                yield Variant(module, "cross_entropy_backward_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+                for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", dtype == "fp64"), ("BLOCK_N", block),
+                        ("VEC", vec), ("HAS_EDGE", edge),
+                    )  # fmt: skip
+                    warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                    yield Variant(module, "cross_entropy_backward_kernel", dtype,
+                                  sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
+                                  maxnreg=config.max_registers(warps))
         for soft, has_weight in ((False, False), (False, True), (True, False)):
             sig = (
                 ("target_ptr", ptr if soft else "*i64"), ("weight_ptr", "*fp32"), ("total_ptr", acc),
@@ -219,10 +248,13 @@ def cross_entropy_variants(quick: bool):
             continue
         for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
-                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"))
+                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"), ("VEC", "constexpr"),
+                   ("HAS_EDGE", "constexpr"))  # fmt: skip
             warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-            yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block),), warps,
-                          aligned=("grad_ptr", "grad_row_stride", "n_cols"))
+            for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
+                yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block), ("VEC", vec),
+                              ("HAS_EDGE", edge)), warps, aligned=("grad_ptr", "grad_row_stride", "n_cols"),
+                              maxnreg=config.max_registers(warps))
 
 
 # Fused linear cross-entropy: the plain training case and every option at once (class
@@ -348,45 +380,68 @@ def split_blocks(loop_block: int, itemsize: int, quick: bool):
     return sorted({sizes[0], sizes[-1]}) if quick else sizes
 
 
+def split_vectors(itemsize: int, widest: bool, worst: bool):
+    """(VEC, HAS_EDGE) pairs of a split kernel (config.vectors): the aligned body with the edge
+    in chunk 0's program everywhere (the edge-free variant only drops it), and VEC=1 (row
+    strides that disagree modulo a vector) at a kernel's widest block, where the register cap
+    is lowest, for its register-heaviest options only."""
+    return [(16 // itemsize, True)] + [(1, False)] * (widest and worst)
+
+
 def split_variants(quick: bool):
-    """The split-row kernels (few long rows) at every block width split_rows() can give, the
-    combine at its widest (config.SPLIT_MAX_CHUNKS partials a step)."""
+    """The split-row kernels (few long rows), lean: each at every block width split_rows()
+    can give (warps, and so the register cap, grow with the width), the combine at its widest
+    (config.SPLIT_MAX_CHUNKS partials a step). Softmax in float32, bfloat16 and float64
+    (float16 compiles to bfloat16's code); cross-entropy in every dtype (float16 defers its
+    gradient) and every CE_FLAG_SETS entry (the plain ones at the plain variant's widths)."""
     from softmax_gpu import config
 
     chunks_block = config.SPLIT_MAX_CHUNKS
     dims = (("n_cols", "i32"), ("chunk_cols", "i32"), ("n_chunks", "i32"))
+
+    def variant(module, kernel, dtype, sig, meta, warps, aligned):
+        """A Variant; `aligned` names what is 16-byte aligned among the split kernels' arguments."""
+        return Variant(module, kernel, dtype, sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                       aligned=tuple(a for a in aligned if any(a == n for n, _ in sig)),
+                       maxnreg=config.max_registers(warps))  # fmt: skip
+
     for dtype, ptr in DTYPES.items():
-        itemsize = 8 if dtype == "fp64" else 4
+        bits = int(ptr[-2:])
+        itemsize = 8 if dtype == "fp64" else 4  # as split_rows() sees the accumulation width
         acc = "*fp64" if dtype == "fp64" else "*fp32"
         fp64 = dtype == "fp64"
         module = "softmax_gpu.kernels.softmax"
-        for block in split_blocks(config.LOOP_BLOCK_SOFTMAX_FWD, itemsize, quick):
-            warps = config.warps_for(block, itemsize)
-            sig = (("x_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64")) + dims
-            meta = (("BLOCK_N", block), ("ACC_FP64", fp64))
-            yield Variant(module, "softmax_split_stats_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                          meta, warps, aligned=("x_ptr", "x_row_stride", "n_cols", "chunk_cols"))
-            for log in (False, True):
-                sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64"),
-                       ("y_row_stride", "i64")) + dims
-                meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64))
-                yield Variant(module, "softmax_split_fwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                              meta, warps, aligned=("x_ptr", "y_ptr", "x_row_stride", "y_row_stride", "n_cols",
-                                                    "chunk_cols"))  # fmt: skip
-        for block in split_blocks(config.LOOP_BLOCK_SOFTMAX_BWD, itemsize, quick):
-            warps = config.warps_for(block, itemsize)
-            for log in (False, True):
-                sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("part_ptr", acc), ("y_row_stride", "i64"),
-                       ("dy_row_stride", "i64")) + dims
-                meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64))
-                aligned = ("y_ptr", "dy_ptr", "y_row_stride", "dy_row_stride", "n_cols", "chunk_cols")
-                yield Variant(module, "softmax_split_bwd_stats_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
-                sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", acc), ("y_row_stride", "i64"),
-                       ("dy_row_stride", "i64"), ("dx_row_stride", "i64")) + dims
-                meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64))
-                yield Variant(module, "softmax_split_bwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                              meta, warps, aligned=aligned + ("dx_ptr", "dx_row_stride"))
+        if dtype != "fp16":
+            blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_FWD, itemsize, quick)
+            aligned = ("x_ptr", "y_ptr", "x_row_stride", "y_row_stride", "n_cols", "chunk_cols")
+            for block in blocks:
+                warps = config.warps_for(block, itemsize)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
+                    sig = (("x_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64")) + dims
+                    meta = (("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
+                    yield variant(module, "softmax_split_stats_kernel", dtype, sig, meta, warps, aligned)
+                    for log in (False, True) if edge else (False,):
+                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64"),
+                               ("y_row_stride", "i64")) + dims  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        yield variant(module, "softmax_split_fwd_kernel", dtype, sig, meta, warps, aligned)
+            blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_BWD, itemsize, quick)
+            aligned = ("y_ptr", "dy_ptr", "dx_ptr", "y_row_stride", "dy_row_stride", "dx_row_stride", "n_cols",
+                       "chunk_cols")  # fmt: skip
+            for block in blocks:
+                warps = config.warps_for(block, itemsize)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
+                    for log in (False, True) if edge else (False,):
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("part_ptr", acc), ("y_row_stride", "i64"),
+                               ("dy_row_stride", "i64")) + dims  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
+                        yield variant(module, "softmax_split_bwd_stats_kernel", dtype, sig, meta, warps, aligned)
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", acc),
+                               ("y_row_stride", "i64"), ("dy_row_stride", "i64"), ("dx_row_stride", "i64")) + dims
+                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        yield variant(module, "softmax_split_bwd_kernel", dtype, sig, meta, warps, aligned)
         module = "softmax_gpu.kernels.cross_entropy"
         deferred = dtype in ("fp16", "fp64")
         aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
@@ -396,46 +451,53 @@ def split_variants(quick: bool):
             loop = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY
             target = ptr if flags["SOFT_TARGET"] else "*i64"
             reduce = (2, 0, 1)[index % 3]
-            for block in split_blocks(loop, itemsize, quick):
+            # the register-heaviest: the plain variant with its options (the widest blocks) and
+            # probability targets with every option
+            worst = index in (1, 3)
+            blocks = split_blocks(loop, itemsize, quick)
+            for block in blocks:
                 warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
-                       ("total_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
-                       ("target_row_stride", "i64"), ("n_rows", "i32")) + dims + (
-                       ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
-                       ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
-                meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
-                    ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block), ("PREPARE_BLOCK", config.reduce_block(warps)))
-                yield Variant(module, "cross_entropy_split_stats_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
-                              aligned=tuple(a for a in aligned if a != "grad_row_stride" and a != "grad_ptr"))
-                sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
-                       ("loss_ptr", acc), ("lse_ptr", acc), ("grad_ptr", ptr), ("stats_ptr", acc),
-                       ("reduced_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
-                       ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("grad_divisor_ptr", acc),
-                       ("n_rows", "i32")) + dims + (
-                       ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("z_loss", "fp32"), ("softcap", "fp32"),
-                       ("label_smoothing_lo", "fp32"), ("z_loss_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
-                meta = tuple(flags.items()) + (
-                    ("COMPUTE_GRAD", not deferred), ("DIVIDE_GRAD", not deferred and index % 2 == 0),
-                    ("SAVE_STATS", deferred), ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
-                    ("CHUNKS_BLOCK", chunks_block), ("REDUCE_BLOCK", config.reduce_block(warps)),
-                )  # fmt: skip
-                yield Variant(module, "cross_entropy_split_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], worst):
+                    sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
+                           ("total_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
+                           ("target_row_stride", "i64"), ("n_rows", "i32")) + dims + (
+                           ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
+                           ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
+                        ("PREPARE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                    yield variant(module, "cross_entropy_split_stats_kernel", dtype, sig, meta, warps, aligned)
+                    sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
+                           ("loss_ptr", acc), ("lse_ptr", acc), ("grad_ptr", ptr), ("stats_ptr", acc),
+                           ("reduced_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
+                           ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("grad_divisor_ptr", acc),
+                           ("n_rows", "i32")) + dims + (
+                           ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
+                           ("softcap", "fp32"), ("label_smoothing_lo", "fp32"), ("z_loss_lo", "fp32"),
+                           ("softcap_lo", "fp32"))  # fmt: skip
+                    meta = tuple(flags.items()) + (
+                        ("COMPUTE_GRAD", not deferred), ("DIVIDE_GRAD", not deferred and index % 2 == 0),
+                        ("SAVE_STATS", deferred), ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
+                        ("CHUNKS_BLOCK", chunks_block), ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec),
+                        ("HAS_EDGE", edge),
+                    )  # fmt: skip
+                    yield variant(module, "cross_entropy_split_kernel", dtype, sig, meta, warps, aligned)
             if deferred:
                 block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
-                sig = (
-                    ("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("stats_ptr", acc),
-                    ("upstream_ptr", acc), ("grad_divisor_ptr", acc), ("grad_ptr", ptr), ("logits_row_stride", "i64"),
-                    ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("upstream_stride", "i64"),
-                    ("n_cols", "i32"), ("chunk_cols", "i32"), ("ignore_index", "i64"), ("label_smoothing", "fp32"),
-                    ("softcap", "fp32"), ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"),
-                )  # fmt: skip
-                meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
-                    ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", fp64), ("BLOCK_N", block))
                 warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                yield Variant(module, "cross_entropy_split_backward_kernel", dtype,
-                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned)
+                for vec, edge in split_vectors(bits // 8, True, worst):
+                    sig = (
+                        ("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("stats_ptr", acc),
+                        ("upstream_ptr", acc), ("grad_divisor_ptr", acc), ("grad_ptr", ptr),
+                        ("logits_row_stride", "i64"), ("target_row_stride", "i64"), ("grad_row_stride", "i64"),
+                        ("upstream_stride", "i64"), ("n_cols", "i32"), ("chunk_cols", "i32"), ("ignore_index", "i64"),
+                        ("label_smoothing", "fp32"), ("softcap", "fp32"), ("label_smoothing_lo", "fp32"),
+                        ("softcap_lo", "fp32"),
+                    )  # fmt: skip
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", fp64), ("BLOCK_N", block), ("VEC", vec),
+                        ("HAS_EDGE", edge))  # fmt: skip
+                    yield variant(module, "cross_entropy_split_backward_kernel", dtype, sig, meta, warps, aligned)
 
 
 def all_variants(quick: bool):
@@ -456,6 +518,7 @@ class Report:
     ldg128: bool
     stg128: bool
     mma: str  # tensor-core instructions in the SASS: "HGMMA" (wgmma, sm_90), "HMMA" (mma.sync), or "-"
+    narrow: tuple = (0, 0)  # global loads and stores narrower than 128 bits in the SASS (instructions)
 
 
 def _tool(name: str) -> str:
@@ -477,7 +540,10 @@ def compile_one(job):
     names = [name for name, _ in variant.signature]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in variant.aligned}
     src = ASTSource(fn, dict(variant.signature), dict(variant.constexprs), attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    if variant.maxnreg is not None:
+        options["maxnreg"] = variant.maxnreg
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -493,6 +559,7 @@ def compile_one(job):
         ldg128="LDG.E.128" in sass,
         stg128="STG.E.128" in sass,
         mma=next((op for op in ("HGMMA", "HMMA") if op in sass), "-"),
+        narrow=tuple(sum(".128" not in o for o in re.findall(rf"\b{op}\.E[.A-Z0-9_]*", sass)) for op in ("LDG", "STG")),
     )
 
 
@@ -506,12 +573,13 @@ def run(archs=(80, 90), quick=False, jobs=None):
 
 def format_table(reports) -> str:
     lines = [f"{'kernel':<26}{'sm':>4} {'dtype':<6}{'regs':>5}{'local':>6}{'smem':>7}  {'128-bit ld/st':<14}"
-             f"{'mma':<6}config"]  # fmt: skip
+             f"{'narrow':<8}{'mma':<6}config"]  # fmt: skip
     for r in reports:
         wide = f"{'yes' if r.ldg128 else 'no'}/{'yes' if r.stg128 else 'no'}"
+        narrow = f"{r.narrow[0]}/{r.narrow[1]}"
         lines.append(
             f"{r.variant.kernel:<26}{r.arch:>4} {r.variant.dtype:<6}{r.regs:>5}{r.local:>6}{r.shared:>7}  "
-            f"{wide:<14}{r.mma:<6}{r.variant.label}"
+            f"{wide:<14}{narrow:<8}{r.mma:<6}{r.variant.label}"
         )
     return "\n".join(lines)
 
@@ -520,9 +588,12 @@ def format_table(reports) -> str:
 # CUDA C kernels for CuPy (kernels/*.cu), compiled with nvcc
 # ---------------------------------------------------------------------------------------
 
-# Scalar loads a vectorised kernel may make outside its main loops: the cross-entropy row's
-# target index, the gradient scale and the target logit.
-SCALAR_LOADS_ALLOWED = {"cross_entropy": 3, "softmax": 0}
+# Scalar accesses a vectorised kernel may make outside its 128-bit body: one edge element (a
+# row's unaligned head or its tail, softmax_common.cuh's RowSplit) per array read or written,
+# and the cross-entropy row's target index, gradient scale and target logit (loads) and its
+# loss and lse (stores). Any more means a body access was split.
+SCALAR_LOADS_ALLOWED = {"softmax_fwd": 1, "softmax_bwd": 2, "cross_entropy": 1 + 3}
+SCALAR_STORES_ALLOWED = {"softmax_fwd": 1, "softmax_bwd": 1, "cross_entropy": 1 + 2}
 
 
 @dataclasses.dataclass
@@ -533,19 +604,28 @@ class CudaReport:
     local: int
     shared: int
     loads: dict  # LDG opcode -> count
+    stores: dict = dataclasses.field(default_factory=dict)  # STG opcode -> count
 
     @property
     def vector_width(self) -> int:
         return int(self.kernel.rsplit("_v", 1)[1])
 
+    def _narrow(self, ops: dict, allowances: dict) -> int:
+        if self.vector_width == 1:
+            return 0
+        narrow = sum(n for op, n in ops.items() if ".128" not in op)
+        allowed = next(v for k, v in allowances.items() if self.kernel.startswith(k))
+        return max(0, narrow - allowed)
+
     @property
     def unvectorised_loads(self) -> int:
         """Loads narrower than 128 bits beyond the allowance, in a kernel meant to be vectorised."""
-        if self.vector_width == 1:
-            return 0
-        narrow = sum(n for op, n in self.loads.items() if ".128" not in op)
-        allowed = next(v for k, v in SCALAR_LOADS_ALLOWED.items() if self.kernel.startswith(k))
-        return max(0, narrow - allowed)
+        return self._narrow(self.loads, SCALAR_LOADS_ALLOWED)
+
+    @property
+    def unvectorised_stores(self) -> int:
+        """Stores narrower than 128 bits beyond the allowance, in a kernel meant to be vectorised."""
+        return self._narrow(self.stores, SCALAR_STORES_ALLOWED)
 
 
 def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
@@ -560,18 +640,20 @@ def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-    reports, loads = [], {}
+    reports, loads, stores = [], {}, {}
     current = None
-    for token in re.findall(r"Function : (\w+)|(LDG\.E[.\w]*)", sass):
-        if token[0]:
-            current = token[0]
-            loads[current] = {}
+    for function, load, store in re.findall(r"Function : (\w+)|(LDG\.E[.\w]*)|(STG\.E[.\w]*)", sass):
+        if function:
+            current = function
+            loads[current], stores[current] = {}, {}
+        elif load:
+            loads[current][load] = loads[current].get(load, 0) + 1
         else:
-            loads[current][token[1]] = loads[current].get(token[1], 0) + 1
+            stores[current][store] = stores[current].get(store, 0) + 1
     for name, fields in re.findall(r"Function (\w+):\s*\n\s*(.*)", usage.stdout):
         f = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", fields))
         reports.append(CudaReport(name, arch, int(f["REG"]), int(f["LOCAL"]) + int(f.get("STACK", 0)),
-                                  int(f["SHARED"]), loads.get(name, {})))  # fmt: skip
+                                  int(f["SHARED"]), loads.get(name, {}), stores.get(name, {})))  # fmt: skip
     return sorted(reports, key=lambda r: r.kernel)
 
 
@@ -589,11 +671,12 @@ def cuda_run(archs=(80, 90)):
 
 
 def format_cuda_table(reports) -> str:
-    lines = [f"{'CUDA C kernel':<26}{'sm':>4} {'regs':>5}{'local':>6}{'smem':>7}  global loads"]
+    lines = [f"{'CUDA C kernel':<28}{'sm':>4} {'regs':>5}{'local':>6}{'smem':>7}  global loads | stores"]
     for r in reports:
         loads = " ".join(f"{op}x{n}" for op, n in sorted(r.loads.items()))
-        flag = "  UNVECTORISED" if r.unvectorised_loads else ""
-        lines.append(f"{r.kernel:<26}{r.arch:>4} {r.regs:>5}{r.local:>6}{r.shared:>7}  {loads}{flag}")
+        stores = " ".join(f"{op}x{n}" for op, n in sorted(r.stores.items()))
+        flag = "  UNVECTORISED" if r.unvectorised_loads or r.unvectorised_stores else ""
+        lines.append(f"{r.kernel:<28}{r.arch:>4} {r.regs:>5}{r.local:>6}{r.shared:>7}  {loads} | {stores}{flag}")
     return "\n".join(lines)
 
 
@@ -644,7 +727,7 @@ def _variant(kernel, kwargs) -> Variant:
             raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
     dtype = next((_TYPE_CODES[str(v.dtype).split(".")[-1]] for v in kwargs.values() if hasattr(v, "dtype")), "-")
     return Variant(fn.__module__, fn.__name__, dtype, tuple(signature), tuple(constexprs),
-                   kwargs.get("num_warps", 4), aligned=tuple(aligned))  # fmt: skip
+                   kwargs.get("num_warps", 4), aligned=tuple(aligned), maxnreg=kwargs.get("maxnreg"))  # fmt: skip
 
 
 def exact_launches(op: str, shape: tuple, dtype: str) -> list:
@@ -744,10 +827,10 @@ def main(argv=None) -> int:
     else:
         print("\n" + format_cuda_table(cuda))
     spills += [r for r in cuda if r.local]
-    narrow = [r for r in cuda if r.unvectorised_loads]
+    narrow = [r for r in cuda if r.unvectorised_loads or r.unvectorised_stores]
     total = len(reports) + len(cuda)
     print(f"\n{total} configurations compiled, {len(spills)} spill registers to local memory, "
-          f"{len(narrow)} vectorised CUDA C kernels with narrow loads")
+          f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores")
     return 1 if spills or narrow else 0
 
 

@@ -23,7 +23,9 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import LOG2E, acc_zeros, merge_stats, online_step, reduce_lanes, to_acc
+from .softmax import (
+    LOG2E, acc_zeros, edge_cols, merge_stats, online_step, reduce_lanes, row_layout, split_edge, to_acc, vec_offset,
+)
 
 
 @triton.jit
@@ -46,114 +48,109 @@ def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_logits(row_ptr, cols, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Soft-capped logits of one block in the accumulation dtype; lanes past the row are -inf."""
-    mask = cols < n_cols
-    x = to_acc(tl.load(row_ptr + cols, mask=mask, other=-float("inf")), ACC_FP64)
+def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off."""
+    x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf")), ACC_FP64)
     return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
 
 
 @triton.jit
-def load_target_block(
-    row_ptr, cols, n_cols, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr, ACC_FP64: tl.constexpr
-):
-    """Probability targets of one block, smoothed: p' = (1 - eps) p + eps / C; 0 past the row."""
-    mask = cols < n_cols
-    p = to_acc(tl.load(row_ptr + cols, mask=mask, other=0.0), ACC_FP64)
+def load_target_block(ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Probability targets at ptrs, smoothed: p' = (1 - eps) p + eps / C; 0 where mask is off."""
+    p = to_acc(tl.load(ptrs, mask=mask, other=0.0), ACC_FP64)
     if HAS_SMOOTHING:
         p = tl.where(mask, (1.0 - label_smoothing) * p + label_smoothing * inv_classes, 0.0)
     return p
 
 
 @triton.jit
-def load_weight_block(weight_ptr, cols, n_cols, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
-    """Class weights of one block (1.0 without weights); 0 past the row."""
-    mask = cols < n_cols
+def load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
+    """Class weights of the classes cls (1.0 without weights); 0 where mask is off."""
     if HAS_WEIGHT:
-        return to_acc(tl.load(weight_ptr + cols, mask=mask, other=0.0), ACC_FP64)
+        return to_acc(tl.load(weight_ptr + cls, mask=mask, other=0.0), ACC_FP64)
     else:
         return tl.where(mask, 1.0, 0.0)
 
+
 @triton.jit
 def block_terms(
-    logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+    logit_ptrs, target_ptrs, weight_ptr, cls, mask, t, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_FP64: tl.constexpr,
 ):
-    """One block's logits z and its share of the loss's linear terms, per lane:
-    z_t where the lane holds the target class, w_j z_j and w_j (smoothing) or
-    w_j p'_j z_j and w_j p'_j (probability targets); zeros where unused."""
-    z = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
-    in_row = cols < n_cols - start
+    """One block's logits z (lanes at logit_ptrs, of classes cls, live where mask) and its
+    share of the loss's linear terms, per lane: z_t where the lane holds the target class,
+    w_j z_j and w_j (smoothing) or w_j p'_j z_j and w_j p'_j (probability targets at
+    target_ptrs); zeros where unused."""
+    z = load_logits(logit_ptrs, mask, softcap, HAS_SOFTCAP, ACC_FP64)
     zero = tl.zeros_like(z)
     z_t = zero
     wz = zero
     w = zero
     if SOFT_TARGET:
-        p = load_target_block(
-            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
-        w = p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
-        wz = tl.where(in_row, w * z, 0.0)
+        p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        w = p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+        wz = tl.where(mask, w * z, 0.0)
     else:
-        z_t = tl.where(cols + start == t, z, 0.0)
+        z_t = tl.where(cls == t, z, 0.0)
         if HAS_SMOOTHING:
-            w = load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
-            wz = tl.where(in_row, w * z, 0.0)
+            w = load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
+            wz = tl.where(mask, w * z, 0.0)
     return z, z_t, wz, w
 
 
 @triton.jit
 def store_grad_block(
-    grad_row, target_row, weight_ptr, z, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t, w_t, valid,
-    bad, label_smoothing, inv_classes, softcap,
+    grad_ptrs, target_ptrs, weight_ptr, cls, mask, z, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+    label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ACC_FP64: tl.constexpr,
 ):
-    """Writes d loss / d x for one block: q_j * coef minus the target terms, times dz/dx and scale.
+    """Writes d loss / d x for one block (lanes at grad_ptrs, of classes cls, live where mask):
+    q_j * coef minus the target terms, times dz/dx and scale.
 
-    q_j = e^(z_j - m) / d from the row maximum m and sum d, not e^(z_j - lse): lse rounded
+    q_j = e^(z_j - m) / d from the row maximum m and 1/d, not e^(z_j - lse): lse rounded
     to float32 loses |lse| * 6e-8 absolute, which for logits near 1e4 is 6e-4 relative in q.
     The target class's q_t * coef - c_t (c_t = (1 - eps) w_t) is computed as
     q_t (coef - c_t) - c_t * other_over_d, with other_over_d = sum_{j != t} q_j = 1 - q_t
     summed directly: q_t - 1 cancels to 0 in float32 once q_t > 1 - 6e-8 (a confident row),
     while the sum of the other classes keeps its relative accuracy. The scale (the upstream
     gradient over the mean's divisor) is applied before the one rounding to the store dtype."""
-    in_row = cols < n_cols - start
     q = tl.exp2((z - m) * LOG2E) * inv_d
     if SOFT_TARGET:
         g = q * coef
-        p = load_target_block(
-            target_row + start, cols, n_cols - start, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
-        g -= p * load_weight_block(weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
+        p = load_target_block(target_ptrs, mask, label_smoothing, inv_classes, HAS_SMOOTHING, ACC_FP64)
+        g -= p * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     else:
         c_t = (1.0 - label_smoothing) * w_t
-        g = tl.where(cols + start == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
+        g = tl.where(cls == t, q * (coef - c_t) - c_t * other_over_d, q * coef)
         if HAS_SMOOTHING:
-            g -= label_smoothing * inv_classes * load_weight_block(
-                weight_ptr + start, cols, n_cols - start, HAS_WEIGHT, ACC_FP64)
+            g -= label_smoothing * inv_classes * load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT, ACC_FP64)
     if HAS_SOFTCAP:
         g *= 1.0 - (z / softcap) * (z / softcap)
     # Ignored rows get 0, except where g is NaN (a NaN logit in the row): torch's gradient
     # there is 0 * NaN = NaN too, though the row's loss is 0.
     g = tl.where(valid, g * scale, tl.where(g == g, 0.0, g))
     g = tl.where(bad, float("nan"), g)
-    tl.store(grad_row + start + cols, g.to(grad_row.dtype.element_ty), mask=in_row)
+    tl.store(grad_ptrs, g.to(grad_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def row_target(target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index,
+def row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols, ignore_index,
                SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, ACC_FP64: tl.constexpr):
-    """(t, valid, bad, w_t) of one row: its class index (-1 for probabilities), whether it
-    counts (not ignore_index), whether it is out of range (its loss and gradient become NaN;
-    it is never used as an address unmasked) and its class weight (0 when ignored)."""
+    """(t, valid, bad, w_t) of a row, or of each row of a vector `row` (those past the end,
+    where row_ok is off, read nothing and count as ignored): its class index (-1 for
+    probabilities), whether it counts (not ignore_index), whether it is out of range (its
+    loss and gradient become NaN; it is never used as an address unmasked) and its class
+    weight (0 when ignored)."""
     if SOFT_TARGET:
-        t = -1
-        valid = True
-        bad = False
-        w_t = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+        t = row * 0 - 1
+        valid = row_ok
+        bad = t >= 0
+        w_t = to_acc(tl.where(row_ok, 1.0, 1.0), ACC_FP64)
     else:
-        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
-        valid = t != ignore_index
+        t = tl.load(target_ptr + row * target_row_stride, mask=row_ok, other=ignore_index).to(tl.int64)
+        valid = row_ok & (t != ignore_index)
         in_range = (t >= 0) & (t < n_cols)
         bad = valid & (~in_range)
         if HAS_WEIGHT:
@@ -186,15 +183,18 @@ def row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_clas
 
 
 @triton.jit
-def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
+def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, n_joining, DIVIDE: tl.constexpr,
                 ACC_FP64: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
-    """The last program to finish sums loss_ptr[0:n_rows] in row order (divided by
-    *divisor_ptr when DIVIDE) into *reduced_ptr. The barrier puts this program's loss store
-    before its release on the counter; the acquire of the last program's atomic, and loads
-    that bypass L1 (.cg), make every other program's loss visible to it."""
+    """The last of the n_joining programs that call this to finish sums loss_ptr[0:n_rows] in
+    row order (divided by *divisor_ptr when DIVIDE) into *reduced_ptr. n_joining counts
+    programs, not rows: every program of a one-dimensional grid whose programs may hold
+    several rows (tl.num_programs(0)), or one program a row of a split grid. The barrier puts
+    this program's loss stores before its release on the counter; the acquire of the last
+    program's atomic, and loads that bypass L1 (.cg), make every other program's loss visible
+    to it."""
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if done == n_rows - 1:
+    if done == n_joining - 1:
         r = tl.arange(0, REDUCE_BLOCK)
         acc = acc_zeros(REDUCE_BLOCK, ACC_FP64)
         for start in range(0, n_rows, REDUCE_BLOCK):
@@ -204,6 +204,35 @@ def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE:
         if DIVIDE:
             total = total / to_acc(tl.load(divisor_ptr), ACC_FP64)
         tl.store(reduced_ptr, total.to(reduced_ptr.dtype.element_ty))
+
+
+@triton.jit
+def row_outputs(loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz,
+                n_cols, label_smoothing, inv_classes, z_loss,
+                SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr,
+                KEEP_OTHER: tl.constexpr, SAVE_STATS: tl.constexpr):
+    """Stores the loss and lse of a row (or of each row of a vector `rows`, where row_ok) and,
+    with SAVE_STATS, its 4 statistics; returns (1/d, sum_{j != t} q_j, coef) for the gradient.
+    With KEEP_OTHER, d arrives as the sum without the target class (`other`) and gets the
+    target's e^(z_t - m) added back: a sum of positive terms, no cancellation, and no second
+    per-lane sum to hold (the widest plain block spilled with one). Whenever t is a class,
+    ignored or not, its lane was left out of `other`."""
+    if KEEP_OTHER:
+        d = other + tl.where((t >= 0) & (t < n_cols), tl.exp2((z_t - m) * LOG2E), 0.0)
+    log_d = tl.log(d)
+    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
+                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
+    tl.store(loss_ptr + rows, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(lse_ptr + rows, (m + log_d).to(lse_ptr.dtype.element_ty), mask=row_ok)
+    inv_d = 1.0 / d
+    other_over_d = other * inv_d
+    if SAVE_STATS:
+        stats_row = stats_ptr + rows * 4
+        tl.store(stats_row, m.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 1, inv_d.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 2, other_over_d.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty), mask=row_ok)
+    return inv_d, other_over_d, coef
 
 
 @triton.jit
@@ -290,8 +319,11 @@ def cross_entropy_kernel(
     BLOCK_N: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+    ROWS: tl.constexpr = 1,
 ):
-    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of row r = program_id(0).
+    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
 
     logits_ptr: (n_rows, n_cols) rows, column stride 1, row stride logits_row_stride.
     target_ptr: class index per row (int32/int64, stride target_row_stride), or with
@@ -315,13 +347,15 @@ def cross_entropy_kernel(
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
-    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) on the single-block path; the
-    looped path reads the row twice when it writes the gradient.
+    VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
+        (kernels/softmax.py); the logits, gradient and probability-target row strides agree
+        modulo VEC.
+    ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only), so that short rows
+        still give each thread 16-byte loads.
+    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
+    single-block path; the looped path reads the row's body twice when it writes the gradient.
     """
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * logits_row_stride
-    target_row = target_ptr + row * target_row_stride  # used only for probability targets
-    grad_row = grad_ptr + row * grad_row_stride
+    pid = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
@@ -329,91 +363,154 @@ def cross_entropy_kernel(
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
+    scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+    if COMPUTE_GRAD and DIVIDE_GRAD:
+        scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
 
-    # 1. The target: its class index, whether the row counts, and its weight.
-    t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
-
-    # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
     if SINGLE_BLOCK:
-        z, zt_lane, wz_lane, w_lane = block_terms(
-            logits_row, target_row, weight_ptr, 0, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+        # One read of ROWS rows held in registers, [ROWS, BLOCK_N]; per-row values are [ROWS].
+        rows = pid * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        # 1. The targets: class index, whether the row counts, its weight.
+        t, valid, bad, w_t = row_target(target_ptr, weight_ptr, rows, row_ok, target_row_stride, n_cols,
+                                        ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        # 2. lse and the loss's linear terms; the body's lanes are columns shift + cols, the edge's e_cls.
+        logits_body, shift, n_body = row_layout(rows, logits_row_stride, n_cols, VEC, HAS_EDGE)
+        target_body = vec_offset(rows, target_row_stride, VEC)
+        grad_body = vec_offset(rows, grad_row_stride, VEC)
+        mask = row_ok[:, None] & (cols[None, :] < n_body[:, None])
+        cls = shift[:, None] + cols[None, :]
+        z, _zt, wz, w = block_terms(
+            logits_ptr + logits_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
+            weight_ptr, cls, mask, t[:, None], label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
-        m = tl.max(z, axis=0)
-        e = tl.exp2((z - m) * LOG2E)
+        m = tl.max(z, axis=1)
+        if HAS_EDGE:
+            e_cls, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
+            e_mask = row_ok[:, None] & e_mask
+            logits_rows = logits_ptr + (rows * logits_row_stride)[:, None]
+            target_rows = target_ptr + (rows * target_row_stride)[:, None]
+            ze, _zt_edge, wz_e, w_e = block_terms(
+                logits_rows + e_cls, target_rows + e_cls, weight_ptr, e_cls, e_mask, t[:, None], label_smoothing,
+                inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            m = tl.maximum(m, tl.max(ze, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        e = tl.exp2((z - m[:, None]) * LOG2E)
         if KEEP_OTHER:
-            other = tl.sum(tl.where(cols == t, 0.0, e), axis=0)
+            d = tl.sum(tl.where(cls == t[:, None], 0.0, e), axis=1)  # `other` until row_outputs
         else:
-            d = tl.sum(e, axis=0)
+            d = tl.sum(e, axis=1)
+        sum_wz = tl.sum(wz, axis=1)
+        sum_w = tl.sum(w, axis=1)
+        if HAS_EDGE:
+            e_e = tl.exp2((ze - m[:, None]) * LOG2E)
+            if KEEP_OTHER:
+                d += tl.sum(tl.where(e_cls == t[:, None], 0.0, e_e), axis=1)
+            else:
+                d += tl.sum(e_e, axis=1)
+            sum_wz += tl.sum(wz_e, axis=1)
+            sum_w += tl.sum(w_e, axis=1)
+        # The target's logit: one scalar load a row (whenever t is a class, ignored or not).
+        z_t = tl.zeros_like(m)
+        if not SOFT_TARGET:
+            t_in_row = row_ok & (t >= 0) & (t < n_cols)
+            z_t = tl.where(t_in_row, load_logits(logits_ptr + rows * logits_row_stride + t, t_in_row, softcap,
+                                                 HAS_SOFTCAP, ACC_FP64), 0.0)
+        # 3. The loss (float32 for every dtype but float64), lse and the saved statistics.
+        other = d if KEEP_OTHER else tl.zeros_like(d)
+        inv_d, other_over_d, coef = row_outputs(
+            loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
+            label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+        # 4. The gradient, from registers.
+        if COMPUTE_GRAD:
+            store_grad_block(
+                grad_ptr + grad_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
+                weight_ptr, cls, mask, z, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale,
+                t[:, None], w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            if HAS_EDGE:
+                store_grad_block(
+                    grad_ptr + (rows * grad_row_stride)[:, None] + e_cls, target_rows + e_cls, weight_ptr, e_cls,
+                    e_mask, ze, m[:, None], inv_d[:, None], other_over_d[:, None], coef[:, None], scale, t[:, None],
+                    w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
     else:
+        # One row a program, streamed BLOCK_N at a time with per-lane running sums.
+        row = pid
+        row_ok = row < n_rows
+        logits_row = logits_ptr + row * logits_row_stride
+        target_row = target_ptr + row * target_row_stride  # used only for probability targets
+        grad_row = grad_ptr + row * grad_row_stride
+        logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+        target_body = vec_offset(row, target_row_stride, VEC)
+        grad_body = vec_offset(row, grad_row_stride, VEC)
+        # 1. The target: its class index, whether the row counts, and its weight.
+        t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols,
+                                        ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        # 2. One read of the row: lse by the online (max, sum), and the loss's linear terms.
+        if HAS_EDGE:
+            e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            ze, _zt_edge, wz_e, w_e = block_terms(
+                logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
+                softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
-        d_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        zt_lane = acc_zeros(BLOCK_N, ACC_FP64)
+        d_lane = acc_zeros(BLOCK_N, ACC_FP64)  # without the target's class when KEEP_OTHER
         wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
         w_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        o_lane = acc_zeros(BLOCK_N, ACC_FP64)  # the running sum without the target class
-        for start in range(0, n_cols, BLOCK_N):
-            zb, zt_b, wz_b, w_b = block_terms(
-                logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+        for start in range(0, n_body, BLOCK_N):
+            cls = shift + start + cols
+            zb, _zt_block, wz_b, w_b = block_terms(
+                logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
+                cols < n_body - start, t, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m_lane, alpha, p = online_step(m_lane, zb)
             if KEEP_OTHER:
-                o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+                d_lane = d_lane * alpha + tl.where(cls == t, 0.0, p)
             else:
                 d_lane = d_lane * alpha + p
-            zt_lane += zt_b
             wz_lane += wz_b
             w_lane += w_b
         m = tl.max(m_lane, axis=0)
-        lane_scale = tl.exp2((m_lane - m) * LOG2E)
-        if KEEP_OTHER:
-            other = tl.sum(o_lane * lane_scale, axis=0)
-        else:
-            d = tl.sum(d_lane * lane_scale, axis=0)
-    z_t = tl.sum(zt_lane, axis=0)
-    if KEEP_OTHER:
-        # d = (sum without the target) + e^(z_t - m): a sum of positive terms, no cancellation,
-        # and no second per-lane sum to hold (the widest plain block spilled with one).
-        # (whenever t is a class, ignored or not, its lane was left out of `other`)
-        d = other + tl.where((t >= 0) & (t < n_cols), tl.exp2((z_t - m) * LOG2E), 0.0)
-    else:
-        other = tl.zeros_like(d)
-    log_d = tl.log(d)
-    lse = m + log_d
-    sum_wz = tl.sum(wz_lane, axis=0)
-    sum_w = tl.sum(w_lane, axis=0)
-
-    # 3. The loss of the row (float32 for every dtype but float64).
-    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
-                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
-    tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
-    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
-    if REDUCE != 0:
-        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
-    if SAVE_STATS:
-        stats_row = stats_ptr + row * 4
-        tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 1, (1.0 / d).to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 2, (other / d).to(stats_ptr.dtype.element_ty))
-        tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
-
-    # 4. The gradient, from registers (single block) or a second read of the row.
-    if COMPUTE_GRAD:
-        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
-        if DIVIDE_GRAD:
-            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-        if SINGLE_BLOCK:
-            store_grad_block(
-                grad_row, target_row, weight_ptr, z, m, 1.0 / d, other / d, coef, scale, 0, cols, n_cols, t, w_t, valid,
-                bad, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                ACC_FP64)
-        else:
-            for start in range(0, n_cols, BLOCK_N):
-                zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+        if HAS_EDGE:
+            m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
+        d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+        sum_wz = tl.sum(wz_lane, axis=0)
+        sum_w = tl.sum(w_lane, axis=0)
+        if HAS_EDGE:
+            e_e = tl.exp2((ze - m) * LOG2E)
+            if KEEP_OTHER:
+                d += tl.sum(tl.where(e_cls == t, 0.0, e_e), axis=0)
+            else:
+                d += tl.sum(e_e, axis=0)
+            sum_wz += tl.sum(wz_e, axis=0)
+            sum_w += tl.sum(w_e, axis=0)
+        # The target's logit: one scalar load, after the pass so it holds no register there.
+        z_t = tl.zeros_like(m)
+        if not SOFT_TARGET:
+            t_in_row = (t >= 0) & (t < n_cols)
+            z_t = tl.where(t_in_row, load_logits(logits_row + t, t_in_row, softcap, HAS_SOFTCAP, ACC_FP64), 0.0)
+        # 3. The loss, lse and the saved statistics.
+        other = d if KEEP_OTHER else tl.zeros_like(d)
+        inv_d, other_over_d, coef = row_outputs(
+            loss_ptr, lse_ptr, stats_ptr, row, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
+            label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+        # 4. The gradient: a second read of the body; the edge from registers.
+        if COMPUTE_GRAD:
+            for start in range(0, n_body, BLOCK_N):
+                body_mask = cols < n_body - start
+                zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
                 store_grad_block(
-                    grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
-                    w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                    grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+                    shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+                    label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                    ACC_FP64)
+            if HAS_EDGE:
+                store_grad_block(
+                    grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
+                    scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
                     SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if REDUCE != 0:
+        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, tl.num_programs(0), REDUCE == 2,
+                    ACC_FP64, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -442,6 +539,8 @@ def cross_entropy_backward_kernel(
     DIVIDE_GRAD: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """d loss / d logits of row r = program_id(0) times the upstream gradient, from the
     row statistics cross_entropy_kernel saved (SAVE_STATS): one read of the logits, one
@@ -455,12 +554,16 @@ def cross_entropy_backward_kernel(
     logits_row = logits_ptr + row * logits_row_stride
     target_row = target_ptr + row * target_row_stride
     grad_row = grad_ptr + row * grad_row_stride
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+    target_body = vec_offset(row, target_row_stride, VEC)
+    grad_body = vec_offset(row, grad_row_stride, VEC)
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        target_ptr, weight_ptr, row, row >= 0, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT,
+        ACC_FP64)
     stats_row = stats_ptr + row * 4
     m = to_acc(tl.load(stats_row), ACC_FP64)
     inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
@@ -469,11 +572,19 @@ def cross_entropy_backward_kernel(
     scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
     if DIVIDE_GRAD:
         scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-    for start in range(0, n_cols, BLOCK_N):
-        zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
+    for start in range(0, n_body, BLOCK_N):
+        body_mask = cols < n_body - start
+        zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
         store_grad_block(
-            grad_row, target_row, weight_ptr, zb, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t,
-            w_t, valid, bad, label_smoothing, inv_classes, softcap,
+            grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+            shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if HAS_EDGE:
+        e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+        ze = load_logits(logits_row + e_cls, e_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef, scale,
+            t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
 
 
@@ -485,36 +596,45 @@ def scale_grad_kernel(
     upstream_stride,
     n_cols,
     BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar).
 
     The common training case, a scalar loss whose upstream gradient is exactly 1, returns
     after reading one float per row: no pass over the gradient and no host sync.
     Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
+    VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
     """
     row = tl.program_id(0).to(tl.int64)
     g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
     if g_up != 1.0:
-        grad_row = grad_ptr + row * grad_row_stride
+        body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC, HAS_EDGE)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(0, n_cols, BLOCK_N):
-            mask = cols < n_cols - start
-            g = tl.load(grad_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_row + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+        for start in range(0, n_body, BLOCK_N):
+            mask = cols < n_body - start
+            g = tl.load(grad_ptr + body + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(grad_ptr + body + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+        if HAS_EDGE:
+            e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            grad_row = grad_ptr + row * grad_row_stride
+            g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
+            tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)
 
 
 # ---------------------------------------------------------------------------------------
 # Split rows: few long rows, each spread over a (rows, chunks) grid of programs
 # ---------------------------------------------------------------------------------------
 # As kernels/softmax.py's split kernels: chunk c = program_id(1) of row r = program_id(0)
-# holds columns [c * chunk_cols, (c + 1) * chunk_cols). cross_entropy_split_stats_kernel
-# writes each chunk's partials into a buffer of the accumulation dtype, one row of
-# N_PART * n_chunks + 1 values per row of logits, field f of chunk c at f * n_chunks + c:
+# holds elements [c * chunk_cols, (c + 1) * chunk_cols) of the row's aligned body, and chunk
+# 0 also the row's head/tail edge. cross_entropy_split_stats_kernel writes each chunk's
+# partials into a buffer of the accumulation dtype, one row of N_PART * n_chunks + 1 values
+# per row of logits, field f of chunk c at f * n_chunks + c:
 #   0: m_c, the chunk's maximum          1: sum over the chunk, the target's column left out,
 #                                           of e^(z_j - m_c) (see store_grad_block)
 #   2, 3 (probability targets or smoothing): the chunk's sum_j w_j z_j and sum_j w_j (as
 #        block_terms gives them: with p'_j folded in for probability targets)
-# and last, z_t, written by the chunk that holds the target class (class indices only).
+# and last, z_t, loaded by chunk 0's program (class indices only).
 # cross_entropy_split_kernel combines them, in the same fixed order in every program of the
 # row, into the row's lse and loss, and writes the chunk's gradient from them. It reads no
 # logits but its own chunk's, so the gradient may overwrite them (inplace_backward).
@@ -547,6 +667,8 @@ def cross_entropy_split_stats_kernel(
     ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PREPARE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """The partials of chunk c = program_id(1) of row r = program_id(0) (see above).
 
@@ -556,9 +678,11 @@ def cross_entropy_split_stats_kernel(
         *counter_ptr and, for the mean (REDUCE == 2), writes its divisor to *total_ptr), so a
         split forward with a reduction is two launches, like the one-program-a-row one;
         PREPARE_BLOCK is that work's step through the targets (config.reduce_block).
+    VEC, HAS_EDGE: the row's aligned body and edge (kernels/softmax.py); the logits' and
+        probability targets' row strides agree modulo VEC.
     Bytes: one read of the chunk (and of its probability targets / class weights where the
-    options use them), one target per program, N_PART values written (and z_t, read and
-    written again by the target's chunk)."""
+    options use them), one target per program, N_PART values written (and z_t, one scalar
+    read and written by chunk 0's program)."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     if REDUCE != 0:
@@ -568,14 +692,14 @@ def cross_entropy_split_stats_kernel(
                 SOFT_TARGET, HAS_WEIGHT, REDUCE == 2, ACC_FP64, PREPARE_BLOCK)
     LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
     N_PART: tl.constexpr = 4 if LINEAR else 2
-    logits_row = logits_ptr + row * logits_row_stride
-    target_row = target_ptr + row * target_row_stride  # used only for probability targets
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
-    t = -1  # matches no column: probability targets leave nothing out
+    t = row * 0 - 1  # matches no class: probability targets leave nothing out
     if not SOFT_TARGET:
         t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+    target_body = vec_offset(row, target_row_stride, VEC)  # used only for probability targets
     col0 = chunk * chunk_cols
     cols = tl.arange(0, BLOCK_N)
     m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
@@ -583,28 +707,44 @@ def cross_entropy_split_stats_kernel(
     wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
     w_lane = acc_zeros(BLOCK_N, ACC_FP64)
     for step in range(0, chunk_cols, BLOCK_N):
-        start = col0 + step
+        start = col0 + step  # body element of the block's first lane; its class is shift + start
+        cls = shift + start + cols
         zb, _zt, wz_b, w_b = block_terms(
-            logits_row, target_row, weight_ptr, start, cols, n_cols, t, label_smoothing, inv_classes, softcap,
+            logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
+            cols < n_body - start, t, label_smoothing, inv_classes, softcap,
             SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m_lane, alpha, p = online_step(m_lane, zb)
-        o_lane = o_lane * alpha + tl.where(cols + start == t, 0.0, p)
+        o_lane = o_lane * alpha + tl.where(cls == t, 0.0, p)
         wz_lane += wz_b
         w_lane += w_b
     m, other = reduce_lanes(m_lane, o_lane)
+    sum_wz = tl.sum(wz_lane, axis=0)
+    sum_w = tl.sum(w_lane, axis=0)
+    if HAS_EDGE:
+        e_cls, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        ze, _zt_edge, wz_e, w_e = block_terms(
+            logits_ptr + row * logits_row_stride + e_cls, target_ptr + row * target_row_stride + e_cls, weight_ptr,
+            e_cls, e_mask, t, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        # Each edge element a lane of sum 1 (0 for the target's class, left out of `other`).
+        m_e, other_e = reduce_lanes(ze, tl.where(e_cls == t, 0.0, acc_zeros(2 * VEC, ACC_FP64) + 1.0))
+        m, other = merge_stats(m, other, m_e, other_e)
+        sum_wz += tl.sum(wz_e, axis=0)
+        sum_w += tl.sum(w_e, axis=0)
     part_row = part_ptr + row * (N_PART * n_chunks + 1)
     part = part_row + chunk
     tl.store(part, m.to(part_ptr.dtype.element_ty))
     tl.store(part + n_chunks, other.to(part_ptr.dtype.element_ty))
     if LINEAR:
-        tl.store(part + 2 * n_chunks, tl.sum(wz_lane, axis=0).to(part_ptr.dtype.element_ty))
-        tl.store(part + 3 * n_chunks, tl.sum(w_lane, axis=0).to(part_ptr.dtype.element_ty))
+        tl.store(part + 2 * n_chunks, sum_wz.to(part_ptr.dtype.element_ty))
+        tl.store(part + 3 * n_chunks, sum_w.to(part_ptr.dtype.element_ty))
     if not SOFT_TARGET:
         # The target's logit, for the combine: the one element of the row it needs outside
-        # its own chunk, which an in-place gradient may already have overwritten there.
-        owner = (t >= col0) & (t < col0 + chunk_cols) & (t < n_cols)
-        z_t = soft_cap(to_acc(tl.load(logits_row + t, mask=owner, other=0.0), ACC_FP64), softcap, HAS_SOFTCAP)
-        tl.store(part_row + N_PART * n_chunks, z_t.to(part_ptr.dtype.element_ty), mask=owner)
+        # its own chunk, which an in-place gradient may already have overwritten there. No
+        # program of this launch writes logits, so chunk 0's may read it wherever it lies.
+        first = (chunk == 0) & (t >= 0) & (t < n_cols)
+        z_t = load_logits(logits_ptr + row * logits_row_stride + t, first, softcap, HAS_SOFTCAP, ACC_FP64)
+        tl.store(part_row + N_PART * n_chunks, z_t.to(part_ptr.dtype.element_ty), mask=first)
 
 
 @triton.jit
@@ -647,39 +787,37 @@ def cross_entropy_split_kernel(
     BLOCK_N: tl.constexpr,
     CHUNKS_BLOCK: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """cross_entropy_kernel's outputs for a split row: every program (r, c) combines row r's
     partials (cross_entropy_split_stats_kernel) into its lse and loss; program (r, 0) writes
     the loss, lse and (SAVE_STATS) the four row statistics and joins the reduction (REDUCE:
-    the last of the n_rows chunk-0 programs sums the losses in row order); with COMPUTE_GRAD
-    each program writes d loss / d logits on its chunk. The target's logit z_t comes from the
-    partials too. Arguments as in cross_entropy_kernel; part_ptr and the chunking as in
-    cross_entropy_split_stats_kernel. grad_ptr may be logits_ptr: a program reads no logits
-    but its own chunk's, each block before overwriting it.
+    the chunk-0 programs, one a row, count themselves, and the last of the n_rows sums the
+    losses in row order); with COMPUTE_GRAD each program writes d loss / d logits on its chunk
+    (chunk 0 also on the edge). The target's logit z_t comes from the partials too. Arguments
+    as in cross_entropy_kernel; part_ptr, the chunking and VEC / HAS_EDGE as in
+    cross_entropy_split_stats_kernel (the gradient's row stride agrees modulo VEC too).
+    grad_ptr may be logits_ptr: a program reads no logits but its own chunk's, each block
+    before overwriting it.
     Bytes: the row's N_PART * n_chunks partials and O(1) a program; with COMPUTE_GRAD one
     read and one write of the chunk."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
     N_PART: tl.constexpr = 4 if LINEAR else 2
-    logits_row = logits_ptr + row * logits_row_stride
-    target_row = target_ptr + row * target_row_stride  # used only for probability targets
-    grad_row = grad_ptr + row * grad_row_stride
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
 
     # 1. The target, and its logit from the partials (written only when t is a class).
-    t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row < n_rows, target_row_stride, n_cols,
+                                    ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
     part_row = part_ptr + row * (N_PART * n_chunks + 1)
-    if SOFT_TARGET:
-        has_t = False
-        z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
-    else:
-        has_t = (t >= 0) & (t < n_cols)
-        z_t = to_acc(tl.load(part_row + N_PART * n_chunks, mask=has_t, other=0.0), ACC_FP64)
+    z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
+    if not SOFT_TARGET:
+        z_t = to_acc(tl.load(part_row + N_PART * n_chunks, mask=(t >= 0) & (t < n_cols), other=0.0), ACC_FP64)
 
     # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order.
     c = tl.arange(0, CHUNKS_BLOCK)
@@ -696,45 +834,61 @@ def cross_entropy_split_kernel(
             wz_lane += to_acc(tl.load(part_row + 2 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
             w_lane += to_acc(tl.load(part_row + 3 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
     m, other = reduce_lanes(m_lane, o_lane)
-    # d = (sum without the target) + e^(z_t - m), as cross_entropy_kernel forms it.
-    d = other
-    if not SOFT_TARGET:
-        d += tl.where(has_t, tl.exp2((z_t - m) * LOG2E), 0.0)
-    log_d = tl.log(d)
-    lse = m + log_d
-    sum_wz = tl.sum(wz_lane, axis=0)
-    sum_w = tl.sum(w_lane, axis=0)
 
-    # 3. The loss; the row's outputs from its first chunk's program only.
-    loss, coef = row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
-                          SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS)
-    if chunk == 0:
-        tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss).to(loss_ptr.dtype.element_ty))
-        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
-        if SAVE_STATS:
-            stats_row = stats_ptr + row * 4
-            tl.store(stats_row, m.to(stats_ptr.dtype.element_ty))
-            tl.store(stats_row + 1, (1.0 / d).to(stats_ptr.dtype.element_ty))
-            tl.store(stats_row + 2, (other / d).to(stats_ptr.dtype.element_ty))
-            tl.store(stats_row + 3, coef.to(stats_ptr.dtype.element_ty))
-        if REDUCE != 0:
-            reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64,
+    # 3. The loss, lse and statistics (row_outputs adds the target's term back into d),
+    #    stored by the row's chunk-0 program only.
+    KEEP_OTHER: tl.constexpr = not SOFT_TARGET  # the partials always leave the target's class out
+    first = (row < n_rows) & (chunk == 0)
+    inv_d, other_over_d, coef = row_outputs(
+        loss_ptr, lse_ptr, stats_ptr, row, first, m, other, other, z_t, t, w_t, valid, bad, tl.sum(w_lane, axis=0),
+        tl.sum(wz_lane, axis=0), n_cols, label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING,
+        HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+    if REDUCE != 0:
+        if chunk == 0:
+            # One program a row joins (rows are the grid's axis 0), so n_rows programs count.
+            reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, n_rows, REDUCE == 2, ACC_FP64,
                         REDUCE_BLOCK)
 
-    # 4. The chunk's gradient: a second read of the chunk.
+    # 4. The chunk's gradient: a second read of the chunk (and of the edge in chunk 0).
     if COMPUTE_GRAD:
         scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
         if DIVIDE_GRAD:
             scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-        col0 = chunk * chunk_cols
-        cols = tl.arange(0, BLOCK_N)
-        for step in range(0, chunk_cols, BLOCK_N):
-            start = col0 + step
-            zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
-            store_grad_block(
-                grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols, t,
-                w_t, valid, bad, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride,
+                   grad_row_stride, row, chunk, n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t,
+                   valid, bad, label_smoothing, inv_classes, softcap,
+                   SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, BLOCK_N, VEC, HAS_EDGE)
+
+
+@triton.jit
+def split_grad(
+    logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride, grad_row_stride, row, chunk,
+    n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+    SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, HAS_EDGE: tl.constexpr,
+):
+    """Writes d loss / d logits on chunk `chunk` of row `row` (and on the edge for chunk 0)
+    from the row's statistics (store_grad_block): one read of the chunk's logits, one write."""
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+    target_body = vec_offset(row, target_row_stride, VEC)
+    grad_body = vec_offset(row, grad_row_stride, VEC)
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    for step in range(0, chunk_cols, BLOCK_N):
+        start = col0 + step
+        body_mask = cols < n_body - start
+        zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+            shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if HAS_EDGE:
+        e_cls, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        ze = load_logits(logits_ptr + row * logits_row_stride + e_cls, e_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_ptr + row * grad_row_stride + e_cls, target_ptr + row * target_row_stride + e_cls, weight_ptr, e_cls,
+            e_mask, ze, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes,
+            softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
 
 
 @triton.jit
@@ -764,20 +918,20 @@ def cross_entropy_split_backward_kernel(
     DIVIDE_GRAD: tl.constexpr,
     ACC_FP64: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
-    """cross_entropy_backward_kernel on chunk c = program_id(1) of row r = program_id(0):
-    the deferred gradient (float16, float64) of a split row, from the same four row
-    statistics. One read of the chunk, one write."""
+    """cross_entropy_backward_kernel on chunk c = program_id(1) of row r = program_id(0) (and
+    on the edge in chunk 0): the deferred gradient (float16, float64) of a split row, from the
+    same four row statistics. One read of the chunk, one write."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    logits_row = logits_ptr + row * logits_row_stride
-    target_row = target_ptr + row * target_row_stride
-    grad_row = grad_ptr + row * grad_row_stride
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     t, valid, bad, w_t = row_target(
-        target_ptr, weight_ptr, row, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        target_ptr, weight_ptr, row, row >= 0, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT,
+        ACC_FP64)
     stats_row = stats_ptr + row * 4
     m = to_acc(tl.load(stats_row), ACC_FP64)
     inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
@@ -786,12 +940,7 @@ def cross_entropy_split_backward_kernel(
     scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
     if DIVIDE_GRAD:
         scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-    col0 = chunk * chunk_cols
-    cols = tl.arange(0, BLOCK_N)
-    for step in range(0, chunk_cols, BLOCK_N):
-        start = col0 + step
-        zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, ACC_FP64)
-        store_grad_block(
-            grad_row, target_row, weight_ptr, zb, m, inv_d, other_over_d, coef, scale, start, cols, n_cols, t,
-            w_t, valid, bad, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride, grad_row_stride,
+               row, chunk, n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+               label_smoothing, inv_classes, softcap,
+               SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, BLOCK_N, VEC, HAS_EDGE)

@@ -8,6 +8,17 @@ The forward keeps a running maximum m and a running normaliser d over the row
 so the row is read once when it fits in one block (SINGLE_BLOCK) and at most twice
 when the program loops over column blocks. Exponentials are exp2 with a log2(e)
 scale; 16-bit inputs are accumulated in float32, float64 inputs in float64.
+
+128-bit loads at every width (VEC, HAS_EDGE): a row of odd width (50257 classes, say)
+starts at a different byte alignment in every row, so the compiler can prove nothing and
+issues one narrow load per element. With VEC = 16 bytes / itemsize, each row is cut in
+three (row_layout): a head of fewer than VEC elements up to the first 16-byte boundary, a
+body of whole VEC-element vectors whose start offset is written as a multiple of VEC (so
+the compiler sees the alignment) and whose masks end on a multiple of VEC (so whole vectors
+are in or out), and a tail of fewer than VEC elements. Head and tail, at most 2 (VEC - 1)
+elements, travel together as one small "edge" vector (edge_cols); HAS_EDGE = False when the
+launcher knows every row is whole vectors (width and row strides multiples of VEC). Every
+element is read and written exactly once, and nothing outside the row is touched.
 """
 import triton
 import triton.language as tl
@@ -69,6 +80,42 @@ def online_update(m, d, x):
 
 
 @triton.jit
+def vec_offset(row, row_stride, VEC: tl.constexpr):
+    """The element offset of the first 16-byte aligned element at or after the start of row
+    `row` (from a 16-byte aligned base), written so the compiler sees it is a multiple of VEC.
+    Equal across tensors whose row strides agree modulo VEC (the launcher checks)."""
+    return (row * row_stride + (VEC - 1)) // VEC * VEC
+
+
+@triton.jit
+def row_layout(row, row_stride, n_cols, VEC: tl.constexpr, HAS_EDGE: tl.constexpr):
+    """(body, shift, n_body) of a row of n_cols elements (row may be a vector of rows):
+    columns [0, shift) are the head, [shift, shift + n_body) the body, which starts at
+    element offset `body` (a multiple of VEC) and is a multiple of VEC long, and
+    [shift + n_body, n_cols) the tail. Without HAS_EDGE the launcher has checked that rows
+    are whole vectors from column 0: shift is the constant 0 and the body the whole row."""
+    body = vec_offset(row, row_stride, VEC)
+    if HAS_EDGE:
+        shift = tl.minimum(body - row * row_stride, n_cols)
+        n_body = (n_cols - shift) // VEC * VEC
+    else:
+        shift = row * 0  # shaped like row
+        n_body = row * 0 + n_cols // VEC * VEC
+    return body, shift, n_body
+
+
+@triton.jit
+def edge_cols(shift, n_body, n_cols, VEC: tl.constexpr):
+    """Column indices and mask of a row's head (lanes 0..VEC-1) and tail (lanes VEC..2VEC-1):
+    a [2 VEC] vector, or [rows, 2 VEC] when shift and n_body are [rows, 1] columns."""
+    e = tl.arange(0, 2 * VEC)
+    head = e < VEC
+    cols = tl.where(head, e, shift + n_body + (e - VEC))
+    mask = tl.where(head, e < shift, cols < n_cols)
+    return cols, mask
+
+
+@triton.jit
 def softmax_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -81,6 +128,8 @@ def softmax_fwd_kernel(
     SINGLE_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """y[r, :] = softmax(x[r, :]) (or log_softmax when LOG), for rows r = program_id(0) * ROWS + i.
 
@@ -93,45 +142,83 @@ def softmax_fwd_kernel(
     ACC_FP64: accumulate in float64 (float64 inputs) instead of float32.
     ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only): short rows then
         still give each thread several 16-byte loads and the SM enough bytes in flight.
+    VEC, HAS_EDGE: the aligned body and the head/tail edge (module docstring); x and y
+        row strides must agree modulo VEC.
     A row that is -inf everywhere gives NaN, as torch does.
     """
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
         # 1 read + 1 write: the rows stay in registers.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        x = to_acc(tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=-float("inf")),
-                   ACC_FP64)
-        shifted = x - tl.max(x, axis=1)[:, None]  # subtract the maximum so exp never overflows
+        row_ok = (rows < n_rows)[:, None]
+        x_body, shift, n_body = row_layout(rows, x_row_stride, n_cols, VEC, HAS_EDGE)
+        y_body = vec_offset(rows, y_row_stride, VEC)
+        mask = row_ok & (cols[None, :] < n_body[:, None])
+        x = to_acc(tl.load(x_ptr + x_body[:, None] + cols[None, :], mask=mask, other=-float("inf")), ACC_FP64)
+        m = tl.max(x, axis=1)
+        if HAS_EDGE:
+            e_cols, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
+            e_mask = row_ok & e_mask
+            xe = to_acc(tl.load(x_ptr + (rows * x_row_stride)[:, None] + e_cols, mask=e_mask, other=-float("inf")),
+                        ACC_FP64)
+            m = tl.maximum(m, tl.max(xe, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        shifted = x - m[:, None]  # subtract the maximum so exp never overflows
         e = tl.exp2(shifted * LOG2E)
-        d = tl.sum(e, axis=1)[:, None]
+        d = tl.sum(e, axis=1)
+        if HAS_EDGE:
+            shifted_e = xe - m[:, None]
+            e_e = tl.exp2(shifted_e * LOG2E)
+            d += tl.sum(e_e, axis=1)
         if LOG:
-            y = shifted - tl.log(d)
+            log_d = tl.log(d)[:, None]
+            y = shifted - log_d
         else:
-            y = e / d
-        tl.store(y_ptr + rows[:, None] * y_row_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+            inv_d = (1.0 / d)[:, None]
+            y = e * inv_d
+        tl.store(y_ptr + y_body[:, None] + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_EDGE:
+            if LOG:
+                ye = shifted_e - log_d
+            else:
+                ye = e_e * inv_d
+            tl.store(y_ptr + (rows * y_row_stride)[:, None] + e_cols, ye.to(y_ptr.dtype.element_ty), mask=e_mask)
     else:
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_row_stride
         y_row = y_ptr + row * y_row_stride
-        # 1. one pass for the per-lane running (max, sum), then merge the lanes.
+        x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
+        y_body = vec_offset(row, y_row_stride, VEC)
+        # 1. one pass for the per-lane running (max, sum), then merge the lanes (and the edge).
         d_lane = acc_zeros(BLOCK_N, ACC_FP64)
         m_lane = d_lane - float("inf")
-        for start in range(0, n_cols, BLOCK_N):
-            x = load_row_block(x_row + start, cols, n_cols - start, ACC_FP64)
+        for start in range(0, n_body, BLOCK_N):
+            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64)
             m_lane, d_lane = online_update(m_lane, d_lane, x)
         m = tl.max(m_lane, axis=0)
+        if HAS_EDGE:
+            e_cols, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            xe = to_acc(tl.load(x_row + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+            m = tl.maximum(m, tl.max(xe, axis=0), propagate_nan=tl.PropagateNan.ALL)
         # Lanes that saw only -inf hold d = 0 and contribute 0 (NaN if the whole row is -inf, like torch).
         d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+        if HAS_EDGE:
+            d += tl.sum(tl.exp2((xe - m) * LOG2E), axis=0)
         # 2. second read of the row: normalise and write.
         log_d = tl.log(d)
-        for start in range(0, n_cols, BLOCK_N):
-            x = load_row_block(x_row + start, cols, n_cols - start, ACC_FP64)
+        inv_d = 1.0 / d
+        for start in range(0, n_body, BLOCK_N):
+            x = load_row_block(x_ptr + x_body + start, cols, n_body - start, ACC_FP64)
             if LOG:
                 y = (x - m) - log_d
             else:
-                y = tl.exp2((x - m) * LOG2E) / d
-            tl.store(y_row + start + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_cols - start)
+                y = tl.exp2((x - m) * LOG2E) * inv_d
+            tl.store(y_ptr + y_body + start + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_body - start)
+        if HAS_EDGE:
+            if LOG:
+                ye = (xe - m) - log_d
+            else:
+                ye = tl.exp2((xe - m) * LOG2E) * inv_d
+            tl.store(y_row + e_cols, ye.to(y_ptr.dtype.element_ty), mask=e_mask)
 
 
 @triton.jit
@@ -159,63 +246,103 @@ def softmax_bwd_kernel(
     SINGLE_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """Gradient of softmax (or log_softmax when LOG) from its output y and upstream dy.
 
     softmax:      dx_i = y_i * (dy_i - sum_j dy_j * y_j)      (J_ij = y_i (delta_ij - y_j))
     log_softmax:  dx_i = dy_i - e^(y_i) * sum_j dy_j
-    Pointers, strides and ROWS as in softmax_fwd_kernel; reads y and dy once and writes dx
-    once when SINGLE_BLOCK, else makes a reduction pass first.
+    Pointers, strides, ROWS, VEC and HAS_EDGE as in softmax_fwd_kernel (the three row strides
+    agree modulo VEC); reads y and dy once and writes dx once when SINGLE_BLOCK, else makes a
+    reduction pass first.
     """
     cols = tl.arange(0, BLOCK_N)
+    # Padding: 0 for dy, and for y 0 (softmax) or -inf (log_softmax: e^y = 0).
+    Y_PAD: tl.constexpr = -float("inf") if LOG else 0.0
     if SINGLE_BLOCK:
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
-        dy = to_acc(tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0), ACC_FP64)
-        y_tile = y_ptr + rows[:, None] * y_row_stride + cols[None, :]
+        row_ok = (rows < n_rows)[:, None]
+        y_body, shift, n_body = row_layout(rows, y_row_stride, n_cols, VEC, HAS_EDGE)
+        dy_body = vec_offset(rows, dy_row_stride, VEC)
+        dx_body = vec_offset(rows, dx_row_stride, VEC)
+        mask = row_ok & (cols[None, :] < n_body[:, None])
+        dy = to_acc(tl.load(dy_ptr + dy_body[:, None] + cols[None, :], mask=mask, other=0.0), ACC_FP64)
+        y = to_acc(tl.load(y_ptr + y_body[:, None] + cols[None, :], mask=mask, other=Y_PAD), ACC_FP64)
+        if HAS_EDGE:
+            e_cols, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
+            e_mask = row_ok & e_mask
+            dye = to_acc(tl.load(dy_ptr + (rows * dy_row_stride)[:, None] + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            ye = to_acc(tl.load(y_ptr + (rows * y_row_stride)[:, None] + e_cols, mask=e_mask, other=Y_PAD), ACC_FP64)
         if LOG:
-            y = to_acc(tl.load(y_tile, mask=mask, other=-float("inf")), ACC_FP64)  # -inf padding: e^y = 0
-            dx = dy - tl.exp2(y * LOG2E) * tl.sum(dy, axis=1)[:, None]
+            s = tl.sum(dy, axis=1)
+            if HAS_EDGE:
+                s += tl.sum(dye, axis=1)
+            dx = dy - tl.exp2(y * LOG2E) * s[:, None]
+            if HAS_EDGE:
+                dxe = dye - tl.exp2(ye * LOG2E) * s[:, None]
         else:
-            y = to_acc(tl.load(y_tile, mask=mask, other=0.0), ACC_FP64)
-            dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
-        tl.store(dx_ptr + rows[:, None] * dx_row_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            s = tl.sum(dy * y, axis=1)
+            if HAS_EDGE:
+                s += tl.sum(dye * ye, axis=1)
+            dx = y * (dy - s[:, None])
+            if HAS_EDGE:
+                dxe = ye * (dye - s[:, None])
+        tl.store(dx_ptr + dx_body[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_EDGE:
+            tl.store(dx_ptr + (rows * dx_row_stride)[:, None] + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)
     else:
         row = tl.program_id(0).to(tl.int64)
-        y_row = y_ptr + row * y_row_stride
-        dy_row = dy_ptr + row * dy_row_stride
-        dx_row = dx_ptr + row * dx_row_stride
+        y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
+        dy_body = vec_offset(row, dy_row_stride, VEC)
+        dx_body = vec_offset(row, dx_row_stride, VEC)
         # 1. the row's reduction: sum(dy) for log_softmax, sum(dy * y) for softmax.
         acc = acc_zeros(BLOCK_N, ACC_FP64)
-        for start in range(0, n_cols, BLOCK_N):
-            dy = load_grad_block(dy_row + start, cols, n_cols - start, ACC_FP64)
+        for start in range(0, n_body, BLOCK_N):
+            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64)
             if LOG:
                 acc += dy
             else:
-                acc += dy * load_grad_block(y_row + start, cols, n_cols - start, ACC_FP64)
+                acc += dy * load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
         s = tl.sum(acc, axis=0)
-        # 2. the gradient, block by block.
-        for start in range(0, n_cols, BLOCK_N):
-            dy = load_grad_block(dy_row + start, cols, n_cols - start, ACC_FP64)
+        if HAS_EDGE:
+            e_cols, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+            dye = to_acc(tl.load(dy_ptr + row * dy_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=Y_PAD), ACC_FP64)
             if LOG:
-                y = load_row_block(y_row + start, cols, n_cols - start, ACC_FP64)
+                s += tl.sum(dye, axis=0)
+            else:
+                s += tl.sum(dye * ye, axis=0)
+        # 2. the gradient, block by block.
+        for start in range(0, n_body, BLOCK_N):
+            dy = load_grad_block(dy_ptr + dy_body + start, cols, n_body - start, ACC_FP64)
+            if LOG:
+                y = load_row_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
                 dx = dy - tl.exp2(y * LOG2E) * s
             else:
-                y = load_grad_block(y_row + start, cols, n_cols - start, ACC_FP64)
+                y = load_grad_block(y_ptr + y_body + start, cols, n_body - start, ACC_FP64)
                 dx = y * (dy - s)
-            tl.store(dx_row + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_cols - start)
+            tl.store(dx_ptr + dx_body + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_body - start)
+        if HAS_EDGE:
+            if LOG:
+                dxe = dye - tl.exp2(ye * LOG2E) * s
+            else:
+                dxe = ye * (dye - s)
+            tl.store(dx_ptr + row * dx_row_stride + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)
 
 
 # ---------------------------------------------------------------------------------------
 # Split rows: few long rows, each spread over a (rows, chunks) grid of programs
 # ---------------------------------------------------------------------------------------
-# Chunk c = program_id(1) of row r = program_id(0) holds columns [c * chunk_cols,
-# (c + 1) * chunk_cols) of the row (chunk_cols a multiple of BLOCK_N; the last chunk is cut
-# by the row's end, and its blocks past the end are fully masked). A first kernel writes each
-# chunk's partial statistics, a second combines the row's partials, the same fixed order in
-# every program of the row (no atomics: the same bits every run), and writes its chunk, as in
-# split-K decoding. Partials live in a (n_rows, fields, n_chunks) buffer of the accumulation
-# dtype, so that a program's combine reads each field of its row as one contiguous vector.
+# Chunk c = program_id(1) of row r = program_id(0) holds elements [c * chunk_cols,
+# (c + 1) * chunk_cols) of the row's aligned body (row_layout; chunk_cols a multiple of
+# BLOCK_N, so every chunk starts on a whole 16-byte vector; the last chunk is cut by the
+# body's end, and its blocks past the end are fully masked). Chunk 0 also takes the row's
+# head/tail edge. A first kernel writes each chunk's partial statistics, a second combines
+# the row's partials, the same fixed order in every program of the row (no atomics: the
+# same bits every run), and writes its chunk, as in split-K decoding. Partials live in a
+# (n_rows, fields, n_chunks) buffer of the accumulation dtype, so that a program's combine
+# reads each field of its row as one contiguous vector.
 
 
 @triton.jit
@@ -251,6 +378,16 @@ def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.
 
 
 @triton.jit
+def split_edge(shift, n_body, n_cols, chunk, VEC: tl.constexpr):
+    """Column indices and mask of a split row's head/tail edge (edge_cols), live in chunk 0's
+    program only: every edge element is read and written by one program."""
+    e_cols, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+    # A where, not `e_mask & (chunk == 0)`: triton's interpreter (3.x) turns a bool vector
+    # & a bool scalar into an int32 vector, which tl.load then rejects as a mask.
+    return e_cols, tl.where(chunk == 0, e_mask, False)
+
+
+@triton.jit
 def softmax_split_stats_kernel(
     x_ptr,
     part_ptr,
@@ -260,17 +397,21 @@ def softmax_split_stats_kernel(
     n_chunks,
     BLOCK_N: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """Partial (max, sum) of chunk c = program_id(1) of row r = program_id(0):
     part[r, 0, c] = m_c = max of the chunk, part[r, 1, c] = sum over it of e^(x - m_c)
-    ((-inf, 0) for a chunk that is -inf everywhere; NaN sum with a NaN).
-    part_ptr: (n_rows, 2, n_chunks), contiguous, the accumulation dtype. Bytes: one read of
-    the chunk, two values written."""
+    ((-inf, 0) for a chunk that is -inf everywhere; NaN sum with a NaN); chunk 0's include
+    the edge. part_ptr: (n_rows, 2, n_chunks), contiguous, the accumulation dtype.
+    VEC, HAS_EDGE: the row's aligned body and edge (module docstring).
+    Bytes: one read of the chunk, two values written."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
     col0 = chunk * chunk_cols
-    x_chunk = x_ptr + row * x_row_stride + col0
-    n_left = n_cols - col0  # columns from the chunk's start to the row's end
+    x_chunk = x_ptr + x_body + col0
+    n_left = n_body - col0  # body elements from the chunk's start to the body's end
     cols = tl.arange(0, BLOCK_N)
     d_lane = acc_zeros(BLOCK_N, ACC_FP64)
     m_lane = d_lane - float("inf")
@@ -278,6 +419,11 @@ def softmax_split_stats_kernel(
         x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
         m_lane, d_lane = online_update(m_lane, d_lane, x)
     m, d = reduce_lanes(m_lane, d_lane)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        xe = to_acc(tl.load(x_ptr + row * x_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+        m_e, d_e = reduce_lanes(xe, acc_zeros(2 * VEC, ACC_FP64) + 1.0)  # each element a lane of sum 1
+        m, d = merge_stats(m, d, m_e, d_e)
     part_row = part_ptr + row * 2 * n_chunks
     tl.store(part_row + chunk, m.to(part_ptr.dtype.element_ty))
     tl.store(part_row + n_chunks + chunk, d.to(part_ptr.dtype.element_ty))
@@ -297,27 +443,40 @@ def softmax_split_fwd_kernel(
     BLOCK_N: tl.constexpr,
     CHUNKS_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
     """y = softmax(x) (log_softmax when LOG) on chunk c = program_id(1) of row r =
-    program_id(0), from the row's partials (softmax_split_stats_kernel) combined here.
+    program_id(0) (and the edge in chunk 0), from the row's partials
+    (softmax_split_stats_kernel) combined here. x and y row strides agree modulo VEC.
     A row that is -inf everywhere gives m = -inf, d = 0 and so NaN, as torch does.
     Bytes: the row's 2 n_chunks partials, one read of the chunk, one write."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     m, d = combine_chunks(part_ptr + row * 2 * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
     log_d = tl.log(d)
+    inv_d = 1.0 / d
+    x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
     col0 = chunk * chunk_cols
-    x_chunk = x_ptr + row * x_row_stride + col0
-    y_chunk = y_ptr + row * y_row_stride + col0
-    n_left = n_cols - col0
+    x_chunk = x_ptr + x_body + col0
+    y_chunk = y_ptr + vec_offset(row, y_row_stride, VEC) + col0
+    n_left = n_body - col0
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, chunk_cols, BLOCK_N):
         x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
         if LOG:
             y = (x - m) - log_d
         else:
-            y = tl.exp2((x - m) * LOG2E) / d
+            y = tl.exp2((x - m) * LOG2E) * inv_d
         tl.store(y_chunk + start + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_left - start)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        xe = to_acc(tl.load(x_ptr + row * x_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+        if LOG:
+            ye = (xe - m) - log_d
+        else:
+            ye = tl.exp2((xe - m) * LOG2E) * inv_d
+        tl.store(y_ptr + row * y_row_stride + e_cols, ye.to(y_ptr.dtype.element_ty), mask=e_mask)
 
 
 @triton.jit
@@ -333,16 +492,19 @@ def softmax_split_bwd_stats_kernel(
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
-    """The backward's partial reduction of chunk c = program_id(1) of row r = program_id(0):
-    part[r, c] = sum over the chunk of dy (log_softmax) or dy * y (softmax).
-    part_ptr: (n_rows, n_chunks), contiguous, the accumulation dtype."""
+    """The backward's partial reduction of chunk c = program_id(1) of row r = program_id(0)
+    (and of the edge in chunk 0): part[r, c] = sum over it of dy (log_softmax) or dy * y
+    (softmax). part_ptr: (n_rows, n_chunks), contiguous, the accumulation dtype."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
     col0 = chunk * chunk_cols
-    y_chunk = y_ptr + row * y_row_stride + col0
-    dy_chunk = dy_ptr + row * dy_row_stride + col0
-    n_left = n_cols - col0
+    y_chunk = y_ptr + y_body + col0
+    dy_chunk = dy_ptr + vec_offset(row, dy_row_stride, VEC) + col0
+    n_left = n_body - col0
     cols = tl.arange(0, BLOCK_N)
     acc = acc_zeros(BLOCK_N, ACC_FP64)
     for start in range(0, chunk_cols, BLOCK_N):
@@ -351,7 +513,16 @@ def softmax_split_bwd_stats_kernel(
             acc += dy
         else:
             acc += dy * load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
-    tl.store(part_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0).to(part_ptr.dtype.element_ty))
+    s = tl.sum(acc, axis=0)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        dye = to_acc(tl.load(dy_ptr + row * dy_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+        if LOG:
+            s += tl.sum(dye, axis=0)
+        else:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            s += tl.sum(dye * ye, axis=0)
+    tl.store(part_ptr + row * n_chunks + chunk, s.to(part_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -370,9 +541,12 @@ def softmax_split_bwd_kernel(
     BLOCK_N: tl.constexpr,
     CHUNKS_BLOCK: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
 ):
-    """dx on chunk c = program_id(1) of row r = program_id(0), as softmax_bwd_kernel, with the
-    row's sum s added up from its partials (softmax_split_bwd_stats_kernel) in a fixed order."""
+    """dx on chunk c = program_id(1) of row r = program_id(0) (and on the edge in chunk 0),
+    as softmax_bwd_kernel, with the row's sum s added up from its partials
+    (softmax_split_bwd_stats_kernel) in a fixed order. The three row strides agree modulo VEC."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     c = tl.arange(0, CHUNKS_BLOCK)
@@ -381,11 +555,12 @@ def softmax_split_bwd_kernel(
         s_lane += to_acc(tl.load(part_ptr + row * n_chunks + start + c, mask=c < n_chunks - start, other=0.0),
                          ACC_FP64)
     s = tl.sum(s_lane, axis=0)
+    y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
     col0 = chunk * chunk_cols
-    y_chunk = y_ptr + row * y_row_stride + col0
-    dy_chunk = dy_ptr + row * dy_row_stride + col0
-    dx_chunk = dx_ptr + row * dx_row_stride + col0
-    n_left = n_cols - col0
+    y_chunk = y_ptr + y_body + col0
+    dy_chunk = dy_ptr + vec_offset(row, dy_row_stride, VEC) + col0
+    dx_chunk = dx_ptr + vec_offset(row, dx_row_stride, VEC) + col0
+    n_left = n_body - col0
     cols = tl.arange(0, BLOCK_N)
     for start in range(0, chunk_cols, BLOCK_N):
         dy = load_grad_block(dy_chunk + start, cols, n_left - start, ACC_FP64)
@@ -396,3 +571,13 @@ def softmax_split_bwd_kernel(
             y = load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
             dx = y * (dy - s)
         tl.store(dx_chunk + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_left - start)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        dye = to_acc(tl.load(dy_ptr + row * dy_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+        if LOG:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+            dxe = dye - tl.exp2(ye * LOG2E) * s
+        else:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            dxe = ye * (dye - s)
+        tl.store(dx_ptr + row * dx_row_stride + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)

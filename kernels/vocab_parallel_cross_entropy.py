@@ -96,8 +96,8 @@ def vocab_parallel_stats_kernel(
     w_lane = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         zb, zt_b, wz_b, w_b = block_terms(
-            logits_row, target_row, weight_ptr, start, cols, n_cols, t_local, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False)
+            logits_row + start + cols, target_row + start + cols, weight_ptr, start + cols, cols < n_cols - start,
+            t_local, label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False)
         m_lane, alpha, p = online_step(m_lane, zb)
         # The target's lane is left out of the index-target sum (column 0, see the docstring).
         d_lane = d_lane * alpha + tl.where(cols + start == t_local, 0.0, p)
@@ -232,11 +232,11 @@ def vocab_parallel_loss_kernel(
         logits_row = logits_ptr + row * logits_row_stride
         grad_row = grad_ptr + row * grad_row_stride
         cols = tl.arange(0, BLOCK_N)
-        # store_grad_block addresses the target and weight blocks from the row start; the
-        # shard's columns are numbered from 0, and t_local = -1 when another rank owns t.
+        # The shard's columns are numbered from 0, and t_local = -1 when another rank owns t.
         for start in range(0, n_cols, BLOCK_N):
-            zb = load_logits(logits_row + start, cols, n_cols - start, softcap, HAS_SOFTCAP, False)
+            mask = cols < n_cols - start
+            zb = load_logits(logits_row + start + cols, mask, softcap, HAS_SOFTCAP, False)
             store_grad_block(
-                grad_row, target_row, weight_ptr, zb, m, 1.0 / d, other / d, coef, scale, start, cols, n_cols,
-                t_local, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+                grad_row + start + cols, target_row + start + cols, weight_ptr, start + cols, mask, zb, m, 1.0 / d,
+                other / d, coef, scale, t_local, w_t, valid, bad, label_smoothing, inv_classes, softcap,
                 SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False)

@@ -29,6 +29,8 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
 # thread under 32 warps' 64-register cap) the gradient-writing variants spill 8-32 bytes
 # (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
+# With a soft cap, whose gradient keeps the capped logits, 16384 took 64 registers and spilled
+# 8-24 bytes on sm_90: the soft-capped plain variant single-blocks to MAX_BLOCK_CROSS_ENTROPY.
 # float64 keeps the general limits (its plain looped block spilled 8 bytes on sm_90).
 MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
 LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
@@ -51,10 +53,19 @@ MIN_BLOCK_N = 16
 _block_limit = None  # set only by block_limit(), for tests that force the looped path
 
 
-# CUDA C kernels (kernels/softmax_common.cuh must agree): each thread caches CACHED_VALUES
-# values of its row in registers, and a block has at most MAX_THREADS threads.
+# CUDA C kernels (kernels/softmax_common.cuh must agree, tests/test_cupy.py checks): each
+# thread caches CACHED_VALUES values of its row in registers, and a block has at most
+# MAX_THREADS threads. Rows of up to CUDA_WARP_ROW_COLS elements (half in the backward, which
+# caches y and dy) run one warp a row, CUDA_WARP_ROWS rows a block (WARP_ROW_COLS, WARP_ROWS):
+# 1024 is the most a warp's registers hold (32 lanes x 32 values), so every short row is still
+# read once, and these are exactly the rows that got a single-warp block before, paying a
+# shared-memory round trip and __syncthreads per reduction with at most 32 blocks (32 warps)
+# resident an SM. Four rows a block: 128 threads, 7 blocks (28 warps) an SM at the warp
+# kernels' 72-register budget, and a partial last block wastes at most 3 warps.
 CUDA_CACHED_VALUES = 32
 CUDA_MAX_THREADS = 512
+CUDA_WARP_ROW_COLS = 1024
+CUDA_WARP_ROWS = 4
 
 
 def next_power_of_2(n: int) -> int:
@@ -74,6 +85,24 @@ def cuda_threads(n_cols: int, vec: int, arrays_cached: int = 1) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class CudaLaunch:
+    """How a CUDA C row kernel is launched: the warp-per-row kernel (warp_rows) or the
+    block-per-row one, and its grid and block sizes (1-D)."""
+
+    warp_rows: bool
+    grid: int
+    block: int
+
+
+def cuda_launch(n_rows: int, n_cols: int, vec: int, arrays_cached: int = 1) -> CudaLaunch:
+    """Short rows (up to CUDA_WARP_ROW_COLS // arrays_cached) one warp each, CUDA_WARP_ROWS to
+    a block; longer ones a block each, of cuda_threads()."""
+    if n_cols <= CUDA_WARP_ROW_COLS // arrays_cached:
+        return CudaLaunch(warp_rows=True, grid=-(-n_rows // CUDA_WARP_ROWS), block=32 * CUDA_WARP_ROWS)
+    return CudaLaunch(warp_rows=False, grid=n_rows, block=cuda_threads(n_cols, vec, arrays_cached))
+
+
+@dataclasses.dataclass(frozen=True)
 class RowConfig:
     """How one program walks a row: block width, warps, whether one block holds the row, and
     how many rows a program takes (a [rows, block_n] tile; single-block softmax only)."""
@@ -82,21 +111,67 @@ class RowConfig:
     num_warps: int
     single_block: bool
     rows: int = 1
+    vec: int = 1  # elements per 16-byte vector of the row's aligned body (1: no split)
+    edge: bool = False  # rows have a head or tail outside whole vectors (see vectors())
+
+    @property
+    def maxnreg(self) -> int:
+        return max_registers(self.num_warps)
 
 
-# Short rows: the softmax kernels give a program several rows until its tile holds
-# SHORT_ROWS_TILE elements (at 16 a thread on 4 warps: two or four 16-byte loads a thread),
-# instead of one short row on one warp with a few narrow loads.
+# The register file of an SM (sm_80, sm_90): 64K 32-bit registers.
+REGISTERS_PER_SM = 65536
+
+
+def max_registers(num_warps: int) -> int:
+    """The register cap (.maxnreg) the row kernels are compiled with: a thread's share of the
+    register file when one program fills it (64 at 32 warps; 255, ptxas's own limit, at 8 or
+    fewer). Stating it changes nothing for most kernels, but without it ptxas compiled some
+    32-warp cross-entropy variants to 32 registers and spilled, to fit two programs per SM on
+    sm_80."""
+    return min(255, REGISTERS_PER_SM // (32 * num_warps))
+
+
+# 128-bit loads at every width: the row kernels cut each row into an aligned body of whole
+# VECTOR_BYTES vectors and a head and tail of a few elements (kernels/softmax.py). Triton only
+# proves alignment for integers it specialised as multiples of 16, so without the cut a row of
+# 50257 or 1000 elements compiles to one narrow load per element.
+VECTOR_BYTES = 16
+
+
+def vectors(cfg, n_rows: int, n_cols: int, tensors):
+    """cfg (a RowConfig or SplitConfig) with the body/edge split for rows read and written
+    through `tensors`, a sequence of (itemsize, row_stride) of every row tensor the kernel
+    vectorises. vec is the element count of a 16-byte vector of the narrowest dtype; the rows
+    of every tensor must then start at the same column modulo vec (their row strides agree
+    modulo vec, or there is one row), else vec = 1. edge is False when every row is whole vectors from column 0 (the width and the
+    row strides are multiples of vec): the kernel then skips the head and tail."""
+    vec = VECTOR_BYTES // min(itemsize for itemsize, _ in tensors)
+    strides = [0 if n_rows <= 1 else stride for _, stride in tensors]
+    if len({stride % vec for stride in strides}) > 1:
+        return dataclasses.replace(cfg, vec=1, edge=False)
+    edge = n_cols % vec != 0 or strides[0] % vec != 0
+    return dataclasses.replace(cfg, vec=vec, edge=edge)
+
+
+# Short rows: the softmax and cross-entropy kernels give a program several rows until its tile
+# holds SHORT_ROWS_TILE elements (softmax: 16 a thread on 4 warps, two or four 16-byte loads a
+# thread; cross-entropy: 8 a thread on 8 warps), instead of one short row on one warp with a
+# few narrow loads.
 SHORT_ROWS_TILE = 2048
 
 
-def short_rows(cfg: RowConfig, n_rows: int, itemsize: int = 4) -> RowConfig:
+def short_rows(
+    cfg: RowConfig, n_rows: int, itemsize: int = 4, elements_per_thread: int = ELEMENTS_PER_THREAD
+) -> RowConfig:
     """cfg with several rows per program when its single block is narrower than
     SHORT_ROWS_TILE (never more rows than there are, rounded up to a power of two)."""
     if not cfg.single_block or cfg.block_n >= SHORT_ROWS_TILE or n_rows <= 1:
         return cfg
     rows = min(SHORT_ROWS_TILE // cfg.block_n, next_power_of_2(n_rows))
-    return dataclasses.replace(cfg, rows=rows, num_warps=warps_for(rows * cfg.block_n, itemsize))
+    return dataclasses.replace(
+        cfg, rows=rows, num_warps=warps_for(rows * cfg.block_n, itemsize, elements_per_thread)
+    )
 
 
 def warps_for(block_n: int, itemsize: int = 4, elements_per_thread: int = ELEMENTS_PER_THREAD) -> int:
@@ -239,13 +314,21 @@ _split_chunk = None  # set only by force_split() (chunk columns) and no_split() 
 class SplitConfig:
     """A split row: chunks of chunk_cols columns (a multiple of block_n, the last one partial),
     each walked by one program in block_n-wide steps on num_warps warps; the combine reads the
-    row's partials chunks_block at a time."""
+    row's partials chunks_block at a time. With vec > 1 (vectors()) the chunks cut the row's
+    aligned body and chunk 0 also takes the head/tail edge; `chunks` counts n_cols, so when
+    the body is shorter the last chunk may hold nothing (its partial is (-inf, 0))."""
 
     block_n: int
     num_warps: int
     chunk_cols: int
     chunks: int
     chunks_block: int
+    vec: int = 1  # as RowConfig: chunks cut the row's aligned body, chunk 0 takes the edge
+    edge: bool = False
+
+    @property
+    def maxnreg(self) -> int:
+        return max_registers(self.num_warps)
 
 
 def sm_count(device) -> int:

@@ -39,20 +39,43 @@ def pack_width(dtype_name: str) -> int:
     return 16 // ITEMSIZES[dtype_name]
 
 
-def kernel_name(family: str, dtype_name: str, vec: int) -> str:
-    """The extern "C" name of one kernel, e.g. softmax_fwd_f32_v4."""
+def vector_width(dtype_name: str, arrays) -> int:
+    """Elements a pack for a launch over arrays given as (address in bytes, row stride in
+    elements): pack_width() when row r of every array starts at the same offset from a 16-byte
+    boundary (the same start offset and the same row stride modulo 16 bytes, every address a
+    whole element), else 1. The vectorised kernels walk each row as a scalar head up to its
+    first 16-byte boundary, 128-bit packs, and a scalar tail, so any width and offset works as
+    long as every array's packs are aligned together."""
+    itemsize = ITEMSIZES[dtype_name]
+    if any(address % itemsize for address, _ in arrays):
+        return 1
+    offsets = {address % 16 for address, _ in arrays}
+    strides = {stride * itemsize % 16 for _, stride in arrays}
+    return pack_width(dtype_name) if len(offsets) == 1 and len(strides) == 1 else 1
+
+
+def matching_shift(address: int, buffer_address: int, itemsize: int) -> int:
+    """Elements to skip at the start of a buffer (fewer than 16 // itemsize) so that it starts
+    at `address`'s offset from a 16-byte boundary; both addresses whole elements."""
+    return (address - buffer_address) % 16 // itemsize
+
+
+def kernel_name(family: str, dtype_name: str, vec: int, warp_rows: bool = False) -> str:
+    """The extern "C" name of one kernel, e.g. softmax_fwd_f32_v4 (a block per row) or
+    softmax_fwd_warp_f32_v4 (a warp per row, several rows to a block)."""
     if dtype_name not in FAMILIES[family] or vec not in (1, pack_width(dtype_name)):
         raise ValueError(f"no {family} kernel for {dtype_name} with packs of {vec}")
-    return f"{family}_{TYPE_NAMES[dtype_name]}_v{vec}"
+    return f"{family}_{'warp_' if warp_rows else ''}{TYPE_NAMES[dtype_name]}_v{vec}"
 
 
 def kernel_names() -> list:
     """Every kernel name softmax_gpu.cupy can launch."""
     return sorted(
-        kernel_name(family, dtype, vec)
+        kernel_name(family, dtype, vec, warp_rows)
         for family, dtypes in FAMILIES.items()
         for dtype in dtypes
         for vec in (1, pack_width(dtype))
+        for warp_rows in (False, True)
     )
 
 

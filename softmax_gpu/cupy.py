@@ -36,8 +36,8 @@ if _device_count() == 0:
 
 import numpy as np  # noqa: E402
 
-from .config import cuda_threads  # noqa: E402
-from .cuda_source import FAMILIES, NVRTC_OPTIONS, cuda_source, kernel_name, pack_width  # noqa: E402
+from .config import cuda_launch  # noqa: E402
+from .cuda_source import FAMILIES, NVRTC_OPTIONS, cuda_source, kernel_name, matching_shift, vector_width  # noqa: E402
 
 REDUCTIONS = ("none", "mean", "sum")
 
@@ -54,10 +54,17 @@ def _function(device_id: int, name: str) -> "cupy.RawKernel":
     return _module(device_id).get_function(name)
 
 
-def _kernel(family: str, a, vec: int) -> "cupy.RawKernel":
-    """The `family` kernel for array a's dtype and packs of vec, on a's device (call inside
-    `with a.device:`, so that a first use compiles it there)."""
-    return _function(a.device.id, kernel_name(family, a.dtype.name, vec))
+def _kernel(family: str, a, vec: int, warp_rows: bool = False) -> "cupy.RawKernel":
+    """The `family` kernel for array a's dtype and packs of vec, a block or (warp_rows) a warp
+    per row, on a's device (call inside `with a.device:`, so that a first use compiles it there)."""
+    return _function(a.device.id, kernel_name(family, a.dtype.name, vec, warp_rows))
+
+
+def _launch(family: str, a, vec: int, n_rows: int, n_cols: int, args: tuple, arrays_cached: int = 1) -> None:
+    """Launches the `family` kernel over n_rows rows of n_cols; the kernel takes n_rows last."""
+    launch = cuda_launch(n_rows, n_cols, vec, arrays_cached)
+    kernel = _kernel(family, a, vec, launch.warp_rows)
+    kernel((launch.grid,), (launch.block,), args + (np.int64(n_rows),))
 
 
 def _as_cupy(x, name: str):
@@ -101,11 +108,20 @@ def _row_stride(a) -> int:
     return a.strides[0] // a.itemsize if a.shape[0] > 1 else a.shape[1]
 
 
-def _vector_width(n_cols: int, *arrays) -> int:
-    """16 bytes of elements when every row of every array starts 16-byte aligned, else 1."""
-    vec = pack_width(arrays[0].dtype.name)
-    aligned = all(a.data.ptr % 16 == 0 and (_row_stride(a) * a.itemsize) % 16 == 0 for a in arrays)
-    return vec if aligned and n_cols % vec == 0 else 1
+def _vector_width(*arrays) -> int:
+    """Packs of 128 bits when every array's rows sit at the same offset from a 16-byte boundary."""
+    return vector_width(arrays[0].dtype.name, [(a.data.ptr, _row_stride(a)) for a in arrays])
+
+
+def _empty_rows_like(a, shape):
+    """An empty C-contiguous array of a's dtype and 2-D `shape` (not empty) that starts at a's
+    offset from a 16-byte boundary, so that its rows and a's share pack boundaries (and the
+    vectorised kernels apply) whenever a's row stride is its row length, or differs from it by
+    a multiple of 16 bytes. Costs at most 15 bytes of padding."""
+    n = shape[0] * shape[1]
+    buffer = cupy.empty(n + 16 // a.itemsize, dtype=a.dtype)
+    shift = matching_shift(a.data.ptr, buffer.data.ptr, a.itemsize)
+    return buffer[shift : shift + n].reshape(shape)
 
 
 def _back(rows, moved_shape, axis: int, ndim: int):
@@ -122,11 +138,11 @@ def _forward(x, axis: int, log: bool, fn: str):
         if x.size == 0:  # (N, 0), (0, C), ...: nothing to launch
             return cupy.empty_like(x)
         rows, moved_shape = _rows(x, axis)
-        out = cupy.empty(rows.shape, dtype=x.dtype)
+        out = _empty_rows_like(rows, rows.shape)
         n_rows, n_cols = rows.shape
-        vec = _vector_width(n_cols, rows, out)
-        _kernel("softmax_fwd", x, vec)((n_rows,), (cuda_threads(n_cols, vec),),
-            (rows, out, np.int64(_row_stride(rows)), np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+        vec = _vector_width(rows, out)
+        _launch("softmax_fwd", x, vec, n_rows, n_cols,
+                (rows, out, np.int64(_row_stride(rows)), np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
         return _back(out, moved_shape, axis, x.ndim)
 
 
@@ -142,12 +158,12 @@ def _backward(y, dy, axis: int, log: bool, fn: str):
             return cupy.empty_like(y)
         y_rows, moved_shape = _rows(y, axis)
         dy_rows, _ = _rows(dy, axis)
-        dx = cupy.empty(y_rows.shape, dtype=y.dtype)
+        dx = _empty_rows_like(y_rows, y_rows.shape)
         n_rows, n_cols = y_rows.shape
-        vec = _vector_width(n_cols, y_rows, dy_rows, dx)
-        _kernel("softmax_bwd", y, vec)((n_rows,), (cuda_threads(n_cols, vec, arrays_cached=2),),
-            (y_rows, dy_rows, dx, np.int64(_row_stride(y_rows)), np.int64(_row_stride(dy_rows)),
-             np.int64(n_cols), np.int32(n_cols), np.int32(log)))  # fmt: skip
+        vec = _vector_width(y_rows, dy_rows, dx)
+        _launch("softmax_bwd", y, vec, n_rows, n_cols,
+                (y_rows, dy_rows, dx, np.int64(_row_stride(y_rows)), np.int64(_row_stride(dy_rows)),
+                 np.int64(n_cols), np.int32(n_cols), np.int32(log)), arrays_cached=2)  # fmt: skip
         return _back(dx, moved_shape, axis, y.ndim)
 
 
@@ -204,20 +220,21 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
         scale = (1.0 / counted if reduction == "mean" else cupy.ones((), cupy.float32)).astype(cupy.float32)
         if logits.strides[-1] != logits.itemsize:
             logits = cupy.ascontiguousarray(logits)
-        grad = cupy.empty(logits.shape, dtype=logits.dtype)
         if n_cols == 0:
             # No class exists: every target but ignore_index is out of range, so its row's loss
             # is NaN (the rule for any out-of-range target) and an ignored row's is 0, as torch
             # gives for ignored rows. Nothing to launch.
             loss = cupy.where(ignored, cupy.zeros((), cupy.float32), cupy.full((), np.nan, cupy.float32))
+            grad = cupy.empty(logits.shape, dtype=logits.dtype)
         else:
+            grad = _empty_rows_like(logits, logits.shape) if n_rows else cupy.empty(logits.shape, logits.dtype)
             loss = cupy.empty(n_rows, dtype=cupy.float32)
             lse = cupy.empty(n_rows, dtype=cupy.float32)
             if n_rows:
-                vec = _vector_width(n_cols, logits, grad)
-                _kernel("cross_entropy", logits, vec)((n_rows,), (cuda_threads(n_cols, vec),),
-                    (logits, target, loss, lse, grad, np.int64(_row_stride(logits)), np.int64(n_cols),
-                     np.int32(n_cols), ignore_index, np.float32(label_smoothing), scale))  # fmt: skip
+                vec = _vector_width(logits, grad)
+                _launch("cross_entropy", logits, vec, n_rows, n_cols,
+                        (logits, target, loss, lse, grad, np.int64(_row_stride(logits)), np.int64(n_cols),
+                         np.int32(n_cols), ignore_index, np.float32(label_smoothing), scale))  # fmt: skip
         if reduction == "none":
             return loss, grad
         total = loss.sum()

@@ -54,13 +54,26 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
 cpu_instrument = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU instrument: CI runs it")
 
 
-def MEAN_LOADS(n):
+def MEAN_LOADS(n, itemsize, programs):
     """O(N) bytes a cross-entropy forward+backward with reduction="mean" loads besides the
-    logits (bfloat16/float32, class indices): targets twice (8 B each), the divisor, the
-    upstream and the row loss (4 B each) per row, and the divisor once more for the mean."""
-    return n * (8 + 8 + 4 + 4 + 4) + 4
+    logits (bfloat16/float32 of `itemsize` bytes, class indices): targets twice (8 B each),
+    the target's logit, the upstream and the row loss (4 B each) per row, the divisor once
+    per forward program (4 B; programs = rows, or fewer when short rows share a program),
+    and the divisor once more for the mean."""
+    return n * (8 + 8 + itemsize + 4 + 4) + 4 * programs + 4
 
 
 def MEAN_STORES(n):
     """... and stores: loss and lse per row, then the counter, the total and the mean."""
     return n * (4 + 4) + 12
+
+
+def edge_elements(n_rows: int, n_cols: int, row_stride: int, vec: int) -> int:
+    """Elements of the rows' heads and tails (outside the aligned body of whole vec-element
+    vectors; kernels/softmax.py), which the looped paths read once instead of twice."""
+    total = 0
+    for row in range(n_rows):
+        start = row * row_stride
+        shift = min(-start % vec, n_cols)
+        total += shift + (n_cols - shift) % vec
+    return total

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MEAN_LOADS, MEAN_STORES, assert_matches, assert_within_torch_error, poisoned
+from helpers import MEAN_LOADS, MEAN_STORES, assert_matches, assert_within_torch_error, edge_elements, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
@@ -83,6 +83,134 @@ def test_probability_targets(max_block, device):
         ours, grad, theirs, ref_grad = run_both(logits, target, None, max_block, **kw)
         assert_matches(ours, theirs.numpy(), RTOL, ATOL, what=f"soft {reduction} {smoothing} {use_weight}")
         assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=f"soft grad {reduction} {smoothing} {use_weight}")
+
+
+UNALIGNED_OPTIONS = {
+    "plain": {},
+    "weights, smoothing, ignore": dict(weight=True, label_smoothing=0.1, ignore_index=2),
+    "z-loss, softcap": dict(z_loss=1e-3, softcap=3.0),
+    "probabilities": dict(soft=True, label_smoothing=0.1),
+    "probabilities, other stride": dict(soft="other stride"),
+    "none, upstream": dict(reduction="none"),
+}
+# Gradient tolerance per dtype against float64 (the loss is float32, float64 for float64).
+GRAD_TOL = {torch.float32: (RTOL, ATOL), torch.float64: (1e-12, 1e-14), torch.bfloat16: (8e-3, 1e-4),
+            torch.float16: (1e-3, 1e-5)}  # fmt: skip
+
+
+@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("what", UNALIGNED_OPTIONS)
+def test_unaligned_rows_of_odd_width(what, dtype, max_block, device):
+    """Logits that are a view at column 3 of a NaN buffer, rows 53 wide 60 apart: every row
+    starts at another alignment, so the kernels take head, aligned body and tail (and the
+    float16/float64 backward kernel and the rescale kernel too; split rows cut the body into
+    chunks and give chunk 0 the edge). A stray read of the NaN
+    around the view would turn its row's loss NaN; in-place, a stray write would land in it."""
+    n, c, pitch, offset = 6, 53, 60, 3
+    options = dict(UNALIGNED_OPTIONS[what])
+    soft = options.pop("soft", False)
+    kw = dict(options)
+    if kw.pop("weight", False):
+        kw["weight"] = (torch.rand(c, device=device) + 0.1).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    values = 2 * torch.randn(n, c, device=device)
+    if soft:
+        t_pitch, t_offset = (pitch, offset) if soft is True else (c + 2, 0)
+        t_buf = torch.full((n, t_pitch), float("nan"), device=device, dtype=dtype)
+        target = t_buf[:, t_offset:t_offset + c]
+        target.copy_(torch.softmax(torch.randn(n, c, device=device), -1))
+    else:
+        target = torch.randint(0, c, (n,), device=device)
+        target[1] = kw.get("ignore_index", -100)
+    upstream = torch.randn(n, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32) if (
+        kw.get("reduction") == "none") else None  # fmt: skip
+    ref_in = values.to(dtype).double().cpu().requires_grad_()
+    for inplace in (False, True):
+        leaf = values.to(dtype).clone().requires_grad_()
+        buf = torch.full((n, pitch), float("nan"), device=device, dtype=dtype)
+        buf[:, offset:offset + c] = leaf  # buf now holds the logits and carries their graph
+        logits = buf[:, offset:offset + c]
+        with on_path(max_block):
+            loss = softmax_gpu.cross_entropy(logits, target, inplace_backward=inplace, **kw)
+            loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+        if not inplace:
+            kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            z_loss, softcap = kw64.pop("z_loss", 0.0), kw64.pop("softcap", None)
+            z = ref_in if softcap is None else softcap * torch.tanh(ref_in / softcap)
+            tgt = target.double().cpu() if soft else target.cpu()
+            ref = F.cross_entropy(z, tgt, **kw64)
+            if z_loss:  # over the rows that count (mean: this option set has no weights)
+                counted = (target.cpu() != -100).double()
+                ref = ref + z_loss * (counted * torch.logsumexp(z, -1) ** 2).sum() / counted.sum()
+            ref.backward(torch.ones_like(ref) if upstream is None else upstream.double().cpu())
+            loss_tol = (1e-12, 1e-14) if dtype == torch.float64 else (RTOL, ATOL)
+            assert_matches(loss, ref.detach().numpy(), *loss_tol, what=f"{what} {dtype} loss")
+        assert_matches(leaf.grad, ref_in.grad.numpy(), *GRAD_TOL[dtype], what=f"{what} {dtype} inplace={inplace} grad")
+        if inplace:  # the gradient went through the logits' storage
+            torch.testing.assert_close(logits.detach(), leaf.grad, rtol=0, atol=0)
+        outside = torch.ones(n, pitch, dtype=torch.bool)
+        outside[:, offset:offset + c] = False
+        assert buf.detach().cpu()[outside].isnan().all(), "a write outside the rows"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("what", ["plain", "weights, smoothing, ignore", "probabilities", "z-loss, softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_short_rows_several_a_program(dtype, what, reduction, device):
+    """Rows narrower than config.SHORT_ROWS_TILE share a program ([rows x block] tiles): 37
+    rows of 101 classes take 3 programs of 16 rows, the last one partial, and the reduction's
+    last-program sum counts programs, not rows. Outputs poisoned, every option, every dtype."""
+    n, c = 37, 101
+    f64 = dtype == torch.float64
+    acc = torch.float64 if f64 else torch.float32
+    logits = (2 * torch.randn(n, c, device=device)).to(dtype)
+    kw = {}
+    if what == "probabilities":
+        target = torch.softmax(torch.randn(n, c, device=device), -1).to(dtype)
+    else:
+        target = torch.randint(0, c, (n,), device=device)
+        target[[1, 20]] = 2 if what.endswith("ignore") else -100
+    if what.startswith("weights"):
+        kw = dict(weight=(torch.rand(c, device=device) + 0.1).to(acc), label_smoothing=0.1, ignore_index=2)
+    if what == "z-loss, softcap":
+        kw = dict(z_loss=1e-3, softcap=3.0)
+    loss, lse = poisoned((n,), acc, device), poisoned((n,), acc, device)
+    grad = poisoned((n, c), dtype, device)
+    reduced, counter, total = poisoned((), acc, device), torch.full((), 5, dtype=torch.int32, device=device), None
+    eps, lam, cap = kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap")
+    ignore = kw.get("ignore_index", -100)
+    if reduction == "mean":
+        total = poisoned((), acc, device)
+    buffers = [t for t in (logits, target, loss, lse, grad, reduced, counter, total, kw.get("weight")) if t is not None]
+    bounds = TrafficCounter(buffers=buffers) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with bounds:  # in the interpreter, every access is checked against the buffers
+        if reduction != "none":
+            launch_cross_entropy_prepare(target, kw.get("weight"), total, counter, c, ignore)
+        cfg = launch_cross_entropy(logits, target, kw.get("weight"), loss, lse, grad, total, ignore, eps, lam, cap,
+                                   reduced=None if reduction == "none" else reduced,
+                                   counter=None if reduction == "none" else counter, reduction=reduction)
+    assert cfg.single_block and cfg.rows == 16
+    # float64 torch: the per-row losses and the gradient of the (reduced) loss.
+    z64 = logits.double().cpu().requires_grad_()
+    z = z64 if cap is None else cap * torch.tanh(z64 / cap)
+    tgt = target.double().cpu() if what == "probabilities" else target.cpu()
+    kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if k in ("weight", "label_smoothing", "ignore_index")}
+    per_row = F.cross_entropy(z, tgt, reduction="none", **kw64)
+    if lam:
+        per_row = per_row + lam * torch.where(tgt != -100, torch.logsumexp(z, -1) ** 2, 0.0)
+    if what == "probabilities" or "weight" not in kw:
+        counted = torch.ones(n, dtype=torch.float64) if what == "probabilities" else (tgt != ignore).double()
+    else:
+        counted = torch.where(tgt != ignore, kw64["weight"][tgt.clamp(0, c - 1)], 0.0)
+    reduced64 = per_row.sum() / (counted.sum() if reduction == "mean" else 1.0)
+    reduced64.backward()
+    tol = (1e-12, 1e-14) if f64 else (RTOL, ATOL)
+    assert_matches(loss, per_row.detach().numpy(), *tol, what=f"{what} {dtype} row losses")
+    assert_matches(lse, torch.logsumexp(z, -1).detach().numpy(), *tol, what=f"{what} {dtype} lse")
+    if reduction != "none":
+        assert_matches(reduced, reduced64.detach().numpy(), *tol, what=f"{what} {dtype} {reduction}")
+    # the gradient of the sum ("none", "sum") or the mean of the row losses
+    assert_matches(grad, z64.grad.numpy(), *GRAD_TOL[dtype], what=f"{what} {dtype} grad")
 
 
 def test_one_hot_gradient_is_softmax_minus_one_hot(device):
@@ -379,14 +507,18 @@ def test_traffic_forward_backward_reads_logits_once(dtype):
         loss.backward()
     assert cross_entropy_config(c).single_block
     # O(N) beyond the logits: per row the target (8 B) read twice (the mean's total, the loss),
-    # the grad scale, the upstream and the row loss (for the mean) read (4 B each); loss and
-    # lse written (4 B each); then the counter, the total and the mean (4 B each) and the
-    # mean's divisor read once more.
-    assert t.bytes_loaded == logits_bytes + MEAN_LOADS(n)
+    # the target's logit, the grad scale, the upstream and the row loss (for the mean) read
+    # (4 B each); loss and lse written (4 B each); then the counter, the total and the mean
+    # (4 B each) and the mean's divisor read once more.
+    size = logits.element_size()
+    assert t.bytes_loaded == logits_bytes + MEAN_LOADS(n, size, programs=1)  # 4 short rows, one program
     assert t.bytes_stored == logits_bytes + MEAN_STORES(n)
     with TrafficCounter() as looped, config.block_limit(32):
         softmax_gpu.cross_entropy(logits, target).backward()
-    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n)  # looped: 2 reads + 1 write
+    # looped: 2 reads + 1 write, but the few head and tail elements of each row are read once
+    edge = edge_elements(n, c, c, 16 // size) * size
+    assert edge > 0 or size == 4
+    assert looped.bytes_loaded == 2 * logits_bytes - edge + MEAN_LOADS(n, size, programs=n)
     assert looped.bytes_stored == logits_bytes + MEAN_STORES(n)
 
 
@@ -408,7 +540,8 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
     with TrafficCounter() as t, config.no_split():  # (two such rows would otherwise split)
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
     nc = n * c * 2
-    assert t.bytes_loaded == logit_reads * nc + MEAN_LOADS(n)
+    edge = edge_elements(n, c, c, 8) * 2 if logit_reads == 2 else 0  # the looped path reads the edge once
+    assert t.bytes_loaded == logit_reads * nc - edge + MEAN_LOADS(n, 2, programs=n)
     assert t.bytes_stored == nc + MEAN_STORES(n)
 
 
@@ -419,7 +552,7 @@ def test_traffic_no_grad_forward_reads_only():
     with torch.no_grad(), TrafficCounter() as t:
         softmax_gpu.cross_entropy(logits, target)
     # + the targets again and the row losses for the mean; counter, total and mean stored
-    assert t.bytes_loaded == n * c * 4 + n * (8 + 8 + 4) + 4 and t.bytes_stored == n * 8 + 12
+    assert t.bytes_loaded == n * c * 4 + n * (8 + 8 + 4 + 4) + 4 and t.bytes_stored == n * 8 + 12  # + z_t
 
 
 @interpreter_only
@@ -899,13 +1032,14 @@ def test_traffic_split_rows(dtype):
         softmax_gpu.cross_entropy(logits, target).backward()
     with TrafficCounter() as t, config.block_limit(32), config.force_split(32):
         softmax_gpu.cross_entropy(logits, target).backward()
-    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n)
+    assert c % (16 // logits.element_size()) == 0  # whole vectors: no edge, read twice like the body
+    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n, logits.element_size(), programs=n)
     partials = n * chunks * 2 * 4  # (max, sum without the target) a chunk, float32
     # O(N): the targets once (the mean's total, in program (0, 0)), the upstream, the row
-    # losses and the divisor once (the last program's mean), the target's logit once more (by
-    # the chunk that holds it); per program (n * chunks of them) the target in each kernel
-    # (8 B twice), z_t from the partials and the divisor (the gradient's scale) (4 B each);
-    # and each program's read of its row's partials.
+    # losses and the divisor once (the last program's mean), the target's logit (by chunk 0's
+    # program of the stats kernel); per program (n * chunks of them) the target in each
+    # kernel (8 B twice), z_t from the partials and the divisor (the gradient's scale) (4 B
+    # each); and each program's read of its row's partials.
     per_row = n * (8 + 4 + 4 + logits.element_size()) + 4
     per_program = n * chunks * (8 + 8 + 4 + 4)
     assert t.bytes_loaded == 2 * logits_bytes + per_row + per_program + chunks * partials

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import ATOL_FP32, RTOL_FP32, assert_matches, assert_within_torch_error, poisoned
+from helpers import ATOL_FP32, RTOL_FP32, assert_matches, assert_within_torch_error, edge_elements, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
@@ -124,6 +124,119 @@ def test_dtype_argument_matches_torch(op, device):
     torch.testing.assert_close(down.cpu(), torch_fn(x32.cpu(), -1, dtype=torch.bfloat16), rtol=8e-3, atol=8e-3)
     f64 = ours_fn(x32, dim=-1, dtype=torch.float64)
     torch.testing.assert_close(f64.cpu(), torch_fn(x32.cpu().double(), -1), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------
+# Odd widths and unaligned rows: the aligned body, head and tail (128-bit loads at any width)
+# ---------------------------------------------------------------------------------------
+
+# (x dtype, y dtype, x column offset in its buffer, y offset, extra columns of x's buffer, of y's)
+LAYOUTS = {
+    "contiguous": (torch.float32, torch.float32, 0, 0, 0, 0),
+    "bf16 contiguous": (torch.bfloat16, torch.bfloat16, 0, 0, 0, 0),
+    "bf16 in, fp32 out": (torch.bfloat16, torch.float32, 0, 0, 0, 0),
+    "unaligned bases, strides agree": (torch.float16, torch.float16, 3, 5, 9, 9),
+    "strides disagree (no split)": (torch.float32, torch.float32, 1, 0, 9, 0),
+    "float64 offset": (torch.float64, torch.float64, 1, 1, 3, 3),
+}
+# (rows, cols) and the path (a PATHS entry) per regime of the row layout; the looped and split
+# paths read the rows twice, the split one cutting each row's body into 32-wide chunks.
+LAYOUT_PATHS = {"single": ((3, 1501), None), "looped": ((3, 101), 16), "split": ((3, 101), SPLIT),
+                "short rows": ((37, 13), None), "tiny": ((5, 3), None)}  # fmt: skip
+
+
+def in_buffer(n_rows, n_cols, dtype, offset, extra, fill):
+    """An (n_rows, n_cols) view at column `offset` of a wider buffer whose other entries are `fill`."""
+    buf = torch.full((n_rows, n_cols + extra), fill, dtype=dtype)
+    return buf, buf[:, offset:offset + n_cols]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic and bounds are counted in Triton's interpreter")
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("path", LAYOUT_PATHS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_odd_widths_and_unaligned_rows(op, path, layout):
+    """Every element of every row is read and written exactly once whatever the rows' alignment:
+    NaN around the views (a stray read would turn its row NaN, a stray write would overwrite
+    it), a NaN-poisoned output, the exact bytes moved, and the float64 reference, forward and
+    backward, on the single-block, looped, split and short-rows paths."""
+    (n_rows, n_cols), max_block = LAYOUT_PATHS[path]
+    split_path = max_block == SPLIT
+    x_dtype, y_dtype, x_off, y_off, x_extra, y_extra = LAYOUTS[layout]
+    log = op == "log_softmax"
+    nan = float("nan")
+    x_buf, x = in_buffer(n_rows, n_cols, x_dtype, x_off, x_extra, nan)
+    x.copy_(rows_of((n_rows, n_cols), x_dtype, "cpu"))
+    y_buf, y = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
+    cfg = None if max_block in (None, SPLIT) else config.row_config(n_cols, max_block, y.element_size())
+    x_untouched = x_buf.clone()
+    y_outside = torch.ones(y_buf.shape, dtype=torch.bool)
+    y_outside[:, y_off:y_off + n_cols] = False
+    # Bounds are checked against the buffers, except on the split path, whose launches also
+    # touch the partials they allocate (the NaN around the views still catches strays there).
+    with TrafficCounter(buffers=[] if split_path else [x_buf, y_buf]) as fwd, on_path(max_block):
+        used = launch_softmax_fwd(x, y, log, cfg=cfg)
+    if split_path:
+        assert isinstance(used, config.SplitConfig) and used.chunks == 4
+    else:
+        assert used.single_block == (max_block is None) and (used.rows > 1) == (path in ("short rows", "tiny"))
+    split = "disagree" not in layout
+    assert (used.vec > 1) == split
+    expected = OPS[op][2](x.double().numpy())
+    tol = TOL32[op] if y_dtype == torch.float32 else (1e-12, 1e-12) if y_dtype == torch.float64 else (1e-2, 1e-2)
+    assert_matches(y, expected, *tol, what=f"{op} {layout} {path}")
+    assert torch.equal(x_buf.isnan(), x_untouched.isnan())
+    assert y_buf[y_outside].isnan().all(), "a write outside the rows"
+    reads = x.numel() * x.element_size()
+    # the split path's partials: 2 values a chunk, stored once and read by each program of the row
+    acc = 8 if y_dtype == torch.float64 else 4
+    partials = n_rows * used.chunks * acc if split_path else 0
+    if split_path:  # two launches, each reading the whole row (chunk 0 the edge)
+        reads = 2 * reads + 2 * partials * used.chunks
+    elif not used.single_block:  # the looped path reads the body twice, the edge once
+        edge = edge_elements(n_rows, n_cols, x.stride(0), used.vec) if used.edge else 0
+        reads = 2 * reads - edge * x.element_size()
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (reads, y.numel() * y.element_size() + 2 * partials)
+
+    # Backward: y, dy and dx in the same kind of layout as y.
+    dy_buf, dy = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
+    dy.copy_(torch.randn(n_rows, n_cols).to(y_dtype))
+    dx_buf, dx = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
+    with TrafficCounter(buffers=[] if split_path else [y_buf, dy_buf, dx_buf]) as bwd, on_path(max_block):
+        used = launch_softmax_bwd(y, dy, dx, log, cfg=cfg)
+    assert used.vec > 1  # y, dy and dx share a layout
+    expected = OPS[op][3](y.double().numpy(), dy.double().numpy())
+    assert_matches(dx, expected, *tol, what=f"{op} backward {layout} {path}")
+    assert dx_buf[y_outside].isnan().all(), "a write outside the rows"
+    n = y.numel() * y.element_size()
+    reads = 2 * n
+    if split_path:  # and one partial sum a chunk
+        reads = (3 * n if log else 4 * n) + partials * used.chunks
+    elif not used.single_block:
+        edge = edge_elements(n_rows, n_cols, y.stride(0), used.vec) * y.element_size() if used.edge else 0
+        reads = (3 * n - edge) if log else (4 * n - 2 * edge)
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, n + partials)
+
+
+def test_row_layout_covers_every_column_once():
+    """The index arithmetic of row_layout/edge_cols, replayed in Python for every start
+    alignment and width: head, body and tail cover [0, n_cols) exactly once, the body starts
+    on a vector boundary and is whole vectors, and head and tail are shorter than a vector."""
+    for vec in (1, 2, 4, 8):
+        for start in range(0, 3 * vec):
+            for n_cols in range(0, 5 * vec):
+                body = (start + vec - 1) // vec * vec
+                shift = min(body - start, n_cols)
+                n_body = (n_cols - shift) // vec * vec
+                head = list(range(shift))
+                tail = list(range(shift + n_body, n_cols))
+                covered = head + list(range(shift, shift + n_body)) + tail
+                assert covered == list(range(n_cols)), (vec, start, n_cols)
+                assert body % vec == 0 and n_body % vec == 0 and len(head) < vec and len(tail) < vec
+                if n_body:
+                    assert (start + shift) == body  # the body's first element is the aligned one
+                expected_edge = edge_elements(2, n_cols, start, vec) - edge_elements(1, n_cols, start, vec)
+                assert len(head) + len(tail) == expected_edge  # row 1 of rows `start` apart
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +431,7 @@ def test_backward_through_dtype_cast(device):
 @pytest.mark.parametrize("log", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_forward(log, dtype):
-    rows, cols = 3, 100
+    rows, cols = 3, 101  # odd: every row has a head or a tail
     x = rows_of((rows, cols), dtype, "cpu")
     y = torch.empty_like(x)
     element = rows * cols * x.element_size()
@@ -329,7 +442,10 @@ def test_traffic_forward(log, dtype):
     with TrafficCounter(buffers=[x, y]) as looped:
         cfg = launch_softmax_fwd(x, y, log, cfg=config.row_config(cols, 32))
     assert not cfg.single_block and cfg.block_n == 32
-    assert (looped.bytes_loaded, looped.bytes_stored) == (2 * element, element)  # 2 reads + 1 write
+    edge = edge_elements(rows, cols, cols, 16 // x.element_size()) * x.element_size()
+    assert edge > 0
+    # 2 reads + 1 write; the few head and tail elements (the edge) are read once.
+    assert (looped.bytes_loaded, looped.bytes_stored) == (2 * element - edge, element)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
@@ -343,7 +459,9 @@ def test_traffic_backward(log):
     assert (single.bytes_loaded, single.bytes_stored) == (2 * element, element)  # 2 reads + 1 write
     with TrafficCounter(buffers=[y, dy, dx]) as looped:
         assert not launch_softmax_bwd(y, dy, dx, log, cfg=config.row_config(77, 16)).single_block
-    reads = (3 if log else 4) * element  # log_softmax's reduction pass needs only dy
+    edge = edge_elements(4, 77, 77, 4) * 4
+    # log_softmax's reduction pass needs only dy; the edge is read once.
+    reads = (3 * element - edge) if log else (4 * element - 2 * edge)
     assert (looped.bytes_loaded, looped.bytes_stored) == (reads, element)
 
 
@@ -357,7 +475,8 @@ def test_traffic_backward_single_read_limit(cols, reads):
     dy, dx = torch.randn(2, cols), torch.empty(2, cols)
     with TrafficCounter(buffers=[y, dy, dx]) as t, config.no_split():
         launch_softmax_bwd(y, dy, dx, False)
-    assert (t.bytes_loaded, t.bytes_stored) == (reads * y.numel() * 4, y.numel() * 4)
+    edge = edge_elements(2, cols, cols, 4) * 4 if reads == 4 else 0  # the looped path reads the edge once
+    assert (t.bytes_loaded, t.bytes_stored) == (reads * y.numel() * 4 - 2 * edge, y.numel() * 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="bounds are checked in Triton's interpreter")

@@ -36,8 +36,8 @@ def test_compile_report_has_no_spills():
     linear = [line.split() for line in out.stdout.splitlines() if line.startswith("linear_cross_entropy")]
     assert {(r[0], r[1]) for r in linear} == {(k, a) for k in ("linear_cross_entropy_fwd_kernel",
         "linear_cross_entropy_bwd_input_kernel", "linear_cross_entropy_bwd_weight_kernel") for a in ("80", "90")}
-    assert all(r[7] == "HMMA" for r in linear if r[1] == "80"), linear
-    assert all(r[7] == "HGMMA" for r in linear if r[1] == "90" and "BLOCK_M=32" not in r), linear
+    assert all(r[8] == "HMMA" for r in linear if r[1] == "80"), linear
+    assert all(r[8] == "HGMMA" for r in linear if r[1] == "90" and "BLOCK_M=32" not in r), linear
 
 
 EXACT_SHAPES = ["4096x50257", "4096x1000", "32768x128", "1x128256", "4096x151936"]
@@ -46,10 +46,12 @@ EXACT_SHAPES = ["4096x50257", "4096x1000", "32768x128", "1x128256", "4096x151936
 @cpu_instrument
 def test_compile_report_on_exact_launches():
     """`--op` compiles exactly what the launchers launch for real LLM shapes (issue #9's list,
-    bfloat16 and float32, every op): no spills; rows whose width is a multiple of 16 get
-    128-bit loads and stores in every kernel that streams them. (Odd widths such as 50257 and
-    1000 still load scalar values, and 128-wide bfloat16 rows 64-bit ones: the report prints
-    them, this test does not pin them.)
+    bfloat16 and float32, every op): no spills, and 128-bit loads and stores in every kernel
+    that streams rows, odd widths (50257, 1000) included, with at most a handful of narrower
+    instructions (scalar loads of the target, its logit, row statistics; the head/tail edge;
+    the reductions), never one per element of a hot loop. Short cross-entropy rows (128 wide,
+    bfloat16) still run one row per program on one warp, 64-bit: the report shows them, this
+    test leaves them out (issue #9's short rows are done for softmax only).
     One architecture (sm_90) to keep CI's time; the full report covers sm_80 and sm_90."""
     args = ["-m", "bench.compile_report", "--arch", "90", "--op", "softmax_fwd", "softmax_bwd", "ce_fwd",
             "ce_fwd_bwd", "--shape", *EXACT_SHAPES, "--dtype", "bfloat16", "float32"]  # fmt: skip
@@ -61,24 +63,23 @@ def test_compile_report_on_exact_launches():
         for shape in EXACT_SHAPES:
             for dtype in ("bfloat16", "float32"):
                 assert any(h.startswith(f"# {op} {shape} {dtype}: ") for h in headers), (op, shape, dtype)
-    rows = [line.split() for line in out.stdout.splitlines()
-            if line.startswith(("softmax_", "cross_entropy_kernel", "cross_entropy_split"))]
-    # the table lists the launches in the headers' order, kernel rows only
-    streaming = [(h, r) for h, r in zip([h for h in headers if "prepare" not in h and "scale_grad" not in h], rows)]
-    # 128-wide bfloat16 rows run one row per program on one warp: 4 values, 64 bits, a thread
-    # (issue #9's short rows); the report shows them, this test does not pin them either.
-    aligned = [(h, r) for h, r in streaming if not any(s in h for s in ("x50257 ", "x1000 ", "x128 bfloat16"))]
-    # The gradient-free forward and a split row's stats kernels store per-row (per-chunk)
-    # values only; the gradient-free split combine streams nothing (its row's partials and one
-    # logit a program).
-    def wide(h, r):
-        if "ce_fwd " in h and "cross_entropy_split_kernel" in h:
-            return True
-        return r[6] == "yes/yes" or (("ce_fwd " in h or "stats_kernel" in h) and r[6] == "yes/no")
-
-    assert aligned and all(wide(h, r) for h, r in aligned), [
-        (h, r[6]) for h, r in aligned if r[6] != "yes/yes"
-    ]
+    table = [line.split() for line in out.stdout.splitlines() if line.startswith(("softmax_", "cross_entropy", "scale_"))]
+    assert len(table) == len(headers)  # the table lists the launches in the headers' order
+    streaming = [(h, r) for h, r in zip(headers, table) if "prepare" not in h]
+    pinned = [(h, r) for h, r in streaming if not (" x128 bfloat16" in h.replace("32768x128", " x128") and "ce_" in h)]
+    assert len(pinned) > 60
+    assert any("_split_" in h for h, _ in pinned)  # 1 x 128256 runs split
+    for h, r in pinned:
+        # The forward without the gradient stores no rows and a split row's stats kernels
+        # store per-chunk values only; the gradient-free split combine streams no row at all
+        # (its row's partials and a few scalars), so only its narrow count is pinned.
+        stores = ("ce_fwd " not in h or "scale_grad" in h) and "stats_kernel" not in h
+        if not ("ce_fwd " in h and "cross_entropy_split_kernel" in h):
+            assert r[6] == ("yes/yes" if stores else "yes/no"), (h, r[6])
+        narrow_loads, narrow_stores = map(int, r[7].split("/"))
+        # A split combine (CHUNKS_BLOCK) also loads its row's partials, a few narrow loads a
+        # field whatever the row's width (the buffer's rows start at any multiple of n_chunks).
+        assert narrow_loads <= (32 if "CHUNKS_BLOCK=" in h else 12) and narrow_stores <= 6, (h, r[7])
 
 
 def test_training_example_matches_torch():

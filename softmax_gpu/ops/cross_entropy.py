@@ -51,12 +51,13 @@ CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
 
 
 def cross_entropy_config(
-    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False
+    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False, softcap: bool = False
 ) -> config.RowConfig:
     """Launch configuration for rows of n_cols classes of `itemsize` bytes: the forward's (one
     block when the row fits; wider for the plain variant: class indices without weights or
-    smoothing), or with streaming=True the backward kernel's, which always loops and so
-    streams in the looped path's block width."""
+    smoothing, and a wider loop block), or with streaming=True the backward kernel's, which
+    always loops and so streams in the looped path's block width. The plain variant with a
+    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY_PLAIN)."""
     if streaming:
         return config.row_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
@@ -65,7 +66,7 @@ def cross_entropy_config(
     plain = plain and itemsize <= 4  # float64's looped plain block spilled (8 bytes, sm_90)
     return config.row_config(
         n_cols,
-        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.MAX_BLOCK_CROSS_ENTROPY,
+        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain and not softcap else config.MAX_BLOCK_CROSS_ENTROPY,
         itemsize,
         loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
@@ -73,15 +74,23 @@ def cross_entropy_config(
 
 
 def cross_entropy_split(
-    n_rows: int, n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False, device="cpu"
+    n_rows: int,
+    n_cols: int,
+    itemsize: int = 4,
+    streaming: bool = False,
+    plain: bool = False,
+    softcap: bool = False,
+    device="cpu",
 ) -> Optional[config.SplitConfig]:
     """config.split_rows for the cross-entropy kernels: the forward's families as in
-    cross_entropy_config (rows split only where the forward would loop), or with
-    streaming=True the backward kernel's (it always loops, 1024 wide); None: one program a row."""
+    cross_entropy_config (rows split only where the forward would loop: for the soft-capped
+    plain variant, past the general single-block limit), or with streaming=True the backward
+    kernel's (it always loops, 1024 wide); None: one program a row."""
     if streaming:
         max_block = loop_block = config.LOOP_BLOCK_CROSS_ENTROPY
     elif plain and itemsize <= 4:
-        max_block, loop_block = config.MAX_BLOCK_CROSS_ENTROPY_PLAIN, config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN
+        max_block = config.MAX_BLOCK_CROSS_ENTROPY if softcap else config.MAX_BLOCK_CROSS_ENTROPY_PLAIN
+        loop_block = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN
     else:
         max_block, loop_block = config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY
     return config.split_rows(n_rows, n_cols, itemsize, max_block, loop_block,
@@ -132,12 +141,20 @@ def launch_cross_entropy(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
-    cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing))
+    cfg = cfg or config.short_rows(
+        cross_entropy_config(
+            n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
+        ),
+        n_rows,
+        logits.element_size(),
+        config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
+    )
     soft = target.is_floating_point()
+    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
-        cross_entropy_kernel[(n_rows,)](
+        cross_entropy_kernel[(-(-n_rows // cfg.rows),)](
             logits_ptr=logits,
             target_ptr=target,
             weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
@@ -173,12 +190,22 @@ def launch_cross_entropy(
             BLOCK_N=cfg.block_n,
             SINGLE_BLOCK=cfg.single_block,
             REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
+            ROWS=cfg.rows,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _row_tensors(*tensors):
+    """(itemsize, row stride) of the (N, C) row tensors a kernel streams (config.vectors):
+    logits and gradient, and probability targets; class indices and absent ones are skipped."""
+    return [(t.element_size(), t.stride(0)) for t in tensors if t is not None and t.dim() == 2]
 
 
 def launch_cross_entropy_split(
@@ -203,7 +230,8 @@ def launch_cross_entropy_split(
     partials per chunk, then every chunk's program combines its row's and writes its chunk
     of the gradient. For "sum" / "mean" the first launch also does the prepare kernel's work
     (zeroes `counter`; for the mean writes the divisor into the 0-d `total`), so the forward
-    is two launches for every reduction. Returns split.
+    is two launches for every reduction. Chunks cut the rows' aligned bodies and chunk 0 takes
+    the head/tail edge (config.vectors); returns split with its vec / edge filled in.
     Bytes: the logits read once (twice with grad) and the gradient written once, plus the
     partials: n_rows * chunks * N_PART values written and n_rows * chunks^2 * N_PART read
     (every program reads its row's, from L2), N_PART = 4 with probability targets or
@@ -215,6 +243,7 @@ def launch_cross_entropy_split(
         raise ValueError(f"launch_cross_entropy_split: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     soft = target.is_floating_point()
     acc = _acc_dtype(logits)
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
     n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
     part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
@@ -226,7 +255,8 @@ def launch_cross_entropy_split(
         chunk_cols=split.chunk_cols, n_chunks=split.chunks, ignore_index=ignore_index, label_smoothing=eps,
         softcap=cap, label_smoothing_lo=eps_lo, softcap_lo=cap_lo, SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
         HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None, REDUCE=REDUCE_CODES[reduction],
-        ACC_FP64=acc == torch.float64, BLOCK_N=split.block_n, num_warps=split.num_warps,
+        ACC_FP64=acc == torch.float64, BLOCK_N=split.block_n, VEC=split.vec, HAS_EDGE=split.edge,
+        num_warps=split.num_warps, maxnreg=split.maxnreg,
     )  # fmt: skip
     with device_guard(logits):
         cross_entropy_split_stats_kernel[grid](
@@ -302,6 +332,7 @@ def launch_cross_entropy_backward(
     Bytes: N*C reads + N*C writes + O(N)."""
     n_rows, n_cols = logits.shape
     cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True)
+    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_backward_kernel, logits)
     with device_guard(logits):
@@ -330,7 +361,10 @@ def launch_cross_entropy_backward(
             DIVIDE_GRAD=grad_divisor is not None,
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -349,9 +383,11 @@ def launch_cross_entropy_split_backward(
     split: config.SplitConfig,
 ) -> config.SplitConfig:
     """launch_cross_entropy_backward for rows cut into split.chunks chunks, one program a
-    chunk (the same four row statistics). Bytes: N*C reads + N*C writes + O(N * chunks)."""
+    chunk (the same four row statistics), rows cut as in launch_cross_entropy_split; returns
+    split with its vec / edge filled in. Bytes: N*C reads + N*C writes + O(N * chunks)."""
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_split_backward_kernel, logits)
     n_rows, n_cols = logits.shape
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
     (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
     with device_guard(logits):
         cross_entropy_split_backward_kernel[(n_rows, split.chunks)](
@@ -380,7 +416,10 @@ def launch_cross_entropy_split_backward(
             DIVIDE_GRAD=grad_divisor is not None,
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=split.block_n,
+            VEC=split.vec,
+            HAS_EDGE=split.edge,
             num_warps=split.num_warps,
+            maxnreg=split.maxnreg,
         )
     return split
 
@@ -389,7 +428,7 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
     exactly 1 are left untouched without being read."""
     n_rows, n_cols = grad.shape
-    cfg = cfg or cross_entropy_config(n_cols)
+    cfg = config.vectors(cfg or cross_entropy_config(n_cols), n_rows, n_cols, _row_tensors(grad))
     check_launchable("softmax_gpu.cross_entropy backward", scale_grad_kernel, grad)
     with device_guard(grad):
         scale_grad_kernel[(n_rows,)](
@@ -399,7 +438,10 @@ def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[
             upstream_stride=upstream.stride(0) if upstream.dim() else 0,
             n_cols=n_cols,
             BLOCK_N=cfg.block_n,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -461,7 +503,7 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, soft
     lse = torch.empty(n_rows, **acc)
     reduced = total = counter = None
     split = cross_entropy_split(n_rows, n_classes, logits.element_size(), plain=is_plain(target, weight, label_smoothing),
-                                device=logits.device) if n_rows else None  # fmt: skip
+                                softcap=softcap is not None, device=logits.device) if n_rows else None  # fmt: skip
     if reduction != "none":
         reduced = torch.empty((), **acc)
         counter = torch.empty((), dtype=torch.int32, device=logits.device)
@@ -837,7 +879,9 @@ def cross_entropy(
             )
         if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
-        if torch._debug_has_internal_overlap(rows) != 0:
+        # rows is (N, C) with unit column stride: its elements overlap exactly when rows are
+        # closer than C apart (an expanded tensor has row stride 0).
+        if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose elements do not overlap (not expanded)")
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
     if weight is not None:

@@ -38,12 +38,18 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
                                   config.LOOP_BLOCK_SOFTMAX_FWD, sms=config.sm_count(x.device))
         if split is not None:
             return launch_softmax_split_fwd(x, y, log, split)
-    cfg = cfg or config.short_rows(
-        config.row_config(
-            n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+    cfg = config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+            ),
+            n_rows,
+            y.element_size(),
         ),
         n_rows,
-        y.element_size(),
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (x, y)],
     )
     check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
     with device_guard(x):
@@ -59,7 +65,10 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=y.dtype == torch.float64,
             ROWS=cfg.rows,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -78,12 +87,18 @@ def launch_softmax_bwd(
                                   config.LOOP_BLOCK_SOFTMAX_BWD, sms=config.sm_count(y.device))
         if split is not None:
             return launch_softmax_split_bwd(y, dy, dx, log, split)
-    cfg = cfg or config.short_rows(
-        config.row_config(
-            n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+    cfg = config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+            ),
+            n_rows,
+            dx.element_size(),
         ),
         n_rows,
-        dx.element_size(),
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
     )
     check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
     with device_guard(y):
@@ -101,7 +116,10 @@ def launch_softmax_bwd(
             SINGLE_BLOCK=cfg.single_block,
             ACC_FP64=dx.dtype == torch.float64,
             ROWS=cfg.rows,
+            VEC=cfg.vec,
+            HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
+            maxnreg=cfg.maxnreg,
         )
     return cfg
 
@@ -109,16 +127,19 @@ def launch_softmax_bwd(
 def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
     """y[r] = (log_)softmax(x[r]) with each row cut into split.chunks chunks: partial (max, sum)
     per chunk, then every chunk's program combines its row's partials and writes the chunk.
-    Two launches, no host sync; returns split.
+    Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail edge (config.vectors).
+    Two launches, no host sync; returns split with its vec / edge filled in.
     Bytes: 2 reads + 1 write per element, plus the partials: n_rows * chunks * 2 values
     written and n_rows * chunks^2 * 2 read (every program reads its row's, from L2)."""
     check_launchable("softmax_gpu.softmax", softmax_split_stats_kernel, x)
     n_rows, n_cols = x.shape
+    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (x, y)])
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, 2, split.chunks), dtype=acc, device=x.device)
     grid = (n_rows, split.chunks)
     common = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, BLOCK_N=split.block_n,
-                  ACC_FP64=acc == torch.float64, num_warps=split.num_warps)  # fmt: skip
+                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
+                  maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(x):
         softmax_split_stats_kernel[grid](x_ptr=x, part_ptr=part, x_row_stride=x.stride(0), **common)
         softmax_split_fwd_kernel[grid](
@@ -133,17 +154,20 @@ def launch_softmax_split_bwd(
 ):
     """dx[r] = gradient of (log_)softmax with each row cut into split.chunks chunks: the partial
     sum of dy * y (dy for log_softmax) per chunk, then every chunk's program adds up its row's
-    partials and writes the chunk. Two launches; returns split.
+    partials and writes the chunk; rows cut as in launch_softmax_split_fwd. Two launches;
+    returns split with its vec / edge filled in.
     Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
     n_rows * chunks values written and n_rows * chunks^2 read."""
     check_launchable("softmax_gpu.softmax backward", softmax_split_bwd_stats_kernel, y)
     n_rows, n_cols = y.shape
+    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (y, dy, dx)])
     acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, split.chunks), dtype=acc, device=y.device)
     grid = (n_rows, split.chunks)
     common = dict(y_ptr=y, dy_ptr=dy, part_ptr=part, y_row_stride=y.stride(0), dy_row_stride=dy.stride(0),
                   n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, LOG=log, BLOCK_N=split.block_n,
-                  ACC_FP64=acc == torch.float64, num_warps=split.num_warps)  # fmt: skip
+                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
+                  maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(y):
         softmax_split_bwd_stats_kernel[grid](**common)
         softmax_split_bwd_kernel[grid](dx_ptr=dx, dx_row_stride=dx.stride(0), CHUNKS_BLOCK=split.chunks_block,
