@@ -67,7 +67,9 @@ def test_compile_report_on_exact_launches():
     assert len(table) == len(headers)  # the table lists the launches in the headers' order
     streaming = [(h, r) for h, r in zip(headers, table) if "prepare" not in h]
     pinned = [(h, r) for h, r in streaming if not (" x128 bfloat16" in h.replace("32768x128", " x128") and "ce_" in h)]
-    assert len(pinned) > 60
+    # 55 launches: 74 less 16 prepare launches and the 3 of short bfloat16 cross-entropy rows
+    # (1 x 128256 runs split: two launches where one streamed; main's 47 were below its `> 60`)
+    assert len(pinned) > 50
     assert any("_split_" in h for h, _ in pinned)  # 1 x 128256 runs split
     for h, r in pinned:
         # The forward without the gradient stores no rows and a split row's stats kernels
