@@ -367,9 +367,143 @@ def vocab_parallel_variants(quick: bool):
                                                     "n_cols"))  # fmt: skip
 
 
+def split_blocks(loop_block: int, itemsize: int, quick: bool):
+    """The block widths config.split_rows() can give a split row: powers of two from
+    SPLIT_MIN_CHUNK (or the family's float64 cap, if lower) up to the family's loop block."""
+    from softmax_gpu import config
+
+    cap = config.block_cap(loop_block, itemsize)
+    sizes, b = [], min(config.SPLIT_MIN_CHUNK, cap)
+    while b <= cap:
+        sizes.append(b)
+        b *= 2
+    return sorted({sizes[0], sizes[-1]}) if quick else sizes
+
+
+def split_vectors(itemsize: int, widest: bool, worst: bool):
+    """(VEC, HAS_EDGE) pairs of a split kernel (config.vectors): the aligned body with the edge
+    in chunk 0's program everywhere (the edge-free variant only drops it), and VEC=1 (row
+    strides that disagree modulo a vector) at a kernel's widest block, where the register cap
+    is lowest, for its register-heaviest options only."""
+    return [(16 // itemsize, True)] + [(1, False)] * (widest and worst)
+
+
+def split_variants(quick: bool):
+    """The split-row kernels (few long rows), lean: each at every block width split_rows()
+    can give (warps, and so the register cap, grow with the width), the combine at its widest
+    (config.SPLIT_MAX_CHUNKS partials a step). Softmax in float32, bfloat16 and float64
+    (float16 compiles to bfloat16's code); cross-entropy in every dtype (float16 defers its
+    gradient) and every CE_FLAG_SETS entry (the plain ones at the plain variant's widths)."""
+    from softmax_gpu import config
+
+    chunks_block = config.SPLIT_MAX_CHUNKS
+    dims = (("n_cols", "i32"), ("chunk_cols", "i32"), ("n_chunks", "i32"))
+
+    def variant(module, kernel, dtype, sig, meta, warps, aligned):
+        """A Variant; `aligned` names what is 16-byte aligned among the split kernels' arguments."""
+        return Variant(module, kernel, dtype, sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                       aligned=tuple(a for a in aligned if any(a == n for n, _ in sig)),
+                       maxnreg=config.max_registers(warps))  # fmt: skip
+
+    for dtype, ptr in DTYPES.items():
+        bits = int(ptr[-2:])
+        itemsize = 8 if dtype == "fp64" else 4  # as split_rows() sees the accumulation width
+        acc = "*fp64" if dtype == "fp64" else "*fp32"
+        fp64 = dtype == "fp64"
+        module = "softmax_gpu.kernels.softmax"
+        if dtype != "fp16":
+            blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_FWD, itemsize, quick)
+            aligned = ("x_ptr", "y_ptr", "x_row_stride", "y_row_stride", "n_cols", "chunk_cols")
+            for block in blocks:
+                warps = config.warps_for(block, itemsize)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
+                    sig = (("x_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64")) + dims
+                    meta = (("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
+                    yield variant(module, "softmax_split_stats_kernel", dtype, sig, meta, warps, aligned)
+                    for log in (False, True) if edge else (False,):
+                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64"),
+                               ("y_row_stride", "i64")) + dims  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        yield variant(module, "softmax_split_fwd_kernel", dtype, sig, meta, warps, aligned)
+            blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_BWD, itemsize, quick)
+            aligned = ("y_ptr", "dy_ptr", "dx_ptr", "y_row_stride", "dy_row_stride", "dx_row_stride", "n_cols",
+                       "chunk_cols")  # fmt: skip
+            for block in blocks:
+                warps = config.warps_for(block, itemsize)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
+                    for log in (False, True) if edge else (False,):
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("part_ptr", acc), ("y_row_stride", "i64"),
+                               ("dy_row_stride", "i64")) + dims  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
+                        yield variant(module, "softmax_split_bwd_stats_kernel", dtype, sig, meta, warps, aligned)
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", acc),
+                               ("y_row_stride", "i64"), ("dy_row_stride", "i64"), ("dx_row_stride", "i64")) + dims
+                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        yield variant(module, "softmax_split_bwd_kernel", dtype, sig, meta, warps, aligned)
+        module = "softmax_gpu.kernels.cross_entropy"
+        deferred = dtype in ("fp16", "fp64")
+        aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
+                   "grad_row_stride", "n_cols", "chunk_cols", "weight_ptr")  # fmt: skip
+        for index, flags in enumerate(CE_FLAG_SETS):
+            plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
+            loop = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY
+            target = ptr if flags["SOFT_TARGET"] else "*i64"
+            reduce = (2, 0, 1)[index % 3]
+            # the register-heaviest: the plain variant with its options (the widest blocks) and
+            # probability targets with every option
+            worst = index in (1, 3)
+            blocks = split_blocks(loop, itemsize, quick)
+            for block in blocks:
+                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                for vec, edge in split_vectors(bits // 8, block == blocks[-1], worst):
+                    sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
+                           ("total_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
+                           ("target_row_stride", "i64"), ("n_rows", "i32")) + dims + (
+                           ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
+                           ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
+                        ("PREPARE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                    yield variant(module, "cross_entropy_split_stats_kernel", dtype, sig, meta, warps, aligned)
+                    sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
+                           ("loss_ptr", acc), ("lse_ptr", acc), ("grad_ptr", ptr), ("stats_ptr", acc),
+                           ("reduced_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
+                           ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("grad_divisor_ptr", acc),
+                           ("n_rows", "i32")) + dims + (
+                           ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
+                           ("softcap", "fp32"), ("label_smoothing_lo", "fp32"), ("z_loss_lo", "fp32"),
+                           ("softcap_lo", "fp32"))  # fmt: skip
+                    meta = tuple(flags.items()) + (
+                        ("COMPUTE_GRAD", not deferred), ("DIVIDE_GRAD", not deferred and index % 2 == 0),
+                        ("SAVE_STATS", deferred), ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
+                        ("CHUNKS_BLOCK", chunks_block), ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec),
+                        ("HAS_EDGE", edge),
+                    )  # fmt: skip
+                    yield variant(module, "cross_entropy_split_kernel", dtype, sig, meta, warps, aligned)
+            if deferred:
+                block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
+                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                for vec, edge in split_vectors(bits // 8, True, worst):
+                    sig = (
+                        ("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("stats_ptr", acc),
+                        ("upstream_ptr", acc), ("grad_divisor_ptr", acc), ("grad_ptr", ptr),
+                        ("logits_row_stride", "i64"), ("target_row_stride", "i64"), ("grad_row_stride", "i64"),
+                        ("upstream_stride", "i64"), ("n_cols", "i32"), ("chunk_cols", "i32"), ("ignore_index", "i64"),
+                        ("label_smoothing", "fp32"), ("softcap", "fp32"), ("label_smoothing_lo", "fp32"),
+                        ("softcap_lo", "fp32"),
+                    )  # fmt: skip
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
+                        ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", fp64), ("BLOCK_N", block), ("VEC", vec),
+                        ("HAS_EDGE", edge))  # fmt: skip
+                    yield variant(module, "cross_entropy_split_backward_kernel", dtype, sig, meta, warps, aligned)
+
+
 def all_variants(quick: bool):
     yield from softmax_variants(quick)
     yield from cross_entropy_variants(quick)
+    yield from split_variants(quick)
     yield from linear_cross_entropy_variants(quick)
     yield from vocab_parallel_variants(quick)
 

@@ -23,7 +23,10 @@ backward with the upstream factor folded in before the one rounding to the logit
 import triton
 import triton.language as tl
 
-from .softmax import FIRST_PASS, LAST_PASS, LOG2E, acc_zeros, edge_cols, online_step, row_layout, to_acc, vec_offset
+from .softmax import (
+    FIRST_PASS, LAST_PASS, LOG2E, acc_zeros, edge_cols, merge_stats, online_step, reduce_lanes, row_layout, split_edge,
+    to_acc, vec_offset,
+)
 
 
 @triton.jit
@@ -190,15 +193,18 @@ def row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_clas
 
 
 @triton.jit
-def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
+def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, n_joining, DIVIDE: tl.constexpr,
                 ACC_FP64: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
-    """The last program of the grid to finish sums loss_ptr[0:n_rows] in row order (divided by
-    *divisor_ptr when DIVIDE) into *reduced_ptr. The barrier puts this program's loss store
-    before its release on the counter; the acquire of the last program's atomic, and loads
-    that bypass L1 (.cg), make every other program's loss visible to it."""
+    """The last of the n_joining programs that call this to finish sums loss_ptr[0:n_rows] in
+    row order (divided by *divisor_ptr when DIVIDE) into *reduced_ptr. n_joining counts
+    programs, not rows: every program of a one-dimensional grid whose programs may hold
+    several rows (tl.num_programs(0)), or one program a row of a split grid. The barrier puts
+    this program's loss stores before its release on the counter; the acquire of the last
+    program's atomic, and loads that bypass L1 (.cg), make every other program's loss visible
+    to it."""
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if done == tl.num_programs(0) - 1:
+    if done == n_joining - 1:
         r = tl.arange(0, REDUCE_BLOCK)
         acc = acc_zeros(REDUCE_BLOCK, ACC_FP64)
         for start in range(0, n_rows, REDUCE_BLOCK):
@@ -518,7 +524,8 @@ def cross_entropy_kernel(
                     scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
                     SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w_e, True)
     if REDUCE != 0:
-        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, REDUCE == 2, ACC_FP64, REDUCE_BLOCK)
+        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, tl.num_programs(0), REDUCE == 2,
+                    ACC_FP64, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -628,3 +635,327 @@ def scale_grad_kernel(
             grad_row = grad_ptr + row * grad_row_stride
             g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
             tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows: few long rows, each spread over a (rows, chunks) grid of programs
+# ---------------------------------------------------------------------------------------
+# As kernels/softmax.py's split kernels: chunk c = program_id(1) of row r = program_id(0)
+# holds elements [c * chunk_cols, (c + 1) * chunk_cols) of the row's aligned body, and chunk
+# 0 also the row's head/tail edge. cross_entropy_split_stats_kernel writes each chunk's
+# partials into a buffer of the accumulation dtype, one row of N_PART * n_chunks + 1 values
+# per row of logits, field f of chunk c at f * n_chunks + c:
+#   0: m_c, the chunk's maximum          1: sum over the chunk, the target's column left out,
+#                                           of e^(z_j - m_c) (see store_grad_block)
+#   2, 3 (probability targets or smoothing): the chunk's sum_j w_j z_j and sum_j w_j (as
+#        block_terms gives them: with p'_j folded in for probability targets)
+# and last, z_t, loaded by chunk 0's program (class indices only).
+# cross_entropy_split_kernel combines them, in the same fixed order in every program of the
+# row, into the row's lse and loss, and writes the chunk's gradient from them. It reads no
+# logits but its own chunk's, so the gradient may overwrite them (inplace_backward).
+
+
+@triton.jit
+def cross_entropy_split_stats_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    part_ptr,
+    total_ptr,
+    counter_ptr,
+    logits_row_stride,
+    target_row_stride,
+    n_rows,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    label_smoothing_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREPARE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """The partials of chunk c = program_id(1) of row r = program_id(0) (see above).
+
+    part_ptr: (n_rows, N_PART * n_chunks + 1), contiguous, N_PART = 4 with probability targets
+        or smoothing, else 2. Other pointers, strides and options as in cross_entropy_kernel.
+    REDUCE != 0: program (0, 0) also does cross_entropy_prepare_kernel's work (zeroes
+        *counter_ptr and, for the mean (REDUCE == 2), writes its divisor to *total_ptr), so a
+        split forward with a reduction is two launches, like the one-program-a-row one;
+        PREPARE_BLOCK is that work's step through the targets (config.reduce_block).
+    VEC, HAS_EDGE: the row's aligned body and edge (kernels/softmax.py); the logits' and
+        probability targets' row strides agree modulo VEC.
+    Bytes: one read of the chunk (and of its probability targets / class weights where the
+    options use them), one target per program, N_PART values written (and z_t, one scalar
+    read and written by chunk 0's program)."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    if REDUCE != 0:
+        if (row == 0) & (chunk == 0):
+            cross_entropy_prepare_kernel(
+                target_ptr, weight_ptr, total_ptr, counter_ptr, target_row_stride, n_rows, n_cols, ignore_index,
+                SOFT_TARGET, HAS_WEIGHT, REDUCE == 2, ACC_FP64, PREPARE_BLOCK)
+    LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
+    N_PART: tl.constexpr = 4 if LINEAR else 2
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    t = row * 0 - 1  # matches no class: probability targets leave nothing out
+    if not SOFT_TARGET:
+        t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+    target_body = vec_offset(row, target_row_stride, VEC)  # used only for probability targets
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
+    o_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    w_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    for step in range(0, chunk_cols, BLOCK_N):
+        start = col0 + step  # body element of the block's first lane; its class is shift + start
+        cls = shift + start + cols
+        zb, _zt, wz_b, w_b = block_terms(
+            logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
+            cols < n_body - start, t, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        m_lane, alpha, p = online_step(m_lane, zb)
+        o_lane = o_lane * alpha + tl.where(cls == t, 0.0, p)
+        wz_lane += wz_b
+        w_lane += w_b
+    m, other = reduce_lanes(m_lane, o_lane)
+    sum_wz = tl.sum(wz_lane, axis=0)
+    sum_w = tl.sum(w_lane, axis=0)
+    if HAS_EDGE:
+        e_cls, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        ze, _zt_edge, wz_e, w_e = block_terms(
+            logits_ptr + row * logits_row_stride + e_cls, target_ptr + row * target_row_stride + e_cls, weight_ptr,
+            e_cls, e_mask, t, label_smoothing, inv_classes, softcap,
+            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        # Each edge element a lane of sum 1 (0 for the target's class, left out of `other`).
+        m_e, other_e = reduce_lanes(ze, tl.where(e_cls == t, 0.0, acc_zeros(2 * VEC, ACC_FP64) + 1.0))
+        m, other = merge_stats(m, other, m_e, other_e)
+        sum_wz += tl.sum(wz_e, axis=0)
+        sum_w += tl.sum(w_e, axis=0)
+    part_row = part_ptr + row * (N_PART * n_chunks + 1)
+    part = part_row + chunk
+    tl.store(part, m.to(part_ptr.dtype.element_ty))
+    tl.store(part + n_chunks, other.to(part_ptr.dtype.element_ty))
+    if LINEAR:
+        tl.store(part + 2 * n_chunks, sum_wz.to(part_ptr.dtype.element_ty))
+        tl.store(part + 3 * n_chunks, sum_w.to(part_ptr.dtype.element_ty))
+    if not SOFT_TARGET:
+        # The target's logit, for the combine: the one element of the row it needs outside
+        # its own chunk, which an in-place gradient may already have overwritten there. No
+        # program of this launch writes logits, so chunk 0's may read it wherever it lies.
+        first = (chunk == 0) & (t >= 0) & (t < n_cols)
+        z_t = load_logits(logits_ptr + row * logits_row_stride + t, first, softcap, HAS_SOFTCAP, ACC_FP64)
+        tl.store(part_row + N_PART * n_chunks, z_t.to(part_ptr.dtype.element_ty), mask=first)
+
+
+@triton.jit
+def cross_entropy_split_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    part_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    stats_ptr,
+    reduced_ptr,
+    counter_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    grad_divisor_ptr,
+    n_rows,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """cross_entropy_kernel's outputs for a split row: every program (r, c) combines row r's
+    partials (cross_entropy_split_stats_kernel) into its lse and loss; program (r, 0) writes
+    the loss, lse and (SAVE_STATS) the four row statistics and joins the reduction (REDUCE:
+    the chunk-0 programs, one a row, count themselves, and the last of the n_rows sums the
+    losses in row order); with COMPUTE_GRAD each program writes d loss / d logits on its chunk
+    (chunk 0 also on the edge). The target's logit z_t comes from the partials too. Arguments
+    as in cross_entropy_kernel; part_ptr, the chunking and VEC / HAS_EDGE as in
+    cross_entropy_split_stats_kernel (the gradient's row stride agrees modulo VEC too).
+    grad_ptr may be logits_ptr: a program reads no logits but its own chunk's, each block
+    before overwriting it.
+    Bytes: the row's N_PART * n_chunks partials and O(1) a program; with COMPUTE_GRAD one
+    read and one write of the chunk."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
+    N_PART: tl.constexpr = 4 if LINEAR else 2
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+
+    # 1. The target, and its logit from the partials (written only when t is a class).
+    t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row < n_rows, target_row_stride, n_cols,
+                                    ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+    part_row = part_ptr + row * (N_PART * n_chunks + 1)
+    z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
+    if not SOFT_TARGET:
+        z_t = to_acc(tl.load(part_row + N_PART * n_chunks, mask=(t >= 0) & (t < n_cols), other=0.0), ACC_FP64)
+
+    # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order.
+    c = tl.arange(0, CHUNKS_BLOCK)
+    m_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64) - float("inf")
+    o_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    wz_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    w_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        mask = c < n_chunks - start
+        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
+        o_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+        m_lane, o_lane = merge_stats(m_lane, o_lane, m_part, o_part)
+        if LINEAR:
+            wz_lane += to_acc(tl.load(part_row + 2 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+            w_lane += to_acc(tl.load(part_row + 3 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+    m, other = reduce_lanes(m_lane, o_lane)
+
+    # 3. The loss, lse and statistics (row_outputs adds the target's term back into d),
+    #    stored by the row's chunk-0 program only.
+    KEEP_OTHER: tl.constexpr = not SOFT_TARGET  # the partials always leave the target's class out
+    first = (row < n_rows) & (chunk == 0)
+    inv_d, other_over_d, coef = row_outputs(
+        loss_ptr, lse_ptr, stats_ptr, row, first, m, other, other, z_t, t, w_t, valid, bad, tl.sum(w_lane, axis=0),
+        tl.sum(wz_lane, axis=0), n_cols, label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING,
+        HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
+    if REDUCE != 0:
+        if chunk == 0:
+            # One program a row joins (rows are the grid's axis 0), so n_rows programs count.
+            reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, n_rows, REDUCE == 2, ACC_FP64,
+                        REDUCE_BLOCK)
+
+    # 4. The chunk's gradient: a second read of the chunk (and of the edge in chunk 0).
+    if COMPUTE_GRAD:
+        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+        if DIVIDE_GRAD:
+            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+        split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride,
+                   grad_row_stride, row, chunk, n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t,
+                   valid, bad, label_smoothing, inv_classes, softcap,
+                   SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, BLOCK_N, VEC, HAS_EDGE)
+
+
+@triton.jit
+def split_grad(
+    logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride, grad_row_stride, row, chunk,
+    n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
+    SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, VEC: tl.constexpr, HAS_EDGE: tl.constexpr,
+):
+    """Writes d loss / d logits on chunk `chunk` of row `row` (and on the edge for chunk 0)
+    from the row's statistics (store_grad_block): one read of the chunk's logits, one write."""
+    logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
+    target_body = vec_offset(row, target_row_stride, VEC)
+    grad_body = vec_offset(row, grad_row_stride, VEC)
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    for step in range(0, chunk_cols, BLOCK_N):
+        start = col0 + step
+        body_mask = cols < n_body - start
+        zb = load_logits(logits_ptr + logits_body + start + cols, body_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_ptr + grad_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+            shift + start + cols, body_mask, zb, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+            label_smoothing, inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+    if HAS_EDGE:
+        e_cls, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        ze = load_logits(logits_ptr + row * logits_row_stride + e_cls, e_mask, softcap, HAS_SOFTCAP, ACC_FP64)
+        store_grad_block(
+            grad_ptr + row * grad_row_stride + e_cls, target_ptr + row * target_row_stride + e_cls, weight_ptr, e_cls,
+            e_mask, ze, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad, label_smoothing, inv_classes,
+            softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+
+
+@triton.jit
+def cross_entropy_split_backward_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    stats_ptr,
+    upstream_ptr,
+    grad_divisor_ptr,
+    grad_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    upstream_stride,
+    n_cols,
+    chunk_cols,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    label_smoothing_lo,
+    softcap_lo,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """cross_entropy_backward_kernel on chunk c = program_id(1) of row r = program_id(0) (and
+    on the edge in chunk 0): the deferred gradient (float16, float64) of a split row, from the
+    same four row statistics. One read of the chunk, one write."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    t, valid, bad, w_t = row_target(
+        target_ptr, weight_ptr, row, row >= 0, target_row_stride, n_cols, ignore_index, SOFT_TARGET, HAS_WEIGHT,
+        ACC_FP64)
+    stats_row = stats_ptr + row * 4
+    m = to_acc(tl.load(stats_row), ACC_FP64)
+    inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
+    other_over_d = to_acc(tl.load(stats_row + 2), ACC_FP64)
+    coef = to_acc(tl.load(stats_row + 3), ACC_FP64)
+    scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
+    if DIVIDE_GRAD:
+        scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+    split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride, grad_row_stride,
+               row, chunk, n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t, valid, bad,
+               label_smoothing, inv_classes, softcap,
+               SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, BLOCK_N, VEC, HAS_EDGE)

@@ -338,3 +338,255 @@ def softmax_bwd_kernel(
             else:
                 dxe = ye * (dye - s)
             tl.store(dx_ptr + row * dx_row_stride + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows: few long rows, each spread over a (rows, chunks) grid of programs
+# ---------------------------------------------------------------------------------------
+# Chunk c = program_id(1) of row r = program_id(0) holds elements [c * chunk_cols,
+# (c + 1) * chunk_cols) of the row's aligned body (row_layout; chunk_cols a multiple of
+# BLOCK_N, so every chunk starts on a whole 16-byte vector; the last chunk is cut by the
+# body's end, and its blocks past the end are fully masked). Chunk 0 also takes the row's
+# head/tail edge. A first kernel writes each chunk's partial statistics, a second combines
+# the row's partials, the same fixed order in every program of the row (no atomics: the
+# same bits every run), and writes its chunk, as in split-K decoding. Partials live in a
+# (n_rows, fields, n_chunks) buffer of the accumulation dtype, so that a program's combine
+# reads each field of its row as one contiguous vector.
+
+
+@triton.jit
+def merge_stats(m, d, m_part, d_part):
+    """Merges two per-lane (max, sum) pairs: m' = max(m, m_part) (NaN propagates) and
+    d' = d e^(m - m') + d_part e^(m_part - m'), a part that saw only -inf adding 0."""
+    m_new, alpha, p = online_step(m, m_part)
+    return m_new, d * alpha + d_part * p
+
+
+@triton.jit
+def reduce_lanes(m_lane, d_lane):
+    """(m, d) of per-lane (max, sum) vectors: lanes that saw only -inf add 0, so a part that is
+    -inf everywhere gives (-inf, 0) (merge_stats then ignores it); a NaN lane makes d NaN."""
+    m = tl.max(m_lane, axis=0)
+    scale = tl.where(m_lane == -float("inf"), 0.0, tl.exp2((m_lane - m) * LOG2E))
+    return m, tl.sum(d_lane * scale, axis=0)
+
+
+@triton.jit
+def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The row's (max, sum) from its chunks' partials: maxima at part_row[0:n_chunks], sums at
+    part_row[n_chunks:2 n_chunks], merged CHUNKS_BLOCK at a time in a fixed order."""
+    c = tl.arange(0, CHUNKS_BLOCK)
+    d_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    m_lane = d_lane - float("inf")
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        mask = c < n_chunks - start
+        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
+        d_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+        m_lane, d_lane = merge_stats(m_lane, d_lane, m_part, d_part)
+    return reduce_lanes(m_lane, d_lane)
+
+
+@triton.jit
+def split_edge(shift, n_body, n_cols, chunk, VEC: tl.constexpr):
+    """Column indices and mask of a split row's head/tail edge (edge_cols), live in chunk 0's
+    program only: every edge element is read and written by one program."""
+    e_cols, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+    # A where, not `e_mask & (chunk == 0)`: triton's interpreter (3.x) turns a bool vector
+    # & a bool scalar into an int32 vector, which tl.load then rejects as a mask.
+    return e_cols, tl.where(chunk == 0, e_mask, False)
+
+
+@triton.jit
+def softmax_split_stats_kernel(
+    x_ptr,
+    part_ptr,
+    x_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    BLOCK_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """Partial (max, sum) of chunk c = program_id(1) of row r = program_id(0):
+    part[r, 0, c] = m_c = max of the chunk, part[r, 1, c] = sum over it of e^(x - m_c)
+    ((-inf, 0) for a chunk that is -inf everywhere; NaN sum with a NaN); chunk 0's include
+    the edge. part_ptr: (n_rows, 2, n_chunks), contiguous, the accumulation dtype.
+    VEC, HAS_EDGE: the row's aligned body and edge (module docstring).
+    Bytes: one read of the chunk, two values written."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
+    col0 = chunk * chunk_cols
+    x_chunk = x_ptr + x_body + col0
+    n_left = n_body - col0  # body elements from the chunk's start to the body's end
+    cols = tl.arange(0, BLOCK_N)
+    d_lane = acc_zeros(BLOCK_N, ACC_FP64)
+    m_lane = d_lane - float("inf")
+    for start in range(0, chunk_cols, BLOCK_N):
+        x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
+        m_lane, d_lane = online_update(m_lane, d_lane, x)
+    m, d = reduce_lanes(m_lane, d_lane)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        xe = to_acc(tl.load(x_ptr + row * x_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+        m_e, d_e = reduce_lanes(xe, acc_zeros(2 * VEC, ACC_FP64) + 1.0)  # each element a lane of sum 1
+        m, d = merge_stats(m, d, m_e, d_e)
+    part_row = part_ptr + row * 2 * n_chunks
+    tl.store(part_row + chunk, m.to(part_ptr.dtype.element_ty))
+    tl.store(part_row + n_chunks + chunk, d.to(part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def softmax_split_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    part_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """y = softmax(x) (log_softmax when LOG) on chunk c = program_id(1) of row r =
+    program_id(0) (and the edge in chunk 0), from the row's partials
+    (softmax_split_stats_kernel) combined here. x and y row strides agree modulo VEC.
+    A row that is -inf everywhere gives m = -inf, d = 0 and so NaN, as torch does.
+    Bytes: the row's 2 n_chunks partials, one read of the chunk, one write."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    m, d = combine_chunks(part_ptr + row * 2 * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
+    log_d = tl.log(d)
+    inv_d = 1.0 / d
+    x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
+    col0 = chunk * chunk_cols
+    x_chunk = x_ptr + x_body + col0
+    y_chunk = y_ptr + vec_offset(row, y_row_stride, VEC) + col0
+    n_left = n_body - col0
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, chunk_cols, BLOCK_N):
+        x = load_row_block(x_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            y = (x - m) - log_d
+        else:
+            y = tl.exp2((x - m) * LOG2E) * inv_d
+        tl.store(y_chunk + start + cols, y.to(y_ptr.dtype.element_ty), mask=cols < n_left - start)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        xe = to_acc(tl.load(x_ptr + row * x_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+        if LOG:
+            ye = (xe - m) - log_d
+        else:
+            ye = tl.exp2((xe - m) * LOG2E) * inv_d
+        tl.store(y_ptr + row * y_row_stride + e_cols, ye.to(y_ptr.dtype.element_ty), mask=e_mask)
+
+
+@triton.jit
+def softmax_split_bwd_stats_kernel(
+    y_ptr,
+    dy_ptr,
+    part_ptr,
+    y_row_stride,
+    dy_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """The backward's partial reduction of chunk c = program_id(1) of row r = program_id(0)
+    (and of the edge in chunk 0): part[r, c] = sum over it of dy (log_softmax) or dy * y
+    (softmax). part_ptr: (n_rows, n_chunks), contiguous, the accumulation dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
+    col0 = chunk * chunk_cols
+    y_chunk = y_ptr + y_body + col0
+    dy_chunk = dy_ptr + vec_offset(row, dy_row_stride, VEC) + col0
+    n_left = n_body - col0
+    cols = tl.arange(0, BLOCK_N)
+    acc = acc_zeros(BLOCK_N, ACC_FP64)
+    for start in range(0, chunk_cols, BLOCK_N):
+        dy = load_grad_block(dy_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            acc += dy
+        else:
+            acc += dy * load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+    s = tl.sum(acc, axis=0)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        dye = to_acc(tl.load(dy_ptr + row * dy_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+        if LOG:
+            s += tl.sum(dye, axis=0)
+        else:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            s += tl.sum(dye * ye, axis=0)
+    tl.store(part_ptr + row * n_chunks + chunk, s.to(part_ptr.dtype.element_ty))
+
+
+@triton.jit
+def softmax_split_bwd_kernel(
+    y_ptr,
+    dy_ptr,
+    dx_ptr,
+    part_ptr,
+    y_row_stride,
+    dy_row_stride,
+    dx_row_stride,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """dx on chunk c = program_id(1) of row r = program_id(0) (and on the edge in chunk 0),
+    as softmax_bwd_kernel, with the row's sum s added up from its partials
+    (softmax_split_bwd_stats_kernel) in a fixed order. The three row strides agree modulo VEC."""
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    c = tl.arange(0, CHUNKS_BLOCK)
+    s_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        s_lane += to_acc(tl.load(part_ptr + row * n_chunks + start + c, mask=c < n_chunks - start, other=0.0),
+                         ACC_FP64)
+    s = tl.sum(s_lane, axis=0)
+    y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
+    col0 = chunk * chunk_cols
+    y_chunk = y_ptr + y_body + col0
+    dy_chunk = dy_ptr + vec_offset(row, dy_row_stride, VEC) + col0
+    dx_chunk = dx_ptr + vec_offset(row, dx_row_stride, VEC) + col0
+    n_left = n_body - col0
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, chunk_cols, BLOCK_N):
+        dy = load_grad_block(dy_chunk + start, cols, n_left - start, ACC_FP64)
+        if LOG:
+            y = load_row_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+            dx = dy - tl.exp2(y * LOG2E) * s
+        else:
+            y = load_grad_block(y_chunk + start, cols, n_left - start, ACC_FP64)
+            dx = y * (dy - s)
+        tl.store(dx_chunk + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=cols < n_left - start)
+    if HAS_EDGE:
+        e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+        dye = to_acc(tl.load(dy_ptr + row * dy_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+        if LOG:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=-float("inf")), ACC_FP64)
+            dxe = dye - tl.exp2(ye * LOG2E) * s
+        else:
+            ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
+            dxe = ye * (dye - s)
+        tl.store(dx_ptr + row * dx_row_stride + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)

@@ -139,12 +139,12 @@ def max_registers(num_warps: int) -> int:
 VECTOR_BYTES = 16
 
 
-def vectors(cfg: RowConfig, n_rows: int, n_cols: int, tensors) -> RowConfig:
-    """cfg with the body/edge split for rows read and written through `tensors`, a sequence of
-    (itemsize, row_stride) of every row tensor the kernel vectorises. vec is the element count
-    of a 16-byte vector of the narrowest dtype; the rows of every tensor must then start at the
-    same column modulo vec (their row strides agree modulo vec, or there is one row), else
-    vec = 1. edge is False when every row is whole vectors from column 0 (the width and the
+def vectors(cfg, n_rows: int, n_cols: int, tensors):
+    """cfg (a RowConfig or SplitConfig) with the body/edge split for rows read and written
+    through `tensors`, a sequence of (itemsize, row_stride) of every row tensor the kernel
+    vectorises. vec is the element count of a 16-byte vector of the narrowest dtype; the rows
+    of every tensor must then start at the same column modulo vec (their row strides agree
+    modulo vec, or there is one row), else vec = 1. edge is False when every row is whole vectors from column 0 (the width and the
     row strides are multiples of vec): the kernel then skips the head and tail."""
     vec = VECTOR_BYTES // min(itemsize for itemsize, _ in tensors)
     strides = [0 if n_rows <= 1 else stride for _, stride in tensors]
@@ -291,3 +291,120 @@ def tile_limit(block_m: int, block_v: int, block_k: int):
         yield
     finally:
         _tile_limit = previous
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (issue 9, "few long rows"): a (rows, chunks) grid instead of one program a row
+# ---------------------------------------------------------------------------------------
+# A handful of long rows on the looped path leaves most SMs idle while each busy program
+# steps through its row block after dependent block. Such rows are cut into chunks: one
+# launch writes each chunk's partial statistics ((max, sum), or the backward's partial
+# sum), a second combines a row's partials in a fixed order in every program of the row and
+# writes the chunk (2 reads + 1 write of the row, as looped, plus the partials).
+DEFAULT_SM_COUNT = 132  # an H100 SXM: assumed where no GPU is visible (meta tensors, the interpreter)
+SPLIT_MIN_CHUNK = 1024  # elements: narrower chunks would cost more in partials than they save in steps
+# At most this many chunks a row: every program of the row reads all of its partials (from L2:
+# 2 KiB a program at 128 chunks of two float64 values), so their number is kept small.
+SPLIT_MAX_CHUNKS = 128
+
+_split_chunk = None  # set only by force_split() (chunk columns) and no_split() (0), for tests
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """A split row: chunks of chunk_cols columns (a multiple of block_n, the last one partial),
+    each walked by one program in block_n-wide steps on num_warps warps; the combine reads the
+    row's partials chunks_block at a time. With vec > 1 (vectors()) the chunks cut the row's
+    aligned body and chunk 0 also takes the head/tail edge; `chunks` counts n_cols, so when
+    the body is shorter the last chunk may hold nothing (its partial is (-inf, 0))."""
+
+    block_n: int
+    num_warps: int
+    chunk_cols: int
+    chunks: int
+    chunks_block: int
+    vec: int = 1  # as RowConfig: chunks cut the row's aligned body, chunk 0 takes the edge
+    edge: bool = False
+
+    @property
+    def maxnreg(self) -> int:
+        return max_registers(self.num_warps)
+
+
+def sm_count(device) -> int:
+    """The device's multiprocessor count (cached by torch: no sync), DEFAULT_SM_COUNT off CUDA."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+def _prev_power_of_2(n: int) -> int:
+    return 1 << max(n.bit_length() - 1, 0)
+
+
+def split_rows(
+    n_rows: int,
+    n_cols: int,
+    itemsize: int,
+    max_block_n: int,
+    loop_block_n: int,
+    elements_per_thread: int = ELEMENTS_PER_THREAD,
+    sms: int = DEFAULT_SM_COUNT,
+) -> Optional[SplitConfig]:
+    """How to split rows of n_cols elements of a kernel family (max_block_n: its single-block
+    limit, loop_block_n: its looped block), or None to run one program a row.
+
+    Rows split when they would loop (wider than the single block) and are so few that one
+    program each would leave at least half of the `sms` multiprocessors idle (n_rows <=
+    sms / 2). Chunks aim at one program per multiprocessor (rows x chunks ~ sms), at most
+    SPLIT_MAX_CHUNKS a row, each at least SPLIT_MIN_CHUNK wide and a whole number of blocks."""
+    if _split_chunk == 0:
+        return None
+    loop_cap = block_cap(loop_block_n, itemsize)
+    if _block_limit is not None:
+        loop_cap = min(loop_cap, _block_limit)
+    if _split_chunk is not None:
+        block = max(MIN_BLOCK_N, min(_prev_power_of_2(_split_chunk), loop_cap))
+        chunk_cols = -(-_split_chunk // block) * block
+    else:
+        if n_cols <= block_cap(max_block_n, itemsize) or 2 * n_rows > sms:
+            return None
+        target = min(-(-sms // n_rows), SPLIT_MAX_CHUNKS)
+        block = max(MIN_BLOCK_N, min(loop_cap, max(SPLIT_MIN_CHUNK, _prev_power_of_2(n_cols // target))))
+        blocks_per_chunk = max(-(-SPLIT_MIN_CHUNK // block), -(-(-(-n_cols // block)) // target))
+        chunk_cols = blocks_per_chunk * block
+    chunks = -(-n_cols // chunk_cols)
+    if chunks < 2:
+        return None
+    chunks_block = min(next_power_of_2(chunks), SPLIT_MAX_CHUNKS)
+    if _block_limit is not None:  # tests: several combine steps too
+        chunks_block = min(chunks_block, _block_limit)
+    return SplitConfig(block, warps_for(block, itemsize, elements_per_thread), chunk_cols, chunks, chunks_block)
+
+
+@contextlib.contextmanager
+def force_split(chunk_cols: int):
+    """Splits every row longer than chunk_cols (rounded up to whole blocks) into chunks of
+    that width inside the block, whatever the row count. Meant for tests: small rows then
+    take the split path (with block_limit, several blocks a chunk)."""
+    global _split_chunk
+    if chunk_cols < MIN_BLOCK_N:
+        raise ValueError(f"force_split: chunk_cols must be >= {MIN_BLOCK_N}, got {chunk_cols}")
+    previous, _split_chunk = _split_chunk, chunk_cols
+    try:
+        yield
+    finally:
+        _split_chunk = previous
+
+
+@contextlib.contextmanager
+def no_split():
+    """Runs every row on one program inside the block (tests of the one-program paths)."""
+    global _split_chunk
+    previous, _split_chunk = _split_chunk, 0
+    try:
+        yield
+    finally:
+        _split_chunk = previous

@@ -14,13 +14,28 @@ from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_ent
 from softmax_gpu.traffic import TrafficCounter
 
 RTOL, ATOL = 2e-6, 2e-7  # float32 loss and gradient against float64
-PATHS = [None, 16]  # the default single block, and 16-wide blocks that force the looped path
+# The default single block; 16-wide blocks that force the looped path; and split rows (chunks
+# of 16 columns, config.force_split) on the same small shapes (29 columns and up).
+SPLIT = "split"
+PATHS = [None, 16, SPLIT]
+LOOP_PATHS = [None, 16]  # (tests that launch the one-program-a-row kernel directly)
+
+
+@contextlib.contextmanager
+def on_path(max_block):
+    """Runs the block on the path PATHS names."""
+    if max_block == SPLIT:
+        with config.block_limit(16), config.force_split(16):
+            yield
+    else:
+        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+            yield
 
 
 def run_both(logits, target, upstream=None, max_block=None, **kw):
     """Loss and input gradient from softmax_gpu and from torch (float64 CPU, the truth)."""
     ours_in = logits.detach().clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         ours = softmax_gpu.cross_entropy(ours_in, target, **kw)
         ours.backward(torch.ones_like(ours) if upstream is None else upstream)
     kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -89,7 +104,8 @@ GRAD_TOL = {torch.float32: (RTOL, ATOL), torch.float64: (1e-12, 1e-14), torch.bf
 def test_unaligned_rows_of_odd_width(what, dtype, max_block, device):
     """Logits that are a view at column 3 of a NaN buffer, rows 53 wide 60 apart: every row
     starts at another alignment, so the kernels take head, aligned body and tail (and the
-    float16/float64 backward kernel and the rescale kernel too). A stray read of the NaN
+    float16/float64 backward kernel and the rescale kernel too; split rows cut the body into
+    chunks and give chunk 0 the edge). A stray read of the NaN
     around the view would turn its row's loss NaN; in-place, a stray write would land in it."""
     n, c, pitch, offset = 6, 53, 60, 3
     options = dict(UNALIGNED_OPTIONS[what])
@@ -114,7 +130,7 @@ def test_unaligned_rows_of_odd_width(what, dtype, max_block, device):
         buf = torch.full((n, pitch), float("nan"), device=device, dtype=dtype)
         buf[:, offset:offset + c] = leaf  # buf now holds the logits and carries their graph
         logits = buf[:, offset:offset + c]
-        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY_PLAIN):
+        with on_path(max_block):
             loss = softmax_gpu.cross_entropy(logits, target, inplace_backward=inplace, **kw)
             loss.backward(torch.ones_like(loss) if upstream is None else upstream)
         if not inplace:
@@ -251,7 +267,7 @@ def test_bfloat16_within_twice_torch_error(max_block, device):
     logits = (3 * torch.randn(n, c)).bfloat16().to(device)
     target = torch.randint(0, c, (n,), device=device)
     a = logits.clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         loss = softmax_gpu.cross_entropy(a, target, label_smoothing=0.1)
         loss.backward()
     b = logits.cpu().clone().requires_grad_()
@@ -273,7 +289,7 @@ def test_z_loss_and_softcap(max_block, device):
     for z_loss, softcap, use_weight, smoothing in itertools.product((0.0, 1e-3), (None, 15.0), (False, True), (0, 0.1)):
         kw = dict(z_loss=z_loss, softcap=softcap, label_smoothing=smoothing, weight=weight if use_weight else None)
         a = logits.clone().requires_grad_()
-        with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+        with on_path(max_block):
             loss = softmax_gpu.cross_entropy(a, target, **kw)
             loss.backward()
         exp_loss, exp_grad = reference.cross_entropy(
@@ -395,7 +411,7 @@ def test_very_confident_rows_keep_the_true_class_gradient(max_block, dtype, smoo
     logits[3, 41] = logits[3, 40] + 1  # one row where the target is not the maximum
     logits = logits.to(dtype).to(device)
     a = logits.clone().requires_grad_()
-    with config.block_limit(max_block or config.MAX_BLOCK_CROSS_ENTROPY):
+    with on_path(max_block):
         softmax_gpu.cross_entropy(a, target.to(device), reduction="sum", label_smoothing=smoothing).backward()
     # The expected value in float64, written so that it keeps its own digits: q_t - 1 as
     # -(sum of the other q_j). (The reference's e^(z_t - lse) - 1 loses them: lse near 33
@@ -521,7 +537,7 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
     n = 2
     logits = torch.randn(n, c).bfloat16().requires_grad_()
     target = torch.randint(0, c, (n,))
-    with TrafficCounter() as t:
+    with TrafficCounter() as t, config.no_split():  # (two such rows would otherwise split)
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
     nc = n * c * 2
     edge = edge_elements(n, c, c, 8) * 2 if logit_reads == 2 else 0  # the looped path reads the edge once
@@ -603,7 +619,7 @@ def _launch_with_bad_class_indices(max_block, device, counter):
 
 
 @interpreter_only
-@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("max_block", LOOP_PATHS)
 def test_bad_class_index_never_reads_out_of_bounds(max_block):
     """The interpreter's counter checks every address against the buffers' bounds."""
     _launch_with_bad_class_indices(max_block, "cpu", lambda buffers: TrafficCounter(buffers=buffers))
@@ -613,11 +629,10 @@ def test_bad_class_index_never_reads_out_of_bounds(max_block):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel; the interpreter's twin is above")
-@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("max_block", LOOP_PATHS)
 def test_cuda_bad_class_index_rows_are_nan(max_block):
     """Out-of-range targets on the GPU (no eager check there): NaN rows, and no stray access,
     which bench/device_check.sh confirms by running this test under compute-sanitizer."""
-    import contextlib
 
     _launch_with_bad_class_indices(max_block, "cuda", lambda buffers: contextlib.nullcontext())
     torch.cuda.synchronize()
@@ -954,3 +969,172 @@ def test_cuda_reduction_over_many_programs_is_exact_and_deterministic(dtype, red
             results.append(softmax_gpu.cross_entropy(logits, target, reduction=reduction))
     torch.cuda.synchronize()
     assert all(torch.equal(r, first) for r in results)
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (few long rows: a (rows, chunks) grid, config.split_rows)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_split_rows_every_option(dtype, reduction, device):
+    """Forced split (chunks of 32 columns in 16-wide blocks, the last one partial) against
+    float64 torch: class indices (one ignored, one a valid class that is ignore_index) with
+    and without weights, smoothing, z-loss and softcap, and probability targets; forward and
+    the gradient (stored for bfloat16/float32, deferred for float16/float64)."""
+    n, c = 4, 150
+    logits = (3 * torch.randn(n, c, device=device)).to(dtype)
+    weight = torch.rand(c, device=device) + 0.1
+    cases = [dict(), dict(weight=weight, label_smoothing=0.1, ignore_index=5), dict(soft=True, label_smoothing=0.2),
+             dict(soft=True, weight=weight)]
+    for kw in cases:
+        kw = dict(kw)
+        if kw.pop("soft", False):
+            target = torch.softmax(torch.randn(n, c, device=device), -1)
+        else:
+            target = torch.randint(0, c, (n,), device=device)
+            target[1], target[2] = kw.get("ignore_index", -100), 5  # ignored; a class, ignored where ignore_index=5
+        upstream = torch.randn(n, device=device) if reduction == "none" else None
+        with config.force_split(32):
+            ours, grad, theirs, ref_grad = run_both(logits.float(), target, upstream, 16, reduction=reduction, **kw)
+            ours_dtype, grad_dtype, _, _ = run_both(logits, target.to(dtype) if target.is_floating_point() else target,
+                                                    upstream, 16, reduction=reduction, **kw)  # fmt: skip
+        what = f"{dtype} {reduction} {sorted(kw)}"
+        assert_matches(ours, theirs.numpy(), RTOL, 1e-6, what=what + " loss (float32)")
+        assert_matches(grad, ref_grad.numpy(), RTOL, ATOL, what=what + " grad (float32)")
+        tol = {torch.float64: (1e-12, 1e-12), torch.float32: (RTOL, 1e-6)}.get(dtype, (1e-2, 1e-2))
+        assert_matches(ours_dtype, theirs.numpy(), *tol, what=what + " loss")
+        assert_matches(grad_dtype, ref_grad.numpy(), *tol, what=what + " grad")
+
+
+def test_split_rows_z_loss_softcap_nan_and_determinism(device):
+    """Split rows with z-loss and softcap; a NaN logit makes its row's loss and gradient NaN
+    (also in another chunk than the target's); two runs give the same bits."""
+    n, c = 3, 130
+    logits = 3 * torch.randn(n, c, device=device)
+    target = torch.tensor([3, 120, 64], device=device)
+    results = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        with config.block_limit(16), config.force_split(32):
+            loss = softmax_gpu.cross_entropy(x, target, z_loss=1e-3, softcap=4.0, reduction="sum")
+            loss.backward()
+        results.append((loss.detach(), x.grad))
+    ref = logits.double().cpu().requires_grad_()
+    z = 4.0 * torch.tanh(ref / 4.0)
+    lse = torch.logsumexp(z, -1)
+    (F.cross_entropy(z, target.cpu(), reduction="sum") + 1e-3 * (lse**2).sum()).backward()
+    assert_matches(results[0][1], ref.grad.numpy(), RTOL, ATOL, what="z-loss softcap split grad")
+    logits[1, 10] = float("nan")  # chunk 0; the target (120) is in chunk 3
+    with config.force_split(32):
+        loss, grad, _, _ = run_both(logits, target, None, 16, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_split_rows(dtype):
+    """Split forward + backward (mean): the looped path's 2 reads + 1 write of the logits and
+    its stores, plus the partials (2 values a chunk and z_t written, all of its row's read by
+    each chunk's program) and O(N * chunks) scalar loads."""
+    n, c = 3, 200
+    logits = torch.randn(n, c).to(dtype).requires_grad_()
+    target = torch.randint(0, c, (n,))
+    with config.block_limit(32), config.force_split(32):
+        split = softmax_gpu.ops.cross_entropy.cross_entropy_split(n, c, logits.element_size())
+    chunks = split.chunks
+    assert chunks == 7
+    logits_bytes = n * c * logits.element_size()
+    with TrafficCounter() as looped, config.block_limit(32), config.no_split():
+        softmax_gpu.cross_entropy(logits, target).backward()
+    with TrafficCounter() as t, config.block_limit(32), config.force_split(32):
+        softmax_gpu.cross_entropy(logits, target).backward()
+    assert c % (16 // logits.element_size()) == 0  # whole vectors: no edge, read twice like the body
+    assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n, logits.element_size(), programs=n)
+    partials = n * chunks * 2 * 4  # (max, sum without the target) a chunk, float32
+    # O(N): the targets once (the mean's total, in program (0, 0)), the upstream, the row
+    # losses and the divisor once (the last program's mean), the target's logit (by chunk 0's
+    # program of the stats kernel); per program (n * chunks of them) the target in each
+    # kernel (8 B twice), z_t from the partials and the divisor (the gradient's scale) (4 B
+    # each); and each program's read of its row's partials.
+    per_row = n * (8 + 4 + 4 + logits.element_size()) + 4
+    per_program = n * chunks * (8 + 8 + 4 + 4)
+    assert t.bytes_loaded == 2 * logits_bytes + per_row + per_program + chunks * partials
+    assert t.bytes_stored == looped.bytes_stored + partials + n * 4  # and z_t, one a row
+
+
+def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
+    """Every reduction: the split stats kernel and the combine, no prepare launch."""
+    import softmax_gpu.ops.cross_entropy as ce
+
+    launches = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.name, grid))
+            return self.kernel[grid]
+
+    for name in ("cross_entropy_kernel", "cross_entropy_prepare_kernel", "cross_entropy_split_stats_kernel",
+                 "cross_entropy_split_kernel"):
+        monkeypatch.setattr(ce, name, Counted(name, getattr(ce, name)))
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
+    logits, target = torch.randn(2, 70, device=device), torch.randint(0, 70, (2,), device=device)
+    for reduction in ("mean", "sum", "none"):
+        launches.clear()
+        with torch.no_grad(), config.force_split(32):
+            loss = softmax_gpu.cross_entropy(logits, target, reduction=reduction)
+        assert launches == [("cross_entropy_split_stats_kernel", (2, 3)), ("cross_entropy_split_kernel", (2, 3))]
+        expected = F.cross_entropy(logits.double().cpu(), target.cpu(), reduction=reduction)
+        torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_split_rows_opcheck(device):
+    logits = torch.randn(2, 70, device=device)
+    target = torch.randint(0, 70, (2,), device=device)
+    with config.force_split(32):
+        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default,
+                              (logits, target, None, -100, 0.1, 0.0, None, "mean", True, False))
+        torch.library.opcheck(torch.ops.softmax_gpu.cross_entropy_forward.default,
+                              (logits.double(), target, None, -100, 0.0, 1e-3, 3.0, "sum", False, True))
+
+
+@pytest.mark.parametrize("rows, cols, plain, split", [(1, 128256, True, True), (32, 128256, True, True),
+                                                      (32, 128256, False, True), (4096, 128256, True, False),
+                                                      (1, 16384, True, False), (1, 8192, False, False)])
+def test_config_splits_few_long_rows(rows, cols, plain, split):
+    """The cross-entropy split for issue 9's few long rows and not for a training batch or
+    rows the forward reads in one block."""
+    from softmax_gpu.ops.cross_entropy import cross_entropy_split
+
+    for itemsize in (2, 4, 8):
+        cfg = cross_entropy_split(rows, cols, itemsize, plain=plain)
+        # float64's single block is a quarter as wide, so its narrower rows loop and split too
+        assert (cfg is not None) == (split or (itemsize == 8 and 2 * rows <= config.DEFAULT_SM_COUNT)), (itemsize, cfg)
+        if cfg is not None:
+            assert cfg.chunks >= 2 and rows * cfg.chunks <= config.DEFAULT_SM_COUNT + rows
+            assert (cfg.chunks - 1) * cfg.chunk_cols < cols <= cfg.chunks * cfg.chunk_cols
+    assert cross_entropy_split(1, 128256, 2, plain=True).chunks == 126
+    assert cross_entropy_split(32, 128256, 2, streaming=True).chunks == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_split_rows_inplace_backward(dtype, device):
+    """inplace_backward with split rows: each program overwrites only its own chunk, and no
+    program reads another chunk's logits after the first launch (the target's logit among
+    them: the stats launch hands it over), so the gradient is the out-of-place one."""
+    n, c = 3, 100
+    x = torch.randn(n, c, device=device).to(dtype)
+    w = torch.eye(c, device=device, dtype=dtype).requires_grad_()
+    target = torch.tensor([90, 5, 40], device=device)  # the last chunk, the first, a middle one
+    grads = []
+    for inplace in (False, True):
+        w.grad = None
+        with config.force_split(16):
+            softmax_gpu.cross_entropy(x @ w, target, label_smoothing=0.1, inplace_backward=inplace).backward()
+        grads.append(w.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

@@ -6,6 +6,7 @@ deadline. A failure prints the falsifying example and a `@reproduce_failure(...)
 paste that line above the test to replay it exactly. SOFTMAX_GPU_HYPOTHESIS_EXAMPLES=<n>
 runs more examples locally.
 """
+import contextlib
 import os
 
 import pytest
@@ -33,11 +34,18 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Widths: 1, primes and odd numbers, powers of two and their neighbours, both sides of the
 # single-block limit when it is forced down to 16 or 32 (`max_block`).
 WIDTHS = st.sampled_from([1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 61, 64, 97, 127, 128, 129])
-MAX_BLOCKS = st.sampled_from([None, 16, 32])
+# "split": rows longer than 32 columns split into chunks of 32 (16-wide blocks), config.force_split.
+MAX_BLOCKS = st.sampled_from([None, 16, 32, "split"])
 
 
+@contextlib.contextmanager
 def _block(max_block):
-    return config.block_limit(max_block) if max_block else config.block_limit(1 << 20)
+    if max_block == "split":
+        with config.block_limit(16), config.force_split(32):
+            yield
+    else:
+        with config.block_limit(max_block or 1 << 20):
+            yield
 
 
 @st.composite

@@ -1,4 +1,5 @@
 """softmax / log_softmax / hardmax against the float64 NumPy reference, through the interpreter on CPU."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,6 +28,23 @@ TOL32 = {"softmax": (RTOL_FP32, ATOL_FP32), "log_softmax": (RTOL_FP32, 4e-6)}
 # columns than the smallest block; a block-sized row; odd widths that leave a ragged
 # last block; and a row that needs several blocks once block_limit(16) is in force.
 SHAPES = [(1, 1), (3, 1), (4, 7), (2, 16), (5, 100), (3, 781)]
+
+
+# Paths a test runs on: the default single block; 16-wide blocks, which force the looped
+# path; and split rows (chunks of 32 columns in 16-wide blocks, config.force_split).
+SPLIT = "split"
+PATHS = [None, 16, SPLIT]
+
+
+@contextlib.contextmanager
+def on_path(max_block):
+    """Runs the block on the path PATHS names."""
+    if max_block == SPLIT:
+        with config.block_limit(16), config.force_split(32):
+            yield
+    else:
+        with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+            yield
 
 
 def rows_of(shape, dtype, device):
@@ -81,13 +99,13 @@ def test_forward_float32_every_element_written(op, shape, max_block, device):
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_forward_16bit_within_twice_torch_error(op, dtype, max_block, device):
     ours_fn, torch_fn, ref_fn, _ = OPS[op]
     x = rows_of((6, 203), dtype, device)
     expected = ref_fn(x.double().cpu().numpy())
     theirs = torch_fn(x.cpu(), -1)  # torch's own result in this dtype
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         ours = ours_fn(x)
     assert ours.dtype == dtype
     assert_within_torch_error(ours, theirs, expected, what=f"{op} {dtype}")
@@ -121,7 +139,10 @@ LAYOUTS = {
     "strides disagree (no split)": (torch.float32, torch.float32, 1, 0, 9, 0),
     "float64 offset": (torch.float64, torch.float64, 1, 1, 3, 3),
 }
-PATHS = {"single": ((3, 1501), None), "looped": ((3, 101), 16), "short rows": ((37, 13), None), "tiny": ((5, 3), None)}
+# (rows, cols) and the path (a PATHS entry) per regime of the row layout; the looped and split
+# paths read the rows twice, the split one cutting each row's body into 32-wide chunks.
+LAYOUT_PATHS = {"single": ((3, 1501), None), "looped": ((3, 101), 16), "split": ((3, 101), SPLIT),
+                "short rows": ((37, 13), None), "tiny": ((5, 3), None)}  # fmt: skip
 
 
 def in_buffer(n_rows, n_cols, dtype, offset, extra, fill):
@@ -132,27 +153,33 @@ def in_buffer(n_rows, n_cols, dtype, offset, extra, fill):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="traffic and bounds are counted in Triton's interpreter")
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", LAYOUT_PATHS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_odd_widths_and_unaligned_rows(op, path, layout):
     """Every element of every row is read and written exactly once whatever the rows' alignment:
     NaN around the views (a stray read would turn its row NaN, a stray write would overwrite
     it), a NaN-poisoned output, the exact bytes moved, and the float64 reference, forward and
-    backward, on the single-block, looped and short-rows paths."""
-    (n_rows, n_cols), max_block = PATHS[path]
+    backward, on the single-block, looped, split and short-rows paths."""
+    (n_rows, n_cols), max_block = LAYOUT_PATHS[path]
+    split_path = max_block == SPLIT
     x_dtype, y_dtype, x_off, y_off, x_extra, y_extra = LAYOUTS[layout]
     log = op == "log_softmax"
     nan = float("nan")
     x_buf, x = in_buffer(n_rows, n_cols, x_dtype, x_off, x_extra, nan)
     x.copy_(rows_of((n_rows, n_cols), x_dtype, "cpu"))
     y_buf, y = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
-    cfg = None if max_block is None else config.row_config(n_cols, max_block, y.element_size())
+    cfg = None if max_block in (None, SPLIT) else config.row_config(n_cols, max_block, y.element_size())
     x_untouched = x_buf.clone()
     y_outside = torch.ones(y_buf.shape, dtype=torch.bool)
     y_outside[:, y_off:y_off + n_cols] = False
-    with TrafficCounter(buffers=[x_buf, y_buf]) as fwd:
+    # Bounds are checked against the buffers, except on the split path, whose launches also
+    # touch the partials they allocate (the NaN around the views still catches strays there).
+    with TrafficCounter(buffers=[] if split_path else [x_buf, y_buf]) as fwd, on_path(max_block):
         used = launch_softmax_fwd(x, y, log, cfg=cfg)
-    assert used.single_block == (max_block is None) and (used.rows > 1) == (path in ("short rows", "tiny"))
+    if split_path:
+        assert isinstance(used, config.SplitConfig) and used.chunks == 4
+    else:
+        assert used.single_block == (max_block is None) and (used.rows > 1) == (path in ("short rows", "tiny"))
     split = "disagree" not in layout
     assert (used.vec > 1) == split
     expected = OPS[op][2](x.double().numpy())
@@ -161,16 +188,21 @@ def test_odd_widths_and_unaligned_rows(op, path, layout):
     assert torch.equal(x_buf.isnan(), x_untouched.isnan())
     assert y_buf[y_outside].isnan().all(), "a write outside the rows"
     reads = x.numel() * x.element_size()
-    if not used.single_block:  # the looped path reads the body twice, the edge once
+    # the split path's partials: 2 values a chunk, stored once and read by each program of the row
+    acc = 8 if y_dtype == torch.float64 else 4
+    partials = n_rows * used.chunks * acc if split_path else 0
+    if split_path:  # two launches, each reading the whole row (chunk 0 the edge)
+        reads = 2 * reads + 2 * partials * used.chunks
+    elif not used.single_block:  # the looped path reads the body twice, the edge once
         edge = edge_elements(n_rows, n_cols, x.stride(0), used.vec) if used.edge else 0
         reads = 2 * reads - edge * x.element_size()
-    assert (fwd.bytes_loaded, fwd.bytes_stored) == (reads, y.numel() * y.element_size())
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (reads, y.numel() * y.element_size() + 2 * partials)
 
     # Backward: y, dy and dx in the same kind of layout as y.
     dy_buf, dy = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
     dy.copy_(torch.randn(n_rows, n_cols).to(y_dtype))
     dx_buf, dx = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
-    with TrafficCounter(buffers=[y_buf, dy_buf, dx_buf]) as bwd:
+    with TrafficCounter(buffers=[] if split_path else [y_buf, dy_buf, dx_buf]) as bwd, on_path(max_block):
         used = launch_softmax_bwd(y, dy, dx, log, cfg=cfg)
     assert used.vec > 1  # y, dy and dx share a layout
     expected = OPS[op][3](y.double().numpy(), dy.double().numpy())
@@ -180,10 +212,12 @@ def test_odd_widths_and_unaligned_rows(op, path, layout):
     assert dx_buf[y_outside].isnan().all(), "a write outside the rows"
     n = y.numel() * y.element_size()
     reads = 2 * n
-    if not used.single_block:
+    if split_path:  # and one partial sum a chunk
+        reads = (3 * n if log else 4 * n) + partials * used.chunks
+    elif not used.single_block:
         edge = edge_elements(n_rows, n_cols, y.stride(0), used.vec) * y.element_size() if used.edge else 0
         reads = (3 * n - edge) if log else (4 * n - 2 * edge)
-    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, n)
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, n + partials)
 
 
 def test_row_layout_covers_every_column_once():
@@ -212,10 +246,10 @@ def test_row_layout_covers_every_column_once():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_properties(max_block, device):
     x = rows_of((4, 45), torch.float32, device)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         y = softmax_gpu.softmax(x)
         torch.testing.assert_close(y.sum(-1).cpu(), torch.ones(4), rtol=0, atol=2e-6)
         assert ((y >= 0) & (y <= 1)).all()
@@ -237,10 +271,10 @@ def test_properties(max_block, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 def test_huge_logits_stay_finite(dtype, max_block, device):
     x = torch.tensor([[1e4, -1e4, 0.0, 9990.0] * 10, [-1e4] * 39 + [1e4]], dtype=dtype, device=device)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         y, ly = softmax_gpu.softmax(x), softmax_gpu.log_softmax(x)
     assert torch.isfinite(y).all() and torch.isfinite(ly).all()
     assert_matches(y.float(), reference.softmax(x.double().cpu().numpy()), rtol=1e-2, atol=1e-3)
@@ -260,14 +294,14 @@ def nan_rows(n_cols, device):
 
 
 @pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("max_block", [None, 16])
+@pytest.mark.parametrize("max_block", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_makes_its_row_nan(op, max_block, dtype, device):
-    """Any NaN in a row makes the whole row NaN, on the single-block and looped paths, as in
-    torch; the clean row is unaffected. Gradients likewise."""
+    """Any NaN in a row makes the whole row NaN, on the single-block, looped and split paths, as
+    in torch; the clean row is unaffected. Gradients likewise."""
     ours_fn, torch_fn, ref_fn, ref_bwd = OPS[op]
     x = nan_rows(61, device).to(dtype)
-    with config.block_limit(max_block or config.MAX_BLOCK_SOFTMAX_FWD):
+    with on_path(max_block):
         leaf = x.detach().requires_grad_()
         y = ours_fn(leaf, -1)
         dy = torch.randn_like(y)
@@ -437,11 +471,11 @@ def test_traffic_backward(log):
 @pytest.mark.parametrize("cols, reads", [(16384, 2), (16385, 4)])
 def test_traffic_backward_single_read_limit(cols, reads):
     """The backward reads y and dy once up to 16384 columns (config.MAX_BLOCK_SOFTMAX_BWD),
-    and twice past it."""
+    and twice past it (one program a row: two such rows would otherwise split)."""
     assert config.MAX_BLOCK_SOFTMAX_BWD == 16384
     y = torch.softmax(torch.randn(2, cols), -1)
     dy, dx = torch.randn(2, cols), torch.empty(2, cols)
-    with TrafficCounter(buffers=[y, dy, dx]) as t:
+    with TrafficCounter(buffers=[y, dy, dx]) as t, config.no_split():
         launch_softmax_bwd(y, dy, dx, False)
     edge = edge_elements(2, cols, cols, 4) * 4 if reads == 4 else 0  # the looped path reads the edge once
     assert (t.bytes_loaded, t.bytes_stored) == (reads * y.numel() * 4 - 2 * edge, y.numel() * 4)
@@ -526,3 +560,134 @@ def test_cuda_offsets_beyond_2_pow_31_elements():
     for row in (0, n_rows - 1):
         expected = reference.softmax(x[row].double().cpu().numpy())
         assert_within_torch_error(y[row].cpu(), torch.softmax(x[row].cpu(), -1), expected, what=f"row {row}")
+
+
+# ---------------------------------------------------------------------------------------
+# Split rows (few long rows: a (rows, chunks) grid, config.split_rows)
+# ---------------------------------------------------------------------------------------
+# Forced on small rows (rows, cols, chunk width): chunks of 32 columns walked in 16-wide
+# blocks (two steps a chunk, the last chunk partial and, at 203 columns, ragged), and 19
+# single-block chunks, more than one combine step (block_limit caps its width at 16 too).
+SPLIT_SHAPES = [(3, 100, 32), (2, 203, 32), (1, 300, 16)]
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES)
+def test_split_rows_forward_and_backward(shape, dtype, log, device):
+    *shape, chunk = shape
+    """Split forward and backward against the float64 reference, outputs poisoned, with a NaN
+    row, a -inf row and a row -inf in a whole chunk (that chunk adds nothing)."""
+    op = "log_softmax" if log else "softmax"
+    _, torch_fn, ref_fwd, ref_bwd = OPS[op]
+    x = rows_of(tuple(shape), dtype, device)
+    x[0, 40:72] = float("-inf")  # the second chunk entirely
+    if shape[0] > 1:
+        x[1, shape[1] // 2] = float("nan")
+    if shape[0] > 2:
+        x[2] = float("-inf")
+    shape = tuple(shape)
+    y = poisoned(shape, dtype, device)
+    with config.block_limit(16), config.force_split(chunk):
+        split = launch_softmax_fwd(x, y, log)
+    assert isinstance(split, config.SplitConfig) and (split.block_n, split.chunk_cols) == (16, chunk)
+    assert split.chunks == -(-shape[1] // chunk) and split.chunks_block == min(16, config.next_power_of_2(split.chunks))
+    expected = ref_fwd(x.double().cpu().numpy())
+    if dtype in (torch.float32, torch.float64):
+        rtol, atol = TOL32[op] if dtype == torch.float32 else (1e-12, 1e-12)
+        assert_matches(y, expected, rtol, atol, what=f"{op} split forward")
+    else:
+        assert_within_torch_error(y, torch_fn(x.float(), -1).to(dtype), expected, what=f"{op} split forward")
+    # the backward at a finite output (the reference has no NaN/inf rows to differentiate)
+    y = torch.from_numpy(ref_fwd(rows_of(shape, torch.float64, "cpu").numpy())).to(device=device, dtype=dtype)
+    dy, dx = rows_of(shape, dtype, device), poisoned(shape, dtype, device)
+    with config.block_limit(16), config.force_split(chunk):
+        assert isinstance(launch_softmax_bwd(y, dy, dx, log), config.SplitConfig)
+    expected = ref_bwd(y.double().cpu().numpy(), dy.double().cpu().numpy())
+    tol = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}.get(dtype, (2e-2, 2e-2))
+    assert_matches(dx, expected, *tol, what=f"{op} split backward")
+
+
+def test_split_rows_match_one_program_a_row_and_are_deterministic(device):
+    """Through the public functions: the split path gives what the looped path gives (to
+    rounding), and the same bits on every run, forward and backward."""
+    x = rows_of((2, 150), torch.float32, device).requires_grad_()
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        with config.block_limit(16), config.force_split(48):
+            y = softmax_gpu.log_softmax(x)
+            y.backward(torch.ones_like(y))
+        runs.append((y.detach().clone(), x.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    x.grad = None
+    with config.block_limit(16):
+        y = softmax_gpu.log_softmax(x)
+        y.backward(torch.ones_like(y))
+    torch.testing.assert_close(runs[0][0], y, rtol=2e-6, atol=4e-6)
+    torch.testing.assert_close(runs[0][1], x.grad, rtol=2e-6, atol=4e-6)
+
+
+def test_split_gradcheck_float64(device):
+    x = torch.randn(2, 70, dtype=torch.float64, device=device, requires_grad=True)
+    with config.block_limit(16), config.force_split(32):
+        assert torch.autograd.gradcheck(lambda t: softmax_gpu.softmax(t, -1), (x,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_traffic_split_rows(log, dtype):
+    """Split: the looped path's 2 reads + 1 write forward (3 + 1 or 4 + 1 backward), plus the
+    partials: each chunk writes its own (2 values forward, 1 backward) and each chunk's
+    program reads all of its row's."""
+    rows, cols = 3, 200
+    x = rows_of((rows, cols), dtype, "cpu")
+    y = torch.empty_like(x)
+    element = rows * cols * x.element_size()
+    acc = 8 if dtype == torch.float64 else 4
+    with TrafficCounter() as fwd, config.block_limit(16), config.force_split(32):
+        split = launch_softmax_fwd(x, y, log)
+    chunks = split.chunks
+    assert chunks == 7
+    partials = rows * chunks * 2 * acc
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + chunks * partials, element + partials)
+    dy, dx = rows_of((rows, cols), dtype, "cpu"), torch.empty_like(x)
+    with TrafficCounter() as bwd, config.block_limit(16), config.force_split(32):
+        launch_softmax_bwd(y, dy, dx, log)
+    partials = rows * chunks * acc
+    reads = (3 if log else 4) * element
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads + chunks * partials, element + partials)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, split",
+    [(1, 128256, True), (32, 128256, True), (66, 50257, True), (67, 50257, False), (4096, 128256, False),
+     (1, 32768, False), (8, 1000, False)],
+)
+def test_config_splits_few_long_rows(rows, cols, split):
+    """Rows split when they would loop and are at most half the SM count; chunks fill the SMs."""
+    for fwd in (True, False):
+        family = (config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) if fwd else (
+            config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD)
+        for itemsize in (2, 4, 8):
+            cfg = config.split_rows(rows, cols, itemsize, *family)
+            if not split or (fwd and cols <= config.block_cap(family[0], itemsize)):
+                assert cfg is None or not fwd or not split, cfg
+                continue
+            assert cfg is not None, (rows, cols, itemsize, fwd)
+            assert cfg.chunks >= 2 and cfg.chunk_cols % cfg.block_n == 0 and cfg.chunk_cols >= config.SPLIT_MIN_CHUNK
+            assert (cfg.chunks - 1) * cfg.chunk_cols < cols <= cfg.chunks * cfg.chunk_cols  # no empty chunk
+            assert rows * cfg.chunks <= config.DEFAULT_SM_COUNT + rows and cfg.chunks <= config.SPLIT_MAX_CHUNKS
+    one = config.split_rows(1, 128256, 4, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD)
+    assert one.chunks == 126 and one.block_n == 1024  # 126 programs on 132 SMs instead of 1
+    with config.no_split():
+        assert config.split_rows(1, 128256, 4, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) is None
+
+
+def test_split_rows_opcheck(device):
+    x = torch.randn(2, 70, device=device)
+    with config.force_split(32):
+        torch.library.opcheck(torch.ops.softmax_gpu.softmax_forward.default, (x, 1, False, torch.float32))
+        y = torch.softmax(x, 1)
+        torch.library.opcheck(torch.ops.softmax_gpu.softmax_backward.default, (y, torch.randn_like(y), 1, True))

@@ -67,12 +67,19 @@ def test_compile_report_on_exact_launches():
     assert len(table) == len(headers)  # the table lists the launches in the headers' order
     streaming = [(h, r) for h, r in zip(headers, table) if "prepare" not in h]
     pinned = [(h, r) for h, r in streaming if not ("32768x128 bfloat16" in h and "scale_grad" in h)]
-    assert len(pinned) > 60
+    assert len(pinned) > 50
+    assert any("_split_" in h for h, _ in pinned)  # 1 x 128256 runs split
     for h, r in pinned:
-        stores = "ce_fwd " not in h or "scale_grad" in h  # the forward without the gradient stores no rows
-        assert r[6] == ("yes/yes" if stores else "yes/no"), (h, r[6])
+        # The forward without the gradient stores no rows and a split row's stats kernels
+        # store per-chunk values only; the gradient-free split combine streams no row at all
+        # (its row's partials and a few scalars), so only its narrow count is pinned.
+        stores = ("ce_fwd " not in h or "scale_grad" in h) and "stats_kernel" not in h
+        if not ("ce_fwd " in h and "cross_entropy_split_kernel" in h):
+            assert r[6] == ("yes/yes" if stores else "yes/no"), (h, r[6])
         narrow_loads, narrow_stores = map(int, r[7].split("/"))
-        assert narrow_loads <= 12 and narrow_stores <= 6, (h, r[7])
+        # A split combine (CHUNKS_BLOCK) also loads its row's partials, a few narrow loads a
+        # field whatever the row's width (the buffer's rows start at any multiple of n_chunks).
+        assert narrow_loads <= (32 if "CHUNKS_BLOCK=" in h else 12) and narrow_stores <= 6, (h, r[7])
 
 
 def test_training_example_matches_torch():

@@ -36,6 +36,9 @@ from ..kernels.cross_entropy import (
     cross_entropy_backward_kernel,
     cross_entropy_kernel,
     cross_entropy_prepare_kernel,
+    cross_entropy_split_backward_kernel,
+    cross_entropy_split_kernel,
+    cross_entropy_split_stats_kernel,
     scale_grad_kernel,
 )
 from ..layout import as_rows
@@ -68,6 +71,30 @@ def cross_entropy_config(
         loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
     )
+
+
+def cross_entropy_split(
+    n_rows: int,
+    n_cols: int,
+    itemsize: int = 4,
+    streaming: bool = False,
+    plain: bool = False,
+    softcap: bool = False,
+    device="cpu",
+) -> Optional[config.SplitConfig]:
+    """config.split_rows for the cross-entropy kernels: the forward's families as in
+    cross_entropy_config (rows split only where the forward would loop: for the soft-capped
+    plain variant, past the general single-block limit), or with streaming=True the backward
+    kernel's (it always loops, 1024 wide); None: one program a row."""
+    if streaming:
+        max_block = loop_block = config.LOOP_BLOCK_CROSS_ENTROPY
+    elif plain and itemsize <= 4:
+        max_block = config.MAX_BLOCK_CROSS_ENTROPY if softcap else config.MAX_BLOCK_CROSS_ENTROPY_PLAIN
+        loop_block = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN
+    else:
+        max_block, loop_block = config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY
+    return config.split_rows(n_rows, n_cols, itemsize, max_block, loop_block,
+                             config.ELEMENTS_PER_THREAD_CROSS_ENTROPY, sms=config.sm_count(device))  # fmt: skip
 
 
 def is_plain(target: torch.Tensor, weight: Optional[torch.Tensor], label_smoothing: float) -> bool:
@@ -181,6 +208,82 @@ def _row_tensors(*tensors):
     return [(t.element_size(), t.stride(0)) for t in tensors if t is not None and t.dim() == 2]
 
 
+def launch_cross_entropy_split(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+    grad: Optional[torch.Tensor],
+    total: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    split: config.SplitConfig,
+    stats: Optional[torch.Tensor] = None,
+    reduced: Optional[torch.Tensor] = None,
+    counter: Optional[torch.Tensor] = None,
+    reduction: str = "none",
+) -> config.SplitConfig:
+    """launch_cross_entropy's outputs for rows cut into split.chunks chunks (few long rows):
+    partials per chunk, then every chunk's program combines its row's and writes its chunk
+    of the gradient. For "sum" / "mean" the first launch also does the prepare kernel's work
+    (zeroes `counter`; for the mean writes the divisor into the 0-d `total`), so the forward
+    is two launches for every reduction. Chunks cut the rows' aligned bodies and chunk 0 takes
+    the head/tail edge (config.vectors); returns split with its vec / edge filled in.
+    Bytes: the logits read once (twice with grad) and the gradient written once, plus the
+    partials: n_rows * chunks * N_PART values written and n_rows * chunks^2 * N_PART read
+    (every program reads its row's, from L2), N_PART = 4 with probability targets or
+    smoothing, else 2; and the target's logit, read twice and written once a row and read
+    once a program. grad may be logits itself."""
+    check_launchable("softmax_gpu.cross_entropy", cross_entropy_split_stats_kernel, logits)
+    n_rows, n_cols = logits.shape
+    if (reduced is None or counter is None) != (reduction == "none"):
+        raise ValueError(f"launch_cross_entropy_split: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
+    soft = target.is_floating_point()
+    acc = _acc_dtype(logits)
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
+    n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
+    part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
+    (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
+    grid = (n_rows, split.chunks)
+    common = dict(
+        logits_ptr=logits, target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
+        part_ptr=part, counter_ptr=counter if counter is not None else target,  # used only with REDUCE
+        logits_row_stride=logits.stride(0), target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols,
+        chunk_cols=split.chunk_cols, n_chunks=split.chunks, ignore_index=ignore_index, label_smoothing=eps,
+        softcap=cap, label_smoothing_lo=eps_lo, softcap_lo=cap_lo, SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None, REDUCE=REDUCE_CODES[reduction],
+        ACC_FP64=acc == torch.float64, BLOCK_N=split.block_n, VEC=split.vec, HAS_EDGE=split.edge,
+        num_warps=split.num_warps, maxnreg=split.maxnreg,
+    )  # fmt: skip
+    with device_guard(logits):
+        cross_entropy_split_stats_kernel[grid](
+            total_ptr=total if total is not None else part,  # written only for the mean
+            PREPARE_BLOCK=config.reduce_block(split.num_warps), **common,
+        )  # fmt: skip
+        cross_entropy_split_kernel[grid](
+            loss_ptr=loss,
+            lse_ptr=lse,
+            grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
+            stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
+            reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
+            grad_row_stride=grad.stride(0) if grad is not None else 0,
+            grad_divisor_ptr=total if total is not None else loss,  # read only for the mean
+            z_loss=lam,
+            z_loss_lo=lam_lo,
+            HAS_Z_LOSS=z_loss != 0,
+            COMPUTE_GRAD=grad is not None,
+            DIVIDE_GRAD=grad is not None and total is not None,
+            SAVE_STATS=stats is not None,
+            CHUNKS_BLOCK=split.chunks_block,
+            REDUCE_BLOCK=config.reduce_block(split.num_warps),
+            **common,
+        )
+    return split
+
+
 def launch_cross_entropy_prepare(
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -266,6 +369,61 @@ def launch_cross_entropy_backward(
     return cfg
 
 
+def launch_cross_entropy_split_backward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    upstream: torch.Tensor,
+    grad_divisor: Optional[torch.Tensor],
+    grad: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: Optional[float],
+    split: config.SplitConfig,
+) -> config.SplitConfig:
+    """launch_cross_entropy_backward for rows cut into split.chunks chunks, one program a
+    chunk (the same four row statistics), rows cut as in launch_cross_entropy_split; returns
+    split with its vec / edge filled in. Bytes: N*C reads + N*C writes + O(N * chunks)."""
+    check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_split_backward_kernel, logits)
+    n_rows, n_cols = logits.shape
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
+    (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
+    with device_guard(logits):
+        cross_entropy_split_backward_kernel[(n_rows, split.chunks)](
+            logits_ptr=logits,
+            target_ptr=target,
+            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
+            stats_ptr=stats,
+            upstream_ptr=upstream,
+            grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
+            grad_ptr=grad,
+            logits_row_stride=logits.stride(0),
+            target_row_stride=target.stride(0),
+            grad_row_stride=grad.stride(0),
+            upstream_stride=upstream.stride(0) if upstream.dim() else 0,
+            n_cols=n_cols,
+            chunk_cols=split.chunk_cols,
+            ignore_index=ignore_index,
+            label_smoothing=eps,
+            softcap=cap,
+            label_smoothing_lo=eps_lo,
+            softcap_lo=cap_lo,
+            SOFT_TARGET=target.is_floating_point(),
+            HAS_WEIGHT=weight is not None,
+            HAS_SMOOTHING=label_smoothing > 0,
+            HAS_SOFTCAP=softcap is not None,
+            DIVIDE_GRAD=grad_divisor is not None,
+            ACC_FP64=logits.dtype == torch.float64,
+            BLOCK_N=split.block_n,
+            VEC=split.vec,
+            HAS_EDGE=split.edge,
+            num_warps=split.num_warps,
+            maxnreg=split.maxnreg,
+        )
+    return split
+
+
 def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[config.RowConfig] = None):
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
     exactly 1 are left untouched without being read."""
@@ -336,24 +494,32 @@ def _total_weight(
 def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats=None):
     """Shared body of the two forward ops: (loss, lse, total) with the loss per row, or
     reduced to a 0-d tensor, and total the mean's divisor (else None); fills grad / stats if
-    given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none"."""
+    given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none";
+    split rows (few long ones, cross_entropy_split) two for every reduction."""
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
     acc = dict(dtype=_acc_dtype(logits), device=logits.device)
     loss = torch.empty(n_rows, **acc)
     lse = torch.empty(n_rows, **acc)
     reduced = total = counter = None
+    split = cross_entropy_split(n_rows, n_classes, logits.element_size(), plain=is_plain(target, weight, label_smoothing),
+                                softcap=softcap is not None, device=logits.device) if n_rows else None  # fmt: skip
     if reduction != "none":
         reduced = torch.empty((), **acc)
         counter = torch.empty((), dtype=torch.int32, device=logits.device)
         total = torch.empty((), **acc) if reduction == "mean" else None
-        if n_rows:
+        if n_rows and split is None:
             launch_cross_entropy_prepare(target, weight, total, counter, n_classes, ignore_index)
-        else:  # torch: the sum of nothing is 0, the mean 0 / 0 = NaN
+        elif not n_rows:  # torch: the sum of nothing is 0, the mean 0 / 0 = NaN
             reduced.fill_(0.0 if reduction == "sum" else float("nan"))
             if total is not None:
                 total.fill_(0.0)
-    if n_rows:
+    if split is not None:  # few long rows: two launches, the prepare kernel's work folded into the first
+        launch_cross_entropy_split(
+            logits, target, weight, loss, lse, grad, total, ignore_index, label_smoothing, z_loss, softcap, split,
+            stats=stats, reduced=reduced, counter=counter, reduction=reduction,
+        )  # fmt: skip
+    elif n_rows:
         launch_cross_entropy(
             logits, target, weight, loss, lse, grad, total, ignore_index, label_smoothing, z_loss, softcap,
             stats=stats, reduced=reduced, counter=counter, reduction=reduction,
@@ -461,9 +627,12 @@ def _(grad, upstream):
 def _backward_into(grad, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing,
                    softcap):
     if grad.numel():
-        launch_cross_entropy_backward(
-            logits, target, weight, stats, upstream, grad_divisor, grad, ignore_index, label_smoothing, softcap
-        )
+        args = (logits, target, weight, stats, upstream, grad_divisor, grad, ignore_index, label_smoothing, softcap)
+        split = cross_entropy_split(*logits.shape, logits.element_size(), streaming=True, device=logits.device)
+        if split is not None:
+            launch_cross_entropy_split_backward(*args, split)
+        else:
+            launch_cross_entropy_backward(*args)
     return grad
 
 

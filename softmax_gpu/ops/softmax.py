@@ -12,7 +12,14 @@ import triton
 
 from .. import config
 from ..checks import check_floating, check_out_dtype, normalize_dim
-from ..kernels.softmax import softmax_bwd_kernel, softmax_fwd_kernel
+from ..kernels.softmax import (
+    softmax_bwd_kernel,
+    softmax_fwd_kernel,
+    softmax_split_bwd_kernel,
+    softmax_split_bwd_stats_kernel,
+    softmax_split_fwd_kernel,
+    softmax_split_stats_kernel,
+)
 from ..layout import as_rows, from_rows
 from ..runtime import check_launchable, device_guard
 
@@ -22,8 +29,15 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
 
     Bytes: 1 read + 1 write per element on the single-block path (rows up to 32768), 2 reads +
     1 write looped.
+    Few long rows (config.split_rows) run split instead: launch_softmax_split_fwd, whose
+    SplitConfig is returned.
     """
     n_rows, n_cols = x.shape
+    if cfg is None:
+        split = config.split_rows(n_rows, n_cols, y.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
+                                  config.LOOP_BLOCK_SOFTMAX_FWD, sms=config.sm_count(x.device))
+        if split is not None:
+            return launch_softmax_split_fwd(x, y, log, split)
     cfg = config.vectors(
         cfg
         or config.short_rows(
@@ -64,9 +78,15 @@ def launch_softmax_bwd(
 ):
     """dx[r] = gradient of (log_)softmax at output y[r] for upstream dy[r]; returns the RowConfig used.
 
-    Bytes: 2 reads + 1 write per element on the single-block path.
+    Bytes: 2 reads + 1 write per element on the single-block path. Few long rows run split
+    (launch_softmax_split_bwd, whose SplitConfig is returned).
     """
     n_rows, n_cols = y.shape
+    if cfg is None:
+        split = config.split_rows(n_rows, n_cols, dx.element_size(), config.MAX_BLOCK_SOFTMAX_BWD,
+                                  config.LOOP_BLOCK_SOFTMAX_BWD, sms=config.sm_count(y.device))
+        if split is not None:
+            return launch_softmax_split_bwd(y, dy, dx, log, split)
     cfg = config.vectors(
         cfg
         or config.short_rows(
@@ -102,6 +122,57 @@ def launch_softmax_bwd(
             maxnreg=cfg.maxnreg,
         )
     return cfg
+
+
+def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
+    """y[r] = (log_)softmax(x[r]) with each row cut into split.chunks chunks: partial (max, sum)
+    per chunk, then every chunk's program combines its row's partials and writes the chunk.
+    Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail edge (config.vectors).
+    Two launches, no host sync; returns split with its vec / edge filled in.
+    Bytes: 2 reads + 1 write per element, plus the partials: n_rows * chunks * 2 values
+    written and n_rows * chunks^2 * 2 read (every program reads its row's, from L2)."""
+    check_launchable("softmax_gpu.softmax", softmax_split_stats_kernel, x)
+    n_rows, n_cols = x.shape
+    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (x, y)])
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    part = torch.empty((n_rows, 2, split.chunks), dtype=acc, device=x.device)
+    grid = (n_rows, split.chunks)
+    common = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, BLOCK_N=split.block_n,
+                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
+                  maxnreg=split.maxnreg)  # fmt: skip
+    with device_guard(x):
+        softmax_split_stats_kernel[grid](x_ptr=x, part_ptr=part, x_row_stride=x.stride(0), **common)
+        softmax_split_fwd_kernel[grid](
+            x_ptr=x, y_ptr=y, part_ptr=part, x_row_stride=x.stride(0), y_row_stride=y.stride(0), LOG=log,
+            CHUNKS_BLOCK=split.chunks_block, **common,
+        )  # fmt: skip
+    return split
+
+
+def launch_softmax_split_bwd(
+    y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool, split: config.SplitConfig
+):
+    """dx[r] = gradient of (log_)softmax with each row cut into split.chunks chunks: the partial
+    sum of dy * y (dy for log_softmax) per chunk, then every chunk's program adds up its row's
+    partials and writes the chunk; rows cut as in launch_softmax_split_fwd. Two launches;
+    returns split with its vec / edge filled in.
+    Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
+    n_rows * chunks values written and n_rows * chunks^2 read."""
+    check_launchable("softmax_gpu.softmax backward", softmax_split_bwd_stats_kernel, y)
+    n_rows, n_cols = y.shape
+    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (y, dy, dx)])
+    acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
+    part = torch.empty((n_rows, split.chunks), dtype=acc, device=y.device)
+    grid = (n_rows, split.chunks)
+    common = dict(y_ptr=y, dy_ptr=dy, part_ptr=part, y_row_stride=y.stride(0), dy_row_stride=dy.stride(0),
+                  n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, LOG=log, BLOCK_N=split.block_n,
+                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
+                  maxnreg=split.maxnreg)  # fmt: skip
+    with device_guard(y):
+        softmax_split_bwd_stats_kernel[grid](**common)
+        softmax_split_bwd_kernel[grid](dx_ptr=dx, dx_row_stride=dx.stride(0), CHUNKS_BLOCK=split.chunks_block,
+                                       **common)  # fmt: skip
+    return split
 
 
 @torch.library.custom_op("softmax_gpu::softmax_forward", mutates_args=())
