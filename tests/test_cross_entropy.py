@@ -546,7 +546,7 @@ def test_traffic_single_read_limits(c, kw, logit_reads):
 
 
 @interpreter_only
-@pytest.mark.parametrize("max_block", PATHS)
+@pytest.mark.parametrize("max_block", [None, 16])
 def test_traffic_probability_targets_and_weights_read_once(max_block):
     """On the single-block path the probability targets and the class weights are read once
     (the gradient reuses them from registers); the looped path reads them again with the
