@@ -104,8 +104,12 @@ def softmax_variants(quick: bool):
         for dtype, ptr_type in DTYPES.items():
             for log in (False, True):
                 itemsize = 8 if dtype == "fp64" else 4  # as row_config() sees the accumulation width
+                # Every width for softmax in bfloat16, float32 and float64; float16 (bfloat16's
+                # code but for its conversions) and log_softmax (a subtraction for a multiply)
+                # at the widths --quick samples: the smallest, 1024, the widest and the loop's.
                 plan = block_plan(
-                    config.block_cap(max_block, itemsize), quick, config.block_cap(loop_block, itemsize)
+                    config.block_cap(max_block, itemsize), quick or dtype == "fp16" or log,
+                    config.block_cap(loop_block, itemsize),
                 )
                 # short single-block rows take several rows a program (config.short_rows)
                 plan = [(b, single, 1) for b, single in plan] + [
@@ -165,7 +169,10 @@ def cross_entropy_variants(quick: bool):
                     config.block_cap(
                         config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if wide else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
                     ),
-                    quick or flags["HAS_WEIGHT"] or flags["HAS_Z_LOSS"],
+                    # every width for the plain gradient-writing variant in bfloat16, float32 and
+                    # float64; the option-heavy sets, the forward without a gradient and float16
+                    # (bfloat16's code but for conversions) at the widths --quick samples
+                    quick or flags["HAS_WEIGHT"] or flags["HAS_Z_LOSS"] or not grad or dtype == "fp16",
                     config.block_cap(
                         config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
                     ),
@@ -556,8 +563,9 @@ def compile_one(job):
         regs=int(fields["REG"]),
         local=int(fields["LOCAL"]) + int(fields.get("STACK", 0)),
         shared=int(fields["SHARED"]),
-        ldg128="LDG.E.128" in sass,
-        stg128="STG.E.128" in sass,
+        # 128-bit global loads and stores, eviction hints included (LDG.E.EL.128, LDG.E.EF.128)
+        ldg128=re.search(r"\bLDG\.E[.A-Z0-9_]*\.128\b", sass) is not None,
+        stg128=re.search(r"\bSTG\.E[.A-Z0-9_]*\.128\b", sass) is not None,
         mma=next((op for op in ("HGMMA", "HMMA") if op in sass), "-"),
         narrow=tuple(sum(".128" not in o for o in re.findall(rf"\b{op}\.E[.A-Z0-9_]*", sass)) for op in ("LDG", "STG")),
     )
