@@ -29,7 +29,8 @@ def test_compile_report_has_no_spills():
     assert {r[1] for r in rows} == {"80", "90"}
     assert {r[0] for r in rows} >= {"softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "scale_grad_kernel"}
     wide = [r for r in rows if "BLOCK_N=1024" in " ".join(r) and r[0].startswith("softmax")]
-    assert wide and all(r[6] == "yes/yes" for r in wide), wide
+    # (a split row's stats kernels store per-chunk values only: 128-bit loads, narrow stores)
+    assert wide and all(r[6] == ("yes/no" if "_stats_kernel" in r[0] else "yes/yes") for r in wide), wide
     # The fused linear cross-entropy: every kernel on both archs, its products on tensor
     # cores (mma.sync on sm_80, wgmma where the tile allows on sm_90: not for the 32-row
     # float32 input-gradient tiles, below wgmma's 64).
