@@ -253,15 +253,21 @@ def cross_entropy_variants(quick: bool):
                           meta, config.REDUCE_WARPS)
         if deferred:
             continue
-        for block in sorted({1024, config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY}):
+        # one row a program (looped, or one block), and short rows in config.short_rows() tiles
+        # (every tile is SHORT_ROWS_TILE elements on the same warps: the narrowest, the widest
+        # and attention-sized rows stand for the others)
+        tiles = {(b, config.SHORT_ROWS_TILE // b) for b in (config.MIN_BLOCK_N, 128, config.SHORT_ROWS_TILE // 2)}
+        for block, rows in sorted({(1024, 1), (config.MAX_BLOCK_CROSS_ENTROPY, 1),
+                                   (config.LOOP_BLOCK_CROSS_ENTROPY, 1)} | tiles):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
-                   ("upstream_stride", "i64"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"), ("VEC", "constexpr"),
-                   ("HAS_EDGE", "constexpr"))  # fmt: skip
-            warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                   ("upstream_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"),
+                   ("VEC", "constexpr"), ("HAS_EDGE", "constexpr"), ("ROWS", "constexpr"))  # fmt: skip
+            warps = config.warps_for(block * rows, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
             for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
                 yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block), ("VEC", vec),
-                              ("HAS_EDGE", edge)), warps, aligned=("grad_ptr", "grad_row_stride", "n_cols"),
-                              maxnreg=config.max_registers(warps))
+                              ("HAS_EDGE", edge), ("ROWS", rows)), warps,
+                              aligned=("grad_ptr", "grad_row_stride", "n_cols"),
+                              maxnreg=config.max_registers(warps))  # fmt: skip
 
 
 # Fused linear cross-entropy: the plain training case and every option at once (class
@@ -396,15 +402,17 @@ def split_vectors(itemsize: int, widest: bool, worst: bool):
 
 
 def split_variants(quick: bool):
-    """The split-row kernels (few long rows), lean: each at every block width split_rows()
-    can give (warps, and so the register cap, grow with the width), the combine at its widest
-    (config.SPLIT_MAX_CHUNKS partials a step). Softmax in float32, bfloat16 and float64
-    (float16 compiles to bfloat16's code); cross-entropy in every dtype (float16 defers its
-    gradient) and every CE_FLAG_SETS entry (the plain ones at the plain variant's widths)."""
+    """The split-row kernels (few long rows), lean: the per-chunk kernels at every block width
+    split_rows() can give (warps, and so the register cap, grow with the width), the
+    one-program-a-row combines at their widest (config.SPLIT_MAX_CHUNKS partials a step).
+    Softmax in float32, bfloat16 and float64 (float16 compiles to bfloat16's code);
+    cross-entropy in every dtype and every CE_FLAG_SETS entry (the plain ones at the plain
+    variant's widths), its gradient (always deferred for split rows) at the backward's block."""
     from softmax_gpu import config
 
     chunks_block = config.SPLIT_MAX_CHUNKS
-    dims = (("n_cols", "i32"), ("chunk_cols", "i32"), ("n_chunks", "i32"))
+    dims = (("n_cols", "i32"), ("chunk_cols", "i32"))
+    n_chunks = (("n_chunks", "i32"),)
 
     def variant(module, kernel, dtype, sig, meta, warps, aligned):
         """A Variant; `aligned` names what is 16-byte aligned among the split kernels' arguments."""
@@ -418,20 +426,25 @@ def split_variants(quick: bool):
         acc = "*fp64" if dtype == "fp64" else "*fp32"
         fp64 = dtype == "fp64"
         module = "softmax_gpu.kernels.softmax"
+        if dtype in ("fp32", "fp64"):  # the combine sees only the accumulation dtype
+            for sum_only in (False, True):
+                sig = (("part_ptr", acc), ("row_ptr", acc)) + n_chunks
+                meta = (("SUM_ONLY", sum_only), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64))
+                yield variant(module, "split_combine_kernel", dtype, sig, meta, config.SPLIT_COMBINE_WARPS, ())
         if dtype != "fp16":
             blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_FWD, itemsize, quick)
             aligned = ("x_ptr", "y_ptr", "x_row_stride", "y_row_stride", "n_cols", "chunk_cols")
             for block in blocks:
                 warps = config.warps_for(block, itemsize)
                 for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
-                    sig = (("x_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64")) + dims
+                    sig = (("x_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64")) + dims + n_chunks
                     meta = (("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
                     yield variant(module, "softmax_split_stats_kernel", dtype, sig, meta, warps, aligned)
                     for log in (False, True) if edge else (False,):
-                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64"),
+                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("row_ptr", acc), ("x_row_stride", "i64"),
                                ("y_row_stride", "i64")) + dims  # fmt: skip
-                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
-                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec),
+                                ("HAS_EDGE", edge))  # fmt: skip
                         yield variant(module, "softmax_split_fwd_kernel", dtype, sig, meta, warps, aligned)
             blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_BWD, itemsize, quick)
             aligned = ("y_ptr", "dy_ptr", "dx_ptr", "y_row_stride", "dy_row_stride", "dx_row_stride", "n_cols",
@@ -441,16 +454,15 @@ def split_variants(quick: bool):
                 for vec, edge in split_vectors(bits // 8, block == blocks[-1], True):
                     for log in (False, True) if edge else (False,):
                         sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("part_ptr", acc), ("y_row_stride", "i64"),
-                               ("dy_row_stride", "i64")) + dims  # fmt: skip
+                               ("dy_row_stride", "i64")) + dims + n_chunks  # fmt: skip
                         meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
                         yield variant(module, "softmax_split_bwd_stats_kernel", dtype, sig, meta, warps, aligned)
-                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", acc),
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("row_ptr", acc),
                                ("y_row_stride", "i64"), ("dy_row_stride", "i64"), ("dx_row_stride", "i64")) + dims
-                        meta = (("LOG", log), ("BLOCK_N", block), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64),
-                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec),
+                                ("HAS_EDGE", edge))  # fmt: skip
                         yield variant(module, "softmax_split_bwd_kernel", dtype, sig, meta, warps, aligned)
         module = "softmax_gpu.kernels.cross_entropy"
-        deferred = dtype in ("fp16", "fp64")
         aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",
                    "grad_row_stride", "n_cols", "chunk_cols", "weight_ptr")  # fmt: skip
         for index, flags in enumerate(CE_FLAG_SETS):
@@ -467,32 +479,31 @@ def split_variants(quick: bool):
                 for vec, edge in split_vectors(bits // 8, block == blocks[-1], worst):
                     sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
                            ("total_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
-                           ("target_row_stride", "i64"), ("n_rows", "i32")) + dims + (
+                           ("target_row_stride", "i64"), ("n_rows", "i32")) + dims + n_chunks + (
                            ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("softcap", "fp32"),
                            ("label_smoothing_lo", "fp32"), ("softcap_lo", "fp32"))  # fmt: skip
                     meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
                         ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
                         ("PREPARE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
                     yield variant(module, "cross_entropy_split_stats_kernel", dtype, sig, meta, warps, aligned)
-                    sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc),
-                           ("loss_ptr", acc), ("lse_ptr", acc), ("grad_ptr", ptr), ("stats_ptr", acc),
-                           ("reduced_ptr", acc), ("counter_ptr", "*i32"), ("logits_row_stride", "i64"),
-                           ("target_row_stride", "i64"), ("grad_row_stride", "i64"), ("grad_divisor_ptr", acc),
-                           ("n_rows", "i32")) + dims + (
-                           ("ignore_index", "i64"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
-                           ("softcap", "fp32"), ("label_smoothing_lo", "fp32"), ("z_loss_lo", "fp32"),
-                           ("softcap_lo", "fp32"))  # fmt: skip
-                    meta = tuple(flags.items()) + (
-                        ("COMPUTE_GRAD", not deferred), ("DIVIDE_GRAD", not deferred and index % 2 == 0),
-                        ("SAVE_STATS", deferred), ("REDUCE", reduce), ("ACC_FP64", fp64), ("BLOCK_N", block),
-                        ("CHUNKS_BLOCK", chunks_block), ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec),
-                        ("HAS_EDGE", edge),
-                    )  # fmt: skip
-                    yield variant(module, "cross_entropy_split_kernel", dtype, sig, meta, warps, aligned)
-            if deferred:
-                block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
-                warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-                for vec, edge in split_vectors(bits // 8, True, worst):
+            if dtype in ("fp32", "fp64"):  # the combine sees the accumulation dtype (and the targets)
+                sig = (("target_ptr", target), ("weight_ptr", "*fp32"), ("part_ptr", acc), ("loss_ptr", acc),
+                       ("lse_ptr", acc), ("stats_ptr", acc), ("reduced_ptr", acc), ("counter_ptr", "*i32"),
+                       ("total_ptr", acc), ("target_row_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32")) + (
+                       n_chunks + (("ignore_index", "i64"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
+                       ("label_smoothing_lo", "fp32"), ("z_loss_lo", "fp32")))  # fmt: skip
+                for save_stats in (True, False):
+                    meta = tuple((k, v) for k, v in flags.items() if k != "HAS_SOFTCAP") + (
+                        ("SAVE_STATS", save_stats), ("REDUCE", reduce), ("ACC_FP64", fp64),
+                        ("CHUNKS_BLOCK", chunks_block),
+                        ("REDUCE_BLOCK", config.reduce_block(config.SPLIT_COMBINE_WARPS)))  # fmt: skip
+                    yield variant(module, "cross_entropy_split_combine_kernel", dtype, sig, meta,
+                                  config.SPLIT_COMBINE_WARPS, ())  # fmt: skip
+            block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
+            warps = config.warps_for(block, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+            for vec, edge in split_vectors(bits // 8, True, worst):
+                # with the upstream gradient (the backward) and without (a forward given grad)
+                for upstream in (True, False) if index == 0 and edge else (True,):
                     sig = (
                         ("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("stats_ptr", acc),
                         ("upstream_ptr", acc), ("grad_divisor_ptr", acc), ("grad_ptr", ptr),
@@ -503,7 +514,7 @@ def split_variants(quick: bool):
                     )  # fmt: skip
                     meta = tuple((k, v) for k, v in flags.items() if k != "HAS_Z_LOSS") + (
                         ("DIVIDE_GRAD", index % 2 == 0), ("ACC_FP64", fp64), ("BLOCK_N", block), ("VEC", vec),
-                        ("HAS_EDGE", edge))  # fmt: skip
+                        ("HAS_EDGE", edge), ("HAS_UPSTREAM", upstream))  # fmt: skip
                     yield variant(module, "cross_entropy_split_backward_kernel", dtype, sig, meta, warps, aligned)
 
 

@@ -5,6 +5,7 @@ imported; bench/__main__ does it) at small shapes, once with rows that fit one b
 once on the looped path, while TrafficCounter tallies every load and store. The ratio to
 bench.traffic_model.min_bytes is the figure that decides speed for memory-bound kernels.
 """
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from bench.traffic_model import min_bytes
 
 ROWS, COLS = 4, 1000  # small: the interpreter costs about a millisecond per block step
 LOOPED_BLOCK = 256  # forces the multi-block path at this size
+SPLIT_CHUNK = 256  # and the split-row path (few long rows), 4 chunks a row
 
 
 @dataclasses.dataclass
@@ -64,8 +66,9 @@ def measure_traffic(ops, dtypes):
     for op in ops:
         for dtype in dtypes:
             x = torch.randn(ROWS, COLS).to(dtype)
-            for path, limit in (("one block", None), ("looped", LOOPED_BLOCK)):
-                with config.block_limit(limit or 2**20), TrafficCounter() as counter:
+            for path, limit in (("one block", None), ("looped", LOOPED_BLOCK), ("split", LOOPED_BLOCK)):
+                split = config.force_split(SPLIT_CHUNK) if path == "split" else contextlib.nullcontext()
+                with config.block_limit(limit or 2**20), split, TrafficCounter() as counter:
                     _run_op(op, x)
                 minimum = min_bytes(op, ROWS, COLS, x.element_size())
                 rows.append(TrafficRow(op, str(dtype).replace("torch.", ""), path, counter.bytes_moved, minimum))
@@ -74,7 +77,8 @@ def measure_traffic(ops, dtypes):
 
 def format_traffic(rows) -> str:
     lines = [
-        f"Bytes moved, counted exactly in Triton's interpreter ({ROWS} x {COLS}; looped path at block {LOOPED_BLOCK}):",
+        f"Bytes moved, counted exactly in Triton's interpreter ({ROWS} x {COLS}; looped path at block {LOOPED_BLOCK}, "
+        f"split rows in chunks of {SPLIT_CHUNK}):",
         f"{'op':<17}{'dtype':<10}{'path':<11}{'bytes/elem':>11}{'minimum':>9}{'ratio':>7}",
     ]
     for r in rows:

@@ -53,7 +53,10 @@ def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.con
     """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off. EVICT:
     the eviction hint (kernels/softmax.py, FIRST_PASS / LAST_PASS; "" for none)."""
     x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy=EVICT), ACC_FP64)
-    return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
+    if HAS_SOFTCAP:  # the cap maps the masked lanes' -inf to -softcap: put -inf back
+        return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
+    else:
+        return x
 
 
 @triton.jit
@@ -609,32 +612,55 @@ def scale_grad_kernel(
     upstream_ptr,
     grad_row_stride,
     upstream_stride,
+    n_rows,
     n_cols,
     BLOCK_N: tl.constexpr,
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
+    ROWS: tl.constexpr = 1,
 ):
-    """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar).
+    """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar),
+    for rows r = program_id(0) * ROWS + i.
 
     The common training case, a scalar loss whose upstream gradient is exactly 1, returns
     after reading one float per row: no pass over the gradient and no host sync.
     Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
     VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
+    ROWS > 1: short rows (one block each) as a [ROWS, BLOCK_N] tile, as in cross_entropy_kernel;
+    a row whose factor is 1 is masked out, so it is still neither read nor written.
     """
-    row = tl.program_id(0).to(tl.int64)
-    g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
-    if g_up != 1.0:
-        body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC, HAS_EDGE)
+    if ROWS > 1:
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        g_up = tl.load(upstream_ptr + rows * upstream_stride, mask=row_ok, other=1.0).to(tl.float32)
+        live = row_ok & (g_up != 1.0)
+        body, shift, n_body = row_layout(rows, grad_row_stride, n_cols, VEC, HAS_EDGE)
         cols = tl.arange(0, BLOCK_N)
-        for start in range(0, n_body, BLOCK_N):
-            mask = cols < n_body - start
-            g = tl.load(grad_ptr + body + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(grad_ptr + body + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+        mask = live[:, None] & (cols[None, :] < n_body[:, None])
+        ptrs = grad_ptr + body[:, None] + cols[None, :]
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g * g_up[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
         if HAS_EDGE:
-            e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
-            grad_row = grad_ptr + row * grad_row_stride
-            g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
-            tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)
+            e_cls, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
+            e_mask = live[:, None] & e_mask
+            e_ptrs = grad_ptr + (rows * grad_row_stride)[:, None] + e_cls
+            g = tl.load(e_ptrs, mask=e_mask, other=0.0).to(tl.float32)
+            tl.store(e_ptrs, (g * g_up[:, None]).to(grad_ptr.dtype.element_ty), mask=e_mask)
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
+        if g_up != 1.0:
+            body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC, HAS_EDGE)
+            cols = tl.arange(0, BLOCK_N)
+            for start in range(0, n_body, BLOCK_N):
+                mask = cols < n_body - start
+                g = tl.load(grad_ptr + body + start + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(grad_ptr + body + start + cols, (g * g_up).to(grad_ptr.dtype.element_ty), mask=mask)
+            if HAS_EDGE:
+                e_cls, e_mask = edge_cols(shift, n_body, n_cols, VEC)
+                grad_row = grad_ptr + row * grad_row_stride
+                g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
+                tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -650,9 +676,11 @@ def scale_grad_kernel(
 #   2, 3 (probability targets or smoothing): the chunk's sum_j w_j z_j and sum_j w_j (as
 #        block_terms gives them: with p'_j folded in for probability targets)
 # and last, z_t, loaded by chunk 0's program (class indices only).
-# cross_entropy_split_kernel combines them, in the same fixed order in every program of the
-# row, into the row's lse and loss, and writes the chunk's gradient from them. It reads no
-# logits but its own chunk's, so the gradient may overwrite them (inplace_backward).
+# cross_entropy_split_combine_kernel, one program a row, merges them in chunk order (the
+# same bits every run) into the row's lse, loss and the four statistics of the deferred
+# gradient, which cross_entropy_split_backward_kernel then writes chunk by chunk, reading
+# no logits but its own chunk's (so the gradient may overwrite them: inplace_backward).
+# Each partial is written once and read once.
 
 
 @triton.jit
@@ -763,71 +791,53 @@ def cross_entropy_split_stats_kernel(
 
 
 @triton.jit
-def cross_entropy_split_kernel(
-    logits_ptr,
+def cross_entropy_split_combine_kernel(
     target_ptr,
     weight_ptr,
     part_ptr,
     loss_ptr,
     lse_ptr,
-    grad_ptr,
     stats_ptr,
     reduced_ptr,
     counter_ptr,
-    logits_row_stride,
+    total_ptr,
     target_row_stride,
-    grad_row_stride,
-    grad_divisor_ptr,
     n_rows,
     n_cols,
-    chunk_cols,
     n_chunks,
     ignore_index,
     label_smoothing,
     z_loss,
-    softcap,
     label_smoothing_lo,
     z_loss_lo,
-    softcap_lo,
     SOFT_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    DIVIDE_GRAD: tl.constexpr,
     SAVE_STATS: tl.constexpr,
     REDUCE: tl.constexpr,
     ACC_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     CHUNKS_BLOCK: tl.constexpr,
     REDUCE_BLOCK: tl.constexpr,
-    VEC: tl.constexpr = 1,
-    HAS_EDGE: tl.constexpr = False,
 ):
-    """cross_entropy_kernel's outputs for a split row: every program (r, c) combines row r's
-    partials (cross_entropy_split_stats_kernel) into its lse and loss; program (r, 0) writes
-    the loss, lse and (SAVE_STATS) the four row statistics and joins the reduction (REDUCE:
-    the chunk-0 programs, one a row, count themselves, and the last of the n_rows sums the
-    losses in row order); with COMPUTE_GRAD each program writes d loss / d logits on its chunk
-    (chunk 0 also on the edge). The target's logit z_t comes from the partials too. Arguments
-    as in cross_entropy_kernel; part_ptr, the chunking and VEC / HAS_EDGE as in
-    cross_entropy_split_stats_kernel (the gradient's row stride agrees modulo VEC too).
-    grad_ptr may be logits_ptr: a program reads no logits but its own chunk's, each block
-    before overwriting it.
-    Bytes: the row's N_PART * n_chunks partials and O(1) a program; with COMPUTE_GRAD one
-    read and one write of the chunk."""
+    """cross_entropy_kernel's row outputs for split row r = program_id(0): its partials
+    (cross_entropy_split_stats_kernel) merged CHUNKS_BLOCK at a time in chunk order into the
+    row's lse and loss, stored with (SAVE_STATS) the four statistics
+    cross_entropy_split_backward_kernel needs. REDUCE: every program (one a row) counts
+    itself done on counter_ptr, and the last of the n_rows sums the losses in row order
+    (over *total_ptr for the mean). The target's logit z_t comes from the partials too.
+    Arguments as in cross_entropy_kernel; part_ptr as in cross_entropy_split_stats_kernel.
+    Bytes: the row's N_PART * n_chunks + 1 partials read once, O(1) besides."""
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1)
     LINEAR: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
     N_PART: tl.constexpr = 4 if LINEAR else 2
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
-    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
 
     # 1. The target, and its logit from the partials (written only when t is a class).
-    t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row < n_rows, target_row_stride, n_cols,
+    row_ok = row < n_rows
+    t, valid, bad, w_t = row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols,
                                     ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
     part_row = part_ptr + row * (N_PART * n_chunks + 1)
     z_t = to_acc(tl.zeros([], tl.float32), ACC_FP64)  # (unused with probability targets)
@@ -850,29 +860,15 @@ def cross_entropy_split_kernel(
             w_lane += to_acc(tl.load(part_row + 3 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
     m, other = reduce_lanes(m_lane, o_lane)
 
-    # 3. The loss, lse and statistics (row_outputs adds the target's term back into d),
-    #    stored by the row's chunk-0 program only.
+    # 3. The loss, lse and statistics (row_outputs adds the target's term back into d).
     KEEP_OTHER: tl.constexpr = not SOFT_TARGET  # the partials always leave the target's class out
-    first = (row < n_rows) & (chunk == 0)
-    inv_d, other_over_d, coef = row_outputs(
-        loss_ptr, lse_ptr, stats_ptr, row, first, m, other, other, z_t, t, w_t, valid, bad, tl.sum(w_lane, axis=0),
+    row_outputs(
+        loss_ptr, lse_ptr, stats_ptr, row, row_ok, m, other, other, z_t, t, w_t, valid, bad, tl.sum(w_lane, axis=0),
         tl.sum(wz_lane, axis=0), n_cols, label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING,
         HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
     if REDUCE != 0:
-        if chunk == 0:
-            # One program a row joins (rows are the grid's axis 0), so n_rows programs count.
-            reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, n_rows, REDUCE == 2, ACC_FP64,
-                        REDUCE_BLOCK)
-
-    # 4. The chunk's gradient: a second read of the chunk (and of the edge in chunk 0).
-    if COMPUTE_GRAD:
-        scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
-        if DIVIDE_GRAD:
-            scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-        split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride,
-                   grad_row_stride, row, chunk, n_cols, chunk_cols, m, inv_d, other_over_d, coef, scale, t, w_t,
-                   valid, bad, label_smoothing, inv_classes, softcap,
-                   SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, BLOCK_N, VEC, HAS_EDGE)
+        reduce_rows(loss_ptr, reduced_ptr, counter_ptr, total_ptr, n_rows, tl.num_programs(0), REDUCE == 2,
+                    ACC_FP64, REDUCE_BLOCK)
 
 
 @triton.jit
@@ -935,10 +931,13 @@ def cross_entropy_split_backward_kernel(
     BLOCK_N: tl.constexpr,
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
+    HAS_UPSTREAM: tl.constexpr = True,
 ):
     """cross_entropy_backward_kernel on chunk c = program_id(1) of row r = program_id(0) (and
-    on the edge in chunk 0): the deferred gradient (float16, float64) of a split row, from the
-    same four row statistics. One read of the chunk, one write."""
+    on the edge in chunk 0): the gradient of a split row (always deferred), from the four row
+    statistics of cross_entropy_split_combine_kernel. Without HAS_UPSTREAM the upstream
+    gradient is 1 and upstream_ptr is not read (a forward that writes the gradient).
+    One read of the chunk, one write."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
@@ -952,7 +951,9 @@ def cross_entropy_split_backward_kernel(
     inv_d = to_acc(tl.load(stats_row + 1), ACC_FP64)
     other_over_d = to_acc(tl.load(stats_row + 2), ACC_FP64)
     coef = to_acc(tl.load(stats_row + 3), ACC_FP64)
-    scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
+    scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+    if HAS_UPSTREAM:
+        scale = to_acc(tl.load(upstream_ptr + row * upstream_stride), ACC_FP64)
     if DIVIDE_GRAD:
         scale = scale / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
     split_grad(logits_ptr, target_ptr, weight_ptr, grad_ptr, logits_row_stride, target_row_stride, grad_row_stride,

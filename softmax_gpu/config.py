@@ -27,8 +27,10 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # The plain variant (class indices, no class weights, no smoothing; z-loss and softcap
 # allowed) keeps no per-lane sums of weights or logits, so one block holds 16384 classes
 # (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
-# thread under 32 warps' 64-register cap) the gradient-writing variants spill 8-32 bytes
-# (144 with z-loss and softcap) on sm_80/sm_90, so 32000-class rows still loop, 8192 wide.
+# thread under 32 warps' 64-register cap) the gradient-writing variants still spill on sm_90
+# (checked 2026-11-27 with triton 3.9: float32 8-16 bytes; bfloat16 8-24 bytes in 10 of its
+# 20 reduction / z-loss / alignment variants; sm_80 none), so 32000-class rows still loop,
+# 8192 wide.
 # With a soft cap, whose gradient keeps the capped logits, 16384 took 64 registers and spilled
 # 8-24 bytes on sm_90: the soft-capped plain variant single-blocks to MAX_BLOCK_CROSS_ENTROPY.
 # float64 keeps the general limits (its plain looped block spilled 8 bytes on sm_90).
@@ -299,13 +301,16 @@ def tile_limit(block_m: int, block_v: int, block_k: int):
 # A handful of long rows on the looped path leaves most SMs idle while each busy program
 # steps through its row block after dependent block. Such rows are cut into chunks: one
 # launch writes each chunk's partial statistics ((max, sum), or the backward's partial
-# sum), a second combines a row's partials in a fixed order in every program of the row and
-# writes the chunk (2 reads + 1 write of the row, as looped, plus the partials).
+# sum), one program a row merges them in a fixed order (softmax: a launch of its own;
+# cross-entropy: its combine kernel, which also writes the loss), and a last launch writes
+# every chunk from the row's statistics: 2 reads + 1 write of the row, as looped, plus
+# O(rows x chunks) values.
 DEFAULT_SM_COUNT = 132  # an H100 SXM: assumed where no GPU is visible (meta tensors, the interpreter)
 SPLIT_MIN_CHUNK = 1024  # elements: narrower chunks would cost more in partials than they save in steps
-# At most this many chunks a row: every program of the row reads all of its partials (from L2:
-# 2 KiB a program at 128 chunks of two float64 values), so their number is kept small.
+# At most this many chunks a row: the combine holds them CHUNKS_BLOCK (<= this) at a time, in
+# one program of SPLIT_COMBINE_WARPS warps (4 values a thread at 128).
 SPLIT_MAX_CHUNKS = 128
+SPLIT_COMBINE_WARPS = 1
 
 _split_chunk = None  # set only by force_split() (chunk columns) and no_split() (0), for tests
 

@@ -110,6 +110,9 @@ def test_cpu_report_without_gpu():
     assert lines[("softmax_fwd", "float32", "one")][-1] == "1.000"  # 1 read + 1 write
     assert lines[("softmax_bwd", "bfloat16", "one")][-1] == "1.000"  # 2 reads + 1 write
     assert float(lines[("ce_fwd_bwd", "float32", "one")][-1]) < 1.01  # logits once each way + O(N)
+    # split rows: the looped path's traffic plus O(rows x chunks) partials and statistics
+    assert 1.5 < float(lines[("softmax_fwd", "float32", "split")][-1]) < 1.52
+    assert 1.5 < float(lines[("ce_fwd_bwd", "bfloat16", "split")][-1]) < 1.57
     assert "0 spill registers to local memory" in out.stdout
 
 

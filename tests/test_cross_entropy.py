@@ -971,6 +971,32 @@ def test_cuda_reduction_over_many_programs_is_exact_and_deterministic(dtype, red
     assert all(torch.equal(r, first) for r in results)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_short_rows(dtype, device):
+    """The backward's rescale on short rows (37 x 101: 16 a program, odd width, so head, body
+    and tail): each row times its factor in float32, rounded once; rows whose factor is
+    exactly 1 are neither read nor written (bytes counted in the interpreter), and a 0-d
+    factor scales every row."""
+    from softmax_gpu.ops.cross_entropy import launch_scale_grad
+
+    n, c = 37, 101
+    grad = torch.randn(n, c, device=device).to(dtype)
+    upstream = torch.rand(n, device=device) + 0.5
+    upstream[[0, 5, 36]] = 1.0
+    g = grad.clone()
+    counter = TrafficCounter(buffers=[g, upstream]) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with counter:
+        cfg = launch_scale_grad(g, upstream)
+    assert cfg.single_block and cfg.rows == 16
+    torch.testing.assert_close(g, (grad.float() * upstream[:, None]).to(dtype), rtol=0, atol=0)
+    if not torch.cuda.is_available():
+        live = (n - 3) * c * grad.element_size()
+        assert (counter.bytes_loaded, counter.bytes_stored) == (n * 4 + live, live)
+    g = grad.clone()
+    launch_scale_grad(g, torch.tensor(3.0, device=device))
+    torch.testing.assert_close(g, (grad.float() * 3.0).to(dtype), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # Split rows (few long rows: a (rows, chunks) grid, config.split_rows)
 # ---------------------------------------------------------------------------------------
@@ -982,7 +1008,7 @@ def test_split_rows_every_option(dtype, reduction, device):
     """Forced split (chunks of 32 columns in 16-wide blocks, the last one partial) against
     float64 torch: class indices (one ignored, one a valid class that is ignore_index) with
     and without weights, smoothing, z-loss and softcap, and probability targets; forward and
-    the gradient (stored for bfloat16/float32, deferred for float16/float64)."""
+    the gradient (always deferred to the backward for split rows)."""
     n, c = 4, 150
     logits = (3 * torch.randn(n, c, device=device)).to(dtype)
     weight = torch.rand(c, device=device) + 0.1
@@ -1036,16 +1062,18 @@ def test_split_rows_z_loss_softcap_nan_and_determinism(device):
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_split_rows(dtype):
-    """Split forward + backward (mean): the looped path's 2 reads + 1 write of the logits and
-    its stores, plus the partials (2 values a chunk and z_t written, all of its row's read by
-    each chunk's program) and O(N * chunks) scalar loads."""
+    """Split forward + backward (mean): the looped path's 2 reads + 1 write of the logits (one
+    read in the forward, one read and the write in the backward, whose gradient is always
+    deferred for split rows), plus O(N * chunks) values: the partials (2 a chunk and z_t)
+    written once and read once, by the row's combine program, and a few scalars a program."""
     n, c = 3, 200
     logits = torch.randn(n, c).to(dtype).requires_grad_()
     target = torch.randint(0, c, (n,))
     with config.block_limit(32), config.force_split(32):
         split = softmax_gpu.ops.cross_entropy.cross_entropy_split(n, c, logits.element_size())
+        backward_split = softmax_gpu.ops.cross_entropy.cross_entropy_split(n, c, logits.element_size(), streaming=True)
     chunks = split.chunks
-    assert chunks == 7
+    assert chunks == backward_split.chunks == 7
     logits_bytes = n * c * logits.element_size()
     with TrafficCounter() as looped, config.block_limit(32), config.no_split():
         softmax_gpu.cross_entropy(logits, target).backward()
@@ -1054,19 +1082,22 @@ def test_traffic_split_rows(dtype):
     assert c % (16 // logits.element_size()) == 0  # whole vectors: no edge, read twice like the body
     assert looped.bytes_loaded == 2 * logits_bytes + MEAN_LOADS(n, logits.element_size(), programs=n)
     partials = n * chunks * 2 * 4  # (max, sum without the target) a chunk, float32
-    # O(N): the targets once (the mean's total, in program (0, 0)), the upstream, the row
-    # losses and the divisor once (the last program's mean), the target's logit (by chunk 0's
-    # program of the stats kernel); per program (n * chunks of them) the target in each
-    # kernel (8 B twice), z_t from the partials and the divisor (the gradient's scale) (4 B
-    # each); and each program's read of its row's partials.
-    per_row = n * (8 + 4 + 4 + logits.element_size()) + 4
-    per_program = n * chunks * (8 + 8 + 4 + 4)
-    assert t.bytes_loaded == 2 * logits_bytes + per_row + per_program + chunks * partials
-    assert t.bytes_stored == looped.bytes_stored + partials + n * 4  # and z_t, one a row
+    # Stats launch: the target in each program (8 B), the target's logit in chunk 0's, the
+    # targets once more for the mean's total (program (0, 0)). Combine, a program a row: the
+    # target, z_t (4 B), the row's partials once; the last program the n row losses and the
+    # divisor. Backward, a program a chunk: the target, the 4 row statistics, the upstream
+    # gradient and the divisor (4 B each).
+    stats_launch = n * chunks * 8 + n * logits.element_size() + n * 8
+    combine = n * (8 + 4) + partials + n * 4 + 4
+    backward = n * chunks * (8 + 4 * 4 + 4 + 4)
+    assert t.bytes_loaded == 2 * logits_bytes + stats_launch + combine + backward
+    # Beside the looped path's stores: the partials and z_t, and the 4 statistics a row.
+    assert t.bytes_stored == looped.bytes_stored + partials + n * 4 + n * 4 * 4
 
 
 def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
-    """Every reduction: the split stats kernel and the combine, no prepare launch."""
+    """Every reduction: the split stats kernel (a program a chunk) and the combine (a program
+    a row), no prepare launch."""
     import softmax_gpu.ops.cross_entropy as ce
 
     launches = []
@@ -1080,7 +1111,7 @@ def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
             return self.kernel[grid]
 
     for name in ("cross_entropy_kernel", "cross_entropy_prepare_kernel", "cross_entropy_split_stats_kernel",
-                 "cross_entropy_split_kernel"):
+                 "cross_entropy_split_combine_kernel"):
         monkeypatch.setattr(ce, name, Counted(name, getattr(ce, name)))
     monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: True)
     logits, target = torch.randn(2, 70, device=device), torch.randint(0, 70, (2,), device=device)
@@ -1088,9 +1119,34 @@ def test_split_rows_forward_launches_two_kernels(device, monkeypatch):
         launches.clear()
         with torch.no_grad(), config.force_split(32):
             loss = softmax_gpu.cross_entropy(logits, target, reduction=reduction)
-        assert launches == [("cross_entropy_split_stats_kernel", (2, 3)), ("cross_entropy_split_kernel", (2, 3))]
+        assert launches == [("cross_entropy_split_stats_kernel", (2, 3)), ("cross_entropy_split_combine_kernel", (2,))]
         expected = F.cross_entropy(logits.double().cpu(), target.cpu(), reduction=reduction)
         torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_forward_given_grad(dtype, device):
+    """The forward op asked for the gradient (as autograd asks for one-program rows of these
+    dtypes) on split rows: after the stats and combine launches, the split backward kernel
+    writes it with an upstream gradient of 1, over the mean's divisor. Against float64 torch
+    and the one-program path."""
+    n, c = 3, 90
+    logits = (2 * torch.randn(n, c, device=device)).to(dtype)
+    target = torch.tensor([4, 80, -100], device=device)
+    outputs = {}
+    for path in ("split", "one program"):
+        with config.block_limit(16), (config.force_split(32) if path == "split" else config.no_split()):
+            outputs[path] = torch.ops.softmax_gpu.cross_entropy_forward(
+                logits, target, None, -100, 0.1, 0.0, None, "mean", True, False)
+    loss, _lse, grad, _stats, total = outputs["split"]
+    ref = logits.double().cpu().requires_grad_()
+    ref_loss = F.cross_entropy(ref, target.cpu(), label_smoothing=0.1)
+    ref_loss.backward()
+    tol = (RTOL, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2)
+    assert_matches(loss, ref_loss.detach().numpy(), RTOL, 1e-6, what="split forward's loss")
+    assert_matches(grad, ref.grad.numpy(), *tol, what="split forward's gradient")
+    assert total.item() == 2
+    torch.testing.assert_close(grad, outputs["one program"][2], rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
 def test_split_rows_opcheck(device):

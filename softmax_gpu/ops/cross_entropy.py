@@ -37,7 +37,7 @@ from ..kernels.cross_entropy import (
     cross_entropy_kernel,
     cross_entropy_prepare_kernel,
     cross_entropy_split_backward_kernel,
-    cross_entropy_split_kernel,
+    cross_entropy_split_combine_kernel,
     cross_entropy_split_stats_kernel,
     scale_grad_kernel,
 )
@@ -227,16 +227,19 @@ def launch_cross_entropy_split(
     reduction: str = "none",
 ) -> config.SplitConfig:
     """launch_cross_entropy's outputs for rows cut into split.chunks chunks (few long rows):
-    partials per chunk, then every chunk's program combines its row's and writes its chunk
-    of the gradient. For "sum" / "mean" the first launch also does the prepare kernel's work
-    (zeroes `counter`; for the mean writes the divisor into the 0-d `total`), so the forward
-    is two launches for every reduction. Chunks cut the rows' aligned bodies and chunk 0 takes
-    the head/tail edge (config.vectors); returns split with its vec / edge filled in.
-    Bytes: the logits read once (twice with grad) and the gradient written once, plus the
-    partials: n_rows * chunks * N_PART values written and n_rows * chunks^2 * N_PART read
-    (every program reads its row's, from L2), N_PART = 4 with probability targets or
-    smoothing, else 2; and the target's logit, read twice and written once a row and read
-    once a program. grad may be logits itself."""
+    partials per chunk (cross_entropy_split_stats_kernel), then one program a row merges them
+    into the row's loss, lse and statistics (cross_entropy_split_combine_kernel). For "sum" /
+    "mean" the first launch also does the prepare kernel's work (zeroes `counter`; for the
+    mean writes the divisor into the 0-d `total`), so the loss is two launches for every
+    reduction. A split row's gradient is always formed from the statistics, by
+    launch_cross_entropy_split_backward: the autograd function defers it to the backward; given
+    grad here (an upstream gradient of 1), a third launch writes it. Chunks cut the rows'
+    aligned bodies and chunk 0 takes the head/tail edge (config.vectors); returns split with
+    its vec / edge filled in.
+    Bytes: one read of the logits (and a second one plus one write of grad, when given),
+    plus the partials: n_rows * (chunks * N_PART + 1) values written and read once
+    (N_PART = 4 with probability targets or smoothing, else 2; the one: the target's logit,
+    read once more by chunk 0's program) and O(n_rows * chunks) scalars. grad may be logits."""
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_split_stats_kernel, logits)
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
@@ -246,41 +249,36 @@ def launch_cross_entropy_split(
     split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
     n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
     part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
+    if grad is not None and stats is None:
+        stats = torch.empty((n_rows, 4), dtype=acc, device=logits.device)
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
-    grid = (n_rows, split.chunks)
-    common = dict(
-        logits_ptr=logits, target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
+    options = dict(
+        target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
         part_ptr=part, counter_ptr=counter if counter is not None else target,  # used only with REDUCE
-        logits_row_stride=logits.stride(0), target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols,
-        chunk_cols=split.chunk_cols, n_chunks=split.chunks, ignore_index=ignore_index, label_smoothing=eps,
-        softcap=cap, label_smoothing_lo=eps_lo, softcap_lo=cap_lo, SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0, HAS_SOFTCAP=softcap is not None, REDUCE=REDUCE_CODES[reduction],
-        ACC_FP64=acc == torch.float64, BLOCK_N=split.block_n, VEC=split.vec, HAS_EDGE=split.edge,
-        num_warps=split.num_warps, maxnreg=split.maxnreg,
+        target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols, n_chunks=split.chunks,
+        ignore_index=ignore_index, label_smoothing=eps, label_smoothing_lo=eps_lo, SOFT_TARGET=soft,
+        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, REDUCE=REDUCE_CODES[reduction],
+        ACC_FP64=acc == torch.float64,
     )  # fmt: skip
     with device_guard(logits):
-        cross_entropy_split_stats_kernel[grid](
-            total_ptr=total if total is not None else part,  # written only for the mean
-            PREPARE_BLOCK=config.reduce_block(split.num_warps), **common,
+        cross_entropy_split_stats_kernel[(n_rows, split.chunks)](
+            logits_ptr=logits, total_ptr=total if total is not None else part,  # written only for the mean
+            logits_row_stride=logits.stride(0), chunk_cols=split.chunk_cols, softcap=cap, softcap_lo=cap_lo,
+            HAS_SOFTCAP=softcap is not None, BLOCK_N=split.block_n, PREPARE_BLOCK=config.reduce_block(split.num_warps),
+            VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg, **options,
         )  # fmt: skip
-        cross_entropy_split_kernel[grid](
-            loss_ptr=loss,
-            lse_ptr=lse,
-            grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
-            stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
+        cross_entropy_split_combine_kernel[(n_rows,)](
+            loss_ptr=loss, lse_ptr=lse, stats_ptr=stats if stats is not None else loss,  # written only with SAVE_STATS
             reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
-            grad_row_stride=grad.stride(0) if grad is not None else 0,
-            grad_divisor_ptr=total if total is not None else loss,  # read only for the mean
-            z_loss=lam,
-            z_loss_lo=lam_lo,
-            HAS_Z_LOSS=z_loss != 0,
-            COMPUTE_GRAD=grad is not None,
-            DIVIDE_GRAD=grad is not None and total is not None,
-            SAVE_STATS=stats is not None,
-            CHUNKS_BLOCK=split.chunks_block,
-            REDUCE_BLOCK=config.reduce_block(split.num_warps),
-            **common,
-        )
+            total_ptr=total if total is not None else loss,  # read only for the mean
+            z_loss=lam, z_loss_lo=lam_lo, HAS_Z_LOSS=z_loss != 0, SAVE_STATS=stats is not None,
+            CHUNKS_BLOCK=split.chunks_block, REDUCE_BLOCK=config.reduce_block(config.SPLIT_COMBINE_WARPS),
+            num_warps=config.SPLIT_COMBINE_WARPS, **options,
+        )  # fmt: skip
+    if grad is not None:  # in the backward kernel's own chunks (its blocks compile for the streaming widths)
+        chunks = cross_entropy_split(n_rows, n_cols, logits.element_size(), streaming=True, device=logits.device)
+        launch_cross_entropy_split_backward(logits, target, weight, stats, None, total, grad, ignore_index,
+                                            label_smoothing, softcap, chunks or split)  # fmt: skip
     return split
 
 
@@ -374,7 +372,7 @@ def launch_cross_entropy_split_backward(
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
     stats: torch.Tensor,
-    upstream: torch.Tensor,
+    upstream: Optional[torch.Tensor],
     grad_divisor: Optional[torch.Tensor],
     grad: torch.Tensor,
     ignore_index: int,
@@ -383,8 +381,9 @@ def launch_cross_entropy_split_backward(
     split: config.SplitConfig,
 ) -> config.SplitConfig:
     """launch_cross_entropy_backward for rows cut into split.chunks chunks, one program a
-    chunk (the same four row statistics), rows cut as in launch_cross_entropy_split; returns
-    split with its vec / edge filled in. Bytes: N*C reads + N*C writes + O(N * chunks)."""
+    chunk (the same four row statistics), rows cut as in launch_cross_entropy_split; upstream
+    None stands for 1. Returns split with its vec / edge filled in.
+    Bytes: N*C reads + N*C writes + O(N * chunks)."""
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_split_backward_kernel, logits)
     n_rows, n_cols = logits.shape
     split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
@@ -395,13 +394,13 @@ def launch_cross_entropy_split_backward(
             target_ptr=target,
             weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
             stats_ptr=stats,
-            upstream_ptr=upstream,
+            upstream_ptr=upstream if upstream is not None else stats,  # read only with HAS_UPSTREAM
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
             grad_ptr=grad,
             logits_row_stride=logits.stride(0),
             target_row_stride=target.stride(0),
             grad_row_stride=grad.stride(0),
-            upstream_stride=upstream.stride(0) if upstream.dim() else 0,
+            upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
             n_cols=n_cols,
             chunk_cols=split.chunk_cols,
             ignore_index=ignore_index,
@@ -418,6 +417,7 @@ def launch_cross_entropy_split_backward(
             BLOCK_N=split.block_n,
             VEC=split.vec,
             HAS_EDGE=split.edge,
+            HAS_UPSTREAM=upstream is not None,
             num_warps=split.num_warps,
             maxnreg=split.maxnreg,
         )
@@ -426,20 +426,25 @@ def launch_cross_entropy_split_backward(
 
 def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[config.RowConfig] = None):
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
-    exactly 1 are left untouched without being read."""
+    exactly 1 are left untouched without being read. Short rows go several to a program
+    (config.short_rows), as in the forward."""
     n_rows, n_cols = grad.shape
-    cfg = config.vectors(cfg or cross_entropy_config(n_cols), n_rows, n_cols, _row_tensors(grad))
+    cfg = cfg or config.short_rows(cross_entropy_config(n_cols), n_rows, grad.element_size(),
+                                   config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
+    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(grad))
     check_launchable("softmax_gpu.cross_entropy backward", scale_grad_kernel, grad)
     with device_guard(grad):
-        scale_grad_kernel[(n_rows,)](
+        scale_grad_kernel[(-(-n_rows // cfg.rows),)](
             grad_ptr=grad,
             upstream_ptr=upstream,
             grad_row_stride=grad.stride(0),
             upstream_stride=upstream.stride(0) if upstream.dim() else 0,
+            n_rows=n_rows,
             n_cols=n_cols,
             BLOCK_N=cfg.block_n,
             VEC=cfg.vec,
             HAS_EDGE=cfg.edge,
+            ROWS=cfg.rows,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
         )
@@ -495,15 +500,15 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, soft
     """Shared body of the two forward ops: (loss, lse, total) with the loss per row, or
     reduced to a 0-d tensor, and total the mean's divisor (else None); fills grad / stats if
     given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none";
-    split rows (few long ones, cross_entropy_split) two for every reduction."""
+    split rows (few long ones, cross_entropy_split) two for every reduction, and a third when
+    given grad (the autograd function defers their gradient to the backward instead)."""
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
     acc = dict(dtype=_acc_dtype(logits), device=logits.device)
     loss = torch.empty(n_rows, **acc)
     lse = torch.empty(n_rows, **acc)
     reduced = total = counter = None
-    split = cross_entropy_split(n_rows, n_classes, logits.element_size(), plain=is_plain(target, weight, label_smoothing),
-                                softcap=softcap is not None, device=logits.device) if n_rows else None  # fmt: skip
+    split = _forward_split(logits, target, weight, label_smoothing, softcap)
     if reduction != "none":
         reduced = torch.empty((), **acc)
         counter = torch.empty((), dtype=torch.int32, device=logits.device)
@@ -525,6 +530,15 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, soft
             stats=stats, reduced=reduced, counter=counter, reduction=reduction,
         )  # fmt: skip
     return (loss if reduced is None else reduced), lse, total
+
+
+def _forward_split(logits, target, weight, label_smoothing, softcap) -> Optional[config.SplitConfig]:
+    """How the forward splits these (N, C) logits' rows (cross_entropy_split), or None."""
+    n_rows, n_classes = logits.shape
+    if not n_rows:
+        return None
+    return cross_entropy_split(n_rows, n_classes, logits.element_size(), plain=is_plain(target, weight, label_smoothing),
+                               softcap=softcap is not None, device=logits.device)  # fmt: skip
 
 
 def _fake_outputs(logits, reduction):
@@ -701,7 +715,8 @@ class CrossEntropyFunction(torch.autograd.Function):
               gradient is not 1. 1 read + 1 write of N x C in all: bfloat16 and float32.
     deferred: the forward saves 4 numbers per row; the backward reads the logits again and
               writes the gradient with the upstream factor applied before rounding. 2 reads
-              + 1 write: float16 and float64 (DEFERRED_GRAD_DTYPES).
+              + 1 write: float16 and float64 (DEFERRED_GRAD_DTYPES), and split rows (few
+              long ones, every dtype), whose forward reads them once anyway.
     Probability targets that require grad get d loss / d p in the backward from the saved
     logits and lse.
     """
@@ -710,7 +725,10 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
         logits_grad = ctx.needs_input_grad[0]
         target_grad = target.is_floating_point() and ctx.needs_input_grad[1]
-        defer = logits_grad and logits.dtype in DEFERRED_GRAD_DTYPES
+        defer = logits_grad and (
+            logits.dtype in DEFERRED_GRAD_DTYPES or _forward_split(logits, target, weight, label_smoothing, softcap)
+            is not None
+        )
         eager = _plain_eager(logits, target, weight)
         options = (ignore_index, label_smoothing, z_loss, softcap, reduction)
         grad = stats = None

@@ -19,6 +19,7 @@ from ..kernels.softmax import (
     softmax_split_bwd_stats_kernel,
     softmax_split_fwd_kernel,
     softmax_split_stats_kernel,
+    split_combine_kernel,
 )
 from ..layout import as_rows, from_rows
 from ..runtime import check_launchable, device_guard
@@ -126,52 +127,62 @@ def launch_softmax_bwd(
 
 def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
     """y[r] = (log_)softmax(x[r]) with each row cut into split.chunks chunks: partial (max, sum)
-    per chunk, then every chunk's program combines its row's partials and writes the chunk.
-    Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail edge (config.vectors).
-    Two launches, no host sync; returns split with its vec / edge filled in.
-    Bytes: 2 reads + 1 write per element, plus the partials: n_rows * chunks * 2 values
-    written and n_rows * chunks^2 * 2 read (every program reads its row's, from L2)."""
+    per chunk, one program a row merges them into the row's (max, sum), then every chunk's
+    program writes its chunk. Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail
+    edge (config.vectors). Three launches, no host sync; returns split with its vec / edge
+    filled in.
+    Bytes: 2 reads + 1 write per element, plus n_rows * chunks * 2 partials written and read
+    once, and the rows' (max, sum): written once, read by each of the row's chunks."""
     check_launchable("softmax_gpu.softmax", softmax_split_stats_kernel, x)
     n_rows, n_cols = x.shape
     split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (x, y)])
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, 2, split.chunks), dtype=acc, device=x.device)
+    row_stats = torch.empty((n_rows, 2), dtype=acc, device=x.device)
     grid = (n_rows, split.chunks)
-    common = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, BLOCK_N=split.block_n,
-                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
-                  maxnreg=split.maxnreg)  # fmt: skip
+    common = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, BLOCK_N=split.block_n, ACC_FP64=acc == torch.float64,
+                  VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(x):
-        softmax_split_stats_kernel[grid](x_ptr=x, part_ptr=part, x_row_stride=x.stride(0), **common)
-        softmax_split_fwd_kernel[grid](
-            x_ptr=x, y_ptr=y, part_ptr=part, x_row_stride=x.stride(0), y_row_stride=y.stride(0), LOG=log,
-            CHUNKS_BLOCK=split.chunks_block, **common,
-        )  # fmt: skip
+        softmax_split_stats_kernel[grid](x_ptr=x, part_ptr=part, x_row_stride=x.stride(0), n_chunks=split.chunks,
+                                         **common)  # fmt: skip
+        _launch_split_combine(part, row_stats, split, sum_only=False)
+        softmax_split_fwd_kernel[grid](x_ptr=x, y_ptr=y, row_ptr=row_stats, x_row_stride=x.stride(0),
+                                       y_row_stride=y.stride(0), LOG=log, **common)  # fmt: skip
     return split
+
+
+def _launch_split_combine(part: torch.Tensor, row_stats: torch.Tensor, split: config.SplitConfig, sum_only: bool):
+    """split_combine_kernel: one program a row merges its split.chunks partials."""
+    split_combine_kernel[(part.shape[0],)](
+        part_ptr=part, row_ptr=row_stats, n_chunks=split.chunks, SUM_ONLY=sum_only, CHUNKS_BLOCK=split.chunks_block,
+        ACC_FP64=part.dtype == torch.float64, num_warps=config.SPLIT_COMBINE_WARPS,
+    )  # fmt: skip
 
 
 def launch_softmax_split_bwd(
     y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool, split: config.SplitConfig
 ):
     """dx[r] = gradient of (log_)softmax with each row cut into split.chunks chunks: the partial
-    sum of dy * y (dy for log_softmax) per chunk, then every chunk's program adds up its row's
-    partials and writes the chunk; rows cut as in launch_softmax_split_fwd. Two launches;
+    sum of dy * y (dy for log_softmax) per chunk, one program a row adds them up, then every
+    chunk's program writes its chunk; rows cut as in launch_softmax_split_fwd. Three launches;
     returns split with its vec / edge filled in.
     Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
-    n_rows * chunks values written and n_rows * chunks^2 read."""
+    n_rows * chunks partials written and read once, and the rows' sums: written once, read by
+    each of the row's chunks."""
     check_launchable("softmax_gpu.softmax backward", softmax_split_bwd_stats_kernel, y)
     n_rows, n_cols = y.shape
     split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (y, dy, dx)])
     acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, split.chunks), dtype=acc, device=y.device)
+    row_sums = torch.empty(n_rows, dtype=acc, device=y.device)
     grid = (n_rows, split.chunks)
-    common = dict(y_ptr=y, dy_ptr=dy, part_ptr=part, y_row_stride=y.stride(0), dy_row_stride=dy.stride(0),
-                  n_cols=n_cols, chunk_cols=split.chunk_cols, n_chunks=split.chunks, LOG=log, BLOCK_N=split.block_n,
-                  ACC_FP64=acc == torch.float64, VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps,
-                  maxnreg=split.maxnreg)  # fmt: skip
+    common = dict(y_ptr=y, dy_ptr=dy, y_row_stride=y.stride(0), dy_row_stride=dy.stride(0), n_cols=n_cols,
+                  chunk_cols=split.chunk_cols, LOG=log, BLOCK_N=split.block_n, ACC_FP64=acc == torch.float64,
+                  VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(y):
-        softmax_split_bwd_stats_kernel[grid](**common)
-        softmax_split_bwd_kernel[grid](dx_ptr=dx, dx_row_stride=dx.stride(0), CHUNKS_BLOCK=split.chunks_block,
-                                       **common)  # fmt: skip
+        softmax_split_bwd_stats_kernel[grid](part_ptr=part, n_chunks=split.chunks, **common)
+        _launch_split_combine(part, row_sums, split, sum_only=True)
+        softmax_split_bwd_kernel[grid](dx_ptr=dx, row_ptr=row_sums, dx_row_stride=dx.stride(0), **common)
     return split
 
 
