@@ -167,7 +167,8 @@ def cross_entropy_variants(quick: bool):
                 wide = plain and not flags["HAS_SOFTCAP"]  # as softmax_gpu.ops.cross_entropy.cross_entropy_config
                 plan = block_plan(
                     config.block_cap(
-                        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if wide else config.MAX_BLOCK_CROSS_ENTROPY, itemsize
+                        config.max_block_cross_entropy_plain(int(ptr[-2:]) // 8) if wide
+                        else config.MAX_BLOCK_CROSS_ENTROPY, itemsize,
                     ),
                     # every width for the plain gradient-writing variant in bfloat16, float32 and
                     # float64; the option-heavy sets, the forward without a gradient and float16
@@ -206,8 +207,11 @@ def cross_entropy_variants(quick: bool):
                         ("label_smoothing_lo", "fp32"),
                         ("z_loss_lo", "fp32"),
                         ("softcap_lo", "fp32"),
+                        ("zero", "i32"),
                     )
                     for vec, edge in vector_plan(int(ptr[-2:]) // 8, block * rows, single):
+                        if vec == 1 and block > config.MAX_BLOCK_CROSS_ENTROPY_PLAIN:
+                            continue  # launch_cross_entropy takes float32's limits there
                         meta = tuple(flags.items()) + (
                             # DIVIDE_GRAD (the mean) only adds a scalar load: alternate it over the flag sets so
                             # both values compile, without doubling the report's time.
@@ -219,9 +223,10 @@ def cross_entropy_variants(quick: bool):
                             ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge),
                             ("ROWS", rows),
                         )  # fmt: skip
+                        # (zero, the int 0, is divisible by 16 as triton specialises it)
                         yield Variant(module, "cross_entropy_kernel", dtype,
-                                      sig + tuple((k, "constexpr") for k, _ in meta), meta, warps, aligned=aligned,
-                                      maxnreg=config.max_registers(warps))
+                                      sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                                      aligned=aligned + ("zero",), maxnreg=config.max_registers(warps))
             if deferred and (index == 0 or not quick):
                 block = config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY, itemsize)
                 sig = (

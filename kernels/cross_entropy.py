@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .softmax import (
-    FIRST_PASS, LAST_PASS, LOG2E, acc_zeros, edge_cols, merge_stats, online_step, reduce_lanes, row_layout, split_edge,
+    FIRST_PASS, LAST_PASS, LOG2E, NO_HINT, acc_zeros, edge_cols, merge_stats, online_step, reduce_lanes, row_layout, split_edge,
     to_acc, vec_offset,
 )
 
@@ -49,14 +49,23 @@ def soft_cap(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+def load_logits(ptrs, mask, softcap, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = NO_HINT):
     """Soft-capped logits at ptrs in the accumulation dtype; -inf where mask is off. EVICT:
     the eviction hint (kernels/softmax.py, FIRST_PASS / LAST_PASS; "" for none)."""
     x = to_acc(tl.load(ptrs, mask=mask, other=-float("inf"), eviction_policy=EVICT), ACC_FP64)
     if HAS_SOFTCAP:  # the cap maps the masked lanes' -inf to -softcap: put -inf back
-        return tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
-    else:
-        return x
+        x = tl.where(mask, soft_cap(x, softcap, HAS_SOFTCAP), -float("inf"))
+    return x
+
+
+@triton.jit
+def fresh(raw, zero):
+    """raw (loaded 16-bit logits) again, as a value the compiler cannot prove equal to raw:
+    zero is 0 at run time. Converting fresh(raw, k) to float32 in each pass keeps only the
+    packed 16-bit row live between passes (16 registers for 32 values) instead of its float32
+    copy; without it the widest single block spills. Passes need different zeros (zero,
+    zero >> 1), or the compiler merges them back into one conversion."""
+    return (raw.to(tl.int16, bitcast=True) ^ zero.to(tl.int16)).to(raw.dtype, bitcast=True)
 
 
 @triton.jit
@@ -81,7 +90,7 @@ def load_weight_block(weight_ptr, cls, mask, HAS_WEIGHT: tl.constexpr, ACC_FP64:
 def block_terms(
     logit_ptrs, target_ptrs, weight_ptr, cls, mask, t, label_smoothing, inv_classes, softcap,
     SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    ACC_FP64: tl.constexpr, EVICT: tl.constexpr = "",
+    ACC_FP64: tl.constexpr, EVICT: tl.constexpr = NO_HINT,
 ):
     """One block's logits z (lanes at logit_ptrs, of classes cls, live where mask) and its
     share of the loss's linear terms, per lane: z_t where the lane holds the target class,
@@ -249,6 +258,17 @@ def row_outputs(loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t,
 
 
 @triton.jit
+def grad_scale(grad_divisor_ptr, DIVIDE: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The factor the forward's gradient is scaled by: 1 / *grad_divisor_ptr (the mean's total
+    weight) when DIVIDE, else 1. Loaded where the gradient is formed, so that it holds no
+    register while the row is read."""
+    scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
+    if DIVIDE:
+        scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
+    return scale
+
+
+@triton.jit
 def cross_entropy_prepare_kernel(
     target_ptr,
     weight_ptr,
@@ -319,6 +339,7 @@ def cross_entropy_kernel(
     label_smoothing_lo,
     z_loss_lo,
     softcap_lo,
+    zero,
     SOFT_TARGET: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
@@ -357,6 +378,7 @@ def cross_entropy_kernel(
         row order, REDUCE_BLOCK at a time, so the result is the same bits every run.
     label_smoothing, z_loss, softcap (float32) and their *_lo remainders: with ACC_FP64 the
         option is hi + lo in float64; otherwise the remainders are unused.
+    zero: the int 0, which the compiler cannot see (fresh(): the 16-bit plain single block).
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
@@ -376,14 +398,13 @@ def cross_entropy_kernel(
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
-    scale = to_acc(tl.full([], 1.0, tl.float32), ACC_FP64)
-    if COMPUTE_GRAD and DIVIDE_GRAD:
-        scale = 1.0 / to_acc(tl.load(grad_divisor_ptr), ACC_FP64)
-
     if SINGLE_BLOCK:
         # One read of ROWS rows held in registers, [ROWS, BLOCK_N]; per-row values are [ROWS].
         rows = pid * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n_rows
+        if ROWS == 1:
+            row_ok = rows == rows  # the grid has one program a row: no mask (and no register)
+        else:
+            row_ok = rows < n_rows
         # 1. The targets: class index, whether the row counts, its weight.
         t, valid, bad, w_t = row_target(target_ptr, weight_ptr, rows, row_ok, target_row_stride, n_cols,
                                         ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
@@ -396,21 +417,43 @@ def cross_entropy_kernel(
         # (weights from weight_ptr + shift, the target as t - shift), so that no per-lane class
         # index is kept in registers.
         body_weights = weight_ptr + shift[:, None]
-        body_t = (t - shift)[:, None]
-        z, _zt, wz, w = block_terms(
-            logits_ptr + logits_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
-            body_weights, cols[None, :], mask, body_t, label_smoothing, inv_classes, softcap,
-            SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+        # As int32 (a class index fits), so that the per-lane comparisons with it are 32-bit;
+        # a class index outside the row (its loss is NaN) matches no lane.
+        body_t = tl.where((t >= 0) & (t < n_cols), t - shift, -1).to(tl.int32)[:, None]
+        # 16-bit logits without per-class terms or a cap keep the loaded row (raw) and convert
+        # it afresh in each pass (fresh()): the 32768-wide block then fits 64 registers.
+        REMAT: tl.constexpr = not (SOFT_TARGET or HAS_SMOOTHING or HAS_SOFTCAP or ACC_FP64) and (
+            logits_ptr.dtype.element_ty.primitive_bitwidth == 16)
+        if REMAT:
+            raw = tl.load(logits_ptr + logits_body[:, None] + cols[None, :], mask=mask, other=-float("inf"))
+            z = raw.to(tl.float32)
+            wz = tl.zeros_like(z)
+            w = wz
+        else:
+            z, _zt, wz, w = block_terms(
+                logits_ptr + logits_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
+                body_weights, cols[None, :], mask, body_t, label_smoothing, inv_classes, softcap,
+                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
         m = tl.max(z, axis=1)
         if HAS_EDGE:
             e_cls, e_mask = edge_cols(shift[:, None], n_body[:, None], n_cols, VEC)
             e_mask = row_ok[:, None] & e_mask
             logits_rows = logits_ptr + (rows * logits_row_stride)[:, None]
             target_rows = target_ptr + (rows * target_row_stride)[:, None]
-            ze, _zt_edge, wz_e, w_e = block_terms(
-                logits_rows + e_cls, target_rows + e_cls, weight_ptr, e_cls, e_mask, t[:, None], label_smoothing,
-                inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
+            if REMAT:
+                raw_e = tl.load(logits_rows + e_cls, mask=e_mask, other=-float("inf"))
+                ze = raw_e.to(tl.float32)
+                wz_e = tl.zeros_like(ze)
+                w_e = wz_e
+            else:
+                ze, _zt_edge, wz_e, w_e = block_terms(
+                    logits_rows + e_cls, target_rows + e_cls, weight_ptr, e_cls, e_mask, t[:, None], label_smoothing,
+                    inv_classes, softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
             m = tl.maximum(m, tl.max(ze, axis=1), propagate_nan=tl.PropagateNan.ALL)
+        if REMAT:
+            z = fresh(raw, zero).to(tl.float32)
+            if HAS_EDGE:
+                ze = fresh(raw_e, zero).to(tl.float32)
         e = tl.exp2((z - m[:, None]) * LOG2E)
         if KEEP_OTHER:
             d = tl.sum(tl.where(cols[None, :] == body_t, 0.0, e), axis=1)  # `other` until row_outputs
@@ -438,6 +481,11 @@ def cross_entropy_kernel(
             loss_ptr, lse_ptr, stats_ptr, rows, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
             label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
         # 4. The gradient, from registers.
+        scale = grad_scale(grad_divisor_ptr, COMPUTE_GRAD and DIVIDE_GRAD, ACC_FP64)
+        if REMAT:
+            z = fresh(raw, zero >> 1).to(tl.float32)
+            if HAS_EDGE:
+                ze = fresh(raw_e, zero >> 1).to(tl.float32)
         if COMPUTE_GRAD:
             store_grad_block(
                 grad_ptr + grad_body[:, None] + cols[None, :], target_ptr + target_body[:, None] + cols[None, :],
@@ -511,6 +559,7 @@ def cross_entropy_kernel(
             loss_ptr, lse_ptr, stats_ptr, row, row_ok, m, d, other, z_t, t, w_t, valid, bad, sum_w, sum_wz, n_cols,
             label_smoothing, inv_classes, z_loss, SOFT_TARGET, HAS_SMOOTHING, HAS_Z_LOSS, KEEP_OTHER, SAVE_STATS)
         # 4. The gradient: a second read of the body; the edge from registers.
+        scale = grad_scale(grad_divisor_ptr, COMPUTE_GRAD and DIVIDE_GRAD, ACC_FP64)
         if COMPUTE_GRAD:
             for start in range(0, n_body, BLOCK_N):
                 body_mask = cols < n_body - start

@@ -31,10 +31,13 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x == 2^(x * LOG2E)
 # marks it "evict_first", finds it there instead of in DRAM.
 FIRST_PASS = tl.constexpr("evict_last")
 LAST_PASS = tl.constexpr("evict_first")
+# No hint. A constexpr object, not a bare "": triton 3.6 hands a jit function's bare default
+# on to the functions it calls as a str, which tl.load then rejects.
+NO_HINT = tl.constexpr("")
 
 
 @triton.jit
-def load_row_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+def load_row_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = NO_HINT):
     """Loads ptr[cols] (masked to cols < n_cols, padding -inf) in the accumulation dtype,
     with the eviction hint EVICT ("" for none)."""
     x = tl.load(ptr + cols, mask=cols < n_cols, other=-float("inf"), eviction_policy=EVICT)
@@ -230,7 +233,7 @@ def softmax_fwd_kernel(
 
 
 @triton.jit
-def load_grad_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = ""):
+def load_grad_block(ptr, cols, n_cols, ACC_FP64: tl.constexpr, EVICT: tl.constexpr = NO_HINT):
     """Loads ptr[cols] (masked to cols < n_cols, padding 0) in the accumulation dtype, with
     the eviction hint EVICT."""
     v = tl.load(ptr + cols, mask=cols < n_cols, other=0.0, eviction_policy=EVICT)

@@ -28,14 +28,24 @@ LOOP_BLOCK_CROSS_ENTROPY = 1024
 # allowed) keeps no per-lane sums of weights or logits, so one block holds 16384 classes
 # (32 warps, 16 values a thread, 47-55 registers with the gradient). At 32768 (32 values a
 # thread under 32 warps' 64-register cap) the gradient-writing variants still spill on sm_90
-# (checked 2026-11-27 with triton 3.9: float32 8-16 bytes; bfloat16 8-24 bytes in 10 of its
-# 20 reduction / z-loss / alignment variants; sm_80 none), so 32000-class rows still loop,
-# 8192 wide.
+# (checked 2026-11-27 with triton 3.9: float32 8-88 bytes, the most with a head/tail edge),
+# so float32 32000-class rows still loop, 8192 wide.
 # With a soft cap, whose gradient keeps the capped logits, 16384 took 64 registers and spilled
 # 8-24 bytes on sm_90: the soft-capped plain variant single-blocks to MAX_BLOCK_CROSS_ENTROPY.
 # float64 keeps the general limits (its plain looped block spilled 8 bytes on sm_90).
 MAX_BLOCK_CROSS_ENTROPY_PLAIN = 16384
 LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
+# 16-bit logits hold 32768 classes: the kernel keeps the loaded 16-bit row (16 registers for
+# 32 values) and converts it afresh in each pass instead of holding its float32 copy
+# (kernels/cross_entropy.py, fresh()): 64 registers, no spill on sm_80/sm_90.
+MAX_BLOCK_CROSS_ENTROPY_PLAIN_16BIT = 32768
+
+
+def max_block_cross_entropy_plain(itemsize: int) -> int:
+    """The plain cross-entropy variant's single-block limit for logits of `itemsize` bytes."""
+    return MAX_BLOCK_CROSS_ENTROPY_PLAIN_16BIT if itemsize == 2 else MAX_BLOCK_CROSS_ENTROPY_PLAIN
+
+
 # Cross-entropy's reductions ("sum", "mean"): the one-program prepare kernel (the mean's total)
 # and the last program of the loss kernel (the sum of the row losses) step through rows
 # REDUCE_BLOCK at a time; the prepare kernel runs on REDUCE_WARPS warps.

@@ -524,25 +524,51 @@ def test_traffic_forward_backward_reads_logits_once(dtype):
 
 @interpreter_only
 @pytest.mark.parametrize(
-    "c, kw, logit_reads",
+    "dtype, c, kw, logit_reads",
     [
-        (16384, {}, 1),  # plain rows read once up to config.MAX_BLOCK_CROSS_ENTROPY_PLAIN
-        (16385, {}, 2),
-        (8192, dict(label_smoothing=0.1), 1),  # the option-heavy variants up to 8192
-        (8193, dict(label_smoothing=0.1), 2),
+        # plain rows read once up to config.max_block_cross_entropy_plain: 32768 in 16 bits
+        # (32000-class vocabularies), 16384 in float32
+        (torch.bfloat16, 32768, {}, 1),
+        (torch.bfloat16, 32769, {}, 2),
+        (torch.float32, 16384, {}, 1),
+        (torch.float32, 16385, {}, 2),
+        (torch.bfloat16, 8192, dict(label_smoothing=0.1), 1),  # the option-heavy variants up to 8192
+        (torch.bfloat16, 8193, dict(label_smoothing=0.1), 2),
     ],
 )
-def test_traffic_single_read_limits(c, kw, logit_reads):
-    """bfloat16 forward + backward: N x C read logit_reads times and written once."""
+def test_traffic_single_read_limits(dtype, c, kw, logit_reads):
+    """Forward + backward: N x C read logit_reads times and written once."""
     n = 2
-    logits = torch.randn(n, c).bfloat16().requires_grad_()
+    size = torch.tensor([], dtype=dtype).element_size()
+    logits = torch.randn(n, c).to(dtype).requires_grad_()
     target = torch.randint(0, c, (n,))
     with TrafficCounter() as t, config.no_split():  # (two such rows would otherwise split)
         softmax_gpu.cross_entropy(logits, target, **kw).backward()
-    nc = n * c * 2
-    edge = edge_elements(n, c, c, 8) * 2 if logit_reads == 2 else 0  # the looped path reads the edge once
-    assert t.bytes_loaded == logit_reads * nc - edge + MEAN_LOADS(n, 2, programs=n)
+    nc = n * c * size
+    edge = edge_elements(n, c, c, 16 // size) * size if logit_reads == 2 else 0  # the looped path reads the edge once
+    assert t.bytes_loaded == logit_reads * nc - edge + MEAN_LOADS(n, size, programs=n)
     assert t.bytes_stored == nc + MEAN_STORES(n)
+
+
+def test_16bit_wide_block_needs_vectors(device):
+    """The 32768-wide 16-bit block fits its registers only with 16-byte vectors: logits whose
+    row stride disagrees with the gradient's modulo a vector take float32's limits (looped,
+    8192 wide) instead, with the same results."""
+    n, c = 2, 20000
+    buf = torch.randn(n, c + 1, device=device).bfloat16()
+    logits = buf[:, :c]  # row stride 20001: not a whole number of 8-element vectors
+    target = torch.tensor([3, 19999], device=device)
+    loss, lse = poisoned((n,), torch.float32, device), poisoned((n,), torch.float32, device)
+    grad = poisoned((n, c), torch.bfloat16, device)
+    cfg = launch_cross_entropy(logits, target, None, loss, lse, grad, None, -100, 0.0, 0.0, None)
+    assert (cfg.vec, cfg.single_block, cfg.block_n) == (1, False, config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN)
+    aligned = config.vectors(cross_entropy_config(c, 2, plain=True), n, c, [(2, c), (2, c)])
+    assert aligned.single_block and aligned.block_n == 32768  # what whole vectors would have taken
+    ref = logits.double().cpu().requires_grad_()
+    per_row = F.cross_entropy(ref, target.cpu(), reduction="none")
+    per_row.sum().backward()
+    assert_matches(loss, per_row.detach().numpy(), RTOL, 1e-6, what="loss")
+    assert_matches(grad, ref.grad.numpy(), 1e-2, 1e-2, what="gradient")
 
 
 @interpreter_only

@@ -57,7 +57,7 @@ def cross_entropy_config(
     block when the row fits; wider for the plain variant: class indices without weights or
     smoothing, and a wider loop block), or with streaming=True the backward kernel's, which
     always loops and so streams in the looped path's block width. The plain variant with a
-    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY_PLAIN)."""
+    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY)."""
     if streaming:
         return config.row_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
@@ -66,7 +66,7 @@ def cross_entropy_config(
     plain = plain and itemsize <= 4  # float64's looped plain block spilled (8 bytes, sm_90)
     return config.row_config(
         n_cols,
-        config.MAX_BLOCK_CROSS_ENTROPY_PLAIN if plain and not softcap else config.MAX_BLOCK_CROSS_ENTROPY,
+        config.max_block_cross_entropy_plain(itemsize) if plain and not softcap else config.MAX_BLOCK_CROSS_ENTROPY,
         itemsize,
         loop_block_n=config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY,
         elements_per_thread=config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
@@ -89,7 +89,7 @@ def cross_entropy_split(
     if streaming:
         max_block = loop_block = config.LOOP_BLOCK_CROSS_ENTROPY
     elif plain and itemsize <= 4:
-        max_block = config.MAX_BLOCK_CROSS_ENTROPY if softcap else config.MAX_BLOCK_CROSS_ENTROPY_PLAIN
+        max_block = config.MAX_BLOCK_CROSS_ENTROPY if softcap else config.max_block_cross_entropy_plain(itemsize)
         loop_block = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN
     else:
         max_block, loop_block = config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY
@@ -151,6 +151,11 @@ def launch_cross_entropy(
     )
     soft = target.is_floating_point()
     cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
+    if cfg.vec == 1 and cfg.block_n > config.MAX_BLOCK_CROSS_ENTROPY_PLAIN:
+        # Rows that cannot stream 16-byte vectors (the logits' and gradient's row strides
+        # disagree) lose the 16-bit single block's last registers to addresses: float32 limits.
+        cfg = config.vectors(cross_entropy_config(n_cols, 4, plain=True), n_rows, n_cols,
+                             _row_tensors(logits, grad, target))  # fmt: skip
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
@@ -177,6 +182,7 @@ def launch_cross_entropy(
             label_smoothing_lo=eps_lo,
             z_loss_lo=lam_lo,
             softcap_lo=cap_lo,
+            zero=0,
             SOFT_TARGET=soft,
             HAS_WEIGHT=weight is not None,
             HAS_SMOOTHING=label_smoothing > 0,
