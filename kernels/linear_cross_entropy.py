@@ -332,7 +332,8 @@ def linear_cross_entropy_bwd_input_kernel(
                              target_ptr, weight_ptr, stride_tm, stride_tv, label_smoothing, inv_classes, softcap,
                              SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP)
         if tile_counts(g, grad_skip_threshold, SKIP_SMALL):
-            g = g.to(w_ptr.dtype.element_ty)
+            # (a new name: triton 3.6 rejects a value whose type changes inside an `if`)
+            g_in = g.to(w_ptr.dtype.element_ty)
             w_ptrs = w_ptr + cols[:, None] * stride_wv + ks[None, :] * stride_wk
             if SKIP_SMALL:
                 has_dx = (ks * 0 + started)[None, :] > 0  # a term to add to (a tile: the interpreter masks with no scalar)
@@ -344,7 +345,7 @@ def linear_cross_entropy_bwd_input_kernel(
                 w = tl.load(w_ptrs, mask=col_in[:, None] & k_in[None, :], other=0.0)
                 dx_mask = row_in[:, None] & k_in[None, :]
                 dx = tl.load(dx_ptrs, mask=dx_mask & has_dx, other=0.0)
-                dx = tl.dot(g, w, dx, input_precision=INPUT_PRECISION)
+                dx = tl.dot(g_in, w, dx, input_precision=INPUT_PRECISION)
                 tl.store(dx_ptrs, dx, mask=dx_mask)
                 w_ptrs += BLOCK_K * stride_wk
                 dx_ptrs += BLOCK_K
