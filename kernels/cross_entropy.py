@@ -386,7 +386,8 @@ def cross_entropy_kernel(
         (kernels/softmax.py); the logits, gradient and probability-target row strides agree
         modulo VEC.
     ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only), so that short rows
-        still give each thread 16-byte loads.
+        still give each thread 16-byte loads. The grid must be exactly ceil(n_rows / ROWS)
+        programs: with ROWS == 1 no row mask is applied.
     Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
     single-block path; the looped path reads the row's body twice when it writes the gradient.
     """

@@ -1175,6 +1175,20 @@ def test_split_rows_forward_given_grad(dtype, device):
     torch.testing.assert_close(grad, outputs["one program"][2], rtol=2e-6 if dtype == torch.float32 else 1e-2, atol=1e-6)
 
 
+def test_split_rows_defer_the_gradient_so_retain_graph_works(device):
+    """bfloat16 split rows take the deferred route (the one-program path stores the gradient
+    and refuses a second backward): two backwards through one graph give the same bits."""
+    x = torch.randn(2, 70, device=device).bfloat16().requires_grad_()
+    target = torch.tensor([3, 66], device=device)
+    with config.force_split(32):
+        loss = softmax_gpu.cross_entropy(x, target)
+        loss.backward(retain_graph=True)
+        first = x.grad.clone()
+        x.grad = None
+        loss.backward()
+    assert torch.equal(first, x.grad)
+
+
 def test_split_rows_opcheck(device):
     logits = torch.randn(2, 70, device=device)
     target = torch.randint(0, 70, (2,), device=device)

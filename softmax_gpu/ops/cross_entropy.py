@@ -252,7 +252,8 @@ def launch_cross_entropy_split(
         raise ValueError(f"launch_cross_entropy_split: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     soft = target.is_floating_point()
     acc = _acc_dtype(logits)
-    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
+    # (grad is written by the backward kernel's launch, which vectorises for it itself)
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, target))
     n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
     part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
     if grad is not None and stats is None:
@@ -872,8 +873,10 @@ def cross_entropy(
 
     For bfloat16 and float32 the forward reads the logits once and, when they require grad,
     writes the gradient in the same pass (the backward rescales it only where the upstream
-    gradient is not 1). For float16 and float64 the backward writes it, with the upstream
-    factor (a loss scale, say) applied before the one rounding; that reads the logits twice.
+    gradient is not 1). For float16 and float64, and for few rows long enough to be split
+    across the GPU (config.split_rows) in every dtype, the backward writes it, with the
+    upstream factor (a loss scale, say) applied before the one rounding; that reads the
+    logits twice.
     No host synchronisation anywhere. A class index out of range gives a NaN
     loss for its row on CUDA (an IndexError on CPU, or on CUDA with SOFTMAX_GPU_CHECK_TARGETS=1).
     """
