@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .softmax import (
-    FIRST_PASS, LAST_PASS, LOG2E, NO_HINT, acc_zeros, edge_cols, merge_stats, online_step, reduce_lanes, row_layout, split_edge,
-    to_acc, vec_offset,
+    FIRST_PASS, LAST_PASS, LOG2E, NO_HINT, acc_zeros, combine_chunks, edge_cols, merge_stats, online_step, reduce_lanes,
+    row_layout, split_edge, to_acc, vec_offset,
 )
 
 
@@ -894,21 +894,17 @@ def cross_entropy_split_combine_kernel(
     if not SOFT_TARGET:
         z_t = to_acc(tl.load(part_row + N_PART * n_chunks, mask=(t >= 0) & (t < n_cols), other=0.0), ACC_FP64)
 
-    # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order.
+    # 2. The row's sums from its partials, merged CHUNKS_BLOCK at a time in chunk order: the
+    #    (max, sum) fields as the softmax combine merges them, the linear terms summed.
+    m, other = combine_chunks(part_row, n_chunks, CHUNKS_BLOCK, ACC_FP64)
     c = tl.arange(0, CHUNKS_BLOCK)
-    m_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64) - float("inf")
-    o_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
     wz_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
     w_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
-    for start in range(0, n_chunks, CHUNKS_BLOCK):
-        mask = c < n_chunks - start
-        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
-        o_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
-        m_lane, o_lane = merge_stats(m_lane, o_lane, m_part, o_part)
-        if LINEAR:
+    if LINEAR:
+        for start in range(0, n_chunks, CHUNKS_BLOCK):
+            mask = c < n_chunks - start
             wz_lane += to_acc(tl.load(part_row + 2 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
             w_lane += to_acc(tl.load(part_row + 3 * n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
-    m, other = reduce_lanes(m_lane, o_lane)
 
     # 3. The loss, lse and statistics (row_outputs adds the target's term back into d).
     KEEP_OTHER: tl.constexpr = not SOFT_TARGET  # the partials always leave the target's class out
