@@ -1,32 +1,67 @@
-"""Fused linear cross-entropy: time, peak memory and TFLOP/s on a GPU; the memory table on CPU.
+"""Fused linear cross-entropy: the scoreboard on a GPU (or its dry run); the memory table on CPU.
 
-    python -m bench --ops linear_ce_fwd_bwd linear_ce_fwd      (or python -m bench.linear_ce)
+    python -m bench.linear_ce [--quick] [--dry-run] [--ops ...] [--providers ...] [--out DIR]
+    (also python -m bench --ops linear_ce_fwd_bwd linear_ce_fwd)
 
-Cases are (tokens N, hidden H, classes V) in bfloat16: the LM heads of the issue. Providers:
-softmax_gpu, unfused torch (F.linear then F.cross_entropy), torch 2.13's chunked
-F.linear_cross_entropy, torch.compile of the unfused pair, and Liger-Kernel's
-FusedLinearCrossEntropy, Cut Cross-Entropy and QuACK when importable (skipped with the reason
-otherwise). Figures: median milliseconds, peak memory above the inputs, and TFLOP/s counting
-2 N H V for the forward's product and 4 x 2 N H V for forward + backward (the forward, the
-logits recomputed once, dX and dW: what an ideal fused kernel must multiply; ours multiplies
-5 x 2 N H V, recomputing the logits in each backward kernel to stay deterministic).
+Cases are (tokens N, hidden H, classes V) in bfloat16: language-model heads. Providers:
+softmax_gpu, unfused torch (F.linear then F.cross_entropy), torch's chunked
+F.linear_cross_entropy (torch 2.13 and later), torch.compile of the unfused pair,
+Liger-Kernel's fused linear cross-entropy, Cut Cross-Entropy in its default mode (gradient
+filtering) and in its exact mode (no filtering), and QuACK, each when importable (skipped
+with the reason otherwise).
 
-Without a GPU: the largest single tensor and the total allocated during one forward +
-backward at small sizes, from torch's CPU allocator (the profiler), for softmax_gpu (kernels
-in Triton's interpreter) against the unfused and chunked torch paths; plus the FLOP count of
-the real cases. No time is reported on CPU.
+Inputs look like training, not like noise: with N(0, 1) hidden states and weights the
+logits are all about N(0, 1), the loss is near log V, and a gradient filter that skips
+tiles of negligible probability (Cut Cross-Entropy's default) skips nothing it would skip
+in training while a kernel that skips nothing is charged the same. Here (make_inputs) each
+token's hidden state leans toward its target's weight row: x = beta w_t + e, with W's
+entries N(0, 1/H) and e's N(0, 1). The other logits are then about N(0, 1) and the
+target's about beta + N(0, 1); beta = log(V - 1) + 1/2 - log(e^L - 1) puts the mean loss
+near L = 2.5 nats (each run reports the loss it measured).
+
+Figures per row, as in the main scoreboard (bench/gpu.py): gated against float64 first
+(the loss, and for forward + backward dX and dW by relative Frobenius error), then device
+time (CUDA graphs; eager time only where a call cannot be captured, with the reason),
+eager time, TFLOP/s from device time counting 2 N H V for the forward's product and
+4 x 2 N H V for forward + backward (the forward, the logits recomputed once, dX and dW:
+what an ideal fused kernel must multiply), and peak memory above the inputs and the
+returned loss or gradients.
+
+Without a GPU and without --dry-run: the largest single tensor and the total allocated
+during one forward + backward at small sizes, from torch's CPU allocator (the profiler),
+for softmax_gpu (kernels in Triton's interpreter) against the unfused and chunked torch
+paths; plus the FLOP count of the real cases. No time is reported on CPU.
 """
 import argparse
+import math
 import os
+import statistics
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
 
 OPS = ("linear_ce_fwd", "linear_ce_fwd_bwd")
 SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (4096, 4096, 32000))
+QUICK_SHAPES = ((8192, 4096, 128256),)
+DRY_RUN_SHAPES = ((64, 32, 500),)
 CPU_SHAPES = ((128, 32, 1024), (256, 32, 2048))  # N x V grows 4x, H fixed: the interpreter's sizes
-PROVIDERS = ("softmax_gpu", "torch", "torch.chunked", "torch.compile", "liger", "cce", "quack")
+PROVIDERS = ("softmax_gpu", "torch", "torch.chunked", "torch.compile", "liger", "cce", "cce.exact", "quack")
+LABELS = {"cce": "cce (filtered)", "cce.exact": "cce (exact)"}
+# Host synchronisations inside the call (read in their sources): eager time only.
+NO_GRAPH = {
+    "liger": "host syncs: .item() in the forward, torch.equal on the upstream in the backward",
+    "cce": "host sync: .nonzero() on every call",
+    "cce.exact": "host sync: .nonzero() on every call",
+}
+TARGET_LOSS = 2.5  # nats: the mean loss the inputs are drawn for
+REPEATS = 2
+# The gate: the loss within 2^-7 relative; dX and dW within 2^-4 by relative Frobenius norm,
+# since a path that materialises bfloat16 logits (torch's unfused one) rounds a logit of 10
+# by up to 0.03, which moves its probability by 3%.
+LOSS_TOL, GRAD_TOL = 2**-7, 2**-4
+REFERENCE_ROWS = 1024  # float64 logits computed this many rows at a time
 
 
 def flops(op: str, n: int, h: int, v: int) -> int:
@@ -50,10 +85,13 @@ def _liger():
     return lambda x, w, t: loss(w, x, t)  # Liger takes the weight first
 
 
-def _cce():
-    from cut_cross_entropy import linear_cross_entropy
+def _cce(**options):
+    def factory():
+        from cut_cross_entropy import linear_cross_entropy
 
-    return lambda x, w, t: linear_cross_entropy(x, w, t)
+        return lambda x, w, t: linear_cross_entropy(x, w, t, **options)
+
+    return factory
 
 
 def _quack():
@@ -74,7 +112,8 @@ FACTORIES = {
     "torch.chunked": _torch_chunked,
     "torch.compile": lambda: torch.compile(_torch_unfused, dynamic=False),
     "liger": _liger,
-    "cce": _cce,
+    "cce": _cce(),
+    "cce.exact": _cce(filter_eps=None),  # no gradient filtering: every tile's gradient computed
     "quack": _quack,
 }
 
@@ -90,12 +129,14 @@ def load(names):
     return loaded, missing
 
 
-def make_inputs(n, h, v, dtype, device, seed=0):
+def make_inputs(n, h, v, dtype, device, seed=0, target_loss=TARGET_LOSS):
+    """Hidden states, classifier and targets whose logits have a trained model's spread (module docstring)."""
     g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(n, h, device=device, generator=g).to(dtype)
-    w = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(dtype)
+    w = torch.randn(v, h, device=device, generator=g) / h**0.5
     t = torch.randint(0, v, (n,), device=device, generator=g)
-    return x, w, t
+    beta = math.log(v - 1) + 0.5 - math.log(math.expm1(target_loss))
+    x = beta * w[t] + torch.randn(n, h, device=device, generator=g)
+    return x.to(dtype), w.to(dtype), t
 
 
 def runner(op, loss_fn, x, w, t):
@@ -111,53 +152,142 @@ def runner(op, loss_fn, x, w, t):
     return lambda: torch.autograd.grad(loss_fn(xl, wl, t), (xl, wl))
 
 
+def reference(x, w, t, with_grads: bool):
+    """float64 loss, and dX, dW of the mean loss, computed REFERENCE_ROWS rows at a time."""
+    x64, w64 = x.double(), w.double()
+    n = x.shape[0]
+    loss = torch.zeros((), dtype=torch.float64, device=x.device)
+    dx = torch.empty_like(x64) if with_grads else None
+    dw = torch.zeros_like(w64) if with_grads else None
+    for r0 in range(0, n, REFERENCE_ROWS):
+        xs, ts = x64[r0 : r0 + REFERENCE_ROWS], t[r0 : r0 + REFERENCE_ROWS]
+        z = xs @ w64.T
+        lse = torch.logsumexp(z, -1)
+        loss += (lse - z.gather(1, ts[:, None])[:, 0]).sum()
+        if with_grads:
+            dz = torch.exp(z - lse[:, None])
+            dz[torch.arange(len(ts), device=x.device), ts] -= 1
+            dz /= n
+            dx[r0 : r0 + REFERENCE_ROWS] = dz @ w64
+            dw += dz.T @ xs
+    return loss / n, dx, dw
+
+
+def gate(op, out, ref) -> tuple:
+    """(ok, text): the loss, or dX and dW, against the float64 reference."""
+    loss64, dx64, dw64 = ref
+    if op == "linear_ce_fwd":
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            return False, f"wrong: loss of shape {getattr(out, 'shape', type(out).__name__)}"
+        err = float((out.double().reshape(()) - loss64).abs() / loss64.abs().clamp_min(1))
+        tol = LOSS_TOL
+        what = "loss"
+    else:
+        errs = []
+        for name, got, want in (("dX", out[0], dx64), ("dW", out[1], dw64)):
+            if got is None or tuple(got.shape) != tuple(want.shape):
+                return False, f"wrong: {name} of shape {getattr(got, 'shape', None)}"
+            e = float(torch.linalg.vector_norm(got.double() - want) / torch.linalg.vector_norm(want))
+            errs.append((e if math.isfinite(e) else math.inf, name))
+        err, what = max(errs)
+        tol = GRAD_TOL
+    if not err <= tol:
+        return False, f"wrong: {what} err {err:.2e} > {tol:.1e}"
+    return True, f"ok (max err {err:.1e} <= {tol:.1e})"
+
+
 # ---------------------------------------------------------------------------------------
-# GPU
+# The scoreboard (GPU, or the dry run on CPU)
 # ---------------------------------------------------------------------------------------
 
 
-def measure_gpu(ops, providers):
-    import triton.testing
+def measure(platform, ops, shapes, providers, repeats=REPEATS):
+    from bench import timing
 
     loaded, missing = load(providers)
     for name, reason in missing.items():
         print(f"skipping provider {name}: not importable ({reason})")
     rows = []
-    for op in ops:
-        for n, h, v in SHAPES:
-            x, w, t = make_inputs(n, h, v, torch.bfloat16, "cuda")
-            reference = None
+    for n, h, v in shapes:
+        x, w, t = make_inputs(n, h, v, torch.bfloat16, platform.device)
+        for op in ops:
+            ref = reference(x, w, t, with_grads=op == "linear_ce_fwd_bwd")
+            print(f"{op} {n}x{h}x{v}: float64 mean loss {float(ref[0]):.3f} nats", flush=True)
+            runs = []
             for name, loss_fn in loaded.items():
-                row = dict(op=op, shape=f"{n}x{h}x{v}", provider=name, ms=None, tflops=None, peak_extra_gb=None,
-                           note="")  # fmt: skip
+                row = dict(op=op, shape=f"{n}x{h}x{v}", provider=name, label=LABELS.get(name, name), status="ok",
+                           gate=None, loss=None, reference_loss=float(ref[0]), device_ms=None, eager_ms=None,
+                           device_ms_min=None, device_ms_max=None, tflops=None, peak_extra_bytes=None, note="")  # fmt: skip
+                if name in NO_GRAPH:
+                    row["note"] = f"eager_ms only: not capturable in a CUDA graph ({NO_GRAPH[name]})"
+                runs.append((row, runner(op, loss_fn, x, w, t), [], []))
                 try:
-                    run = runner(op, loss_fn, x, w, t)
-                    loss = runner("linear_ce_fwd", loss_fn, x, w, t)().float()
-                    reference = loss if reference is None else reference
-                    if not torch.allclose(loss, reference, rtol=2e-2, atol=2e-2):
-                        row["note"] = f"loss {loss.item():.4f} differs from {reference.item():.4f}"
-                    row["ms"] = triton.testing.do_bench(run, warmup=10, rep=50, return_mode="median")
-                    row["tflops"] = flops(op, n, h, v) / (row["ms"] * 1e-3) / 1e12
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    out = run()
-                    torch.cuda.synchronize()
+                    out = runs[-1][1]()
+                    if op == "linear_ce_fwd":
+                        row["loss"] = float(out)
+                    ok, row["gate"] = gate(op, out, ref)
                     del out
-                    row["peak_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-                except torch.cuda.OutOfMemoryError:
-                    row["note"] = "out of memory"
+                    if not ok:
+                        row["status"] = "wrong"
+                        continue
+                    row["peak_extra_bytes"] = platform.peak_extra_bytes(runs[-1][1], None)
                 except Exception as exc:
-                    row["note"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                finally:
-                    torch.cuda.empty_cache()
+                    row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
+                               note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
+            for r in range(repeats):
+                for row, call, device, eager in runs[r % len(runs):] + runs[: r % len(runs)]:
+                    if row["status"] != "ok":
+                        continue
+                    try:
+                        eager.append(platform.eager_ms(call, None, reps=3))
+                        if "not capturable" not in row["note"]:
+                            device.append(platform.device_ms(call, None, eager[-1], replays=3))
+                    except timing.NotCapturable as exc:
+                        row["note"] = f"eager_ms only: not capturable in a CUDA graph ({exc})"
+                    except Exception as exc:
+                        row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:160]}")
+            for row, call, device, eager in runs:
+                if row["status"] == "ok" and eager:
+                    row["eager_ms"] = statistics.median(eager)
+                    if device:
+                        row.update(device_ms=statistics.median(device), device_ms_min=min(device),
+                                   device_ms_max=max(device))  # fmt: skip
+                    ms = row["device_ms"] or row["eager_ms"]
+                    row["tflops"] = flops(op, n, h, v) / (ms * 1e-3) / 1e12 if ms > 0 else None
                 rows.append(row)
-    print(f"{'op':<19}{'N x H x V':<20}{'provider':<15}{'ms':>9}{'TFLOP/s':>9}{'peak+ GB':>10}  note")
-    for r in rows:
-        fmt = lambda value, spec: format(value, spec) if value is not None else "-"  # noqa: E731
-        print(f"{r['op']:<19}{r['shape']:<20}{r['provider']:<15}{fmt(r['ms'], '9.2f'):>9}{fmt(r['tflops'], '9.1f'):>9}"
-              f"{fmt(r['peak_extra_gb'], '10.2f'):>10}  {r['note']}")  # fmt: skip
+            del runs, ref
+            if platform.device == "cuda":
+                torch.cuda.empty_cache()
+        del x, w, t
     return rows
+
+
+def format_rows(rows) -> str:
+    fmt = lambda value, spec: format(value, spec) if value is not None else "-"  # noqa: E731
+    lines = [f"{'op':<19}{'N x H x V':<19}{'provider':<17}{'dev ms':>9}{'eager ms':>9}{'TFLOP/s':>9}{'peak+ GB':>9}  gate / note"]
+    for r in rows:
+        peak = r["peak_extra_bytes"] / 1e9 if r.get("peak_extra_bytes") is not None else None
+        note = "; ".join(x for x in (r.get("gate") or "", r.get("note") or "") if x)
+        lines.append(f"{r['op']:<19}{r['shape']:<19}{r['label']:<17}{fmt(r['device_ms'], '9.2f')}{fmt(r['eager_ms'], '9.2f')}"
+                     f"{fmt(r['tflops'], '9.1f')}{fmt(peak, '9.2f')}  {r['status'] if r['status'] != 'ok' else ''}{note}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_scoreboard(args) -> int:
+    from bench import gpu, results
+
+    platform = gpu.dry_run_platform() if args.dry_run else gpu.gpu_platform()
+    if platform.dry_run:
+        print(gpu.DRY_RUN_WARNING)
+    meta = gpu.card_meta(platform, copy_gbps=float("nan"))
+    meta.update(target_loss=TARGET_LOSS, inputs=make_inputs.__doc__, repeats=args.repeats)
+    shapes = DRY_RUN_SHAPES if args.dry_run else (QUICK_SHAPES if args.quick else SHAPES)
+    rows = measure(platform, args.ops, shapes, args.providers, repeats=args.repeats)
+    print(format_rows(rows))
+    out = args.out or (tempfile.mkdtemp(prefix="softmax-gpu-dry-run-") if args.dry_run else results.run_folder(meta))
+    paths = results.write_results(rows, meta, out, name="linear_ce")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,7 +332,7 @@ def format_memory_table(rows) -> str:
 def cpu_report(ops) -> None:
     print("No CUDA GPU: the fused linear cross-entropy's memory table and FLOP counts (no timings).\n")
     print(format_memory_table(memory_table(CPU_SHAPES)))
-    print("\nFLOPs an ideal kernel needs at the benchmark's cases (softmax_gpu multiplies 5/4 of the fwd+bwd figure):")
+    print("\nFLOPs an ideal kernel needs at the benchmark's cases:")
     for op in ops:
         for n, h, v in SHAPES:
             print(f"  {op:<19}{n} x {h} x {v}: {flops(op, n, h, v):.3e}")
@@ -212,12 +342,18 @@ def main(argv=None, ops=OPS) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.linear_ce", description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(ops))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--quick", action="store_true", help=f"one shape, {QUICK_SHAPES[0]}")
+    parser.add_argument("--dry-run", action="store_true", help="the GPU scoreboard's code on CPU: measures nothing")
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if torch.cuda.is_available():
-        measure_gpu(args.ops, args.providers)
-    else:
+    if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
-        cpu_report(args.ops)
+        return run_scoreboard(args)
+    if torch.cuda.is_available():
+        return run_scoreboard(args)
+    os.environ["TRITON_INTERPRET"] = "1"
+    cpu_report(args.ops)
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import cpu_instrument
 
 from bench import results
-from bench.__main__ import OPS, QUICK_SHAPES, dry_run_shape, parse_args
+from bench.__main__ import LM_SHAPES, OPS, QUICK_SHAPES, dry_run_shape, parse_args
 from bench.traffic_model import min_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,67 +32,236 @@ def test_min_bytes_formulas():
 
 def test_cli_arguments():
     quick = parse_args(["--quick"])
-    assert quick.shapes == QUICK_SHAPES and len(quick.ops) == 5
+    assert quick.shapes == QUICK_SHAPES and len(quick.ops) == 5 and quick.dtypes == ["bfloat16", "float32"]
+    assert quick.repeats == 3
     args = parse_args(["--shapes", "4096x50257", "1X128256", "--dtypes", "bfloat16", "--ops", "ce_fwd_bwd"])
     assert args.shapes == [(4096, 50257), (1, 128256)] and args.dtypes == ["bfloat16"]
+    assert set(LM_SHAPES) <= set(parse_args([]).shapes)
 
 
-@pytest.mark.parametrize("op", ["softmax_fwd", "softmax_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd"])
-def test_correctness_gate_passes_right_providers_and_stops_wrong_ones(op, device):
-    """The gate the GPU sweep applies before timing, run here on small inputs."""
+# ---------------------------------------------------------------------------------------
+# The gate: the timed call's own output against float64, every row, on each row's scale
+# ---------------------------------------------------------------------------------------
+
+
+def _case_inputs(op, rows, cols, dtype, device, seed=0):
     import torch
 
-    from bench import gpu, providers
+    from bench import gpu
+
+    case = gpu.Case(op, rows, cols, dtype)
+    return gpu.make_inputs(case, torch.Generator(device=device).manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("op", OPS)
+def test_gate_passes_ours_and_torch(op, dtype_name, device):
+    import torch
+
+    from bench import gate, gpu, providers
 
     loaded, _ = providers.load(["softmax_gpu", "torch"])
-    case = gpu.Case(op, 12, 80, torch.float32)
-    inputs = gpu.make_inputs(case, torch.Generator(device=device).manual_seed(0))
-    for name, funcs in loaded.items():
-        assert gpu.runner(op, funcs, inputs) is not None
-        assert gpu.gate(op, funcs, inputs) == "", name
-    wrong = dict(  # plausible-looking but wrong: no max shift for softmax, a dropped term elsewhere
-        softmax=lambda x: torch.exp(x) / torch.exp(x).sum(-1, keepdim=True) * 1.01,
-        log_softmax=lambda x: x - x.max(-1, keepdim=True).values,
-        cross_entropy=lambda logits, target: torch.nn.functional.cross_entropy(logits, target) * 1.01 + 0.01,
-    )
-    assert gpu.gate(op, wrong, inputs).startswith("wrong")
+    inputs = _case_inputs(op, 12, 80, getattr(torch, dtype_name), device)
+    for name, provider in loaded.items():
+        prepared = gpu.build(op, provider, inputs)
+        verdict = gate.check(op, prepared.call(), prepared.gate_inputs)
+        assert verdict.ok, (name, str(verdict))
+        assert verdict.max_err <= verdict.tol / 2 or dtype_name != "float32", (name, str(verdict))
+
+
+def test_gate_catches_wrong_softmax_outputs(device):
+    """An all-zero softmax (which a fixed 5e-2 tolerance passes at 128256 classes), one wrong
+    row, a transposed result, NaN, a wrong shape and a 1% scale error."""
+    import torch
+
+    from bench import gate
+
+    inputs = _case_inputs("softmax_fwd", 64, 64, torch.float32, device)  # square: a transpose keeps the shape
+    y = torch.softmax(inputs["x"].double(), -1).float()
+    assert gate.check("softmax_fwd", y, inputs).ok
+
+    wide = _case_inputs("softmax_fwd", 4, 128256, torch.bfloat16, device)
+    zeros = torch.zeros_like(wide["x"])
+    assert torch.softmax(wide["x"].float(), -1).max() < 5e-2  # what the old gate's atol let through
+    verdict = gate.check("softmax_fwd", zeros, wide)
+    assert not verdict.ok and verdict.max_err == 1.0 and "row" in verdict.where
+
+    one_row = y.clone()
+    one_row[37] = y[36]
+    verdict = gate.check("softmax_fwd", one_row, inputs)
+    assert not verdict.ok and verdict.where == "values, row 37"
+
+    assert not gate.check("softmax_fwd", y.T.contiguous(), inputs).ok
+    nan = y.clone()
+    nan[5, 3] = float("nan")
+    verdict = gate.check("softmax_fwd", nan, inputs)
+    assert not verdict.ok and verdict.max_err == float("inf") and "row 5" in verdict.where
+    verdict = gate.check("softmax_fwd", y[:, :-1], inputs)
+    assert not verdict.ok and "shape" in verdict.where
+    assert not gate.check("softmax_fwd", y * 1.01, inputs).ok
+    assert not gate.check("log_softmax_fwd", y, inputs).ok  # softmax where log_softmax was asked
+
+
+def test_gate_catches_a_gradient_wrong_only_off_the_target(device):
+    """Cross-entropy gradients: the target entries and the rest are checked separately, each
+    on its own scale, so a gradient right at the targets and zero (or halved) elsewhere fails
+    even where |p_t - 1| ~ 1 dwarfs every other entry."""
+    import torch
+
+    from bench import gate
+
+    inputs = _case_inputs("ce_fwd_bwd", 16, 32000, torch.float32, device)
+    x, target = inputs["x"], inputs["target"]
+    grad = torch.softmax(x.double(), -1)
+    grad[torch.arange(16, device=x.device), target] -= 1
+    grad = (grad / 16).float()
+    assert gate.check("ce_fwd_bwd", grad, inputs).ok
+    rows = torch.arange(16, device=x.device)
+    only_target = torch.zeros_like(grad)
+    only_target[rows, target] = grad[rows, target]
+    verdict = gate.check("ce_fwd_bwd", only_target, inputs)
+    assert not verdict.ok and verdict.where.startswith("non-target entries")
+    halved = grad / 2
+    halved[rows, target] = grad[rows, target]
+    assert not gate.check("ce_fwd_bwd", halved, inputs).ok
+    wrong_target = grad.clone()
+    wrong_target[3, target[3]] += 0.5 / 16
+    verdict = gate.check("ce_fwd_bwd", wrong_target, inputs)
+    assert not verdict.ok and verdict.where == "target entries, row 3"
+    assert not gate.check("ce_fwd_bwd", grad * 16, inputs).ok  # the mean's 1/M forgotten
+    loss = torch.nn.functional.cross_entropy(x.double(), target).float()
+    assert gate.check("ce_fwd", loss, inputs).ok
+    assert not gate.check("ce_fwd", loss * 1.01, inputs).ok
+    assert not gate.check("ce_fwd", loss.expand(1), inputs).ok  # a shape (1,) is not the scalar mean
+
+
+def test_gate_checks_the_backward_from_the_saved_output(device):
+    import torch
+
+    from bench import gate, gpu, providers
+
+    inputs = _case_inputs("softmax_bwd", 8, 300, torch.bfloat16, device)
+    prepared = gpu.build("softmax_bwd", providers.load(["torch"])[0]["torch"], inputs)
+    dx = prepared.call()
+    assert gate.check("softmax_bwd", dx, prepared.gate_inputs).ok
+    assert not gate.check("softmax_bwd", dx * 0, prepared.gate_inputs).ok
+    assert not gate.check("softmax_bwd", prepared.gate_inputs["dy"], prepared.gate_inputs).ok
+
+
+def test_inplace_peer_gets_a_fresh_copy_every_call(device):
+    """A provider that writes its gradient over the logits (as Liger's cross-entropy does)
+    is handed a fresh copy before each call, and the caller's input is never touched."""
+    import torch
+
+    from bench import gate, gpu, providers
+
+    def overwriting_ce(logits, target):
+        loss = torch.nn.functional.cross_entropy(logits.detach(), target)
+        with torch.no_grad():
+            logits.zero_()  # what an in-place peer leaves behind
+        return loss
+
+    peer = providers.Provider("overwriter", {"cross_entropy": overwriting_ce}, overwrites_input=frozenset({"ce_fwd"}))
+    inputs = _case_inputs("ce_fwd", 6, 50, torch.float32, device)
+    before = inputs["x"].clone()
+    prepared = gpu.build("ce_fwd", peer, inputs)
+    for _ in range(3):
+        prepared.prepare()
+        assert gate.check("ce_fwd", prepared.call(), prepared.gate_inputs).ok
+    assert torch.equal(inputs["x"], before)
+
+
+def test_calls_per_graph_fills_a_replay():
+    from bench import timing
+
+    assert timing.calls_per_graph(estimate_ms=0.01, flush_ms=0.04) == 40
+    assert timing.calls_per_graph(estimate_ms=5.0, flush_ms=0.04) == 1
+    assert timing.calls_per_graph(estimate_ms=0.0, flush_ms=0.0) == timing.MAX_CALLS_PER_GRAPH
+
+
+# ---------------------------------------------------------------------------------------
+# Result files, tables and the generated indexes
+# ---------------------------------------------------------------------------------------
+
+META = dict(card="NVIDIA H100 80GB HBM3", driver="555.42", torch="2.11.0", triton="3.6.0", copy_gbps=2900.0,
+            date="2026-11-26", commit="0123456789abcdef", dirty=False)  # fmt: skip
 
 
 def fake_rows():
-    """Rows shaped like a run's output, to exercise the writer (not measurements)."""
+    """Rows shaped like a run's output, to exercise the writers (not measurements)."""
+    from bench.gpu import FIELDS
+
     rows = []
-    for provider, scale in (("softmax_gpu", 1.0), ("torch", 0.5)):
+    for provider, scale in (("softmax_gpu", 1.0), ("torch", 0.5), ("cupy", 0.5)):
         for cols in (4096, 32768):
-            rows.append(dict(op="softmax_fwd", dtype="bfloat16", rows=4096, cols=cols, provider=provider, status="ok",
-                             ms=1.0, gbps=1000.0 * scale, pct_copy=50.0 * scale, pct_datasheet=None,
-                             peak_extra_bytes=None, min_bytes=2 * 4096 * cols * 2, note=""))  # fmt: skip
-    rows.append(dict(op="ce_fwd_bwd", dtype="float32", rows=1, cols=128256, provider="liger", status="wrong",
-                     ms=None, gbps=None, pct_copy=None, pct_datasheet=None, peak_extra_bytes=None,
-                     min_bytes=None, note="wrong: max abs err"))  # fmt: skip
+            row = dict.fromkeys(FIELDS)
+            row.update(op="softmax_fwd", dtype="bfloat16", rows=4096, cols=cols, provider=provider,
+                       label="cupy (no autograd)" if provider == "cupy" else provider, status="ok",
+                       device_ms=1.0 / scale, device_ms_min=0.9 / scale, device_ms_max=1.1 / scale,
+                       eager_ms=1.2 / scale, gbps=1000.0 * scale, pct_copy=50.0 * scale, repeats=3,
+                       min_bytes=2 * 4096 * cols * 2, path="single" if provider == "softmax_gpu" else None, note="")  # fmt: skip
+            if provider == "cupy":
+                row.update(device_ms=None, device_ms_min=None, device_ms_max=None, note="eager_ms only")
+            rows.append(row)
+    row = dict.fromkeys(FIELDS)
+    row.update(op="ce_fwd_bwd", dtype="float32", rows=1, cols=128256, provider="torch", label="torch", status="wrong",
+               gate="wrong: values, row 0: err 1.0e+00 > 1.0e-05", note="")  # fmt: skip
+    rows.append(row)
     return rows
 
 
 def test_result_files(tmp_path):
-    meta = dict(card="NVIDIA H100 80GB HBM3", driver="555.42", torch="2.11.0", triton="3.6.0", copy_gbps=2900.0,
-                date="2026-11-26")  # fmt: skip
-    day = datetime.date(2026, 11, 26)
-    json_path, csv_path = results.write_results(fake_rows(), meta, tmp_path, day=day)
-    assert json_path.name == "nvidia-h100-80gb-hbm3_2026-11-26.json" and csv_path.suffix == ".csv"
+    json_path, csv_path = results.write_results(fake_rows(), META, tmp_path)
+    assert json_path.name == "scoreboard.json" and csv_path.name == "scoreboard.csv"
     data = json.loads(json_path.read_text())
-    assert data["meta"]["card"] == meta["card"] and len(data["results"]) == 5
+    assert data["meta"]["card"] == META["card"] and len(data["results"]) == 7
     with csv_path.open() as f:
         table = list(csv.DictReader(f))
-    assert len(table) == 5 and table[0]["card"] == meta["card"] and table[0]["copy_gbps"] == "2900.0"
-    assert table[-1]["status"] == "wrong" and table[-1]["gbps"] == ""
-    png = results.plot_results(fake_rows(), meta, tmp_path, day=day)
-    assert png.name == "nvidia-h100-80gb-hbm3_2026-11-26.png" and png.stat().st_size > 10_000
+    assert len(table) == 7 and table[0]["card"] == META["card"] and table[0]["copy_gbps"] == "2900.0"
+    assert table[0]["commit"] == META["commit"] and table[-1]["status"] == "wrong" and table[-1]["gbps"] == ""
+    png = results.plot_results(fake_rows(), META, tmp_path)
+    assert png.name == "scoreboard.png" and png.stat().st_size > 10_000
     text = results.format_table(fake_rows())
-    assert "softmax_gpu" in text and "wrong" in text
-    table = results.markdown_table(fake_rows(), meta).splitlines()
-    assert table[0].startswith("NVIDIA H100 80GB HBM3, driver 555.42") and "copy 2900 GB/s" in table[0]
-    assert table[2] == "| op | dtype | shape | ms | GB/s | % copy | vs torch | vs liger |"
-    assert "| softmax_fwd | bfloat16 | 4096×4096 | 1.0000 | 1000 | 50.0 | 1.00× | — |" in table
-    assert table[-1].startswith("| ce_fwd_bwd | float32 | 1×128256 |") and table[-1].endswith("| — | wrong |")
+    assert "softmax_gpu" in text and "wrong" in text and "cupy (no autograd)" in text
+    table = results.markdown_table(fake_rows(), META).splitlines()
+    assert table[0].startswith("NVIDIA H100 80GB HBM3, 2026-11-26, commit 0123456789; driver 555.42")
+    assert "copy 2900 GB/s" in table[0]
+    assert table[2] == ("| op | dtype | shape | device µs | spread | GB/s | % copy | eager µs | path "
+                        "| vs torch | vs cupy (no autograd) |")  # fmt: skip
+    assert "| softmax_fwd | bfloat16 | 4096×4096 | 1000 | ±10% | 1000 | 50.0 | 1200 | single | 2.00× | 2.00× (eager) |" in table
+    assert table[-1].startswith("| ce_fwd_bwd | float32 | 1×128256 |") and table[-1].endswith("| wrong | — |")
+    assert results.run_folder(META, tmp_path, datetime.date(2026, 11, 26)) == tmp_path / "nvidia-h100-80gb-hbm3_2026-11-26"
+
+
+def test_generated_files_match_the_committed_runs():
+    """bench/results/README.md and README.md's results table are what `python -m bench.results
+    --index` / `--readme` make from the committed JSON: neither can claim a figure no
+    committed run contains."""
+    index = (ROOT / "bench" / "results" / "README.md").read_text()
+    assert index == results.index_markdown(), "bench/results/README.md is stale: python -m bench.results --index"
+    readme = (ROOT / "README.md").read_text()
+    assert results.README_BEGIN in readme and results.README_END in readme
+    assert readme == results.replace_between(readme, results.readme_table()), (
+        "README.md's results table is stale: python -m bench.results --readme"
+    )
+    path, data = results.newest_scoreboard()
+    if data is not None:
+        assert data["meta"]["commit"][:10] in readme and data["meta"]["card"] in readme
+
+
+def test_summary_reads_a_run(tmp_path, capsys):
+    from bench import summary
+
+    results.write_results(fake_rows(), META, tmp_path)
+    (tmp_path / "gpu_tests.txt").write_text("...\n===== 3 failed, 900 passed, 10 skipped in 101.00s =====\n")
+    (tmp_path / "memcheck.txt").write_text("========= ERROR SUMMARY: 0 errors\n")
+    assert summary.main([str(tmp_path), "--rc", "tests=1", "memcheck=0", "--seconds", "42"]) == 1
+    out = capsys.readouterr().out
+    assert "3 failed, 900 passed" in out and "ERROR SUMMARY: 0 errors" in out and "step tests: exit 1" in out
+    assert "softmax_fwd     bfloat16  ours 50-50% of copy" in out and "torch 2.00x" in out
+    assert "1 failed the gate" in out and "linear cross-entropy: missing" in out
+    (tmp_path / "gpu_tests.txt").write_text("===== 900 passed in 101.00s =====\n")
+    assert summary.main([str(tmp_path), "--rc", "tests=0"]) == 0
 
 
 @cpu_instrument
@@ -131,34 +300,18 @@ def test_dry_run_shapes_keep_the_grid_character():
     assert args.shapes == [(4, 256), (4, 250), (4, 251)] and args.out != "bench/results"
 
 
-def test_dry_run_timer_takes_exactly_the_triton_timers_keywords():
-    import triton.testing
-
-    from bench import gpu
-
-    calls = []
-    timer = gpu._cpu_timer(triton.testing.do_bench)
-    assert timer(lambda: calls.append(1), **gpu.DO_BENCH_KW) >= 0 and len(calls) == 4  # warm-up + 3
-    with pytest.raises(TypeError):
-        timer(lambda: None, warmup=25, rep=100, return_mode="median", flush_l2=True)  # not a do_bench keyword
-    graph_timer = gpu._cpu_timer(triton.testing.do_bench_cudagraph)
-    graph_timer(lambda: None, **gpu.CUDAGRAPH_KW)
-    with pytest.raises(TypeError):
-        graph_timer(lambda: None, **gpu.DO_BENCH_KW)  # do_bench_cudagraph takes no warmup
-
-
-def read_run(out_dir: Path):
-    (json_path,) = out_dir.glob("dry-run-cpu_*.json")
-    data = json.loads(json_path.read_text())
-    with json_path.with_suffix(".csv").open() as f:
+def read_run(out_dir: Path, name: str = "scoreboard"):
+    data = json.loads((out_dir / f"{name}.json").read_text())
+    with (out_dir / f"{name}.csv").open() as f:
         table = list(csv.DictReader(f))
     return data, table
 
 
 @cpu_instrument
 def test_device_check_dry_run(tmp_path):
-    """bench/device_check.sh --dry-run: the script's staging, a test selection and
-    `python -m bench --dry-run --quick` (every op, the three providers that run on CPU)."""
+    """bench/device_check.sh --dry-run: the script's staging, a test selection, both
+    scoreboards' dry runs (every op, both quick dtypes, the providers that run on CPU) and
+    the summary."""
     before = sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -168,33 +321,49 @@ def test_device_check_dry_run(tmp_path):
     assert sorted(p.name for p in (ROOT / "bench" / "results").iterdir()) == before  # nothing written there
     info = (tmp_path / "device_info.txt").read_text()
     assert "--dry-run" in info and "softmax-gpu/softmax_gpu/kernels/__init__.py" in info  # the staged copy
+    assert re.search(r"^commit [0-9a-f]{40}", info, re.M)
     assert re.search(r"\b2 passed\b", (tmp_path / "gpu_tests.txt").read_text())
     assert "skipped in a dry run" in (tmp_path / "memcheck.txt").read_text()
-    assert "DRY RUN" in (tmp_path / "bench_quick.txt").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "DRY RUN" in summary and "scoreboard: 30 cases, 90 rows timed, 0 failed the gate, 0 errors" in summary
 
     data, table = read_run(tmp_path)
     meta = data["meta"]
     assert meta["dry_run"] is True and "No figure here is a GPU measurement" in meta["warning"]
+    assert len(meta["commit"]) == 40 and set(meta["timers"]) == {"cpu-clock"}
     assert all(row["dry_run"] == "True" for row in table)
     assert results.markdown_table(data["results"], meta).startswith("DRY RUN on CPU, not GPU measurements")
     assert meta["card"] == "dry-run-cpu" and meta["datasheet_gbps"] is None and meta["copy_gbps"] > 0
     assert set(meta["providers_skipped"]) >= {"liger", "quack", "cupy"}  # none installs here
     shapes = {(4, 256), (4, 250), (4, 251)}
-    ran = {(r["op"], r["provider"], r["rows"], r["cols"]) for r in data["results"] if r["status"] == "ok"}
+    rows = data["results"]
+    ran = {(r["op"], r["provider"], r["dtype"], r["rows"], r["cols"]) for r in rows if r["status"] == "ok"}
     for provider in ("softmax_gpu", "torch", "torch.compile"):
-        assert {(op, provider, *s) for op in OPS for s in shapes} <= ran, provider
-    assert all(r["status"] == "ok" for r in data["results"]), [r for r in data["results"] if r["status"] != "ok"]
-    assert len(table) == len(data["results"]) == 5 * 3 * 3
-    assert all(r["peak_extra_bytes"] is None for r in data["results"])  # not measurable on CPU: not faked
-    png = next(tmp_path.glob("dry-run-cpu_*.png"))
+        assert {(op, provider, d, *s) for op in OPS for d in ("bfloat16", "float32") for s in shapes} <= ran, provider
+    assert all(r["status"] == "ok" and r["gate"].startswith("ok") for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert len(table) == len(rows) == 5 * 2 * 3 * 3
+    for r in rows:  # both clocks, each repeated and named; the spread is the repetitions'
+        assert r["repeats"] == 2 and r["device_timer"] == r["eager_timer"] == "cpu-clock"
+        assert r["device_ms_min"] <= r["device_ms"] <= r["device_ms_max"] and r["eager_ms"] > 0
+        assert r["peak_extra_bytes"] is None and r["launches"] is None  # not measurable on CPU: not faked
+    ours = [r for r in rows if r["provider"] == "softmax_gpu"]
+    assert all(r["path"] and r["model_bytes"] >= r["min_bytes"] and r["model_launches"] >= 1 for r in ours)
+    png = tmp_path / "scoreboard.png"
     assert png.stat().st_size > 10_000
 
+    linear, _ = read_run(tmp_path, "linear_ce")
+    assert linear["meta"]["dry_run"] is True and linear["meta"]["target_loss"] == 2.5
+    assert {r["provider"] for r in linear["results"]} >= {"softmax_gpu", "torch", "torch.compile"}
+    assert all(r["status"] == "ok" and r["gate"].startswith("ok") for r in linear["results"])
+    reference = {r["reference_loss"] for r in linear["results"]}
+    assert len(reference) == 1 and 1.5 < reference.pop() < 3.5  # inputs drawn for a trained model's loss
 
-@cpu_instrument
+
 @cpu_instrument
 def test_device_check_dry_run_defaults_to_a_temporary_folder(tmp_path):
     """With no OUT_DIR (and no $OUT) a dry run writes to a new temporary folder, never
-    bench/results/; options may come in any position."""
+    bench/results/, and a GPU run to bench/results/<card>_<date>/; options may come in any
+    position."""
     before = sorted(p.name for p in (ROOT / "bench" / "results").iterdir())
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
     env["CUDA_VISIBLE_DEVICES"] = ""
@@ -214,7 +383,8 @@ def test_device_check_dry_run_defaults_to_a_temporary_folder(tmp_path):
             assert "softmax-gpu-dry-run-" in chosen and not chosen.startswith(str(tmp_path))
             shutil.rmtree(chosen)
         else:
-            assert chosen == "bench/results" and (tmp_path / "bench" / "results").is_dir()
+            assert re.fullmatch(r"bench/results/[a-z0-9-]+_\d{4}-\d\d-\d\d", chosen), chosen
+            assert (tmp_path / chosen).is_dir()
     assert sorted(p.name for p in (ROOT / "bench" / "results").iterdir()) == before
 
 

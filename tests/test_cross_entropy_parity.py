@@ -24,6 +24,7 @@ def _block(max_block):
 def _torch_fp32_gradient(logits, target, upstream, reduction, **kw):
     """torch's gradient as its float32 kernels form it: float32 math, one rounding at the end."""
     x = logits.detach().float().cpu().requires_grad_()
+    kw = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # weight: on the CPU too
     loss = F.cross_entropy(x, target.cpu(), reduction=reduction, **kw)
     loss.backward(upstream.float().cpu())
     return x.grad.to(logits.dtype)

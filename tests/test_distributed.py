@@ -271,7 +271,7 @@ def _subgroup_worker(rank, world):
     full = logits.clone().requires_grad_()
     expected = softmax_gpu.cross_entropy(full, target, label_smoothing=0.1)
     expected.backward()
-    assert_matches(loss, expected.detach().numpy(), RTOL, ATOL, what="subgroup loss")
+    assert_matches(loss, expected.detach().cpu().numpy(), RTOL, ATOL, what="subgroup loss")
     assert_matches(shard.grad, to_f64(full.grad[:, start : start + 11]), RTOL, ATOL, what="subgroup grad")
 
 
@@ -328,7 +328,7 @@ def _collectives_and_special_rows_worker(rank, world, n_rows, n_classes):
     expected.backward()
     ref_in = masked.double().requires_grad_()
     F.cross_entropy(ref_in, target, weight=weight.double(), reduction="sum").backward()
-    assert_matches(loss, expected.detach().numpy(), RTOL, ATOL, what="masked: loss vs cross_entropy")
+    assert_matches(loss, expected.detach().cpu().numpy(), RTOL, ATOL, what="masked: loss vs cross_entropy")
     assert_matches(shard.grad, to_f64(full.grad[:, start:stop]), RTOL, ATOL, what="masked: grad vs cross_entropy")
     assert_matches(shard.grad, to_f64(ref_in.grad[:, start:stop]), RTOL, ATOL, what="masked: grad vs torch")
     assert torch.isfinite(loss) and torch.isfinite(shard.grad).all()
@@ -341,7 +341,7 @@ def _collectives_and_special_rows_worker(rank, world, n_rows, n_classes):
     t4 = int(target[4])
     confident[4, t4] += 30.0
     _, grad = check_case(rank, world, n_classes, None, "confident row", confident, target, reduction="sum")
-    _, grad64 = reference.cross_entropy(to_f64(confident), target.numpy(), reduction="sum")
+    _, grad64 = reference.cross_entropy(to_f64(confident), target.cpu().numpy(), reduction="sum")
     if start <= t4 < stop:  # the owner: q_t - 1 ~ -1e-11, far below the absolute tolerance
         ours, exact = float(grad[4, t4 - start]), float(grad64[4, t4])
         assert exact < 0 and abs(ours - exact) <= 0.02 * abs(exact), (ours, exact)

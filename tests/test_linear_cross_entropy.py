@@ -79,7 +79,7 @@ def run_reference(x, w, b, target, upstream=None, dtype=torch.float64, **kw):
 def assert_close_fp32(got, want, what):
     """float32 against float64, relative to the result's scale (sums over H or V rows)."""
     scale = float(want.abs().max()) if want.numel() else 1.0
-    assert_matches(got, want.numpy(), rtol=RTOL, atol=RTOL * scale, what=what)
+    assert_matches(got, want.detach().cpu().numpy(), rtol=RTOL, atol=RTOL * scale, what=what)
 
 
 # Option sets: each combines several options; together they cover every option, every
@@ -279,7 +279,8 @@ def test_launchers_write_every_element(device):
         lce.launch_backward_input(x, w, b, target, None, stats, upstream, None, dx, *opts)
         lce.launch_backward_weight(x, w, b, target, None, stats, upstream, None, dw, db, *opts)
     ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum", label_smoothing=0.1, softcap=2.0)
-    ref_lse = torch.logsumexp(2.0 * torch.tanh(F.linear(x.double(), w.double(), b.double()) / 2.0), -1)
+    z64 = F.linear(x.double().cpu(), w.double().cpu(), b.double().cpu())  # on the CPU, as run_reference
+    ref_lse = torch.logsumexp(2.0 * torch.tanh(z64 / 2.0), -1)
     assert_close_fp32(loss.sum().cpu(), ref_loss, "loss")
     assert_close_fp32(lse.cpu(), ref_lse, "lse")
     assert not stats.isnan().any()
