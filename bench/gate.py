@@ -10,7 +10,9 @@ nonsense: at 128256 classes the largest probability of a random row is about 0.0
 all-zero softmax sits within 5e-2 of the truth.
 
     softmax_fwd       max |y - p| / max p, per row; and |sum(y) - 1|
-    log_softmax_fwd   max |y - log p| / max(1, max |log p|), per row; and |sum(exp y) - 1|
+    log_softmax_fwd   max |y - log p| / max(1, max |log p|), per row; and |sum(exp y) - 1| / H
+                      with H = max(1, the row's entropy): rounding log p_j to 16 bits moves
+                      e^y_j by up to the dtype's step times |log p_j|
     softmax_bwd       max |dx - r| / max |r| with r = y (dy - sum(y dy)) from the forward
                       output y the provider saved (its rounding is the forward's business)
     ce_fwd            |loss - L| / max(1, |L|) for the mean loss L
@@ -19,10 +21,12 @@ all-zero softmax sits within 5e-2 of the truth.
                       row's largest other p, separately (an all-zero off-target gradient
                       would hide under |p_t - 1| ~ 1 otherwise); and |sum(g)| per row
 
-Tolerances (TOLERANCE) are about the dtype's output rounding, with one exception: the
-cross-entropy gradient in 16 bits, where torch's own eager path saves bfloat16
-log-probabilities and exponentiates them in the backward, an error of up to 2^-6 of the
-largest off-target probability; the gate allows twice that, the rule our unit tests use.
+Tolerances (TOLERANCE) are about the dtype's output rounding, with two exceptions where
+torch's own 16-bit path needs more and the gate allows twice torch's error, the rule our unit
+tests use: the softmax backward (torch's bfloat16 reached 7.5e-3 of the row's scale), and
+the cross-entropy gradient, where torch's eager path saves bfloat16 log-probabilities and
+exponentiates them in the backward, an error of up to 2^-6 of the largest off-target
+probability.
 """
 import dataclasses
 import math
@@ -34,7 +38,9 @@ _BASE = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-9}
 TOLERANCE = {
     "softmax_fwd": _BASE,
     "log_softmax_fwd": _BASE,
-    "softmax_bwd": _BASE,
+    # torch's own bfloat16 backward reached 7.5e-3 of the row's scale on an H200 (32768 x 4096):
+    # twice that, as the unit tests allow.
+    "softmax_bwd": {torch.float32: 1e-5, torch.bfloat16: 2**-6, torch.float16: 2**-8},
     "ce_fwd": _BASE,
     "ce_fwd_bwd": {torch.float32: 1e-5, torch.bfloat16: 2**-5, torch.float16: 2**-7},
 }
@@ -111,7 +117,10 @@ def _check_rows(op, out, x, inputs, sl, worst):
     elif op == "log_softmax_fwd":
         logp = torch.log_softmax(x64, -1)
         worst.update(_row_max(got - logp) / _row_max(logp).clamp_min(1), "values", r0)
-        worst.update((got.exp().sum(-1) - 1).abs(), "row sum of exp", r0)
+        # Rounding log p_j to the dtype moves e^y_j by up to that dtype's relative step
+        # times |log p_j|, so the sum moves by up to that times the row's entropy.
+        entropy = -(logp.exp() * logp).sum(-1)
+        worst.update((got.exp().sum(-1) - 1).abs() / entropy.clamp_min(1), "row sum of exp / entropy", r0)
     elif op == "softmax_bwd":
         y, dy = inputs["y"][sl].double(), inputs["dy"][sl].double()
         ref = y * (dy - (y * dy).sum(-1, keepdim=True))

@@ -164,10 +164,13 @@ def _cuda_warm(seconds: float = WARM_SECONDS) -> None:
 
 
 def _cuda_copy_gbps() -> float:
+    """The ceiling: a device-to-device copy of COPY_BYTES timed on the device clock, as every
+    row is, counting bytes read and written."""
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     flush = timing.flush_buffer("cuda")
-    ms = statistics.median(timing.eager_ms(lambda: dst.copy_(src), flush, reps=20) for _ in range(3))
+    copy = lambda: dst.copy_(src)  # noqa: E731
+    ms = statistics.median(timing.device_ms(copy, flush, k=4) for _ in range(3))
     return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
 
 
@@ -240,11 +243,30 @@ def card_meta(platform: Platform, copy_gbps: float) -> dict:
         **described, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
         copy_gbps=copy_gbps, datasheet_gbps=datasheet, date=datetime.date.today().isoformat(),
         dry_run=platform.dry_run, timers=platform.timers, gate=gate.__doc__.split("\n\n")[0],
-        **_commit(),
+        source_sha256=source_sha256(), **_commit(),
     )  # fmt: skip
     if platform.dry_run:
         meta["warning"] = DRY_RUN_WARNING
     return meta
+
+
+def source_sha256(root=None) -> str:
+    """A hash of the code measured (softmax_gpu/ and kernels/ file contents by path): a check
+    on the recorded commit, which a copied .git can misreport (`git ls-tree` of the commit
+    gives the same files)."""
+    import hashlib
+    from pathlib import Path
+
+    root = Path(root or Path(__file__).resolve().parents[1])
+    digest = hashlib.sha256()
+    for folder in ("softmax_gpu", "kernels"):
+        for path in sorted((root / folder).rglob("*")):
+            rel = path.relative_to(root)
+            if rel.parts[:2] == ("softmax_gpu", "kernels"):  # device_check.sh's staged copy of kernels/
+                continue
+            if path.is_file() and path.suffix in (".py", ".cu", ".cuh") and "__pycache__" not in path.parts:
+                digest.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _commit() -> dict:

@@ -231,7 +231,7 @@ def index_markdown(base: Path = RESULTS) -> str:
         status = [r.get("status", "ok") for r in rows]
         other = len(status) - status.count("ok") - status.count("wrong")
         commit = str(meta.get("commit") or "")[:10] or "not recorded"
-        kind = "scoreboard" if _scoreboard(data) else ("linear CE" if path.stem.startswith("linear_ce") else "before the scoreboard")
+        kind = "linear CE" if path.stem.startswith("linear_ce") else ("scoreboard" if _scoreboard(data) else "before the scoreboard")
         lines.append(f"| [`{path.relative_to(base)}`]({path.relative_to(base)}) | {meta['card']} | {meta.get('date', '')} | "
                      f"{commit} | {meta.get('torch', '?')} / {meta.get('triton', '?')} | {kind} | "
                      f"{status.count('ok')} / {status.count('wrong')} / {other} |")  # fmt: skip
@@ -261,17 +261,18 @@ def replace_between(text: str, body: str) -> str:
 
 def main(argv) -> int:
     if argv and argv[0] in ("--index", "--readme", "--check"):
-        index = RESULTS / "README.md"
         readme = ROOT / "README.md"
-        want_index = index_markdown()
-        want_readme = replace_between(readme.read_text(), readme_table())
+        generated = {
+            "--index": (RESULTS / "README.md", index_markdown),
+            "--readme": (readme, lambda: replace_between(readme.read_text(), readme_table())),
+        }
         if argv[0] == "--check":
-            stale = [str(p) for p, want in ((index, want_index), (readme, want_readme)) if p.read_text() != want]
-            for p in stale:
-                print(f"{p} is stale: regenerate with python -m bench.results --index / --readme")
+            stale = [str(path) for path, make in generated.values() if path.read_text() != make()]
+            for path in stale:
+                print(f"{path} is stale: regenerate with python -m bench.results --index / --readme")
             return 1 if stale else 0
-        target, text = (index, want_index) if argv[0] == "--index" else (readme, want_readme)
-        target.write_text(text)
+        target, make = generated[argv[0]]
+        target.write_text(make())
         print(f"wrote {target}")
         return 0
     path = Path(argv[0])

@@ -58,9 +58,9 @@ def _entry(rank, world, init, seed, worker_name, args):
     """Child entry point: the interpreter is chosen before anything imports triton."""
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
-        from conftest import _round_bf16_to_nearest_even  # the parent's bfloat16 rounding fix
+        from softmax_gpu.interpreter import apply_fixes  # the interpreter fixes the parent's conftest applies
 
-        _round_bf16_to_nearest_even()
+        apply_fixes()
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         torch.manual_seed(seed)  # the same full problem on every rank
