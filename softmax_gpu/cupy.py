@@ -67,12 +67,12 @@ def _launch(family: str, a, vec: int, n_rows: int, n_cols: int, args: tuple, arr
     kernel((launch.grid,), (launch.block,), args + (np.int64(n_rows),))
 
 
-def _as_cupy(x, name: str):
+def _as_cupy(x, name: str, fn: str):
     if isinstance(x, cupy.ndarray):
         return x
     if hasattr(x, "__dlpack__"):
         return cupy.from_dlpack(x)
-    raise TypeError(f"softmax_gpu.cupy: '{name}' must be a CuPy array or support DLPack, not {type(x).__name__}")
+    raise TypeError(f"{fn}: '{name}' must be a CuPy array or support DLPack, not {type(x).__name__}")
 
 
 def _check_dtype(a, fn: str, family: str) -> None:
@@ -131,7 +131,7 @@ def _back(rows, moved_shape, axis: int, ndim: int):
 
 
 def _forward(x, axis: int, log: bool, fn: str):
-    x = _as_cupy(x, "x")
+    x = _as_cupy(x, "x", fn)
     _check_dtype(x, fn, "softmax_fwd")
     axis = _axis(axis, x.ndim)
     with x.device:
@@ -147,7 +147,7 @@ def _forward(x, axis: int, log: bool, fn: str):
 
 
 def _backward(y, dy, axis: int, log: bool, fn: str):
-    y, dy = _as_cupy(y, "y"), _as_cupy(dy, "dy")
+    y, dy = _as_cupy(y, "y", fn), _as_cupy(dy, "dy", fn)
     _check_dtype(y, fn, "softmax_bwd")
     if dy.shape != y.shape or dy.dtype != y.dtype:
         raise ValueError(f"{fn}: y {y.shape} {y.dtype} and dy {dy.shape} {dy.dtype} must match")
@@ -196,11 +196,12 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
     torch.nn.functional.cross_entropy: rows whose target is ignore_index count for nothing,
     "mean" divides by the number of the others (NaN when there are none). A target outside
     [0, C) gives NaN for its row; it is never used as an address. With C == 0 every target
-    is out of range: loss NaN, except 0 for ignored rows, and an (N, 0) grad. logits and
+    is out of range: loss NaN, except 0 for ignored rows (NaN too with label_smoothing > 0,
+    as torch), "mean" NaN, and an (N, 0) grad. logits and
     target must be on the same device; the work runs there.
     """
     fn = "softmax_gpu.cupy.cross_entropy"
-    logits, target = _as_cupy(logits, "logits"), _as_cupy(target, "target")
+    logits, target = _as_cupy(logits, "logits", fn), _as_cupy(target, "target", fn)
     _check_dtype(logits, fn, "cross_entropy")
     if logits.ndim != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"{fn}: expected (N, C) logits and (N,) targets, got {logits.shape} and {target.shape}")
@@ -223,9 +224,14 @@ def cross_entropy(logits, target, ignore_index: int = -100, reduction: str = "me
         if n_cols == 0:
             # No class exists: every target but ignore_index is out of range, so its row's loss
             # is NaN (the rule for any out-of-range target) and an ignored row's is 0, as torch
-            # gives for ignored rows. Nothing to launch.
+            # gives for ignored rows; with label smoothing every row is NaN, as torch's eps / C
+            # (inf) times the row's smoothing term (0). Nothing to launch.
             loss = cupy.where(ignored, cupy.zeros((), cupy.float32), cupy.full((), np.nan, cupy.float32))
+            if label_smoothing > 0:
+                loss[...] = np.nan
             grad = cupy.empty(logits.shape, dtype=logits.dtype)
+            if reduction == "sum" and label_smoothing > 0:  # NaN even over no rows, as torch (0 * inf)
+                return cupy.full((), np.nan, cupy.float32), grad
         else:
             grad = _empty_rows_like(logits, logits.shape) if n_rows else cupy.empty(logits.shape, logits.dtype)
             loss = cupy.empty(n_rows, dtype=cupy.float32)

@@ -234,7 +234,7 @@ def vocab_parallel_linear_cross_entropy(
     n_local, hidden = linear_weight.shape
     col_start, n_classes = _shard_layout(group, n_local, vocab_start, input.device, fn)
 
-    x = input.reshape(-1, hidden)  # a view when it can be: the kernels take both strides
+    x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: the kernels take both strides
     tgt = target.reshape(-1)
     softcap = None if softcap is None else float(softcap)
     if weight is not None:

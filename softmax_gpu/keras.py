@@ -2,7 +2,10 @@
 import torch
 
 from .checks import check_floating, normalize_dim
+from .kernels.cross_entropy import cross_entropy_kernel
+from .layout import as_rows
 from .ops.cross_entropy import cross_entropy
+from .runtime import check_launchable
 
 # Keras clips probabilities to [EPSILON, 1 - EPSILON] before the log when from_logits=False.
 EPSILON = 1e-7
@@ -26,11 +29,12 @@ def categorical_crossentropy(
         raise ValueError(f"{fn}(): y_true {tuple(y_true.shape)} and y_pred {tuple(y_pred.shape)} must have one shape")
     axis = normalize_dim(axis, y_pred.dim())
     if from_logits:
-        logits = y_pred.movedim(axis, -1).reshape(-1, y_pred.shape[axis])
-        target = y_true.movedim(axis, -1).reshape(logits.shape).to(torch.float32)
+        check_launchable(fn, cross_entropy_kernel, y_pred)  # before cross_entropy() would, in its name
+        logits = as_rows(y_pred, axis)
+        target = as_rows(y_true, axis).to(torch.float32)
         loss = cross_entropy(logits, target, reduction="none", label_smoothing=label_smoothing)
         return loss.view(y_pred.movedim(axis, -1).shape[:-1])
     n_classes = y_pred.shape[axis]
-    target = y_true.float() * (1 - label_smoothing) + label_smoothing / n_classes
+    target = y_true.float() * (1 - label_smoothing) + (label_smoothing / n_classes if n_classes else 0.0)
     probs = y_pred.float() / y_pred.float().sum(axis, keepdim=True)
     return -(target * probs.clamp(EPSILON, 1 - EPSILON).log()).sum(axis)

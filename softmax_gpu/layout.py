@@ -9,7 +9,7 @@ def as_rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     argument); a copy otherwise, e.g. for a reduction dim that is not the innermost.
     """
     moved = x.movedim(dim, -1) if x.dim() else x.reshape(1)
-    rows = moved.reshape(-1, moved.shape[-1])
+    rows = moved.reshape(moved.shape[:-1].numel(), moved.shape[-1])  # not -1: ambiguous for 0 columns
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows

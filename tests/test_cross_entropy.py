@@ -1234,3 +1234,72 @@ def test_split_rows_inplace_backward(dtype, device):
             softmax_gpu.cross_entropy(x @ w, target, label_smoothing=0.1, inplace_backward=inplace).backward()
         grads.append(w.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def _outcome(fn, logits, target, reduction, **kw):
+    """('ok', loss, gradient of the logits (and of probability targets)) or ('raised', type, message)."""
+    logits, target = logits.clone().requires_grad_(), target.clone()
+    if target.is_floating_point():
+        target.requires_grad_()
+    try:
+        loss = fn(logits, target, reduction=reduction, **kw)
+    except Exception as e:  # noqa: BLE001 - the error itself is compared
+        return "raised", type(e), str(e)
+    loss.sum().backward()
+    return "ok", loss.detach(), logits.grad, target.grad
+
+
+def _assert_same_outcome(ours, torchs, case):
+    assert ours[0] == torchs[0], (case, ours, torchs)
+    if ours[0] == "raised":
+        assert ours[1] is torchs[1] and ours[2] == torchs[2], (case, ours, torchs)
+        return
+    for a, b in zip(ours[1:], torchs[1:]):
+        if a is None or b is None:
+            assert a is None and b is None, case
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, (case, a, b)
+        torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{case}: {m}")
+        signed = ~a.isnan()  # -0.0 where torch gives -0.0 (an empty sum negated)
+        assert torch.equal(a.signbit() & signed, b.signbit() & signed), (case, a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_classes_as_torch(dtype, monkeypatch):
+    """C == 0, as torch.nn.functional.cross_entropy: targets all ignore_index give 0 a row, a
+    0 sum and a NaN mean (0 / 0); any other class index raises torch's IndexError; label
+    smoothing makes every row NaN (torch adds eps / C = inf times 0); probability targets
+    give -0.0 a row and a NaN mean (torch divides by numel / C). Gradients are empty, of the
+    input's shape. Nothing launches: a launch would raise here (the interpreter is 'off')."""
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: False)
+    ignored, long = torch.full((4,), -100), dict(dtype=torch.long)
+    cases = [  # (logits shape, target)
+        ((4, 0), ignored),
+        ((4, 0), torch.zeros(4, **long)),  # IndexError: Target 0 is out of bounds.
+        ((4, 0), torch.tensor([-100, -100, -3, -100])),  # IndexError, a negative one
+        ((4, 0), torch.empty(4, 0, dtype=dtype)),  # probabilities
+        ((0, 0), torch.empty(0, **long)),
+        ((0, 0), torch.empty(0, 0, dtype=dtype)),
+        ((0,), torch.tensor(-100)),  # unbatched
+        ((0,), torch.tensor(2)),
+        ((2, 0, 3), torch.empty(2, 0, 3, dtype=dtype)),  # (N, C, d): probabilities
+    ]
+    options = [{}, dict(label_smoothing=0.1), dict(weight=torch.empty(0, dtype=dtype)),
+               dict(weight=torch.empty(0, dtype=dtype), label_smoothing=0.3)]  # fmt: skip
+    for (shape, target), kw, reduction in itertools.product(cases, options, ("none", "sum", "mean")):
+        logits = torch.empty(shape, dtype=dtype)
+        case = (shape, target.tolist(), kw, reduction)
+        ours = _outcome(softmax_gpu.cross_entropy, logits, target, reduction, **kw)
+        _assert_same_outcome(ours, _outcome(F.cross_entropy, logits, target, reduction, **kw), case)
+    # (N, C, d) class indices: torch fails inside its own reshape ("size mismatch"); ours
+    # treats them as the 2-D case does.
+    loss = softmax_gpu.cross_entropy(torch.empty(2, 0, 3, dtype=dtype), torch.full((2, 3), -100), reduction="none")
+    assert loss.shape == (2, 3) and (loss == 0).all()
+    # The extensions: ignored rows stay 0 under z_loss and softcap; the in-place backward
+    # and split rows have nothing to write.
+    with config.force_split(16):
+        logits = torch.empty(4, 0, dtype=dtype, requires_grad=True)
+        loss = softmax_gpu.cross_entropy(logits * 1, ignored, reduction="sum", z_loss=0.1, softcap=5.0,
+                                         inplace_backward=True)  # fmt: skip
+        loss.backward()
+    assert loss.item() == 0 and logits.grad.shape == (4, 0)

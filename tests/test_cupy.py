@@ -565,10 +565,28 @@ def test_gpu_no_classes(dtype):
     ignored = cupy.full(3, -100)
     assert float(sgc.cross_entropy(logits, ignored, reduction="sum")[0]) == 0.0
     assert np.isnan(float(sgc.cross_entropy(logits, ignored, reduction="mean")[0]))
+    # label smoothing: NaN everywhere, as torch (eps / C = inf times 0), even summed over no rows
+    assert np.isnan(cupy.asnumpy(sgc.cross_entropy(logits, ignored, reduction="none", label_smoothing=0.1)[0])).all()
+    for rows in (ignored, ignored[:0]):
+        assert np.isnan(float(sgc.cross_entropy(logits[: len(rows)], rows, reduction="sum", label_smoothing=0.1)[0]))
     for fn in (sgc.softmax, sgc.log_softmax):
         assert fn(logits).shape == (3, 0)
     for fn in (sgc.softmax_backward, sgc.log_softmax_backward):
         assert fn(logits, logits).shape == (3, 0)
+
+
+@needs_gpu
+def test_gpu_errors_name_the_function():
+    calls = {
+        "softmax": lambda: sgc.softmax([1.0]),
+        "log_softmax": lambda: sgc.log_softmax([1.0]),
+        "softmax_backward": lambda: sgc.softmax_backward([1.0], [1.0]),
+        "log_softmax_backward": lambda: sgc.log_softmax_backward([1.0], [1.0]),
+        "cross_entropy": lambda: sgc.cross_entropy([[1.0]], [0]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^softmax_gpu.cupy.{name}: '[a-z]+' must be a CuPy array"):
+            call()
 
 
 @needs_gpu

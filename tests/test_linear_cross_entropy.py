@@ -7,6 +7,7 @@ three row tiles, the vocabulary into five tiles and the hidden dim into three, s
 loop and every mask of the three kernels runs.
 """
 import contextlib
+import itertools
 
 import numpy as np
 import pytest
@@ -318,7 +319,6 @@ def test_bad_input_raises_before_launch(device):
         (dict(input=x.double(), linear_weight=w.double(), target=t), TypeError, "float32, float16 or bfloat16"),
         (dict(input=x, linear_weight=w.half(), target=t), TypeError, "same dtype"),
         (dict(input=x, linear_weight=w[:, :5], target=t), ValueError, "linear_weight must have shape"),
-        (dict(input=x, linear_weight=w[:0], target=t[:0].float()), ValueError, "at least one class"),
         (dict(input=x, linear_weight=w, target=t, linear_bias=b[:5]), ValueError, "linear_bias must have shape"),
         (dict(input=x, linear_weight=w, target=t, linear_bias=b.half()), TypeError, "linear_bias must have"),
         (dict(input=x, linear_weight=w, target=t[:3]), ValueError, "class-index target"),
@@ -338,6 +338,35 @@ def test_bad_input_raises_before_launch(device):
         with pytest.raises(error, match=match) as info:
             softmax_gpu.linear_cross_entropy(**kwargs)
         assert fn in str(info.value), kwargs
+
+
+def test_zero_classes_as_torch(monkeypatch):
+    """A (0, H) linear_weight: torch's cross_entropy of the (N, 0) logits (see
+    test_cross_entropy.test_zero_classes_as_torch): 0 / NaN / -0.0 losses or its IndexError,
+    a zero input gradient and empty weight and bias gradients. Nothing launches (a launch
+    would raise: the interpreter is 'off' here)."""
+    monkeypatch.setattr("softmax_gpu.runtime.interpreted", lambda kernel: False)
+    x, w, b = torch.randn(4, 3), torch.empty(0, 3), torch.empty(0)
+    targets = [torch.full((4,), -100), torch.tensor([-100, 0, -100, -100]), torch.empty(4, 0)]
+    for target, kw, reduction in itertools.product(targets, [{}, dict(label_smoothing=0.1)], ("none", "sum", "mean")):
+        outcomes = []
+        for fn in (softmax_gpu.linear_cross_entropy,
+                   lambda x, w, t, linear_bias, **kw: F.cross_entropy(F.linear(x, w, linear_bias), t, **kw)):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            try:
+                loss = fn(leaves[0], leaves[1], target, linear_bias=leaves[2], reduction=reduction, **kw)
+            except IndexError as e:
+                outcomes.append(str(e))
+                continue
+            loss.sum().backward()
+            outcomes.append([loss.detach()] + [t.grad for t in leaves])
+        case = (target.tolist(), kw, reduction)
+        if isinstance(outcomes[1], str):
+            assert outcomes[0] == outcomes[1] == "Target 0 is out of bounds.", case
+            continue
+        for ours, torchs in zip(*outcomes):
+            assert ours.shape == torchs.shape, case
+            torch.testing.assert_close(ours, torchs, equal_nan=True, msg=lambda m: f"{case}: {m}")
 
 
 def test_empty_batch(device):

@@ -514,15 +514,58 @@ def test_bad_input_raises_before_launch(device):
         softmax_gpu.softmax(x, dtype=torch.int32)
 
 
-def test_cpu_tensor_without_interpreter_says_what_to_do(tmp_path):
-    code = (
-        "import torch, softmax_gpu\n"
-        "try:\n    softmax_gpu.softmax(torch.randn(2, 3))\n"
-        "except RuntimeError as e:\n    print('ERR', e)\n"
-    )
+# Run without Triton's interpreter (one process for every op: it imports torch and triton once).
+# Each call gets a CPU tensor, which must fail before any launch with an error naming the op
+# called (a shared launcher once named softmax_gpu.softmax for log_softmax too).
+NO_INTERPRETER_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist, softmax_gpu
+from softmax_gpu import nn
+from softmax_gpu.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+from softmax_gpu.ops.vocab_parallel_linear_cross_entropy import vocab_parallel_linear_backward
+
+x, t, w, h = torch.randn(4, 6), torch.tensor([0, 1, -100, 5]), torch.randn(6, 3), torch.randn(4, 3)
+y = torch.softmax(x, 1)
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+calls = {
+    "softmax_gpu.softmax": [lambda: softmax_gpu.softmax(x), lambda: nn.Softmax()(x)],
+    "softmax_gpu.log_softmax": [lambda: softmax_gpu.log_softmax(x), lambda: nn.LogSoftmax()(x)],
+    "softmax_gpu.softmax backward": [lambda: torch.ops.softmax_gpu.softmax_backward(y, y, 1, False)],
+    "softmax_gpu.log_softmax backward": [lambda: torch.ops.softmax_gpu.softmax_backward(y, y, 1, True)],
+    "softmax_gpu.cross_entropy": [lambda: softmax_gpu.cross_entropy(x, t, reduction=r) for r in ("none", "mean")]
+    + [lambda: softmax_gpu.cross_entropy(x, y), lambda: nn.CrossEntropyLoss()(x, t)],
+    "softmax_gpu.categorical_crossentropy": [lambda: softmax_gpu.categorical_crossentropy(y, x, from_logits=True)],
+    "softmax_gpu.linear_cross_entropy": [lambda: softmax_gpu.linear_cross_entropy(h, w, t),
+                                         lambda: nn.LinearCrossEntropyLoss()(h, w, t)],
+    "softmax_gpu.vocab_parallel_cross_entropy": [lambda: vocab_parallel_cross_entropy(x, t)],
+    "softmax_gpu.vocab_parallel_linear_cross_entropy": [
+        lambda: vocab_parallel_linear_cross_entropy(h, w, t),
+        lambda: vocab_parallel_linear_backward(h, w, None, t, None, torch.zeros(4, 4), torch.ones(()), None, 6, 0,
+                                               -100, 0.0, None, True, True, False),
+    ],
+}
+for name, fns in calls.items():
+    for fn in fns:
+        try:
+            fn()
+            print("NO ERROR", name)
+        except RuntimeError as e:
+            message = str(e)
+            ok = message.startswith(name + "(): ") and "TRITON_INTERPRET=1" in message
+            print("OK" if ok else "WRONG", name, "|", message[:120])
+os._exit(0)  # skip gloo's teardown
+"""
+
+
+def test_cpu_tensor_without_interpreter_names_the_op(tmp_path):
+    """Every public op, on a CPU tensor with the interpreter off: a RuntimeError that names
+    that op and says how to run on CPU (TRITON_INTERPRET=1)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", NO_INTERPRETER_SCRIPT, str(tmp_path / "rendezvous")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and len(lines) == 16, out.stdout + out.stderr
+    assert all(line.startswith("OK ") for line in lines), out.stdout
 
 
 def test_nn_modules(device):

@@ -490,8 +490,9 @@ def _total_weight(
     """The denominator of reduction="mean", on device (no sync): the summed class weight of the
     rows that are not ignored (their count without weights), or the row count for
     probability targets. Two small launches in the common case (compare, sum)."""
-    if target.is_floating_point():
-        return torch.full((), float(target.shape[0]), dtype=dtype, device=target.device)
+    if target.is_floating_point():  # torch: numel / C, so NaN (0 / 0) with no classes
+        rows = float(target.shape[0]) if target.shape[1] else float("nan")
+        return torch.full((), rows, dtype=dtype, device=target.device)
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=dtype)
@@ -499,8 +500,34 @@ def _total_weight(
     # device-side assert and kill the context. A bad row makes the total NaN instead (its
     # loss is NaN too, so the mean is NaN either way, and so is every gradient).
     n_classes = weight.shape[0]
+    if n_classes == 0:  # every row is ignored or out of range
+        return torch.where(valid, float("nan"), 0.0).to(dtype).sum()
     w_t = weight.to(dtype)[target.clamp(0, n_classes - 1)]
     return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid).sum()
+
+
+def zero_class_rows(target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The per-row loss for zero classes, as torch.nn.functional.cross_entropy gives it, with
+    nothing to launch. Class indices: 0 for an ignored row; NaN for any other (out of range:
+    the row rule on CUDA, which callers check first on CPU); NaN for every row with
+    label_smoothing > 0 (torch adds eps / C = inf times the row's smoothing term, 0).
+    Probabilities: -0.0, an empty sum negated (inf with z_loss > 0: lse = log 0 = -inf)."""
+    n_rows = target.shape[0]
+    if target.is_floating_point():
+        return torch.full((n_rows,), float("inf") if z_loss > 0 else -0.0, dtype=dtype, device=target.device)
+    if label_smoothing > 0:
+        return torch.full((n_rows,), float("nan"), dtype=dtype, device=target.device)
+    return torch.where(target == ignore_index, 0.0, float("nan")).to(dtype)
+
+
+def zero_class_reduce(loss: torch.Tensor, soft: bool, label_smoothing: float, reduction: str) -> torch.Tensor:
+    """zero_class_rows' loss reduced as torch reduces it: the mean always NaN (no row counts,
+    or 0 / 0 for probabilities, whose divisor torch takes as numel / C); the sum NaN with
+    smoothing of class indices (even over no rows: 0 * inf), -0.0 for probability targets."""
+    if reduction == "mean" or (reduction == "sum" and label_smoothing > 0 and not soft):
+        return torch.full((), float("nan"), dtype=loss.dtype, device=loss.device)
+    return loss.neg().sum().neg() if soft else loss.sum()  # -(sum of +0.0) is torch's -0.0
 
 
 def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats=None):
@@ -512,6 +539,14 @@ def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, soft
     n_rows, n_classes = logits.shape
     _check_class_indices(target, n_classes, ignore_index)
     acc = dict(dtype=_acc_dtype(logits), device=logits.device)
+    if n_classes == 0:  # torch's values (zero_class_rows); nothing to launch, grad is empty
+        loss = zero_class_rows(target, ignore_index, label_smoothing, z_loss, acc["dtype"])
+        if stats is not None:
+            stats.zero_()  # never read: the backward has no element to write
+        total = torch.zeros((), **acc) if reduction == "mean" else None
+        if reduction != "none":
+            loss = zero_class_reduce(loss, target.is_floating_point(), label_smoothing, reduction)
+        return loss, torch.full((n_rows,), float("-inf"), **acc), total
     loss = torch.empty(n_rows, **acc)
     lse = torch.empty(n_rows, **acc)
     reduced = total = counter = None
@@ -879,6 +914,7 @@ def cross_entropy(
     logits twice.
     No host synchronisation anywhere. A class index out of range gives a NaN
     loss for its row on CUDA (an IndexError on CPU, or on CUDA with SOFTMAX_GPU_CHECK_TARGETS=1).
+    No classes (C == 0) launch nothing and give torch's values (zero_class_rows).
     """
     fn = "softmax_gpu.cross_entropy"
     check_floating(fn, "input", input)

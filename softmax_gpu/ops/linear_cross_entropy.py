@@ -28,7 +28,7 @@ from ..kernels.linear_cross_entropy import (
     linear_cross_entropy_fwd_kernel,
 )
 from ..runtime import check_launchable, device_guard
-from .cross_entropy import _check_class_indices, _check_options, _total_weight
+from .cross_entropy import _check_class_indices, _check_options, _total_weight, zero_class_reduce, zero_class_rows
 
 FN = "softmax_gpu.linear_cross_entropy"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -128,15 +128,16 @@ def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, soft
 
 
 def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx, ignore_index, label_smoothing, softcap,
-                          shard=None, grad_skip_threshold=None):  # fmt: skip
+                          shard=None, grad_skip_threshold=None, fn=FN):  # fmt: skip
     """dx (N, H) float32, unit column stride, = G W with G = d loss / d logits times
     upstream / divisor (upstream a scalar or (N,), divisor None or a float32 scalar).
     shard=(col_start, n_classes): w, b and weight are classes [col_start, col_start + V_local)
     of n_classes, target holds global class indices and stats the full problem's rows.
     grad_skip_threshold (a float >= 0, or None: off): leave out the [rows x classes] tiles
-    of G whose every |element| is below it (CCE-style; changes the result)."""
+    of G whose every |element| is below it (CCE-style; changes the result). fn: the public
+    function served, for the error messages."""
     cfg = _tiles("backward_input", x, w)
-    check_launchable(FN, linear_cross_entropy_bwd_input_kernel, x)
+    check_launchable(fn, linear_cross_entropy_bwd_input_kernel, x)
     grid = (triton_cdiv(x.shape[0], cfg.block_m),)
     with device_guard(x):
         linear_cross_entropy_bwd_input_kernel[grid](
@@ -155,12 +156,12 @@ def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx,
 
 
 def launch_backward_weight(x, w, b, target, weight, stats, upstream, divisor, dw, db, ignore_index, label_smoothing,
-                           softcap, shard=None, grad_skip_threshold=None):  # fmt: skip
+                           softcap, shard=None, grad_skip_threshold=None, fn=FN):  # fmt: skip
     """dw (V, H) float32 = G^T x and/or db (V,) float32 = G summed over the rows (either may be
     None, not both); G, shard and grad_skip_threshold as in launch_backward_input. Needs at
     least one row."""
     cfg = _tiles("backward_weight", x, w)
-    check_launchable(FN, linear_cross_entropy_bwd_weight_kernel, x)
+    check_launchable(fn, linear_cross_entropy_bwd_weight_kernel, x)
     grid = (triton_cdiv(w.shape[0], cfg.block_v),)
     with device_guard(x):
         linear_cross_entropy_bwd_weight_kernel[grid](
@@ -210,7 +211,12 @@ def _forward(
     loss = torch.empty(n_rows, **f32)
     lse = torch.empty(n_rows, **f32)
     stats = torch.empty(N_STATS, n_rows, **f32) if compute_stats else None
-    if n_rows:
+    if n_classes == 0:  # torch's values for no classes (cross_entropy.zero_class_rows); nothing to launch
+        loss = zero_class_rows(target, ignore_index, label_smoothing, z_loss, torch.float32)
+        lse.fill_(float("-inf"))
+        if stats is not None:
+            stats.zero_()  # never read: the backward launches nothing either
+    elif n_rows:
         launch_forward(input, linear_weight, linear_bias, target, weight, loss, lse, stats, ignore_index,
                        label_smoothing, z_loss, softcap)  # fmt: skip
     return loss, lse, stats if stats is not None else loss.new_empty(0)
@@ -258,14 +264,16 @@ def _backward(
     dx = dw = db = None
     if input_grad:
         dx = torch.empty(n_rows, hidden, **f32)
-        if n_rows:
+        if n_classes == 0:  # dX = G W over no classes
+            dx.zero_()
+        elif n_rows:
             launch_backward_input(*operands, dx, *options, grad_skip_threshold=grad_skip_threshold)
     if weight_grad or bias_grad:
         dw = torch.empty(n_classes, hidden, **f32) if weight_grad else None
         db = torch.empty(n_classes, **f32) if bias_grad else None
-        if n_rows:
+        if n_rows and n_classes:
             launch_backward_weight(*operands, dw, db, *options, grad_skip_threshold=grad_skip_threshold)
-        else:  # an empty batch: the kernel would have no row tile to start the sums from
+        else:  # an empty batch (no row tile to start the sums from) or no classes
             dw = dw.zero_() if dw is not None else None
             db = db.zero_() if db is not None else None
     return (
@@ -312,7 +320,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.options = (ignore_index, label_smoothing, softcap)
         ctx.grad_skip_threshold = grad_skip_threshold
         ctx.mark_non_differentiable(lse)
-        if reduction == "mean":
+        if reduction != "none" and linear_weight.shape[0] == 0:
+            loss = zero_class_reduce(loss, target.is_floating_point(), label_smoothing, reduction)
+        elif reduction == "mean":
             loss = loss.sum() / total
         elif reduction == "sum":
             loss = loss.sum()
@@ -336,7 +346,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _check_operands(fn, input, linear_weight, target, linear_bias, weight):
+def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=False):
     check_floating(fn, "input", input)
     check_floating(fn, "linear_weight", linear_weight)
     check_tensor(fn, "target", target)
@@ -350,7 +360,7 @@ def _check_operands(fn, input, linear_weight, target, linear_bias, weight):
             f"{tuple(input.shape)}, got {tuple(linear_weight.shape)}"
         )
     n_classes = linear_weight.shape[0]
-    if n_classes == 0:
+    if n_classes == 0 and not allow_no_classes:
         raise ValueError(f"{fn}(): linear_weight must have at least one class (row)")
     if linear_weight.dtype != input.dtype:
         raise TypeError(f"{fn}(): input and linear_weight must have the same dtype, got {input.dtype} and "
@@ -398,7 +408,8 @@ def linear_cross_entropy(
 
     Args:
         input: (H,), (N, H) or (..., H) features; float32, float16 or bfloat16.
-        linear_weight: (V, H), the input's dtype; linear_bias: (V,) or None.
+        linear_weight: (V, H), the input's dtype; linear_bias: (V,) or None. V == 0 gives
+            torch's answer for no classes (cross_entropy's), with nothing launched.
         target: class indices (int64/int32) shaped like input without its last dim, or class
             probabilities shaped like input with H replaced by V.
         weight: (V,) class weights; ignore_index (None means -100, as in torch): target value
@@ -420,13 +431,13 @@ def linear_cross_entropy(
     """
     if ignore_index is None:
         ignore_index = -100
-    _check_operands(FN, input, linear_weight, target, linear_bias, weight)
+    _check_operands(FN, input, linear_weight, target, linear_bias, weight, allow_no_classes=True)
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     n_classes, hidden = linear_weight.shape
-    x = input.reshape(-1, hidden)  # a view when it can be: the kernels take both strides
-    tgt = target.reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
+    x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: the kernels take both strides
+    tgt = target.reshape(x.shape[0], n_classes) if target.is_floating_point() else target.reshape(-1)
     softcap = None if softcap is None else float(softcap)
     if grad_skip_threshold is not None:
         if isinstance(grad_skip_threshold, torch.Tensor) or not isinstance(grad_skip_threshold, (int, float)):

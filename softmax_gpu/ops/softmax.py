@@ -25,6 +25,11 @@ from ..layout import as_rows, from_rows
 from ..runtime import check_launchable, device_guard
 
 
+def _op_name(log: bool) -> str:
+    """The public function a launch serves, for its error messages."""
+    return "softmax_gpu.log_softmax" if log else "softmax_gpu.softmax"
+
+
 def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optional[config.RowConfig] = None):
     """y[r] = (log_)softmax(x[r]) for 2-D x, y with unit column stride; returns the RowConfig used.
 
@@ -52,7 +57,7 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
         n_cols,
         [(t.element_size(), t.stride(0)) for t in (x, y)],
     )
-    check_launchable("softmax_gpu.softmax", softmax_fwd_kernel, x)
+    check_launchable(_op_name(log), softmax_fwd_kernel, x)
     with device_guard(x):
         softmax_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
             x_ptr=x,
@@ -101,7 +106,7 @@ def launch_softmax_bwd(
         n_cols,
         [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
     )
-    check_launchable("softmax_gpu.softmax backward", softmax_bwd_kernel, y)
+    check_launchable(_op_name(log) + " backward", softmax_bwd_kernel, y)
     with device_guard(y):
         softmax_bwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
             y_ptr=y,
@@ -133,7 +138,7 @@ def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split:
     filled in.
     Bytes: 2 reads + 1 write per element, plus n_rows * chunks * 2 partials written and read
     once, and the rows' (max, sum): written once, read by each of the row's chunks."""
-    check_launchable("softmax_gpu.softmax", softmax_split_stats_kernel, x)
+    check_launchable(_op_name(log), softmax_split_stats_kernel, x)
     n_rows, n_cols = x.shape
     split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (x, y)])
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
@@ -169,7 +174,7 @@ def launch_softmax_split_bwd(
     Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
     n_rows * chunks partials written and read once, and the rows' sums: written once, read by
     each of the row's chunks."""
-    check_launchable("softmax_gpu.softmax backward", softmax_split_bwd_stats_kernel, y)
+    check_launchable(_op_name(log) + " backward", softmax_split_bwd_stats_kernel, y)
     n_rows, n_cols = y.shape
     split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (y, dy, dx)])
     acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
@@ -253,12 +258,12 @@ def softmax(x: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None)
     result has that dtype). Differentiable; compiles under torch.compile(fullgraph=True).
     A row that is -inf everywhere gives NaN, like torch.
     """
-    return _apply("softmax_gpu.softmax", x, dim, dtype, log=False)
+    return _apply(_op_name(False), x, dim, dtype, log=False)
 
 
 def log_softmax(x: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """log_softmax(x)_i = x_i - m - log(sum_j e^(x_j - m)) along `dim`; arguments as softmax()."""
-    return _apply("softmax_gpu.log_softmax", x, dim, dtype, log=True)
+    return _apply(_op_name(True), x, dim, dtype, log=True)
 
 
 def hardmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -141,12 +141,12 @@ def _backward(
     if input_grad:
         dx = torch.empty(n_rows, hidden, **f32)
         if n_rows:
-            launch_backward_input(*operands, dx, *options, shard=shard)
+            launch_backward_input(*operands, dx, *options, shard=shard, fn=FN)
     if weight_grad or bias_grad:
         dw = torch.empty(linear_weight.shape, **f32) if weight_grad else None
         db = torch.empty(linear_weight.shape[0], **f32) if bias_grad else None
         if n_rows:
-            launch_backward_weight(*operands, dw, db, *options, shard=shard)
+            launch_backward_weight(*operands, dw, db, *options, shard=shard, fn=FN)
         else:
             dw = dw.zero_() if dw is not None else None
             db = db.zero_() if db is not None else None
