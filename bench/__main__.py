@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     os.environ["TRITON_INTERPRET"] = "1"
     from bench import cpu_report
 
-    cpu_report.run(args.ops, [DTYPES[d] for d in args.dtypes], args.quick)
+    cpu_report.run(args.ops, [DTYPES[d] for d in args.dtypes], args.quick, out=args.out)
     return 0
 
 

@@ -13,21 +13,32 @@ spills and global load and store widths are listed. Exits 1 if anything spills, 
 fails, or if a vectorised CUDA C kernel makes loads or stores narrower than 128 bits beyond
 its few scalar ones (the unaligned head / tail element and the cross-entropy's scalars).
 
-    python -m bench.compile_report [--arch 80 90] [--quick]
+    python -m bench.compile_report [--arch 80 90] [--quick] [--dtypes bfloat16 float32] [--out FILE]
     python -m bench.compile_report --op ce_fwd_bwd --shape 4096x50257 --dtype bfloat16
+
+Each configuration's figures are cached on disk ($SOFTMAX_GPU_COMPILE_CACHE, else
+~/.cache/softmax-gpu/compile-report), in a file named by a hash of everything that decides
+them besides the configuration itself (source_key(): the kernels' sources, softmax_gpu's
+config, this file, triton's version and TRITON_* settings, nvcc's version), so a cached
+figure is never stale; concurrent reports over the same sources wait for each other's
+compiles instead of repeating them. --no-cache compiles everything afresh.
 
 With --op, it compiles exactly the kernels the launchers would launch for those calls
 (found by running them on meta tensors with the kernels replaced by recorders), with
 triton's own specialisation of the integer arguments, and exits 1 on any spill.
 """
 import argparse
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 from softmax_gpu.cuda_source import NVRTC_OPTIONS, SOURCES, kernels_folder
@@ -111,9 +122,11 @@ def softmax_variants(quick: bool):
                     config.block_cap(max_block, itemsize), quick or dtype == "fp16" or log,
                     config.block_cap(loop_block, itemsize),
                 )
-                # short single-block rows take several rows a program (config.short_rows)
+                # short single-block rows take several rows a program (config.short_rows); --quick:
+                # the tile of the narrowest rows only
                 plan = [(b, single, 1) for b, single in plan] + [
-                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
+                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan
+                    if single and b < config.SHORT_ROWS_TILE and not (quick and b > plan[0][0])
                 ]
                 for block, single, rows in plan:
                     for vec, edge in vector_plan(int(ptr_type[-2:]) // 8, block * rows, single):
@@ -178,9 +191,11 @@ def cross_entropy_variants(quick: bool):
                         config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
                     ),
                 )
-                # short single-block rows take several rows a program (config.short_rows)
+                # short single-block rows take several rows a program (config.short_rows); --quick:
+                # the tile of the narrowest rows only
                 plan = [(b, single, 1) for b, single in plan] + [
-                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan if single and b < config.SHORT_ROWS_TILE
+                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan
+                    if single and b < config.SHORT_ROWS_TILE and not (quick and b > plan[0][0])
                 ]
                 for block, single, rows in plan:
                     warps = config.warps_for(block * rows, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
@@ -571,7 +586,7 @@ def compile_one(job):
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-ndf", f.name], capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", usage.stdout))
     return Report(
         variant,
@@ -587,12 +602,148 @@ def compile_one(job):
     )
 
 
-def run(archs=(80, 90), quick=False, jobs=None):
-    """Compiles every variant for every arch; returns the list of Reports. Needs a process in
-    which triton was not imported under TRITON_INTERPRET=1 (main() sees to it)."""
-    work = [(v, a) for v in all_variants(quick) for a in archs]
-    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
-        return list(pool.map(compile_one, work))
+TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+CACHE_ENV = "SOFTMAX_GPU_COMPILE_CACHE"
+
+
+def cache_folder() -> Path:
+    """$SOFTMAX_GPU_COMPILE_CACHE, else softmax-gpu/compile-report under $XDG_CACHE_HOME or ~/.cache."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "softmax-gpu" / "compile-report"
+
+
+def source_key(triton_settings: bool = True) -> str:
+    """sha256 of everything a configuration's figures depend on besides the configuration (a
+    Variant and an arch): the kernels' sources (kernels/*.py, *.cu, *.cuh), softmax_gpu's
+    config.py and cuda_source.py (NVRTC options), this file (how it compiles and reads a
+    cubin), triton's version (its ptxas, cuobjdump and nvdisasm ship in the wheel), the TRITON_*
+    environment (TRITON_INTERPRET and TRITON_CACHE_DIR aside; left out with triton_settings=False,
+    for the CUDA C kernels, which nvcc compiles) and nvcc's path and version."""
+    import shutil
+
+    import triton
+
+    from softmax_gpu import config, cuda_source
+
+    h = hashlib.sha256()
+    folder = Path(kernels_folder())
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".py", ".cu", ".cuh"))
+    for path in files + [Path(config.__file__), Path(cuda_source.__file__), Path(__file__)]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(f"triton {triton.__version__}\0".encode())
+    for name in sorted(os.environ) if triton_settings else ():
+        if name.startswith("TRITON_") and name not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR"):
+            h.update(f"{name}={os.environ[name]}\0".encode())
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+        h.update(f"nvcc {nvcc} {version}".encode())
+    return h.hexdigest()
+
+
+class ResultCache:
+    """Figures per configuration in <cache_folder>/<name>-<source_key>.json, under a file lock
+    held from load to save: a second report over the same sources waits, then finds the
+    first's results. Disabled (a plain dict) with enabled=False or where the folder cannot be
+    written."""
+
+    def __init__(self, name: str, enabled: bool = True):
+        self.entries, self.path, self._lock = {}, None, contextlib.nullcontext()
+        if not enabled:
+            return
+        try:
+            folder = cache_folder()
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return
+        self.path = folder / f"{name}-{source_key(triton_settings=name != 'cuda')[:32]}.json"
+        try:
+            from filelock import FileLock  # a dependency of torch
+
+            self._lock = FileLock(str(self.path) + ".lock")
+        except ImportError:
+            pass
+
+    def __enter__(self):
+        self._lock.__enter__()
+        if self.path is not None and self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except ValueError:  # a torn file: start afresh
+                self.entries = {}
+        return self
+
+    def save(self):
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.entries))
+        os.replace(tmp, self.path)
+
+    def __exit__(self, *exc):
+        try:
+            self.save()
+        finally:
+            self._lock.__exit__(*exc)
+
+
+def _progress(total: int, desc: str):
+    """A progress bar on stderr (tqdm when installed, else a line every 10%)."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit="config", file=sys.stderr, mininterval=1, dynamic_ncols=True)
+    except ImportError:
+
+        class Lines:
+            n = 0
+
+            def update(self, k=1):
+                step = max(1, total // 10)
+                before, self.n = self.n, self.n + k
+                if self.n // step != before // step or self.n == total:
+                    print(f"{desc}: {self.n}/{total}", file=sys.stderr, flush=True)
+
+            def close(self):
+                pass
+
+        return Lines()
+
+
+_REPORT_FIELDS = ("regs", "local", "shared", "ldg128", "stg128", "mma", "narrow")
+
+
+def compile_all(work, name="sweep", jobs=None, cache=True, desc="compiling"):
+    """Reports for (Variant, arch) jobs, in order: cached ones read, the rest compiled in
+    parallel (with a progress bar) and cached."""
+    with ResultCache(name, cache) as stored:
+        keys = [repr(job) for job in work]
+        missing = list({k: job for k, job in zip(keys, work) if k not in stored.entries}.items())
+        if missing:
+            bar = _progress(len(missing), f"{desc} ({len(work) - len(missing)} of {len(work)} cached)")
+            with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+                for i, ((key, _), report) in enumerate(zip(missing, pool.map(compile_one, [j for _, j in missing]))):
+                    stored.entries[key] = [getattr(report, f) for f in _REPORT_FIELDS]
+                    bar.update(1)
+                    if i % 100 == 99:
+                        stored.save()  # a run cut short keeps what it compiled
+            bar.close()
+        reports = []
+        for key, (variant, arch) in zip(keys, work):
+            fields = dict(zip(_REPORT_FIELDS, stored.entries[key]))
+            fields["narrow"] = tuple(fields["narrow"])
+            reports.append(Report(variant, arch, **fields))
+        return reports
+
+
+def run(archs=(80, 90), quick=False, jobs=None, dtypes=None, cache=True):
+    """Compiles every variant (of `dtypes`, triton codes such as "bf16"; default all) for every
+    arch; returns the list of Reports. Needs a process in which triton was not imported under
+    TRITON_INTERPRET=1 (main() sees to it)."""
+    work = [(v, a) for v in all_variants(quick) if dtypes is None or v.dtype in dtypes for a in archs]
+    return compile_all(work, "sweep", jobs, cache, desc=f"compiling for sm {' '.join(map(str, archs))}")
 
 
 def format_table(reports) -> str:
@@ -681,17 +832,24 @@ def compile_cuda(source: str, arch: int, nvcc: str = "nvcc"):
     return sorted(reports, key=lambda r: r.kernel)
 
 
-def cuda_run(archs=(80, 90)):
-    """CudaReports for every .cu source and arch, or None when nvcc is not installed."""
+def cuda_run(archs=(80, 90), cache=True):
+    """CudaReports for every .cu source and arch, or None when nvcc is not installed; cached
+    like the Triton reports (ResultCache "cuda"; source_key() covers the sources and nvcc)."""
     import shutil
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
     work = [(source, arch) for source in SOURCES for arch in archs]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        batches = pool.map(compile_cuda, *zip(*work), [nvcc] * len(work))
-        return [r for batch in batches for r in batch]
+    with ResultCache("cuda", cache) as stored:
+        missing = [job for job in work if repr(job) not in stored.entries]
+        if missing:
+            print(f"compiling the CUDA C kernels with nvcc ({len(missing)} source x arch)...", file=sys.stderr, flush=True)
+            with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+                batches = pool.map(compile_cuda, *zip(*missing), [nvcc] * len(missing))
+                for job, batch in zip(missing, batches):
+                    stored.entries[repr(job)] = [dataclasses.asdict(r) for r in batch]
+        return [CudaReport(**fields) for job in work for fields in stored.entries[repr(job)]]
 
 
 def format_cuda_table(reports) -> str:
@@ -811,8 +969,7 @@ def exact_main(args) -> int:
                     variants.append((f"{op} {shape} {dtype}", v))
     unique = list(dict.fromkeys(v for _, v in variants))
     work = [(v, a) for v in unique for a in args.arch]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        reports = dict(zip(work, pool.map(compile_one, work)))
+    reports = dict(zip(work, compile_all(work, "exact", cache=not args.no_cache, desc="compiling the launches")))
     lines = []
     for what, v in variants:
         lines.append(f"# {what}: {v.kernel} {v.label}")
@@ -824,10 +981,35 @@ def exact_main(args) -> int:
     return 1 if spills else 0
 
 
+def format_summary(reports, cuda) -> str:
+    """One line per kernel module: configurations, most registers, most shared memory, how
+    many load and store 128 bits at a time, how many spill; and one for the CUDA C kernels."""
+    lines = [f"  {'kernels':<30}{'configs':>8}{'max regs':>9}{'max smem':>9}{'128-bit ld':>11}{'128-bit st':>11}{'spill':>6}"]
+    groups = {}
+    for r in reports:
+        groups.setdefault(r.variant.module.rsplit(".", 1)[-1], []).append(r)
+    for module, rs in groups.items():
+        lines.append(
+            f"  {module + '.py':<30}{len(rs):>8}{max(r.regs for r in rs):>9}{max(r.shared for r in rs):>9}"
+            f"{sum(r.ldg128 for r in rs):>11}{sum(r.stg128 for r in rs):>11}{sum(bool(r.local) for r in rs):>6}"
+        )
+    if cuda:
+        narrow = sum(bool(r.unvectorised_loads or r.unvectorised_stores) for r in cuda)
+        lines.append(f"  {'CUDA C (nvcc, kernels/*.cu)':<30}{len(cuda):>8}{max(r.regs for r in cuda):>9}"
+                     f"{max(r.shared for r in cuda):>9}{'':>11}{'':>11}{sum(bool(r.local) for r in cuda):>6}"
+                     f"   {narrow} with narrow loads or stores")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default 80 90)")
     parser.add_argument("--quick", action="store_true", help="a few block sizes per kernel instead of all")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(TORCH_DTYPES), default=None,
+                        help="only the configurations of these dtypes (default: all)")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="write the full tables to this file and print a summary instead")  # fmt: skip
+    parser.add_argument("--no-cache", action="store_true", help="compile everything afresh (see cache_folder())")
     parser.add_argument("--op", nargs="+", choices=OPS, help="compile exactly the launches of these ops ...")
     parser.add_argument("--shape", nargs="+", default=["4096x50257"], help="... on these ROWSxCOLS inputs ...")
     parser.add_argument("--dtype", nargs="+", default=["bfloat16"], help="... of these dtypes (torch names)")
@@ -837,24 +1019,36 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if args.op:
         return exact_main(args)
-    reports = run(tuple(args.arch), args.quick)
-    print(format_table(reports))
+    dtypes = None if args.dtypes is None else {TORCH_DTYPES[d] for d in args.dtypes}
+    reports = run(tuple(args.arch), args.quick, dtypes=dtypes, cache=not args.no_cache)
+    table = [format_table(reports)]
     spills = [r for r in reports if r.local]
     try:
-        cuda = cuda_run(tuple(args.arch))
+        cuda = cuda_run(tuple(args.arch), cache=not args.no_cache)
     except subprocess.CalledProcessError as exc:
         print(f"\nnvcc failed on a CUDA C kernel:\n{exc.stdout}{exc.stderr}")
         return 1
     if cuda is None:
-        print("\nnvcc not found: the CUDA C kernels (kernels/*.cu) were not compiled")
+        table.append("nvcc not found: the CUDA C kernels (kernels/*.cu) were not compiled")
         cuda = []
     else:
-        print("\n" + format_cuda_table(cuda))
+        table.append(format_cuda_table(cuda))
     spills += [r for r in cuda if r.local]
     narrow = [r for r in cuda if r.unvectorised_loads or r.unvectorised_stores]
     total = len(reports) + len(cuda)
-    print(f"\n{total} configurations compiled, {len(spills)} spill registers to local memory, "
-          f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores")
+    table.append(f"{total} configurations compiled, {len(spills)} spill registers to local memory, "
+                 f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text("\n\n".join(table) + "\n")
+        print(format_summary(reports, cuda))
+        if not cuda:
+            print("  " + table[1])
+        for r in spills + narrow:
+            print(f"  SPILL or NARROW: {r}")
+        print(table[-1])
+        print(f"full tables: {args.out}")
+    else:
+        print("\n\n".join(table))
     return 1 if spills or narrow else 0
 
 

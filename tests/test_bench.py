@@ -265,24 +265,44 @@ def test_summary_reads_a_run(tmp_path, capsys):
 
 
 @cpu_instrument
-def test_cpu_report_without_gpu():
+def test_cpu_report_without_gpu(tmp_path):
+    """The CPU main job: a line per section, a one-screen summary, the full tables in files
+    (--out), no interpreter warnings; exact traffic ratios and the sm_90 compile report. Runs
+    last in the suite (conftest): its compile figures come from the full report's cache."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--ops", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
-         "--dtypes", "float32", "bfloat16"],
+         "--dtypes", "float32", "bfloat16", "--out", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "No CUDA GPU found" in out.stdout
-    lines = {tuple(line.split()[:3]): line.split() for line in out.stdout.splitlines() if line.startswith(("softmax", "ce_"))}
-    assert lines[("softmax_fwd", "float32", "one")][-1] == "1.000"  # 1 read + 1 write
-    assert lines[("softmax_bwd", "bfloat16", "one")][-1] == "1.000"  # 2 reads + 1 write
-    assert float(lines[("ce_fwd_bwd", "float32", "one")][-1]) < 1.01  # logits once each way + O(N)
+    assert "No CUDA GPU found" in out.stdout and "[1/2]" in out.stdout and "[2/2] Compile report for sm_90" in out.stdout
+    assert len(out.stdout.splitlines()) <= 40, out.stdout  # one screen
+    assert "RuntimeWarning" not in out.stdout + out.stderr, out.stderr[-2000:]
+    # the summary: op, dtype, minimum bytes per element, then the ratio on each path
+    lines = {tuple(line.split()[:2]): line.split() for line in out.stdout.splitlines()
+             if line.split()[:1] in (["softmax_fwd"], ["softmax_bwd"], ["ce_fwd_bwd"])}  # fmt: skip
+    one, looped, split = 3, 4, 5
+    assert lines[("softmax_fwd", "float32")][one] == "1.000"  # 1 read + 1 write
+    assert lines[("softmax_bwd", "bfloat16")][one] == "1.000"  # 2 reads + 1 write
+    assert float(lines[("ce_fwd_bwd", "float32")][one]) < 1.01  # logits once each way + O(N)
+    assert lines[("softmax_fwd", "float32")][looped] == "1.500"  # 2 reads + 1 write looped
     # split rows: the looped path's traffic plus O(rows x chunks) partials and statistics
-    assert 1.5 < float(lines[("softmax_fwd", "float32", "split")][-1]) < 1.52
-    assert 1.5 < float(lines[("ce_fwd_bwd", "bfloat16", "split")][-1]) < 1.57
+    assert 1.5 < float(lines[("softmax_fwd", "float32")][split]) < 1.52
+    assert 1.5 < float(lines[("ce_fwd_bwd", "bfloat16")][split]) < 1.57
+    assert len(lines) == 6
+    # the full traffic table, in the folder named: bytes per element, minimum, ratio per path
+    full = {tuple(line.split()[:3]): line.split() for line in (tmp_path / "traffic.txt").read_text().splitlines()
+            if line.startswith(("softmax", "ce_"))}  # fmt: skip
+    assert len(full) == 3 * 2 * 3 and str(tmp_path / "traffic.txt") in out.stdout
+    assert full[("softmax_fwd", "float32", "one")][-3:] == ["8.00", "8.00", "1.000"]
+    assert full[("ce_fwd_bwd", "bfloat16", "split")][-1] == lines[("ce_fwd_bwd", "bfloat16")][split]
     assert "0 spill registers to local memory" in out.stdout
+    table = (tmp_path / "compile_report_sm90.txt").read_text()
+    rows = [line.split() for line in table.splitlines() if line.split()[:1] and line.split()[0].endswith("_kernel")]
+    assert rows and {r[1] for r in rows} == {"90"} and {r[2] for r in rows} == {"fp32", "bf16"}  # the Triton table
+    assert "0 spill registers to local memory" in table
 
 
 # ---------------------------------------------------------------------------------------

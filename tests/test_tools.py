@@ -85,6 +85,39 @@ def test_compile_report_on_exact_launches():
         assert narrow_loads <= (32 if combine else 12) and narrow_stores <= (8 if combine else 6), (h, r[7])
 
 
+@cpu_instrument
+def test_compile_report_cache_is_never_stale(tmp_path, monkeypatch):
+    """The compile report's cache: a second run reads what the first compiled and prints the
+    same report; the file is named by a hash of everything that decides the figures, so a
+    changed kernel source or TRITON_* setting finds none of the old ones."""
+    import shutil
+
+    from bench import compile_report
+
+    args = ["-m", "bench.compile_report", "--arch", "90", "--op", "softmax_fwd", "--shape", "4x1000", "--dtype", "float32"]
+    first = run(args, timeout=600, SOFTMAX_GPU_COMPILE_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "compiling the launches (0 of 1 cached)" in first.stderr
+    [cache] = tmp_path.glob("exact-*.json")
+    second = run(args, timeout=600, SOFTMAX_GPU_COMPILE_CACHE=str(tmp_path))
+    assert second.returncode == 0 and second.stdout == first.stdout and "compiling" not in second.stderr
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # as main() sets it
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (not part of the key either way)
+    key = compile_report.source_key()
+    assert cache.name == f"exact-{key[:32]}.json"
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "0")
+    assert compile_report.source_key() != key
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    assert compile_report.source_key() == key
+    kernels = tmp_path / "kernels"
+    shutil.copytree(compile_report.kernels_folder(), kernels)
+    monkeypatch.setattr(compile_report, "kernels_folder", lambda: str(kernels))
+    assert compile_report.source_key() == key
+    path = kernels / "softmax.py"
+    path.write_text(path.read_text() + "\n# a change\n")
+    assert compile_report.source_key() != key
+
+
 def test_training_example_matches_torch():
     out = run(["examples/train_classifier.py", "--steps", "20"], timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
