@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     if linear_ops:
         from bench import linear_ce
 
-        status = linear_ce.main(["--ops", *linear_ops])
+        forwarded = ["--dry-run"] * args.dry_run + ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
+        status = linear_ce.main(["--ops", *linear_ops, *forwarded])
         args.ops = [op for op in args.ops if op not in LINEAR_CE_OPS]
         if not args.ops:
             return status

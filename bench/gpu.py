@@ -52,7 +52,7 @@ COPY_BYTES = 2**30
 FIELDS = (
     "op", "dtype", "rows", "cols", "provider", "label", "status", "gate",
     "device_ms", "device_ms_min", "device_ms_max", "device_timer",
-    "eager_ms", "eager_ms_min", "eager_ms_max", "eager_timer", "repeats",
+    "eager_ms", "eager_ms_min", "eager_ms_max", "eager_timer", "repeats", "device_repeats",
     "gbps", "pct_copy", "pct_datasheet", "min_bytes", "path", "model_bytes", "model_launches",
     "launches", "peak_extra_bytes", "sm_clock_mhz", "temp_c", "note",
 )  # fmt: skip
@@ -75,12 +75,13 @@ class Platform:
     device_ms: Callable  # (call, prepare, estimate_ms[, replays]) -> ms; raises timing.NotCapturable
     eager_ms: Callable  # (call, prepare[, reps]) -> ms
     copy_gbps: Callable  # () -> GB/s of a device-to-device copy, counting read + write
-    peak_extra_bytes: Callable  # (call, prepare) -> bytes above inputs and kept outputs, or None
-    launches: Callable  # (call) -> kernel launches in one call, or None
+    peak_extra_bytes: Callable  # (Prepared) -> bytes above inputs and new outputs, or None
+    launches: Callable  # (Prepared) -> kernel launches in one call, or None
     clocks: Callable  # () -> dict(sm_clock_mhz=..., temp_c=...), empty where unknown
     warm: Callable  # () -> None: bring the card to its working clocks
     describe: Callable  # () -> dict(card=..., driver=..., sm_count=...)
     timers: dict  # timer name -> what it measures
+    copy_timer: str = timing.DEVICE_TIMER  # the clock of the copy probe (the ceiling)
 
 
 def gpu_platform() -> Platform:
@@ -128,9 +129,10 @@ def dry_run_platform() -> Platform:
 
     return Platform(
         device="cpu", dry_run=True, device_ms=cpu_ms, eager_ms=cpu_ms, copy_gbps=copy_gbps,
-        peak_extra_bytes=lambda call, prepare: None, launches=lambda call: None, clocks=dict,
+        peak_extra_bytes=lambda prepared: None, launches=lambda prepared: None, clocks=dict,
         warm=lambda: None, describe=_describe_cpu,
         timers={DRY_RUN_TIMER: "time.perf_counter around one call on the CPU (dry run: no GPU figure)"},
+        copy_timer=DRY_RUN_TIMER,
     )  # fmt: skip
 
 
@@ -180,7 +182,12 @@ def _nvml_clocks() -> Callable:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        try:  # by PCI address: NVML numbers every card, CUDA only the visible ones
+            bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
+        except Exception:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
     except Exception:
         return dict
 
@@ -202,29 +209,35 @@ def _tensors(out):
     return []
 
 
-def _cuda_peak_extra_bytes(call, prepare) -> int:
+def _cuda_peak_extra_bytes(prepared) -> int:
     """Peak memory of one call above what was allocated before it (inputs), not counting the
-    outputs it returns (the caller keeps those)."""
-    if prepare is not None:
-        prepare()
+    outputs it returns (the caller keeps those) when the call allocated them: an output that
+    aliases an input (an in-place peer's gradient) is not subtracted. Allocations outside
+    torch's allocator are invisible here (the CuPy provider allocates through torch's)."""
+    if prepared.prepare is not None:
+        prepared.prepare()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = call()
+    before = {t.untyped_storage().data_ptr() for t in _tensors(list(prepared.gate_inputs.values()))}
+    out = prepared.call()
     torch.cuda.synchronize()
-    kept = sum(t.untyped_storage().nbytes() for t in _tensors(out))
+    new = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(out)}
+    kept = sum(n for ptr, n in new.items() if ptr not in before and ptr not in prepared.owned)
     del out
     return max(torch.cuda.max_memory_allocated() - base - kept, 0)
 
 
-def _cuda_launches(call) -> Optional[int]:
+def _cuda_launches(prepared) -> Optional[int]:
     """Kernels one call launches, counted by the profiler (copies and memsets left out)."""
     from torch.profiler import ProfilerActivity, profile
 
     try:
+        if prepared.prepare is not None:
+            prepared.prepare()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            call()
+            prepared.call()
             torch.cuda.synchronize()
         names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         return sum(1 for n in names if not n.startswith(("Memcpy", "Memset", "[memory]")))
@@ -241,7 +254,8 @@ def card_meta(platform: Platform, copy_gbps: float) -> dict:
     datasheet = None if platform.dry_run else next((v for k, v in DATASHEET_GBPS.items() if k in described["card"]), None)
     meta = dict(
         **described, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        copy_gbps=copy_gbps, datasheet_gbps=datasheet, date=datetime.date.today().isoformat(),
+        copy_gbps=copy_gbps, copy_timer=platform.copy_timer, datasheet_gbps=datasheet,
+        date=datetime.date.today().isoformat(),
         dry_run=platform.dry_run, timers=platform.timers, gate=gate.__doc__.split("\n\n")[0],
         source_sha256=source_sha256(), **_commit(),
     )  # fmt: skip
@@ -311,6 +325,7 @@ class Prepared:
     call: Callable  # the timed call; returns what the gate checks
     prepare: Optional[Callable]  # run before each call, outside the timed region (fresh inputs)
     gate_inputs: dict  # what the gate compares against (y: the forward output a backward used)
+    owned: frozenset = frozenset()  # storages (data_ptr) the runner set up: the in-place peer's work copy
 
 
 def build(op: str, provider, inputs: dict) -> Optional[Prepared]:
@@ -327,6 +342,16 @@ def build(op: str, provider, inputs: dict) -> Optional[Prepared]:
 
         prepare()
         x = work
+        owned = frozenset({work.untyped_storage().data_ptr()})
+    else:
+        owned = frozenset()
+    prepared = _build(op, funcs, x, inputs, prepare)
+    if prepared is not None:
+        prepared.owned = owned
+    return prepared
+
+
+def _build(op: str, funcs: dict, x: torch.Tensor, inputs: dict, prepare) -> Optional[Prepared]:
     if op in funcs:  # a provider without autograd runs the op directly
         if op == "softmax_bwd":
             y = torch.softmax(x.float(), -1).to(x.dtype)
@@ -395,8 +420,8 @@ class CaseRun:
                 self.row["status"] = "wrong"
                 self.prepared = None
                 return
-            self.row["peak_extra_bytes"] = platform.peak_extra_bytes(self.prepared.call, self.prepared.prepare)
-            self.row["launches"] = platform.launches(self.prepared.call)
+            self.row["peak_extra_bytes"] = platform.peak_extra_bytes(self.prepared)
+            self.row["launches"] = platform.launches(self.prepared)
         except Exception as exc:
             self._fail(exc)
 
@@ -418,7 +443,10 @@ class CaseRun:
                 try:
                     self.device.append(self.platform.device_ms(p.call, p.prepare, eager))
                 except timing.NotCapturable as exc:
-                    self.no_graph = f"not capturable in a CUDA graph ({exc})"
+                    # All repetitions on one clock or none: earlier samples are dropped.
+                    dropped = f" after {len(self.device)} captured repetitions" if self.device else ""
+                    self.device = []
+                    self.no_graph = f"not capturable in a CUDA graph{dropped} ({exc})"
             self.row.update(self.platform.clocks())
         except Exception as exc:
             self._fail(exc)
@@ -428,7 +456,7 @@ class CaseRun:
         if row["status"] != "ok":
             return row
         nbytes = min_bytes(self.case.op, self.case.rows, self.case.cols, self.case.dtype.itemsize)
-        row.update(min_bytes=nbytes, repeats=len(self.eager))
+        row.update(min_bytes=nbytes, repeats=len(self.eager), device_repeats=len(self.device))
         if self.eager:
             row.update(eager_ms=statistics.median(self.eager), eager_ms_min=min(self.eager),
                        eager_ms_max=max(self.eager), eager_timer=timers[-1])  # fmt: skip

@@ -21,8 +21,9 @@ near L = 2.5 nats (each run reports the loss it measured).
 
 Figures per row, as in the main scoreboard (bench/gpu.py): gated against float64 first
 (the loss, and for forward + backward dX and dW by relative Frobenius error), then device
-time (CUDA graphs; eager time only where a call cannot be captured, with the reason),
-eager time, TFLOP/s from device time counting 2 N H V for the forward's product and
+time (CUDA graphs; eager time only where a call cannot be captured, with the reason) and
+eager time, each with its timer, repetitions and spread, the card warmed first and its
+clocks read after each case; TFLOP/s from device time (and, separately, from eager time) counting 2 N H V for the forward's product and
 4 x 2 N H V for forward + backward (the forward, the logits recomputed once, dX and dW:
 what an ideal fused kernel must multiply), and peak memory above the inputs and the
 returned loss or gradients.
@@ -56,7 +57,7 @@ NO_GRAPH = {
     "cce.exact": "host sync: .nonzero() on every call",
 }
 TARGET_LOSS = 2.5  # nats: the mean loss the inputs are drawn for
-REPEATS = 2
+REPEATS = 3
 # The gate: the loss within 2^-7 relative; dX and dW within 2^-4 by relative Frobenius norm,
 # since a path that materialises bfloat16 logits (torch's unfused one) rounds a logit of 10
 # by up to 0.03, which moves its probability by 3%.
@@ -201,8 +202,12 @@ def gate(op, out, ref) -> tuple:
 # ---------------------------------------------------------------------------------------
 
 
-def measure(platform, ops, shapes, providers, repeats=REPEATS):
+def measure(platform, ops, shapes, providers, repeats=REPEATS, save=None):
+    """Rows for every (shape, op, provider); `save(rows)` is called after each op, so a run
+    cut short keeps what it measured."""
     from bench import timing
+
+    timers = list(platform.timers)
 
     loaded, missing = load(providers)
     for name, reason in missing.items():
@@ -216,8 +221,10 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS):
             runs = []
             for name, loss_fn in loaded.items():
                 row = dict(op=op, shape=f"{n}x{h}x{v}", provider=name, label=LABELS.get(name, name), status="ok",
-                           gate=None, loss=None, reference_loss=float(ref[0]), device_ms=None, eager_ms=None,
-                           device_ms_min=None, device_ms_max=None, tflops=None, peak_extra_bytes=None, note="")  # fmt: skip
+                           gate=None, loss=None, reference_loss=float(ref[0]), device_ms=None, device_ms_min=None,
+                           device_ms_max=None, device_timer=None, device_repeats=0, eager_ms=None,
+                           eager_ms_min=None, eager_ms_max=None, eager_timer=None, repeats=0, tflops=None,
+                           tflops_eager=None, peak_extra_bytes=None, note="")  # fmt: skip
                 if name in NO_GRAPH:
                     row["note"] = f"eager_ms only: not capturable in a CUDA graph ({NO_GRAPH[name]})"
                 runs.append((row, runner(op, loss_fn, x, w, t), [], []))
@@ -230,7 +237,7 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS):
                     if not ok:
                         row["status"] = "wrong"
                         continue
-                    row["peak_extra_bytes"] = platform.peak_extra_bytes(runs[-1][1], None)
+                    row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(runs[-1][1], x, w))
                 except Exception as exc:
                     row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
                                note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
@@ -242,19 +249,26 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS):
                         eager.append(platform.eager_ms(call, None, reps=3))
                         if "not capturable" not in row["note"]:
                             device.append(platform.device_ms(call, None, eager[-1], replays=3))
+                        row.update(platform.clocks())
                     except timing.NotCapturable as exc:
-                        row["note"] = f"eager_ms only: not capturable in a CUDA graph ({exc})"
+                        dropped = f" after {len(device)} captured repetitions" if device else ""
+                        device.clear()  # all repetitions on one clock or none
+                        row["note"] = f"eager_ms only: not capturable in a CUDA graph{dropped} ({exc})"
                     except Exception as exc:
                         row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:160]}")
             for row, call, device, eager in runs:
                 if row["status"] == "ok" and eager:
-                    row["eager_ms"] = statistics.median(eager)
+                    row.update(eager_ms=statistics.median(eager), eager_ms_min=min(eager), eager_ms_max=max(eager),
+                               eager_timer=timers[-1], repeats=len(eager), device_repeats=len(device))  # fmt: skip
+                    row["tflops_eager"] = flops(op, n, h, v) / (row["eager_ms"] * 1e-3) / 1e12
                     if device:
                         row.update(device_ms=statistics.median(device), device_ms_min=min(device),
-                                   device_ms_max=max(device))  # fmt: skip
-                    ms = row["device_ms"] or row["eager_ms"]
-                    row["tflops"] = flops(op, n, h, v) / (ms * 1e-3) / 1e12 if ms > 0 else None
+                                   device_ms_max=max(device), device_timer=timers[0])  # fmt: skip
+                        if row["device_ms"] > 0:
+                            row["tflops"] = flops(op, n, h, v) / (row["device_ms"] * 1e-3) / 1e12
                 rows.append(row)
+            if save is not None:
+                save(rows)
             del runs, ref
             if platform.device == "cuda":
                 torch.cuda.empty_cache()
@@ -262,14 +276,24 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS):
     return rows
 
 
+class _Prepared:
+    """What the platform's memory probe reads: the call, and the inputs it must not count."""
+
+    def __init__(self, call, *inputs):
+        self.call, self.prepare, self.owned = call, None, frozenset()
+        self.gate_inputs = {str(i): t for i, t in enumerate(inputs)}
+
+
 def format_rows(rows) -> str:
     fmt = lambda value, spec: format(value, spec) if value is not None else "-"  # noqa: E731
-    lines = [f"{'op':<19}{'N x H x V':<19}{'provider':<17}{'dev ms':>9}{'eager ms':>9}{'TFLOP/s':>9}{'peak+ GB':>9}  gate / note"]
+    lines = [f"{'op':<19}{'N x H x V':<19}{'provider':<17}{'dev ms':>9}{'eager ms':>9}{'TFLOP/s':>9}{'(eager)':>9}"
+             f"{'peak+ GB':>9}  gate / note"]  # fmt: skip
     for r in rows:
         peak = r["peak_extra_bytes"] / 1e9 if r.get("peak_extra_bytes") is not None else None
         note = "; ".join(x for x in (r.get("gate") or "", r.get("note") or "") if x)
         lines.append(f"{r['op']:<19}{r['shape']:<19}{r['label']:<17}{fmt(r['device_ms'], '9.2f')}{fmt(r['eager_ms'], '9.2f')}"
-                     f"{fmt(r['tflops'], '9.1f')}{fmt(peak, '9.2f')}  {r['status'] if r['status'] != 'ok' else ''}{note}")  # fmt: skip
+                     f"{fmt(r['tflops'], '9.1f')}{fmt(r.get('tflops_eager'), '9.1f')}{fmt(peak, '9.2f')}  "
+                     f"{r['status'] if r['status'] != 'ok' else ''}{note}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -279,12 +303,14 @@ def run_scoreboard(args) -> int:
     platform = gpu.dry_run_platform() if args.dry_run else gpu.gpu_platform()
     if platform.dry_run:
         print(gpu.DRY_RUN_WARNING)
-    meta = gpu.card_meta(platform, copy_gbps=float("nan"))
+    platform.warm()
+    meta = gpu.card_meta(platform, copy_gbps=None)
     meta.update(target_loss=TARGET_LOSS, inputs=make_inputs.__doc__, repeats=args.repeats)
     shapes = DRY_RUN_SHAPES if args.dry_run else (QUICK_SHAPES if args.quick else SHAPES)
-    rows = measure(platform, args.ops, shapes, args.providers, repeats=args.repeats)
-    print(format_rows(rows))
     out = args.out or (tempfile.mkdtemp(prefix="softmax-gpu-dry-run-") if args.dry_run else results.run_folder(meta))
+    rows = measure(platform, args.ops, shapes, args.providers, repeats=args.repeats,
+                   save=lambda rows: results.write_results(rows, meta, out, name="linear_ce"))  # fmt: skip
+    print(format_rows(rows))
     paths = results.write_results(rows, meta, out, name="linear_ce")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -101,6 +101,9 @@ def _cupy():
 
         return call
 
+    if torch.cuda.is_available():
+        _cupy_allocates_through_torch(cupy)
+
     def ce_fwd_bwd(logits, target):
         loss, grad = sgc.cross_entropy(logits, target)
         return torch.from_dlpack(grad)
@@ -114,6 +117,27 @@ def _cupy():
     if torch.cuda.is_available():
         funcs = {name: on_torch_stream(fn) for name, fn in funcs.items()}
     return Provider("cupy", funcs, label="cupy (no autograd)")
+
+
+def _cupy_allocates_through_torch(cupy) -> None:
+    """CuPy's own pool keeps an arena per stream that torch cannot see or free, and calls
+    cudaMalloc inside a CUDA graph capture; through torch's caching allocator CuPy's memory
+    is counted in the peak-memory column, freed by empty_cache, and taken from the graph's
+    pool while one is captured."""
+
+    class _Block:
+        def __init__(self, size):
+            self.ptr = torch.cuda.caching_allocator_alloc(size, stream=torch.cuda.current_stream())
+
+        def __del__(self):
+            torch.cuda.caching_allocator_delete(self.ptr)
+
+    def allocate(size):
+        block = _Block(size)
+        memory = cupy.cuda.memory.UnownedMemory(block.ptr, size, block, torch.cuda.current_device())
+        return cupy.cuda.memory.MemoryPointer(memory, 0)
+
+    cupy.cuda.set_allocator(allocate)
 
 
 FACTORIES = {

@@ -157,6 +157,7 @@ def header_line(meta: dict) -> str:
     return ((DRY_RUN_MARK if meta.get("dry_run") else "")
             + f"{meta['card']}, {meta.get('date', '')}, commit {str(commit)[:10] if commit else 'unknown'}"
             + (" (with uncommitted changes)" if meta.get("dirty") else "")
+            + (f" [{meta['commit_note']}]" if meta.get("commit_note") else "")
             + f"; driver {meta['driver']}, torch {meta['torch']}, triton {meta['triton']}; "
             f"copy {meta['copy_gbps']:.0f} GB/s measured in the same run")  # fmt: skip
 
@@ -164,26 +165,31 @@ def header_line(meta: dict) -> str:
 def markdown_table(rows, meta: dict, ours: str = "softmax_gpu", dtypes=None) -> str:
     """A Markdown table of one run: per op, dtype and shape, our device time (µs), its spread,
     GB/s and % of the copy bandwidth, our eager time, our path, then each other provider's
-    device time over ours (> 1: we are faster; '(eager)' where one side has no device time);
-    '—' where a provider has no such op, its status where it did not pass or run."""
+    device time over ours (> 1: we are faster; '(eager)' where one side has no device time),
+    and torch's eager time over ours (the host included); '—' where a provider has no such
+    op, its status where it did not pass or run."""
     rows = [r for r in rows if dtypes is None or r["dtype"] in dtypes]
     labels = {r["provider"]: r.get("label") or r["provider"] for r in rows}
     others = [p for p in labels if p != ours]
     head = ["op", "dtype", "shape", "device µs", "spread", "GB/s", "% copy", "eager µs", "path"]
-    head += [f"vs {labels[p]}" for p in others]
+    head += [f"vs {labels[p]}" for p in others] + (["eager vs torch"] if "torch" in others else [])
     lines = [header_line(meta), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cases = dict.fromkeys((r["op"], r["dtype"], r["rows"], r["cols"]) for r in rows)
     by_key = {(r["op"], r["dtype"], r["rows"], r["cols"], r["provider"]): r for r in rows}
     for op, dtype, n_rows, n_cols in cases:
         mine = by_key.get((op, dtype, n_rows, n_cols, ours))
         if mine is None or mine["status"] != "ok":
-            cells = ["", "", "", "", "", mine["status"] if mine else "—"]
+            cells = [mine["status"] if mine else "—", "", "", "", "", ""]
         else:
             cells = [_us(mine.get("device_ms")), _spread(mine),
                      f"{mine['gbps']:.0f}" if mine.get("gbps") else "-",
                      f"{mine['pct_copy']:.1f}" if mine.get("pct_copy") else "-",
                      _us(mine.get("eager_ms")), str(mine.get("path") or "-")]  # fmt: skip
         cells += [_ratio(by_key.get((op, dtype, n_rows, n_cols, p)), mine) for p in others]
+        if "torch" in others:  # the host included: what an eager training step sees
+            theirs = by_key.get((op, dtype, n_rows, n_cols, "torch"))
+            both = mine and theirs and mine.get("eager_ms") and theirs.get("eager_ms")
+            cells.append(f"{theirs['eager_ms'] / mine['eager_ms']:.2f}×" if both else "—")
         lines.append(f"| {op} | {dtype} | {n_rows}×{n_cols} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -251,7 +257,9 @@ def readme_table(base: Path = RESULTS) -> str:
     table = markdown_table(data["results"], data["meta"], dtypes=("bfloat16",))
     return (f"From [`{rel}`]({rel}) (bfloat16; float32 and every other figure are in that run's files). "
             "device µs: GPU time alone, cold L2, median of the repetitions; eager µs: the call from Python, "
-            "host included; vs X: X's device time over ours.\n\n" + table)
+            "host included; vs X: X's device time over ours; eager vs torch: torch's eager time over ours. "
+            "% copy compares with a copy, which reads and writes equally: a kernel that reads more than it "
+            "writes can pass 100%.\n\n" + table)
 
 
 def replace_between(text: str, body: str) -> str:

@@ -1,15 +1,18 @@
 """The scoreboard's two clocks, each named in the results it produces.
 
 device_ms ("graph-diff"): GPU time alone. Two CUDA graphs are captured: A replays
-    k x [flush L2; prepare; call], B replays k x [flush L2; prepare]. Replays of A and B
+    k x [prepare; flush L2; call], B replays k x [prepare; flush L2]. Replays of A and B
     alternate, each timed with CUDA events; device_ms = median(A - B) / k. The host is out
     of it (a graph replays with no Python in between), every call starts with a cold L2 (the
-    flush writes twice the L2), and `prepare` (a fresh copy of the input for a peer that
+    flush, after `prepare`, writes twice the L2), and `prepare` (a fresh copy of the input for a peer that
     writes over it) is timed in both graphs, so it cancels. A call that cannot be captured
-    (a host synchronisation inside, say) raises NotCapturable with the reason.
+    (a host synchronisation inside, say) raises NotCapturable with the first error of the
+    chain; an error in the warm-up calls, or running out of memory, is the call's own and
+    propagates as it is. A median difference below zero (noise around a call of no cost)
+    is reported as 0.
 
 eager_ms ("eager-events"): the call as a Python user makes it, host included. Each
-    repetition flushes L2, prepares, waits for the GPU to go idle, then records an event,
+    repetition prepares, flushes L2, waits for the GPU to go idle, then records an event,
     makes the call and records another: the events' difference covers the host's time to
     issue every launch as well as the GPU's time to run them. The median of the repetitions.
 
@@ -24,7 +27,7 @@ import torch
 DEVICE_TIMER = "graph-diff"
 EAGER_TIMER = "eager-events"
 TIMERS = {
-    DEVICE_TIMER: "CUDA graph of k x [L2 flush, prepare, call] minus a graph of k x [L2 flush, prepare], "
+    DEVICE_TIMER: "CUDA graph of k x [prepare, L2 flush, call] minus a graph of k x [prepare, L2 flush], "
     "median over alternating replays, divided by k: GPU time alone, cold L2",
     EAGER_TIMER: "CUDA events around one eager call after an L2 flush and a device sync, median over "
     "repetitions: host time to issue the launches included",
@@ -46,9 +49,9 @@ def flush_buffer(device) -> torch.Tensor:
 def eager_ms(call: Callable, flush: torch.Tensor, prepare: Optional[Callable] = None, reps: int = 10) -> float:
     times = []
     for _ in range(reps):
-        flush.zero_()
-        if prepare is not None:
+        if prepare is not None:  # before the flush, so the fresh copy is not left in L2
             prepare()
+        flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
@@ -79,34 +82,37 @@ def device_ms(call: Callable, flush: torch.Tensor, prepare: Optional[Callable] =
     def flushed(with_call: bool):
         def body():
             for _ in range(k):
-                flush.zero_()
                 if prepare is not None:
                     prepare()
+                flush.zero_()
                 if with_call:
                     call()
 
         return body
 
-    # Warm up on a side stream, as graph capture asks (lazy initialisation, autograd state).
-    side = torch.cuda.Stream()
+    # Warm up on a side stream, as graph capture asks (lazy initialisation, autograd state);
+    # errors here are the call's own and propagate as they are.
+    side = _side_stream()
     side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            if prepare is not None:
+                prepare()
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    pool = torch.cuda.graph_pool_handle()
     try:
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                if prepare is not None:
-                    prepare()
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        pool = torch.cuda.graph_pool_handle()
         graph_a = _capture(flushed(True), pool)
         graph_b = _capture(flushed(False), pool)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except Exception as exc:  # what a capture refuses varies: syncs, host reads, allocator calls
         try:
             torch.cuda.synchronize()
         except Exception:
             pass
-        raise NotCapturable(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from exc
+        raise NotCapturable(_root_cause(exc)) from exc
     graph_a.replay()
     graph_b.replay()
     diffs = []
@@ -122,6 +128,27 @@ def device_ms(call: Callable, flush: torch.Tensor, prepare: Optional[Callable] =
         diffs.append(events[0].elapsed_time(events[1]) - events[2].elapsed_time(events[3]))
     del graph_a, graph_b
     return max(statistics.median(diffs), 0.0) / k
+
+
+_SIDE_STREAMS = {}
+
+
+def _side_stream() -> "torch.cuda.Stream":
+    """One warm-up stream per device for the whole run: a new stream per call would spread
+    CuPy's per-stream memory arenas over torch's stream pool."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream()
+    return _SIDE_STREAMS[device]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The first error in the chain (torch reports a failed capture as 'operation failed due to
+    a previous error during capture'; the previous error is the one that says why)."""
+    while exc.__context__ is not None and exc.__context__ is not exc:
+        exc = exc.__context__
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
 
 
 def flush_ms(flush: torch.Tensor, reps: int = 10) -> float:

@@ -135,6 +135,46 @@ def test_gate_catches_a_gradient_wrong_only_off_the_target(device):
     assert not gate.check("ce_fwd", loss.expand(1), inputs).ok  # a shape (1,) is not the scalar mean
 
 
+def test_gate_catches_a_log_softmax_off_by_a_little(device):
+    """An offset that moves every probability by about 5% (bfloat16) or far beyond float32's
+    rounding fails: each value is judged on its own scale, not the row's largest |log p|."""
+    import torch
+
+    from bench import gate
+
+    for dtype, offset in ((torch.bfloat16, 0.05), (torch.float32, 5e-5)):
+        inputs = _case_inputs("log_softmax_fwd", 8, 32000, dtype, device)
+        logp = torch.log_softmax(inputs["x"].double(), -1)
+        assert gate.check("log_softmax_fwd", logp.to(dtype), inputs).ok
+        assert not gate.check("log_softmax_fwd", (logp + offset).to(dtype), inputs).ok, dtype
+
+
+def test_gate_passes_torch_at_language_model_widths(device):
+    """torch's own 16-bit results at a real vocabulary pass every check (the gate must not
+    fail a correct provider on a GPU it has never met: rounding grows with the width)."""
+    import torch
+
+    from bench import gate, gpu, providers
+
+    torch_provider = providers.load(["torch"])[0]["torch"]
+    for op in OPS:
+        inputs = _case_inputs(op, 4, 128256, torch.bfloat16, device)
+        prepared = gpu.build(op, torch_provider, inputs)
+        verdict = gate.check(op, prepared.call(), prepared.gate_inputs)
+        assert verdict.ok, (op, str(verdict))  # torch's CPU log_softmax in bfloat16 reaches 0.7 of the tolerance
+
+
+def test_gate_refuses_a_wider_dtype(device):
+    import torch
+
+    from bench import gate
+
+    inputs = _case_inputs("softmax_fwd", 4, 64, torch.bfloat16, device)
+    y = torch.softmax(inputs["x"].float(), -1)
+    verdict = gate.check("softmax_fwd", y, inputs)  # right values, float32: timed against 16-bit bytes
+    assert not verdict.ok and "torch.float32" in verdict.where
+
+
 def test_gate_checks_the_backward_from_the_saved_output(device):
     import torch
 
@@ -169,6 +209,51 @@ def test_inplace_peer_gets_a_fresh_copy_every_call(device):
         prepared.prepare()
         assert gate.check("ce_fwd", prepared.call(), prepared.gate_inputs).ok
     assert torch.equal(inputs["x"], before)
+
+
+class _FakeClocks:
+    """A Platform whose device clock fails to capture on a chosen repetition."""
+
+    def __init__(self, fail_on=None, error=None):
+        self.calls, self.fail_on, self.error = 0, fail_on, error
+
+    def platform(self):
+        from bench import gpu, timing
+
+        def device_ms(call, prepare, estimate_ms, replays=5):
+            self.calls += 1
+            if self.calls == self.fail_on:
+                raise self.error or timing.NotCapturable("RuntimeError: operation not permitted when stream is capturing")
+            return 1.0
+
+        return gpu.Platform(
+            device="cpu", dry_run=True, device_ms=device_ms, eager_ms=lambda call, prepare, reps=5: 2.0,
+            copy_gbps=lambda: 100.0, peak_extra_bytes=lambda prepared: None, launches=lambda prepared: None,
+            clocks=dict, warm=lambda: None, describe=dict, timers={"graph-diff": "", "eager-events": ""},
+        )  # fmt: skip
+
+
+def test_case_run_keeps_one_clock_for_all_repetitions(device):
+    """A capture that fails after earlier repetitions were captured drops them: a row never
+    shows a device time from fewer repetitions than its eager time, and says why."""
+    import torch
+
+    from bench import gpu, providers
+
+    case = gpu.Case("softmax_fwd", 4, 64, torch.float32)
+    inputs = _case_inputs("softmax_fwd", 4, 64, torch.float32, device)
+    meta = dict(copy_gbps=100.0, datasheet_gbps=None, sm_count=132)
+    torch_provider = providers.load(["torch"])[0]
+    clean = gpu.run_case(_FakeClocks().platform(), case, torch_provider, meta, repeats=3)[0]
+    assert clean["device_ms"] == 1.0 and clean["device_repeats"] == clean["repeats"] == 3 and clean["note"] == ""
+    row = gpu.run_case(_FakeClocks(fail_on=2).platform(), case, torch_provider, meta, repeats=3)[0]
+    assert row["status"] == "ok" and row["device_ms"] is None and row["device_repeats"] == 0
+    assert row["eager_ms"] == 2.0 and row["repeats"] == 3
+    assert "after 1 captured repetitions" in row["note"] and row["gbps"] is None
+    oom = gpu.run_case(_FakeClocks(fail_on=1, error=torch.cuda.OutOfMemoryError("no")).platform(), case,
+                       torch_provider, meta, repeats=3)[0]  # fmt: skip
+    assert oom["status"] == "oom" and oom["device_ms"] is None
+    del inputs
 
 
 def test_calls_per_graph_fills_a_replay():
@@ -227,9 +312,10 @@ def test_result_files(tmp_path):
     assert table[0].startswith("NVIDIA H100 80GB HBM3, 2026-11-26, commit 0123456789; driver 555.42")
     assert "copy 2900 GB/s" in table[0]
     assert table[2] == ("| op | dtype | shape | device µs | spread | GB/s | % copy | eager µs | path "
-                        "| vs torch | vs cupy (no autograd) |")  # fmt: skip
-    assert "| softmax_fwd | bfloat16 | 4096×4096 | 1000 | ±10% | 1000 | 50.0 | 1200 | single | 2.00× | 2.00× (eager) |" in table
-    assert table[-1].startswith("| ce_fwd_bwd | float32 | 1×128256 |") and table[-1].endswith("| wrong | — |")
+                        "| vs torch | vs cupy (no autograd) | eager vs torch |")  # fmt: skip
+    assert ("| softmax_fwd | bfloat16 | 4096×4096 | 1000 | ±10% | 1000 | 50.0 | 1200 | single | 2.00× "
+            "| 2.00× (eager) | 2.00× |") in table  # fmt: skip
+    assert table[-1].startswith("| ce_fwd_bwd | float32 | 1×128256 | — |") and table[-1].endswith("| wrong | — | — |")
     assert results.run_folder(META, tmp_path, datetime.date(2026, 11, 26)) == tmp_path / "nvidia-h100-80gb-hbm3_2026-11-26"
 
 
@@ -258,10 +344,14 @@ def test_summary_reads_a_run(tmp_path, capsys):
     assert summary.main([str(tmp_path), "--rc", "tests=1", "memcheck=0", "--seconds", "42"]) == 1
     out = capsys.readouterr().out
     assert "3 failed, 900 passed" in out and "ERROR SUMMARY: 0 errors" in out and "step tests: exit 1" in out
-    assert "softmax_fwd     bfloat16  ours 50-50% of copy" in out and "torch 2.00x" in out
+    assert "softmax_fwd     bfloat16  ours 50-50% of copy" in out and "torch 2.00x/2.00xe" in out
     assert "1 failed the gate" in out and "linear cross-entropy: missing" in out
     (tmp_path / "gpu_tests.txt").write_text("===== 900 passed in 101.00s =====\n")
     assert summary.main([str(tmp_path), "--rc", "tests=0"]) == 0
+    rows = fake_rows()
+    rows[0].update(status="error", note="RuntimeError: ours broke")  # our own provider in error
+    results.write_results(rows, META, tmp_path)
+    assert summary.main([str(tmp_path), "--rc", "tests=0"]) == 1
 
 
 @cpu_instrument
@@ -459,3 +549,25 @@ def test_docker_command_matches_readme():
     for run in runs:
         flags = run.split(f" {tag}", 1)[1].split()
         parse_args(flags + ["--out", "/tmp/unused"])
+
+
+def test_committed_runs_match_the_sources_of_their_commit(tmp_path):
+    """A scoreboard's source_sha256 is the hash of softmax_gpu/ and kernels/ at the commit it
+    names: the recorded commit is checked, not trusted."""
+    from bench.gpu import source_sha256
+
+    checked = 0
+    for path in sorted((ROOT / "bench" / "results").rglob("*.json")):
+        meta = json.loads(path.read_text()).get("meta", {})
+        if not (meta.get("source_sha256") and meta.get("commit")):
+            continue
+        if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", meta["commit"]], capture_output=True).returncode:
+            pytest.fail(f"{path}: commit {meta['commit']} is not in this clone's history")
+        tree = tmp_path / meta["commit"]
+        tree.mkdir(exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", meta["commit"], "softmax_gpu", "kernels"],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        subprocess.run(["tar", "x", "-C", str(tree)], input=archive, check=True)
+        assert source_sha256(tree) == meta["source_sha256"], path
+        checked += 1
+    assert checked >= 2  # the H200 run's scoreboard and linear cross-entropy files
