@@ -290,72 +290,20 @@ def cross_entropy_variants(quick: bool):
                               maxnreg=config.max_registers(warps))  # fmt: skip
 
 
-# Fused linear cross-entropy: the plain training case and every option at once (class
-# indices and probabilities); each kernel at its shipped tiles, in every dtype.
-LINEAR_CE_FLAG_SETS = (
-    dict(SOFT_TARGET=False, HAS_BIAS=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_SOFTCAP=False),
-    dict(SOFT_TARGET=False, HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True),
-    dict(SOFT_TARGET=True, HAS_BIAS=True, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_SOFTCAP=True),
-)
-LINEAR_CE_KERNELS = {
-    "forward": "linear_cross_entropy_fwd_kernel",
-    "backward_input": "linear_cross_entropy_bwd_input_kernel",
-    "backward_weight": "linear_cross_entropy_bwd_weight_kernel",
-}
-
-
 def linear_cross_entropy_variants(quick: bool):
-    """Each kernel at its shipped tiles for a large problem (tiles are only ever shrunk for
-    small ones), in bfloat16, float16 and float32 (TF32 products when torch's switch is on,
-    3xTF32 when off): all on tensor cores."""
+    """Linear cross-entropy's own kernel: grad_skip_threshold's tile filter at the shipped
+    tile, on 16-bit and float32 gradients (its products are cuBLAS's; its row math is the
+    cross-entropy and vocab-parallel kernels, compiled above and below)."""
     from softmax_gpu import config
 
-    module = "softmax_gpu.kernels.linear_cross_entropy"
-    common = (("n_rows", "i32"), ("n_cols", "i32"), ("hidden", "i32"),
-              ("stride_xm", "i64"), ("stride_xk", "constexpr"), ("stride_wv", "i64"), ("stride_wk", "constexpr"),
-              ("stride_tm", "i64"), ("stride_tv", "constexpr"), ("stride_stats", "i64"))  # fmt: skip
-    # (dtype, products, flag sets): each of these kernels takes ~10 s to compile, so float16
-    # (the same code as bfloat16) and TF32 (the tiles of 3xTF32, which holds more) compile
-    # only their worst case; --quick keeps bfloat16 alone.
-    plan = (("bf16", "ieee", LINEAR_CE_FLAG_SETS), ("fp16", "ieee", LINEAR_CE_FLAG_SETS[2:]),
-            ("fp32", "tf32", LINEAR_CE_FLAG_SETS[2:]), ("fp32", "tf32x3", LINEAR_CE_FLAG_SETS))  # fmt: skip
-    for kind, kernel in LINEAR_CE_KERNELS.items():
-        for dtype, precision, flag_sets in plan[:1] if quick else plan:
-            ptr = DTYPES[dtype]
-            tiles = config.linear_cross_entropy_tiles(kind, 2 if dtype != "fp32" else 4, 1 << 16, 1 << 17, 1 << 12)
-            for flags in flag_sets:
-                operands = (("x_ptr", ptr), ("w_ptr", ptr), ("b_ptr", ptr),
-                            ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"), ("weight_ptr", "*fp32"))  # fmt: skip
-                options = (("ignore_index", "i64"), ("label_smoothing", "fp32"))
-                if kind == "forward":
-                    buffers = (("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("stats_ptr", "*fp32"))
-                    strides = common
-                    options += (("z_loss", "fp32"), ("softcap", "fp32"))
-                    extra = (("HAS_Z_LOSS", flags["HAS_SMOOTHING"]), ("COMPUTE_STATS", True))
-                else:
-                    buffers = (("stats_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("divisor_ptr", "*fp32"))
-                    buffers += (("dx_ptr", "*fp32"),) if kind == "backward_input" else (("dw_ptr", "*fp32"),
-                                                                                        ("db_ptr", "*fp32"))
-                    strides = common + (("stride_up", "constexpr"),
-                                        ("stride_dxm" if kind == "backward_input" else "stride_dwv", "i64"))
-                    options += (("softcap", "fp32"), ("col_start", "i32"), ("n_classes", "i32"),
-                                ("grad_skip_threshold", "fp32"))
-                    # the sharded variant (vocab_parallel_variants) and tile skipping (off by
-                    # default; it only wraps the products in a branch) are left out
-                    extra = (("DIVIDE", True), ("SHARDED", False), ("SKIP_SMALL", False))
-                    if kind == "backward_weight":
-                        extra += (("COMPUTE_DW", True), ("COMPUTE_DB", flags["HAS_BIAS"]))
-                meta = tuple(flags.items()) + extra + (
-                    ("BLOCK_M", tiles.block_m), ("BLOCK_V", tiles.block_v), ("BLOCK_K", tiles.block_k),
-                    ("INPUT_PRECISION", precision),
-                )  # fmt: skip
-                constant_strides = {"stride_xk": 1, "stride_wk": 1, "stride_tv": 1, "stride_up": 0}
-                signature = operands + buffers + strides + options
-                constexprs = tuple((k, v) for k, v in constant_strides.items() if any(k == n for n, _ in signature))
-                aligned = tuple(n for n, t in signature if t.startswith("*") or n in ("hidden", "stride_xm", "stride_wv",
-                                                                                       "stride_dxm", "stride_dwv"))
-                yield Variant(module, kernel, dtype, signature + tuple((k, "constexpr") for k, _ in meta),
-                              constexprs + meta, tiles.num_warps, aligned=aligned, num_stages=tiles.num_stages)
+    tile_m, tile_n = config.LINEAR_CE_SKIP_TILE
+    for dtype in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        sig = (("grad_ptr", DTYPES[dtype]), ("scale_ptr", "*fp32"), ("n_rows", "i32"), ("n_cols", "i32"),
+               ("grad_row_stride", "i64"), ("scale_stride", "i64"), ("threshold", "fp32"))  # fmt: skip
+        meta = (("BLOCK_M", tile_m), ("BLOCK_N", tile_n))
+        yield Variant("softmax_gpu.kernels.linear_cross_entropy", "skip_small_tiles_kernel", dtype,
+                      sig + tuple((k, "constexpr") for k, _ in meta), meta, config.LINEAR_CE_SKIP_WARPS,
+                      aligned=("grad_ptr", "grad_row_stride", "n_cols"))  # fmt: skip
 
 
 def vocab_parallel_variants(quick: bool):
@@ -382,8 +330,11 @@ def vocab_parallel_variants(quick: bool):
                 warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                 yield Variant(module, "vocab_parallel_stats_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                               meta, warps, aligned=("logits_ptr", "logits_row_stride", "n_cols"))  # fmt: skip
-            loss_plan = [(b, True) for b in (16, 1024, config.MAX_BLOCK_CROSS_ENTROPY)] + [(1024, False)] * (index == 0)
-            for block, grad in loss_plan:
+            # (block, gradient, upstream factor): the linear cross-entropy's low-memory backward
+            # forms every dtype's gradient with the upstream factor; float16 always does.
+            loss_plan = [(b, True, dtype == "fp16") for b in (16, 1024, config.MAX_BLOCK_CROSS_ENTROPY)]
+            loss_plan += [(1024, False, False)] * (index == 0) + [(1024, True, True)] * (dtype != "fp16")
+            for block, grad, upstream in loss_plan:
                 sig = (("logits_ptr", ptr), ("target_ptr", target), ("weight_ptr", "*fp32"), ("max_ptr", "*fp32"),
                        ("stats_ptr", "*fp32"), ("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"), ("grad_ptr", ptr),
                        ("grad_divisor_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("logits_row_stride", "i64"),
@@ -392,7 +343,7 @@ def vocab_parallel_variants(quick: bool):
                        ("label_smoothing", "fp32"), ("z_loss", "fp32"), ("softcap", "fp32"))  # fmt: skip
                 # float16 forms its gradient in the backward, with the upstream factor (HAS_UPSTREAM).
                 meta = tuple(flags.items()) + (("COMPUTE_GRAD", grad), ("DIVIDE_GRAD", grad and index % 2 == 0),
-                                               ("HAS_UPSTREAM", grad and dtype == "fp16"),
+                                               ("HAS_UPSTREAM", upstream),
                                                ("N_STATS", n_stats), ("BLOCK_N", block))  # fmt: skip
                 warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
                 yield Variant(module, "vocab_parallel_loss_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),

@@ -23,10 +23,11 @@ Figures per row, as in the main scoreboard (bench/gpu.py): gated against float64
 (the loss, and for forward + backward dX and dW by relative Frobenius error), then device
 time (CUDA graphs; eager time only where a call cannot be captured, with the reason) and
 eager time, each with its timer, repetitions and spread, the card warmed first and its
-clocks read after each case; TFLOP/s from device time (and, separately, from eager time) counting 2 N H V for the forward's product and
-4 x 2 N H V for forward + backward (the forward, the logits recomputed once, dX and dW:
-what an ideal fused kernel must multiply), and peak memory above the inputs and the
-returned loss or gradients.
+clocks read after each case; TFLOP/s from device time (and, separately, from eager time)
+counting 2 N H V for the forward's product and 3 x 2 N H V for forward + backward (logits,
+dX and dW: the fewest products there are), and peak memory above the inputs and the
+returned loss or gradients. The "cublas" row is the ceiling: those products alone, in
+cuBLAS, in the same run (not gated: it computes no loss).
 
 Without a GPU and without --dry-run: the largest single tensor and the total allocated
 during one forward + backward at small sizes, from torch's CPU allocator (the profiler),
@@ -48,8 +49,11 @@ SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (4096, 4096, 32000))
 QUICK_SHAPES = ((8192, 4096, 128256),)
 DRY_RUN_SHAPES = ((64, 32, 500),)
 CPU_SHAPES = ((128, 32, 1024), (256, 32, 2048))  # N x V grows 4x, H fixed: the interpreter's sizes
-PROVIDERS = ("softmax_gpu", "torch", "torch.chunked", "torch.compile", "liger", "cce", "cce.exact", "quack")
-LABELS = {"cce": "cce (filtered)", "cce.exact": "cce (exact)"}
+PROVIDERS = ("softmax_gpu", "softmax_gpu.low_memory", "cublas", "torch", "torch.chunked", "torch.compile", "liger", "cce",
+             "cce.exact", "quack")
+LABELS = {"cce": "cce (filtered)", "cce.exact": "cce (exact)", "softmax_gpu": "softmax_gpu (speed)",
+          "softmax_gpu.low_memory": "softmax_gpu (low_mem)", "cublas": "cuBLAS products"}
+PRODUCTS = object()  # the "cublas" provider: the matrix products alone, not a loss (the ceiling)
 # Host synchronisations inside the call (read in their sources): eager time only.
 NO_GRAPH = {
     "liger": "host syncs: .item() in the forward, torch.equal on the upstream in the backward",
@@ -66,8 +70,9 @@ REFERENCE_ROWS = 1024  # float64 logits computed this many rows at a time
 
 
 def flops(op: str, n: int, h: int, v: int) -> int:
-    """Multiply-adds x 2 an ideal fused kernel needs: 2NHV forward; 4 x 2NHV forward + backward."""
-    return 2 * n * h * v * (1 if op == "linear_ce_fwd" else 4)
+    """Multiply-adds x 2 the fewest products need: 2NHV forward; 3 x 2NHV forward + backward
+    (logits, dX, dW: the speed mode's count; the low-memory mode does 4)."""
+    return 2 * n * h * v * (1 if op == "linear_ce_fwd" else 3)
 
 
 def _torch_unfused(x, w, t):
@@ -101,14 +106,33 @@ def _quack():
     return lambda x, w, t: chunked_linear_cross_entropy(x, w, t)
 
 
-def _ours():
-    import softmax_gpu
+def _ours(mode="speed"):
+    def factory():
+        import softmax_gpu
 
-    return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t)
+        return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t, mode=mode)
+
+    return factory
+
+
+def products(op, x, w):
+    """The ceiling: the matrix products of the speed mode alone, in cuBLAS, in the inputs'
+    dtype: z = x W^T (forward); and dX = z W, dW = z^T x (forward + backward: 3 products; the
+    low-memory mode's 4 take 4/3 of this)."""
+    if op == "linear_ce_fwd":
+        return lambda: torch.mm(x, w.t())
+
+    def call():
+        z = torch.mm(x, w.t())
+        return torch.mm(z, w), torch.mm(z.t(), x)
+
+    return call
 
 
 FACTORIES = {
-    "softmax_gpu": _ours,
+    "softmax_gpu": _ours("speed"),
+    "softmax_gpu.low_memory": _ours("low_memory"),
+    "cublas": lambda: PRODUCTS,
     "torch": lambda: _torch_unfused,
     "torch.chunked": _torch_chunked,
     "torch.compile": lambda: torch.compile(_torch_unfused, dynamic=False),
@@ -227,6 +251,15 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, save=None):
                            tflops_eager=None, peak_extra_bytes=None, note="")  # fmt: skip
                 if name in NO_GRAPH:
                     row["note"] = f"eager_ms only: not capturable in a CUDA graph ({NO_GRAPH[name]})"
+                if loss_fn is PRODUCTS:
+                    runs.append((row, products(op, x, w), [], []))
+                    row["gate"] = "not gated: the products alone, the ceiling"
+                    try:
+                        row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(runs[-1][1], x, w))
+                    except Exception as exc:
+                        row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
+                                   note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
+                    continue
                 runs.append((row, runner(op, loss_fn, x, w, t), [], []))
                 try:
                     out = runs[-1][1]()
@@ -332,14 +365,24 @@ def allocations(fn):
 
 
 def memory_table(shapes, dtype=torch.float32):
-    """Rows (N, H, V, provider, largest, total, logits bytes) for forward + backward on CPU."""
-    providers = {"softmax_gpu": _ours(), "torch": _torch_unfused}
-    try:
-        providers["torch.chunked"] = _torch_chunked()
-    except AttributeError:
-        pass
+    """Rows (N, H, V, provider, largest, total, logits bytes) for forward + backward on CPU.
+    softmax_gpu runs with a buffer budget of a quarter of the logits (the default budgets,
+    hundreds of MiB, would hold these small problems whole)."""
+    import softmax_gpu
+
     rows = []
     for n, h, v in shapes:
+        budget = n * v * torch.tensor([], dtype=dtype).element_size() // 4
+        providers = {
+            f"softmax_gpu.{mode}": (lambda mode: lambda x, w, t: softmax_gpu.linear_cross_entropy(
+                x, w, t, mode=mode, buffer_bytes=budget))(mode)
+            for mode in ("speed", "low_memory")
+        }  # fmt: skip
+        providers["torch"] = _torch_unfused
+        try:
+            providers["torch.chunked"] = _torch_chunked()
+        except AttributeError:
+            pass
         x, w, t = make_inputs(n, h, v, dtype, "cpu")
         for name, loss_fn in providers.items():
             largest, total = allocations(runner("linear_ce_fwd_bwd", loss_fn, x, w, t))
@@ -348,17 +391,18 @@ def memory_table(shapes, dtype=torch.float32):
 
 
 def format_memory_table(rows) -> str:
-    lines = ["Allocations during one forward + backward (float32, torch's CPU allocator; kernels in the interpreter):",
-             f"{'N x H x V':<18}{'provider':<15}{'largest tensor':>15}{'total':>12}{'logits N x V':>14}"]  # fmt: skip
+    lines = ["Allocations during one forward + backward (float32, torch's CPU allocator; kernels in the interpreter;",
+             "softmax_gpu with a buffer budget of a quarter of the logits):",
+             f"{'N x H x V':<18}{'provider':<24}{'largest tensor':>15}{'total':>12}{'logits N x V':>14}"]  # fmt: skip
     for n, h, v, name, largest, total, logits in rows:
-        lines.append(f"{f'{n}x{h}x{v}':<18}{name:<15}{largest:>15,}{total:>12,}{logits:>14,}")
+        lines.append(f"{f'{n}x{h}x{v}':<18}{name:<24}{largest:>15,}{total:>12,}{logits:>14,}")
     return "\n".join(lines)
 
 
 def cpu_report(ops) -> None:
     print("No CUDA GPU: the fused linear cross-entropy's memory table and FLOP counts (no timings).\n")
     print(format_memory_table(memory_table(CPU_SHAPES)))
-    print("\nFLOPs an ideal kernel needs at the benchmark's cases:")
+    print("\nFLOPs of the fewest products (3 for forward + backward) at the benchmark's cases:")
     for op in ops:
         for n, h, v in SHAPES:
             print(f"  {op:<19}{n} x {h} x {v}: {flops(op, n, h, v):.3e}")

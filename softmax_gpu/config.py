@@ -237,72 +237,82 @@ def block_limit(block_n: int):
 
 
 # ---------------------------------------------------------------------------------------
-# Fused linear + cross-entropy (kernels/linear_cross_entropy.py): tiles, not rows
+# Linear cross-entropy (softmax_gpu/ops/linear_cross_entropy.py): buffers from a budget
 # ---------------------------------------------------------------------------------------
-# Each program holds a [block_m rows x block_v classes] float32 logit tile in registers,
-# built by tl.dot over the hidden dim block_k at a time (tensor cores: HMMA on sm_80, wgmma
-# on sm_90). The backward kernels also hold the tile's gradient and a [block_m or block_v x
-# block_k] product, so they take narrower tiles than the forward. num_stages is the depth of
-# the software pipeline over the hidden dim; its shared memory is
-# num_stages * (block_m + block_v) * block_k * itemsize (72 KiB for the 16-bit forward).
-# `python -m bench.compile_report` checks that none of them spills.
+# The matrix products go to cuBLAS (torch.mm / addmm); between them the cross-entropy row
+# kernels work on a bounded buffer of logits, sized from a memory budget, never from N x V:
+#   "speed"       the tokens in chunks of `rows`; the chunk's logits (rows x V) are the buffer.
+#                 When all N rows fit in V*H*4 + budget bytes (the fp32 dW accumulator a
+#                 chunked run would need, plus the budget) they are one chunk and dW is one
+#                 product; otherwise chunks of budget / (V * itemsize) rows and an fp32 dW.
+#                 Extra memory: at most V*H*4 + budget.
+#   "low_memory"  the vocabulary in slabs of `cols` classes; the slab's logits (N x cols) are
+#                 the buffer, and dX accumulates in an N x H fp32 tensor.
+#                 Extra memory: at most N*H*4 + budget (+ O(N) statistics).
+LINEAR_CE_MODES = ("speed", "low_memory")
+LINEAR_CE_BUFFER_BYTES = {"speed": 512 << 20, "low_memory": 256 << 20}
+LINEAR_CE_ALIGN = 256  # chunk rows and slab classes are multiples of this (when there are more)
+# grad_skip_threshold's unit: [rows x classes] tiles of the logits' gradient, aligned to the
+# chunks and slabs (they are multiples of it).
+LINEAR_CE_SKIP_TILE = (128, 256)
+LINEAR_CE_SKIP_WARPS = 32  # the filter kernel: 32 values a thread at that tile (16 warps spilled float32 on sm_90)
+
+_linear_limit = None  # (rows, cols) caps, set only by linear_limit(), for tests
 
 
 @dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch options of one linear cross-entropy kernel."""
+class LinearPlan:
+    """How linear cross-entropy cuts its work: chunks of `rows` tokens ("speed"; all N in
+    one chunk when they fit) or slabs of `cols` classes ("low_memory"); skip_tile: the
+    (rows, classes) tile of grad_skip_threshold."""
 
-    block_m: int
-    block_v: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-LINEAR_CE_TILES = {
-    # kernel: {input itemsize: (block_m, block_v, block_k, num_warps, num_stages)}. Chosen
-    # with the compile report's worst case (probability targets with every option): 16-bit
-    # tiles spilled at 128 x 128 and at 64 x 128 on 8 warps, float32 ones (TF32 or 3xTF32
-    # products) at block_k 32, and the float32 input gradient, by a few bytes, at every other
-    # shape tried (64 x 64 and 64 x 32 on 4 or 8 warps, 32 x 32, 32 x 64 on 2 stages).
-    "forward": {2: (128, 64, 64, 8, 3), 4: (64, 64, 16, 8, 3)},
-    "backward_input": {2: (64, 64, 64, 8, 2), 4: (32, 64, 16, 4, 3)},
-    "backward_weight": {2: (64, 64, 64, 8, 2), 4: (64, 64, 16, 8, 2)},
-}
-LINEAR_CE_KERNELS = tuple(LINEAR_CE_TILES)
-
-_tile_limit = None  # (block_m, block_v, block_k) caps, set only by tile_limit(), for tests
+    mode: str
+    rows: int
+    cols: int
+    skip_tile: tuple
 
 
-def linear_cross_entropy_tiles(kernel: str, itemsize: int, n_rows: int, n_cols: int, hidden: int) -> TileConfig:
-    """The tiles of `kernel` ("forward", "backward_input", "backward_weight") for an
-    (n_rows, hidden) input of `itemsize` bytes and n_cols classes: the table above, shrunk to
-    the problem (a power of two, at least 16, the smallest tl.dot operand) and to tile_limit()."""
-    block_m, block_v, block_k, warps, stages = LINEAR_CE_TILES[kernel][2 if itemsize <= 2 else 4]
-    limits = _tile_limit or (block_m, block_v, block_k)
-    shipped = block_m * block_v
-    block_m = max(16, min(block_m, limits[0], next_power_of_2(n_rows)))
-    block_v = max(16, min(block_v, limits[1], next_power_of_2(n_cols)))
-    block_k = max(16, min(block_k, limits[2], next_power_of_2(hidden)))
-    if block_m * block_v < shipped:  # a shrunk tile: fewer warps, at least 16 tile values a thread
-        warps = min(warps, max(1, block_m * block_v // 512))
-    return TileConfig(block_m, block_v, block_k, warps, stages)
+def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, itemsize: int,
+                              buffer_bytes: Optional[int] = None) -> LinearPlan:  # fmt: skip
+    """The chunk rows / slab columns for an (n_rows, hidden) input, n_cols classes and
+    logits of `itemsize` bytes, within `buffer_bytes` (None: LINEAR_CE_BUFFER_BYTES[mode])."""
+    if mode not in LINEAR_CE_MODES:
+        raise ValueError(f"linear_cross_entropy_plan: mode must be one of {LINEAR_CE_MODES}, got {mode!r}")
+    budget = LINEAR_CE_BUFFER_BYTES[mode] if buffer_bytes is None else buffer_bytes
+    tile_m, tile_v = LINEAR_CE_SKIP_TILE
+    if _linear_limit is not None:
+        tile_m, tile_v = min(tile_m, _linear_limit[0]), min(tile_v, _linear_limit[1])
+
+    def aligned(count: int, total: int, align: int) -> int:
+        count = max(1, min(count, total))
+        if count < total and count > align:
+            count -= count % align
+        return count
+
+    rows, cols = max(n_rows, 1), max(n_cols, 1)
+    if mode == "speed":
+        if n_rows * n_cols * itemsize > n_cols * hidden * 4 + budget:
+            rows = aligned(budget // (cols * itemsize), rows, LINEAR_CE_ALIGN)
+    else:
+        cols = aligned(budget // (rows * itemsize), cols, LINEAR_CE_ALIGN)
+    if _linear_limit is not None:
+        rows, cols = min(rows, _linear_limit[0]), min(cols, _linear_limit[1])
+    return LinearPlan(mode, rows, cols, (tile_m, tile_v))
 
 
 @contextlib.contextmanager
-def tile_limit(block_m: int, block_v: int, block_k: int):
-    """Caps the linear cross-entropy tiles inside the block (powers of two >= 16).
-
-    Meant for tests: small problems then take several row, vocabulary and hidden tiles."""
-    global _tile_limit
-    for name, value in (("block_m", block_m), ("block_v", block_v), ("block_k", block_k)):
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"tile_limit: {name} must be a power of two >= 16, got {value}")
-    previous, _tile_limit = _tile_limit, (block_m, block_v, block_k)
+def linear_limit(rows: int, cols: int):
+    """Caps linear cross-entropy's chunk rows and slab classes, and its skip tile, inside the
+    block. Meant for tests: small problems then take several chunks, slabs and tiles."""
+    global _linear_limit
+    for name, value in (("rows", rows), ("cols", cols)):
+        if value < 1:
+            raise ValueError(f"linear_limit: {name} must be >= 1, got {value}")
+    previous, _linear_limit = _linear_limit, (rows, cols)
     try:
         yield
     finally:
-        _tile_limit = previous
+        _linear_limit = previous
 
 
 # ---------------------------------------------------------------------------------------

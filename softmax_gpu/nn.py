@@ -94,6 +94,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         z_loss: float = 0.0,
         softcap: Optional[float] = None,
         grad_skip_threshold: Optional[float] = None,
+        mode: str = "speed",
+        buffer_bytes: Optional[int] = None,
     ):
         super().__init__()
         self.register_buffer("weight", weight)
@@ -103,6 +105,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.z_loss = z_loss
         self.softcap = softcap
         self.grad_skip_threshold = grad_skip_threshold  # None: exact gradients (see linear_cross_entropy)
+        self.mode = mode  # "speed" or "low_memory" (see linear_cross_entropy)
+        self.buffer_bytes = buffer_bytes
 
     def forward(
         self,
@@ -123,10 +127,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
             z_loss=self.z_loss,
             softcap=self.softcap,
             grad_skip_threshold=self.grad_skip_threshold,
+            mode=self.mode,
+            buffer_bytes=self.buffer_bytes,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-            f"z_loss={self.z_loss}, softcap={self.softcap}"
+            f"z_loss={self.z_loss}, softcap={self.softcap}, mode={self.mode!r}"
         )

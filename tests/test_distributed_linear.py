@@ -92,7 +92,7 @@ def run_case(rank, world, n_classes, starts, case, first):
         loss.backward(torch.ones_like(loss) if upstream is None else upstream)
 
     # The collectives: O(N) numbers in the forward, one N x H all-reduce in the backward.
-    k = 3 + (weight is not None) + 2 * (case.get("label_smoothing", 0) > 0)
+    k = 2 + (weight is not None) + 2 * (case.get("label_smoothing", 0) > 0)
     expected_forward = [("all_reduce", MAX, n_rows, torch.float32), ("all_reduce", SUM, n_rows * k, torch.float32)]
     if first:
         expected_forward.insert(0, ("all_gather", "None", 3, torch.int64))  # the layout check, then cached
@@ -167,14 +167,14 @@ def test_checks_before_any_collective():
             vocab_parallel_linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long))
 
 
-def test_shards_simulated_in_one_process_several_tiles(device):
-    """The kernels on 3 simulated shards, the collectives done by hand (max, rescale, sum), with
-    16-wide tiles so each shard takes several row and vocabulary tiles: the full problem's
-    loss, dX summed over the shards, and the shards' dW and db put together."""
+def test_shards_simulated_in_one_process_several_slabs(device):
+    """The ops on 3 simulated shards, the collectives done by hand (max, rescale, sum), with
+    16-class slabs so each shard takes several: the full problem's loss, dX summed over the
+    shards, and the shards' dW and db put together."""
     import softmax_gpu
     from softmax_gpu import config
+    from softmax_gpu.ops.vocab_parallel_cross_entropy import total_weight, vocab_parallel_loss
     from softmax_gpu.ops.vocab_parallel_linear_cross_entropy import (
-        finish_rows,
         vocab_parallel_linear_backward,
         vocab_parallel_linear_stats,
     )
@@ -187,20 +187,22 @@ def test_shards_simulated_in_one_process_several_tiles(device):
     target = torch.randint(0, n_classes, (n_rows,), device=device)
     target[:3] = torch.tensor([5, 52, 20])
     options = dict(ignore_index=5, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
-    with config.tile_limit(16, 16, 16):
+    with config.linear_limit(n_rows, 16):
         maxima, partial = [], []
         for lo, hi in bounds:
             m, s = vocab_parallel_linear_stats(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], n_classes, lo, 5, 0.1, 4.0)
             maxima.append(m)
             partial.append(s)
         global_max = torch.stack(maxima).amax(0)
-        stats = sum(s * torch.cat([torch.exp(m - global_max)[:, None].expand(-1, 2), torch.ones_like(s[:, 2:])], 1)
+        stats = sum(torch.cat([s[:, :1] * torch.exp(m - global_max)[:, None], s[:, 1:]], 1)
                     for m, s in zip(maxima, partial))  # fmt: skip
-        loss, _lse, rows, w_t = finish_rows(global_max, stats, target, True, n_classes, 5, 0.1, 1e-3)
-        total = w_t.sum()
+        total = total_weight(target, stats, True, 5, n_classes)
+        loss, _lse, _ = vocab_parallel_loss(x.new_empty(n_rows, 0), target, weight, global_max, stats, None, None,
+                                            n_classes, 0, 5, 0.1, 1e-3, 4.0, False)  # fmt: skip
         upstream = torch.tensor(1.0, device=device)
-        grads = [vocab_parallel_linear_backward(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], rows, upstream, total,
-                                                n_classes, lo, 5, 0.1, 4.0, True, True, True) for lo, hi in bounds]
+        grads = [vocab_parallel_linear_backward(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], global_max, stats,
+                                                upstream, total, n_classes, lo, 5, 0.1, 1e-3, 4.0, True, True, True)
+                 for lo, hi in bounds]  # fmt: skip
         x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
         expected = softmax_gpu.linear_cross_entropy(x1, w1, target, linear_bias=b1, weight=weight, **options)
         expected.backward()
@@ -222,8 +224,9 @@ def test_opcheck_of_both_ops(device):
     weight = torch.rand(9, device=device)
     stats_args = (x, w, b, target, weight, 20, 0, -100, 0.1, 5.0)
     torch.library.opcheck(vocab_parallel_linear_stats, stats_args)
-    rows = torch.rand(4, 4, device=device)
+    row_max, stats = vocab_parallel_linear_stats(*stats_args)
     for divisor, upstream in ((torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)),
                               (None, torch.randn(4, device=device))):  # fmt: skip
-        args = (x, w, b, target, weight, rows, upstream, divisor, 20, 0, -100, 0.1, 5.0, True, True, True)
+        args = (x, w, b, target, weight, row_max, stats, upstream, divisor, 20, 0, -100, 0.1, 1e-3, 5.0, True, True,
+                True)  # fmt: skip
         torch.library.opcheck(vocab_parallel_linear_backward, args)

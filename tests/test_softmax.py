@@ -539,8 +539,8 @@ calls = {
     "softmax_gpu.vocab_parallel_cross_entropy": [lambda: vocab_parallel_cross_entropy(x, t)],
     "softmax_gpu.vocab_parallel_linear_cross_entropy": [
         lambda: vocab_parallel_linear_cross_entropy(h, w, t),
-        lambda: vocab_parallel_linear_backward(h, w, None, t, None, torch.zeros(4, 4), torch.ones(()), None, 6, 0,
-                                               -100, 0.0, None, True, True, False),
+        lambda: vocab_parallel_linear_backward(h, w, None, t, None, torch.zeros(4), torch.zeros(4, 2), torch.ones(()),
+                                               None, 6, 0, -100, 0.0, 0.0, None, True, True, False),
     ],
 }
 for name, fns in calls.items():

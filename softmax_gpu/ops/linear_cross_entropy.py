@@ -1,194 +1,364 @@
-"""Fused linear + cross-entropy: launchers, PyTorch custom ops, autograd, and linear_cross_entropy().
+"""Linear cross-entropy: cross_entropy(input @ W^T + b, target) without an N x V tensor.
+
+The three (or four) matrix products go to cuBLAS (torch.mm / addmm: the library's full
+speed on every card, deterministic); between them, cross-entropy's own row kernels work on
+a bounded buffer of logits whose size comes from a memory budget (config.linear_cross_entropy_plan):
+
+  speed       (mode="speed", the default) the tokens in chunks; per chunk of Nc rows:
+                z = X_c W^T + b                         product 1, into the (Nc, V) buffer
+                loss, lse and G = d loss / d z over z   cross_entropy_kernel, in place,
+                                                        divided by the mean's total
+                dX_c = G W                              product 2, written once
+                dW (+)= G^T X_c, db (+)= sum_rows G     product 3 (one product when N fits
+                                                        one chunk; else into float32)
+              All in the forward; the backward only multiplies by the upstream gradient
+              (nothing to do for 1). It needs a scalar upstream factor, so reduction="none",
+              probability targets that need a gradient, and float16 (whose gradient must
+              take the upstream factor, a loss scale, before its rounding, as
+              cross_entropy's does) take the low-memory route instead.
+  low_memory  the vocabulary in slabs of Vc classes, each slab a shard of the vocab-parallel
+              kernels (kernels/vocab_parallel_cross_entropy.py):
+                forward   z_s = X W_s^T + b_s (product 1); the slab's row maxima and sums
+                          (vocab_parallel_stats_kernel); merged over the slabs in a fixed
+                          order; then loss and lse (vocab_parallel_loss_kernel, O(N))
+                backward  z_s again (product 2); G_s over z_s with the upstream factor
+                          (vocab_parallel_loss_kernel); dW_s = G_s^T X (product 3, written
+                          once); dX += G_s W_s (product 4, into one (N, H) float32 tensor)
+  float64 (for checking, not speed) is F.linear followed by softmax_gpu.cross_entropy.
+
+Roofline at 8192 tokens x H 4096 x V 128256, bfloat16 (H100: 3.0 TB/s copy, ~790 TFLOP/s
+dense bf16; H200: 4.3 TB/s, the same FLOP rate). One product is 2 N H V = 8.61 TFLOP, 10.9 ms.
+  speed: 3 products, 25.8 TFLOP = 32.7 ms. Bytes besides the products' own operands (X 67 MB,
+    W 1.05 GB, dW 1.05 GB): the logits buffer (N V 2 = 2.10 GB) written by product 1, read and
+    written by the row kernel, read by products 2 and 3: 10.5 GB, of which the row kernel's
+    4.2 GB (1.4 ms H100, 1.0 ms H200) is not hidden under a product. Predicted 34 ms
+    (H100) / 33.7 ms (H200) at the dense peak; about 40 ms at cuBLAS's usual 85% of it.
+    Extra memory: the one chunk, N V 2 = 2.10 GB (<= V H 4 + 512 MiB = 2.64 GB).
+  low_memory: 4 products, 34.4 TFLOP = 43.6 ms, plus the stats kernel's read of each slab
+    (2.1 GB in all) and the backward row kernel's read + write (4.2 GB): ~2.1 ms (H100),
+    1.5 ms (H200). Predicted 46 ms at the peak, ~53 ms at 85%. Extra memory: a 256 MiB slab
+    (16384 classes at N = 8192) and dX's float32 accumulator, N H 4 = 134 MB.
+Neither mode keeps a float32 accumulator per tile pair, and neither makes an N x V tensor
+(a speed chunk holds all N rows only when that fits the budget above). No host
+synchronisation, no atomics: bitwise reproducible.
 
 Layers, top to bottom:
-  launch_forward / launch_backward_input / launch_backward_weight   fill preallocated buffers
-                                            (one launcher per kernel)
-  softmax_gpu::linear_cross_entropy_forward, softmax_gpu::linear_cross_entropy_backward
-                                            custom ops with fake implementations, so
-                                            torch.compile(fullgraph=True) traces them
-  LinearCrossEntropyFunction                autograd: the forward saves the input, the weights
-                                            and four floats a row; the backward recomputes
-  linear_cross_entropy()                    checks and torch.nn.functional's signature
-
-Memory: besides its outputs the forward allocates O(N) floats (loss, lse, the row
-statistics) and the backward O(N + V) plus the gradients themselves, accumulated in float32
-(for 16-bit inputs a float32 buffer of each requested gradient, then cast). No N x V tensor
-exists at any point, and nothing syncs with the host.
+  plan / mm_accumulate / launch_skip_small_tiles    helpers
+  _speed, _slab_stats, _slab_backward               the two modes' loops (launches only)
+  softmax_gpu::linear_cross_entropy_speed, ::linear_cross_entropy_forward,
+  ::linear_cross_entropy_backward, ::linear_cross_entropy_scale
+                                                    custom ops with fake implementations,
+                                                    so torch.compile(fullgraph=True) traces them
+  LinearCrossEntropyFunction                        autograd; picks the route
+  linear_cross_entropy()                            checks and torch's signature
 """
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
-from ..kernels.linear_cross_entropy import (
-    N_STATS,
-    linear_cross_entropy_bwd_input_kernel,
-    linear_cross_entropy_bwd_weight_kernel,
-    linear_cross_entropy_fwd_kernel,
-)
+from ..kernels.linear_cross_entropy import skip_small_tiles_kernel
 from ..runtime import check_launchable, device_guard
-from .cross_entropy import _check_class_indices, _check_options, _total_weight, zero_class_reduce, zero_class_rows
+from ..kernels.cross_entropy import cross_entropy_kernel
+from .cross_entropy import (
+    _check_class_indices,
+    _check_options,
+    _forward_split,
+    _plain_eager,
+    _target_gradient,
+    _total_weight,
+    launch_cross_entropy,
+    launch_cross_entropy_split,
+    launch_scale_grad,
+    zero_class_reduce,
+    zero_class_rows,
+)
+from .vocab_parallel_cross_entropy import launch_vocab_parallel_loss, launch_vocab_parallel_stats, n_stats
 
 FN = "softmax_gpu.linear_cross_entropy"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SPEED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _input_precision(x: torch.Tensor) -> str:
-    """tl.dot's precision. float32 follows torch's TF32 switch for matmuls: TF32 when it is on,
-    as F.linear; when it is off (torch's default), 3xTF32, float32-level accuracy on tensor
-    cores (Triton's exact "ieee" products run on FMA units and spilled registers in every
-    tile shape tried). 16-bit products are exact in float32 either way."""
-    if x.dtype != torch.float32:
-        return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-
-
-def _common_args(x, w, b, target, weight):
-    """Keyword arguments every kernel takes: the operands, their strides and sizes."""
-    soft = target.is_floating_point()
-    return dict(
-        x_ptr=x,
-        w_ptr=w,
-        b_ptr=b if b is not None else w,  # never read without HAS_BIAS
-        target_ptr=target,
-        weight_ptr=weight if weight is not None else w,  # never read without HAS_WEIGHT
-        n_rows=x.shape[0],
-        n_cols=w.shape[0],
-        hidden=x.shape[1],
-        stride_xm=x.stride(0),
-        stride_xk=x.stride(1),
-        stride_wv=w.stride(0),
-        stride_wk=w.stride(1),
-        stride_tm=target.stride(0),
-        stride_tv=target.stride(1) if soft else 0,
-        SOFT_TARGET=soft,
-        HAS_BIAS=b is not None,
-        HAS_WEIGHT=weight is not None,
-        INPUT_PRECISION=_input_precision(x),
-    )
-
-
-def _tiles(kernel: str, x: torch.Tensor, w: torch.Tensor) -> config.TileConfig:
-    return config.linear_cross_entropy_tiles(kernel, x.element_size(), x.shape[0], w.shape[0], x.shape[1])
-
-
-def launch_forward(x, w, b, target, weight, loss, lse, stats, ignore_index, label_smoothing, z_loss, softcap):
-    """Per-row loss and lse (float32, (N,)) of x (N, H) W^T (V, H) + b; with stats ((4, N)
-    float32, else None) also what the backward needs. Returns the TileConfig used.
-    Reads: x once per vocabulary tile, W once per row tile; writes O(N)."""
-    cfg = _tiles("forward", x, w)
-    check_launchable(FN, linear_cross_entropy_fwd_kernel, x)
-    grid = (triton_cdiv(x.shape[0], cfg.block_m),)
-    with device_guard(x):
-        linear_cross_entropy_fwd_kernel[grid](
-            **_common_args(x, w, b, target, weight),
-            loss_ptr=loss,
-            lse_ptr=lse,
-            stats_ptr=stats if stats is not None else loss,  # never written without COMPUTE_STATS
-            stride_stats=stats.stride(0) if stats is not None else 0,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap or 0.0,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_Z_LOSS=z_loss != 0,
-            HAS_SOFTCAP=softcap is not None,
-            COMPUTE_STATS=stats is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    return cfg
-
-
-def _backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard, grad_skip_threshold):
-    """shard: None, or (col_start, n_classes) for a vocabulary shard (the vocab-parallel op);
-    grad_skip_threshold: None, or skip the tiles whose every |gradient| is below it."""
-    return dict(
-        grad_skip_threshold=grad_skip_threshold if grad_skip_threshold is not None else 0.0,  # read only with SKIP_SMALL
-        SKIP_SMALL=grad_skip_threshold is not None,
-        col_start=shard[0] if shard is not None else 0,  # read only with SHARDED
-        n_classes=shard[1] if shard is not None else 0,
-        SHARDED=shard is not None,
-        stats_ptr=stats,
-        upstream_ptr=upstream,
-        divisor_ptr=divisor if divisor is not None else stats,  # read only with DIVIDE
-        stride_stats=stats.stride(0),
-        stride_up=upstream.stride(0) if upstream.dim() else 0,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        softcap=softcap or 0.0,
-        HAS_SMOOTHING=label_smoothing > 0,
-        HAS_SOFTCAP=softcap is not None,
-        DIVIDE=divisor is not None,
-    )
-
-
-def launch_backward_input(x, w, b, target, weight, stats, upstream, divisor, dx, ignore_index, label_smoothing, softcap,
-                          shard=None, grad_skip_threshold=None, fn=FN):  # fmt: skip
-    """dx (N, H) float32, unit column stride, = G W with G = d loss / d logits times
-    upstream / divisor (upstream a scalar or (N,), divisor None or a float32 scalar).
-    shard=(col_start, n_classes): w, b and weight are classes [col_start, col_start + V_local)
-    of n_classes, target holds global class indices and stats the full problem's rows.
-    grad_skip_threshold (a float >= 0, or None: off): leave out the [rows x classes] tiles
-    of G whose every |element| is below it (CCE-style; changes the result). fn: the public
-    function served, for the error messages."""
-    cfg = _tiles("backward_input", x, w)
-    check_launchable(fn, linear_cross_entropy_bwd_input_kernel, x)
-    grid = (triton_cdiv(x.shape[0], cfg.block_m),)
-    with device_guard(x):
-        linear_cross_entropy_bwd_input_kernel[grid](
-            **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard,
-                             grad_skip_threshold),
-            dx_ptr=dx,
-            stride_dxm=dx.stride(0),
-            BLOCK_M=cfg.block_m,
-            BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    return cfg
-
-
-def launch_backward_weight(x, w, b, target, weight, stats, upstream, divisor, dw, db, ignore_index, label_smoothing,
-                           softcap, shard=None, grad_skip_threshold=None, fn=FN):  # fmt: skip
-    """dw (V, H) float32 = G^T x and/or db (V,) float32 = G summed over the rows (either may be
-    None, not both); G, shard and grad_skip_threshold as in launch_backward_input. Needs at
-    least one row."""
-    cfg = _tiles("backward_weight", x, w)
-    check_launchable(fn, linear_cross_entropy_bwd_weight_kernel, x)
-    grid = (triton_cdiv(w.shape[0], cfg.block_v),)
-    with device_guard(x):
-        linear_cross_entropy_bwd_weight_kernel[grid](
-            **_common_args(x, w, b, target, weight),
-            **_backward_args(stats, upstream, divisor, ignore_index, label_smoothing, softcap, shard,
-                             grad_skip_threshold),
-            dw_ptr=dw if dw is not None else stats,  # never touched without COMPUTE_DW
-            db_ptr=db if db is not None else stats,  # never written without COMPUTE_DB
-            stride_dwv=dw.stride(0) if dw is not None else 0,
-            COMPUTE_DW=dw is not None,
-            COMPUTE_DB=db is not None,
-            BLOCK_M=cfg.block_m,
-            BLOCK_V=cfg.block_v,
-            BLOCK_K=cfg.block_k,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-    return cfg
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def plan(mode: str, x: torch.Tensor, w: torch.Tensor, buffer_bytes: Optional[int]) -> config.LinearPlan:
+    return config.linear_cross_entropy_plan(mode, x.shape[0], w.shape[0], x.shape[1], x.element_size(), buffer_bytes)
 
 
 # ---------------------------------------------------------------------------------------
-# Custom ops
+# Helpers: products, the skip filter
 # ---------------------------------------------------------------------------------------
+
+_DTYPE_ADDMM = {"ok": None}  # whether addmm(..., out_dtype=float32) runs here (cuBLAS: 16-bit in, float32 C)
+
+
+def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc float32 and a, b of the input's dtype, in one product where it can be:
+    cuBLAS's 16-bit x 16-bit -> float32 GEMM with beta = 1 (torch's addmm with out_dtype),
+    else the product in the inputs' dtype added in float32 (each partial rounded once)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _DTYPE_ADDMM["ok"] is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            _DTYPE_ADDMM["ok"] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            if _DTYPE_ADDMM["ok"]:
+                raise
+            _DTYPE_ADDMM["ok"] = False
+    acc.add_(torch.mm(a, b))
+
+
+def _logits_into(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
+    """z = x @ w^T (+ b), one cuBLAS call, in the operands' dtype (as F.linear)."""
+    if b is None:
+        torch.mm(x, w.t(), out=z)
+    else:
+        torch.addmm(b, x, w.t(), out=z)
+
+
+def launch_skip_small_tiles(grad: torch.Tensor, scale: torch.Tensor, threshold: float, tile: tuple, fn=FN) -> None:
+    """Zero every tile of grad (rows x classes, `tile` = (rows, classes)) whose every element
+    is below threshold * |scale_r| (scale (N,) or 0-d: the factor its rows carry); see
+    skip_small_tiles_kernel. One read of grad, a write of the zeroed tiles."""
+    n_rows, n_cols = grad.shape
+    if not grad.numel():
+        return
+    check_launchable(fn, skip_small_tiles_kernel, grad)
+    grid = (-(-n_rows // tile[0]), -(-n_cols // tile[1]))
+    with device_guard(grad):
+        skip_small_tiles_kernel[grid](
+            grad_ptr=grad, scale_ptr=scale, n_rows=n_rows, n_cols=n_cols, grad_row_stride=grad.stride(0),
+            scale_stride=scale.stride(0) if scale.dim() else 0, threshold=threshold,
+            BLOCK_M=config.next_power_of_2(tile[0]), BLOCK_N=config.next_power_of_2(tile[1]),
+            num_warps=config.LINEAR_CE_SKIP_WARPS,
+        )  # fmt: skip
+
+
+def _buffer(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return x.new_empty(rows * cols)
+
+
+def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The first rows x cols elements of the flat buffer as a contiguous (rows, cols) tensor."""
+    return buf[: rows * cols].view(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------
+# The speed mode: token chunks, everything in the forward
+# ---------------------------------------------------------------------------------------
+
+
+def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss, softcap, skip, needs, buffer_bytes):
+    """(loss per row, lse, dX, dW, db) of the summed loss divided by total (None: 1); each
+    gradient None unless asked for (needs: input, weight, bias), in the input's dtype."""
+    n_rows, hidden = x.shape
+    n_cols = w.shape[0]
+    check_launchable(FN, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
+    cut = plan("speed", x, w, buffer_bytes)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    loss, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
+    dx = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device) if needs[0] else None
+    one_chunk = cut.rows >= n_rows
+    dw = dw_acc = None
+    if needs[1]:
+        dw = torch.empty(n_cols, hidden, dtype=w.dtype, device=x.device)
+        dw_acc = dw if one_chunk else torch.zeros(n_cols, hidden, **f32)
+    db = torch.zeros(n_cols, **f32) if needs[2] else None
+    if not n_rows:
+        if dw is not None:
+            dw.zero_()
+        return loss, lse, dx, dw, db.to(w.dtype) if db is not None else None
+    scale = (1.0 / total) if total is not None else torch.ones((), **f32)
+    buf = _buffer(x, min(cut.rows, n_rows), n_cols)
+    for r0 in range(0, n_rows, cut.rows):
+        r1 = min(n_rows, r0 + cut.rows)
+        x_c, z = x[r0:r1], _view(buf, r1 - r0, n_cols)
+        _logits_into(z, x_c, w, b)
+        t_c = target[r0:r1]
+        split = _forward_split(z, t_c, weight, label_smoothing, softcap)
+        args = (z, t_c, weight, loss[r0:r1], lse[r0:r1], z, total, ignore_index, label_smoothing, z_loss, softcap)
+        if split is not None:
+            launch_cross_entropy_split(*args, split)
+        else:
+            launch_cross_entropy(*args)
+        if skip is not None:
+            launch_skip_small_tiles(z, scale, skip, cut.skip_tile)
+        if dx is not None:
+            torch.mm(z, w, out=dx[r0:r1])
+        if dw is not None:
+            if one_chunk:
+                torch.mm(z.t(), x_c, out=dw)
+            else:
+                mm_accumulate(dw_acc, z.t(), x_c)
+        if db is not None:
+            db.add_(z.sum(0, dtype=torch.float32))
+    if dw is not None and not one_chunk:
+        dw.copy_(dw_acc)
+    return loss, lse, dx, dw, db.to(w.dtype) if db is not None else None
+
+
+def _speed_op(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    linear_bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    total: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    grad_skip_threshold: Optional[float],
+    input_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    buffer_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per row, lse, dX, dW, db): the gradients of the summed loss over `total` (None: 1)
+    for an upstream gradient of 1, each an empty tensor when not asked for."""
+    _check_class_indices(target, linear_weight.shape[0], ignore_index)
+    loss, lse, dx, dw, db = _speed(input, linear_weight, linear_bias, target, weight, total, ignore_index,
+                                   label_smoothing, z_loss, softcap, grad_skip_threshold,
+                                   (input_grad, weight_grad, bias_grad), buffer_bytes)  # fmt: skip
+    empty = input.new_empty  # one empty tensor each: a custom op's outputs must not alias
+    return loss, lse, *(g if g is not None else empty(0) for g in (dx, dw, db))
+
+
+linear_cross_entropy_speed = torch.library.custom_op(
+    "softmax_gpu::linear_cross_entropy_speed", _speed_op, mutates_args=()
+)
+
+
+@linear_cross_entropy_speed.register_fake
+def _(input, linear_weight, linear_bias, target, weight, total, ignore_index, label_smoothing, z_loss, softcap,
+      grad_skip_threshold, input_grad, weight_grad, bias_grad, buffer_bytes=None):  # fmt: skip
+    n_rows = input.shape[0]
+    f32 = dict(dtype=torch.float32)
+    contiguous = dict(memory_format=torch.contiguous_format)
+    return (
+        input.new_empty(n_rows, **f32),
+        input.new_empty(n_rows, **f32),
+        torch.empty_like(input, **contiguous) if input_grad else input.new_empty(0),
+        torch.empty_like(linear_weight, **contiguous) if weight_grad else input.new_empty(0),
+        input.new_empty(linear_weight.shape[0]) if bias_grad else input.new_empty(0),
+    )
+
+
+def _scale(grad: torch.Tensor, upstream: torch.Tensor) -> None:
+    """grad *= upstream (0-d float32) in place, untouched where it is exactly 1."""
+    if grad.numel():
+        launch_scale_grad(grad if grad.dim() == 2 else grad.view(1, -1), upstream)
+
+
+linear_cross_entropy_scale = torch.library.custom_op(
+    "softmax_gpu::linear_cross_entropy_scale", _scale, mutates_args=("grad",)
+)
+
+
+@linear_cross_entropy_scale.register_fake
+def _(grad, upstream):
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The low-memory mode: vocabulary slabs, the gradients in the backward
+# ---------------------------------------------------------------------------------------
+
+
+def _slab_targets(target, weight, c0, c1):
+    """The slab's probability targets (class indices are global: all of them) and weights."""
+    tgt = target[:, c0:c1] if target.is_floating_point() else target
+    return tgt, (weight[c0:c1] if weight is not None else None)
+
+
+def _slab_stats(x, w, b, target, weight, n_classes, col_start, ignore_index, label_smoothing, softcap, buffer_bytes,
+                fn=FN):  # fmt: skip
+    """(row maxima (N,), packed statistics (N, n_stats)) float32 of the classes
+    [col_start, col_start + V_local) that w holds, slab by slab, merged in slab order as the
+    vocab-parallel all-reduces merge shards: column 0 rescaled to the common maximum, summed."""
+    n_rows, n_local = x.shape[0], w.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    width = n_stats(target.is_floating_point(), weight is not None, label_smoothing > 0)
+    if not n_local or not n_rows:
+        return torch.full((n_rows,), float("-inf"), **f32), torch.zeros(n_rows, width, **f32)
+    check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
+    cut = plan("low_memory", x, w, buffer_bytes)
+    starts = range(0, n_local, cut.cols)
+    maxima = torch.empty(len(starts), n_rows, **f32)
+    parts = torch.empty(len(starts), n_rows, width, **f32)
+    buf = _buffer(x, n_rows, min(cut.cols, n_local))
+    for s, c0 in enumerate(starts):
+        c1 = min(n_local, c0 + cut.cols)
+        z = _view(buf, n_rows, c1 - c0)
+        _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
+        tgt, wt = _slab_targets(target, weight, c0, c1)
+        launch_vocab_parallel_stats(z, tgt, wt, maxima[s], parts[s], n_classes, col_start + c0, ignore_index,
+                                    label_smoothing, softcap)  # fmt: skip
+    if len(starts) == 1:
+        return maxima[0], parts[0]
+    row_max = maxima.amax(0)  # NaN in any slab makes it NaN, and so every rescaled sum
+    parts[:, :, 0].mul_(torch.exp(maxima - row_max))
+    return row_max, parts.sum(0)
+
+
+def _loss_from_stats(x, target, weight, row_max, stats, n_classes, ignore_index, label_smoothing, z_loss, softcap):
+    """(loss per row, lse) from the merged statistics: vocab_parallel_loss_kernel without a
+    gradient reads no logits (O(N)), so it gets an (N, 0) tensor in their place."""
+    f32 = dict(dtype=torch.float32, device=x.device)
+    n_rows = x.shape[0]
+    loss, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
+    if n_rows:
+        no_logits = x.new_empty(n_rows, 0)
+        launch_vocab_parallel_loss(no_logits, target if not target.is_floating_point() else target[:, :0], weight,
+                                   row_max, stats, loss, lse, None, None, None, n_classes, 0, ignore_index,
+                                   label_smoothing, z_loss, softcap)  # fmt: skip
+    return loss, lse
+
+
+def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total, n_classes, col_start, ignore_index,
+                   label_smoothing, z_loss, softcap, skip, needs, buffer_bytes, fn=FN):  # fmt: skip
+    """The gradients of sum_r upstream_r loss_r / total (total None: 1) for the classes w
+    holds: (dX float32, summed over these classes only; dW_local, db_local and d/d target
+    in their dtypes); None for each not asked for (needs: input, weight, bias, target)."""
+    n_rows, hidden = x.shape
+    n_local = w.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = torch.zeros(n_rows, hidden, **f32) if needs[0] else None
+    dw = torch.empty(n_local, hidden, dtype=w.dtype, device=x.device) if needs[1] else None
+    db = torch.empty(n_local, dtype=w.dtype, device=x.device) if needs[2] else None
+    dt = torch.empty_like(target, memory_format=torch.contiguous_format) if needs[3] else None
+    if not n_rows or not n_local:
+        for g in (dw, db, dt):
+            if g is not None:
+                g.zero_()
+        return dx, dw, db, dt
+    check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
+    scale = upstream / total if total is not None else upstream
+    cut = plan("low_memory", x, w, buffer_bytes)
+    buf = _buffer(x, n_rows, min(cut.cols, n_local))
+    scratch = torch.empty(2, n_rows, **f32)  # the loss kernel's loss and lse, not needed again
+    for c0 in range(0, n_local, cut.cols):
+        c1 = min(n_local, c0 + cut.cols)
+        z = _view(buf, n_rows, c1 - c0)
+        _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
+        tgt, wt = _slab_targets(target, weight, c0, c1)
+        if dt is not None:  # from the logits, before the gradient overwrites them
+            dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, label_smoothing, softcap, dt.dtype)
+        launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream, n_classes,
+                                   col_start + c0, ignore_index, label_smoothing, z_loss, softcap)  # fmt: skip
+        if skip is not None:
+            launch_skip_small_tiles(z, scale, skip, cut.skip_tile, fn)
+        if dw is not None:
+            torch.mm(z.t(), x, out=dw[c0:c1])
+        if db is not None:
+            db[c0:c1] = z.sum(0, dtype=torch.float32)
+        if dx is not None:
+            mm_accumulate(dx, z, w[c0:c1])
+    return dx, dw, db, dt
 
 
 def _forward(
@@ -201,25 +371,21 @@ def _forward(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
-    compute_stats: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss per row, lse, statistics for the backward (4, N) or an empty tensor), float32,
-    for input (N, H), linear_weight (V, H), target (N,) class indices or (N, V) probabilities."""
+    buffer_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per row, lse, row maxima, packed statistics), float32, for input (N, H),
+    linear_weight (V, H), target (N,) class indices or (N, V) probabilities: the low-memory
+    forward. The last two are what the backward reads."""
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     _check_class_indices(target, n_classes, ignore_index)
-    f32 = dict(dtype=torch.float32, device=input.device)
-    loss = torch.empty(n_rows, **f32)
-    lse = torch.empty(n_rows, **f32)
-    stats = torch.empty(N_STATS, n_rows, **f32) if compute_stats else None
+    row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, ignore_index,
+                                 label_smoothing, softcap, buffer_bytes)  # fmt: skip
     if n_classes == 0:  # torch's values for no classes (cross_entropy.zero_class_rows); nothing to launch
         loss = zero_class_rows(target, ignore_index, label_smoothing, z_loss, torch.float32)
-        lse.fill_(float("-inf"))
-        if stats is not None:
-            stats.zero_()  # never read: the backward launches nothing either
-    elif n_rows:
-        launch_forward(input, linear_weight, linear_bias, target, weight, loss, lse, stats, ignore_index,
-                       label_smoothing, z_loss, softcap)  # fmt: skip
-    return loss, lse, stats if stats is not None else loss.new_empty(0)
+        return loss, torch.full_like(loss, float("-inf")), row_max, stats
+    loss, lse = _loss_from_stats(input, target, weight, row_max, stats, n_classes, ignore_index, label_smoothing,
+                                 z_loss, softcap)  # fmt: skip
+    return loss, lse, row_max, stats
 
 
 linear_cross_entropy_forward = torch.library.custom_op(
@@ -229,11 +395,12 @@ linear_cross_entropy_forward = torch.library.custom_op(
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-      compute_stats):  # fmt: skip
+      buffer_bytes=None):  # fmt: skip
     n_rows = input.shape[0]
-    f32 = dict(dtype=torch.float32, device=input.device)
-    stats = input.new_empty(N_STATS, n_rows, **f32) if compute_stats else input.new_empty(0, **f32)
-    return input.new_empty(n_rows, **f32), input.new_empty(n_rows, **f32), stats
+    f32 = dict(dtype=torch.float32)
+    width = n_stats(target.is_floating_point(), weight is not None, label_smoothing > 0)
+    return (input.new_empty(n_rows, **f32), input.new_empty(n_rows, **f32), input.new_empty(n_rows, **f32),
+            input.new_empty((n_rows, width), **f32))  # fmt: skip
 
 
 def _backward(
@@ -242,44 +409,35 @@ def _backward(
     linear_bias: Optional[torch.Tensor],
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
+    row_max: torch.Tensor,
     stats: torch.Tensor,
+    lse: torch.Tensor,
     upstream: torch.Tensor,
     grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     softcap: Optional[float],
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
+    target_grad: bool = False,
     grad_skip_threshold: Optional[float] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    buffer_bytes: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_r upstream_r loss_r / grad_divisor (upstream a float32 scalar or (N,))
-    with respect to input, linear_weight and linear_bias, in their dtypes; an empty tensor
-    for each one not asked for. grad_skip_threshold: see launch_backward_input."""
-    n_rows, hidden = input.shape
-    n_classes = linear_weight.shape[0]
-    f32 = dict(dtype=torch.float32, device=input.device)
-    options = (ignore_index, label_smoothing, softcap)
-    operands = (input, linear_weight, linear_bias, target, weight, stats, upstream, grad_divisor)
-    dx = dw = db = None
-    if input_grad:
-        dx = torch.empty(n_rows, hidden, **f32)
-        if n_classes == 0:  # dX = G W over no classes
-            dx.zero_()
-        elif n_rows:
-            launch_backward_input(*operands, dx, *options, grad_skip_threshold=grad_skip_threshold)
-    if weight_grad or bias_grad:
-        dw = torch.empty(n_classes, hidden, **f32) if weight_grad else None
-        db = torch.empty(n_classes, **f32) if bias_grad else None
-        if n_rows and n_classes:
-            launch_backward_weight(*operands, dw, db, *options, grad_skip_threshold=grad_skip_threshold)
-        else:  # an empty batch (no row tile to start the sums from) or no classes
-            dw = dw.zero_() if dw is not None else None
-            db = db.zero_() if db is not None else None
+    with respect to input, linear_weight, linear_bias and probability targets, in their
+    dtypes; an empty tensor for each one not asked for. The low-memory backward."""
+    needs = (input_grad, weight_grad, bias_grad, target_grad)
+    dx, dw, db, dt = _slab_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream,
+                                    grad_divisor, linear_weight.shape[0], 0, ignore_index, label_smoothing, z_loss,
+                                    softcap, grad_skip_threshold, needs, buffer_bytes)  # fmt: skip
+    empty = input.new_empty
     return (
-        dx.to(input.dtype) if dx is not None else input.new_empty(0),  # one empty tensor each: outputs must not alias
-        dw.to(linear_weight.dtype) if dw is not None else input.new_empty(0),
-        db.to(linear_bias.dtype) if db is not None else input.new_empty(0),
+        dx.to(input.dtype) if dx is not None else empty(0),
+        dw if dw is not None else empty(0),
+        db if db is not None else empty(0),
+        dt if dt is not None else empty(0),
     )
 
 
@@ -289,12 +447,15 @@ linear_cross_entropy_backward = torch.library.custom_op(
 
 
 @linear_cross_entropy_backward.register_fake
-def _(input, linear_weight, linear_bias, target, weight, stats, upstream, grad_divisor, ignore_index,
-      label_smoothing, softcap, input_grad, weight_grad, bias_grad, grad_skip_threshold=None):  # fmt: skip
+def _(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, grad_divisor, ignore_index,
+      label_smoothing, z_loss, softcap, input_grad, weight_grad, bias_grad, target_grad=False,
+      grad_skip_threshold=None, buffer_bytes=None):  # fmt: skip
+    contiguous = dict(memory_format=torch.contiguous_format)
     return (
-        torch.empty_like(input, memory_format=torch.contiguous_format) if input_grad else input.new_empty(0),
-        torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0),
-        torch.empty_like(linear_bias, memory_format=torch.contiguous_format) if bias_grad else input.new_empty(0),
+        torch.empty_like(input, **contiguous) if input_grad else input.new_empty(0),
+        torch.empty_like(linear_weight, **contiguous) if weight_grad else input.new_empty(0),
+        torch.empty_like(linear_bias, **contiguous) if bias_grad else input.new_empty(0),
+        torch.empty_like(target, **contiguous) if target_grad else input.new_empty(0),
     )
 
 
@@ -303,22 +464,48 @@ def _(input, linear_weight, linear_bias, target, weight, stats, upstream, grad_d
 # ---------------------------------------------------------------------------------------
 
 
+def route(mode: str, dtype: torch.dtype, reduction: str, target_grad: bool, any_grad: bool) -> str:
+    """"speed", "low_memory" or "float64" (see the module docstring): the speed mode needs a
+    scalar upstream factor, a dtype whose gradient may be rounded before it (bf16, fp32) and
+    no target gradient; the forward alone (no gradient) is the low-memory forward."""
+    if dtype == torch.float64:
+        return "float64"
+    if mode == "speed" and any_grad and reduction != "none" and dtype in SPEED_DTYPES and not target_grad:
+        return "speed"
+    return "low_memory"
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Forward: loss and per-row statistics, no logits kept. Backward: recomputes the logits
-    tile by tile for the gradients that are needed (may run more than once: nothing is consumed)."""
+    """speed: the forward returns the loss and keeps dX, dW, db (for an upstream gradient of
+    1); the backward scales them in place, once. low_memory: the forward keeps the inputs and
+    O(N) statistics; the backward recomputes the logits slab by slab (and may run more than
+    once)."""
 
     @staticmethod
     def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, grad_skip_threshold=None):  # fmt: skip
+                z_loss, softcap, grad_skip_threshold, mode, buffer_bytes):  # fmt: skip
         needs = ctx.needs_input_grad[:3]
+        target_grad = target.is_floating_point() and ctx.needs_input_grad[3]
+        ctx.route = route(mode, input.dtype, reduction, target_grad, any(needs) or target_grad)
+        if linear_weight.shape[0] == 0:  # no classes: torch's values, nothing launched (the low-memory ops)
+            ctx.route = "low_memory"
         total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
-        loss, lse, stats = linear_cross_entropy_forward(
-            input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, softcap, any(needs)
-        )
-        if any(needs):
-            ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, stats, total)
-        ctx.options = (ignore_index, label_smoothing, softcap)
-        ctx.grad_skip_threshold = grad_skip_threshold
+        eager = _plain_eager(input, linear_weight, linear_bias, target, weight)
+        options = (ignore_index, label_smoothing, z_loss, softcap)
+        if ctx.route == "speed":
+            op = _speed_op if eager else linear_cross_entropy_speed
+            loss, lse, dx, dw, db = op(input, linear_weight, linear_bias, target, weight, total, *options,
+                                       grad_skip_threshold, needs[0], needs[1], needs[2] and linear_bias is not None,
+                                       buffer_bytes)  # fmt: skip
+            ctx.save_for_backward(dx, dw, db)
+            ctx.backward_done = False
+        else:
+            op = _forward if eager else linear_cross_entropy_forward
+            loss, lse, row_max, stats = op(input, linear_weight, linear_bias, target, weight, *options, buffer_bytes)
+            if any(needs) or target_grad:
+                ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, total)
+            ctx.options = (*options, grad_skip_threshold, buffer_bytes)
+            ctx.target_grad = target_grad
         ctx.mark_non_differentiable(lse)
         if reduction != "none" and linear_weight.shape[0] == 0:
             loss = zero_class_reduce(loss, target.is_floating_point(), label_smoothing, reduction)
@@ -331,29 +518,67 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_lse):
-        input, linear_weight, linear_bias, target, weight, stats, total = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
+        bias = needs[2]
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
-        dx, dw, db = linear_cross_entropy_backward(
-            input, linear_weight, linear_bias, target, weight, stats, upstream, total, *ctx.options,
-            needs[0], needs[1], needs[2] and linear_bias is not None, ctx.grad_skip_threshold,
-        )  # fmt: skip
+        if ctx.route == "speed":
+            if ctx.backward_done:
+                raise RuntimeError(f"{FN}: backward ran twice through the same graph; mode='speed' forms the "
+                                   f"gradients once, in the forward (use mode='low_memory' for retain_graph=True)")
+            ctx.backward_done = True
+            dx, dw, db = ctx.saved_tensors
+            for g, need in zip((dx, dw, db), needs):
+                if need and g.numel():
+                    if _plain_eager(g, upstream):
+                        _scale(g, upstream)
+                    else:
+                        linear_cross_entropy_scale(g, upstream)
+            grads = (dx, dw, db, None)
+        else:
+            input, linear_weight, linear_bias, target, weight, row_max, stats, lse, total = ctx.saved_tensors
+            ignore_index, label_smoothing, z_loss, softcap, skip, buffer_bytes = ctx.options
+            bias = bias and linear_bias is not None
+            args = (input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, total,
+                    ignore_index, label_smoothing, z_loss, softcap, needs[0], needs[1], bias, ctx.target_grad, skip,
+                    buffer_bytes)  # fmt: skip
+            eager = _plain_eager(input, linear_weight, linear_bias, target, weight, upstream)
+            grads = (_backward if eager else linear_cross_entropy_backward)(*args)
+        dx, dw, db, dt = grads
         return (
             dx if needs[0] else None,
             dw if needs[1] else None,
-            db if needs[2] and linear_bias is not None else None,
-            None, None, None, None, None, None, None, None,
+            db if bias else None,
+            dt if ctx.route != "speed" and ctx.target_grad else None,
+            None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
 
 
-def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=False):
+def _float64(x, w, b, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """float64 (for checking): the logits made in full, then softmax_gpu.cross_entropy."""
+    from .cross_entropy import cross_entropy
+
+    logits = F.linear(x, w, b)
+    if target.is_floating_point():
+        target = target.to(torch.float64)
+    return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
+                         softcap=softcap)  # fmt: skip
+
+
+
+def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=False, dtypes=DTYPES):
     check_floating(fn, "input", input)
     check_floating(fn, "linear_weight", linear_weight)
     check_tensor(fn, "target", target)
-    if input.dtype not in DTYPES:
-        raise TypeError(f"{fn}(): input must be float32, float16 or bfloat16, got {input.dtype}")
+    if input.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{fn}(): input must be one of {names}, got {input.dtype}")
     if input.dim() == 0:
         raise ValueError(f"{fn}(): input must have at least one dim (the hidden features)")
+    if linear_weight.dim() > 2:
+        raise ValueError(
+            f"{fn}(): linear_weight must be 2-D (num_classes, hidden); the K-dimensional (C, d1, ..., dK, H) form "
+            f"of torch's linear_cross_entropy is not supported, got shape {tuple(linear_weight.shape)}"
+        )
     if linear_weight.dim() != 2 or linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(
             f"{fn}(): linear_weight must have shape (num_classes, {input.shape[-1]}) for input of shape "
@@ -403,31 +628,44 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     grad_skip_threshold: Optional[float] = None,
+    mode: str = "speed",
+    buffer_bytes: Optional[int] = None,
 ) -> torch.Tensor:
     """cross_entropy(input @ linear_weight.T + linear_bias, target) without storing the logits.
 
     Args:
-        input: (H,), (N, H) or (..., H) features; float32, float16 or bfloat16.
+        input: (H,), (N, H) or (..., H) features; bfloat16, float32, float16 or float64.
         linear_weight: (V, H), the input's dtype; linear_bias: (V,) or None. V == 0 gives
             torch's answer for no classes (cross_entropy's), with nothing launched.
         target: class indices (int64/int32) shaped like input without its last dim, or class
-            probabilities shaped like input with H replaced by V.
+            probabilities shaped like input with H replaced by V (these get a gradient too).
         weight: (V,) class weights; ignore_index (None means -100, as in torch): target value
             that contributes nothing; reduction: "none" | "mean" | "sum"; label_smoothing in
             [0, 1]; z_loss: adds z_loss * lse^2 per row (times its class weight); softcap: logits
             -> softcap * tanh(logits / softcap) before the softmax. All as in softmax_gpu.cross_entropy.
-        grad_skip_threshold: None (the default: exact gradients), or a finite float >= 0: the
-            backward leaves out every [rows x classes] tile of the logits' gradient (after the
-            upstream scale) whose every |element| is below it, as Cut Cross-Entropy does. This
-            changes the gradients (by less than the threshold per logit element left out),
-            not the loss; 0.0 leaves nothing out.
+        grad_skip_threshold: None (the default: exact gradients), or a finite float >= 0, Cut
+            Cross-Entropy's meaning: every [rows x classes] tile (config.LINEAR_CE_SKIP_TILE)
+            of the logits' gradient in which each |d loss_r / d z_rj| (before the mean's
+            division and the upstream factor; |softmax - target| for a plain row) is below it
+            is left out. The same number means the same thing at any batch size. Changes the
+            gradients, never the loss; 0.0 leaves nothing out.
+        mode: "speed" (the default: 3 products, the gradients formed in the forward; extra
+            memory at most V*H*4 + buffer_bytes) or "low_memory" (4 products, the gradients
+            in the backward; extra memory at most N*H*4 + buffer_bytes + O(N)). Only bfloat16
+            and float32 with reduction "mean" or "sum" and no target gradient take the speed
+            route; everything else runs low_memory whatever `mode` says. float64 materialises
+            the logits (it is for checking).
+        buffer_bytes: the logits buffer's budget (None: config.LINEAR_CE_BUFFER_BYTES,
+            512 MiB for speed and 256 MiB for low_memory).
     Returns:
-        float32 loss: a scalar, or the target's batch shape for reduction="none".
+        float32 loss (float64 for float64 input): a scalar, or the target's batch shape for
+        reduction="none".
 
     Equal to softmax_gpu.cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)
-    up to rounding, with torch.nn.functional.linear_cross_entropy's argument names. Extra
-    memory is O(N + V) floats plus float32 accumulators of the gradients; deterministic;
-    no host synchronisation.
+    up to rounding, with torch.nn.functional.linear_cross_entropy's argument names. The
+    logits are made by cuBLAS in the input's dtype, as F.linear makes them, and the float32
+    products follow torch's float32 matmul precision. Deterministic; no host synchronisation.
+    mode="speed" forms the gradients once: a second backward through the same graph raises.
     """
     if ignore_index is None:
         ignore_index = -100
@@ -435,8 +673,13 @@ def linear_cross_entropy(
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
+    if mode not in config.LINEAR_CE_MODES:
+        raise ValueError(f"{FN}(): mode must be one of {config.LINEAR_CE_MODES}, got {mode!r}")
+    if buffer_bytes is not None and (isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int)
+                                     or buffer_bytes < 1):  # fmt: skip
+        raise ValueError(f"{FN}(): buffer_bytes must be a positive int or None, got {buffer_bytes!r}")
     n_classes, hidden = linear_weight.shape
-    x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: the kernels take both strides
+    x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: cuBLAS takes the strides
     tgt = target.reshape(x.shape[0], n_classes) if target.is_floating_point() else target.reshape(-1)
     softcap = None if softcap is None else float(softcap)
     if grad_skip_threshold is not None:
@@ -447,14 +690,20 @@ def linear_cross_entropy(
         if not (0.0 <= grad_skip_threshold < float("inf")):
             raise ValueError(f"{FN}(): grad_skip_threshold must be a finite number >= 0 (or None), got "
                              f"{grad_skip_threshold}")  # fmt: skip
-    if weight is not None:
-        weight = weight.contiguous()  # the kernels read weight[j] and linear_bias[j] at unit stride
-    if linear_bias is not None:
-        linear_bias = linear_bias.contiguous()
-    loss, _lse = LinearCrossEntropyFunction.apply(
-        x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss),
-        softcap, grad_skip_threshold,
-    )  # fmt: skip
+        if input.dtype == torch.float64:
+            raise ValueError(f"{FN}(): grad_skip_threshold is not supported for float64 input (which is for checking)")
+    if input.dtype == torch.float64:
+        loss = _float64(x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
+                        float(z_loss), softcap)  # fmt: skip
+    else:
+        if weight is not None:
+            weight = weight.contiguous()  # the row kernels read weight[j] at unit stride
+        if tgt.is_floating_point() and tgt.stride(-1) != 1:
+            tgt = tgt.contiguous()  # the row kernels read probabilities at unit column stride
+        loss, _lse = LinearCrossEntropyFunction.apply(
+            x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
+            float(z_loss), softcap, grad_skip_threshold, mode, buffer_bytes,
+        )  # fmt: skip
     if reduction == "none":
         return loss.view(input.shape[:-1])
     return loss
