@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy: the scoreboard on a GPU (or its dry run); the memory table on CPU.
+"""Linear cross-entropy: the scoreboard on a GPU (or its dry run); the memory table on CPU.
 
     python -m bench.linear_ce [--quick] [--dry-run] [--ops ...] [--providers ...] [--out DIR]
     (also python -m bench --ops linear_ce_fwd_bwd linear_ce_fwd)
@@ -400,7 +400,7 @@ def format_memory_table(rows) -> str:
 
 
 def cpu_report(ops) -> None:
-    print("No CUDA GPU: the fused linear cross-entropy's memory table and FLOP counts (no timings).\n")
+    print("No CUDA GPU: linear cross-entropy's memory table and FLOP counts (no timings).\n")
     print(format_memory_table(memory_table(CPU_SHAPES)))
     print("\nFLOPs of the fewest products (3 for forward + backward) at the benchmark's cases:")
     for op in ops:

@@ -26,8 +26,8 @@ def skip_small_tiles_kernel(
 
     grad_ptr: (n_rows, n_cols) the logits' gradient, unit column stride, row stride
         grad_row_stride, in place. Its row r carries the factor s_r = scale_ptr[r * scale_stride]
-        (the reduction's 1 / total and the upstream gradient; stride 0: one factor), so
-        g_rj / s_r is the row's own d loss_r / d z_rj, Cut Cross-Entropy's |softmax - target|
+        (the reduction's 1 / total, the upstream gradient and, with class weights, the row's
+        w_t; stride 0: one factor), so g_rj / s_r is Cut Cross-Entropy's |softmax - target|
         for a plain row.
     The tile is zeroed when |g_rj| < threshold * |s_r| for every element in it, i.e. when
     every unscaled gradient is below the threshold whatever the batch size or reduction.

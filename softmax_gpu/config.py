@@ -255,6 +255,9 @@ LINEAR_CE_ALIGN = 256  # chunk rows and slab classes are multiples of this (when
 # grad_skip_threshold's unit: [rows x classes] tiles of the logits' gradient, aligned to the
 # chunks and slabs (they are multiples of it).
 LINEAR_CE_SKIP_TILE = (128, 256)
+# mm_accumulate's fallback (no 16-bit x 16-bit -> float32 product in this torch): the 16-bit
+# partial product is made this many bytes at a time.
+LINEAR_CE_FALLBACK_BYTES = 32 << 20
 LINEAR_CE_SKIP_WARPS = 32  # the filter kernel: 32 values a thread at that tile (16 warps spilled float32 on sm_90)
 
 _linear_limit = None  # (rows, cols) caps, set only by linear_limit(), for tests
@@ -273,9 +276,11 @@ class LinearPlan:
 
 
 def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, itemsize: int,
-                              buffer_bytes: Optional[int] = None) -> LinearPlan:  # fmt: skip
+                              buffer_bytes: Optional[int] = None, accumulator: bool = True) -> LinearPlan:  # fmt: skip
     """The chunk rows / slab columns for an (n_rows, hidden) input, n_cols classes and
-    logits of `itemsize` bytes, within `buffer_bytes` (None: LINEAR_CE_BUFFER_BYTES[mode])."""
+    logits of `itemsize` bytes, within `buffer_bytes` (None: LINEAR_CE_BUFFER_BYTES[mode]).
+    accumulator (speed): whether a chunked run would need dW's float32 accumulator, whose
+    V*H*4 bytes a single chunk may then use instead; without it the chunks keep to the budget."""
     if mode not in LINEAR_CE_MODES:
         raise ValueError(f"linear_cross_entropy_plan: mode must be one of {LINEAR_CE_MODES}, got {mode!r}")
     budget = LINEAR_CE_BUFFER_BYTES[mode] if buffer_bytes is None else buffer_bytes
@@ -291,7 +296,7 @@ def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, 
 
     rows, cols = max(n_rows, 1), max(n_cols, 1)
     if mode == "speed":
-        if n_rows * n_cols * itemsize > n_cols * hidden * 4 + budget:
+        if n_rows * n_cols * itemsize > n_cols * hidden * 4 * accumulator + budget:
             rows = aligned(budget // (cols * itemsize), rows, LINEAR_CE_ALIGN)
     else:
         cols = aligned(budget // (rows * itemsize), cols, LINEAR_CE_ALIGN)

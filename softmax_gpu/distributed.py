@@ -214,10 +214,11 @@ def vocab_parallel_linear_cross_entropy(
         d/d linear_bias, and the full d/d input (summed over the ranks) on every rank.
 
     Communication: forward, one all-reduce MAX of N float32 and one all-reduce SUM of
-    N x (3 to 6) float32 (plus, on the first call per layout, the cached shard check of
+    N x (2 to 5) float32 (plus, on the first call per layout, the cached shard check of
     vocab_parallel_cross_entropy); backward, one all-reduce SUM of dX, N x H float32, when
     the input needs a gradient (every rank must then ask for it), none otherwise. No tensor
-    of size N x V_local is made; no host synchronisation. The upstream gradient (for
+    of size N x V_local is made beyond a slab of config.LINEAR_CE_BUFFER_BYTES["low_memory"];
+    no host synchronisation. The upstream gradient (for
     reduction="none") must be the same on every rank, as the loss is.
     """
     fn = LINEAR_FN
@@ -227,7 +228,8 @@ def vocab_parallel_linear_cross_entropy(
     if target.is_floating_point():
         raise TypeError(f"{fn}(): target must hold class indices (int64 or int32); probability targets are not "
                         f"supported, got {target.dtype}")  # fmt: skip
-    _check_operands(fn, input, linear_weight, target, linear_bias, weight)
+    _check_operands(fn, input, linear_weight, target, linear_bias, weight,
+                    dtypes=(torch.float32, torch.float16, torch.bfloat16))  # fmt: skip
     _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
     _check_vocab_start(fn, vocab_start)
     group = _resolve_group(group, fn)

@@ -1,4 +1,4 @@
-"""Vocab-parallel fused linear cross-entropy on 2 and 3 gloo ranks against the one-process answer.
+"""Vocab-parallel linear cross-entropy on 2 and 3 gloo ranks against the one-process answer.
 
 The ranks are spawned with test_distributed.py's helpers (one spawn per test, several cases
 inside). Every rank builds the same full problem (input, LM head, bias, class weights) from

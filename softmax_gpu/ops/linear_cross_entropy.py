@@ -27,7 +27,8 @@ a bounded buffer of logits whose size comes from a memory budget (config.linear_
   float64 (for checking, not speed) is F.linear followed by softmax_gpu.cross_entropy.
 
 Roofline at 8192 tokens x H 4096 x V 128256, bfloat16 (H100: 3.0 TB/s copy, ~790 TFLOP/s
-dense bf16; H200: 4.3 TB/s, the same FLOP rate). One product is 2 N H V = 8.61 TFLOP, 10.9 ms.
+dense bf16, the rate taken for these cards (its datasheet says 989); H200: 4.3 TB/s, the
+same FLOP rate). One product is 2 N H V = 8.61 TFLOP, 10.9 ms.
   speed: 3 products, 25.8 TFLOP = 32.7 ms. Bytes besides the products' own operands (X 67 MB,
     W 1.05 GB, dW 1.05 GB): the logits buffer (N V 2 = 2.10 GB) written by product 1, read and
     written by the row kernel, read by products 2 and 3: 10.5 GB, of which the row kernel's
@@ -40,7 +41,8 @@ dense bf16; H200: 4.3 TB/s, the same FLOP rate). One product is 2 N H V = 8.61 T
     (16384 classes at N = 8192) and dX's float32 accumulator, N H 4 = 134 MB.
 Neither mode keeps a float32 accumulator per tile pair, and neither makes an N x V tensor
 (a speed chunk holds all N rows only when that fits the budget above). No host
-synchronisation, no atomics: bitwise reproducible.
+synchronisation, no atomics: bitwise reproducible on one card and library version (cuBLAS
+is, on one stream; CUBLAS_WORKSPACE_CONFIG when streams run products concurrently).
 
 Layers, top to bottom:
   plan / mm_accumulate / launch_skip_small_tiles    helpers
@@ -82,8 +84,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def plan(mode: str, x: torch.Tensor, w: torch.Tensor, buffer_bytes: Optional[int]) -> config.LinearPlan:
-    return config.linear_cross_entropy_plan(mode, x.shape[0], w.shape[0], x.shape[1], x.element_size(), buffer_bytes)
+def plan(mode: str, x: torch.Tensor, w: torch.Tensor, buffer_bytes: Optional[int],
+         accumulator: bool = True) -> config.LinearPlan:  # fmt: skip
+    return config.linear_cross_entropy_plan(mode, x.shape[0], w.shape[0], x.shape[1], x.element_size(), buffer_bytes,
+                                            accumulator)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,8 +99,11 @@ _DTYPE_ADDMM = {"ok": None}  # whether addmm(..., out_dtype=float32) runs here (
 
 def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b, acc float32 and a, b of the input's dtype, in one product where it can be:
-    cuBLAS's 16-bit x 16-bit -> float32 GEMM with beta = 1 (torch's addmm with out_dtype),
-    else the product in the inputs' dtype added in float32 (each partial rounded once)."""
+    cuBLAS's 16-bit x 16-bit -> float32 GEMM with beta = 1 (torch's addmm with out_dtype, in
+    place), else the product in the inputs' dtype added in float32 in row blocks of at most
+    config.LINEAR_CE_FALLBACK_BYTES (each partial rounded once; a bounded temporary). Which
+    route runs is decided by the first call in the process; an out-of-memory error is the
+    caller's, never a reason to switch."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
@@ -105,11 +112,15 @@ def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             _DTYPE_ADDMM["ok"] = True
             return
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             if _DTYPE_ADDMM["ok"]:
                 raise
             _DTYPE_ADDMM["ok"] = False
-    acc.add_(torch.mm(a, b))
+    rows = max(1, config.LINEAR_CE_FALLBACK_BYTES // max(1, b.shape[1] * a.element_size()))
+    for r0 in range(0, acc.shape[0], rows):
+        acc[r0 : r0 + rows].add_(torch.mm(a[r0 : r0 + rows], b))
 
 
 def _logits_into(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
@@ -128,14 +139,26 @@ def launch_skip_small_tiles(grad: torch.Tensor, scale: torch.Tensor, threshold: 
     if not grad.numel():
         return
     check_launchable(fn, skip_small_tiles_kernel, grad)
-    grid = (-(-n_rows // tile[0]), -(-n_cols // tile[1]))
+    block_m, block_n = config.next_power_of_2(tile[0]), config.next_power_of_2(tile[1])
+    grid = (-(-n_rows // block_m), -(-n_cols // block_n))
     with device_guard(grad):
         skip_small_tiles_kernel[grid](
             grad_ptr=grad, scale_ptr=scale, n_rows=n_rows, n_cols=n_cols, grad_row_stride=grad.stride(0),
-            scale_stride=scale.stride(0) if scale.dim() else 0, threshold=threshold,
-            BLOCK_M=config.next_power_of_2(tile[0]), BLOCK_N=config.next_power_of_2(tile[1]),
-            num_warps=config.LINEAR_CE_SKIP_WARPS,
+            scale_stride=scale.stride(0) if scale.dim() else 0, threshold=threshold, BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=config.LINEAR_CE_SKIP_WARPS,
         )  # fmt: skip
+
+
+def skip_scale(scale: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], n_rows: int) -> torch.Tensor:
+    """The factor each gradient row carries beyond |softmax - target|: the reduction's and the
+    upstream's `scale` (0-d or (N,)), times the row's class weight w_t for class-index
+    targets with weights (so a weighted row is filtered on its own |p - y|, as Cut
+    Cross-Entropy filters). O(N) torch ops on the device."""
+    if weight is None or target.is_floating_point():
+        return scale
+    n_classes = weight.shape[0]
+    w_t = weight.float()[target.clamp(0, n_classes - 1)]
+    return (scale * w_t).reshape(n_rows)
 
 
 def _buffer(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -158,7 +181,7 @@ def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss
     n_rows, hidden = x.shape
     n_cols = w.shape[0]
     check_launchable(FN, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
-    cut = plan("speed", x, w, buffer_bytes)
+    cut = plan("speed", x, w, buffer_bytes, accumulator=needs[1])
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
     dx = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device) if needs[0] else None
@@ -166,13 +189,19 @@ def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss
     dw = dw_acc = None
     if needs[1]:
         dw = torch.empty(n_cols, hidden, dtype=w.dtype, device=x.device)
-        dw_acc = dw if one_chunk else torch.zeros(n_cols, hidden, **f32)
+        if one_chunk:
+            dw_acc = dw
+        elif dw.dtype == torch.float32:  # accumulate in place
+            dw_acc = dw.zero_()
+        else:
+            dw_acc = torch.zeros(n_cols, hidden, **f32)
     db = torch.zeros(n_cols, **f32) if needs[2] else None
     if not n_rows:
         if dw is not None:
             dw.zero_()
         return loss, lse, dx, dw, db.to(w.dtype) if db is not None else None
-    scale = (1.0 / total) if total is not None else torch.ones((), **f32)
+    if skip is not None:
+        scale = skip_scale((1.0 / total) if total is not None else torch.ones((), **f32), target, weight, n_rows)
     buf = _buffer(x, min(cut.rows, n_rows), n_cols)
     for r0 in range(0, n_rows, cut.rows):
         r1 = min(n_rows, r0 + cut.rows)
@@ -186,7 +215,7 @@ def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss
         else:
             launch_cross_entropy(*args)
         if skip is not None:
-            launch_skip_small_tiles(z, scale, skip, cut.skip_tile)
+            launch_skip_small_tiles(z, scale if scale.dim() == 0 else scale[r0:r1], skip, cut.skip_tile)
         if dx is not None:
             torch.mm(z, w, out=dx[r0:r1])
         if dw is not None:
@@ -196,7 +225,7 @@ def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss
                 mm_accumulate(dw_acc, z.t(), x_c)
         if db is not None:
             db.add_(z.sum(0, dtype=torch.float32))
-    if dw is not None and not one_chunk:
+    if dw is not None and dw_acc is not dw:
         dw.copy_(dw_acc)
     return loss, lse, dx, dw, db.to(w.dtype) if db is not None else None
 
@@ -287,22 +316,35 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, ignore_index, lab
         return torch.full((n_rows,), float("-inf"), **f32), torch.zeros(n_rows, width, **f32)
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
     cut = plan("low_memory", x, w, buffer_bytes)
-    starts = range(0, n_local, cut.cols)
-    maxima = torch.empty(len(starts), n_rows, **f32)
-    parts = torch.empty(len(starts), n_rows, width, **f32)
+    row_max = torch.empty(n_rows, **f32)
+    stats = torch.empty(n_rows, width, **f32)
+    slab_max = torch.empty(n_rows, **f32)
+    slab_stats = torch.empty(n_rows, width, **f32)
     buf = _buffer(x, n_rows, min(cut.cols, n_local))
-    for s, c0 in enumerate(starts):
+    for c0 in range(0, n_local, cut.cols):
         c1 = min(n_local, c0 + cut.cols)
         z = _view(buf, n_rows, c1 - c0)
         _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
         tgt, wt = _slab_targets(target, weight, c0, c1)
-        launch_vocab_parallel_stats(z, tgt, wt, maxima[s], parts[s], n_classes, col_start + c0, ignore_index,
-                                    label_smoothing, softcap)  # fmt: skip
-    if len(starts) == 1:
-        return maxima[0], parts[0]
-    row_max = maxima.amax(0)  # NaN in any slab makes it NaN, and so every rescaled sum
-    parts[:, :, 0].mul_(torch.exp(maxima - row_max))
-    return row_max, parts.sum(0)
+        first = c0 == 0
+        launch_vocab_parallel_stats(z, tgt, wt, row_max if first else slab_max, stats if first else slab_stats,
+                                    n_classes, col_start + c0, ignore_index, label_smoothing, softcap)  # fmt: skip
+        if not first:
+            _merge(row_max, stats, slab_max, slab_stats)
+    return row_max, stats
+
+
+def _merge(row_max, stats, slab_max, slab_stats) -> None:
+    """(row_max, stats) <- the merge of the rows' running statistics with one more slab's, in
+    place: column 0 (a sum of e^(z - m)) rescaled to the common maximum, the rest added. A
+    side at -inf (no class seen, or all -inf) contributes 0 and rescales by 1, so masked slabs
+    are harmless; a NaN on either side makes the row NaN. O(N), a few small launches."""
+    new_max = torch.maximum(row_max, slab_max)  # propagates NaN
+    keep = torch.where(row_max == new_max, 1.0, torch.exp(row_max - new_max))
+    take = torch.where(slab_max == new_max, 1.0, torch.exp(slab_max - new_max))
+    stats[:, 0].mul_(keep).add_(slab_stats[:, 0] * take)
+    stats[:, 1:].add_(slab_stats[:, 1:])
+    row_max.copy_(new_max)
 
 
 def _loss_from_stats(x, target, weight, row_max, stats, n_classes, ignore_index, label_smoothing, z_loss, softcap):
@@ -339,10 +381,15 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
     scale = upstream / total if total is not None else upstream
     cut = plan("low_memory", x, w, buffer_bytes)
-    buf = _buffer(x, n_rows, min(cut.cols, n_local))
+    cols = cut.cols
+    if dt is not None:  # the target's gradient takes ~4 float32 slab-sized temporaries: slabs a quarter as wide
+        cols = max(1, cols * x.element_size() // (4 * 4))
+    if skip is not None:
+        skip_factor = skip_scale(scale, target, weight, n_rows)
+    buf = _buffer(x, n_rows, min(cols, n_local))
     scratch = torch.empty(2, n_rows, **f32)  # the loss kernel's loss and lse, not needed again
-    for c0 in range(0, n_local, cut.cols):
-        c1 = min(n_local, c0 + cut.cols)
+    for c0 in range(0, n_local, cols):
+        c1 = min(n_local, c0 + cols)
         z = _view(buf, n_rows, c1 - c0)
         _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
         tgt, wt = _slab_targets(target, weight, c0, c1)
@@ -351,7 +398,7 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
         launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream, n_classes,
                                    col_start + c0, ignore_index, label_smoothing, z_loss, softcap)  # fmt: skip
         if skip is not None:
-            launch_skip_small_tiles(z, scale, skip, cut.skip_tile, fn)
+            launch_skip_small_tiles(z, skip_factor, skip, cut.skip_tile, fn)
         if dw is not None:
             torch.mm(z.t(), x, out=dw[c0:c1])
         if db is not None:
@@ -646,8 +693,8 @@ def linear_cross_entropy(
         grad_skip_threshold: None (the default: exact gradients), or a finite float >= 0, Cut
             Cross-Entropy's meaning: every [rows x classes] tile (config.LINEAR_CE_SKIP_TILE)
             of the logits' gradient in which each |d loss_r / d z_rj| (before the mean's
-            division and the upstream factor; |softmax - target| for a plain row) is below it
-            is left out. The same number means the same thing at any batch size. Changes the
+            division, the upstream factor and the row's class weight; |softmax - target|
+            for a plain row) is below it is left out. The same number means the same thing at any batch size. Changes the
             gradients, never the loss; 0.0 leaves nothing out.
         mode: "speed" (the default: 3 products, the gradients formed in the forward; extra
             memory at most V*H*4 + buffer_bytes) or "low_memory" (4 products, the gradients
@@ -656,7 +703,9 @@ def linear_cross_entropy(
             route; everything else runs low_memory whatever `mode` says. float64 materialises
             the logits (it is for checking).
         buffer_bytes: the logits buffer's budget (None: config.LINEAR_CE_BUFFER_BYTES,
-            512 MiB for speed and 256 MiB for low_memory).
+            512 MiB for speed and 256 MiB for low_memory). In speed mode, when linear_weight
+            needs a gradient, a single chunk of all N rows may also use the V*H*4 bytes that
+            a chunked run's float32 dW would take.
     Returns:
         float32 loss (float64 for float64 input): a scalar, or the target's batch shape for
         reduction="none".

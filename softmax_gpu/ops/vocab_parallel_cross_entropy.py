@@ -240,17 +240,16 @@ def _(logits, target, weight, global_max, stats, grad_divisor, upstream, n_class
     return _fake_loss(logits, compute_grad)
 
 
-def combine_stats(row_max: torch.Tensor, stats: torch.Tensor, group, n_scaled: int = 1) -> torch.Tensor:
+def combine_stats(row_max: torch.Tensor, stats: torch.Tensor, group) -> torch.Tensor:
     """The two collectives of a forward, in place on `stats`; returns the global row maximum.
 
-    MAX of the row maxima (N float32), then each rank rescales its exp-sums (the first
-    n_scaled columns: 1 here, 2 for the linear variant's sum without the target) from its
-    own maximum to the global one, e^(m - M), and SUM of the packed (N, n_stats) rows.
+    MAX of the row maxima (N float32), then each rank rescales its exp-sum (column 0) from
+    its own maximum to the global one, e^(m - M), and SUM of the packed (N, n_stats) rows.
     A NaN in a shard makes its own rescale factor NaN, so the SUM carries it to every rank
     whatever the backend's MAX does with NaN."""
     global_max = row_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    stats[:, :n_scaled].mul_(torch.exp(row_max - global_max)[:, None])
+    stats[:, :1].mul_(torch.exp(row_max - global_max)[:, None])
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     return global_max
 
