@@ -306,6 +306,36 @@ def linear_cross_entropy_variants(quick: bool):
                       aligned=("grad_ptr", "grad_row_stride", "n_cols"))  # fmt: skip
 
 
+def token_logprobs_variants(quick: bool):
+    """Token log-probabilities and entropy: forward (with and without the entropy) and
+    backward (each upstream gradient alone and both), at the narrowest block and the
+    streaming one, in every dtype."""
+    from softmax_gpu import config
+
+    module = "softmax_gpu.kernels.token_logprobs"
+    for dtype in ("bf16", "fp32") if quick else tuple(DTYPES):
+        ptr = DTYPES[dtype]
+        for block in (16, config.LOOP_BLOCK_CROSS_ENTROPY):
+            warps = config.warps_for(block, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+            sig = (("logits_ptr", ptr), ("tokens_ptr", "*i64"), ("logprobs_ptr", "*fp32"), ("entropy_ptr", "*fp32"),
+                   ("stats_ptr", "*fp32"), ("logits_row_stride", "i64"), ("tokens_stride", "i64"), ("n_cols", "i32"),
+                   ("inv_temperature", "fp32"), ("ignore_index", "i64"))  # fmt: skip
+            for entropy in (False, True):
+                meta = (("COMPUTE_ENTROPY", entropy), ("BLOCK_N", block))
+                yield Variant(module, "token_logprobs_fwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                              meta, warps, aligned=("logits_ptr", "logits_row_stride", "n_cols"))  # fmt: skip
+            sig = (("logits_ptr", ptr), ("tokens_ptr", "*i64"), ("stats_ptr", "*fp32"), ("entropy_ptr", "*fp32"),
+                   ("grad_logprobs_ptr", "*fp32"), ("grad_entropy_ptr", "*fp32"), ("grad_ptr", ptr),
+                   ("logits_row_stride", "i64"), ("tokens_stride", "i64"), ("grad_row_stride", "i64"),
+                   ("grad_logprobs_stride", "i64"), ("grad_entropy_stride", "i64"), ("n_cols", "i32"),
+                   ("inv_temperature", "fp32"), ("ignore_index", "i64"))  # fmt: skip
+            for grad_lp, grad_h in ((True, False), (False, True), (True, True)):
+                meta = (("HAS_GRAD_LOGPROBS", grad_lp), ("HAS_GRAD_ENTROPY", grad_h), ("BLOCK_N", block))
+                yield Variant(module, "token_logprobs_bwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                              meta, warps, aligned=("logits_ptr", "grad_ptr", "logits_row_stride", "grad_row_stride",
+                                                    "n_cols"))  # fmt: skip
+
+
 def vocab_parallel_variants(quick: bool):
     """The two vocab-parallel kernels (float32 accumulation for every dtype) for the
     cross-entropy flag sets: the stats kernel at the widths stats_config() gives (up to the
@@ -494,6 +524,7 @@ def all_variants(quick: bool):
     yield from cross_entropy_variants(quick)
     yield from split_variants(quick)
     yield from linear_cross_entropy_variants(quick)
+    yield from token_logprobs_variants(quick)
     yield from vocab_parallel_variants(quick)
 
 

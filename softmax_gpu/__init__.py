@@ -19,13 +19,15 @@ _FUNCTIONS = {
     "hardmax": "softmax_gpu.ops.softmax",
     "cross_entropy": "softmax_gpu.ops.cross_entropy",
     "linear_cross_entropy": "softmax_gpu.ops.linear_cross_entropy",
+    "token_logprobs": "softmax_gpu.ops.token_logprobs",
+    "linear_token_logprobs": "softmax_gpu.ops.token_logprobs",
     "categorical_crossentropy": "softmax_gpu.keras",
 }
 _SUBMODULES = ("nn", "config", "traffic", "ops")
 
 __all__ = [
-    "softmax", "log_softmax", "hardmax", "cross_entropy", "linear_cross_entropy", "categorical_crossentropy", "nn",
-    "reference",
+    "softmax", "log_softmax", "hardmax", "cross_entropy", "linear_cross_entropy", "token_logprobs",
+    "linear_token_logprobs", "categorical_crossentropy", "nn", "reference",
 ]
 
 
