@@ -24,6 +24,7 @@ OPS = ("softmax_fwd", "softmax_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd")
 # The fused linear cross-entropy is matmul-bound and has its own cases (tokens x hidden x
 # classes) and figures (TFLOP/s, peak memory): bench/linear_ce.py, run only when asked for.
 LINEAR_CE_OPS = ("linear_ce_fwd", "linear_ce_fwd_bwd")
+LOGPROBS_OPS = ("logprobs_fwd", "logprobs_fwd_bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("softmax_gpu", "torch", "torch.compile", "liger", "quack", "cupy")
 VOCABS = (32000, 50257, 128256, 151936, 262144)
@@ -73,7 +74,7 @@ def parse_args(argv):
         "--dry-run", action="store_true",
         help="run the GPU sweep on CPU (interpreter, shrunken shapes, CPU timer): checks the code, measures nothing",
     )  # fmt: skip
-    p.add_argument("--ops", nargs="+", choices=OPS + LINEAR_CE_OPS, default=None)
+    p.add_argument("--ops", nargs="+", choices=OPS + LINEAR_CE_OPS + LOGPROBS_OPS, default=None)
     p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=None)
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=None, metavar="ROWSxCOLS")
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
@@ -173,6 +174,15 @@ def compile_only(args, platform) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logprob_ops = [op for op in args.ops if op in LOGPROBS_OPS]
+    if logprob_ops:
+        from bench import logprobs
+
+        forwarded = ["--dry-run"] * args.dry_run + ["--quick"] * args.quick + (["--out", args.out] if args.out else [])
+        status = logprobs.main(["--ops", *logprob_ops, *forwarded])
+        args.ops = [op for op in args.ops if op not in LOGPROBS_OPS]
+        if not args.ops:
+            return status
     linear_ops = [op for op in args.ops if op in LINEAR_CE_OPS]
     if linear_ops:
         from bench import linear_ce

@@ -143,7 +143,15 @@ linear=(--quick --out "$out")
 timeout 75 "$py" -m bench.linear_ce "${linear[@]}" > "$out/linear_ce.txt" 2>&1
 linear_rc=$?
 
-# 4. The summary: what passed, the headline ratios.
+# 4. The token log-probability scoreboard (one RL shape).
+logprobs=(--quick --out "$out")
+logprobs_limit=40
+if [ "$dry_run" -eq 1 ]; then logprobs=(--dry-run --repeats 1 "${logprobs[@]}"); logprobs_limit=150; fi
+timeout "$logprobs_limit" "$py" -m bench.logprobs "${logprobs[@]}" > "$out/logprobs.txt" 2>&1
+logprobs_rc=$?
+
+# 5. The summary: what passed, the headline ratios.
 "$py" -m bench.summary "$out" --rc tests=$tests_rc memcheck=$memcheck_rc bench=$bench_rc linear_ce=$linear_rc \
+    logprobs=$logprobs_rc \
     --seconds $((SECONDS - started)) 2>&1 | tee "$out/summary.txt"
 exit "${PIPESTATUS[0]}"

@@ -73,7 +73,22 @@ def linear_lines(data: dict):
             figures = f"{r['eager_ms']:.2f} ms, {r.get('tflops_eager') or 0:.0f} TFLOP/s (eager)"
         else:
             figures = f"{r['status']}: {r.get('gate') or r.get('note')}"
-        lines.append(f"  {r['op']:<18}{r['shape']:<18}{r['label']:<16}{figures}")
+        lines.append(f"  {r['op']:<18}{r['shape']:<18}{r['label']:<22}{figures}")
+    return lines
+
+
+def logprobs_lines(data: dict):
+    rows = data["results"]
+    lines = [f"token log-probabilities: {len(rows)} rows"]
+    for r in rows:
+        if r["status"] == "ok":
+            clock = "device" if r.get("device_ms") else "eager"
+            ms = r.get("device_ms") or r["eager_ms"]
+            pct = f", {r['pct_copy']:.0f}% of copy" if r.get("pct_copy") else ""
+            figures = f"{ms:.3f} ms ({clock}){pct}"
+        else:
+            figures = f"{r['status']}: {r.get('gate') or r.get('note')}"
+        lines.append(f"  {r['op']:<18}{r['shape']:<14}{r['label']:<22}{figures}")
     return lines
 
 
@@ -112,10 +127,19 @@ def main(argv=None) -> int:
         data = json.loads(linear.read_text())
         for line in linear_lines(data):
             print(line)
+        if any(r["status"] != "ok" and r["provider"].startswith("softmax_gpu") for r in data["results"]):
+            failed = True  # either mode
+    else:
+        print("linear cross-entropy: missing")
+    logprobs = out / "logprobs.json"
+    if logprobs.exists():
+        data = json.loads(logprobs.read_text())
+        for line in logprobs_lines(data):
+            print(line)
         if any(r["status"] != "ok" and r["provider"] == "softmax_gpu" for r in data["results"]):
             failed = True
     else:
-        print("linear cross-entropy: missing")
+        print("token log-probabilities: missing")
     print(f"files in {out}")
     return 1 if failed else 0
 

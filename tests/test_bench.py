@@ -436,6 +436,7 @@ def test_device_check_dry_run(tmp_path):
     assert "skipped in a dry run" in (tmp_path / "memcheck.txt").read_text()
     summary = (tmp_path / "summary.txt").read_text()
     assert "DRY RUN" in summary and "scoreboard: 30 cases, 90 rows timed, 0 failed the gate, 0 errors" in summary
+    assert re.search(r"token log-probabilities: \d+ rows", summary) and "step logprobs" not in summary
 
     data, table = read_run(tmp_path)
     meta = data["meta"]
