@@ -27,3 +27,25 @@ def interpreted(kernel) -> bool:
 def device_guard(x: torch.Tensor):
     """Makes x's GPU the current one for the launch (triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+# Launch plans of the eager path: (op, shapes, strides, dtypes, options, the config's test
+# overrides) -> what the launcher derived from them (block choice, vector split, converted
+# options). A plan is a pure function of its key (the config's limits are constants; its test
+# overrides belong in the key), so a repeated signature skips that work. Bounded: the oldest
+# plan goes first.
+_PLANS: dict = {}
+MAX_PLANS = 512
+
+
+def cached_plan(key):
+    """The plan stored under key, or None."""
+    return _PLANS.get(key)
+
+
+def remember_plan(key, plan):
+    """Stores and returns plan."""
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan

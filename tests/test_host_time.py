@@ -36,3 +36,32 @@ def test_host_time_runs_compiled_mode_triton_with_stub_launches():
                     ce_fwd_bwd=model("ce_fwd_bwd"))  # fmt: skip
     assert {op: float(v[1]) for op, v in rows.items()} == expected, out.stdout
     assert all(float(v[0]) > 0 for v in rows.values())
+
+
+def test_launch_plans_are_reused_and_keyed_on_the_test_overrides(device):
+    """The eager path stores one plan per signature and reuses it; a test override (a block
+    limit) is part of the key, so a forced path never reuses the shipped one, and the results
+    agree bit for bit with a fresh plan."""
+    import torch
+
+    import softmax_gpu
+    from softmax_gpu import config, runtime
+
+    x = torch.randn(5, 300, device=device)
+    t = torch.randint(0, 300, (5,), device=device)
+    runtime._PLANS.clear()
+    first = softmax_gpu.cross_entropy(x, t, label_smoothing=0.1)
+    stored = set(runtime._PLANS)
+    assert any(k[0] == "ce" for k in stored) and any(k[0] == "split" for k in stored)
+    again = softmax_gpu.cross_entropy(x, t, label_smoothing=0.1)
+    assert set(runtime._PLANS) == stored and torch.equal(first, again)
+    with config.block_limit(64):
+        looped = softmax_gpu.cross_entropy(x, t, label_smoothing=0.1)
+    assert len(set(runtime._PLANS) - stored) >= 1  # the forced path has plans of its own
+    torch.testing.assert_close(looped, first)
+    y = softmax_gpu.softmax(x)
+    assert any(k[0] == "softmax_fwd" for k in runtime._PLANS)
+    torch.testing.assert_close(softmax_gpu.softmax(x), y, rtol=0, atol=0)
+    for i in range(runtime.MAX_PLANS + 5):
+        runtime.remember_plan(("probe", i), i)
+    assert len(runtime._PLANS) == runtime.MAX_PLANS and runtime.cached_plan(("probe", 0)) is None

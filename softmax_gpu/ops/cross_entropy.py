@@ -42,7 +42,7 @@ from ..kernels.cross_entropy import (
     scale_grad_kernel,
 )
 from ..layout import as_rows
-from ..runtime import check_launchable, device_guard
+from ..runtime import _PLANS, cached_plan, check_launchable, device_guard, remember_plan
 
 REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -85,7 +85,12 @@ def cross_entropy_split(
     """config.split_rows for the cross-entropy kernels: the forward's families as in
     cross_entropy_config (rows split only where the forward would loop: for the soft-capped
     plain variant, past the general single-block limit), or with streaming=True the backward
-    kernel's (it always loops, 1024 wide); None: one program a row."""
+    kernel's (it always loops, 1024 wide); None: one program a row. Memoised per
+    signature (with the tests' overrides in the key)."""
+    key = ("split", n_rows, n_cols, itemsize, streaming, plain, softcap, str(device), config._split_chunk,
+           config._block_limit)  # fmt: skip
+    if key in _PLANS:  # None is a plan too: no split
+        return _PLANS[key]
     if streaming:
         max_block = loop_block = config.LOOP_BLOCK_CROSS_ENTROPY
     elif plain and itemsize <= 4:
@@ -93,8 +98,10 @@ def cross_entropy_split(
         loop_block = config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN
     else:
         max_block, loop_block = config.MAX_BLOCK_CROSS_ENTROPY, config.LOOP_BLOCK_CROSS_ENTROPY
-    return config.split_rows(n_rows, n_cols, itemsize, max_block, loop_block,
-                             config.ELEMENTS_PER_THREAD_CROSS_ENTROPY, sms=config.sm_count(device))  # fmt: skip
+    split = config.split_rows(n_rows, n_cols, itemsize, max_block, loop_block,
+                              config.ELEMENTS_PER_THREAD_CROSS_ENTROPY, sms=config.sm_count(device))  # fmt: skip
+    remember_plan(key, split)
+    return split
 
 
 def is_plain(target: torch.Tensor, weight: Optional[torch.Tensor], label_smoothing: float) -> bool:
@@ -141,6 +148,25 @@ def launch_cross_entropy(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
+    key = None
+    if cfg is None:  # the eager path: one plan per signature (launch_plan)
+        key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
+               weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
+               ignore_index, label_smoothing, z_loss, softcap, stats is None, reduction,
+               config._block_limit)  # fmt: skip
+        plan = cached_plan(key)
+        if plan is not None:
+            cfg, grid, static = plan
+            check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
+            with device_guard(logits):
+                cross_entropy_kernel[grid](
+                    logits_ptr=logits, target_ptr=target, weight_ptr=weight if weight is not None else loss,
+                    loss_ptr=loss, lse_ptr=lse, grad_ptr=grad if grad is not None else loss,
+                    stats_ptr=stats if stats is not None else loss, reduced_ptr=reduced if reduced is not None else loss,
+                    counter_ptr=counter if counter is not None else target,
+                    grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss, **static,
+                )  # fmt: skip
+            return cfg
     cfg = cfg or config.short_rows(
         cross_entropy_config(
             n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
@@ -157,9 +183,45 @@ def launch_cross_entropy(
         cfg = config.vectors(cross_entropy_config(n_cols, 4, plain=True), n_rows, n_cols,
                              _row_tensors(logits, grad, target))  # fmt: skip
     (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
+    static = dict(
+        logits_row_stride=logits.stride(0),
+        target_row_stride=target.stride(0),
+        grad_row_stride=grad.stride(0) if grad is not None else 0,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        ignore_index=ignore_index,
+        label_smoothing=eps,
+        z_loss=lam,
+        softcap=cap,
+        label_smoothing_lo=eps_lo,
+        z_loss_lo=lam_lo,
+        softcap_lo=cap_lo,
+        zero=0,
+        SOFT_TARGET=soft,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=label_smoothing > 0,
+        HAS_Z_LOSS=z_loss != 0,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=grad is not None,
+        DIVIDE_GRAD=grad is not None and grad_divisor is not None,
+        SAVE_STATS=stats is not None,
+        REDUCE=REDUCE_CODES[reduction],
+        ACC_FP64=logits.dtype == torch.float64,
+        BLOCK_N=cfg.block_n,
+        SINGLE_BLOCK=cfg.single_block,
+        REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
+        VEC=cfg.vec,
+        HAS_EDGE=cfg.edge,
+        ROWS=cfg.rows,
+        num_warps=cfg.num_warps,
+        maxnreg=cfg.maxnreg,
+    )
+    grid = (-(-n_rows // cfg.rows),)
+    if key is not None:
+        remember_plan(key, (cfg, grid, static))
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
-        cross_entropy_kernel[(-(-n_rows // cfg.rows),)](
+        cross_entropy_kernel[grid](
             logits_ptr=logits,
             target_ptr=target,
             weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
@@ -169,38 +231,8 @@ def launch_cross_entropy(
             stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
             reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
             counter_ptr=counter if counter is not None else target,
-            logits_row_stride=logits.stride(0),
-            target_row_stride=target.stride(0),
-            grad_row_stride=grad.stride(0) if grad is not None else 0,
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
-            n_rows=n_rows,
-            n_cols=n_cols,
-            ignore_index=ignore_index,
-            label_smoothing=eps,
-            z_loss=lam,
-            softcap=cap,
-            label_smoothing_lo=eps_lo,
-            z_loss_lo=lam_lo,
-            softcap_lo=cap_lo,
-            zero=0,
-            SOFT_TARGET=soft,
-            HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_Z_LOSS=z_loss != 0,
-            HAS_SOFTCAP=softcap is not None,
-            COMPUTE_GRAD=grad is not None,
-            DIVIDE_GRAD=grad is not None and grad_divisor is not None,
-            SAVE_STATS=stats is not None,
-            REDUCE=REDUCE_CODES[reduction],
-            ACC_FP64=logits.dtype == torch.float64,
-            BLOCK_N=cfg.block_n,
-            SINGLE_BLOCK=cfg.single_block,
-            REDUCE_BLOCK=config.reduce_block(cfg.num_warps),
-            VEC=cfg.vec,
-            HAS_EDGE=cfg.edge,
-            ROWS=cfg.rows,
-            num_warps=cfg.num_warps,
-            maxnreg=cfg.maxnreg,
+            **static,
         )
     return cfg
 
@@ -434,26 +466,29 @@ def launch_cross_entropy_split_backward(
 def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[config.RowConfig] = None):
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
     exactly 1 are left untouched without being read. Short rows go several to a program
-    (config.short_rows), as in the forward."""
+    (config.short_rows), as in the forward. Eager calls reuse a plan per signature."""
     n_rows, n_cols = grad.shape
-    cfg = cfg or config.short_rows(cross_entropy_config(n_cols), n_rows, grad.element_size(),
-                                   config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
-    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(grad))
+    key = None
+    if cfg is None:
+        key = ("scale", n_rows, n_cols, grad.dtype, grad.stride(0), upstream.dim(), config._block_limit)
+        plan = cached_plan(key)
+    if cfg is not None or plan is None:
+        cfg = cfg or config.short_rows(cross_entropy_config(n_cols), n_rows, grad.element_size(),
+                                       config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
+        cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(grad))
+        static = dict(grad_row_stride=grad.stride(0), n_rows=n_rows, n_cols=n_cols, BLOCK_N=cfg.block_n, VEC=cfg.vec,
+                      HAS_EDGE=cfg.edge, ROWS=cfg.rows, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)  # fmt: skip
+        plan = (cfg, (-(-n_rows // cfg.rows),), static)
+        if key is not None:
+            remember_plan(key, plan)
+    cfg, grid, static = plan
     check_launchable("softmax_gpu.cross_entropy backward", scale_grad_kernel, grad)
     with device_guard(grad):
-        scale_grad_kernel[(-(-n_rows // cfg.rows),)](
+        scale_grad_kernel[grid](
             grad_ptr=grad,
             upstream_ptr=upstream,
-            grad_row_stride=grad.stride(0),
             upstream_stride=upstream.stride(0) if upstream.dim() else 0,
-            n_rows=n_rows,
-            n_cols=n_cols,
-            BLOCK_N=cfg.block_n,
-            VEC=cfg.vec,
-            HAS_EDGE=cfg.edge,
-            ROWS=cfg.rows,
-            num_warps=cfg.num_warps,
-            maxnreg=cfg.maxnreg,
+            **static,
         )
     return cfg
 

@@ -22,7 +22,7 @@ from ..kernels.softmax import (
     split_combine_kernel,
 )
 from ..layout import as_rows, from_rows
-from ..runtime import check_launchable, device_guard
+from ..runtime import cached_plan, check_launchable, device_guard, remember_plan
 
 
 def _op_name(log: bool) -> str:
@@ -39,24 +39,20 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     SplitConfig is returned.
     """
     n_rows, n_cols = x.shape
-    if cfg is None:
-        split = config.split_rows(n_rows, n_cols, y.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
-                                  config.LOOP_BLOCK_SOFTMAX_FWD, sms=config.sm_count(x.device))
-        if split is not None:
-            return launch_softmax_split_fwd(x, y, log, split)
-    cfg = config.vectors(
-        cfg
-        or config.short_rows(
-            config.row_config(
-                n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
-            ),
-            n_rows,
-            y.element_size(),
-        ),
-        n_rows,
-        n_cols,
-        [(t.element_size(), t.stride(0)) for t in (x, y)],
-    )
+    key = None
+    if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
+        key = ("softmax_fwd", n_rows, n_cols, x.dtype, y.dtype, x.stride(0), y.stride(0), str(x.device),
+               config._block_limit, config._split_chunk)  # fmt: skip
+        plan = cached_plan(key)
+        if plan is None:
+            split = config.split_rows(n_rows, n_cols, y.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
+                                      config.LOOP_BLOCK_SOFTMAX_FWD, sms=config.sm_count(x.device))
+            plan = remember_plan(key, ("split", split) if split is not None else ("rows", _fwd_config(x, y)))
+        if plan[0] == "split":
+            return launch_softmax_split_fwd(x, y, log, plan[1])
+        cfg = plan[1]
+    else:
+        cfg = _fwd_config(x, y, cfg)
     check_launchable(_op_name(log), softmax_fwd_kernel, x)
     with device_guard(x):
         softmax_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
@@ -77,6 +73,25 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
             maxnreg=cfg.maxnreg,
         )
     return cfg
+
+
+def _fwd_config(x, y, cfg=None):
+    """The forward's RowConfig for x, y (2-D, unit column stride): cfg (or the shipped one)
+    with its vector split."""
+    n_rows, n_cols = x.shape
+    return config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
+            ),
+            n_rows,
+            y.element_size(),
+        ),
+        n_rows,
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (x, y)],
+    )
 
 
 def launch_softmax_bwd(
@@ -191,8 +206,7 @@ def launch_softmax_split_bwd(
     return split
 
 
-@torch.library.custom_op("softmax_gpu::softmax_forward", mutates_args=())
-def softmax_forward(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype) -> torch.Tensor:
+def _softmax_forward(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype) -> torch.Tensor:
     """(log_)softmax of x along dim, returned contiguous in `dtype`."""
     # Casting up is exact, so the kernel reads x as it is and writes `dtype`; a narrowing
     # cast happens first, as in torch (softmax of x.to(dtype)).
@@ -206,13 +220,15 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool, dtype: torch.dtype) ->
     return from_rows(y_rows, x, dim)
 
 
+softmax_forward = torch.library.custom_op("softmax_gpu::softmax_forward", _softmax_forward, mutates_args=())
+
+
 @softmax_forward.register_fake
 def _(x, dim, log, dtype):
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-@torch.library.custom_op("softmax_gpu::softmax_backward", mutates_args=())
-def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+def _softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     """Gradient with respect to the input of (log_)softmax along dim, from output y and upstream dy."""
     if y.numel() == 0:
         return torch.empty(y.shape, dtype=y.dtype, device=y.device)
@@ -221,6 +237,9 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, dim: int, log: bool) -> 
     dx_rows = torch.empty(y_rows.shape, dtype=y.dtype, device=y.device)
     launch_softmax_bwd(y_rows, dy_rows, dx_rows, log)
     return from_rows(dx_rows, y, dim)
+
+
+softmax_backward = torch.library.custom_op("softmax_gpu::softmax_backward", _softmax_backward, mutates_args=())
 
 
 @softmax_backward.register_fake
@@ -243,11 +262,37 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd("softmax_gpu::softmax_forward", _backward, setup_context=_setup_context)
 
 
+class _EagerSoftmax(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called directly: the eager bypass of
+    the dispatcher (cross_entropy's _plain_eager decides when it is safe). Compiled, traced,
+    functorch-wrapped and subclassed calls go through the custom ops."""
+
+    @staticmethod
+    def forward(ctx, x, dim, log, dtype):
+        y = _softmax_forward(x, dim, log, dtype)
+        ctx.save_for_backward(y)
+        ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        return _softmax_backward(y, grad_output, ctx.dim, ctx.log).to(ctx.input_dtype), None, None, None
+
+
 def _apply(fn: str, x: torch.Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> torch.Tensor:
+    from .cross_entropy import _plain_eager
+
     check_floating(fn, "input", x)
     check_out_dtype(fn, dtype)
     dim = normalize_dim(dim, x.dim())
-    return softmax_forward(x, dim, log, dtype or x.dtype)
+    dtype = dtype or x.dtype
+    if _plain_eager(x):
+        if x.requires_grad and torch.is_grad_enabled():
+            return _EagerSoftmax.apply(x, dim, log, dtype)
+        return _softmax_forward(x, dim, log, dtype)
+    return softmax_forward(x, dim, log, dtype)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
