@@ -38,14 +38,23 @@ _PLANS: dict = {}
 MAX_PLANS = 512
 
 
-def cached_plan(key):
-    """The plan stored under key, or None."""
-    return _PLANS.get(key)
+_MISSING = object()
+
+
+def cached_plan(key, default=None):
+    """The plan stored under key, or `default`. Under torch.compile's tracing there is no
+    cache (a traced dict mutation would be replayed on the real dict later, after the real
+    calls changed it), so the plan is computed afresh there."""
+    if torch.compiler.is_compiling():
+        return default
+    return _PLANS.get(key, default)
 
 
 def remember_plan(key, plan):
-    """Stores and returns plan."""
-    if len(_PLANS) >= MAX_PLANS:
-        _PLANS.pop(next(iter(_PLANS)))
+    """Stores (except while torch.compile traces) and returns plan."""
+    if torch.compiler.is_compiling():
+        return plan
+    while len(_PLANS) >= MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)), None)
     _PLANS[key] = plan
     return plan

@@ -209,8 +209,13 @@ def test_short_rows_several_a_program(dtype, what, reduction, device):
     assert_matches(lse, torch.logsumexp(z, -1).detach().numpy(), *tol, what=f"{what} {dtype} lse")
     if reduction != "none":
         assert_matches(reduced, reduced64.detach().numpy(), *tol, what=f"{what} {dtype} {reduction}")
-    # the gradient of the sum ("none", "sum") or the mean of the row losses
-    assert_matches(grad, z64.grad.numpy(), *GRAD_TOL[dtype], what=f"{what} {dtype} grad")
+    # the gradient of the sum ("none", "sum") or the mean of the row losses; float32 to ~1e-6 of
+    # the gradient's scale (the soft cap's chain rule and the z-loss term add roundings: seed
+    # 1131726886 put one element 3.3e-7 off, past the fixed 2e-7)
+    rtol, atol = GRAD_TOL[dtype]
+    if dtype == torch.float32:
+        atol = max(atol, 1e-6 * float(z64.grad.abs().max()))
+    assert_matches(grad, z64.grad.numpy(), rtol, atol, what=f"{what} {dtype} grad")
 
 
 def test_one_hot_gradient_is_softmax_minus_one_hot(device):

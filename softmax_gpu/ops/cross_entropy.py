@@ -42,7 +42,7 @@ from ..kernels.cross_entropy import (
     scale_grad_kernel,
 )
 from ..layout import as_rows
-from ..runtime import _PLANS, cached_plan, check_launchable, device_guard, remember_plan
+from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
 
 REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -89,8 +89,9 @@ def cross_entropy_split(
     signature (with the tests' overrides in the key)."""
     key = ("split", n_rows, n_cols, itemsize, streaming, plain, softcap, str(device), config._split_chunk,
            config._block_limit)  # fmt: skip
-    if key in _PLANS:  # None is a plan too: no split
-        return _PLANS[key]
+    split = cached_plan(key, _MISSING)  # None is a plan too: no split
+    if split is not _MISSING:
+        return split
     if streaming:
         max_block = loop_block = config.LOOP_BLOCK_CROSS_ENTROPY
     elif plain and itemsize <= 4:
