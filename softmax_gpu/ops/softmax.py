@@ -103,24 +103,19 @@ def launch_softmax_bwd(
     (launch_softmax_split_bwd, whose SplitConfig is returned).
     """
     n_rows, n_cols = y.shape
-    if cfg is None:
-        split = config.split_rows(n_rows, n_cols, dx.element_size(), config.MAX_BLOCK_SOFTMAX_BWD,
-                                  config.LOOP_BLOCK_SOFTMAX_BWD, sms=config.sm_count(y.device))
-        if split is not None:
-            return launch_softmax_split_bwd(y, dy, dx, log, split)
-    cfg = config.vectors(
-        cfg
-        or config.short_rows(
-            config.row_config(
-                n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
-            ),
-            n_rows,
-            dx.element_size(),
-        ),
-        n_rows,
-        n_cols,
-        [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
-    )
+    if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
+        key = ("softmax_bwd", n_rows, n_cols, y.dtype, dy.dtype, dx.dtype, y.stride(0), dy.stride(0), dx.stride(0),
+               str(y.device), config._block_limit, config._split_chunk)  # fmt: skip
+        plan = cached_plan(key)
+        if plan is None:
+            split = config.split_rows(n_rows, n_cols, dx.element_size(), config.MAX_BLOCK_SOFTMAX_BWD,
+                                      config.LOOP_BLOCK_SOFTMAX_BWD, sms=config.sm_count(y.device))
+            plan = remember_plan(key, ("split", split) if split is not None else ("rows", _bwd_config(y, dy, dx)))
+        if plan[0] == "split":
+            return launch_softmax_split_bwd(y, dy, dx, log, plan[1])
+        cfg = plan[1]
+    else:
+        cfg = _bwd_config(y, dy, dx, cfg)
     check_launchable(_op_name(log) + " backward", softmax_bwd_kernel, y)
     with device_guard(y):
         softmax_bwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
@@ -143,6 +138,25 @@ def launch_softmax_bwd(
             maxnreg=cfg.maxnreg,
         )
     return cfg
+
+
+def _bwd_config(y, dy, dx, cfg=None):
+    """The backward's RowConfig for y, dy, dx (2-D, unit column stride): cfg (or the shipped
+    one) with its vector split."""
+    n_rows, n_cols = y.shape
+    return config.vectors(
+        cfg
+        or config.short_rows(
+            config.row_config(
+                n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
+            ),
+            n_rows,
+            dx.element_size(),
+        ),
+        n_rows,
+        n_cols,
+        [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
+    )
 
 
 def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
