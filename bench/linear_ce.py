@@ -229,8 +229,6 @@ def gate(op, out, ref) -> tuple:
 def measure(platform, ops, shapes, providers, repeats=REPEATS, save=None):
     """Rows for every (shape, op, provider); `save(rows)` is called after each op, so a run
     cut short keeps what it measured."""
-    from bench import timing
-
     timers = list(platform.timers)
 
     loaded, missing = load(providers)
@@ -274,31 +272,12 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, save=None):
                 except Exception as exc:
                     row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
                                note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
-            for r in range(repeats):
-                for row, call, device, eager in runs[r % len(runs):] + runs[: r % len(runs)]:
-                    if row["status"] != "ok":
-                        continue
-                    try:
-                        eager.append(platform.eager_ms(call, None, reps=3))
-                        if "not capturable" not in row["note"]:
-                            device.append(platform.device_ms(call, None, eager[-1], replays=3))
-                        row.update(platform.clocks())
-                    except timing.NotCapturable as exc:
-                        dropped = f" after {len(device)} captured repetitions" if device else ""
-                        device.clear()  # all repetitions on one clock or none
-                        row["note"] = f"eager_ms only: not capturable in a CUDA graph{dropped} ({exc})"
-                    except Exception as exc:
-                        row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:160]}")
+            time_interleaved(platform, runs, repeats)
             for row, call, device, eager in runs:
-                if row["status"] == "ok" and eager:
-                    row.update(eager_ms=statistics.median(eager), eager_ms_min=min(eager), eager_ms_max=max(eager),
-                               eager_timer=timers[-1], repeats=len(eager), device_repeats=len(device))  # fmt: skip
+                if record_times(row, device, eager, timers):
                     row["tflops_eager"] = flops(op, n, h, v) / (row["eager_ms"] * 1e-3) / 1e12
-                    if device:
-                        row.update(device_ms=statistics.median(device), device_ms_min=min(device),
-                                   device_ms_max=max(device), device_timer=timers[0])  # fmt: skip
-                        if row["device_ms"] > 0:
-                            row["tflops"] = flops(op, n, h, v) / (row["device_ms"] * 1e-3) / 1e12
+                    if device and row["device_ms"] > 0:
+                        row["tflops"] = flops(op, n, h, v) / (row["device_ms"] * 1e-3) / 1e12
                 rows.append(row)
             if save is not None:
                 save(rows)
@@ -307,6 +286,44 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, save=None):
                 torch.cuda.empty_cache()
         del x, w, t
     return rows
+
+
+def time_interleaved(platform, runs, repeats):
+    """Times each (row, call, device samples, eager samples) of `runs` `repeats` times, the
+    providers interleaved (each repetition starts one provider later), appending to the
+    sample lists; rows whose status is not "ok" are skipped. A call that cannot be captured
+    keeps eager samples only (all repetitions on one clock or none) and says why; any other
+    error marks the row."""
+    from bench import timing
+
+    for r in range(repeats):
+        for row, call, device, eager in runs[r % len(runs):] + runs[: r % len(runs)]:
+            if row["status"] != "ok":
+                continue
+            try:
+                eager.append(platform.eager_ms(call, None, reps=3))
+                if "not capturable" not in row["note"]:
+                    device.append(platform.device_ms(call, None, eager[-1], replays=3))
+                row.update(platform.clocks())
+            except timing.NotCapturable as exc:
+                dropped = f" after {len(device)} captured repetitions" if device else ""
+                device.clear()  # all repetitions on one clock or none
+                row["note"] = f"eager_ms only: not capturable in a CUDA graph{dropped} ({exc})"
+            except Exception as exc:
+                row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:160]}")
+
+
+def record_times(row, device, eager, timers) -> bool:
+    """The medians and spreads of an "ok" row's samples, with their timers; False (nothing
+    recorded) for a row that is not ok or has no sample."""
+    if row["status"] != "ok" or not eager:
+        return False
+    row.update(eager_ms=statistics.median(eager), eager_ms_min=min(eager), eager_ms_max=max(eager),
+               eager_timer=timers[-1], repeats=len(eager), device_repeats=len(device))  # fmt: skip
+    if device:
+        row.update(device_ms=statistics.median(device), device_ms_min=min(device), device_ms_max=max(device),
+                   device_timer=timers[0])  # fmt: skip
+    return True
 
 
 class _Prepared:

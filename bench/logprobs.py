@@ -19,7 +19,6 @@ rate for the bytes the work needs at least (the logits once forward; once more a
 gradient written backward), and peak memory above the inputs and returned outputs.
 """
 import argparse
-import statistics
 import tempfile
 
 import torch
@@ -140,8 +139,7 @@ def min_bytes(op, n, v, itemsize=2):
 
 
 def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, save=None):
-    from bench import timing
-    from bench.linear_ce import _Prepared
+    from bench.linear_ce import _Prepared, record_times, time_interleaved
 
     loaded, missing = load(providers)
     for name, reason in missing.items():
@@ -173,28 +171,10 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, s
                 except Exception as exc:
                     row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
                                note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
-            for r in range(repeats):
-                for row, call, device, eager in runs[r % len(runs):] + runs[: r % len(runs)]:
-                    if row["status"] != "ok":
-                        continue
-                    try:
-                        eager.append(platform.eager_ms(call, None, reps=3))
-                        device.append(platform.device_ms(call, None, eager[-1], replays=3))
-                        row.update(platform.clocks())
-                    except timing.NotCapturable as exc:
-                        device.clear()
-                        row["note"] = f"eager_ms only: not capturable in a CUDA graph ({exc})"
-                    except Exception as exc:
-                        row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:160]}")
+            time_interleaved(platform, runs, repeats)
             for row, call, device, eager in runs:
-                if row["status"] == "ok" and eager:
-                    row.update(eager_ms=statistics.median(eager), eager_ms_min=min(eager), eager_ms_max=max(eager),
-                               eager_timer=timers[-1], repeats=len(eager), device_repeats=len(device))  # fmt: skip
-                    if device:
-                        row.update(device_ms=statistics.median(device), device_ms_min=min(device),
-                                   device_ms_max=max(device), device_timer=timers[0])  # fmt: skip
-                        if copy_gbps and row["device_ms"] > 0:
-                            row["pct_copy"] = 100 * row["min_bytes"] / (row["device_ms"] * 1e-3) / (copy_gbps * 1e9)
+                if record_times(row, device, eager, timers) and device and copy_gbps and row["device_ms"] > 0:
+                    row["pct_copy"] = 100 * row["min_bytes"] / (row["device_ms"] * 1e-3) / (copy_gbps * 1e9)
                 rows.append(row)
             if save is not None:
                 save(rows)

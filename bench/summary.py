@@ -111,35 +111,25 @@ def main(argv=None) -> int:
     tests = (out / "gpu_tests.txt").read_text(errors="replace") if (out / "gpu_tests.txt").exists() else ""
     if re.search(r"\b\d+ failed\b", tests):
         failed = True
-    board = out / "scoreboard.json"
-    if board.exists():
-        data = json.loads(board.read_text())
-        if data["meta"].get("dry_run"):
+    # (file, its lines, what to call it when missing, which providers are ours: a row of ours
+    # that is wrong, in error or out of memory fails the run)
+    boards = (
+        ("scoreboard.json", scoreboard_lines, "scoreboard", lambda p: p == "softmax_gpu"),
+        ("linear_ce.json", linear_lines, "linear cross-entropy", lambda p: p.startswith("softmax_gpu")),  # both modes
+        ("logprobs.json", logprobs_lines, "token log-probabilities", lambda p: p == "softmax_gpu"),
+    )
+    for name, lines, label, ours in boards:
+        path = out / name
+        if not path.exists():
+            print(f"{label}: missing")
+            continue
+        data = json.loads(path.read_text())
+        if name == "scoreboard.json" and data["meta"].get("dry_run"):
             print("DRY RUN on CPU: no figure below is a GPU measurement")
-        for line in scoreboard_lines(data):
+        for line in lines(data):
             print(line)
-        if any(r["status"] != "ok" and r["provider"] == "softmax_gpu" for r in data["results"]):
-            failed = True  # our own provider wrong, in error or out of memory
-    else:
-        print("scoreboard: missing")
-    linear = out / "linear_ce.json"
-    if linear.exists():
-        data = json.loads(linear.read_text())
-        for line in linear_lines(data):
-            print(line)
-        if any(r["status"] != "ok" and r["provider"].startswith("softmax_gpu") for r in data["results"]):
-            failed = True  # either mode
-    else:
-        print("linear cross-entropy: missing")
-    logprobs = out / "logprobs.json"
-    if logprobs.exists():
-        data = json.loads(logprobs.read_text())
-        for line in logprobs_lines(data):
-            print(line)
-        if any(r["status"] != "ok" and r["provider"] == "softmax_gpu" for r in data["results"]):
+        if any(r["status"] != "ok" and ours(r["provider"]) for r in data["results"]):
             failed = True
-    else:
-        print("token log-probabilities: missing")
     print(f"files in {out}")
     return 1 if failed else 0
 

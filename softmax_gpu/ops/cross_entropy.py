@@ -150,24 +150,41 @@ def launch_cross_entropy(
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
     key = None
-    if cfg is None:  # the eager path: one plan per signature (launch_plan)
+    if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
                weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
                ignore_index, label_smoothing, z_loss, softcap, stats is None, reduction,
                config._block_limit)  # fmt: skip
-        plan = cached_plan(key)
-        if plan is not None:
-            cfg, grid, static = plan
-            check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
-            with device_guard(logits):
-                cross_entropy_kernel[grid](
-                    logits_ptr=logits, target_ptr=target, weight_ptr=weight if weight is not None else loss,
-                    loss_ptr=loss, lse_ptr=lse, grad_ptr=grad if grad is not None else loss,
-                    stats_ptr=stats if stats is not None else loss, reduced_ptr=reduced if reduced is not None else loss,
-                    counter_ptr=counter if counter is not None else target,
-                    grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss, **static,
-                )  # fmt: skip
-            return cfg
+    plan = cached_plan(key) if key is not None else None
+    if plan is None:
+        plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_index, label_smoothing, z_loss,
+                             softcap, reduction, cfg)  # fmt: skip
+        if key is not None:
+            remember_plan(key, plan)
+    cfg, grid, static = plan
+    check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
+    with device_guard(logits):
+        cross_entropy_kernel[grid](
+            logits_ptr=logits,
+            target_ptr=target,
+            weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
+            loss_ptr=loss,
+            lse_ptr=lse,
+            grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
+            stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
+            reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
+            counter_ptr=counter if counter is not None else target,
+            grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
+            **static,
+        )
+    return cfg
+
+
+def _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_index, label_smoothing, z_loss, softcap,
+                  reduction, cfg):  # fmt: skip
+    """launch_cross_entropy's (RowConfig, grid, non-pointer arguments) for this signature:
+    cfg (or the shipped one) with its vector split, and the options converted."""
+    n_rows, n_cols = logits.shape
     cfg = cfg or config.short_rows(
         cross_entropy_config(
             n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
@@ -217,25 +234,7 @@ def launch_cross_entropy(
         num_warps=cfg.num_warps,
         maxnreg=cfg.maxnreg,
     )
-    grid = (-(-n_rows // cfg.rows),)
-    if key is not None:
-        remember_plan(key, (cfg, grid, static))
-    check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
-    with device_guard(logits):
-        cross_entropy_kernel[grid](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
-            loss_ptr=loss,
-            lse_ptr=lse,
-            grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
-            stats_ptr=stats if stats is not None else loss,  # never written without SAVE_STATS
-            reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
-            counter_ptr=counter if counter is not None else target,
-            grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
-            **static,
-        )
-    return cfg
+    return cfg, (-(-n_rows // cfg.rows),), static
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}

@@ -379,11 +379,13 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
                 g.zero_()
         return dx, dw, db, dt
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
-    scale = upstream / total if total is not None else upstream
+    scale = None  # each row's factor, for the target's gradient and the skip filter only
+    if dt is not None or skip is not None:
+        scale = upstream / total if total is not None else upstream
     cut = plan("low_memory", x, w, buffer_bytes)
     cols = cut.cols
-    if dt is not None:  # the target's gradient takes ~4 float32 slab-sized temporaries: slabs a quarter as wide
-        cols = max(1, cols * x.element_size() // (4 * 4))
+    if dt is not None:  # the target's gradient takes ~4 float32 slab-sized temporaries: they share the budget
+        cols = max(1, cols * x.element_size() // (4 * 4))  # (an eighth as wide for 16-bit logits)
     if skip is not None:
         skip_factor = skip_scale(scale, target, weight, n_rows)
     buf = _buffer(x, n_rows, min(cols, n_local))

@@ -39,20 +39,12 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     SplitConfig is returned.
     """
     n_rows, n_cols = x.shape
-    key = None
     if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
-        key = ("softmax_fwd", n_rows, n_cols, x.dtype, y.dtype, x.stride(0), y.stride(0), str(x.device),
-               config._block_limit, config._split_chunk)  # fmt: skip
-        plan = cached_plan(key)
-        if plan is None:
-            split = config.split_rows(n_rows, n_cols, y.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
-                                      config.LOOP_BLOCK_SOFTMAX_FWD, sms=config.sm_count(x.device))
-            plan = remember_plan(key, ("split", split) if split is not None else ("rows", _fwd_config(x, y)))
-        if plan[0] == "split":
-            return launch_softmax_split_fwd(x, y, log, plan[1])
-        cfg = plan[1]
+        kind, cfg = _eager_plan("softmax_fwd", (x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD)
+        if kind == "split":
+            return launch_softmax_split_fwd(x, y, log, cfg)
     else:
-        cfg = _fwd_config(x, y, cfg)
+        cfg = _row_config((x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD, cfg)
     check_launchable(_op_name(log), softmax_fwd_kernel, x)
     with device_guard(x):
         softmax_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
@@ -75,23 +67,33 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     return cfg
 
 
-def _fwd_config(x, y, cfg=None):
-    """The forward's RowConfig for x, y (2-D, unit column stride): cfg (or the shipped one)
-    with its vector split."""
-    n_rows, n_cols = x.shape
-    return config.vectors(
-        cfg
-        or config.short_rows(
-            config.row_config(
-                n_cols, config.MAX_BLOCK_SOFTMAX_FWD, y.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD
-            ),
-            n_rows,
-            y.element_size(),
-        ),
-        n_rows,
-        n_cols,
-        [(t.element_size(), t.stride(0)) for t in (x, y)],
+def _row_config(tensors, max_block: int, loop_block: int, cfg=None) -> config.RowConfig:
+    """The RowConfig for 2-D rows read or written through `tensors` (unit column stride; the
+    last is the output, whose itemsize sets the blocks): cfg, or the shipped one for the
+    family's limits, with its vector split."""
+    out = tensors[-1]
+    n_rows, n_cols = out.shape
+    cfg = cfg or config.short_rows(
+        config.row_config(n_cols, max_block, out.element_size(), loop_block_n=loop_block), n_rows, out.element_size()
     )
+    return config.vectors(cfg, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
+
+
+def _eager_plan(name: str, tensors, max_block: int, loop_block: int):
+    """("split", SplitConfig) for few long rows (config.split_rows), else ("rows", RowConfig),
+    for an eager launch through `tensors` (as _row_config); stored per signature, with the
+    config's test overrides in the key."""
+    out = tensors[-1]
+    n_rows, n_cols = out.shape
+    key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), str(out.device), config._block_limit,
+           config._split_chunk)  # fmt: skip
+    plan = cached_plan(key)
+    if plan is None:
+        split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block,
+                                  sms=config.sm_count(out.device))  # fmt: skip
+        rows = None if split is not None else _row_config(tensors, max_block, loop_block)
+        plan = remember_plan(key, ("split", split) if split is not None else ("rows", rows))
+    return plan
 
 
 def launch_softmax_bwd(
@@ -104,18 +106,11 @@ def launch_softmax_bwd(
     """
     n_rows, n_cols = y.shape
     if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
-        key = ("softmax_bwd", n_rows, n_cols, y.dtype, dy.dtype, dx.dtype, y.stride(0), dy.stride(0), dx.stride(0),
-               str(y.device), config._block_limit, config._split_chunk)  # fmt: skip
-        plan = cached_plan(key)
-        if plan is None:
-            split = config.split_rows(n_rows, n_cols, dx.element_size(), config.MAX_BLOCK_SOFTMAX_BWD,
-                                      config.LOOP_BLOCK_SOFTMAX_BWD, sms=config.sm_count(y.device))
-            plan = remember_plan(key, ("split", split) if split is not None else ("rows", _bwd_config(y, dy, dx)))
-        if plan[0] == "split":
-            return launch_softmax_split_bwd(y, dy, dx, log, plan[1])
-        cfg = plan[1]
+        kind, cfg = _eager_plan("softmax_bwd", (y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD)
+        if kind == "split":
+            return launch_softmax_split_bwd(y, dy, dx, log, cfg)
     else:
-        cfg = _bwd_config(y, dy, dx, cfg)
+        cfg = _row_config((y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD, cfg)
     check_launchable(_op_name(log) + " backward", softmax_bwd_kernel, y)
     with device_guard(y):
         softmax_bwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
@@ -138,25 +133,6 @@ def launch_softmax_bwd(
             maxnreg=cfg.maxnreg,
         )
     return cfg
-
-
-def _bwd_config(y, dy, dx, cfg=None):
-    """The backward's RowConfig for y, dy, dx (2-D, unit column stride): cfg (or the shipped
-    one) with its vector split."""
-    n_rows, n_cols = y.shape
-    return config.vectors(
-        cfg
-        or config.short_rows(
-            config.row_config(
-                n_cols, config.MAX_BLOCK_SOFTMAX_BWD, dx.element_size(), loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD
-            ),
-            n_rows,
-            dx.element_size(),
-        ),
-        n_rows,
-        n_cols,
-        [(t.element_size(), t.stride(0)) for t in (y, dy, dx)],
-    )
 
 
 def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
