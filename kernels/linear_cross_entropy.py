@@ -32,7 +32,11 @@ def skip_small_tiles_kernel(
     The tile is zeroed when |g_rj| < threshold * |s_r| for every element in it, i.e. when
     every unscaled gradient is below the threshold whatever the batch size or reduction.
     A NaN is never below anything, so a tile with one is kept. Tiles past the edges are
-    masked. Bytes: one read of grad; one write of each tile that is zeroed.
+    masked. Bytes: one read of grad; one write of each tile that is zeroed. No FLOPs to
+    speak of. At 8192 x 128256 bf16 (one speed chunk, 2.1 GB) that is 0.70 ms on an H100
+    (3.0 TB/s) and 0.49 ms on an H200 (4.3 TB/s) with nothing skipped, up to twice that when
+    every tile is zeroed: next to the ~33 ms of products, the price of the option, which saves
+    no product time yet (they are cuBLAS's dense ones).
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
