@@ -74,7 +74,7 @@ if [ "$dry_run" -eq 1 ]; then
 else
     unset TRITON_INTERPRET
 fi
-if ! "$py" -c "import softmax_gpu.kernels, sys; sys.exit(not softmax_gpu.kernels.__file__.startswith('$stage/'))"; then
+if ! "$py" -c "import softmax_gpu.kernels, sys; sys.exit(not list(softmax_gpu.kernels.__path__)[0].startswith('$stage/'))"; then
     echo "softmax_gpu.kernels does not import from the stage $stage: refusing to test another copy" >&2
     exit 2
 fi
@@ -85,7 +85,7 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv,noheader 2>/dev/null \
         || echo "nvidia-smi: not available"
     "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-    "$py" -c "import softmax_gpu.kernels; print('softmax_gpu.kernels from', softmax_gpu.kernels.__file__)"
+    "$py" -c "import softmax_gpu.kernels; print('softmax_gpu.kernels from', list(softmax_gpu.kernels.__path__)[0])"
     for mod in cupy liger_kernel quack cut_cross_entropy; do
         "$py" -c "import importlib.metadata as m, $mod; print('$mod', getattr($mod, '__version__', '') or 'importable')" 2>/dev/null \
             || echo "$mod: not importable"
@@ -150,8 +150,21 @@ if [ "$dry_run" -eq 1 ]; then logprobs=(--dry-run --repeats 1 "${logprobs[@]}");
 timeout "$logprobs_limit" "$py" -m bench.logprobs "${logprobs[@]}" > "$out/logprobs.txt" 2>&1
 logprobs_rc=$?
 
-# 5. The summary: what passed, the headline ratios.
+# 5. One line in a Hugging Face script: examples/hf_trainer.py at a Llama-3 vocabulary, both
+#    loss curves and each step's peak memory (GPU only: the test suite runs it tiny on CPU).
+hf_rc=0
+if [ "$dry_run" -eq 0 ]; then
+    if "$py" -c "import transformers, accelerate" 2>/dev/null; then
+        timeout 60 "$py" examples/hf_trainer.py --steps 4 --batch 4 --seq 1024 --vocab 128256 --hidden 256 \
+            > "$out/hf_trainer.txt" 2>&1
+        hf_rc=$?
+    else
+        echo "transformers or accelerate: not importable" > "$out/hf_trainer.txt"
+    fi
+fi
+
+# 6. The summary: what passed, the headline ratios.
 "$py" -m bench.summary "$out" --rc tests=$tests_rc memcheck=$memcheck_rc bench=$bench_rc linear_ce=$linear_rc \
-    logprobs=$logprobs_rc \
+    logprobs=$logprobs_rc hf_trainer=$hf_rc \
     --seconds $((SECONDS - started)) 2>&1 | tee "$out/summary.txt"
 exit "${PIPESTATUS[0]}"

@@ -130,6 +130,9 @@ def main(argv=None) -> int:
             print(line)
         if any(r["status"] != "ok" and ours(r["provider"]) for r in data["results"]):
             failed = True
+    if (out / "hf_trainer.txt").exists():
+        print("hf trainer: " + _last_match(out / "hf_trainer.txt", r"^peak memory.*|not importable"))
+        print("            " + _last_match(out / "hf_trainer.txt", r"^largest difference.*"))
     print(f"files in {out}")
     return 1 if failed else 0
 

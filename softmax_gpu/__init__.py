@@ -7,6 +7,10 @@ loads on first use, so ``import softmax_gpu.cupy`` never imports torch. Set
 TRITON_INTERPRET=1 before the first use to run the kernels on CPU tensors (slow; for tests).
 """
 import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
 
 from . import reference
 
@@ -23,12 +27,35 @@ _FUNCTIONS = {
     "linear_token_logprobs": "softmax_gpu.ops.token_logprobs",
     "categorical_crossentropy": "softmax_gpu.keras",
 }
-_SUBMODULES = ("nn", "config", "traffic", "ops")
+_SUBMODULES = ("nn", "config", "traffic", "ops", "transformers")  # transformers: imports Hugging Face's
 
 __all__ = [
     "softmax", "log_softmax", "hardmax", "cross_entropy", "linear_cross_entropy", "token_logprobs",
     "linear_token_logprobs", "categorical_crossentropy", "nn", "reference",
 ]
+
+
+def _map_device_code():
+    """Make ``softmax_gpu.kernels`` the top-level kernels/ folder when it is not inside this package.
+
+    kernels/ has no ``__init__.py`` on purpose: a regular package there would shadow PyPI's
+    ``kernels`` (which transformers imports) whenever Python runs from the repository root.
+    Installed from a wheel, the folder sits at softmax_gpu/kernels and imports as any
+    namespace subpackage; setuptools' editable finder maps only folders with an
+    ``__init__.py``, so for an editable install (or a checkout on PYTHONPATH) the mapping the
+    project declares (package-dir in pyproject.toml) is made here."""
+    name = f"{__name__}.kernels"
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(os.path.dirname(here), "kernels")
+    if name in sys.modules or os.path.isdir(os.path.join(here, "kernels")) or not os.path.isdir(source):
+        return
+    spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    spec.submodule_search_locations = [source]
+    sys.modules[name] = importlib.util.module_from_spec(spec)
+    globals()["kernels"] = sys.modules[name]
+
+
+_map_device_code()
 
 
 def __getattr__(name):

@@ -80,7 +80,8 @@ def kernel_names() -> list:
 
 
 def kernels_folder() -> str:
-    return os.path.dirname(importlib.import_module("softmax_gpu.kernels").__file__)
+    # A namespace package (kernels/ has no __init__.py): its one folder is its path.
+    return list(importlib.import_module("softmax_gpu.kernels").__path__)[0]
 
 
 def cuda_source() -> str:

@@ -664,6 +664,26 @@ def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow
                       weight=weight)  # fmt: skip
 
 
+def check_linear_options(fn, mode, buffer_bytes, grad_skip_threshold):
+    """Checks linear_cross_entropy's own options (mode, buffer_bytes, grad_skip_threshold);
+    returns grad_skip_threshold as a float (or None)."""
+    if mode not in config.LINEAR_CE_MODES:
+        raise ValueError(f"{fn}(): mode must be one of {config.LINEAR_CE_MODES}, got {mode!r}")
+    if buffer_bytes is not None and (isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int)
+                                     or buffer_bytes < 1):  # fmt: skip
+        raise ValueError(f"{fn}(): buffer_bytes must be a positive int or None, got {buffer_bytes!r}")
+    if grad_skip_threshold is None:
+        return None
+    if isinstance(grad_skip_threshold, torch.Tensor) or not isinstance(grad_skip_threshold, (int, float)):
+        raise TypeError(f"{fn}(): grad_skip_threshold must be a float or None, got "
+                        f"{type(grad_skip_threshold).__name__}")  # fmt: skip
+    grad_skip_threshold = float(grad_skip_threshold)
+    if not (0.0 <= grad_skip_threshold < float("inf")):
+        raise ValueError(f"{fn}(): grad_skip_threshold must be a finite number >= 0 (or None), got "
+                         f"{grad_skip_threshold}")  # fmt: skip
+    return grad_skip_threshold
+
+
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -724,25 +744,13 @@ def linear_cross_entropy(
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
-    if mode not in config.LINEAR_CE_MODES:
-        raise ValueError(f"{FN}(): mode must be one of {config.LINEAR_CE_MODES}, got {mode!r}")
-    if buffer_bytes is not None and (isinstance(buffer_bytes, bool) or not isinstance(buffer_bytes, int)
-                                     or buffer_bytes < 1):  # fmt: skip
-        raise ValueError(f"{FN}(): buffer_bytes must be a positive int or None, got {buffer_bytes!r}")
+    grad_skip_threshold = check_linear_options(FN, mode, buffer_bytes, grad_skip_threshold)
     n_classes, hidden = linear_weight.shape
     x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: cuBLAS takes the strides
     tgt = target.reshape(x.shape[0], n_classes) if target.is_floating_point() else target.reshape(-1)
     softcap = None if softcap is None else float(softcap)
-    if grad_skip_threshold is not None:
-        if isinstance(grad_skip_threshold, torch.Tensor) or not isinstance(grad_skip_threshold, (int, float)):
-            raise TypeError(f"{FN}(): grad_skip_threshold must be a float or None, got "
-                            f"{type(grad_skip_threshold).__name__}")  # fmt: skip
-        grad_skip_threshold = float(grad_skip_threshold)
-        if not (0.0 <= grad_skip_threshold < float("inf")):
-            raise ValueError(f"{FN}(): grad_skip_threshold must be a finite number >= 0 (or None), got "
-                             f"{grad_skip_threshold}")  # fmt: skip
-        if input.dtype == torch.float64:
-            raise ValueError(f"{FN}(): grad_skip_threshold is not supported for float64 input (which is for checking)")
+    if grad_skip_threshold is not None and input.dtype == torch.float64:
+        raise ValueError(f"{FN}(): grad_skip_threshold is not supported for float64 input (which is for checking)")
     if input.dtype == torch.float64:
         loss = _float64(x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
                         float(z_loss), softcap)  # fmt: skip
