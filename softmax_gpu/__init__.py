@@ -41,9 +41,11 @@ def _map_device_code():
     kernels/ has no ``__init__.py`` on purpose: a regular package there would shadow PyPI's
     ``kernels`` (which transformers imports) whenever Python runs from the repository root.
     Installed from a wheel, the folder sits at softmax_gpu/kernels and imports as any
-    namespace subpackage; setuptools' editable finder maps only folders with an
-    ``__init__.py``, so for an editable install (or a checkout on PYTHONPATH) the mapping the
-    project declares (package-dir in pyproject.toml) is made here."""
+    namespace subpackage. An editable install maps it too, but setuptools' editable finder
+    resolves a mapped folder only through its ``__init__.py`` and serves namespace folders
+    only at the top level, so ``import softmax_gpu.kernels`` fails there; the mapping the
+    project declares (package-dir in pyproject.toml) is then made here, as it is for a
+    checkout on PYTHONPATH."""
     name = f"{__name__}.kernels"
     here = os.path.dirname(os.path.abspath(__file__))
     source = os.path.join(os.path.dirname(here), "kernels")

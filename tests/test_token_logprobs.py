@@ -17,11 +17,21 @@ from softmax_gpu.ops import token_logprobs as tlp
 
 N, V, H = 37, 300, 24
 RTOL = 1e-5  # float32 against float64, relative to the largest element of the result
-PATHS = [None, 64]  # one block a row, and 64-wide blocks: five per row, the last partial
+# One block a row; 64-wide blocks (five per row, the last partial); split rows: chunks of
+# 48 columns in 16-wide blocks (7 a row, the last partial), merged in one combine step, and
+# chunks of 16 (19 a row) merged 16 at a time (two steps).
+PATHS = [None, 64, (48, 16), (16, 16)]
 
 
+@contextlib.contextmanager
 def path(limit):
-    return config.block_limit(limit) if limit else contextlib.nullcontext()
+    """limit: None, a block limit, or (chunk columns, block limit) to split every row."""
+    chunk, block = limit if isinstance(limit, tuple) else (None, limit)
+    with contextlib.ExitStack() as stack:
+        if block:
+            stack.enter_context(config.block_limit(block))
+        stack.enter_context(config.force_split(chunk) if chunk else config.no_split())
+        yield
 
 
 def reference(z, tokens, temperature, ignore_index=-100):
@@ -135,20 +145,23 @@ def test_1d_and_3d(shape, device):
     close_fp32(softmax_gpu.token_logprobs(z_t, tokens, temperature=1.5), ref_lp, "strided logprobs")
 
 
-def test_bad_tokens_nan_rows_and_poisoned_outputs(monkeypatch, device):
+@pytest.mark.parametrize("limit", [None, (16, 16)])
+def test_bad_tokens_nan_rows_and_poisoned_outputs(limit, device):
     """A token outside [0, V) gives NaN (never an address: the traffic test below); a NaN
-    logit makes its row NaN, as torch; -inf logits are fine (p = 0, p log p = 0)."""
-    z, tokens = inputs(device, v=20, shape=(6,))
-    tokens[1], tokens[2] = 20, -5
+    logit makes its row NaN, as torch; -inf logits are fine (p = 0, p log p = 0), split rows
+    whose chunks see only -inf too."""
+    z, tokens = inputs(device, v=40, shape=(6,))
+    tokens[1], tokens[2] = 40, -5
     z[3, 4] = float("nan")
-    z[4, :10] = float("-inf")
-    tokens[4] = 15
-    lp, ent = ours(tokens, 1.0)(z)
+    z[4, :20] = float("-inf")
+    tokens[4] = 35
+    with path(limit):
+        lp, ent = ours(tokens, 1.0)(z)
+        g = grads(ours(tokens, 1.0), z, torch.ones(6, device=device), torch.ones(6, device=device))
     assert lp[1].isnan() and lp[2].isnan() and ent[1].isnan() and lp[3].isnan() and ent[3].isnan()
     ref_lp, ref_ent = reference(z[4:5].cpu(), tokens[4:5].cpu(), 1.0)
     close_fp32(lp[4:5], ref_lp, "-inf row logprob")
     close_fp32(ent[4:5], ref_ent, "-inf row entropy")
-    g = grads(ours(tokens, 1.0), z, torch.ones(6, device=device), torch.ones(6, device=device))
     assert g[1].isnan().all() and g[3].isnan().all() and g[4].isfinite().all()
 
 
@@ -174,6 +187,21 @@ def test_never_out_of_bounds():
     row_bytes = z.numel() * 4
     assert fwd.bytes_loaded == row_bytes + 4 * 8 + 1 * 4 and fwd.bytes_stored == 4 * 4 * 4
     assert bwd.bytes_loaded == row_bytes + 4 * (8 + 5 * 4) and bwd.bytes_stored == row_bytes
+
+    # Split rows (3 chunks of 16 columns a row): the same, plus each chunk's 3 partials
+    # written once and read once, and the backward's per-row values read by every chunk.
+    # (Counted without the bounds check: the partials are allocated inside the launcher.)
+    for t in out + [grad]:
+        t.fill_(float("nan"))
+    with config.block_limit(16), config.force_split(16), TrafficCounter() as fwd:
+        tlp.launch_forward(z, tokens, out[0], out[1], out[2], 1.0, -100)
+    with config.block_limit(16), config.force_split(16), TrafficCounter() as bwd:
+        tlp.launch_backward(z, tokens, out[2], out[1], u, u, grad, 1.0, -100)
+    partials = 4 * 3 * 3 * 4
+    assert not out[2].isnan().any() and out[0][1].isnan() and out[0][2] == 0 and not grad[0].isnan().any()
+    assert fwd.bytes_loaded == row_bytes + 4 * 8 + 1 * 4 + partials
+    assert fwd.bytes_stored == 4 * 4 * 4 + partials
+    assert bwd.bytes_loaded == row_bytes + 3 * 4 * (8 + 5 * 4) and bwd.bytes_stored == row_bytes
 
 
 def test_bad_input_raises_before_launch(device):

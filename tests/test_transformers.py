@@ -8,8 +8,10 @@ revert(); and the guards (unsupported classes, versions, other instances untouch
 """
 import copy
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -68,6 +70,13 @@ def batch(b=2, s=12, pad=True):
     return ids, labels
 
 
+def attention_mask(labels):
+    """1 except the right padding of batch(): what a collator sends with it."""
+    mask = torch.ones_like(labels)
+    mask[1, -3:] = 0
+    return mask
+
+
 def assert_same_training_step(patched, ref, **call):
     ours, theirs = patched(**call), ref(**call)
     assert ours.logits is None and theirs.logits is not None
@@ -82,10 +91,15 @@ def assert_same_training_step(patched, ref, **call):
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_loss_and_every_gradient_match_the_unpatched_model(name):
-    """Padding and prompt labels (-100), the label shift, soft cap (Gemma 2), tied embeddings."""
+    """Padding and prompt labels (-100) with the attention mask, the label shift, soft cap
+    (Gemma 2), tied embeddings; then a batch with no ignored label."""
     ref = tiny(name)
     patched = sgt.apply(copy.deepcopy(ref))
     ids, labels = batch()
+    assert_same_training_step(patched, ref, input_ids=ids, labels=labels, attention_mask=attention_mask(labels))
+    for model in (patched, ref):
+        model.zero_grad()
+    ids, labels = batch(pad=False)
     assert_same_training_step(patched, ref, input_ids=ids, labels=labels)
 
 
@@ -107,18 +121,20 @@ def test_num_items_in_batch_logits_to_keep_and_shift_labels(name):
     assert_same_training_step(patched, ref, input_ids=ids, labels=labels, shift_labels=shifted)
 
 
-def test_options_reach_the_loss_and_tuples_carry_it():
+def test_options_reach_the_loss_and_tuples_keep_their_positions():
     """apply()'s z_loss and label_smoothing are linear_cross_entropy's; return_dict=False
-    gives (loss, ...) without logits, as the unpatched model gives (loss, logits, ...)."""
+    gives (loss, logits, cache) as the unpatched model does, the logits' slot holding an
+    empty (batch, 0, V) tensor."""
     ref = tiny("LlamaForCausalLM")
     patched = sgt.apply(copy.deepcopy(ref), z_loss=1e-2, label_smoothing=0.1)
     ids, labels = batch()
     ours = patched(input_ids=ids, labels=labels, return_dict=False)
+    theirs = ref(input_ids=ids, labels=labels, return_dict=False)
     hidden = ref.model(input_ids=ids).last_hidden_state[:, :-1]
     expected = softmax_gpu_ce(ref.lm_head(hidden), labels[:, 1:], z_loss=1e-2, label_smoothing=0.1)
-    assert isinstance(ours, tuple) and ours[0].ndim == 0
+    assert isinstance(ours, tuple) and len(ours) == len(theirs) and ours[0].ndim == 0
     torch.testing.assert_close(ours[0], expected, rtol=1e-5, atol=1e-6)
-    assert not any(isinstance(t, torch.Tensor) and t.shape[-1:] == (VOCAB,) for t in ours[1:])
+    assert ours[1].shape == (2, 0, VOCAB) and type(ours[2]) is type(theirs[2])
 
 
 def softmax_gpu_ce(logits, labels, **options):
@@ -187,11 +203,13 @@ def test_revert_apply_twice_and_other_instances():
     before = model(input_ids=ids, labels=labels)
     sgt.apply(model)
     sgt.apply(model, z_loss=1e-3)
-    assert sgt.is_applied(model) and not sgt.is_applied(other)
-    assert model.forward.__wrapped__ == type(model).forward.__get__(model)  # one layer of wrapping
+    assert sgt.is_applied(model) and not sgt.is_applied(other) and type(other) is transformers.LlamaForCausalLM
+    assert type(model).__mro__[1] is transformers.LlamaForCausalLM  # one subclass, not two
+    assert type(model).__name__ == "LlamaForCausalLM" and "forward" not in model.__dict__
     assert model(input_ids=ids, labels=labels).logits is None
     assert other(input_ids=ids, labels=labels).logits is not None
-    assert sgt.revert(model) is model and not sgt.is_applied(model) and "forward" not in model.__dict__
+    assert sgt.revert(model) is model and not sgt.is_applied(model) and type(model) is transformers.LlamaForCausalLM
+    assert not model.lm_head._forward_pre_hooks
     after = model(input_ids=ids, labels=labels)
     torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
     torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
@@ -208,7 +226,7 @@ def test_a_deep_copy_runs_on_its_own_weights():
         patched.lm_head.weight.mul_(3.0)
         patched.model.norm.weight.mul_(2.0)
     ids, labels = batch()
-    assert sgt.is_applied(twin) and twin.forward.model is twin
+    assert sgt.is_applied(twin)
     twin_out = twin(input_ids=ids, labels=labels)
     assert twin_out.logits is None
     torch.testing.assert_close(twin_out.loss, ref(input_ids=ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
@@ -216,10 +234,39 @@ def test_a_deep_copy_runs_on_its_own_weights():
 
 
 def test_refuses_what_it_cannot_patch_correctly(monkeypatch):
+    """Other architectures, look-alike classes, a custom loss function, and a head wrapped or
+    hooked after apply(): errors, never a loss that skips part of the model."""
     moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(**_decoder(num_local_experts=2)))
     with pytest.raises(TypeError, match=r"MixtralForCausalLM is not supported; supported .*LlamaForCausalLM"):
         sgt.apply(moe)
     assert not sgt.is_applied(moe)
+
+    class LlamaForCausalLM(transformers.LlamaForCausalLM):  # e.g. remote code that scales its logits
+        pass
+
+    with pytest.raises(TypeError, match="is not supported"):
+        sgt.apply(LlamaForCausalLM(transformers.LlamaConfig(**_decoder())))
+    ids, labels = batch()
+    custom = tiny("LlamaForCausalLM")
+    custom.loss_function = lambda logits, labels, vocab_size, **kw: 2 * torch.ones(())
+    with pytest.raises(TypeError, match="not transformers' ForCausalLMLoss"):
+        sgt.apply(custom)
+    model = sgt.apply(tiny("LlamaForCausalLM"))
+    model.loss_function = lambda logits, labels, vocab_size, **kw: 2 * torch.ones(())
+    with pytest.raises(TypeError, match="not transformers' ForCausalLMLoss"):
+        model(input_ids=ids, labels=labels)
+    model = sgt.apply(tiny("LlamaForCausalLM"))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    with pytest.raises(RuntimeError, match="forward hooks or an instance-level forward"):
+        model(input_ids=ids, labels=labels)
+    handle.remove()
+    head = model.lm_head
+    model.lm_head = type("LoraLinear", (torch.nn.Linear,), {})(32, VOCAB, bias=False)
+    with pytest.raises(RuntimeError, match="not a torch.nn.Linear"):
+        model(input_ids=ids, labels=labels)
+    model.lm_head = head
+    assert model(input_ids=ids, labels=labels).logits is None  # and nothing was left half-patched
+    assert model(input_ids=ids).logits.shape == (2, 12, VOCAB)
     model = tiny("LlamaForCausalLM")
     with pytest.raises(ValueError, match="mode must be one of"):
         sgt.apply(model, mode="fast")
@@ -232,17 +279,61 @@ def test_refuses_what_it_cannot_patch_correctly(monkeypatch):
     assert not sgt.is_applied(model)
 
 
+def test_compile_checkpointing_and_pickling():
+    """torch.compile of the patched model, gradient checkpointing (the decoder's forward runs
+    again in the backward), and torch.save of the whole model (it loads as the transformers
+    class, unpatched, with the same weights)."""
+    import io
+
+    ref = tiny("Qwen2ForCausalLM")
+    patched = sgt.apply(copy.deepcopy(ref))
+    ids, labels = batch()
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is transformers.Qwen2ForCausalLM and sgt.is_applied(patched)
+    torch.testing.assert_close(loaded(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss)
+    compiled = torch.compile(patched, backend="eager")
+    assert_same_training_step(compiled, ref, input_ids=ids, labels=labels)
+    for model in (patched, ref):
+        model.zero_grad()
+        with warnings.catch_warnings():  # renamed activation_checkpointing_enable in later 5.x
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_same_training_step(patched, ref, input_ids=ids, labels=labels)
+
+
+def test_trainer_bf16_then_revert(tmp_path):
+    """After a bfloat16 Trainer run (accelerate wraps model.forward for autocast), the model
+    is still patched, revert() still undoes it, and the wrapper then runs unpatched."""
+    model = sgt.apply(tiny("LlamaForCausalLM"))
+    ids, labels = batch(b=4)
+    data = [{"input_ids": i, "labels": l} for i, l in zip(ids, labels)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                          bf16=True, use_cpu=True, report_to=[], save_strategy="no",
+                                          disable_tqdm=True)  # fmt: skip
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert sgt.is_applied(model) and model(input_ids=ids, labels=labels).logits is None
+    sgt.revert(model)
+    assert model(input_ids=ids, labels=labels).logits.shape == (4, 12, VOCAB)
+
+
 def test_the_kernels_folder_never_shadows_pypi_kernels():
     """Run from the repository root (as `python -m pytest` runs), `kernels` is PyPI's package
     (transformers imports it) or nothing, never our device-code folder, which still imports
     as softmax_gpu.kernels."""
     assert not (ROOT / "kernels" / "__init__.py").exists()
     code = ("import importlib.util, softmax_gpu.kernels.softmax as k; s = importlib.util.find_spec('kernels'); "
-            "print(s and s.origin); print(k.__file__)")  # fmt: skip
+            "print(s is not None and s.origin is not None and s.origin); "
+            "print(s is not None and list(s.submodule_search_locations or [])); print(k.__file__)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    origin, softmax_file = out.stdout.split("\n")[:2]
-    assert origin in ("None", "") or not origin.startswith(str(ROOT / "kernels")), origin
+    origin, locations, softmax_file = out.stdout.split("\n")[:3]
+    ours = str(ROOT / "kernels")
+    assert not origin.startswith(ours), origin  # not a regular package of ours
+    if origin == "False":  # no installed `kernels`: a namespace at most, which transformers skips
+        assert "__init__" not in locations
     assert Path(softmax_file).name == "softmax.py"
 
 
@@ -261,3 +352,5 @@ def test_hf_trainer_example_runs_tiny():
                           "--vocab", "128"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "largest difference" in out.stdout
+    fused, calls = map(int, re.search(r"fused calls: (\d+) of (\d+)", out.stdout).groups())
+    assert fused == calls >= 3  # the patched run really took the fused loss, every step

@@ -25,7 +25,12 @@ import torch
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
-from ..kernels.token_logprobs import token_logprobs_bwd_kernel, token_logprobs_fwd_kernel
+from ..kernels.token_logprobs import (
+    token_logprobs_bwd_kernel,
+    token_logprobs_combine_kernel,
+    token_logprobs_fwd_kernel,
+    token_logprobs_partial_kernel,
+)
 from ..runtime import check_launchable, device_guard
 from .cross_entropy import _plain_eager
 from .linear_cross_entropy import _buffer, _logits_into, _view, mm_accumulate
@@ -43,33 +48,74 @@ def _config(n_cols: int) -> config.RowConfig:
     )
 
 
-def launch_forward(logits, tokens, logprobs, entropy, stats, temperature: float, ignore_index: int, fn=FN) -> None:
-    """logprobs and (when entropy is given) entropy, (N,) float32, and stats (2 N,) float32
-    (each row's max m and log d of z / T: lse = m + log d) of logits (N, V) with unit column
-    stride at `temperature`. Bytes: one read of the logits + O(N)."""
+def split_config(logits: torch.Tensor) -> Optional[config.SplitConfig]:
+    """config.split_rows for these kernels (few rows wider than cross-entropy's single block),
+    or None for one program a row."""
     n_rows, n_cols = logits.shape
-    cfg = _config(n_cols)
-    check_launchable(fn, token_logprobs_fwd_kernel, logits)
+    return config.split_rows(n_rows, n_cols, logits.element_size(), config.MAX_BLOCK_CROSS_ENTROPY,
+                             config.LOOP_BLOCK_CROSS_ENTROPY, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY,
+                             config.sm_count(logits.device))  # fmt: skip
+
+
+def launch_partials(logits, partials, temperature: float, compute_entropy: bool, chunk_cols: int, block_n: int,
+                    num_warps: int, fn=FN) -> None:  # fmt: skip
+    """partials (N, C, 3) float32: (m, d, s) of each chunk of chunk_cols columns of logits (N, V)
+    at `temperature` (s = 0 without compute_entropy). Bytes: one read of the logits."""
+    n_rows, n_cols = logits.shape
+    check_launchable(fn, token_logprobs_partial_kernel, logits)
     with device_guard(logits):
-        token_logprobs_fwd_kernel[(n_rows,)](
-            logits_ptr=logits, tokens_ptr=tokens, logprobs_ptr=logprobs,
-            entropy_ptr=entropy if entropy is not None else logprobs,  # written only with COMPUTE_ENTROPY
-            stats_ptr=stats, logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0), n_cols=n_cols,
-            inv_temperature=1.0 / temperature, ignore_index=ignore_index, COMPUTE_ENTROPY=entropy is not None,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        token_logprobs_partial_kernel[(n_rows, partials.shape[1])](
+            logits_ptr=logits, partial_ptr=partials, logits_row_stride=logits.stride(0), n_cols=n_cols,
+            chunk_cols=chunk_cols, inv_temperature=1.0 / temperature, COMPUTE_ENTROPY=compute_entropy,
+            BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
 
 
+def launch_forward(logits, tokens, logprobs, entropy, stats, temperature: float, ignore_index: int, fn=FN) -> None:
+    """logprobs and (when entropy is given) entropy, (N,) float32, and stats (2 N,) float32
+    (each row's max m and log d of z / T: lse = m + log d) of logits (N, V) with unit column
+    stride at `temperature`. Bytes: one read of the logits + O(N) (+ O(N C) for split rows)."""
+    n_rows, n_cols = logits.shape
+    split = split_config(logits)
+    compute_entropy = entropy is not None
+    options = dict(inv_temperature=1.0 / temperature, ignore_index=ignore_index, COMPUTE_ENTROPY=compute_entropy)
+    outputs = dict(tokens_ptr=tokens, logprobs_ptr=logprobs, entropy_ptr=entropy if compute_entropy else logprobs,
+                   stats_ptr=stats, logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0),
+                   n_cols=n_cols)  # fmt: skip  (entropy_ptr is written only with COMPUTE_ENTROPY)
+    if split is not None:
+        partials = torch.empty(n_rows, split.chunks, 3, dtype=torch.float32, device=logits.device)
+        launch_partials(logits, partials, temperature, compute_entropy, split.chunk_cols, split.block_n,
+                        split.num_warps, fn)  # fmt: skip
+        with device_guard(logits):
+            token_logprobs_combine_kernel[(n_rows,)](
+                partial_ptr=partials, logits_ptr=logits, n_chunks=split.chunks, **outputs, **options,
+                CHUNKS_BLOCK=split.chunks_block, num_warps=config.SPLIT_COMBINE_WARPS,
+            )  # fmt: skip
+        return
+    cfg = _config(n_cols)
+    check_launchable(fn, token_logprobs_fwd_kernel, logits)
+    with device_guard(logits):
+        token_logprobs_fwd_kernel[(n_rows,)](logits_ptr=logits, **outputs, **options, BLOCK_N=cfg.block_n,
+                                             num_warps=cfg.num_warps)  # fmt: skip
+
+
 def launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, grad, temperature: float,
-                    ignore_index: int, fn=FN) -> None:  # fmt: skip
+                    ignore_index: int, fn=FN, col_start: int = 0, n_classes: Optional[int] = None) -> None:  # fmt: skip
     """grad (N, V) = d(sum_r u_lp[r] logprob_r + u_H[r] entropy_r) / d logits, u_lp / u_H
-    float32 (N,) or 0-d, or None for an absent upstream gradient. grad may be logits.
+    float32 (N,) or 0-d, or None for an absent upstream gradient. grad may be logits. The
+    columns are classes [col_start, col_start + V) of n_classes (a vocab-parallel shard;
+    default: all of them). Split rows (split_config) run a program a chunk.
     Bytes: one read of the logits, one write of grad, O(N)."""
     n_rows, n_cols = logits.shape
-    cfg = _config(n_cols)
+    split = split_config(logits)
+    if split is not None:
+        block_n, num_warps, chunk_cols, chunks = split.block_n, split.num_warps, split.chunk_cols, split.chunks
+    else:
+        cfg = _config(n_cols)
+        block_n, num_warps, chunk_cols, chunks = cfg.block_n, cfg.num_warps, n_cols, 1
     check_launchable(fn, token_logprobs_bwd_kernel, logits)
     with device_guard(logits):
-        token_logprobs_bwd_kernel[(n_rows,)](
+        token_logprobs_bwd_kernel[(n_rows, chunks)](
             logits_ptr=logits, tokens_ptr=tokens, stats_ptr=stats,
             entropy_ptr=entropy if grad_entropy is not None else stats,  # read only with HAS_GRAD_ENTROPY
             grad_logprobs_ptr=grad_logprobs if grad_logprobs is not None else stats,
@@ -78,9 +124,10 @@ def launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy,
             grad_row_stride=grad.stride(0),
             grad_logprobs_stride=grad_logprobs.stride(0) if grad_logprobs is not None and grad_logprobs.dim() else 0,
             grad_entropy_stride=grad_entropy.stride(0) if grad_entropy is not None and grad_entropy.dim() else 0,
-            n_cols=n_cols, inv_temperature=1.0 / temperature, ignore_index=ignore_index,
-            HAS_GRAD_LOGPROBS=grad_logprobs is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-            BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            n_cols=n_cols, chunk_cols=chunk_cols, col_start=col_start,
+            n_classes=n_cols if n_classes is None else n_classes, inv_temperature=1.0 / temperature,
+            ignore_index=ignore_index, HAS_GRAD_LOGPROBS=grad_logprobs is not None,
+            HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
 
 
