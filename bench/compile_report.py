@@ -307,9 +307,9 @@ def linear_cross_entropy_variants(quick: bool):
 
 
 def token_logprobs_variants(quick: bool):
-    """Token log-probabilities and entropy: forward (with and without the entropy) and
-    backward (each upstream gradient alone and both), at the narrowest block and the
-    streaming one, in every dtype."""
+    """Token log-probabilities and entropy: forward (with and without the entropy), split
+    rows' partial and combine kernels, and backward (each upstream gradient alone and both),
+    at the narrowest block and the streaming one, in every dtype."""
     from softmax_gpu import config
 
     module = "softmax_gpu.kernels.token_logprobs"
@@ -324,16 +324,31 @@ def token_logprobs_variants(quick: bool):
                 meta = (("COMPUTE_ENTROPY", entropy), ("BLOCK_N", block))
                 yield Variant(module, "token_logprobs_fwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                               meta, warps, aligned=("logits_ptr", "logits_row_stride", "n_cols"))  # fmt: skip
+            sig = (("logits_ptr", ptr), ("partial_ptr", "*fp32"), ("logits_row_stride", "i64"), ("n_cols", "i32"),
+                   ("chunk_cols", "i32"), ("inv_temperature", "fp32"))  # fmt: skip
+            for entropy in (False, True):
+                meta = (("COMPUTE_ENTROPY", entropy), ("BLOCK_N", block))
+                yield Variant(module, "token_logprobs_partial_kernel", dtype,
+                              sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                              aligned=("logits_ptr", "logits_row_stride", "n_cols", "chunk_cols"))  # fmt: skip
             sig = (("logits_ptr", ptr), ("tokens_ptr", "*i64"), ("stats_ptr", "*fp32"), ("entropy_ptr", "*fp32"),
                    ("grad_logprobs_ptr", "*fp32"), ("grad_entropy_ptr", "*fp32"), ("grad_ptr", ptr),
                    ("logits_row_stride", "i64"), ("tokens_stride", "i64"), ("grad_row_stride", "i64"),
                    ("grad_logprobs_stride", "i64"), ("grad_entropy_stride", "i64"), ("n_cols", "i32"),
-                   ("inv_temperature", "fp32"), ("ignore_index", "i64"))  # fmt: skip
+                   ("chunk_cols", "i32"), ("col_start", "i32"), ("n_classes", "i32"), ("inv_temperature", "fp32"),
+                   ("ignore_index", "i64"))  # fmt: skip
             for grad_lp, grad_h in ((True, False), (False, True), (True, True)):
                 meta = (("HAS_GRAD_LOGPROBS", grad_lp), ("HAS_GRAD_ENTROPY", grad_h), ("BLOCK_N", block))
                 yield Variant(module, "token_logprobs_bwd_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                               meta, warps, aligned=("logits_ptr", "grad_ptr", "logits_row_stride", "grad_row_stride",
-                                                    "n_cols"))  # fmt: skip
+                                                    "n_cols", "chunk_cols"))  # fmt: skip
+        sig = (("partial_ptr", "*fp32"), ("logits_ptr", ptr), ("tokens_ptr", "*i64"), ("logprobs_ptr", "*fp32"),
+               ("entropy_ptr", "*fp32"), ("stats_ptr", "*fp32"), ("n_chunks", "i32"), ("logits_row_stride", "i64"),
+               ("tokens_stride", "i64"), ("n_cols", "i32"), ("inv_temperature", "fp32"), ("ignore_index", "i64"))  # fmt: skip
+        for entropy in (False, True):
+            meta = (("COMPUTE_ENTROPY", entropy), ("CHUNKS_BLOCK", config.SPLIT_MAX_CHUNKS))
+            yield Variant(module, "token_logprobs_combine_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                          meta, config.SPLIT_COMBINE_WARPS)  # fmt: skip
 
 
 def vocab_parallel_variants(quick: bool):

@@ -1,13 +1,16 @@
-"""Cross-entropy over a vocabulary sharded across the ranks of a torch.distributed group.
+"""Cross-entropy and token log-probabilities over a vocabulary sharded across the ranks of a
+torch.distributed group.
 
     vocab_parallel_cross_entropy(logits, target, *, group=None, vocab_start=None, ...)
     vocab_parallel_linear_cross_entropy(input, linear_weight, target, *, group=None, ...)
+    vocab_parallel_token_logprobs(logits, tokens, *, group=None, vocab_start=None, temperature=1.0, ...)
 
 Each rank passes the logits (or the LM head's weight rows) of its own slice of the classes;
 every rank gets the loss of the full, unsharded problem and the gradient for its slice.
 Importing this module needs neither an initialised process group nor a GPU; the kernels
-and custom ops live in softmax_gpu/ops/vocab_parallel_cross_entropy.py and
-softmax_gpu/ops/vocab_parallel_linear_cross_entropy.py.
+and custom ops live in softmax_gpu/ops/vocab_parallel_cross_entropy.py,
+softmax_gpu/ops/vocab_parallel_linear_cross_entropy.py and
+softmax_gpu/ops/vocab_parallel_token_logprobs.py.
 """
 from typing import Optional
 
@@ -20,7 +23,7 @@ from .ops.linear_cross_entropy import _check_operands
 from .ops.vocab_parallel_cross_entropy import VocabParallelCrossEntropyFunction
 from .ops.vocab_parallel_linear_cross_entropy import VocabParallelLinearCrossEntropyFunction
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_token_logprobs"]
 
 FN = "softmax_gpu.vocab_parallel_cross_entropy"
 
@@ -250,3 +253,63 @@ def vocab_parallel_linear_cross_entropy(
     if reduction == "none":
         return loss.view(input.shape[:-1])
     return loss
+
+
+TOKENS_FN = "softmax_gpu.vocab_parallel_token_logprobs"
+
+
+def vocab_parallel_token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """softmax_gpu.token_logprobs of the full rows, with the classes sharded across a group.
+
+    Args:
+        logits: (..., V_local), this rank's logits for classes [vocab_start, vocab_start +
+            V_local); float32, bfloat16, float16 or float64 (accumulated in float32).
+        tokens: (...) global token ids (int64/int32), the same on every rank.
+        group, vocab_start: as in vocab_parallel_cross_entropy (equal shards in rank order
+            by default; explicit starts allow uneven shards).
+        temperature, ignore_index, return_entropy: as in token_logprobs, over all V classes.
+    Returns:
+        logprobs, or (logprobs, entropy): float32, shaped like tokens, identical on every
+        rank. Their gradients with respect to `logits` are this rank's shard of the full
+        gradients (the upstream gradients must be the same on every rank, as they are when
+        every rank computes the same loss from them).
+
+    Communication per forward: one all-reduce MAX of N float32 and one all-reduce SUM of
+    N x 2 float32 (N x 3 with the entropy); none in the backward; no host synchronisation
+    (the first call per shard layout checks it, as vocab_parallel_cross_entropy's does). A
+    token outside [0, V) gives NaN at its position, as in token_logprobs.
+    """
+    from .ops.token_logprobs import DTYPES, _check_common
+    from .ops.vocab_parallel_token_logprobs import VocabParallelTokenLogprobsFunction
+
+    fn = TOKENS_FN
+    check_floating(fn, "logits", logits)
+    if logits.dtype not in DTYPES:
+        raise TypeError(f"{fn}(): logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}(): logits must have at least one dim (the vocabulary shard)")
+    _check_common(fn, tokens, temperature, ignore_index)
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(f"{fn}(): tokens must have shape {tuple(logits.shape[:-1])} for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(tokens.shape)}")  # fmt: skip
+    check_same_device(fn, logits=logits, tokens=tokens)
+    _check_vocab_start(fn, vocab_start)
+    group = _resolve_group(group, fn)
+    col_start, n_classes = _shard_layout(group, logits.shape[-1], vocab_start, logits.device, fn)
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()  # the kernels stream rows at unit stride
+    logprobs, entropy, _ = VocabParallelTokenLogprobsFunction.apply(
+        rows, tokens.reshape(-1), group, n_classes, col_start, float(temperature), ignore_index, bool(return_entropy)
+    )  # fmt: skip
+    logprobs = logprobs.view(tokens.shape)
+    return (logprobs, entropy.view(tokens.shape)) if return_entropy else logprobs

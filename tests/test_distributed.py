@@ -7,6 +7,7 @@ and checks its loss and gradient against softmax_gpu.cross_entropy on the full p
 the float64 reference; the gathered shards are checked by every rank too. A rank that fails
 kills the others (ProcessContext.join), and a rank that hangs fails the test at the deadline.
 """
+import contextlib
 import importlib
 import os
 import subprocess
@@ -231,7 +232,60 @@ def _options_worker(rank, world, n_rows, n_classes, starts, max_block):
         check_case(rank, world, n_classes, starts, what, logits, target, upstream, max_block, **case)
 
 
+def _token_logprobs_worker(rank, world, n_rows, n_classes, starts):
+    """vocab_parallel_token_logprobs against float64 torch on the full rows: logprobs and
+    entropy at T = 0.7 with ignored, out-of-range and NaN rows, the shard's gradient of both
+    together and of each alone, on one program a row and on split rows, and the collectives."""
+    from test_token_logprobs import grads, reference
+
+    from softmax_gpu import config
+    from softmax_gpu.distributed import vocab_parallel_token_logprobs
+
+    dev, temperature = device(), 0.7
+    start, stop = shard_bounds(rank, world, n_classes, starts)
+    vocab_start = None if starts is None else start
+    z = 3 * torch.randn(n_rows, n_classes, device=dev)
+    tokens = torch.randint(0, n_classes, (n_rows,), device=dev)
+    tokens[0], tokens[1], tokens[2] = -100, n_classes, n_classes - 1  # ignored, out of range, the last class
+    z[3, n_classes // 2] = float("nan")
+    u_lp, u_h = torch.randn(n_rows, device=dev), torch.randn(n_rows, device=dev)
+    want_lp, want_ent = reference(z.cpu(), tokens.cpu(), temperature)
+    for limit in (None, (16, 16)):
+        paths = (config.block_limit(16), config.force_split(16)) if limit else (config.no_split(),)
+        with contextlib.ExitStack() as stack:
+            for p in paths:
+                stack.enter_context(p)
+
+            def ours(shard):
+                return vocab_parallel_token_logprobs(shard, tokens, vocab_start=vocab_start, temperature=temperature,
+                                                     return_entropy=True)  # fmt: skip
+
+            with count_collectives() as calls:
+                lp, ent = ours(z[:, start:stop])
+            got = {k: grads(ours, z[:, start:stop], *u) for k, u in
+                   {"both": (u_lp, u_h), "logprobs": (u_lp, None), "entropy": (None, u_h)}.items()}  # fmt: skip
+        what = f"rank {rank} split={limit}"
+        if calls and calls[0][0] == "all_gather":  # the first call for a layout checks it (3 int64 a rank)
+            calls = calls[1:]
+        assert [c[:2] for c in calls] == [("all_reduce", "RedOpType.MAX"), ("all_reduce", "RedOpType.SUM")], calls
+        assert calls[0][2] == n_rows and calls[1][2] == 3 * n_rows, calls
+        for got_out, want in ((lp, want_lp), (ent, want_ent)):
+            assert got_out[0] == 0 and got_out[1].isnan() and got_out[3].isnan(), what
+            ok = torch.ones(n_rows, dtype=torch.bool)
+            ok[[0, 1, 3]] = False
+            scale = float(want[ok].abs().max())
+            assert_matches(got_out[ok].cpu(), want[ok].numpy(), rtol=2e-6, atol=2e-6 * scale, what=what)
+        for k, (a, b) in {"both": (u_lp, u_h), "logprobs": (u_lp, None), "entropy": (None, u_h)}.items():
+            up = [u.cpu().double() if u is not None else None for u in (a, b)]
+            want = grads(lambda x: reference(x, tokens.cpu(), temperature), z.cpu().double(), *up)[:, start:stop]
+            assert got[k][1].isnan().all() and got[k][3].isnan().all() and not got[k][0].any(), f"{what} {k}"
+            rows = [0, 2] + list(range(4, n_rows))
+            scale = float(want[rows].abs().max())
+            assert_matches(got[k][rows].cpu(), want[rows].numpy(), rtol=0.0, atol=1e-5 * scale, what=f"{what} grad {k}")
+
+
 def _two_ranks_worker(rank, world):
+    _token_logprobs_worker(rank, world, 6, 42, None)  # 21 classes a rank: a layout of its own
     _options_worker(rank, world, 5, 38, None, None)  # 19 classes a rank, one block per row
     # A new layout (20 classes a rank), so the first call validates it.
     _collectives_and_special_rows_worker(rank, world, 5, 40)
@@ -248,6 +302,7 @@ def _three_ranks_worker(rank, world):
     # Rank 0 holds the middle, rank 2 the start: starts in any order, sizes 20, 7 and 10.
     # 16-wide blocks: rank 0's rows take the looped path (two blocks, the second ragged).
     _options_worker(rank, world, 5, 37, ((10, 20), (30, 7), (0, 10)), 16)
+    _token_logprobs_worker(rank, world, 6, 37, ((10, 20), (30, 7), (0, 10)))
     _bad_input_worker(rank, world)
     _subgroup_worker(rank, world)
 

@@ -231,7 +231,7 @@ def test_opcheck_and_compile(device):
     u = torch.randn(5, device=device)
     for g_lp, g_h in ((u, u), (u, None), (None, u)):
         torch.library.opcheck(torch.ops.softmax_gpu.token_logprobs_backward.default,
-                              (z, tokens, stats, ent, g_lp, g_h, 0.5, -100))  # fmt: skip
+                              (z, tokens, stats, ent, g_lp, g_h, 0.5, -100, 0, 30))  # fmt: skip
 
     def step(z, t):
         lp, ent = softmax_gpu.token_logprobs(z, t, temperature=0.5, return_entropy=True)
@@ -245,6 +245,28 @@ def test_opcheck_and_compile(device):
     step(eager_leaf, tokens).backward()
     torch.testing.assert_close(loss, step(z, tokens), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(leaf.grad, eager_leaf.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_vocab_parallel_checks_and_partials_op(device):
+    """vocab_parallel_token_logprobs checks its input before it looks for a process group;
+    its partials op passes opcheck (the multi-rank results: tests/test_distributed.py)."""
+    from softmax_gpu.distributed import vocab_parallel_token_logprobs
+    from softmax_gpu.ops import vocab_parallel_token_logprobs as vp
+
+    z, tokens = inputs(device, shape=(5,), v=30)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        vocab_parallel_token_logprobs(z, tokens[:3])
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        vocab_parallel_token_logprobs(z, tokens, temperature=-1.0)
+    with pytest.raises(RuntimeError, match="process group is not initialised"):
+        vocab_parallel_token_logprobs(z, tokens)
+    for entropy in (True, False):
+        torch.library.opcheck(vp.token_logprobs_partials, (z, 0.5, entropy))
+    with config.block_limit(16), config.force_split(16):
+        partials = vp.token_logprobs_partials(z, 1.0, True)
+    assert partials.shape == (5, 2, 3)
+    lse = partials[..., 0].amax(1) + torch.log((partials[..., 1] * (partials[..., 0] - partials[..., 0].amax(1, True)).exp()).sum(1))
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------

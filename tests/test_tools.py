@@ -33,7 +33,7 @@ def test_compile_report_has_no_spills():
     # (a split row's stats kernels store per-chunk values only: 128-bit loads, narrow stores)
     assert wide and all(r[6] == ("yes/no" if "_stats_kernel" in r[0] else "yes/yes") for r in wide), wide
     assert {(r[0], r[1]) for r in rows if r[0].startswith("token_logprobs")} == {
-        (k, a) for k in ("token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel") for a in ("80", "90")}
+        (f"token_logprobs_{k}_kernel", a) for k in ("fwd", "partial", "combine", "bwd") for a in ("80", "90")}
     # Linear cross-entropy's tile filter on both archs; its products are cuBLAS's.
     assert {r[1] for r in rows if r[0] == "skip_small_tiles_kernel"} == {"80", "90"}
     assert any(r[0] == "vocab_parallel_loss_kernel" and "HAS_UPSTREAM=1" in " ".join(r) and r[2] == "bf16"

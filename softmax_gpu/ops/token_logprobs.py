@@ -166,11 +166,13 @@ def _(logits, tokens, temperature, ignore_index, compute_entropy):
 
 def _backward(logits: torch.Tensor, tokens: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,
               grad_logprobs: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], temperature: float,
-              ignore_index: int) -> torch.Tensor:  # fmt: skip
-    """d / d logits of sum(grad_logprobs * logprobs + grad_entropy * entropy), logits' dtype."""
+              ignore_index: int, col_start: int, n_classes: int) -> torch.Tensor:  # fmt: skip
+    """d / d logits of sum(grad_logprobs * logprobs + grad_entropy * entropy), logits' dtype;
+    the columns are classes [col_start, col_start + V) of n_classes."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if grad.numel():
-        launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, grad, temperature, ignore_index)
+        launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, grad, temperature, ignore_index,
+                        col_start=col_start, n_classes=n_classes)  # fmt: skip
     return grad
 
 
@@ -178,7 +180,7 @@ token_logprobs_backward = torch.library.custom_op("softmax_gpu::token_logprobs_b
 
 
 @token_logprobs_backward.register_fake
-def _(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index):
+def _(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, col_start, n_classes):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -208,10 +210,18 @@ class TokenLogprobsFunction(torch.autograd.Function):
             return None, None, None, None, None
         if not entropy.numel():
             grad_entropy = None
-        args = (logits, tokens, stats, entropy, _upstream(grad_logprobs), _upstream(grad_entropy), *ctx.options)
-        op = _backward if _plain_eager(logits, tokens, stats, *[g for g in args[4:6] if g is not None]) \
-            else token_logprobs_backward
-        return op(*args), None, None, None, None
+        return backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, *ctx.options, 0,
+                               logits.shape[1]), None, None, None, None
+
+
+def backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, col_start,
+                    n_classes) -> torch.Tensor:  # fmt: skip
+    """The logits' gradient from the upstream gradients autograd handed over (either may be None)."""
+    args = (logits, tokens, stats, entropy, _upstream(grad_logprobs), _upstream(grad_entropy), temperature,
+            ignore_index, col_start, n_classes)  # fmt: skip
+    op = _backward if _plain_eager(logits, tokens, stats, *[g for g in args[4:6] if g is not None]) \
+        else token_logprobs_backward
+    return op(*args)
 
 
 def _check_common(fn, tokens, temperature, ignore_index):
