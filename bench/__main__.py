@@ -24,7 +24,7 @@ OPS = ("softmax_fwd", "softmax_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd")
 # The fused linear cross-entropy is matmul-bound and has its own cases (tokens x hidden x
 # classes) and figures (TFLOP/s, peak memory): bench/linear_ce.py, run only when asked for.
 LINEAR_CE_OPS = ("linear_ce_fwd", "linear_ce_fwd_bwd")
-LOGPROBS_OPS = ("logprobs_fwd", "logprobs_fwd_bwd")
+LOGPROBS_OPS = ("logprobs_fwd", "logprobs_fwd_bwd", "linear_logprobs_fwd_bwd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("softmax_gpu", "torch", "torch.compile", "liger", "quack", "cupy")
 VOCABS = (32000, 50257, 128256, 151936, 262144)

@@ -143,9 +143,9 @@ linear=(--quick --out "$out")
 timeout 75 "$py" -m bench.linear_ce "${linear[@]}" > "$out/linear_ce.txt" 2>&1
 linear_rc=$?
 
-# 4. The token log-probability scoreboard (one RL shape).
+# 4. The token log-probability scoreboard (one RL shape, and the linear form at a Llama-3-8B head).
 logprobs=(--quick --out "$out")
-logprobs_limit=40
+logprobs_limit=70
 if [ "$dry_run" -eq 1 ]; then logprobs=(--dry-run --repeats 1 "${logprobs[@]}"); logprobs_limit=150; fi
 timeout "$logprobs_limit" "$py" -m bench.logprobs "${logprobs[@]}" > "$out/logprobs.txt" 2>&1
 logprobs_rc=$?

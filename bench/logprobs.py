@@ -6,7 +6,11 @@
 Cases are (tokens N, vocabulary V) of bfloat16 logits at RL shapes (16 x 1024 tokens at V =
 32000, 128256 and 151936, and 64 x 2048 tokens at V = 32000), sampling temperature 0.8.
 Each call returns every position's log-probability and entropy; for forward + backward,
-both flow back with random upstream gradients. Providers: softmax_gpu.token_logprobs; the
+both flow back with random upstream gradients. linear_logprobs_fwd_bwd starts from the
+policy's last hidden states instead (N x H bfloat16, a Llama-3-8B head: H 4096, V 128256):
+softmax_gpu.linear_token_logprobs against F.linear followed by the same trainer code, eager
+and compiled; the gradients of the hidden states and the head are gated, and the row gives
+TFLOP/s for the 3 products the work needs at least (logits, dX, dW). Providers: softmax_gpu.token_logprobs; the
 usual trainer code in torch (log_softmax of the logits over T, gather, -(p log p).sum),
 eager and under torch.compile; TRL's selective_log_softmax when importable (it gives the
 log-probabilities only, so its row does less work: no entropy, and its backward carries only
@@ -24,9 +28,14 @@ import tempfile
 import torch
 
 OPS = ("logprobs_fwd", "logprobs_fwd_bwd")
+LINEAR_OPS = ("linear_logprobs_fwd_bwd",)
+ALL_OPS = OPS + LINEAR_OPS
 SHAPES = ((16 * 1024, 32000), (16 * 1024, 128256), (16 * 1024, 151936), (64 * 2048, 32000))
 QUICK_SHAPES = ((16 * 1024, 128256),)
 DRY_RUN_SHAPES = ((64, 500),)
+LINEAR_SHAPES = ((16 * 1024, 128256, 4096),)  # tokens, vocabulary, hidden
+QUICK_LINEAR_SHAPES = ((4096, 128256, 4096),)
+DRY_RUN_LINEAR_SHAPES = ((64, 500, 32),)
 PROVIDERS = ("softmax_gpu", "torch", "torch.compile", "trl")
 TEMPERATURE = 0.8
 REPEATS = 3
@@ -61,11 +70,32 @@ FACTORIES = {
 LABELS = {"trl": "trl (logprobs only)"}
 
 
-def load(names):
+def _linear_torch(x, w, t):
+    """The trainer code from hidden states: the full logits by F.linear, then as above."""
+    return _torch_ops(torch.nn.functional.linear(x, w), t)
+
+
+def _linear_ours():
+    import softmax_gpu
+
+    return lambda x, w, t: softmax_gpu.linear_token_logprobs(x, w, t, temperature=TEMPERATURE, return_entropy=True)
+
+
+LINEAR_FACTORIES = {
+    "softmax_gpu": _linear_ours,
+    "torch": lambda: _linear_torch,
+    "torch.compile": lambda: torch.compile(_linear_torch, dynamic=False),
+}
+
+
+def load(names, factories=None):
+    factories = FACTORIES if factories is None else factories
     loaded, missing = {}, {}
     for name in names:
+        if name not in factories:
+            continue
         try:
-            loaded[name] = FACTORIES[name]()
+            loaded[name] = factories[name]()
         except Exception as exc:  # optional dependencies fail in many ways
             missing[name] = f"{type(exc).__name__}: {exc}"
     return loaded, missing
@@ -80,6 +110,52 @@ def make_inputs(n, v, device, seed=0):
     u_lp = torch.randn(n, device=device, generator=g)
     u_h = 0.01 * torch.randn(n, device=device, generator=g)
     return z, t, u_lp, u_h
+
+
+def make_linear_inputs(n, v, h, device, seed=0):
+    """bfloat16 hidden states N(0, 1) and a head N(0, 4 / H), so the logits spread as in
+    make_inputs; tokens and the two upstream gradients as there."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, h, device=device, generator=g).bfloat16()
+    w = (2 / h**0.5 * torch.randn(v, h, device=device, generator=g)).bfloat16()
+    t = torch.randint(0, v, (n,), device=device, generator=g)
+    u_lp = torch.randn(n, device=device, generator=g)
+    u_h = 0.01 * torch.randn(n, device=device, generator=g)
+    return x, w, t, u_lp, u_h
+
+
+def linear_runner(fn, x, w, t, u_lp, u_h):
+    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_()]
+
+    def forward_backward():
+        lp, ent = fn(*leaves, t)
+        return torch.autograd.grad((lp * u_lp).sum() + (ent * u_h).sum(), leaves)
+
+    return forward_backward
+
+
+def linear_reference(x, w, t, u_lp, u_h):
+    """float64 (dX, dW) of u_lp . logprobs + u_h . entropy, REFERENCE_ROWS tokens at a time."""
+    w64 = w.double()
+    dx, dw = [], torch.zeros_like(w64)
+    for r0 in range(0, x.shape[0], REFERENCE_ROWS):
+        rows = slice(r0, r0 + REFERENCE_ROWS)
+        zs = (x[rows].double() @ w64.T).requires_grad_()
+        logp = torch.log_softmax(zs / TEMPERATURE, -1)
+        total = (logp.gather(-1, t[rows, None]).squeeze(-1) * u_lp[rows]).sum() - \
+            ((logp.exp() * logp).sum(-1) * u_h[rows]).sum()
+        (g,) = torch.autograd.grad(total, zs)
+        dx.append(g @ w64)
+        dw += g.T @ x[rows].double()
+    return torch.cat(dx), dw
+
+
+def linear_gate(out, ref):
+    errs = [float(torch.linalg.vector_norm(o.double() - r) / torch.linalg.vector_norm(r)) for o, r in zip(out, ref)]
+    err = max(errs)
+    if err <= TOL["grad"]:
+        return True, f"ok (dX, dW max err {err:.1e} <= {TOL['grad']:.1e})"
+    return False, f"wrong: dX err {errs[0]:.2e}, dW err {errs[1]:.2e} > {TOL['grad']:.1e}"
 
 
 def runner(op, fn, z, t, u_lp, u_h):
@@ -138,6 +214,52 @@ def min_bytes(op, n, v, itemsize=2):
     return n * v * itemsize * (1 if op == "logprobs_fwd" else 3)
 
 
+def _empty_row(op, shape, name, **extra):
+    return dict(op=op, shape=shape, provider=name, label=LABELS.get(name, name), status="ok", gate=None,
+                device_ms=None, device_ms_min=None, device_ms_max=None, device_timer=None, device_repeats=0,
+                eager_ms=None, eager_ms_min=None, eager_ms_max=None, eager_timer=None, repeats=0, min_bytes=None,
+                pct_copy=None, peak_extra_bytes=None, note="", **extra)  # fmt: skip
+
+
+def measure_linear(platform, shapes, providers, repeats=REPEATS, rows=None, save=None):
+    """linear_logprobs_fwd_bwd rows: gated on dX and dW, timed, TFLOP/s for 3 products."""
+    from bench.linear_ce import _Prepared, record_times, time_interleaved
+
+    loaded, missing = load(providers, LINEAR_FACTORIES)
+    for name, reason in missing.items():
+        print(f"skipping provider {name} (linear form): not importable ({reason})")
+    rows = [] if rows is None else rows
+    for n, v, h in shapes:
+        x, w, t, u_lp, u_h = make_linear_inputs(n, v, h, platform.device)
+        ref = linear_reference(x, w, t, u_lp, u_h)
+        runs = []
+        for name, fn in loaded.items():
+            row = _empty_row("linear_logprobs_fwd_bwd", f"{n}x{h}x{v}", name, min_flops=3 * 2 * n * v * h, tflops=None)
+            call = linear_runner(fn, x, w, t, u_lp, u_h)
+            runs.append((row, call, [], []))
+            try:
+                ok, row["gate"] = linear_gate(call(), ref)
+                if not ok:
+                    row["status"] = "wrong"
+                    continue
+                row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(call, x, w, t, u_lp, u_h))
+            except Exception as exc:
+                row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
+                           note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
+        time_interleaved(platform, runs, repeats)
+        for row, call, device, eager in runs:
+            if record_times(row, device, eager, list(platform.timers)) and device and row["device_ms"] > 0:
+                row["tflops"] = row["min_flops"] / (row["device_ms"] * 1e-3) / 1e12
+                row["note"] = f"{row['tflops']:.0f} TFLOP/s (3 products)"
+            rows.append(row)
+        if save is not None:
+            save(rows)
+        del runs, ref, x, w
+        if platform.device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, save=None):
     from bench.linear_ce import _Prepared, record_times, time_interleaved
 
@@ -155,10 +277,8 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, s
                 ref_lp_only = reference(z, t, u_lp, torch.zeros_like(u_h), with_grad=True)
             runs = []
             for name, fn in loaded.items():
-                row = dict(op=op, shape=f"{n}x{v}", provider=name, label=LABELS.get(name, name), status="ok", gate=None,
-                           device_ms=None, device_ms_min=None, device_ms_max=None, device_timer=None,
-                           device_repeats=0, eager_ms=None, eager_ms_min=None, eager_ms_max=None, eager_timer=None,
-                           repeats=0, min_bytes=min_bytes(op, n, v), pct_copy=None, peak_extra_bytes=None, note="")  # fmt: skip
+                row = _empty_row(op, f"{n}x{v}", name)
+                row["min_bytes"] = min_bytes(op, n, v)
                 call = runner(op, fn, z, t, u_lp, u_h)
                 runs.append((row, call, [], []))
                 try:
@@ -186,20 +306,21 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, s
 
 
 def format_rows(rows) -> str:
-    fmt = lambda value, spec: format(value, spec) if value is not None else "-"  # noqa: E731
-    lines = [f"{'op':<18}{'N x V':<14}{'provider':<21}{'dev ms':>9}{'eager ms':>9}{'% copy':>8}{'peak+ GB':>9}  gate / note"]
+    fmt = lambda value, spec: format(value, spec) if value is not None else format("-", f">{spec[0]}")  # noqa: E731
+    lines = [f"{'op':<25}{'N x (H x) V':<20}{'provider':<21}{'dev ms':>9}{'eager ms':>9}{'% copy':>8}{'peak+ GB':>9}"
+             "  gate / note"]  # fmt: skip
     for r in rows:
         peak = r["peak_extra_bytes"] / 1e9 if r.get("peak_extra_bytes") is not None else None
         note = "; ".join(x for x in (r.get("gate") or "", r.get("note") or "") if x)
-        lines.append(f"{r['op']:<18}{r['shape']:<14}{r['label']:<21}{fmt(r['device_ms'], '9.3f')}"
+        lines.append(f"{r['op']:<25}{r['shape']:<20}{r['label']:<21}{fmt(r['device_ms'], '9.3f')}"
                      f"{fmt(r['eager_ms'], '9.3f')}{fmt(r['pct_copy'], '8.1f')}{fmt(peak, '9.2f')}  "
                      f"{r['status'] if r['status'] != 'ok' else ''}{note}")  # fmt: skip
     return "\n".join(lines)
 
 
-def main(argv=None, ops=OPS) -> int:
+def main(argv=None, ops=ALL_OPS) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", choices=ops, default=list(ops))
+    parser.add_argument("--ops", nargs="+", choices=ops, default=list(ops))  # the linear form included
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--quick", action="store_true", help=f"one shape, {QUICK_SHAPES[0]}")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: the flow, no GPU figure")
@@ -228,8 +349,13 @@ def main(argv=None, ops=OPS) -> int:
     meta.update(temperature=TEMPERATURE, inputs=make_inputs.__doc__, repeats=args.repeats)
     shapes = DRY_RUN_SHAPES if args.dry_run else (QUICK_SHAPES if args.quick else SHAPES)
     out = args.out or (tempfile.mkdtemp(prefix="softmax-gpu-dry-run-") if args.dry_run else results.run_folder(meta))
-    rows = measure(platform, args.ops, shapes, args.providers, repeats=args.repeats, copy_gbps=copy_gbps,
-                   save=lambda rows: results.write_results(rows, meta, out, name="logprobs"))  # fmt: skip
+    save = lambda rows: results.write_results(rows, meta, out, name="logprobs")  # noqa: E731
+    logit_ops = [op for op in args.ops if op in OPS]
+    rows = measure(platform, logit_ops, shapes, args.providers, repeats=args.repeats, copy_gbps=copy_gbps,
+                   save=save) if logit_ops else []  # fmt: skip
+    if any(op in LINEAR_OPS for op in args.ops):
+        linear_shapes = DRY_RUN_LINEAR_SHAPES if args.dry_run else (QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES)
+        measure_linear(platform, linear_shapes, args.providers, repeats=args.repeats, rows=rows, save=save)
     print(format_rows(rows))
     paths = results.write_results(rows, meta, out, name="logprobs")
     print("wrote " + ", ".join(str(p) for p in paths))

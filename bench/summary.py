@@ -85,6 +85,8 @@ def logprobs_lines(data: dict):
             clock = "device" if r.get("device_ms") else "eager"
             ms = r.get("device_ms") or r["eager_ms"]
             pct = f", {r['pct_copy']:.0f}% of copy" if r.get("pct_copy") else ""
+            if r.get("tflops"):
+                pct = f", {r['tflops']:.0f} TFLOP/s"
             figures = f"{ms:.3f} ms ({clock}){pct}"
         else:
             figures = f"{r['status']}: {r.get('gate') or r.get('note')}"

@@ -361,14 +361,16 @@ def test_grpo_example_runs_tiny():
 
 
 def test_bench_dry_run(tmp_path):
-    """python -m bench.logprobs --dry-run: every provider that imports here gated ok on both
-    ops, rows written with both clocks named (no GPU figure claimed)."""
+    """python -m bench.logprobs --dry-run: every provider that imports here gated ok on every
+    op (the linear form's on dX and dW), rows written with both clocks named (no GPU figure
+    claimed)."""
     import json
 
     from bench import logprobs
 
     assert logprobs.main(["--dry-run", "--repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "logprobs.json").read_text())["results"]
-    assert {(r["op"], r["provider"]) for r in rows} >= {(op, p) for op in logprobs.OPS for p in ("softmax_gpu", "torch")}
+    assert {(r["op"], r["provider"]) for r in rows} >= {(op, p) for op in logprobs.ALL_OPS for p in ("softmax_gpu", "torch")}
+    assert all(r["min_flops"] == 3 * 2 * 64 * 500 * 32 for r in rows if r["op"] == "linear_logprobs_fwd_bwd")
     assert all(r["status"] == "ok" and r["gate"].startswith("ok") for r in rows), rows
     assert logprobs.min_bytes("logprobs_fwd_bwd", 4, 10) == 3 * 4 * 10 * 2
