@@ -23,3 +23,13 @@ def from_rows(rows: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
     moved_shape = like.movedim(dim, -1).shape
     out = rows.view(moved_shape).movedim(-1, dim)
     return out if dim == like.dim() - 1 else out.contiguous()
+
+
+def batch_first(x, batch_dim, batch_size: int):
+    """For a torch.func vmap rule: x with its batch dim (batch_dim; None: unbatched, expanded
+    without a copy) first. None stays None."""
+    if x is None:
+        return None
+    if batch_dim is None:
+        return x.unsqueeze(0).expand(batch_size, *x.shape)
+    return x.movedim(batch_dim, 0)

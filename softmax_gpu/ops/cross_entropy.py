@@ -43,6 +43,7 @@ from ..kernels.cross_entropy import (
 )
 from ..layout import as_rows
 from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
+from .functorch import first_order_only
 
 REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -784,6 +785,15 @@ _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def under_functorch(*tensors) -> bool:
+    """True when a torch.func transform (grad, vmap, ...) wraps one of the tensors: the ops
+    then take their torch.func paths (softmax_gpu/ops/functorch.py). Not while torch.compile
+    traces (it handles the transforms itself, and cannot trace this check)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and _is_functorch_wrapped(t) for t in tensors)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """The loss, with the gradient of the logits formed one of two ways:
 
@@ -911,6 +921,86 @@ def _check_target(fn, logits, target):
         raise TypeError(f"{fn}(): target must hold class indices (int64 or int32) or probabilities, got {target.dtype}")
 
 
+def _flat_rows(t, batch_dim, batch_size):
+    from ..layout import batch_first
+
+    t = batch_first(t, batch_dim, batch_size)
+    return None if t is None else t.reshape(-1, *t.shape[2:])
+
+
+@torch.library.register_vmap("softmax_gpu::cross_entropy_forward")
+def _(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad,
+      save_stats=False):  # fmt: skip
+    if reduction != "none" or compute_grad or in_dims[2] is not None:
+        raise NotImplementedError("softmax_gpu::cross_entropy_forward under vmap: per-row losses only, one weight")
+    b = info.batch_size
+    loss, lse, grad, stats, total = cross_entropy_forward(
+        _flat_rows(logits, in_dims[0], b), _flat_rows(target, in_dims[1], b), weight, ignore_index, label_smoothing,
+        z_loss, softcap, reduction, compute_grad, save_stats,
+    )  # fmt: skip
+    per = lambda t: t.view(b, t.shape[0] // b, *t.shape[1:]) if t.numel() else t.new_empty(b, 0)  # noqa: E731
+    return (per(loss), per(lse), per(grad), per(stats), per(total)), (0, 0, 0, 0, 0)
+
+
+@torch.library.register_vmap("softmax_gpu::cross_entropy_backward")
+def _(info, in_dims, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap):
+    if in_dims[2] is not None or grad_divisor is not None:
+        raise NotImplementedError("softmax_gpu::cross_entropy_backward under vmap: per-row upstream, one weight")
+    b = info.batch_size
+    rows = _flat_rows(logits, in_dims[0], b)
+    grad = cross_entropy_backward(rows, _flat_rows(target, in_dims[1], b), weight, _flat_rows(stats, in_dims[3], b),
+                                  _flat_rows(upstream, in_dims[4], b), None, ignore_index, label_smoothing, softcap)  # fmt: skip
+    return grad.view(b, -1, rows.shape[-1]), 0
+
+
+class FunctorchCrossEntropy(torch.autograd.Function):
+    """The custom ops for torch.func transforms (see softmax_gpu/ops/functorch.py): per-row
+    losses forward (the reduction is done by cross_entropy() in torch ops, so vmap reduces
+    each sample on its own), the deferred gradient backward; first derivatives only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap):
+        loss, lse, _grad, stats, _total = cross_entropy_forward(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, "none", False, True
+        )
+        return loss, stats
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, ignore_index, label_smoothing, _z_loss, softcap = inputs
+        ctx.save_for_backward(logits, target, weight, output[1])
+        ctx.options = (ignore_index, label_smoothing, softcap)
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logits, target, weight, stats = ctx.saved_tensors
+        upstream = grad_loss.to(_acc_dtype(logits))
+        grad = cross_entropy_backward(logits.detach(), target, weight, stats, upstream.detach(), None, *ctx.options)
+        return first_order_only(grad, "softmax_gpu.cross_entropy", logits, upstream), None, None, None, None, None, None
+
+
+def _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """cross_entropy() under torch.func: per-row losses from FunctorchCrossEntropy, reduced here."""
+    if tgt.is_floating_point():
+        raise NotImplementedError(
+            "softmax_gpu.cross_entropy(): probability targets are not supported under torch.func transforms"
+        )
+    loss, _stats = FunctorchCrossEntropy.apply(rows, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    counted = tgt != ignore_index
+    if weight is None:
+        total = counted.sum(dtype=loss.dtype)
+    else:
+        total = torch.where(counted, weight.to(loss.dtype)[torch.where(counted, tgt, 0)], 0).sum()
+    return loss.sum() / total
+
+
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -975,7 +1065,8 @@ def cross_entropy(
             raise ValueError(
                 f"{fn}(): inplace_backward=True overwrites the logits that the probability target's gradient needs"
             )
-        if rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        # (Under torch.compile the graph is functional: no storage to share, and nothing to check.)
+        if not torch.compiler.is_compiling() and rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
         # rows is (N, C) with unit column stride: its elements overlap exactly when rows are
         # closer than C apart (an expanded tensor has row stride 0).
@@ -985,9 +1076,13 @@ def cross_entropy(
     if weight is not None:
         weight = weight.contiguous()  # the kernel reads weight[j] at unit stride
     softcap = None if softcap is None else float(softcap)
-    loss, _lse = CrossEntropyFunction.apply(
-        rows, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), softcap, inplace_backward
-    )
+    if under_functorch(rows, tgt, weight):
+        loss = _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, float(label_smoothing),
+                                        float(z_loss), softcap)  # fmt: skip
+    else:
+        loss, _lse = CrossEntropyFunction.apply(
+            rows, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), softcap, inplace_backward
+        )
     if reduction == "none":  # rows were ordered (N, d1, ...), the target's own order
         return loss.view(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     return loss

@@ -75,6 +75,7 @@ from .cross_entropy import (
     launch_cross_entropy_split,
     launch_scale_grad,
     zero_class_reduce,
+    under_functorch,
     zero_class_rows,
 )
 from .vocab_parallel_cross_entropy import launch_vocab_parallel_loss, launch_vocab_parallel_stats, n_stats
@@ -602,16 +603,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _float64(x, w, b, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-    """float64 (for checking): the logits made in full, then softmax_gpu.cross_entropy."""
+def _materialised(x, w, b, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The logits made in full, then softmax_gpu.cross_entropy: float64 (for checking) and
+    torch.func transforms."""
     from .cross_entropy import cross_entropy
 
     logits = F.linear(x, w, b)
     if target.is_floating_point():
-        target = target.to(torch.float64)
+        target = target.to(logits.dtype)
     return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
                          softcap=softcap)  # fmt: skip
-
 
 
 def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=False, dtypes=DTYPES):
@@ -751,8 +752,13 @@ def linear_cross_entropy(
     softcap = None if softcap is None else float(softcap)
     if grad_skip_threshold is not None and input.dtype == torch.float64:
         raise ValueError(f"{FN}(): grad_skip_threshold is not supported for float64 input (which is for checking)")
-    if input.dtype == torch.float64:
-        loss = _float64(x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
+    functorch = under_functorch(x, linear_weight, linear_bias, tgt)
+    if functorch and grad_skip_threshold is not None:
+        raise NotImplementedError(f"{FN}(): grad_skip_threshold is not supported under torch.func transforms")
+    if input.dtype == torch.float64 or functorch:
+        # float64 (for checking) and torch.func transforms (grad, vmap, jacrev: per-sample
+        # gradients) form the logits and take cross_entropy's path for them.
+        loss = _materialised(x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
                         float(z_loss), softcap)  # fmt: skip
     else:
         if weight is not None:

@@ -21,7 +21,7 @@ from ..kernels.softmax import (
     softmax_split_stats_kernel,
     split_combine_kernel,
 )
-from ..layout import as_rows, from_rows
+from ..layout import as_rows, batch_first, from_rows
 from ..runtime import cached_plan, check_launchable, device_guard, remember_plan
 
 
@@ -252,6 +252,94 @@ def _backward(ctx, grad_output):
 torch.library.register_autograd("softmax_gpu::softmax_forward", _backward, setup_context=_setup_context)
 
 
+@torch.library.register_vmap("softmax_gpu::softmax_forward")
+def _(info, in_dims, x, dim, log, dtype):
+    # Row-wise: the vmapped dim is one more batch dim in front (dim is non-negative here).
+    return softmax_forward(batch_first(x, in_dims[0], info.batch_size), dim + 1, log, dtype), 0
+
+
+@torch.library.register_vmap("softmax_gpu::softmax_backward")
+def _(info, in_dims, y, dy, dim, log):
+    y, dy = (batch_first(t, d, info.batch_size) for t, d in zip((y, dy), in_dims))
+    return softmax_backward(y, dy, dim + 1, log), 0
+
+
+class FunctorchSoftmax(torch.autograd.Function):
+    """The custom ops for torch.func transforms (grad, vjp, jacrev, jacfwd, vmap over any of
+    them): torch.library's own autograd for a custom op does not support them. vmap runs
+    forward and backward under the ops' vmap rules (the vmapped dim joins the rows); jvp is
+    y (t - sum(y t)) for softmax and t - sum(e^y t) for log_softmax, in torch ops."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, dim, log, dtype):
+        return softmax_forward(x, dim, log, dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dim, log, _ = inputs
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+        ctx.dim, ctx.log, ctx.input_dtype = dim, log, x.dtype
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (y,) = ctx.saved_tensors
+        grad = FunctorchSoftmaxBackward.apply(y, grad_output.to(y.dtype), ctx.dim, ctx.log)
+        return grad.to(ctx.input_dtype), None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, *_):
+        (y,) = ctx.saved_tensors
+        x_t = x_t.to(y.dtype)
+        p = y.exp() if ctx.log else y
+        centred = x_t - (p * x_t).sum(ctx.dim, keepdim=True)
+        return centred if ctx.log else y * centred
+
+
+class FunctorchSoftmaxBackward(torch.autograd.Function):
+    """dx from (y, dy) by the backward kernel, itself differentiable (in torch ops) so that
+    hessians and grad-of-grad are right. With s = sum(dy y) and v the cotangent of dx:
+    softmax, dx = y (dy - s): d/d dy = y (v - sum(v y)), d/dy = v (dy - s) - dy sum(v y);
+    log_softmax, dx = dy - e^y sum(dy): d/d dy = v - sum(v e^y), d/dy = -v e^y sum(dy)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(y, dy, dim, log):
+        return softmax_backward(y, dy, dim, log)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, dy, dim, log = inputs
+        ctx.save_for_backward(y, dy)
+        ctx.save_for_forward(y, dy)
+        ctx.dim, ctx.log = dim, log
+
+    @staticmethod
+    def jvp(ctx, y_t, dy_t, *_):
+        y, dy = ctx.saved_tensors
+        dim = ctx.dim
+        y_t = torch.zeros_like(y) if y_t is None else y_t
+        dy_t = torch.zeros_like(dy) if dy_t is None else dy_t
+        if ctx.log:
+            p = y.exp()
+            return dy_t - p * y_t * dy.sum(dim, keepdim=True) - p * dy_t.sum(dim, keepdim=True)
+        s = (dy * y).sum(dim, keepdim=True)
+        return y_t * (dy - s) + y * (dy_t - (dy_t * y + dy * y_t).sum(dim, keepdim=True))
+
+    @staticmethod
+    def backward(ctx, v):
+        y, dy = ctx.saved_tensors
+        dim = ctx.dim
+        if ctx.log:
+            p = y.exp()
+            return -v * p * dy.sum(dim, keepdim=True), v - (v * p).sum(dim, keepdim=True), None, None
+        vy = (v * y).sum(dim, keepdim=True)
+        return v * (dy - (dy * y).sum(dim, keepdim=True)) - dy * vy, y * (v - vy), None, None
+
+
 class _EagerSoftmax(torch.autograd.Function):
     """The same forward and backward as the custom ops, called directly: the eager bypass of
     the dispatcher (cross_entropy's _plain_eager decides when it is safe). Compiled, traced,
@@ -272,12 +360,14 @@ class _EagerSoftmax(torch.autograd.Function):
 
 
 def _apply(fn: str, x: torch.Tensor, dim: int, dtype: Optional[torch.dtype], log: bool) -> torch.Tensor:
-    from .cross_entropy import _plain_eager
+    from .cross_entropy import _plain_eager, under_functorch
 
     check_floating(fn, "input", x)
     check_out_dtype(fn, dtype)
     dim = normalize_dim(dim, x.dim())
     dtype = dtype or x.dtype
+    if under_functorch(x):
+        return FunctorchSoftmax.apply(x, dim, log, dtype)
     if _plain_eager(x):
         if x.requires_grad and torch.is_grad_enabled():
             return _EagerSoftmax.apply(x, dim, log, dtype)

@@ -32,7 +32,9 @@ from ..kernels.token_logprobs import (
     token_logprobs_partial_kernel,
 )
 from ..runtime import check_launchable, device_guard
-from .cross_entropy import _plain_eager
+from ..layout import batch_first
+from .cross_entropy import _plain_eager, under_functorch
+from .functorch import first_order_only
 from .linear_cross_entropy import _buffer, _logits_into, _view, mm_accumulate
 
 FN = "softmax_gpu.token_logprobs"
@@ -224,6 +226,63 @@ def backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy,
     return op(*args)
 
 
+def _rows_of(t, batch_dim, batch_size):
+    """A batched (B, ...) view of t flattened into rows (B * first dim, ...); None stays None."""
+    t = batch_first(t, batch_dim, batch_size)
+    return None if t is None else t.reshape(-1, *t.shape[2:])
+
+
+@torch.library.register_vmap("softmax_gpu::token_logprobs_forward")
+def _(info, in_dims, logits, tokens, temperature, ignore_index, compute_entropy):
+    b = info.batch_size
+    logprobs, entropy, stats = token_logprobs_forward(_rows_of(logits, in_dims[0], b), _rows_of(tokens, in_dims[1], b),
+                                                      temperature, ignore_index, compute_entropy)  # fmt: skip
+    return (logprobs.view(b, -1), entropy.view(b, entropy.numel() // b), stats.view(b, -1)), (0, 0, 0)
+
+
+@torch.library.register_vmap("softmax_gpu::token_logprobs_backward")
+def _(info, in_dims, logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, col_start,
+      n_classes):  # fmt: skip
+    b = info.batch_size
+    logits_rows = _rows_of(logits, in_dims[0], b)
+    # stats (2 N,), entropy (N,) or (0,), the upstream gradients (N,) per sample: flat, they
+    # are in row order.
+    flat = [batch_first(t, d, b) for t, d in zip((stats, entropy, grad_logprobs, grad_entropy), in_dims[2:6])]
+    flat = [None if t is None else t.reshape(-1) for t in flat]
+    grad = token_logprobs_backward(logits_rows, _rows_of(tokens, in_dims[1], b), *flat, temperature, ignore_index,
+                                   col_start, n_classes)  # fmt: skip
+    return grad.view(b, -1, logits_rows.shape[-1]), 0
+
+
+class FunctorchTokenLogprobs(torch.autograd.Function):
+    """The custom ops for torch.func transforms (see softmax_gpu/ops/functorch.py): grad,
+    vjp, jacrev, and vmap over them; first derivatives only."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, tokens, temperature, ignore_index, compute_entropy):
+        return token_logprobs_forward(logits, tokens, temperature, ignore_index, compute_entropy)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, tokens, temperature, ignore_index, _ = inputs
+        ctx.save_for_backward(logits, tokens, output[2], output[1])
+        ctx.options = (temperature, ignore_index)
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
+        logits, tokens, stats, entropy = ctx.saved_tensors
+        if not entropy.numel():
+            grad_entropy = None
+        upstream = [None if g is None else g.float() for g in (grad_logprobs, grad_entropy)]
+        grad = token_logprobs_backward(logits.detach(), tokens, stats, entropy.detach(),
+                                       *[None if u is None else u.detach() for u in upstream], *ctx.options, 0,
+                                       logits.shape[-1])  # fmt: skip
+        return first_order_only(grad, FN, logits, *upstream), None, None, None, None
+
+
 def _check_common(fn, tokens, temperature, ignore_index):
     check_tensor(fn, "tokens", tokens)
     if tokens.dtype not in (torch.int64, torch.int32):
@@ -273,8 +332,9 @@ def token_logprobs(
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()  # the kernels stream rows at unit stride
-    logprobs, entropy, _ = TokenLogprobsFunction.apply(rows, tokens.reshape(-1), float(temperature), ignore_index,
-                                                       bool(return_entropy))  # fmt: skip
+    function = FunctorchTokenLogprobs if under_functorch(rows, tokens) else TokenLogprobsFunction
+    logprobs, entropy, _ = function.apply(rows, tokens.reshape(-1), float(temperature), ignore_index,
+                                          bool(return_entropy))  # fmt: skip
     logprobs = logprobs.view(tokens.shape)
     return (logprobs, entropy.view(tokens.shape)) if return_entropy else logprobs
 
@@ -449,6 +509,10 @@ def linear_token_logprobs(
                                      or buffer_bytes < 1):  # fmt: skip
         raise ValueError(f"{fn}(): buffer_bytes must be a positive int or None, got {buffer_bytes!r}")
     x = hidden.reshape(-1, hidden.shape[-1])
+    if under_functorch(x, linear_weight, linear_bias, tokens):
+        # torch.func transforms (grad, vmap, jacrev): the logits are formed, then token_logprobs.
+        return token_logprobs(torch.nn.functional.linear(hidden, linear_weight, linear_bias), tokens,
+                              temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy)
     logprobs, entropy, _ = LinearTokenLogprobsFunction.apply(
         x, linear_weight, linear_bias, tokens.reshape(-1), float(temperature), ignore_index, bool(return_entropy),
         buffer_bytes,
