@@ -313,3 +313,147 @@ def vocab_parallel_token_logprobs(
     )  # fmt: skip
     logprobs = logprobs.view(tokens.shape)
     return (logprobs, entropy.view(tokens.shape)) if return_entropy else logprobs
+
+
+# ---------------------------------------------------------------------------------------
+# DTensor inputs: cross_entropy() and linear_cross_entropy() hand them here
+# ---------------------------------------------------------------------------------------
+
+
+def _local(t):
+    """A DTensor's local tensor (differentiable), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _one_placement(fn, mesh, *tensors):
+    """The single placement of each DTensor among tensors (None for plain tensors and None);
+    raises for meshes of more than one dim and for mixed meshes."""
+    from torch.distributed.tensor import DTensor
+
+    placements = []
+    for t in tensors:
+        if not isinstance(t, DTensor):
+            placements.append(None)
+            continue
+        if t.device_mesh != mesh or mesh.ndim != 1:
+            raise NotImplementedError(f"{fn}(): DTensors on one 1-D device mesh are supported, got {t.device_mesh}")
+        placements.append(t.placements[0])
+    return placements
+
+
+def _chunk_start(n: int, parts: int, index: int) -> int:
+    """Where torch.chunk (and so Shard) starts part `index` of n elements in `parts`."""
+    return min(index * -(-n // parts), n)
+
+
+def _replicated(loss, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+
+
+def _batch_reduced(rows, counted_weight, mesh, reduction):
+    """Per-row losses sharded on the batch dim: reduced over every rank's rows, a Replicate
+    DTensor (DTensor's own differentiable reductions)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    loss = DTensor.from_local(rows, mesh, [Shard(0)], run_check=False)
+    if reduction == "none":
+        return loss
+    total = loss.sum().redistribute(mesh, [Replicate()])
+    if reduction == "sum":
+        return total
+    divisor = DTensor.from_local(counted_weight, mesh, [Shard(0)], run_check=False).sum()
+    return total / divisor.redistribute(mesh, [Replicate()])
+
+
+def _row_weights(target, weight, ignore_index, dtype):
+    counted = target != ignore_index
+    if weight is None:
+        return counted.to(dtype)
+    return torch.where(counted, weight.to(dtype)[torch.where(counted, target, 0)], 0.0)
+
+
+def dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """softmax_gpu.cross_entropy of DTensor logits (N, C) on a 1-D mesh:
+
+    Shard(1) (the classes, as tensor parallelism's loss_parallel() leaves them): the
+        vocab-parallel path on the mesh's group, each rank's first class from the Shard
+        layout (torch.chunk's); the target replicated;
+    Replicate: the local call on every rank;
+    Shard(0) (the batch): per-row losses on each rank's rows, then DTensor's reductions.
+    Returns a DTensor: Replicate for a reduced loss and for every loss of Shard(1) and
+    Replicate logits, Shard(0) per-row losses for batch-sharded ones."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from .ops.cross_entropy import cross_entropy
+
+    fn = "softmax_gpu.cross_entropy"
+    mesh = input.device_mesh
+    placement, target_placement, weight_placement = _one_placement(fn, mesh, input, target, weight)
+    logits, tgt, w = _local(input), _local(target), _local(weight)
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if target_placement is not None and target_placement != (placement if placement == Shard(0) else Replicate()):
+        raise NotImplementedError(f"{fn}(): a {target_placement} target with {placement} logits is not supported")
+    if weight_placement not in (None, Replicate()):
+        raise NotImplementedError(f"{fn}(): class weights must be a plain tensor or a Replicate DTensor")
+    if placement == Replicate():
+        return _replicated(cross_entropy(logits, tgt, w, reduction=reduction, **options), mesh)
+    if placement == Shard(0):
+        rows = cross_entropy(logits, tgt, w, reduction="none", **options)
+        counted = None if reduction != "mean" else _row_weights(tgt, w, ignore_index, rows.dtype)
+        return _batch_reduced(rows, counted, mesh, reduction)
+    if placement == Shard(1) and input.dim() == 2 and not tgt.is_floating_point():
+        n_classes = input.shape[1]
+        start = _chunk_start(n_classes, mesh.size(), mesh.get_local_rank())
+        w = None if w is None else w[start : start + logits.shape[1]]
+        loss = vocab_parallel_cross_entropy(logits, tgt, group=mesh.get_group(), vocab_start=start, weight=w,
+                                            reduction=reduction, **options)  # fmt: skip
+        return _replicated(loss, mesh)
+    raise NotImplementedError(
+        f"{fn}(): DTensor logits placed {placement} (dim {input.dim()}) are not supported: Shard(1) of (N, C) logits "
+        "with class-index targets, Replicate, or Shard(0)"
+    )
+
+
+def dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                 label_smoothing, z_loss, softcap, **linear_options):  # fmt: skip
+    """softmax_gpu.linear_cross_entropy with DTensors on a 1-D mesh:
+
+    the head Shard(0) (its classes: a column-parallel LM head), the input Replicate (or a
+        plain tensor, the same on every rank): vocab_parallel_linear_cross_entropy on the
+        mesh's group;
+    the head Replicate, the input Replicate: the local call; the input Shard(0) (the
+        batch): per-row losses on each rank's rows, then DTensor's reductions.
+    Returns a DTensor, as dtensor_cross_entropy."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    from .ops.linear_cross_entropy import linear_cross_entropy
+
+    fn = "softmax_gpu.linear_cross_entropy"
+    mesh = next(t.device_mesh for t in (input, linear_weight) if hasattr(t, "device_mesh"))
+    x_place, w_place, b_place, t_place, cw_place = _one_placement(fn, mesh, input, linear_weight, linear_bias, target,
+                                                                  weight)  # fmt: skip
+    x, w, b, tgt, cw = (_local(t) for t in (input, linear_weight, linear_bias, target, weight))
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if cw_place not in (None, Replicate()) or (b_place is not None and b_place != w_place):
+        raise NotImplementedError(f"{fn}(): the bias must be placed as the head, class weights replicated")
+    if w_place == Shard(0) and x_place in (None, Replicate()) and t_place in (None, Replicate()):
+        start = _chunk_start(linear_weight.shape[0], mesh.size(), mesh.get_local_rank())
+        cw = None if cw is None else cw[start : start + w.shape[0]]
+        loss = vocab_parallel_linear_cross_entropy(x, w, tgt, group=mesh.get_group(), vocab_start=start,
+                                                   linear_bias=b, weight=cw, reduction=reduction, **options)  # fmt: skip
+        return _replicated(loss, mesh)
+    if w_place == Replicate() and x_place == Replicate():
+        return _replicated(linear_cross_entropy(x, w, tgt, linear_bias=b, weight=cw, reduction=reduction, **options,
+                                                **linear_options), mesh)  # fmt: skip
+    if w_place == Replicate() and x_place == Shard(0) and t_place in (None, Shard(0)):
+        rows = linear_cross_entropy(x, w, tgt, linear_bias=b, weight=cw, reduction="none", **options, **linear_options)
+        counted = None if reduction != "mean" else _row_weights(tgt.reshape(-1), cw, ignore_index, rows.dtype)
+        return _batch_reduced(rows.reshape(-1), counted, mesh, reduction)
+    raise NotImplementedError(
+        f"{fn}(): DTensor input placed {x_place} with the head placed {w_place} is not supported: the head Shard(0) "
+        "with the input Replicate, or the head Replicate with the input Replicate or Shard(0)"
+    )

@@ -284,8 +284,72 @@ def _token_logprobs_worker(rank, world, n_rows, n_classes, starts):
             assert_matches(got[k][rows].cpu(), want[rows].numpy(), rtol=0.0, atol=1e-5 * scale, what=f"{what} grad {k}")
 
 
+def _dtensor_worker(rank, world):
+    """cross_entropy and linear_cross_entropy of DTensors on a 1-D mesh of every rank: logits
+    sharded on the classes (uneven over 3 ranks) against F.cross_entropy under loss_parallel(),
+    replicated and batch-sharded logits against the plain call on the full tensors, a
+    column-parallel head; losses and the full gradients."""
+    import softmax_gpu
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    mesh = init_device_mesh(device(), (world,))
+    n_rows, n_classes, hidden = 2 * world, 37, 8
+    z = 3 * torch.randn(n_rows, n_classes, device=device())
+    t = torch.randint(0, n_classes, (n_rows,), device=device())
+    t[1] = -100
+    class_weight = torch.rand(n_classes, device=device()) + 0.5
+    dt = distribute_tensor(t, mesh, [Replicate()])
+
+    def both(fn, placement, **kw):
+        leaf = distribute_tensor(z, mesh, [placement]).requires_grad_()
+        loss = fn(leaf, dt if placement != Shard(0) else distribute_tensor(t, mesh, [Shard(0)]), **kw)
+        assert isinstance(loss, DTensor)
+        loss.full_tensor().sum().backward()
+        return loss.full_tensor().detach(), leaf.grad.full_tensor()
+
+    cases = [dict(reduction="mean"), dict(reduction="sum", label_smoothing=0.1), dict(reduction="none"),
+             dict(reduction="mean", weight=class_weight)]  # fmt: skip
+    for kw in cases:
+        what = f"rank {rank} {kw.get('reduction')} {sorted(kw)}"
+        full = z.clone().requires_grad_()
+        plain = F.cross_entropy(full, t, **kw)
+        plain.sum().backward()
+        for placement in (Shard(1), Replicate(), Shard(0)):
+            got = both(softmax_gpu.cross_entropy, placement, **kw)
+            torch.testing.assert_close(got[0], plain.detach(), rtol=2e-6, atol=2e-7, msg=f"{what} {placement}")
+            torch.testing.assert_close(got[1], full.grad, rtol=2e-6, atol=2e-7, msg=f"{what} {placement}")
+    # torch's own loss_parallel() (without an ignored row or smoothing: on this torch both
+    # fail there, masked_fill_ on a Partial placement)
+    t[1] = 3
+    dt = distribute_tensor(t, mesh, [Replicate()])
+    with loss_parallel():
+        want = both(F.cross_entropy, Shard(1))
+    got = both(softmax_gpu.cross_entropy, Shard(1))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7, msg=f"rank {rank} against loss_parallel()")
+
+    # A column-parallel LM head: the weight sharded on its classes, the input replicated.
+    x = torch.randn(n_rows, hidden, device=device())
+    w = torch.randn(n_classes, hidden, device=device()) / hidden**0.5
+    dx = distribute_tensor(x, mesh, [Replicate()]).requires_grad_()
+    dw = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+    loss = softmax_gpu.linear_cross_entropy(dx, dw, dt, label_smoothing=0.1)
+    loss.full_tensor().backward()
+    fx, fw = x.clone().requires_grad_(), w.clone().requires_grad_()
+    want = F.cross_entropy(F.linear(fx, fw), t, label_smoothing=0.1)
+    want.backward()
+    torch.testing.assert_close(loss.full_tensor().detach(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw.grad.full_tensor(), fw.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx.grad.full_tensor(), fx.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="pass the input as a DTensor"):
+        softmax_gpu.linear_cross_entropy(x, dw, t)
+
+
 def _two_ranks_worker(rank, world):
     _token_logprobs_worker(rank, world, 6, 42, None)  # 21 classes a rank: a layout of its own
+    _dtensor_worker(rank, world)
     _options_worker(rank, world, 5, 38, None, None)  # 19 classes a rank, one block per row
     # A new layout (20 classes a rank), so the first call validates it.
     _collectives_and_special_rows_worker(rank, world, 5, 40)
@@ -303,6 +367,7 @@ def _three_ranks_worker(rank, world):
     # 16-wide blocks: rank 0's rows take the looped path (two blocks, the second ragged).
     _options_worker(rank, world, 5, 37, ((10, 20), (30, 7), (0, 10)), 16)
     _token_logprobs_worker(rank, world, 6, 37, ((10, 20), (30, 7), (0, 10)))
+    _dtensor_worker(rank, world)  # 13, 13 and 11 classes
     _bad_input_worker(rank, world)
     _subgroup_worker(rank, world)
 

@@ -230,3 +230,62 @@ def test_opcheck_of_both_ops(device):
         args = (x, w, b, target, weight, row_max, stats, upstream, divisor, 20, 0, -100, 0.1, 1e-3, 5.0, True, True,
                 True)  # fmt: skip
         torch.library.opcheck(vocab_parallel_linear_backward, args)
+
+
+# ---------------------------------------------------------------- FSDP2 (fully_shard)
+
+
+def _fsdp_worker(rank, world):
+    """A tiny LM under FSDP2 on gloo, each rank on its own slice of the batch, trained 3 steps
+    with linear_cross_entropy: the root's group holding the head; the head in a group of
+    its own with the loss registered as an FSDP forward method; both match the same model
+    trained in one process on the whole batch. The head's sharded weight outside such a
+    forward is refused (nothing would reduce its gradient)."""
+    import softmax_gpu
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    class Head(torch.nn.Linear):
+        def loss(self, hidden, target):
+            return softmax_gpu.linear_cross_entropy(hidden, self.weight, target)
+
+    class TinyLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(40, HIDDEN)
+            self.head = Head(HIDDEN, 40, bias=False)
+
+        def forward(self, ids, target):
+            return self.head.loss(torch.tanh(self.embed(ids)).reshape(-1, HIDDEN), target.reshape(-1))
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layout in ("root", "head apart"):
+        torch.manual_seed(0)
+        model, whole = TinyLM(), TinyLM()
+        whole.load_state_dict(model.state_dict())
+        if layout == "head apart":
+            fully_shard(model.head, mesh=mesh)
+            register_fsdp_forward_method(model.head, "loss")
+        fully_shard(model, mesh=mesh)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, whole)]
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            ids, target = (torch.randint(0, 40, (2 * world, 6), generator=g) for _ in range(2))
+            mine = slice(2 * rank, 2 * rank + 2)
+            losses = [model(ids[mine], target[mine]), whole(ids, target)]
+            for loss, opt in zip(losses, opts):
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            mean = losses[0].detach().clone()
+            dist.all_reduce(mean)
+            torch.testing.assert_close(mean / world, losses[1].detach(), rtol=1e-5, atol=1e-6,
+                                       msg=f"{layout}: step {step}")  # fmt: skip
+    hidden = torch.randn(4, HIDDEN)
+    with pytest.raises(TypeError, match="sharded by FSDP2's fully_shard"):
+        softmax_gpu.linear_cross_entropy(hidden, model.head.weight, torch.zeros(4, dtype=torch.long))
+
+
+@needs_gloo
+def test_fsdp2_trains_like_one_process():
+    run_ranks(2, _fsdp_worker)

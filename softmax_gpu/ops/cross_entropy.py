@@ -1042,6 +1042,12 @@ def cross_entropy(
     No classes (C == 0) launch nothing and give torch's values (zero_class_rows).
     """
     fn = "softmax_gpu.cross_entropy"
+    if type(input).__name__ == "DTensor":  # torch.distributed.tensor, imported only when one arrives
+        from ..distributed import dtensor_cross_entropy
+
+        if inplace_backward:
+            raise NotImplementedError(f"{fn}(): inplace_backward=True is not supported for DTensor logits")
+        return dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
     check_floating(fn, "input", input)
     if input.dim() == 0:
         raise ValueError(f"{fn}(): input must have at least one dim (the classes)")

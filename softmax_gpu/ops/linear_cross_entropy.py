@@ -615,10 +615,30 @@ def _materialised(x, w, b, target, weight, ignore_index, reduction, label_smooth
                          softcap=softcap)  # fmt: skip
 
 
+def _is_dtensor(t) -> bool:
+    return t is not None and type(t).__name__ == "DTensor" and type(t).__module__.startswith("torch.distributed")
+
+
+def _check_not_sharded(fn, input, linear_weight, linear_bias):
+    """A DTensor head with a plain input is FSDP2's shard of a module whose forward did not run
+    (its pre-forward all-gathers the weight, its post-backward reduces the gradient), or a
+    tensor-parallel head whose input was not made a DTensor: refuse both rather than compute
+    a gradient that no rank reduces."""
+    if not _is_dtensor(input) and (_is_dtensor(linear_weight) or _is_dtensor(linear_bias)):
+        raise TypeError(
+            f"{fn}(): linear_weight is a DTensor but input is not: the LM head looks sharded by FSDP2's fully_shard "
+            "outside a forward that gathers it. Call the loss inside the forward of a module whose fully_shard group "
+            "holds the head (the root, or the head's own module with "
+            "torch.distributed.fsdp.register_fsdp_forward_method), so that its weight arrives all-gathered. For a "
+            "tensor-parallel head, pass the input as a DTensor (Replicate) on the head's mesh"
+        )
+
+
 def _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=False, dtypes=DTYPES):
     check_floating(fn, "input", input)
     check_floating(fn, "linear_weight", linear_weight)
     check_tensor(fn, "target", target)
+    _check_not_sharded(fn, input, linear_weight, linear_bias)
     if input.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{fn}(): input must be one of {names}, got {input.dtype}")
@@ -741,6 +761,12 @@ def linear_cross_entropy(
     """
     if ignore_index is None:
         ignore_index = -100
+    if _is_dtensor(input):
+        from ..distributed import dtensor_linear_cross_entropy
+
+        return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, ignore_index, reduction,
+                                            label_smoothing, z_loss, softcap, grad_skip_threshold=grad_skip_threshold,
+                                            mode=mode, buffer_bytes=buffer_bytes)  # fmt: skip
     _check_operands(FN, input, linear_weight, target, linear_bias, weight, allow_no_classes=True)
     _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
     if target.is_floating_point() and ignore_index != -100:
