@@ -113,6 +113,7 @@ def vocab_parallel_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    _layout: Optional[tuple] = None,
 ) -> torch.Tensor:
     """softmax_gpu.cross_entropy of the full problem, with the classes sharded across a group.
 
@@ -167,7 +168,8 @@ def vocab_parallel_cross_entropy(
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     _check_vocab_start(FN, vocab_start)
     group = _resolve_group(group)
-    col_start, n_classes = _shard_layout(group, logits.shape[1], vocab_start, logits.device)
+    # (_layout: (first class, V) known to the caller, a DTensor's: nothing to check or cache)
+    col_start, n_classes = _layout or _shard_layout(group, logits.shape[1], vocab_start, logits.device)
 
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # the kernels need unit column stride; any row stride is fine
@@ -198,6 +200,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
+    _layout: Optional[tuple] = None,
 ) -> torch.Tensor:
     """softmax_gpu.linear_cross_entropy of the full problem, with the LM head sharded by class.
 
@@ -237,7 +240,7 @@ def vocab_parallel_linear_cross_entropy(
     _check_vocab_start(fn, vocab_start)
     group = _resolve_group(group, fn)
     n_local, hidden = linear_weight.shape
-    col_start, n_classes = _shard_layout(group, n_local, vocab_start, input.device, fn)
+    col_start, n_classes = _layout or _shard_layout(group, n_local, vocab_start, input.device, fn)
 
     x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: the kernels take both strides
     tgt = target.reshape(-1)
@@ -354,19 +357,24 @@ def _replicated(loss, mesh):
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
 
 
-def _batch_reduced(rows, counted_weight, mesh, reduction):
-    """Per-row losses sharded on the batch dim: reduced over every rank's rows, a Replicate
-    DTensor (DTensor's own differentiable reductions)."""
+def _batch_reduced(rows, counted_weight, mesh, reduction, shape):
+    """Per-row losses sharded on the batch dim (global `shape`, the shards torch.chunk's, so
+    possibly uneven): reduced over every rank's rows, a Replicate DTensor (DTensor's own
+    differentiable reductions), or the Shard(0) per-row DTensor for reduction="none"."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    loss = DTensor.from_local(rows, mesh, [Shard(0)], run_check=False)
+    stride = torch.empty(shape, device="meta").stride()
+
+    def sharded(local):
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+    loss = sharded(rows)
     if reduction == "none":
         return loss
     total = loss.sum().redistribute(mesh, [Replicate()])
     if reduction == "sum":
         return total
-    divisor = DTensor.from_local(counted_weight, mesh, [Shard(0)], run_check=False).sum()
-    return total / divisor.redistribute(mesh, [Replicate()])
+    return total / sharded(counted_weight).sum().redistribute(mesh, [Replicate()])
 
 
 def _row_weights(target, weight, ignore_index, dtype):
@@ -401,16 +409,16 @@ def dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_
         raise NotImplementedError(f"{fn}(): class weights must be a plain tensor or a Replicate DTensor")
     if placement == Replicate():
         return _replicated(cross_entropy(logits, tgt, w, reduction=reduction, **options), mesh)
-    if placement == Shard(0):
+    if placement == Shard(0) and input.dim() >= 2:  # (a 1-D input's dim 0 is its classes)
         rows = cross_entropy(logits, tgt, w, reduction="none", **options)
         counted = None if reduction != "mean" else _row_weights(tgt, w, ignore_index, rows.dtype)
-        return _batch_reduced(rows, counted, mesh, reduction)
+        return _batch_reduced(rows, counted, mesh, reduction, input.shape[:1] + input.shape[2:])
     if placement == Shard(1) and input.dim() == 2 and not tgt.is_floating_point():
         n_classes = input.shape[1]
         start = _chunk_start(n_classes, mesh.size(), mesh.get_local_rank())
         w = None if w is None else w[start : start + logits.shape[1]]
-        loss = vocab_parallel_cross_entropy(logits, tgt, group=mesh.get_group(), vocab_start=start, weight=w,
-                                            reduction=reduction, **options)  # fmt: skip
+        loss = vocab_parallel_cross_entropy(logits, tgt, group=mesh.get_group(), weight=w, reduction=reduction,
+                                            _layout=(start, n_classes), **options)  # fmt: skip
         return _replicated(loss, mesh)
     raise NotImplementedError(
         f"{fn}(): DTensor logits placed {placement} (dim {input.dim()}) are not supported: Shard(1) of (N, C) logits "
@@ -432,27 +440,42 @@ def dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weig
 
     from .ops.linear_cross_entropy import linear_cross_entropy
 
+    from torch.distributed.tensor import Partial
+
+    from .ops.linear_cross_entropy import check_linear_options
+
     fn = "softmax_gpu.linear_cross_entropy"
+    check_linear_options(fn, linear_options["mode"], linear_options["buffer_bytes"],
+                         linear_options["grad_skip_threshold"])  # fmt: skip
     mesh = next(t.device_mesh for t in (input, linear_weight) if hasattr(t, "device_mesh"))
     x_place, w_place, b_place, t_place, cw_place = _one_placement(fn, mesh, input, linear_weight, linear_bias, target,
                                                                   weight)  # fmt: skip
-    x, w, b, tgt, cw = (_local(t) for t in (input, linear_weight, linear_bias, target, weight))
+    tgt, cw = _local(target), _local(weight)
     options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if cw_place not in (None, Replicate()) or (b_place is not None and b_place != w_place):
         raise NotImplementedError(f"{fn}(): the bias must be placed as the head, class weights replicated")
     if w_place == Shard(0) and x_place in (None, Replicate()) and t_place in (None, Replicate()):
-        start = _chunk_start(linear_weight.shape[0], mesh.size(), mesh.get_local_rank())
+        if linear_options["grad_skip_threshold"] is not None:
+            raise NotImplementedError(f"{fn}(): grad_skip_threshold is not supported for a vocab-sharded head")
+        n_classes = linear_weight.shape[0]
+        x, w, b = (_local(t) for t in (input, linear_weight, linear_bias))
+        start = _chunk_start(n_classes, mesh.size(), mesh.get_local_rank())
         cw = None if cw is None else cw[start : start + w.shape[0]]
-        loss = vocab_parallel_linear_cross_entropy(x, w, tgt, group=mesh.get_group(), vocab_start=start,
-                                                   linear_bias=b, weight=cw, reduction=reduction, **options)  # fmt: skip
+        loss = vocab_parallel_linear_cross_entropy(x, w, tgt, group=mesh.get_group(), linear_bias=b, weight=cw,
+                                                   reduction=reduction, _layout=(start, n_classes), **options)  # fmt: skip
         return _replicated(loss, mesh)
     if w_place == Replicate() and x_place == Replicate():
+        x, w, b = (_local(t) for t in (input, linear_weight, linear_bias))
         return _replicated(linear_cross_entropy(x, w, tgt, linear_bias=b, weight=cw, reduction=reduction, **options,
                                                 **linear_options), mesh)  # fmt: skip
-    if w_place == Replicate() and x_place == Shard(0) and t_place in (None, Shard(0)):
+    if w_place == Replicate() and x_place == Shard(0) and t_place in (None, Shard(0)) and input.dim() >= 2:
+        # Each rank's rows give a partial gradient of the replicated head: summed over the ranks.
+        x = input.to_local()
+        w = linear_weight.to_local(grad_placements=[Partial()])
+        b = None if linear_bias is None else linear_bias.to_local(grad_placements=[Partial()])
         rows = linear_cross_entropy(x, w, tgt, linear_bias=b, weight=cw, reduction="none", **options, **linear_options)
-        counted = None if reduction != "mean" else _row_weights(tgt.reshape(-1), cw, ignore_index, rows.dtype)
-        return _batch_reduced(rows.reshape(-1), counted, mesh, reduction)
+        counted = None if reduction != "mean" else _row_weights(tgt, cw, ignore_index, rows.dtype)
+        return _batch_reduced(rows, counted, mesh, reduction, input.shape[:-1])
     raise NotImplementedError(
         f"{fn}(): DTensor input placed {x_place} with the head placed {w_place} is not supported: the head Shard(0) "
         "with the input Replicate, or the head Replicate with the input Replicate or Shard(0)"

@@ -48,6 +48,30 @@ def test_func_softmax_every_transform(name, device):
     torch.testing.assert_close(jacrev(lambda v: ours(v, -1))(x[0]), jacrev(lambda v: theirs(v, -1))(x[0]), **CLOSE)
     per_sample = vmap(grad(scalar(ours)))(x.reshape(-1, V))
     torch.testing.assert_close(per_sample, vmap(grad(scalar(theirs)))(x.reshape(-1, V)), **CLOSE)
+    scalars = x[0, 0]  # a 0-d sample: a row of one
+    torch.testing.assert_close(vmap(lambda r: ours(r, 0))(scalars), vmap(lambda r: theirs(r, 0))(scalars), **CLOSE)
+    torch.testing.assert_close(vmap(grad(lambda r: ours(r, 0) * r))(scalars),
+                               vmap(grad(lambda r: theirs(r, 0) * r))(scalars), **CLOSE)  # fmt: skip
+
+
+def test_create_graph_second_derivatives(device):
+    """Plain autograd with create_graph=True (a Hessian-vector product): softmax and
+    log_softmax give torch's second derivatives; the first-order ops raise at the backward
+    instead of silently dropping their term."""
+    x, t = data(device)
+    w = torch.randn_like(x)
+    for ours, theirs in ((softmax_gpu.softmax, torch.softmax), (softmax_gpu.log_softmax, torch.log_softmax)):
+        hvps = []
+        for fn in (ours, theirs):
+            leaf = x.clone().requires_grad_()
+            (g,) = torch.autograd.grad((fn(leaf, -1) * w).sum(), leaf, create_graph=True)
+            hvps.append(torch.autograd.grad((g * w).sum(), leaf)[0])
+        torch.testing.assert_close(*hvps, **CLOSE)
+    leaf = x[0].clone().requires_grad_()
+    for loss in (lambda: softmax_gpu.cross_entropy(leaf, t[0]), lambda: softmax_gpu.token_logprobs(leaf, t[0].clamp(min=0)).sum(),
+                 lambda: softmax_gpu.cross_entropy(leaf.float(), t[0])):  # fmt: skip
+        with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
+            torch.autograd.grad(loss(), leaf, create_graph=True)
 
 
 def _torch_ce(x, t, **kw):
@@ -214,19 +238,39 @@ def test_activation_checkpointing_linear_forms(mode, reentrant, device):
 # ---------------------------------------------------------------------------------------
 
 
-def test_compile_inplace_backward_and_dynamic_rows(device):
-    """inplace_backward=True compiles with fullgraph=True; dynamic=True over the number of
-    rows runs two row counts through one compiled function; both match eager."""
+COMPILED = {
+    "softmax": lambda z, t, w: (softmax_gpu.softmax(z) * 2).sum(),
+    "log_softmax": lambda z, t, w: softmax_gpu.log_softmax(z, dtype=torch.float64).sum(),
+    "cross_entropy inplace": lambda z, t, w: softmax_gpu.cross_entropy(z, t, label_smoothing=0.1, inplace_backward=True),
+    "cross_entropy options": lambda z, t, w: softmax_gpu.cross_entropy(z, t, weight=torch.ones(V, device=z.device),
+                                                                       z_loss=1e-3, softcap=5.0, reduction="sum"),
+    "cross_entropy probabilities": lambda z, t, w: softmax_gpu.cross_entropy(z, torch.softmax(z.detach(), -1)),
+    "token_logprobs": lambda z, t, w: sum(o.sum() for o in softmax_gpu.token_logprobs(z, t.clamp(min=0), temperature=0.7,
+                                                                                       return_entropy=True)),
+    "linear_cross_entropy": lambda z, t, w: softmax_gpu.linear_cross_entropy(z[:, :H], w, t, mode="speed"),
+    "linear_cross_entropy low_memory": lambda z, t, w: softmax_gpu.linear_cross_entropy(z[:, :H], w, t,
+                                                                                        mode="low_memory"),
+    "linear_token_logprobs": lambda z, t, w: softmax_gpu.linear_token_logprobs(z[:, :H], w, t.clamp(min=0)).sum(),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(COMPILED))
+def test_compile_every_op_fullgraph_dynamic_rows(case, device):
+    """torch.compile(fullgraph=True, dynamic=True): two row counts through one compiled
+    function, loss and gradients as eager (a linear layer in front, so that in-place
+    gradients overwrite an activation, not a leaf)."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(H, V).to(device)
+    w = torch.randn(V, H, device=device)
 
     def step(inp, target):
-        return softmax_gpu.cross_entropy(layer(inp), target, label_smoothing=0.1, inplace_backward=True)
+        return COMPILED[case](layer(inp), target, w)
 
     compiled = torch.compile(step, fullgraph=True, dynamic=True)
     for rows in (7, 12):
         inp = torch.randn(rows, H, device=device)
         target = torch.randint(0, V, (rows,), device=device)
+        target[1] = -100
         grads = []
         for fn in (step, compiled):
             layer.zero_grad()
@@ -235,7 +279,19 @@ def test_compile_inplace_backward_and_dynamic_rows(device):
             loss.backward()
             grads.append((loss.detach(), leaf.grad, layer.weight.grad.clone()))
         for a, b in zip(*grads):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_inplace_refuses_what_eager_refuses(device):
+    """inplace_backward=True on logits whose rows are not a view (a transpose): the same
+    ValueError compiled as eager (the check reads strides, which dynamo traces)."""
+    z = torch.randn(V, N, device=device).requires_grad_()
+    t = torch.randint(0, V, (N,), device=device)
+    logits = lambda: (z * 1.0).t()  # noqa: E731
+    with pytest.raises(ValueError, match="class dim has stride 1"):
+        softmax_gpu.cross_entropy(logits(), t, inplace_backward=True)
+    with pytest.raises(Exception, match="class dim has stride 1"):
+        torch.compile(lambda: softmax_gpu.cross_entropy(logits(), t, inplace_backward=True), fullgraph=True)()
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +300,8 @@ def test_compile_inplace_backward_and_dynamic_rows(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("case", sorted(CASES) + ["linear_cross_entropy", "linear_cross_entropy low_memory"])
+@pytest.mark.parametrize("case", sorted(CASES) + ["linear_cross_entropy", "linear_cross_entropy low_memory",
+                                                   "linear_token_logprobs"])  # fmt: skip
 def test_cuda_graph_capture_and_replay(case):
     """Forward + backward captured once in a torch.cuda.CUDAGraph, replayed on new data: the
     same loss and gradient as an eager call on that data."""
@@ -253,12 +310,16 @@ def test_cuda_graph_capture_and_replay(case):
     w = torch.randn(V, H, device=dev)
     x_static = torch.randn(64, H, device=dev)
     t_static = torch.randint(0, V, (64,), device=dev)
+    t_static[::7] = -100
 
     def run(x, t):
         leaf = x.detach().requires_grad_()
         if case.startswith("linear_cross_entropy"):
             mode = "low_memory" if "low_memory" in case else "speed"
             loss = softmax_gpu.linear_cross_entropy(leaf, w, t, mode=mode)
+        elif case == "linear_token_logprobs":
+            lp, ent = softmax_gpu.linear_token_logprobs(leaf, w, t.clamp(min=0), return_entropy=True)
+            loss = lp.sum() + 0.1 * ent.sum()
         else:
             loss = CASES[case](F.linear(leaf, w), t)
         (g,) = torch.autograd.grad(loss, leaf)
@@ -274,6 +335,7 @@ def test_cuda_graph_capture_and_replay(case):
     with torch.cuda.graph(graph):
         static_loss, static_grad = run(x_static, t_static)
     new_x, new_t = torch.randn_like(x_static), torch.randint(0, V, (64,), device=dev)
+    new_t[::5] = -100  # a different count of ignored rows than at capture: the mean's divisor too
     x_static.copy_(new_x)
     t_static.copy_(new_t)
     graph.replay()

@@ -295,7 +295,7 @@ def _dtensor_worker(rank, world):
     from torch.distributed.tensor.parallel import loss_parallel
 
     mesh = init_device_mesh(device(), (world,))
-    n_rows, n_classes, hidden = 2 * world, 37, 8
+    n_rows, n_classes, hidden = 2 * world + 1, 37, 8  # batch shards uneven too (torch.chunk's: 3 + 2, 3 + 3 + 1)
     z = 3 * torch.randn(n_rows, n_classes, device=device())
     t = torch.randint(0, n_classes, (n_rows,), device=device())
     t[1] = -100
@@ -345,6 +345,30 @@ def _dtensor_worker(rank, world):
     torch.testing.assert_close(dx.grad.full_tensor(), fx.grad, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="pass the input as a DTensor"):
         softmax_gpu.linear_cross_entropy(x, dw, t)
+    with pytest.raises(NotImplementedError, match="grad_skip_threshold"):
+        softmax_gpu.linear_cross_entropy(dx, dw, dt, grad_skip_threshold=0.5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        softmax_gpu.linear_cross_entropy(dx, dw, dt, mode="fast")
+
+    # Data parallelism by DTensor: the input's rows sharded (3-D, uneven), the head
+    # replicated; its gradient is every rank's rows' (summed), the loss per token or reduced.
+    x3 = torch.randn(n_rows, 2, hidden, device=device())
+    t3 = torch.randint(0, n_classes, (n_rows, 2), device=device())
+    t3[0, 1] = -100
+    for reduction in ("mean", "sum", "none"):
+        dx3 = distribute_tensor(x3, mesh, [Shard(0)]).requires_grad_()
+        dw3 = distribute_tensor(w, mesh, [Replicate()]).requires_grad_()
+        loss = softmax_gpu.linear_cross_entropy(dx3, dw3, distribute_tensor(t3, mesh, [Shard(0)]), reduction=reduction)
+        assert loss.shape == ((n_rows, 2) if reduction == "none" else ()), loss.shape
+        upstream = torch.linspace(0.5, 1.5, 2 * n_rows, device=device()).view(n_rows, 2)
+        (loss.full_tensor() * (upstream if reduction == "none" else 1.0)).sum().backward()
+        fx, fw = x3.clone().requires_grad_(), w.clone().requires_grad_()
+        want = F.cross_entropy(F.linear(fx, fw).transpose(1, 2), t3, reduction=reduction)
+        (want * (upstream if reduction == "none" else 1.0)).sum().backward()
+        what = f"rank {rank} data-parallel {reduction}"
+        torch.testing.assert_close(loss.full_tensor().detach(), want.detach(), rtol=1e-5, atol=1e-6, msg=what)
+        torch.testing.assert_close(dw3.grad.full_tensor(), fw.grad, rtol=1e-5, atol=1e-6, msg=what)
+        torch.testing.assert_close(dx3.grad.full_tensor(), fx.grad, rtol=1e-5, atol=1e-6, msg=what)
 
 
 def _two_ranks_worker(rank, world):

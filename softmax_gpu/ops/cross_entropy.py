@@ -43,7 +43,7 @@ from ..kernels.cross_entropy import (
 )
 from ..layout import as_rows
 from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
-from .functorch import first_order_only
+from .functorch import first_order, first_order_only
 
 REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -857,6 +857,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @first_order("softmax_gpu.cross_entropy")
     def backward(ctx, grad_loss, *unused):
         if ctx.mode == "stored" or (ctx.mode == "deferred" and ctx.inplace):
             if ctx.backward_done:  # checked before saved_tensors, whose version check would fail first
@@ -982,6 +983,17 @@ class FunctorchCrossEntropy(torch.autograd.Function):
         return first_order_only(grad, "softmax_gpu.cross_entropy", logits, upstream), None, None, None, None, None, None
 
 
+def _rows_are_a_view(x: torch.Tensor, class_dim: int) -> bool:
+    """Whether as_rows(x, class_dim) is a view of x (not a copy), from the strides alone (so
+    that torch.compile can trace it): the class dim at unit stride, the other dims one
+    flattenable run (dims of size 1 may have any stride)."""
+    moved = x.movedim(class_dim, -1)
+    if moved.shape[-1] > 1 and moved.stride(-1) != 1:
+        return False
+    dims = [(size, stride) for size, stride in zip(moved.shape[:-1], moved.stride()[:-1]) if size != 1]
+    return all(stride == inner_size * inner_stride for (_, stride), (inner_size, inner_stride) in zip(dims, dims[1:]))
+
+
 def _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """cross_entropy() under torch.func: per-row losses from FunctorchCrossEntropy, reduced here."""
     if tgt.is_floating_point():
@@ -1071,8 +1083,7 @@ def cross_entropy(
             raise ValueError(
                 f"{fn}(): inplace_backward=True overwrites the logits that the probability target's gradient needs"
             )
-        # (Under torch.compile the graph is functional: no storage to share, and nothing to check.)
-        if not torch.compiler.is_compiling() and rows.untyped_storage().data_ptr() != input.untyped_storage().data_ptr():
+        if not _rows_are_a_view(input, class_dim):
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose class dim has stride 1")
         # rows is (N, C) with unit column stride: its elements overlap exactly when rows are
         # closer than C apart (an expanded tensor has row stride 0).

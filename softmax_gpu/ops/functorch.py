@@ -1,4 +1,5 @@
-"""Helpers for the ops' torch.func paths (grad, vjp, jacrev, vmap over them).
+"""Helpers for the ops' torch.func paths (grad, vjp, jacrev, vmap over them), and the
+first-order guard of every backward whose kernel is not differentiable again.
 
 torch.library's autograd for a custom op does not support the torch.func transforms, so
 each op has a small autograd.Function with setup_context for them (FunctorchSoftmax,
@@ -7,6 +8,8 @@ ops that have vmap rules (the vmapped dim joins the rows). Their backward kernel
 differentiable again except softmax's: first_order_only() makes a second derivative raise
 instead of coming out silently zero.
 """
+import functools
+
 import torch
 
 
@@ -41,3 +44,27 @@ def first_order_only(value: torch.Tensor, name: str, *depends_on) -> torch.Tenso
     """`value` (a gradient computed by a kernel from `depends_on`), tied to what it depends on
     so that differentiating it raises."""
     return _FirstOrderOnly.apply(value, name, *[t for t in depends_on if isinstance(t, torch.Tensor)])
+
+
+def first_order(name: str):
+    """Decorates an autograd.Function's backward whose kernels are not differentiable again:
+    it runs without recording, and a backward that autograd would record (create_graph=True,
+    for a Hessian-vector product or a grad of grad) raises at once. (A lazily raising node,
+    as torch's once_differentiable attaches, is skipped by autograd whenever nothing upstream
+    requires grad, and the second derivative then silently misses this op's term.)"""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    f"{name}: backward with create_graph=True is not supported: its gradient is not "
+                    "differentiable again, so a second derivative would silently miss its term (first "
+                    "derivatives only; softmax and log_softmax support second derivatives)"
+                )
+            with torch.no_grad():
+                return backward(ctx, *grad_outputs)
+
+        return wrapper
+
+    return decorate

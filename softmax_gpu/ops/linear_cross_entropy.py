@@ -78,6 +78,7 @@ from .cross_entropy import (
     under_functorch,
     zero_class_rows,
 )
+from .functorch import first_order
 from .vocab_parallel_cross_entropy import launch_vocab_parallel_loss, launch_vocab_parallel_stats, n_stats
 
 FN = "softmax_gpu.linear_cross_entropy"
@@ -566,7 +567,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(FN)
     def backward(ctx, grad_loss, _grad_lse):
         needs = ctx.needs_input_grad[:3]
         bias = needs[2]

@@ -254,13 +254,19 @@ torch.library.register_autograd("softmax_gpu::softmax_forward", _backward, setup
 
 @torch.library.register_vmap("softmax_gpu::softmax_forward")
 def _(info, in_dims, x, dim, log, dtype):
-    # Row-wise: the vmapped dim is one more batch dim in front (dim is non-negative here).
-    return softmax_forward(batch_first(x, in_dims[0], info.batch_size), dim + 1, log, dtype), 0
+    # Row-wise: the vmapped dim is one more batch dim in front (dim is non-negative here). A
+    # 0-d sample is a row of one.
+    x = batch_first(x, in_dims[0], info.batch_size)
+    if x.dim() == 1:
+        return softmax_forward(x[:, None], 1, log, dtype)[:, 0], 0
+    return softmax_forward(x, dim + 1, log, dtype), 0
 
 
 @torch.library.register_vmap("softmax_gpu::softmax_backward")
 def _(info, in_dims, y, dy, dim, log):
     y, dy = (batch_first(t, d, info.batch_size) for t, d in zip((y, dy), in_dims))
+    if y.dim() == 1:
+        return softmax_backward(y[:, None], dy[:, None], 1, log)[:, 0], 0
     return softmax_backward(y, dy, dim + 1, log), 0
 
 
@@ -353,9 +359,11 @@ class _EagerSoftmax(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (y,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable again
+            return FunctorchSoftmaxBackward.apply(y, grad_output.to(y.dtype), ctx.dim, ctx.log).to(ctx.input_dtype), \
+                None, None, None
         return _softmax_backward(y, grad_output, ctx.dim, ctx.log).to(ctx.input_dtype), None, None, None
 
 

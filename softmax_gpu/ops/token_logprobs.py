@@ -34,7 +34,7 @@ from ..kernels.token_logprobs import (
 from ..runtime import check_launchable, device_guard
 from ..layout import batch_first
 from .cross_entropy import _plain_eager, under_functorch
-from .functorch import first_order_only
+from .functorch import first_order, first_order_only
 from .linear_cross_entropy import _buffer, _logits_into, _view, mm_accumulate
 
 FN = "softmax_gpu.token_logprobs"
@@ -206,6 +206,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy, stats
 
     @staticmethod
+    @first_order(FN)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         logits, tokens, stats, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
@@ -459,6 +460,7 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy, stats
 
     @staticmethod
+    @first_order(LINEAR_FN)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
         hidden, linear_weight, linear_bias, tokens, stats, entropy = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]

@@ -32,6 +32,7 @@ from .cross_entropy import (
     cross_entropy_config,
     cross_entropy_scale_grad,
 )
+from .functorch import first_order
 
 
 def stats_config(n_cols: int) -> config.RowConfig:
@@ -310,6 +311,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @first_order("softmax_gpu.vocab_parallel_cross_entropy")
     def backward(ctx, grad_loss, *unused):
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
         if ctx.deferred:

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .cross_entropy import _check_class_indices, _plain_eager
+from .functorch import first_order
 from .linear_cross_entropy import _slab_backward, _slab_stats
 from .vocab_parallel_cross_entropy import _vocab_parallel_loss, combine_stats, n_stats, total_weight, vocab_parallel_loss
 
@@ -146,7 +147,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order(FN)
     def backward(ctx, grad_loss, _grad_lse):
         input, linear_weight, linear_bias, target, weight, row_max, stats, total = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]

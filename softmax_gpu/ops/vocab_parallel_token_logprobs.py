@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .cross_entropy import _plain_eager
+from .functorch import first_order
 from .token_logprobs import _config, backward_logits, launch_partials, split_config
 
 VP_FN = "softmax_gpu.vocab_parallel_token_logprobs"
@@ -107,6 +108,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         return logprobs, entropy, stats
 
     @staticmethod
+    @first_order(VP_FN)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
         logits, tokens, stats, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
