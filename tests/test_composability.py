@@ -259,6 +259,7 @@ def test_compile_every_op_fullgraph_dynamic_rows(case, device):
     """torch.compile(fullgraph=True, dynamic=True): two row counts through one compiled
     function, loss and gradients as eager (a linear layer in front, so that in-place
     gradients overwrite an activation, not a leaf)."""
+    torch._dynamo.reset()  # every case compiles the same `step` code: keep its recompile count its own
     torch.manual_seed(0)
     layer = torch.nn.Linear(H, V).to(device)
     w = torch.randn(V, H, device=device)
