@@ -291,20 +291,11 @@ def vocab_parallel_token_logprobs(
     (the first call per shard layout checks it, as vocab_parallel_cross_entropy's does). A
     token outside [0, V) gives NaN at its position, as in token_logprobs.
     """
-    from .ops.token_logprobs import DTYPES, _check_common
+    from .ops.token_logprobs import check_logits_and_tokens
     from .ops.vocab_parallel_token_logprobs import VocabParallelTokenLogprobsFunction
 
     fn = TOKENS_FN
-    check_floating(fn, "logits", logits)
-    if logits.dtype not in DTYPES:
-        raise TypeError(f"{fn}(): logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() == 0:
-        raise ValueError(f"{fn}(): logits must have at least one dim (the vocabulary shard)")
-    _check_common(fn, tokens, temperature, ignore_index)
-    if tokens.shape != logits.shape[:-1]:
-        raise ValueError(f"{fn}(): tokens must have shape {tuple(logits.shape[:-1])} for logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(tokens.shape)}")  # fmt: skip
-    check_same_device(fn, logits=logits, tokens=tokens)
+    check_logits_and_tokens(fn, logits, tokens, temperature, ignore_index)
     _check_vocab_start(fn, vocab_start)
     group = _resolve_group(group, fn)
     col_start, n_classes = _shard_layout(group, logits.shape[-1], vocab_start, logits.device, fn)

@@ -296,6 +296,20 @@ def _check_common(fn, tokens, temperature, ignore_index):
         raise TypeError(f"{fn}(): ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
+def check_logits_and_tokens(fn, logits, tokens, temperature, ignore_index):
+    """token_logprobs' checks, shared by its vocab-parallel form (where a shard may be empty)."""
+    check_floating(fn, "logits", logits)
+    if logits.dtype not in DTYPES:
+        raise TypeError(f"{fn}(): logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}(): logits must have at least one dim (the vocabulary)")
+    _check_common(fn, tokens, temperature, ignore_index)
+    if tokens.shape != logits.shape[:-1]:
+        raise ValueError(f"{fn}(): tokens must have shape {tuple(logits.shape[:-1])} for logits of shape "
+                         f"{tuple(logits.shape)}, got {tuple(tokens.shape)}")  # fmt: skip
+    check_same_device(fn, logits=logits, tokens=tokens)
+
+
 def token_logprobs(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -318,18 +332,9 @@ def token_logprobs(
         differentiable with respect to the logits, together or alone.
     """
     fn = FN
-    check_floating(fn, "logits", logits)
-    if logits.dtype not in DTYPES:
-        raise TypeError(f"{fn}(): logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() == 0:
-        raise ValueError(f"{fn}(): logits must have at least one dim (the vocabulary)")
-    _check_common(fn, tokens, temperature, ignore_index)
-    if tokens.shape != logits.shape[:-1]:
-        raise ValueError(f"{fn}(): tokens must have shape {tuple(logits.shape[:-1])} for logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(tokens.shape)}")  # fmt: skip
+    check_logits_and_tokens(fn, logits, tokens, temperature, ignore_index)
     if logits.shape[-1] == 0:
         raise ValueError(f"{fn}(): logits must have at least one class")
-    check_same_device(fn, logits=logits, tokens=tokens)
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()  # the kernels stream rows at unit stride
