@@ -234,7 +234,9 @@ def vocab_parallel_linear_cross_entropy(
     if target.is_floating_point():
         raise TypeError(f"{fn}(): target must hold class indices (int64 or int32); probability targets are not "
                         f"supported, got {target.dtype}")  # fmt: skip
-    _check_operands(fn, input, linear_weight, target, linear_bias, weight,
+    # A rank may hold no classes (a vocabulary shorter than torch.chunk's parts): it still
+    # takes part in every collective.
+    _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=True,
                     dtypes=(torch.float32, torch.float16, torch.bfloat16))  # fmt: skip
     _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
     _check_vocab_start(fn, vocab_start)

@@ -350,6 +350,22 @@ def _dtensor_worker(rank, world):
     with pytest.raises(ValueError, match="mode must be one of"):
         softmax_gpu.linear_cross_entropy(dx, dw, dt, mode="fast")
 
+    # A vocabulary shorter than the mesh's ranks' chunks: over 3 ranks, torch.chunk leaves the
+    # last rank no class, and it still takes part in every collective.
+    small = 2
+    ws = torch.randn(small, hidden, device=device())
+    ts = torch.randint(0, small, (n_rows,), device=device())
+    dws = distribute_tensor(ws, mesh, [Shard(0)]).requires_grad_()
+    dzs = distribute_tensor(F.linear(x, ws), mesh, [Shard(1)]).requires_grad_()
+    dts = distribute_tensor(ts, mesh, [Replicate()])
+    for got in (softmax_gpu.linear_cross_entropy(distribute_tensor(x, mesh, [Replicate()]), dws, dts),
+                softmax_gpu.cross_entropy(dzs, dts)):  # fmt: skip
+        got.full_tensor().backward()
+        torch.testing.assert_close(got.full_tensor().detach(), F.cross_entropy(F.linear(x, ws), ts), rtol=1e-5, atol=1e-6)
+    fw = ws.clone().requires_grad_()
+    F.cross_entropy(F.linear(x, fw), ts).backward()
+    torch.testing.assert_close(dws.grad.full_tensor(), fw.grad, rtol=1e-5, atol=1e-6)
+
     # Data parallelism by DTensor: the input's rows sharded (3-D, uneven), the head
     # replicated; its gradient is every rank's rows' (summed), the loss per token or reduced.
     x3 = torch.randn(n_rows, 2, hidden, device=device())
