@@ -137,7 +137,11 @@ def test_func_token_logprobs(device):
         return (logp.gather(-1, tok[..., None])[..., 0] * w).sum() + 0.1 * (logp.exp() * logp).sum()
 
     torch.testing.assert_close(vmap(ours)(x, t, u), vmap(theirs)(x, t, u), rtol=1e-6, atol=1e-6)  # float32 outputs
-    torch.testing.assert_close(vmap(grad(ours))(x, t, u), vmap(grad(theirs))(x, t, u), rtol=1e-6, atol=1e-7)
+    # float32 accumulation (token_logprobs' for every dtype) against float64: 2e-6 of the
+    # gradient's scale (the entropy term's p (log p + H) cancels; seed 1089966261 put one
+    # element 1.9e-7 off at a scale near 1)
+    want = vmap(grad(theirs))(x, t, u)
+    torch.testing.assert_close(vmap(grad(ours))(x, t, u), want, rtol=0, atol=2e-6 * float(want.abs().max()))
     lp = vmap(lambda z, tok: softmax_gpu.token_logprobs(z, tok))(x, t)
     torch.testing.assert_close(lp.double(), torch.log_softmax(x, -1).gather(-1, t[..., None])[..., 0], rtol=1e-6, atol=1e-6)
 
