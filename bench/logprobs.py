@@ -221,10 +221,33 @@ def _empty_row(op, shape, name, **extra):
                 pct_copy=None, peak_extra_bytes=None, note="", **extra)  # fmt: skip
 
 
-def measure_linear(platform, shapes, providers, repeats=REPEATS, rows=None, save=None):
-    """linear_logprobs_fwd_bwd rows: gated on dX and dW, timed, TFLOP/s for 3 products."""
+def _gate_and_time(platform, cases, inputs, repeats):
+    """One case's providers, each (row, call, check): the call's output gated by check
+    (status "wrong" when it fails, "error"/"oom" when it raises), its peak memory above
+    `inputs`, then all of them timed, interleaved. Returns (row, whether a device time was
+    recorded) per provider, in order."""
     from bench.linear_ce import _Prepared, record_times, time_interleaved
 
+    runs = []
+    for row, call, check in cases:
+        runs.append((row, call, [], []))
+        try:
+            ok, row["gate"] = check(call())
+            if not ok:
+                row["status"] = "wrong"
+                continue
+            row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(call, *inputs))
+        except Exception as exc:
+            row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
+                       note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
+    time_interleaved(platform, runs, repeats)
+    timers = list(platform.timers)
+    return [(row, record_times(row, device, eager, timers) and bool(device) and row["device_ms"] > 0)
+            for row, _call, device, eager in runs]  # fmt: skip
+
+
+def measure_linear(platform, shapes, providers, repeats=REPEATS, rows=None, save=None):
+    """linear_logprobs_fwd_bwd rows: gated on dX and dW, timed, TFLOP/s for 3 products."""
     loaded, missing = load(providers, LINEAR_FACTORIES)
     for name, reason in missing.items():
         print(f"skipping provider {name} (linear form): not importable ({reason})")
@@ -232,41 +255,26 @@ def measure_linear(platform, shapes, providers, repeats=REPEATS, rows=None, save
     for n, v, h in shapes:
         x, w, t, u_lp, u_h = make_linear_inputs(n, v, h, platform.device)
         ref = linear_reference(x, w, t, u_lp, u_h)
-        runs = []
-        for name, fn in loaded.items():
-            row = _empty_row("linear_logprobs_fwd_bwd", f"{n}x{h}x{v}", name, min_flops=3 * 2 * n * v * h, tflops=None)
-            call = linear_runner(fn, x, w, t, u_lp, u_h)
-            runs.append((row, call, [], []))
-            try:
-                ok, row["gate"] = linear_gate(call(), ref)
-                if not ok:
-                    row["status"] = "wrong"
-                    continue
-                row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(call, x, w, t, u_lp, u_h))
-            except Exception as exc:
-                row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
-                           note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
-        time_interleaved(platform, runs, repeats)
-        for row, call, device, eager in runs:
-            if record_times(row, device, eager, list(platform.timers)) and device and row["device_ms"] > 0:
+        cases = [(_empty_row("linear_logprobs_fwd_bwd", f"{n}x{h}x{v}", name, min_flops=3 * 2 * n * v * h, tflops=None),
+                  linear_runner(fn, x, w, t, u_lp, u_h), lambda out: linear_gate(out, ref))
+                 for name, fn in loaded.items()]  # fmt: skip
+        for row, timed in _gate_and_time(platform, cases, (x, w, t, u_lp, u_h), repeats):
+            if timed:
                 row["tflops"] = row["min_flops"] / (row["device_ms"] * 1e-3) / 1e12
                 row["note"] = f"{row['tflops']:.0f} TFLOP/s (3 products)"
             rows.append(row)
         if save is not None:
             save(rows)
-        del runs, ref, x, w
+        del cases, ref, x, w
         if platform.device == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, save=None):
-    from bench.linear_ce import _Prepared, record_times, time_interleaved
-
     loaded, missing = load(providers)
     for name, reason in missing.items():
         print(f"skipping provider {name}: not importable ({reason})")
-    timers = list(platform.timers)
     rows = []
     for n, v in shapes:
         z, t, u_lp, u_h = make_inputs(n, v, platform.device)
@@ -275,30 +283,20 @@ def measure(platform, ops, shapes, providers, repeats=REPEATS, copy_gbps=None, s
             ref_lp_only = None
             if "trl" in loaded and op == "logprobs_fwd_bwd":
                 ref_lp_only = reference(z, t, u_lp, torch.zeros_like(u_h), with_grad=True)
-            runs = []
+            cases = []
             for name, fn in loaded.items():
                 row = _empty_row(op, f"{n}x{v}", name)
                 row["min_bytes"] = min_bytes(op, n, v)
-                call = runner(op, fn, z, t, u_lp, u_h)
-                runs.append((row, call, [], []))
-                try:
-                    own_ref = ref_lp_only if name == "trl" and ref_lp_only is not None else ref
-                    ok, row["gate"] = gate(op, call(), own_ref, has_entropy=name != "trl")
-                    if not ok:
-                        row["status"] = "wrong"
-                        continue
-                    row["peak_extra_bytes"] = platform.peak_extra_bytes(_Prepared(call, z, t, u_lp, u_h))
-                except Exception as exc:
-                    row.update(status="oom" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error",
-                               note=f"{type(exc).__name__}: {str(exc)[:160]}")  # fmt: skip
-            time_interleaved(platform, runs, repeats)
-            for row, call, device, eager in runs:
-                if record_times(row, device, eager, timers) and device and copy_gbps and row["device_ms"] > 0:
+                own_ref = ref_lp_only if name == "trl" and ref_lp_only is not None else ref
+                check = lambda out, own_ref=own_ref, name=name: gate(op, out, own_ref, has_entropy=name != "trl")  # noqa: E731
+                cases.append((row, runner(op, fn, z, t, u_lp, u_h), check))
+            for row, timed in _gate_and_time(platform, cases, (z, t, u_lp, u_h), repeats):
+                if timed and copy_gbps:
                     row["pct_copy"] = 100 * row["min_bytes"] / (row["device_ms"] * 1e-3) / (copy_gbps * 1e9)
                 rows.append(row)
             if save is not None:
                 save(rows)
-            del runs, ref
+            del cases, ref
             if platform.device == "cuda":
                 torch.cuda.empty_cache()
         del z, t, u_lp, u_h

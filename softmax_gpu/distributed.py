@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .checks import check_floating, check_same_device, check_tensor
-from .ops.cross_entropy import _check_options
+from .ops.cross_entropy import _check_options, row_weights
 from .ops.linear_cross_entropy import _check_operands
 from .ops.vocab_parallel_cross_entropy import VocabParallelCrossEntropyFunction
 from .ops.vocab_parallel_linear_cross_entropy import VocabParallelLinearCrossEntropyFunction
@@ -370,13 +370,6 @@ def _batch_reduced(rows, counted_weight, mesh, reduction, shape):
     return total / sharded(counted_weight).sum().redistribute(mesh, [Replicate()])
 
 
-def _row_weights(target, weight, ignore_index, dtype):
-    counted = target != ignore_index
-    if weight is None:
-        return counted.to(dtype)
-    return torch.where(counted, weight.to(dtype)[torch.where(counted, target, 0)], 0.0)
-
-
 def dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
     """softmax_gpu.cross_entropy of DTensor logits (N, C) on a 1-D mesh:
 
@@ -404,7 +397,7 @@ def dtensor_cross_entropy(input, target, weight, ignore_index, reduction, label_
         return _replicated(cross_entropy(logits, tgt, w, reduction=reduction, **options), mesh)
     if placement == Shard(0) and input.dim() >= 2:  # (a 1-D input's dim 0 is its classes)
         rows = cross_entropy(logits, tgt, w, reduction="none", **options)
-        counted = None if reduction != "mean" else _row_weights(tgt, w, ignore_index, rows.dtype)
+        counted = None if reduction != "mean" else row_weights(tgt, w, ignore_index, rows.dtype)
         return _batch_reduced(rows, counted, mesh, reduction, input.shape[:1] + input.shape[2:])
     if placement == Shard(1) and input.dim() == 2 and not tgt.is_floating_point():
         n_classes = input.shape[1]
@@ -467,7 +460,7 @@ def dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weig
         w = linear_weight.to_local(grad_placements=[Partial()])
         b = None if linear_bias is None else linear_bias.to_local(grad_placements=[Partial()])
         rows = linear_cross_entropy(x, w, tgt, linear_bias=b, weight=cw, reduction="none", **options, **linear_options)
-        counted = None if reduction != "mean" else _row_weights(tgt, cw, ignore_index, rows.dtype)
+        counted = None if reduction != "mean" else row_weights(tgt, cw, ignore_index, rows.dtype)
         return _batch_reduced(rows, counted, mesh, reduction, input.shape[:-1])
     raise NotImplementedError(
         f"{fn}(): DTensor input placed {x_place} with the head placed {w_place} is not supported: the head Shard(0) "

@@ -33,3 +33,10 @@ def batch_first(x, batch_dim, batch_size: int):
     if batch_dim is None:
         return x.unsqueeze(0).expand(batch_size, *x.shape)
     return x.movedim(batch_dim, 0)
+
+
+def batch_rows(x, batch_dim, batch_size: int):
+    """For a torch.func vmap rule over a row-wise op: x's batch dim first (batch_first), then
+    merged with the next dim, the rows: (B, N, ...) -> (B * N, ...). None stays None."""
+    x = batch_first(x, batch_dim, batch_size)
+    return None if x is None else x.reshape(-1, *x.shape[2:])

@@ -41,7 +41,7 @@ from ..kernels.cross_entropy import (
     cross_entropy_split_stats_kernel,
     scale_grad_kernel,
 )
-from ..layout import as_rows
+from ..layout import as_rows, batch_rows
 from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
 from .functorch import first_order, first_order_only
 
@@ -529,17 +529,26 @@ def _total_weight(
     if target.is_floating_point():  # torch: numel / C, so NaN (0 / 0) with no classes
         rows = float(target.shape[0]) if target.shape[1] else float("nan")
         return torch.full((), rows, dtype=dtype, device=target.device)
+    if weight is None:
+        return (target != ignore_index).sum(dtype=dtype)
+    return row_weights(target, weight, ignore_index, dtype).sum()
+
+
+def row_weights(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Each class-index row's share of reduction="mean"'s denominator, on device: its class
+    weight (1 without weights), 0 when ignored, NaN for an index out of range (with weights)."""
     valid = target != ignore_index
     if weight is None:
-        return valid.sum(dtype=dtype)
+        return valid.to(dtype)
     # Never index with an unchecked class index: on CUDA an out-of-range one would trip a
     # device-side assert and kill the context. A bad row makes the total NaN instead (its
     # loss is NaN too, so the mean is NaN either way, and so is every gradient).
     n_classes = weight.shape[0]
     if n_classes == 0:  # every row is ignored or out of range
-        return torch.where(valid, float("nan"), 0.0).to(dtype).sum()
+        return torch.where(valid, float("nan"), 0.0).to(dtype)
     w_t = weight.to(dtype)[target.clamp(0, n_classes - 1)]
-    return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid).sum()
+    return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid)
 
 
 def zero_class_rows(target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -922,13 +931,6 @@ def _check_target(fn, logits, target):
         raise TypeError(f"{fn}(): target must hold class indices (int64 or int32) or probabilities, got {target.dtype}")
 
 
-def _flat_rows(t, batch_dim, batch_size):
-    from ..layout import batch_first
-
-    t = batch_first(t, batch_dim, batch_size)
-    return None if t is None else t.reshape(-1, *t.shape[2:])
-
-
 @torch.library.register_vmap("softmax_gpu::cross_entropy_forward")
 def _(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, compute_grad,
       save_stats=False):  # fmt: skip
@@ -936,7 +938,7 @@ def _(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_lo
         raise NotImplementedError("softmax_gpu::cross_entropy_forward under vmap: per-row losses only, one weight")
     b = info.batch_size
     loss, lse, grad, stats, total = cross_entropy_forward(
-        _flat_rows(logits, in_dims[0], b), _flat_rows(target, in_dims[1], b), weight, ignore_index, label_smoothing,
+        batch_rows(logits, in_dims[0], b), batch_rows(target, in_dims[1], b), weight, ignore_index, label_smoothing,
         z_loss, softcap, reduction, compute_grad, save_stats,
     )  # fmt: skip
     per = lambda t: t.view(b, t.shape[0] // b, *t.shape[1:]) if t.numel() else t.new_empty(b, 0)  # noqa: E731
@@ -948,9 +950,9 @@ def _(info, in_dims, logits, target, weight, stats, upstream, grad_divisor, igno
     if in_dims[2] is not None or grad_divisor is not None:
         raise NotImplementedError("softmax_gpu::cross_entropy_backward under vmap: per-row upstream, one weight")
     b = info.batch_size
-    rows = _flat_rows(logits, in_dims[0], b)
-    grad = cross_entropy_backward(rows, _flat_rows(target, in_dims[1], b), weight, _flat_rows(stats, in_dims[3], b),
-                                  _flat_rows(upstream, in_dims[4], b), None, ignore_index, label_smoothing, softcap)  # fmt: skip
+    rows = batch_rows(logits, in_dims[0], b)
+    grad = cross_entropy_backward(rows, batch_rows(target, in_dims[1], b), weight, batch_rows(stats, in_dims[3], b),
+                                  batch_rows(upstream, in_dims[4], b), None, ignore_index, label_smoothing, softcap)  # fmt: skip
     return grad.view(b, -1, rows.shape[-1]), 0
 
 
@@ -1005,12 +1007,7 @@ def _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, label_s
         return loss
     if reduction == "sum":
         return loss.sum()
-    counted = tgt != ignore_index
-    if weight is None:
-        total = counted.sum(dtype=loss.dtype)
-    else:
-        total = torch.where(counted, weight.to(loss.dtype)[torch.where(counted, tgt, 0)], 0).sum()
-    return loss.sum() / total
+    return loss.sum() / _total_weight(tgt, weight, ignore_index, loss.dtype)
 
 
 def cross_entropy(

@@ -32,7 +32,7 @@ from ..kernels.token_logprobs import (
     token_logprobs_partial_kernel,
 )
 from ..runtime import check_launchable, device_guard
-from ..layout import batch_first
+from ..layout import batch_rows
 from .cross_entropy import _plain_eager, under_functorch
 from .functorch import first_order, first_order_only
 from .linear_cross_entropy import _buffer, _logits_into, _view, mm_accumulate
@@ -201,20 +201,26 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logprobs, entropy, stats = op(logits, tokens, temperature, ignore_index, compute_entropy)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, tokens, stats, entropy)
-        ctx.options = (temperature, ignore_index)
+        ctx.options = (temperature, ignore_index, 0, logits.shape[1])  # all the classes, from the first
         ctx.mark_non_differentiable(stats)
         return logprobs, entropy, stats
 
     @staticmethod
     @first_order(FN)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        logits, tokens, stats, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
-            return None, None, None, None, None
-        if not entropy.numel():
-            grad_entropy = None
-        return backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, *ctx.options, 0,
-                               logits.shape[1]), None, None, None, None
+        return saved_logits_gradient(ctx, grad_logprobs, grad_entropy), None, None, None, None
+
+
+def saved_logits_gradient(ctx, grad_logprobs, grad_entropy) -> Optional[torch.Tensor]:
+    """The logits' gradient in a backward of TokenLogprobsFunction or its vocab-parallel twin:
+    from the saved (logits, tokens, stats, entropy) and ctx.options (temperature,
+    ignore_index, the columns' first class, V); None when the logits need none."""
+    logits, tokens, stats, entropy = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
+        return None
+    if not entropy.numel():
+        grad_entropy = None
+    return backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, *ctx.options)
 
 
 def backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, col_start,
@@ -227,16 +233,10 @@ def backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy,
     return op(*args)
 
 
-def _rows_of(t, batch_dim, batch_size):
-    """A batched (B, ...) view of t flattened into rows (B * first dim, ...); None stays None."""
-    t = batch_first(t, batch_dim, batch_size)
-    return None if t is None else t.reshape(-1, *t.shape[2:])
-
-
 @torch.library.register_vmap("softmax_gpu::token_logprobs_forward")
 def _(info, in_dims, logits, tokens, temperature, ignore_index, compute_entropy):
     b = info.batch_size
-    logprobs, entropy, stats = token_logprobs_forward(_rows_of(logits, in_dims[0], b), _rows_of(tokens, in_dims[1], b),
+    logprobs, entropy, stats = token_logprobs_forward(batch_rows(logits, in_dims[0], b), batch_rows(tokens, in_dims[1], b),
                                                       temperature, ignore_index, compute_entropy)  # fmt: skip
     return (logprobs.view(b, -1), entropy.view(b, entropy.numel() // b), stats.view(b, -1)), (0, 0, 0)
 
@@ -245,12 +245,11 @@ def _(info, in_dims, logits, tokens, temperature, ignore_index, compute_entropy)
 def _(info, in_dims, logits, tokens, stats, entropy, grad_logprobs, grad_entropy, temperature, ignore_index, col_start,
       n_classes):  # fmt: skip
     b = info.batch_size
-    logits_rows = _rows_of(logits, in_dims[0], b)
+    logits_rows = batch_rows(logits, in_dims[0], b)
     # stats (2 N,), entropy (N,) or (0,), the upstream gradients (N,) per sample: flat, they
     # are in row order.
-    flat = [batch_first(t, d, b) for t, d in zip((stats, entropy, grad_logprobs, grad_entropy), in_dims[2:6])]
-    flat = [None if t is None else t.reshape(-1) for t in flat]
-    grad = token_logprobs_backward(logits_rows, _rows_of(tokens, in_dims[1], b), *flat, temperature, ignore_index,
+    flat = [batch_rows(t, d, b) for t, d in zip((stats, entropy, grad_logprobs, grad_entropy), in_dims[2:6])]
+    grad = token_logprobs_backward(logits_rows, batch_rows(tokens, in_dims[1], b), *flat, temperature, ignore_index,
                                    col_start, n_classes)  # fmt: skip
     return grad.view(b, -1, logits_rows.shape[-1]), 0
 

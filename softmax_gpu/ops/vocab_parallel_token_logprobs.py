@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .cross_entropy import _plain_eager
 from .functorch import first_order
-from .token_logprobs import _config, backward_logits, launch_partials, split_config
+from .token_logprobs import _config, launch_partials, saved_logits_gradient, split_config
 
 VP_FN = "softmax_gpu.vocab_parallel_token_logprobs"
 
@@ -110,11 +110,5 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     @first_order(VP_FN)
     def backward(ctx, grad_logprobs, grad_entropy, _grad_stats):
-        logits, tokens, stats, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (grad_logprobs is None and grad_entropy is None):
-            return (None,) * 8
-        if not entropy.numel():
-            grad_entropy = None
-        grad = backward_logits(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, *ctx.options)
-        return (grad,) + (None,) * 7
+        return (saved_logits_gradient(ctx, grad_logprobs, grad_entropy),) + (None,) * 7
 
