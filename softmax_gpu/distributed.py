@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from .checks import check_floating, check_same_device, check_tensor
-from .ops.cross_entropy import _check_options, row_weights
+from .loss_options import LossOptions, check_reduction
+from .ops.cross_entropy import row_weights
 from .ops.linear_cross_entropy import _check_operands
 from .ops.vocab_parallel_cross_entropy import VocabParallelCrossEntropyFunction
 from .ops.vocab_parallel_linear_cross_entropy import VocabParallelLinearCrossEntropyFunction
@@ -163,7 +164,8 @@ def vocab_parallel_cross_entropy(
             raise ValueError(f"{FN}(): weight must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
         weight = weight.contiguous()  # the kernels read weight[j] at unit stride
     check_same_device(FN, logits=logits, target=target, weight=weight)
-    _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    check_reduction(FN, reduction)
+    options = LossOptions.checked(FN, ignore_index, label_smoothing, z_loss, softcap)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     _check_vocab_start(FN, vocab_start)
@@ -175,11 +177,8 @@ def vocab_parallel_cross_entropy(
         logits = logits.contiguous()  # the kernels need unit column stride; any row stride is fine
     if target.is_floating_point() and target.stride(1) != 1:
         target = target.contiguous()
-    softcap = None if softcap is None else float(softcap)
-    loss, _lse = VocabParallelCrossEntropyFunction.apply(
-        logits, target, weight, group, n_classes, col_start, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), softcap,
-    )  # fmt: skip
+    loss, _lse = VocabParallelCrossEntropyFunction.apply(logits, target, weight, group, n_classes, col_start, options,
+                                                         reduction)  # fmt: skip
     return loss
 
 
@@ -238,7 +237,8 @@ def vocab_parallel_linear_cross_entropy(
     # takes part in every collective.
     _check_operands(fn, input, linear_weight, target, linear_bias, weight, allow_no_classes=True,
                     dtypes=(torch.float32, torch.float16, torch.bfloat16))  # fmt: skip
-    _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    check_reduction(fn, reduction)
+    options = LossOptions.checked(fn, ignore_index, label_smoothing, z_loss, softcap)
     _check_vocab_start(fn, vocab_start)
     group = _resolve_group(group, fn)
     n_local, hidden = linear_weight.shape
@@ -246,15 +246,13 @@ def vocab_parallel_linear_cross_entropy(
 
     x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: the kernels take both strides
     tgt = target.reshape(-1)
-    softcap = None if softcap is None else float(softcap)
     if weight is not None:
         weight = weight.contiguous()  # the kernels read weight[j] and linear_bias[j] at unit stride
     if linear_bias is not None:
         linear_bias = linear_bias.contiguous()
     loss, _lse = VocabParallelLinearCrossEntropyFunction.apply(
-        x, linear_weight, linear_bias, tgt, weight, group, n_classes, col_start, ignore_index, reduction,
-        float(label_smoothing), float(z_loss), softcap,
-    )  # fmt: skip
+        x, linear_weight, linear_bias, tgt, weight, group, n_classes, col_start, options, reduction
+    )
     if reduction == "none":
         return loss.view(input.shape[:-1])
     return loss

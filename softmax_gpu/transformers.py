@@ -41,7 +41,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .ops.cross_entropy import _check_options
+from .loss_options import LossOptions
 from .ops.linear_cross_entropy import check_linear_options, linear_cross_entropy
 
 __all__ = ["apply", "revert", "is_applied", "SUPPORTED"]
@@ -253,7 +253,7 @@ def apply(
         )
     _check_loss_function(model, f"{FN}()")
     _checked_head(model)
-    _check_options(FN, "mean", label_smoothing, z_loss, None, -100)
+    LossOptions.checked(FN, -100, label_smoothing, z_loss)
     check_linear_options(FN, mode, buffer_bytes, grad_skip_threshold)
     model.__dict__[_OPTIONS] = dict(
         z_loss=float(z_loss), label_smoothing=float(label_smoothing), mode=mode, buffer_bytes=buffer_bytes,

@@ -10,6 +10,7 @@ from helpers import MEAN_LOADS, MEAN_STORES, assert_matches, assert_within_torch
 
 import softmax_gpu
 from softmax_gpu import config, reference
+from softmax_gpu.loss_options import LossOptions
 from softmax_gpu.ops.cross_entropy import cross_entropy_config, launch_cross_entropy, launch_cross_entropy_prepare
 from softmax_gpu.traffic import TrafficCounter
 
@@ -186,8 +187,8 @@ def test_short_rows_several_a_program(dtype, what, reduction, device):
     with bounds:  # in the interpreter, every access is checked against the buffers
         if reduction != "none":
             launch_cross_entropy_prepare(target, kw.get("weight"), total, counter, c, ignore)
-        cfg = launch_cross_entropy(logits, target, kw.get("weight"), loss, lse, grad, total, ignore, eps, lam, cap,
-                                   reduced=None if reduction == "none" else reduced,
+        cfg = launch_cross_entropy(logits, target, kw.get("weight"), loss, lse, grad, total,
+                                   LossOptions(ignore, eps, lam, cap), reduced=None if reduction == "none" else reduced,
                                    counter=None if reduction == "none" else counter, reduction=reduction)
     assert cfg.single_block and cfg.rows == 16
     # float64 torch: the per-row losses and the gradient of the (reduced) loss.
@@ -394,7 +395,7 @@ def test_out_of_range_target_with_weight_never_indexes(device, monkeypatch):
     weight = torch.rand(6, device=device)
     assert torch.isnan(ce._total_weight(target, weight, -100))  # (the fused linear cross-entropy's total)
     assert torch.isfinite(ce._total_weight(torch.tensor([2, 5, -100], device=device), weight, -100))
-    total = ce._forward(logits.detach(), target, weight, -100, 0.0, 0.0, None, "mean", None)[2]
+    total = ce._forward(logits.detach(), target, weight, LossOptions(), "mean", None)[2]
     assert torch.isnan(total)  # the prepare kernel's total, which cross_entropy uses
     loss = softmax_gpu.cross_entropy(logits, target, weight=weight)
     loss.backward()
@@ -565,7 +566,7 @@ def test_16bit_wide_block_needs_vectors(device):
     target = torch.tensor([3, 19999], device=device)
     loss, lse = poisoned((n,), torch.float32, device), poisoned((n,), torch.float32, device)
     grad = poisoned((n, c), torch.bfloat16, device)
-    cfg = launch_cross_entropy(logits, target, None, loss, lse, grad, None, -100, 0.0, 0.0, None)
+    cfg = launch_cross_entropy(logits, target, None, loss, lse, grad, None, LossOptions())
     assert (cfg.vec, cfg.single_block, cfg.block_n) == (1, False, config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN)
     aligned = config.vectors(cross_entropy_config(c, 2, plain=True), n, c, [(2, c), (2, c)])
     assert aligned.single_block and aligned.block_n == 32768  # what whole vectors would have taken
@@ -622,7 +623,7 @@ def _launch_with_bad_class_indices(max_block, device, counter):
     divisor = torch.full((), 2.0, device=device)
     cfg = config.row_config(c, max_block or config.MAX_BLOCK_CROSS_ENTROPY)
     with counter([logits, target, loss, lse, grad, divisor]):
-        launch_cross_entropy(logits, target, None, loss, lse, grad, divisor, -100, 0.0, 0.0, None, cfg=cfg)
+        launch_cross_entropy(logits, target, None, loss, lse, grad, divisor, LossOptions(), cfg=cfg)
     loss, grad = loss.cpu(), grad.cpu()
     assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isnan(grad[1:]).all()
     assert torch.isfinite(grad[0]).all()
@@ -636,13 +637,13 @@ def _launch_with_bad_class_indices(max_block, device, counter):
     count = torch.full((), 7, dtype=torch.int32, device=device)
     with counter([logits, target, weight, loss, lse, total, reduced, count]):
         launch_cross_entropy_prepare(target, weight, total, count, c, -100)
-        launch_cross_entropy(logits, target, weight, loss, lse, None, total, -100, 0.0, 0.0, None, cfg=cfg,
+        launch_cross_entropy(logits, target, weight, loss, lse, None, total, LossOptions(), cfg=cfg,
                              reduced=reduced, counter=count, reduction="mean")  # fmt: skip
     assert torch.isnan(total) and torch.isnan(reduced) and count.item() == 4
     good = torch.tensor([5, 0, 39, -100], device=device)  # and a clean batch: the mean itself
     with counter([logits, good, weight, loss, lse, total, reduced, count]):
         launch_cross_entropy_prepare(good, weight, total, count, c, -100)
-        launch_cross_entropy(logits, good, weight, loss, lse, None, total, -100, 0.0, 0.0, None, cfg=cfg,
+        launch_cross_entropy(logits, good, weight, loss, lse, None, total, LossOptions(), cfg=cfg,
                              reduced=reduced, counter=count, reduction="mean")  # fmt: skip
     expected = F.cross_entropy(logits.double().cpu(), good.cpu(), weight=weight.double().cpu())
     torch.testing.assert_close(reduced.double().cpu(), expected, rtol=1e-5, atol=1e-6)
@@ -720,8 +721,7 @@ def _opcheck_samples(device):
             yield ops.cross_entropy_forward_inplace.default, (logits.clone(), tgt, w, *options)
             stats = ops.cross_entropy_forward.default(logits, tgt, w, *options, False, True)[3]
             for upstream in (torch.tensor(2.0**16, device=device, dtype=acc), torch.rand(n, device=device, dtype=acc)):
-                eps, softcap = options[1], options[3]
-                yield ops.cross_entropy_backward.default, (logits, tgt, w, stats, upstream, divisor, options[0], eps, softcap)
+                yield ops.cross_entropy_backward.default, (logits, tgt, w, stats, upstream, divisor, *options[:4])
         if dtype != torch.float64:
             grad = torch.randn(n, c, device=device).to(dtype)
             yield ops.cross_entropy_scale_grad.default, (grad, torch.tensor(2.0, device=device))

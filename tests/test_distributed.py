@@ -575,6 +575,7 @@ def test_kernels_on_simulated_ranks_with_poisoned_buffers(max_block, device):
     """The two kernels for four shards in one process, the all-reduces done by hand: uneven
     shards, one of them empty, every output buffer NaN before the launch."""
     from softmax_gpu import config, reference
+    from softmax_gpu.loss_options import LossOptions
     from softmax_gpu.ops import vocab_parallel_cross_entropy as vp
 
     n_rows, n_classes = 6, 41
@@ -597,7 +598,7 @@ def test_kernels_on_simulated_ranks_with_poisoned_buffers(max_block, device):
                 row_max, stats = poisoned((n_rows,), torch.float32, device), poisoned((n_rows, width), torch.float32, device)
                 tgt = target[:, start:stop] if soft else target
                 vp.launch_vocab_parallel_stats(logits[:, start:stop], tgt, None if w is None else w[start:stop],
-                                               row_max, stats, n_classes, start, -100, 0.1, 5.0)  # fmt: skip
+                                               row_max, stats, n_classes, start, LossOptions(-100, **options))  # fmt: skip
                 shards.append((start, stop, tgt, row_max, stats))
             global_max = torch.stack([s[3] for s in shards]).amax(0)
             total = sum(s[4] * torch.cat([torch.exp(s[3] - global_max)[:, None],
@@ -608,7 +609,7 @@ def test_kernels_on_simulated_ranks_with_poisoned_buffers(max_block, device):
                 grad = poisoned((n_rows, stop - start), torch.float32, device)
                 vp.launch_vocab_parallel_loss(logits[:, start:stop], tgt, None if w is None else w[start:stop],
                                               global_max, total, loss, lse, grad, None, upstream, n_classes, start,
-                                              -100, *options.values())  # fmt: skip
+                                              LossOptions(-100, **options))  # fmt: skip
                 grads.append(grad)
                 losses.append((loss, lse))
         loss64, grad64 = reference.cross_entropy(to_f64(logits), to_f64(target) if soft else target.cpu().numpy(),
@@ -642,7 +643,7 @@ def test_opcheck_of_both_ops(device):
     logits = torch.randn(4, 9, device=device)
     target = torch.tensor([0, 12, -100, 3], device=device)  # 12: another rank's class
     weight = torch.rand(9, device=device)
-    stats_args = (logits, target, weight, 20, 0, -100, 0.1, 5.0)
+    stats_args = (logits, target, weight, 20, 0, -100, 0.1, 1e-3, 5.0)
     torch.library.opcheck(vocab_parallel_stats, stats_args)
     row_max, stats = vocab_parallel_stats(*stats_args)
     upstream = torch.randn(4, device=device)
@@ -658,7 +659,7 @@ def test_ops_trace_under_torch_compile(device):
     from softmax_gpu.ops.vocab_parallel_cross_entropy import vocab_parallel_loss, vocab_parallel_stats
 
     def shard_loss(logits, target):  # one rank's kernels, no collective between them
-        row_max, stats = vocab_parallel_stats(logits, target, None, 9, 0, -100, 0.0, None)
+        row_max, stats = vocab_parallel_stats(logits, target, None, 9, 0, -100, 0.0, 0.0, None)
         loss, _lse, grad = vocab_parallel_loss(logits, target, None, row_max, stats, None, None, 9, 0, -100, 0.0,
                                                0.0, None, True)  # fmt: skip
         return loss.sum(), grad

@@ -190,7 +190,8 @@ def test_shards_simulated_in_one_process_several_slabs(device):
     with config.linear_limit(n_rows, 16):
         maxima, partial = [], []
         for lo, hi in bounds:
-            m, s = vocab_parallel_linear_stats(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], n_classes, lo, 5, 0.1, 4.0)
+            m, s = vocab_parallel_linear_stats(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], n_classes, lo, 5, 0.1, 1e-3,
+                                               4.0)
             maxima.append(m)
             partial.append(s)
         global_max = torch.stack(maxima).amax(0)
@@ -222,7 +223,7 @@ def test_opcheck_of_both_ops(device):
     x, w, b = torch.randn(4, 8, device=device), torch.randn(9, 8, device=device), torch.randn(9, device=device)
     target = torch.tensor([0, 12, -100, 3], device=device)  # 12: another shard's class
     weight = torch.rand(9, device=device)
-    stats_args = (x, w, b, target, weight, 20, 0, -100, 0.1, 5.0)
+    stats_args = (x, w, b, target, weight, 20, 0, -100, 0.1, 1e-3, 5.0)
     torch.library.opcheck(vocab_parallel_linear_stats, stats_args)
     row_max, stats = vocab_parallel_linear_stats(*stats_args)
     for divisor, upstream in ((torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)),

@@ -18,6 +18,7 @@ from helpers import ATOL_16BIT, assert_matches, max_abs_err, poisoned
 
 import softmax_gpu
 from softmax_gpu import config, reference
+from softmax_gpu.loss_options import LossOptions
 from softmax_gpu.ops import linear_cross_entropy as lce
 
 N, H, V = 33, 40, 300
@@ -303,11 +304,11 @@ def test_bad_class_index_rows_are_nan():
     x, w, _ = make_inputs("cpu", n=4)
     target = torch.tensor([5, V, -100, -7])
     weight = torch.rand(V)
-    opts = (-100, 0.0, 0.0, None)
-    loss_speed = lce._speed(x, w, None, target, weight, None, *opts, None, (True, True, False), None)[0]
+    opts = LossOptions()
+    loss_speed = lce._speed(x, w, None, target, weight, None, opts, None, (True, True, False), None)[0]
     with config.linear_limit(16, 64):
-        row_max, stats = lce._slab_stats(x, w, None, target, weight, V, 0, -100, 0.0, None, None)
-    loss_slabs, _ = lce._loss_from_stats(x, target, weight, row_max, stats, V, *opts)
+        row_max, stats = lce._slab_stats(x, w, None, target, weight, V, 0, opts, None)
+    loss_slabs, _ = lce._loss_from_stats(x, target, weight, row_max, stats, V, opts)
     for loss in (loss_speed, loss_slabs):
         assert torch.isfinite(loss[0]) and torch.isnan(loss[[1, 3]]).all() and loss[2] == 0, loss
     with pytest.raises(IndexError, match=f"Target {V} is out of bounds"):

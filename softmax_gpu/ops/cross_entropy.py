@@ -22,11 +22,9 @@ Forward plus backward reads the logits once and writes the gradient once (bfloat
 float32 rows that fit one block); the backward's scaling costs nothing when the upstream
 gradient is 1. float16 and float64 read the logits once more, in the backward.
 """
-import math
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -42,10 +40,10 @@ from ..kernels.cross_entropy import (
     scale_grad_kernel,
 )
 from ..layout import as_rows, batch_rows
+from ..loss_options import REDUCTIONS, LossOptions, check_reduction  # noqa: F401 (REDUCTIONS: re-exported)
 from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
 from .functorch import first_order, first_order_only
 
-REDUCTIONS = ("none", "mean", "sum")
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
 # NaN loss for its row (and so a NaN mean). SOFTMAX_GPU_CHECK_TARGETS=1 checks before launching.
 CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
@@ -111,13 +109,6 @@ def is_plain(target: torch.Tensor, weight: Optional[torch.Tensor], label_smoothi
     return not target.is_floating_point() and weight is None and label_smoothing == 0
 
 
-def _hi_lo(x: float) -> tuple[float, float]:
-    """x as float32 hi + float32 lo: Triton passes Python floats as float32, and float64
-    kernels rebuild x from both (to about 2^-48 relative)."""
-    hi = float(np.float32(x))
-    return hi, (float(np.float32(x - hi)) if math.isfinite(hi) else 0.0)
-
-
 def launch_cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -126,10 +117,7 @@ def launch_cross_entropy(
     lse: torch.Tensor,
     grad: Optional[torch.Tensor],
     grad_divisor: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    options: LossOptions,
     cfg: Optional[config.RowConfig] = None,
     stats: Optional[torch.Tensor] = None,
     reduced: Optional[torch.Tensor] = None,
@@ -154,12 +142,10 @@ def launch_cross_entropy(
     if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
                weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
-               ignore_index, label_smoothing, z_loss, softcap, stats is None, reduction,
-               config._block_limit)  # fmt: skip
+               options, stats is None, reduction, config._block_limit)  # fmt: skip
     plan = cached_plan(key) if key is not None else None
     if plan is None:
-        plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_index, label_smoothing, z_loss,
-                             softcap, reduction, cfg)  # fmt: skip
+        plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg)
         if key is not None:
             remember_plan(key, plan)
     cfg, grid, static = plan
@@ -181,14 +167,14 @@ def launch_cross_entropy(
     return cfg
 
 
-def _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_index, label_smoothing, z_loss, softcap,
-                  reduction, cfg):  # fmt: skip
+def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg):
     """launch_cross_entropy's (RowConfig, grid, non-pointer arguments) for this signature:
     cfg (or the shipped one) with its vector split, and the options converted."""
     n_rows, n_cols = logits.shape
     cfg = cfg or config.short_rows(
         cross_entropy_config(
-            n_cols, logits.element_size(), plain=is_plain(target, weight, label_smoothing), softcap=softcap is not None
+            n_cols, logits.element_size(), plain=is_plain(target, weight, options.label_smoothing),
+            softcap=options.softcap is not None,
         ),
         n_rows,
         logits.element_size(),
@@ -201,26 +187,15 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_inde
         # disagree) lose the 16-bit single block's last registers to addresses: float32 limits.
         cfg = config.vectors(cross_entropy_config(n_cols, 4, plain=True), n_rows, n_cols,
                              _row_tensors(logits, grad, target))  # fmt: skip
-    (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
     static = dict(
         logits_row_stride=logits.stride(0),
         target_row_stride=target.stride(0),
         grad_row_stride=grad.stride(0) if grad is not None else 0,
         n_rows=n_rows,
         n_cols=n_cols,
-        ignore_index=ignore_index,
-        label_smoothing=eps,
-        z_loss=lam,
-        softcap=cap,
-        label_smoothing_lo=eps_lo,
-        z_loss_lo=lam_lo,
-        softcap_lo=cap_lo,
         zero=0,
         SOFT_TARGET=soft,
         HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=label_smoothing > 0,
-        HAS_Z_LOSS=z_loss != 0,
-        HAS_SOFTCAP=softcap is not None,
         COMPUTE_GRAD=grad is not None,
         DIVIDE_GRAD=grad is not None and grad_divisor is not None,
         SAVE_STATS=stats is not None,
@@ -234,6 +209,7 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, ignore_inde
         ROWS=cfg.rows,
         num_warps=cfg.num_warps,
         maxnreg=cfg.maxnreg,
+        **options.kernel_args(),
     )
     return cfg, (-(-n_rows // cfg.rows),), static
 
@@ -255,10 +231,7 @@ def launch_cross_entropy_split(
     lse: torch.Tensor,
     grad: Optional[torch.Tensor],
     total: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    options: LossOptions,
     split: config.SplitConfig,
     stats: Optional[torch.Tensor] = None,
     reduced: Optional[torch.Tensor] = None,
@@ -287,38 +260,40 @@ def launch_cross_entropy_split(
     acc = _acc_dtype(logits)
     # (grad is written by the backward kernel's launch, which vectorises for it itself)
     split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, target))
-    n_part = 4 if soft or label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
+    n_part = 4 if soft or options.label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
     part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
     if grad is not None and stats is None:
         stats = torch.empty((n_rows, 4), dtype=acc, device=logits.device)
-    (eps, eps_lo), (lam, lam_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(z_loss), _hi_lo(softcap or 0.0)
-    options = dict(
+    opts = options.kernel_args()
+    common = dict(
         target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
         part_ptr=part, counter_ptr=counter if counter is not None else target,  # used only with REDUCE
         target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols, n_chunks=split.chunks,
-        ignore_index=ignore_index, label_smoothing=eps, label_smoothing_lo=eps_lo, SOFT_TARGET=soft,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTHING=label_smoothing > 0, REDUCE=REDUCE_CODES[reduction],
-        ACC_FP64=acc == torch.float64,
+        ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"],
+        label_smoothing_lo=opts["label_smoothing_lo"], SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts["HAS_SMOOTHING"], REDUCE=REDUCE_CODES[reduction], ACC_FP64=acc == torch.float64,
     )  # fmt: skip
     with device_guard(logits):
         cross_entropy_split_stats_kernel[(n_rows, split.chunks)](
             logits_ptr=logits, total_ptr=total if total is not None else part,  # written only for the mean
-            logits_row_stride=logits.stride(0), chunk_cols=split.chunk_cols, softcap=cap, softcap_lo=cap_lo,
-            HAS_SOFTCAP=softcap is not None, BLOCK_N=split.block_n, PREPARE_BLOCK=config.reduce_block(split.num_warps),
-            VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg, **options,
+            logits_row_stride=logits.stride(0), chunk_cols=split.chunk_cols, softcap=opts["softcap"],
+            softcap_lo=opts["softcap_lo"], HAS_SOFTCAP=opts["HAS_SOFTCAP"], BLOCK_N=split.block_n,
+            PREPARE_BLOCK=config.reduce_block(split.num_warps), VEC=split.vec, HAS_EDGE=split.edge,
+            num_warps=split.num_warps, maxnreg=split.maxnreg, **common,
         )  # fmt: skip
         cross_entropy_split_combine_kernel[(n_rows,)](
             loss_ptr=loss, lse_ptr=lse, stats_ptr=stats if stats is not None else loss,  # written only with SAVE_STATS
             reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
             total_ptr=total if total is not None else loss,  # read only for the mean
-            z_loss=lam, z_loss_lo=lam_lo, HAS_Z_LOSS=z_loss != 0, SAVE_STATS=stats is not None,
-            CHUNKS_BLOCK=split.chunks_block, REDUCE_BLOCK=config.reduce_block(config.SPLIT_COMBINE_WARPS),
-            num_warps=config.SPLIT_COMBINE_WARPS, **options,
+            z_loss=opts["z_loss"], z_loss_lo=opts["z_loss_lo"], HAS_Z_LOSS=opts["HAS_Z_LOSS"],
+            SAVE_STATS=stats is not None, CHUNKS_BLOCK=split.chunks_block,
+            REDUCE_BLOCK=config.reduce_block(config.SPLIT_COMBINE_WARPS), num_warps=config.SPLIT_COMBINE_WARPS,
+            **common,
         )  # fmt: skip
     if grad is not None:  # in the backward kernel's own chunks (its blocks compile for the streaming widths)
         chunks = cross_entropy_split(n_rows, n_cols, logits.element_size(), streaming=True, device=logits.device)
-        launch_cross_entropy_split_backward(logits, target, weight, stats, None, total, grad, ignore_index,
-                                            label_smoothing, softcap, chunks or split)  # fmt: skip
+        launch_cross_entropy_split_backward(logits, target, weight, stats, None, total, grad, options,
+                                            chunks or split)  # fmt: skip
     return split
 
 
@@ -360,9 +335,7 @@ def launch_cross_entropy_backward(
     upstream: torch.Tensor,
     grad_divisor: Optional[torch.Tensor],
     grad: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],
+    options: LossOptions,
     cfg: Optional[config.RowConfig] = None,
 ) -> config.RowConfig:
     """grad = d loss / d logits * upstream (/ grad_divisor), from the stats launch_cross_entropy
@@ -371,7 +344,6 @@ def launch_cross_entropy_backward(
     n_rows, n_cols = logits.shape
     cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True)
     cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
-    (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_backward_kernel, logits)
     with device_guard(logits):
         cross_entropy_backward_kernel[(n_rows,)](
@@ -387,15 +359,8 @@ def launch_cross_entropy_backward(
             grad_row_stride=grad.stride(0),
             upstream_stride=upstream.stride(0) if upstream.dim() else 0,
             n_cols=n_cols,
-            ignore_index=ignore_index,
-            label_smoothing=eps,
-            softcap=cap,
-            label_smoothing_lo=eps_lo,
-            softcap_lo=cap_lo,
             SOFT_TARGET=target.is_floating_point(),
             HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_SOFTCAP=softcap is not None,
             DIVIDE_GRAD=grad_divisor is not None,
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=cfg.block_n,
@@ -403,6 +368,7 @@ def launch_cross_entropy_backward(
             HAS_EDGE=cfg.edge,
             num_warps=cfg.num_warps,
             maxnreg=cfg.maxnreg,
+            **options.kernel_args(z_loss=False),
         )
     return cfg
 
@@ -415,9 +381,7 @@ def launch_cross_entropy_split_backward(
     upstream: Optional[torch.Tensor],
     grad_divisor: Optional[torch.Tensor],
     grad: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],
+    options: LossOptions,
     split: config.SplitConfig,
 ) -> config.SplitConfig:
     """launch_cross_entropy_backward for rows cut into split.chunks chunks, one program a
@@ -427,7 +391,6 @@ def launch_cross_entropy_split_backward(
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_split_backward_kernel, logits)
     n_rows, n_cols = logits.shape
     split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
-    (eps, eps_lo), (cap, cap_lo) = _hi_lo(label_smoothing), _hi_lo(softcap or 0.0)
     with device_guard(logits):
         cross_entropy_split_backward_kernel[(n_rows, split.chunks)](
             logits_ptr=logits,
@@ -443,15 +406,8 @@ def launch_cross_entropy_split_backward(
             upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
             n_cols=n_cols,
             chunk_cols=split.chunk_cols,
-            ignore_index=ignore_index,
-            label_smoothing=eps,
-            softcap=cap,
-            label_smoothing_lo=eps_lo,
-            softcap_lo=cap_lo,
             SOFT_TARGET=target.is_floating_point(),
             HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_SOFTCAP=softcap is not None,
             DIVIDE_GRAD=grad_divisor is not None,
             ACC_FP64=logits.dtype == torch.float64,
             BLOCK_N=split.block_n,
@@ -460,6 +416,7 @@ def launch_cross_entropy_split_backward(
             HAS_UPSTREAM=upstream is not None,
             num_warps=split.num_warps,
             maxnreg=split.maxnreg,
+            **options.kernel_args(z_loss=False),
         )
     return split
 
@@ -551,8 +508,7 @@ def row_weights(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_ind
     return torch.where(_bad_class_indices(target, n_classes, ignore_index), float("nan"), w_t * valid)
 
 
-def zero_class_rows(target: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-                    dtype: torch.dtype) -> torch.Tensor:
+def zero_class_rows(target: torch.Tensor, options: LossOptions, dtype: torch.dtype) -> torch.Tensor:
     """The per-row loss for zero classes, as torch.nn.functional.cross_entropy gives it, with
     nothing to launch. Class indices: 0 for an ignored row; NaN for any other (out of range:
     the row rule on CUDA, which callers check first on CPU); NaN for every row with
@@ -560,10 +516,10 @@ def zero_class_rows(target: torch.Tensor, ignore_index: int, label_smoothing: fl
     Probabilities: -0.0, an empty sum negated (inf with z_loss > 0: lse = log 0 = -inf)."""
     n_rows = target.shape[0]
     if target.is_floating_point():
-        return torch.full((n_rows,), float("inf") if z_loss > 0 else -0.0, dtype=dtype, device=target.device)
-    if label_smoothing > 0:
+        return torch.full((n_rows,), float("inf") if options.z_loss > 0 else -0.0, dtype=dtype, device=target.device)
+    if options.label_smoothing > 0:
         return torch.full((n_rows,), float("nan"), dtype=dtype, device=target.device)
-    return torch.where(target == ignore_index, 0.0, float("nan")).to(dtype)
+    return torch.where(target == options.ignore_index, 0.0, float("nan")).to(dtype)
 
 
 def zero_class_reduce(loss: torch.Tensor, soft: bool, label_smoothing: float, reduction: str) -> torch.Tensor:
@@ -575,57 +531,56 @@ def zero_class_reduce(loss: torch.Tensor, soft: bool, label_smoothing: float, re
     return loss.neg().sum().neg() if soft else loss.sum()  # -(sum of +0.0) is torch's -0.0
 
 
-def _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats=None):
+def _forward(logits, target, weight, options: LossOptions, reduction, grad, stats=None, split=_MISSING):
     """Shared body of the two forward ops: (loss, lse, total) with the loss per row, or
     reduced to a 0-d tensor, and total the mean's divisor (else None); fills grad / stats if
     given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none";
     split rows (few long ones, cross_entropy_split) two for every reduction, and a third when
-    given grad (the autograd function defers their gradient to the backward instead)."""
+    given grad (the autograd function defers their gradient to the backward instead). split:
+    _forward_split's answer where the caller has it already."""
     n_rows, n_classes = logits.shape
-    _check_class_indices(target, n_classes, ignore_index)
+    _check_class_indices(target, n_classes, options.ignore_index)
     acc = dict(dtype=_acc_dtype(logits), device=logits.device)
     if n_classes == 0:  # torch's values (zero_class_rows); nothing to launch, grad is empty
-        loss = zero_class_rows(target, ignore_index, label_smoothing, z_loss, acc["dtype"])
+        loss = zero_class_rows(target, options, acc["dtype"])
         if stats is not None:
             stats.zero_()  # never read: the backward has no element to write
         total = torch.zeros((), **acc) if reduction == "mean" else None
         if reduction != "none":
-            loss = zero_class_reduce(loss, target.is_floating_point(), label_smoothing, reduction)
+            loss = zero_class_reduce(loss, target.is_floating_point(), options.label_smoothing, reduction)
         return loss, torch.full((n_rows,), float("-inf"), **acc), total
     loss = torch.empty(n_rows, **acc)
     lse = torch.empty(n_rows, **acc)
     reduced = total = counter = None
-    split = _forward_split(logits, target, weight, label_smoothing, softcap)
+    if split is _MISSING:
+        split = _forward_split(logits, target, weight, options)
     if reduction != "none":
         reduced = torch.empty((), **acc)
         counter = torch.empty((), dtype=torch.int32, device=logits.device)
         total = torch.empty((), **acc) if reduction == "mean" else None
         if n_rows and split is None:
-            launch_cross_entropy_prepare(target, weight, total, counter, n_classes, ignore_index)
+            launch_cross_entropy_prepare(target, weight, total, counter, n_classes, options.ignore_index)
         elif not n_rows:  # torch: the sum of nothing is 0, the mean 0 / 0 = NaN
             reduced.fill_(0.0 if reduction == "sum" else float("nan"))
             if total is not None:
                 total.fill_(0.0)
     if split is not None:  # few long rows: two launches, the prepare kernel's work folded into the first
-        launch_cross_entropy_split(
-            logits, target, weight, loss, lse, grad, total, ignore_index, label_smoothing, z_loss, softcap, split,
-            stats=stats, reduced=reduced, counter=counter, reduction=reduction,
-        )  # fmt: skip
+        launch_cross_entropy_split(logits, target, weight, loss, lse, grad, total, options, split, stats=stats,
+                                   reduced=reduced, counter=counter, reduction=reduction)  # fmt: skip
     elif n_rows:
-        launch_cross_entropy(
-            logits, target, weight, loss, lse, grad, total, ignore_index, label_smoothing, z_loss, softcap,
-            stats=stats, reduced=reduced, counter=counter, reduction=reduction,
-        )  # fmt: skip
+        launch_cross_entropy(logits, target, weight, loss, lse, grad, total, options, stats=stats, reduced=reduced,
+                             counter=counter, reduction=reduction)  # fmt: skip
     return (loss if reduced is None else reduced), lse, total
 
 
-def _forward_split(logits, target, weight, label_smoothing, softcap) -> Optional[config.SplitConfig]:
+def _forward_split(logits, target, weight, options: LossOptions) -> Optional[config.SplitConfig]:
     """How the forward splits these (N, C) logits' rows (cross_entropy_split), or None."""
     n_rows, n_classes = logits.shape
     if not n_rows:
         return None
-    return cross_entropy_split(n_rows, n_classes, logits.element_size(), plain=is_plain(target, weight, label_smoothing),
-                               softcap=softcap is not None, device=logits.device)  # fmt: skip
+    return cross_entropy_split(n_rows, n_classes, logits.element_size(),
+                               plain=is_plain(target, weight, options.label_smoothing),
+                               softcap=options.softcap is not None, device=logits.device)  # fmt: skip
 
 
 def _fake_outputs(logits, reduction):
@@ -655,9 +610,8 @@ def _cross_entropy_forward(
     tensor) for 2-D logits."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     stats = logits.new_empty((logits.shape[0], 4), dtype=_acc_dtype(logits)) if save_stats else None
-    loss, lse, total = _forward(
-        logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, grad, stats
-    )
+    options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
+    loss, lse, total = _forward(logits, target, weight, options, reduction, grad, stats)
     # Separate empty tensors: a custom op's outputs may not alias one another.
     return (
         loss,
@@ -694,8 +648,8 @@ def _cross_entropy_forward_inplace(
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As cross_entropy_forward, but the gradient overwrites the logits (no N x C buffer)."""
-    loss, lse, total = _forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                                logits)  # fmt: skip
+    options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
+    loss, lse, total = _forward(logits, target, weight, options, reduction, logits)
     return loss, lse, total if total is not None else lse.new_empty(0)
 
 
@@ -725,10 +679,9 @@ def _(grad, upstream):
     return None
 
 
-def _backward_into(grad, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing,
-                   softcap):
+def _backward_into(grad, logits, target, weight, stats, upstream, grad_divisor, options: LossOptions):
     if grad.numel():
-        args = (logits, target, weight, stats, upstream, grad_divisor, grad, ignore_index, label_smoothing, softcap)
+        args = (logits, target, weight, stats, upstream, grad_divisor, grad, options)
         split = cross_entropy_split(*logits.shape, logits.element_size(), streaming=True, device=logits.device)
         if split is not None:
             launch_cross_entropy_split_backward(*args, split)
@@ -746,14 +699,15 @@ def _cross_entropy_backward(
     grad_divisor: Optional[torch.Tensor],
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     softcap: Optional[float],
 ) -> torch.Tensor:
     """d loss / d logits times upstream ((N,) or 0-d) over grad_divisor, in one rounding to
-    the logits' dtype, from the row statistics cross_entropy_forward saved."""
+    the logits' dtype, from the row statistics cross_entropy_forward saved (z_loss is in
+    them already: it is taken only so that the four options pass as one)."""
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return _backward_into(
-        grad, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap
-    )
+    options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
+    return _backward_into(grad, logits, target, weight, stats, upstream, grad_divisor, options)
 
 
 cross_entropy_backward = torch.library.custom_op(
@@ -762,7 +716,7 @@ cross_entropy_backward = torch.library.custom_op(
 
 
 @cross_entropy_backward.register_fake
-def _(logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap):
+def _(logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, z_loss, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -818,29 +772,32 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, inplace):
+    def forward(ctx, logits, target, weight, options, reduction, inplace):
         logits_grad = ctx.needs_input_grad[0]
         target_grad = target.is_floating_point() and ctx.needs_input_grad[1]
-        defer = logits_grad and (
-            logits.dtype in DEFERRED_GRAD_DTYPES or _forward_split(logits, target, weight, label_smoothing, softcap)
-            is not None
-        )
         eager = _plain_eager(logits, target, weight)
-        options = (ignore_index, label_smoothing, z_loss, softcap, reduction)
+        split = _forward_split(logits, target, weight, options)
+        defer = logits_grad and (logits.dtype in DEFERRED_GRAD_DTYPES or split is not None)
         grad = stats = None
         if logits_grad and inplace and not defer:
             # Declared as mutating `logits`, so its version counter is bumped: anything else in
             # the graph that saved the logits' values fails autograd's version check at
             # backward instead of silently using the gradient. (mark_dirty is not used because
             # a Function that dirties a view may return only that one tensor.)
-            op = _cross_entropy_forward_inplace if eager else cross_entropy_forward_inplace
-            loss, lse, total = op(logits, target, weight, *options)
-            if eager:
+            if eager:  # the custom op's body, without the dispatcher and its empty outputs
+                loss, lse, total = _forward(logits, target, weight, options, reduction, logits, split=split)
                 torch.autograd.graph.increment_version(logits)
+            else:
+                loss, lse, total = cross_entropy_forward_inplace(logits, target, weight, *options, reduction)
             grad = logits
         else:
-            op = _cross_entropy_forward if eager else cross_entropy_forward
-            loss, lse, grad, stats, total = op(logits, target, weight, *options, logits_grad and not defer, defer)
+            if eager:
+                grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if logits_grad and not defer else None
+                stats = logits.new_empty((logits.shape[0], 4), dtype=_acc_dtype(logits)) if defer else None
+                loss, lse, total = _forward(logits, target, weight, options, reduction, grad, stats, split=split)
+            else:
+                loss, lse, grad, stats, total = cross_entropy_forward(logits, target, weight, *options, reduction,
+                                                                      logits_grad and not defer, defer)  # fmt: skip
             if defer and inplace and eager:
                 # The backward will write the gradient over the logits: the same contract as
                 # the stored in-place path, whose version bump this repeats now.
@@ -848,7 +805,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         total = total if reduction == "mean" else None
         ctx.mode = "deferred" if defer else "stored" if logits_grad else None
         ctx.inplace = inplace and eager
-        ctx.options = (ignore_index, label_smoothing, softcap, reduction)
+        ctx.options = options
+        ctx.reduction = reduction
         ctx.target_grad_dtype = target.dtype if target_grad else None
         ctx.acc = _acc_dtype(logits)
         keep_logits = defer or target_grad
@@ -876,12 +834,13 @@ class CrossEntropyFunction(torch.autograd.Function):
                 )
             ctx.backward_done = True
         grad, logits, target, weight, stats, total, lse = ctx.saved_tensors
-        ignore_index, label_smoothing, softcap, reduction = ctx.options
+        options = ctx.options
         upstream = grad_loss.to(ctx.acc) if grad_loss.dim() == 0 else grad_loss.reshape(-1).to(ctx.acc)
         grad_target = None
         if ctx.target_grad_dtype is not None:  # before an in-place backward overwrites the logits
-            scale = upstream / total if reduction == "mean" else upstream
-            grad_target = _target_gradient(logits, lse, weight, scale, label_smoothing, softcap, ctx.target_grad_dtype)
+            scale = upstream / total if ctx.reduction == "mean" else upstream
+            grad_target = _target_gradient(logits, lse, weight, scale, options.label_smoothing, options.softcap,
+                                           ctx.target_grad_dtype)  # fmt: skip
         if ctx.mode == "stored":
             if _plain_eager(grad, upstream):
                 _cross_entropy_scale_grad(grad, upstream)
@@ -889,28 +848,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             else:
                 cross_entropy_scale_grad(grad, upstream)
         elif ctx.mode == "deferred":
-            args = (target, weight, stats, upstream, total, ignore_index, label_smoothing, softcap)
+            args = (target, weight, stats, upstream, total)
             if ctx.inplace and _plain_eager(logits, target, weight, stats, upstream):
-                grad = _backward_into(logits, logits, *args)
+                grad = _backward_into(logits, logits, *args, options)
                 torch.autograd.graph.increment_version(logits)
             elif _plain_eager(logits, target, weight, stats, upstream):  # (a traced backward allocates)
-                grad = _cross_entropy_backward(logits, *args)
+                grad = _backward_into(torch.empty_like(logits, memory_format=torch.contiguous_format), logits, *args,
+                                      options)  # fmt: skip
             else:
-                grad = cross_entropy_backward(logits, *args)
-        return grad, grad_target, None, None, None, None, None, None, None
-
-
-def _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index):
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}(): {reduction!r} is not a valid value for reduction (expected one of {REDUCTIONS})")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{fn}(): label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
-    if not (z_loss >= 0.0 and z_loss != float("inf")):
-        raise ValueError(f"{fn}(): z_loss must be a finite number >= 0, but got {z_loss}")
-    if softcap is not None and not (softcap > 0 and softcap != float("inf")):
-        raise ValueError(f"{fn}(): softcap must be None or a finite number > 0, but got {softcap}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"{fn}(): ignore_index must be an int, but got {type(ignore_index).__name__}")
+                grad = cross_entropy_backward(logits, *args, *options)
+        return grad, grad_target, None, None, None, None
 
 
 def _check_target(fn, logits, target):
@@ -946,13 +893,15 @@ def _(info, in_dims, logits, target, weight, ignore_index, label_smoothing, z_lo
 
 
 @torch.library.register_vmap("softmax_gpu::cross_entropy_backward")
-def _(info, in_dims, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, softcap):
+def _(info, in_dims, logits, target, weight, stats, upstream, grad_divisor, ignore_index, label_smoothing, z_loss,
+      softcap):  # fmt: skip
     if in_dims[2] is not None or grad_divisor is not None:
         raise NotImplementedError("softmax_gpu::cross_entropy_backward under vmap: per-row upstream, one weight")
     b = info.batch_size
     rows = batch_rows(logits, in_dims[0], b)
     grad = cross_entropy_backward(rows, batch_rows(target, in_dims[1], b), weight, batch_rows(stats, in_dims[3], b),
-                                  batch_rows(upstream, in_dims[4], b), None, ignore_index, label_smoothing, softcap)  # fmt: skip
+                                  batch_rows(upstream, in_dims[4], b), None, ignore_index, label_smoothing, z_loss,
+                                  softcap)  # fmt: skip
     return grad.view(b, -1, rows.shape[-1]), 0
 
 
@@ -972,9 +921,9 @@ class FunctorchCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, ignore_index, label_smoothing, _z_loss, softcap = inputs
+        logits, target, weight, *options = inputs
         ctx.save_for_backward(logits, target, weight, output[1])
-        ctx.options = (ignore_index, label_smoothing, softcap)
+        ctx.options = options
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
@@ -996,18 +945,18 @@ def _rows_are_a_view(x: torch.Tensor, class_dim: int) -> bool:
     return all(stride == inner_size * inner_stride for (_, stride), (inner_size, inner_stride) in zip(dims, dims[1:]))
 
 
-def _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _functorch_cross_entropy(rows, tgt, weight, options: LossOptions, reduction):
     """cross_entropy() under torch.func: per-row losses from FunctorchCrossEntropy, reduced here."""
     if tgt.is_floating_point():
         raise NotImplementedError(
             "softmax_gpu.cross_entropy(): probability targets are not supported under torch.func transforms"
         )
-    loss, _stats = FunctorchCrossEntropy.apply(rows, tgt, weight, ignore_index, label_smoothing, z_loss, softcap)
+    loss, _stats = FunctorchCrossEntropy.apply(rows, tgt, weight, *options)
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
-    return loss.sum() / _total_weight(tgt, weight, ignore_index, loss.dtype)
+    return loss.sum() / _total_weight(tgt, weight, options.ignore_index, loss.dtype)
 
 
 def cross_entropy(
@@ -1067,7 +1016,8 @@ def cross_entropy(
         if weight.shape != (n_classes,):
             raise ValueError(f"{fn}(): weight must have shape ({n_classes},), got {tuple(weight.shape)}")
     check_same_device(fn, input=input, target=target, weight=weight)
-    _check_options(fn, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    check_reduction(fn, reduction)
+    options = LossOptions.checked(fn, ignore_index, label_smoothing, z_loss, softcap)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{fn}(): ignore_index is not supported for floating point target (as in torch)")
 
@@ -1089,14 +1039,10 @@ def cross_entropy(
     tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
     if weight is not None:
         weight = weight.contiguous()  # the kernel reads weight[j] at unit stride
-    softcap = None if softcap is None else float(softcap)
     if under_functorch(rows, tgt, weight):
-        loss = _functorch_cross_entropy(rows, tgt, weight, ignore_index, reduction, float(label_smoothing),
-                                        float(z_loss), softcap)  # fmt: skip
+        loss = _functorch_cross_entropy(rows, tgt, weight, options, reduction)
     else:
-        loss, _lse = CrossEntropyFunction.apply(
-            rows, tgt, weight, ignore_index, reduction, float(label_smoothing), float(z_loss), softcap, inplace_backward
-        )
+        loss, _lse = CrossEntropyFunction.apply(rows, tgt, weight, options, reduction, inplace_backward)
     if reduction == "none":  # rows were ordered (N, d1, ...), the target's own order
         return loss.view(input.shape[:1] + input.shape[2:] if input.dim() > 1 else ())
     return loss

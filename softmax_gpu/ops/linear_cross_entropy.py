@@ -60,13 +60,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import config
+from ..loss_options import LossOptions, check_reduction
 from ..checks import check_floating, check_same_device, check_tensor
 from ..kernels.linear_cross_entropy import skip_small_tiles_kernel
 from ..runtime import check_launchable, device_guard
 from ..kernels.cross_entropy import cross_entropy_kernel
 from .cross_entropy import (
     _check_class_indices,
-    _check_options,
     _forward_split,
     _plain_eager,
     _target_gradient,
@@ -177,7 +177,7 @@ def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss, softcap, skip, needs, buffer_bytes):
+def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, buffer_bytes):
     """(loss per row, lse, dX, dW, db) of the summed loss divided by total (None: 1); each
     gradient None unless asked for (needs: input, weight, bias), in the input's dtype."""
     n_rows, hidden = x.shape
@@ -210,8 +210,8 @@ def _speed(x, w, b, target, weight, total, ignore_index, label_smoothing, z_loss
         x_c, z = x[r0:r1], _view(buf, r1 - r0, n_cols)
         _logits_into(z, x_c, w, b)
         t_c = target[r0:r1]
-        split = _forward_split(z, t_c, weight, label_smoothing, softcap)
-        args = (z, t_c, weight, loss[r0:r1], lse[r0:r1], z, total, ignore_index, label_smoothing, z_loss, softcap)
+        split = _forward_split(z, t_c, weight, options)
+        args = (z, t_c, weight, loss[r0:r1], lse[r0:r1], z, total, options)
         if split is not None:
             launch_cross_entropy_split(*args, split)
         else:
@@ -252,8 +252,8 @@ def _speed_op(
     """(loss per row, lse, dX, dW, db): the gradients of the summed loss over `total` (None: 1)
     for an upstream gradient of 1, each an empty tensor when not asked for."""
     _check_class_indices(target, linear_weight.shape[0], ignore_index)
-    loss, lse, dx, dw, db = _speed(input, linear_weight, linear_bias, target, weight, total, ignore_index,
-                                   label_smoothing, z_loss, softcap, grad_skip_threshold,
+    loss, lse, dx, dw, db = _speed(input, linear_weight, linear_bias, target, weight, total,
+                                   LossOptions(ignore_index, label_smoothing, z_loss, softcap), grad_skip_threshold,
                                    (input_grad, weight_grad, bias_grad), buffer_bytes)  # fmt: skip
     empty = input.new_empty  # one empty tensor each: a custom op's outputs must not alias
     return loss, lse, *(g if g is not None else empty(0) for g in (dx, dw, db))
@@ -306,14 +306,13 @@ def _slab_targets(target, weight, c0, c1):
     return tgt, (weight[c0:c1] if weight is not None else None)
 
 
-def _slab_stats(x, w, b, target, weight, n_classes, col_start, ignore_index, label_smoothing, softcap, buffer_bytes,
-                fn=FN):  # fmt: skip
+def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOptions, buffer_bytes, fn=FN):
     """(row maxima (N,), packed statistics (N, n_stats)) float32 of the classes
     [col_start, col_start + V_local) that w holds, slab by slab, merged in slab order as the
     vocab-parallel all-reduces merge shards: column 0 rescaled to the common maximum, summed."""
     n_rows, n_local = x.shape[0], w.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
-    width = n_stats(target.is_floating_point(), weight is not None, label_smoothing > 0)
+    width = n_stats(target.is_floating_point(), weight is not None, options.label_smoothing > 0)
     if not n_local or not n_rows:
         return torch.full((n_rows,), float("-inf"), **f32), torch.zeros(n_rows, width, **f32)
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
@@ -330,7 +329,7 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, ignore_index, lab
         tgt, wt = _slab_targets(target, weight, c0, c1)
         first = c0 == 0
         launch_vocab_parallel_stats(z, tgt, wt, row_max if first else slab_max, stats if first else slab_stats,
-                                    n_classes, col_start + c0, ignore_index, label_smoothing, softcap)  # fmt: skip
+                                    n_classes, col_start + c0, options)  # fmt: skip
         if not first:
             _merge(row_max, stats, slab_max, slab_stats)
     return row_max, stats
@@ -349,7 +348,7 @@ def _merge(row_max, stats, slab_max, slab_stats) -> None:
     row_max.copy_(new_max)
 
 
-def _loss_from_stats(x, target, weight, row_max, stats, n_classes, ignore_index, label_smoothing, z_loss, softcap):
+def _loss_from_stats(x, target, weight, row_max, stats, n_classes, options: LossOptions):
     """(loss per row, lse) from the merged statistics: vocab_parallel_loss_kernel without a
     gradient reads no logits (O(N)), so it gets an (N, 0) tensor in their place."""
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -358,13 +357,12 @@ def _loss_from_stats(x, target, weight, row_max, stats, n_classes, ignore_index,
     if n_rows:
         no_logits = x.new_empty(n_rows, 0)
         launch_vocab_parallel_loss(no_logits, target if not target.is_floating_point() else target[:, :0], weight,
-                                   row_max, stats, loss, lse, None, None, None, n_classes, 0, ignore_index,
-                                   label_smoothing, z_loss, softcap)  # fmt: skip
+                                   row_max, stats, loss, lse, None, None, None, n_classes, 0, options)  # fmt: skip
     return loss, lse
 
 
-def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total, n_classes, col_start, ignore_index,
-                   label_smoothing, z_loss, softcap, skip, needs, buffer_bytes, fn=FN):  # fmt: skip
+def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total, n_classes, col_start,
+                   options: LossOptions, skip, needs, buffer_bytes, fn=FN):  # fmt: skip
     """The gradients of sum_r upstream_r loss_r / total (total None: 1) for the classes w
     holds: (dX float32, summed over these classes only; dW_local, db_local and d/d target
     in their dtypes); None for each not asked for (needs: input, weight, bias, target)."""
@@ -398,9 +396,9 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
         _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
         tgt, wt = _slab_targets(target, weight, c0, c1)
         if dt is not None:  # from the logits, before the gradient overwrites them
-            dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, label_smoothing, softcap, dt.dtype)
+            dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, options.label_smoothing, options.softcap, dt.dtype)
         launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream, n_classes,
-                                   col_start + c0, ignore_index, label_smoothing, z_loss, softcap)  # fmt: skip
+                                   col_start + c0, options)  # fmt: skip
         if skip is not None:
             launch_skip_small_tiles(z, skip_factor, skip, cut.skip_tile, fn)
         if dw is not None:
@@ -429,13 +427,12 @@ def _forward(
     forward. The last two are what the backward reads."""
     n_rows, n_classes = input.shape[0], linear_weight.shape[0]
     _check_class_indices(target, n_classes, ignore_index)
-    row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, ignore_index,
-                                 label_smoothing, softcap, buffer_bytes)  # fmt: skip
+    options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
+    row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, options, buffer_bytes)
     if n_classes == 0:  # torch's values for no classes (cross_entropy.zero_class_rows); nothing to launch
-        loss = zero_class_rows(target, ignore_index, label_smoothing, z_loss, torch.float32)
+        loss = zero_class_rows(target, options, torch.float32)
         return loss, torch.full_like(loss, float("-inf")), row_max, stats
-    loss, lse = _loss_from_stats(input, target, weight, row_max, stats, n_classes, ignore_index, label_smoothing,
-                                 z_loss, softcap)  # fmt: skip
+    loss, lse = _loss_from_stats(input, target, weight, row_max, stats, n_classes, options)
     return loss, lse, row_max, stats
 
 
@@ -481,8 +478,9 @@ def _backward(
     dtypes; an empty tensor for each one not asked for. The low-memory backward."""
     needs = (input_grad, weight_grad, bias_grad, target_grad)
     dx, dw, db, dt = _slab_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream,
-                                    grad_divisor, linear_weight.shape[0], 0, ignore_index, label_smoothing, z_loss,
-                                    softcap, grad_skip_threshold, needs, buffer_bytes)  # fmt: skip
+                                    grad_divisor, linear_weight.shape[0], 0,
+                                    LossOptions(ignore_index, label_smoothing, z_loss, softcap), grad_skip_threshold,
+                                    needs, buffer_bytes)  # fmt: skip
     empty = input.new_empty
     return (
         dx.to(input.dtype) if dx is not None else empty(0),
@@ -533,16 +531,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     once)."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, softcap, grad_skip_threshold, mode, buffer_bytes):  # fmt: skip
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, options, reduction, grad_skip_threshold, mode,
+                buffer_bytes):  # fmt: skip
         needs = ctx.needs_input_grad[:3]
         target_grad = target.is_floating_point() and ctx.needs_input_grad[3]
         ctx.route = route(mode, input.dtype, reduction, target_grad, any(needs) or target_grad)
         if linear_weight.shape[0] == 0:  # no classes: torch's values, nothing launched (the low-memory ops)
             ctx.route = "low_memory"
-        total = _total_weight(target, weight, ignore_index) if reduction == "mean" else None
+        total = _total_weight(target, weight, options.ignore_index) if reduction == "mean" else None
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight)
-        options = (ignore_index, label_smoothing, z_loss, softcap)
         if ctx.route == "speed":
             op = _speed_op if eager else linear_cross_entropy_speed
             loss, lse, dx, dw, db = op(input, linear_weight, linear_bias, target, weight, total, *options,
@@ -559,7 +556,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.target_grad = target_grad
         ctx.mark_non_differentiable(lse)
         if reduction != "none" and linear_weight.shape[0] == 0:
-            loss = zero_class_reduce(loss, target.is_floating_point(), label_smoothing, reduction)
+            loss = zero_class_reduce(loss, target.is_floating_point(), options.label_smoothing, reduction)
         elif reduction == "mean":
             loss = loss.sum() / total
         elif reduction == "sum":
@@ -587,11 +584,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = (dx, dw, db, None)
         else:
             input, linear_weight, linear_bias, target, weight, row_max, stats, lse, total = ctx.saved_tensors
-            ignore_index, label_smoothing, z_loss, softcap, skip, buffer_bytes = ctx.options
+            *options, skip, buffer_bytes = ctx.options
             bias = bias and linear_bias is not None
-            args = (input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, total,
-                    ignore_index, label_smoothing, z_loss, softcap, needs[0], needs[1], bias, ctx.target_grad, skip,
-                    buffer_bytes)  # fmt: skip
+            args = (input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, total, *options,
+                    needs[0], needs[1], bias, ctx.target_grad, skip, buffer_bytes)  # fmt: skip
             eager = _plain_eager(input, linear_weight, linear_bias, target, weight, upstream)
             grads = (_backward if eager else linear_cross_entropy_backward)(*args)
         dx, dw, db, dt = grads
@@ -600,11 +596,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dw if needs[1] else None,
             db if bias else None,
             dt if ctx.route != "speed" and ctx.target_grad else None,
-            None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None,
         )  # fmt: skip
 
 
-def _materialised(x, w, b, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+def _materialised(x, w, b, target, weight, options: LossOptions, reduction):
     """The logits made in full, then softmax_gpu.cross_entropy: float64 (for checking) and
     torch.func transforms."""
     from .cross_entropy import cross_entropy
@@ -612,8 +608,8 @@ def _materialised(x, w, b, target, weight, ignore_index, reduction, label_smooth
     logits = F.linear(x, w, b)
     if target.is_floating_point():
         target = target.to(logits.dtype)
-    return cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss=z_loss,
-                         softcap=softcap)  # fmt: skip
+    return cross_entropy(logits, target, weight, options.ignore_index, reduction, options.label_smoothing,
+                         z_loss=options.z_loss, softcap=options.softcap)  # fmt: skip
 
 
 def _is_dtensor(t) -> bool:
@@ -769,14 +765,14 @@ def linear_cross_entropy(
                                             label_smoothing, z_loss, softcap, grad_skip_threshold=grad_skip_threshold,
                                             mode=mode, buffer_bytes=buffer_bytes)  # fmt: skip
     _check_operands(FN, input, linear_weight, target, linear_bias, weight, allow_no_classes=True)
-    _check_options(FN, reduction, label_smoothing, z_loss, softcap, ignore_index)
+    check_reduction(FN, reduction)
+    options = LossOptions.checked(FN, ignore_index, label_smoothing, z_loss, softcap)
     if target.is_floating_point() and ignore_index != -100:
         raise RuntimeError(f"{FN}(): ignore_index is not supported for floating point target (as in torch)")
     grad_skip_threshold = check_linear_options(FN, mode, buffer_bytes, grad_skip_threshold)
     n_classes, hidden = linear_weight.shape
     x = input.reshape(input.shape[:-1].numel(), hidden)  # a view when it can be: cuBLAS takes the strides
     tgt = target.reshape(x.shape[0], n_classes) if target.is_floating_point() else target.reshape(-1)
-    softcap = None if softcap is None else float(softcap)
     if grad_skip_threshold is not None and input.dtype == torch.float64:
         raise ValueError(f"{FN}(): grad_skip_threshold is not supported for float64 input (which is for checking)")
     functorch = under_functorch(x, linear_weight, linear_bias, tgt)
@@ -785,17 +781,14 @@ def linear_cross_entropy(
     if input.dtype == torch.float64 or functorch:
         # float64 (for checking) and torch.func transforms (grad, vmap, jacrev: per-sample
         # gradients) form the logits and take cross_entropy's path for them.
-        loss = _materialised(x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
-                        float(z_loss), softcap)  # fmt: skip
+        loss = _materialised(x, linear_weight, linear_bias, tgt, weight, options, reduction)
     else:
         if weight is not None:
             weight = weight.contiguous()  # the row kernels read weight[j] at unit stride
         if tgt.is_floating_point() and tgt.stride(-1) != 1:
             tgt = tgt.contiguous()  # the row kernels read probabilities at unit column stride
-        loss, _lse = LinearCrossEntropyFunction.apply(
-            x, linear_weight, linear_bias, tgt, weight, ignore_index, reduction, float(label_smoothing),
-            float(z_loss), softcap, grad_skip_threshold, mode, buffer_bytes,
-        )  # fmt: skip
+        loss, _lse = LinearCrossEntropyFunction.apply(x, linear_weight, linear_bias, tgt, weight, options, reduction,
+                                                      grad_skip_threshold, mode, buffer_bytes)  # fmt: skip
     if reduction == "none":
         return loss.view(input.shape[:-1])
     return loss

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import config
+from ..loss_options import LossOptions
 from ..kernels.vocab_parallel_cross_entropy import vocab_parallel_loss_kernel, vocab_parallel_stats_kernel
 from ..runtime import check_launchable, device_guard
 from .cross_entropy import (
@@ -60,9 +61,7 @@ def launch_vocab_parallel_stats(
     stats: torch.Tensor,
     n_classes: int,
     col_start: int,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],
+    options: LossOptions,
 ) -> None:
     """This shard's row maxima (N,) and packed row statistics (N, n_stats), float32.
 
@@ -84,16 +83,12 @@ def launch_vocab_parallel_stats(
             n_cols=n_cols,
             n_classes=n_classes,
             col_start=col_start,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            softcap=softcap or 0.0,
             SOFT_TARGET=soft,
             HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_SOFTCAP=softcap is not None,
             N_STATS=stats.shape[1],
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
+            **options.kernel_args(z_loss=False, hi_lo=False),
         )
 
 
@@ -110,10 +105,7 @@ def launch_vocab_parallel_loss(
     upstream: Optional[torch.Tensor],
     n_classes: int,
     col_start: int,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    options: LossOptions,
 ) -> None:
     """Per-row loss and lse (float32) from the all-reduced statistics and, when grad is given,
     d loss / d logits for this shard (divided by the float32 device scalar grad_divisor and
@@ -141,21 +133,15 @@ def launch_vocab_parallel_loss(
             n_cols=n_cols,
             n_classes=n_classes,
             col_start=col_start,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap or 0.0,
             SOFT_TARGET=target.is_floating_point(),
             HAS_WEIGHT=weight is not None,
-            HAS_SMOOTHING=label_smoothing > 0,
-            HAS_Z_LOSS=z_loss != 0,
-            HAS_SOFTCAP=softcap is not None,
             COMPUTE_GRAD=grad is not None,
             DIVIDE_GRAD=grad is not None and grad_divisor is not None,
             HAS_UPSTREAM=grad is not None and upstream is not None,
             N_STATS=stats.shape[1],
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
+            **options.kernel_args(hi_lo=False),
         )
 
 
@@ -167,15 +153,16 @@ def _vocab_parallel_stats(
     col_start: int,
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row maxima (N,), packed statistics (N, n_stats)) of this shard, float32."""
+    """(row maxima (N,), packed statistics (N, n_stats)) of this shard, float32 (z_loss plays
+    no part: it is taken so that the four options pass as one)."""
     _check_class_indices(target, n_classes, ignore_index)  # IndexError on CPU, as cross_entropy
     row_max, stats = _fake_stats(logits, target, weight, label_smoothing)
     if logits.shape[0]:
-        launch_vocab_parallel_stats(
-            logits, target, weight, row_max, stats, n_classes, col_start, ignore_index, label_smoothing, softcap
-        )
+        options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
+        launch_vocab_parallel_stats(logits, target, weight, row_max, stats, n_classes, col_start, options)
     return row_max, stats
 
 
@@ -192,7 +179,7 @@ vocab_parallel_stats = torch.library.custom_op(
 
 
 @vocab_parallel_stats.register_fake
-def _(logits, target, weight, n_classes, col_start, ignore_index, label_smoothing, softcap):
+def _(logits, target, weight, n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap):
     return _fake_stats(logits, target, weight, label_smoothing)
 
 
@@ -218,7 +205,7 @@ def _vocab_parallel_loss(
     if logits.shape[0]:
         launch_vocab_parallel_loss(
             logits, target, weight, global_max, stats, loss, lse, grad if compute_grad else None, grad_divisor,
-            upstream, n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap,
+            upstream, n_classes, col_start, LossOptions(ignore_index, label_smoothing, z_loss, softcap),
         )  # fmt: skip
     return loss, lse, grad
 
@@ -277,31 +264,28 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     communicates: the statistics are already global."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, group, n_classes, col_start, ignore_index, reduction,
-                label_smoothing, z_loss, softcap):  # fmt: skip
+    def forward(ctx, logits, target, weight, group, n_classes, col_start, options, reduction):
         deferred = ctx.needs_input_grad[0] and logits.dtype in DEFERRED_GRAD_DTYPES
         compute_grad = ctx.needs_input_grad[0] and not deferred
         eager = _plain_eager(logits, target, weight)
-        options = (n_classes, col_start, ignore_index, label_smoothing)
-        row_max, stats = (_vocab_parallel_stats if eager else vocab_parallel_stats)(
-            logits, target, weight, *options, softcap
-        )
+        shard = (n_classes, col_start, *options)
+        row_max, stats = (_vocab_parallel_stats if eager else vocab_parallel_stats)(logits, target, weight, *shard)
         if logits.shape[0]:  # the same on every rank (the target is), so all skip together
             global_max = combine_stats(row_max, stats, group)
         else:
             global_max = row_max
         total = None
         if reduction == "mean":
-            total = total_weight(target, stats, weight is not None, ignore_index, n_classes)
+            total = total_weight(target, stats, weight is not None, options.ignore_index, n_classes)
         loss, lse, grad = (_vocab_parallel_loss if eager else vocab_parallel_loss)(
-            logits, target, weight, global_max, stats, total, None, *options, z_loss, softcap, compute_grad
+            logits, target, weight, global_max, stats, total, None, *shard, compute_grad
         )
         ctx.deferred = deferred
         if compute_grad:
             ctx.save_for_backward(grad)
         elif deferred:
             ctx.save_for_backward(logits, target, weight, global_max, stats, total)
-            ctx.options = (*options, z_loss, softcap)
+            ctx.shard = shard
         ctx.mark_non_differentiable(lse)
         ctx.backward_done = False
         if reduction == "mean":
@@ -317,8 +301,8 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         if ctx.deferred:
             logits, target, weight, global_max, stats, total = ctx.saved_tensors
             loss_op = _vocab_parallel_loss if _plain_eager(logits, upstream) else vocab_parallel_loss
-            _loss, _lse, grad = loss_op(logits, target, weight, global_max, stats, total, upstream, *ctx.options, True)
-            return grad, None, None, None, None, None, None, None, None, None, None
+            _loss, _lse, grad = loss_op(logits, target, weight, global_max, stats, total, upstream, *ctx.shard, True)
+            return grad, None, None, None, None, None, None, None
         if ctx.backward_done:
             raise RuntimeError(
                 "softmax_gpu.vocab_parallel_cross_entropy: backward ran twice through the same graph; the "
@@ -331,4 +315,4 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             torch.autograd.graph.increment_version(grad)
         else:
             cross_entropy_scale_grad(grad, upstream)
-        return grad, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None

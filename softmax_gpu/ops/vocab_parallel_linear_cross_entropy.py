@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..loss_options import LossOptions
 from .cross_entropy import _check_class_indices, _plain_eager
 from .functorch import first_order
 from .linear_cross_entropy import _slab_backward, _slab_stats
@@ -48,12 +49,14 @@ def _stats(
     col_start: int,
     ignore_index: int,
     label_smoothing: float,
+    z_loss: float,
     softcap: Optional[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row maxima (N,), packed statistics (N, n_stats)) of this shard, float32."""
+    """(row maxima (N,), packed statistics (N, n_stats)) of this shard, float32 (z_loss plays
+    no part: it is taken so that the four options pass as one)."""
     _check_class_indices(target, n_classes, ignore_index)  # IndexError on CPU, as cross_entropy
-    return _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, col_start, ignore_index,
-                       label_smoothing, softcap, None, fn=FN)  # fmt: skip
+    return _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, col_start,
+                       LossOptions(ignore_index, label_smoothing, z_loss, softcap), None, fn=FN)  # fmt: skip
 
 
 vocab_parallel_linear_stats = torch.library.custom_op(
@@ -62,7 +65,8 @@ vocab_parallel_linear_stats = torch.library.custom_op(
 
 
 @vocab_parallel_linear_stats.register_fake
-def _(input, linear_weight, linear_bias, target, weight, n_classes, col_start, ignore_index, label_smoothing, softcap):
+def _(input, linear_weight, linear_bias, target, weight, n_classes, col_start, ignore_index, label_smoothing, z_loss,
+      softcap):  # fmt: skip
     return _fake_stats(input, target, weight, label_smoothing)
 
 
@@ -91,8 +95,9 @@ def _backward(
     an empty tensor for each one not asked for. row_max, stats: the all-reduced ones."""
     needs = (input_grad, weight_grad, bias_grad, False)
     dx, dw, db, _ = _slab_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, None, upstream,
-                                   grad_divisor, n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap,
-                                   None, needs, None, fn=FN)  # fmt: skip
+                                   grad_divisor, n_classes, col_start,
+                                   LossOptions(ignore_index, label_smoothing, z_loss, softcap), None, needs, None,
+                                   fn=FN)  # fmt: skip
     empty = input.new_empty
     return (dx if dx is not None else empty(0), dw if dw is not None else empty(0), db if db is not None else empty(0))
 
@@ -119,26 +124,26 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     backward may run more than once (each run all-reduces dX again)."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, group, n_classes, col_start, ignore_index,
-                reduction, label_smoothing, z_loss, softcap):  # fmt: skip
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, group, n_classes, col_start, options,
+                reduction):  # fmt: skip
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight)
         row_max, stats = (_stats if eager else vocab_parallel_linear_stats)(
-            input, linear_weight, linear_bias, target, weight, n_classes, col_start, ignore_index, label_smoothing,
-            softcap,
-        )  # fmt: skip
+            input, linear_weight, linear_bias, target, weight, n_classes, col_start, *options
+        )
         if input.shape[0]:  # the same on every rank (the input is), so all skip together
             row_max = combine_stats(row_max, stats, group)
-        total = total_weight(target, stats, weight is not None, ignore_index, n_classes) if reduction == "mean" else None
+        total = None
+        if reduction == "mean":
+            total = total_weight(target, stats, weight is not None, options.ignore_index, n_classes)
         no_logits = input.new_empty(input.shape[0], 0)
         loss, lse, _ = (_vocab_parallel_loss if eager else vocab_parallel_loss)(
-            no_logits, target, weight, row_max, stats, None, None, n_classes, 0, ignore_index, label_smoothing,
-            z_loss, softcap, False,
-        )  # fmt: skip
+            no_logits, target, weight, row_max, stats, None, None, n_classes, 0, *options, False
+        )
         needs = ctx.needs_input_grad[:3]
         if any(needs):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, total)
         ctx.group = group
-        ctx.options = (n_classes, col_start, ignore_index, label_smoothing, z_loss, softcap)
+        ctx.shard = (n_classes, col_start, *options)
         ctx.mark_non_differentiable(lse)
         if reduction == "mean":
             loss = loss.sum() / total
@@ -153,7 +158,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         bias_grad = needs[2] and linear_bias is not None
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
-        args = (input, linear_weight, linear_bias, target, weight, row_max, stats, upstream, total, *ctx.options,
+        args = (input, linear_weight, linear_bias, target, weight, row_max, stats, upstream, total, *ctx.shard,
                 needs[0], needs[1], bias_grad)  # fmt: skip
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight, upstream)
         dx, dw, db = (_backward if eager else vocab_parallel_linear_backward)(*args)
@@ -165,5 +170,5 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             dx if needs[0] else None,
             dw if needs[1] else None,
             db if bias_grad else None,
-            None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )  # fmt: skip
