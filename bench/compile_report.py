@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -281,11 +282,12 @@ def cross_entropy_variants(quick: bool):
                                    (config.LOOP_BLOCK_CROSS_ENTROPY, 1)} | tiles):
             sig = (("grad_ptr", ptr), ("upstream_ptr", "*fp32"), ("grad_row_stride", "i64"),
                    ("upstream_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32"), ("BLOCK_N", "constexpr"),
-                   ("VEC", "constexpr"), ("HAS_EDGE", "constexpr"), ("ROWS", "constexpr"))  # fmt: skip
+                   ("VEC", "constexpr"), ("HAS_EDGE", "constexpr"), ("ROWS", "constexpr"),
+                   ("SCALAR", "constexpr"))  # fmt: skip
             warps = config.warps_for(block * rows, 4, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
-            for vec, edge in vector_plan(int(ptr[-2:]) // 8, block, False):
+            for (vec, edge), scalar in itertools.product(vector_plan(int(ptr[-2:]) // 8, block, False), (True, False)):
                 yield Variant(module, "scale_grad_kernel", dtype, sig, (("BLOCK_N", block), ("VEC", vec),
-                              ("HAS_EDGE", edge), ("ROWS", rows)), warps,
+                              ("HAS_EDGE", edge), ("ROWS", rows), ("SCALAR", scalar)), warps,
                               aligned=("grad_ptr", "grad_row_stride", "n_cols"),
                               maxnreg=config.max_registers(warps))  # fmt: skip
 

@@ -195,8 +195,8 @@ def _cross_entropy_split(rows: int, cols: int, size: int, sms: int, streaming: b
 def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferred: bool) -> Traffic:
     """cross_entropy(x, target) with reduction="mean": the forward (prepare + loss kernel, or
     the split stats + combine), and with grad the backward: the stored route's scale kernel
-    (it reads the 0-d upstream once a row and, that being 1, nothing else), or the deferred
-    route's backward kernel (one read of the logits, one write of the gradient)."""
+    (each of its programs reads the 0-d upstream once and, that being 1, nothing else), or
+    the deferred route's backward kernel (one read of the logits, one write of the gradient)."""
     from softmax_gpu import config
     from softmax_gpu.ops.cross_entropy import cross_entropy_config
 
@@ -238,8 +238,10 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
     forward += rows * per_row + once
     if not grad:
         return Traffic(fwd_path, 2, forward)
-    if store_grad:  # scale_grad_kernel: the upstream, 1, read once a row
-        return Traffic(fwd_path, 3, forward + rows * ACC_BYTES)
+    if store_grad:  # scale_grad_kernel: the upstream, 1, read once a program
+        scale = config.short_rows(cross_entropy_config(cols), rows, size, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+        programs = min(-(-rows // scale.rows), config.SCALE_GRAD_PROGRAMS_PER_SM * sms)
+        return Traffic(fwd_path, 3, forward + programs * ACC_BYTES)
     # The backward kernel, a program a row or a chunk: the target, the 4 statistics, the
     # upstream and the mean's total; the logits read once and the gradient written.
     bwd_split = _cross_entropy_split(rows, cols, size, sms, streaming=True)

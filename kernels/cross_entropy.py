@@ -657,32 +657,18 @@ def cross_entropy_backward_kernel(
 
 
 @triton.jit
-def scale_grad_kernel(
-    grad_ptr,
-    upstream_ptr,
-    grad_row_stride,
-    upstream_stride,
-    n_rows,
-    n_cols,
-    BLOCK_N: tl.constexpr,
-    VEC: tl.constexpr = 1,
-    HAS_EDGE: tl.constexpr = False,
-    ROWS: tl.constexpr = 1,
-):
-    """grad[r, :] *= upstream[r * upstream_stride] in place (upstream_stride 0: one scalar),
-    for rows r = program_id(0) * ROWS + i.
-
-    The common training case, a scalar loss whose upstream gradient is exactly 1, returns
-    after reading one float per row: no pass over the gradient and no host sync.
-    Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
-    VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
-    ROWS > 1: short rows (one block each) as a [ROWS, BLOCK_N] tile, as in cross_entropy_kernel;
-    a row whose factor is 1 is masked out, so it is still neither read nor written.
-    """
+def scale_rows(grad_ptr, upstream_ptr, g_scalar, block, grad_row_stride, upstream_stride, n_rows, n_cols,
+               BLOCK_N: tl.constexpr, VEC: tl.constexpr, HAS_EDGE: tl.constexpr, ROWS: tl.constexpr,
+               SCALAR: tl.constexpr):
+    """scale_grad_kernel's work on rows block * ROWS + i: each row times its factor (g_scalar
+    with SCALAR, else its own upstream value), skipped without a read where that is exactly 1."""
     if ROWS > 1:
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rows = (block * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (< n_rows, an int32)
         row_ok = rows < n_rows
-        g_up = tl.load(upstream_ptr + rows * upstream_stride, mask=row_ok, other=1.0).to(tl.float32)
+        if SCALAR:
+            g_up = tl.zeros([ROWS], tl.float32) + g_scalar
+        else:
+            g_up = tl.load(upstream_ptr + rows * upstream_stride, mask=row_ok, other=1.0).to(tl.float32)
         live = row_ok & (g_up != 1.0)
         body, shift, n_body = row_layout(rows, grad_row_stride, n_cols, VEC, HAS_EDGE)
         cols = tl.arange(0, BLOCK_N)
@@ -697,8 +683,11 @@ def scale_grad_kernel(
             g = tl.load(e_ptrs, mask=e_mask, other=0.0).to(tl.float32)
             tl.store(e_ptrs, (g * g_up[:, None]).to(grad_ptr.dtype.element_ty), mask=e_mask)
     else:
-        row = tl.program_id(0).to(tl.int64)
-        g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
+        row = block + tl.zeros([], tl.int64)  # (block is a loop index: an int in the interpreter)
+        if SCALAR:
+            g_up = g_scalar
+        else:
+            g_up = tl.load(upstream_ptr + row * upstream_stride).to(tl.float32)
         if g_up != 1.0:
             body, shift, n_body = row_layout(row, grad_row_stride, n_cols, VEC, HAS_EDGE)
             cols = tl.arange(0, BLOCK_N)
@@ -711,6 +700,45 @@ def scale_grad_kernel(
                 grad_row = grad_ptr + row * grad_row_stride
                 g = tl.load(grad_row + e_cls, mask=e_mask, other=0.0).to(tl.float32)
                 tl.store(grad_row + e_cls, (g * g_up).to(grad_ptr.dtype.element_ty), mask=e_mask)
+
+
+@triton.jit
+def scale_grad_kernel(
+    grad_ptr,
+    upstream_ptr,
+    grad_row_stride,
+    upstream_stride,
+    n_rows,
+    n_cols,
+    BLOCK_N: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+    ROWS: tl.constexpr = 1,
+    SCALAR: tl.constexpr = False,
+):
+    """grad[r, :] *= upstream[r * upstream_stride] in place; with SCALAR, by the one value at
+    upstream_ptr.
+
+    The grid is at most about twice the SM count (config.scale_grad_programs): program p
+    takes the blocks of ROWS rows p, p + num_programs, ... The common training case, a scalar
+    loss whose upstream gradient is exactly 1, costs each program one 4-byte read and
+    nothing else (no pass over the gradient, no host sync); per-row factors cost one read a
+    row, and rows whose factor is 1 are neither read nor written.
+    Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
+    VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
+    ROWS > 1: short rows (one block each) as a [ROWS, BLOCK_N] tile, as in cross_entropy_kernel.
+    """
+    n_blocks = tl.cdiv(n_rows, ROWS)
+    if SCALAR:
+        g_scalar = tl.load(upstream_ptr).to(tl.float32)
+        if g_scalar != 1.0:
+            for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+                scale_rows(grad_ptr, upstream_ptr, g_scalar, block, grad_row_stride, upstream_stride, n_rows, n_cols,
+                           BLOCK_N, VEC, HAS_EDGE, ROWS, SCALAR)
+    else:
+        for block in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+            scale_rows(grad_ptr, upstream_ptr, 1.0, block, grad_row_stride, upstream_stride, n_rows, n_cols,
+                       BLOCK_N, VEC, HAS_EDGE, ROWS, SCALAR)
 
 
 # ---------------------------------------------------------------------------------------

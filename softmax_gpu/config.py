@@ -370,6 +370,17 @@ def sm_count(device) -> int:
     return DEFAULT_SM_COUNT
 
 
+SCALE_GRAD_PROGRAMS_PER_SM = 2
+
+
+def scale_grad_programs(n_blocks: int, device) -> int:
+    """The gradient rescale's grid: its n_blocks row blocks on at most SCALE_GRAD_PROGRAMS_PER_SM
+    programs per SM, each striding over the blocks (kernels/cross_entropy.py, scale_grad_kernel):
+    with an upstream factor of 1 each program reads one value and returns, so the launch costs
+    a fixed few microseconds instead of one program per row."""
+    return max(1, min(n_blocks, SCALE_GRAD_PROGRAMS_PER_SM * sm_count(device)))
+
+
 def _prev_power_of_2(n: int) -> int:
     return 1 << max(n.bit_length() - 1, 0)
 

@@ -1,7 +1,12 @@
-"""Where kernels can run: CUDA tensors on the GPU, CPU tensors in Triton's interpreter."""
+"""Where kernels can run (CUDA tensors on the GPU, CPU tensors in Triton's interpreter), the
+eager launch plans, and the direct launch of a compiled kernel."""
 import contextlib
+import os
 
 import torch
+from triton import knobs
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 
 def check_launchable(fn: str, kernel, x: torch.Tensor) -> None:
@@ -58,3 +63,85 @@ def remember_plan(key, plan):
         _PLANS.pop(next(iter(_PLANS)), None)
     _PLANS[key] = plan
     return plan
+
+
+# ---------------------------------------------------------------------------------------
+# Direct launches: a compiled kernel called without JITFunction.run's per-call work
+# ---------------------------------------------------------------------------------------
+# Triton's JITFunction.run binds every argument, computes the specialisation key (pointer
+# alignment, integer values, dtypes) and looks the compiled kernel up, then calls its
+# launcher: about 14 us of Python per launch on a 2-core CPU (python -m bench.host_time),
+# more than this package's own host path around it. launch() does that work once per plan:
+# the first launch goes through JITFunction.run, which returns the CompiledKernel; later
+# launches with the same plan (the same `static` dict object), device, tensor dtypes and
+# 16-byte alignments and the same other per-call values call the kernel's launcher with the
+# arguments in the order JITFunction.run passes them (every parameter, defaults filled in),
+# which is the same in Triton 3.6 and 3.9 (the test in tests/test_host_time.py compares the
+# two calls' arguments, through a launcher that records them). Plain eager calls only: not
+# while torch.compile traces, and never in the interpreter. SOFTMAX_GPU_DIRECT_LAUNCH=0 turns
+# it off.
+DIRECT_LAUNCH = os.environ.get("SOFTMAX_GPU_DIRECT_LAUNCH", "1") != "0"
+_DIRECT: dict = {}
+MAX_DIRECT = 512
+direct_launches = 0  # how many launches took the direct path (for tests)
+
+
+def launch(kernel, grid: tuple, static: dict, planned: bool, **dynamic) -> None:
+    """kernel[grid](**static, **dynamic). `static`: every argument and launch option that the
+    plan determines; with planned=True it is a stored plan's dict (the same object for every
+    call with that plan, never changed), and the launch may be direct; `dynamic`: the rest,
+    tensors and per-call values."""
+    if not (planned and DIRECT_LAUNCH and isinstance(kernel, JITFunction)) or torch.compiler.is_compiling():
+        kernel[grid](**static, **dynamic)  # (the interpreter's kernels are not JITFunctions)
+        return
+
+    device = driver.active.get_current_device()
+    spec = tuple((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in dynamic.values())
+    key = (id(kernel), id(static), device, tuple(dynamic), spec)
+    entry = _DIRECT.get(key)
+    if entry is None or entry[0] is not static:
+        compiled = kernel[grid](**static, **dynamic)
+        if compiled is not None:  # (None: a Triton hook took the launch over)
+            _remember_direct(key, kernel, static, dynamic, compiled)
+        return
+    global direct_launches
+    direct_launches += 1
+    _, compiled, template, slots = entry
+    args = list(template)
+    for slot, value in zip(slots, dynamic.values()):
+        args[slot] = value
+    stream = driver.active.get_current_stream(device)
+    grid_1 = grid[1] if len(grid) > 1 else 1
+    grid_2 = grid[2] if len(grid) > 2 else 1
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    # The launch metadata is for the hooks alone (a profiler's, say); with none registered
+    # JITFunction.run still builds it, for nothing: skipped here.
+    metadata = None if _idle(enter) and _idle(leave) else compiled.launch_metadata(grid, stream, *args)
+    compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
+                 *args)  # fmt: skip
+
+
+def _idle(hook) -> bool:
+    """A launch hook that calls nothing: None, or an empty chain (Triton's HookChain)."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not hook.calls)
+
+
+def _remember_direct(key, kernel, static, dynamic, compiled) -> None:
+    """Stores (static, compiled kernel, every parameter's value in order with the dynamic ones
+    left as None, the dynamic ones' positions) under key; bounded like the plans."""
+    names = kernel.arg_names
+    template = []
+    for param in kernel.params:
+        name = param.name
+        if name in static:
+            template.append(static[name])
+        elif name in dynamic:
+            template.append(None)
+        elif param.has_default:
+            template.append(param.default)
+        else:
+            return  # a parameter nobody passed: JITFunction.run would have raised already
+    slots = [names.index(name) for name in dynamic]
+    while len(_DIRECT) >= MAX_DIRECT:
+        _DIRECT.pop(next(iter(_DIRECT)), None)
+    _DIRECT[key] = (static, compiled, tuple(template), slots)

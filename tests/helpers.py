@@ -57,10 +57,12 @@ cpu_instrument = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU ins
 def MEAN_LOADS(n, itemsize, programs):
     """O(N) bytes a cross-entropy forward+backward with reduction="mean" loads besides the
     logits (bfloat16/float32 of `itemsize` bytes, class indices): targets twice (8 B each),
-    the target's logit, the upstream and the row loss (4 B each) per row, the divisor once
-    per forward program (4 B; programs = rows, or fewer when short rows share a program),
-    and the divisor once more for the mean."""
-    return n * (8 + 8 + itemsize + 4 + 4) + 4 * programs + 4
+    the target's logit and the row loss (4 B each) per row, the divisor once per forward
+    program and the upstream factor once per rescale program (4 B each; programs = rows,
+    or fewer when short rows share a program: the two kernels group rows alike, and these
+    tests have fewer row blocks than the rescale's grid), and the divisor once more for the
+    mean."""
+    return n * (8 + 8 + itemsize + 4) + 2 * 4 * programs + 4
 
 
 def MEAN_STORES(n):

@@ -582,8 +582,8 @@ def test_16bit_wide_block_needs_vectors(device):
 def test_traffic_probability_targets_and_weights_read_once(max_block):
     """On the single-block path the probability targets and the class weights are read once
     (the gradient reuses them from registers); the looped path reads them again with the
-    logits. Beyond that: per row the upstream (0-d, 4 B) in the backward and the row loss
-    for the mean (4 B); the divisor once a program and once for the mean."""
+    logits. Beyond that: the upstream (0-d, 4 B) once per rescale program in the backward,
+    the row loss for the mean (4 B a row); the divisor once a program and once for the mean."""
     n, c = 4, 100
     logits = torch.randn(n, c, requires_grad=True)
     target = torch.softmax(torch.randn(n, c), -1)
@@ -591,7 +591,7 @@ def test_traffic_probability_targets_and_weights_read_once(max_block):
         softmax_gpu.cross_entropy(logits, target, weight=torch.rand(c) + 0.1, label_smoothing=0.1).backward()
     nc = n * c * 4
     if max_block is None:  # one program of 4 rows
-        assert t.bytes_loaded == 3 * nc + n * (4 + 4) + 4 + 4
+        assert t.bytes_loaded == 3 * nc + n * 4 + 4 + 4 + 4
     else:  # 4 programs; the second pass reads the body of logits, targets and weights again, not the edge
         assert t.bytes_loaded == 6 * nc + n * (4 + 4) + 4 * n + 4
 
@@ -1026,6 +1026,29 @@ def test_scale_grad_short_rows(dtype, device):
     g = grad.clone()
     launch_scale_grad(g, torch.tensor(3.0, device=device))
     torch.testing.assert_close(g, (grad.float() * 3.0).to(dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_scale_grad_programs_stride_over_the_rows(factor, device):
+    """More row blocks than the rescale's grid (config.scale_grad_programs: twice the SM
+    count): each program strides over its blocks and every row is scaled exactly once; a 0-d
+    factor of 1 costs each program one 4-byte read and writes nothing."""
+    from softmax_gpu.ops.cross_entropy import launch_scale_grad
+
+    n, c = 2 * config.SCALE_GRAD_PROGRAMS_PER_SM * config.sm_count(device) + 37, 24
+    programs = config.scale_grad_programs(n, device)
+    assert programs < n
+    grad = torch.randn(n, c, device=device)
+    g = grad.clone()
+    upstream = torch.tensor(factor, device=device)
+    counter = TrafficCounter(buffers=[g, upstream]) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with counter:
+        cfg = launch_scale_grad(g, upstream, cfg=config.row_config(c, 32))  # one row a block
+    assert cfg.rows == 1
+    torch.testing.assert_close(g, grad * factor, rtol=0, atol=0)
+    if not torch.cuda.is_available():
+        moved = 0 if factor == 1.0 else n * c * 4
+        assert (counter.bytes_loaded, counter.bytes_stored) == (programs * 4 + moved, moved)
 
 
 # ---------------------------------------------------------------------------------------

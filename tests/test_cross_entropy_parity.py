@@ -160,7 +160,7 @@ def test_traffic_float16_reads_logits_twice_bfloat16_once():
     # divisor in the forward, writes 4 stats a row and reads them back, reads the target
     # again, and the upstream and divisor once a row in the backward.
     assert counts[torch.bfloat16] == (nc + MEAN_LOADS(n, 2, programs=1), nc + MEAN_STORES(n))  # 4 rows, 1 program
-    assert counts[torch.float16] == (2 * nc + MEAN_LOADS(n, 2, programs=0) + n * (8 + 16 + 4), nc + MEAN_STORES(n) + 16 * n)
+    assert counts[torch.float16] == (2 * nc + MEAN_LOADS(n, 2, programs=0) + n * (8 + 16 + 4 + 4), nc + MEAN_STORES(n) + 16 * n)
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from ..kernels.cross_entropy import (
 )
 from ..layout import as_rows, batch_rows
 from ..loss_options import REDUCTIONS, LossOptions, check_reduction  # noqa: F401 (REDUCTIONS: re-exported)
-from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, remember_plan
+from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, launch, remember_plan
 from .functorch import first_order, first_order_only
 
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -151,7 +151,8 @@ def launch_cross_entropy(
     cfg, grid, static = plan
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
-        cross_entropy_kernel[grid](
+        launch(
+            cross_entropy_kernel, grid, static, key is not None,
             logits_ptr=logits,
             target_ptr=target,
             weight_ptr=weight if weight is not None else loss,  # never read without HAS_WEIGHT
@@ -162,7 +163,6 @@ def launch_cross_entropy(
             reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
             counter_ptr=counter if counter is not None else target,
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
-            **static,
         )
     return cfg
 
@@ -308,8 +308,16 @@ def launch_cross_entropy_prepare(
     """Zeroes `counter` and, when `total` (0-d, the accumulation dtype) is given, writes the
     mean's divisor into it. One program; bytes: one read of the class indices."""
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_prepare_kernel, target)
+    soft, has_weight, total_dtype = target.is_floating_point(), weight is not None, None if total is None else total.dtype
+    key = ("prepare", soft, has_weight, total_dtype)
+    static = cached_plan(key)
+    if static is None:
+        static = remember_plan(key, dict(SOFT_TARGET=soft, HAS_WEIGHT=has_weight, COMPUTE_TOTAL=total is not None,
+                                         ACC_FP64=total_dtype == torch.float64, BLOCK=config.REDUCE_BLOCK,
+                                         num_warps=config.REDUCE_WARPS))  # fmt: skip
     with device_guard(target):
-        cross_entropy_prepare_kernel[(1,)](
+        launch(
+            cross_entropy_prepare_kernel, (1,), static, not torch.compiler.is_compiling(),
             target_ptr=target,
             weight_ptr=weight if weight is not None else counter,  # never read without HAS_WEIGHT
             total_ptr=total if total is not None else counter,  # never written without COMPUTE_TOTAL
@@ -318,12 +326,6 @@ def launch_cross_entropy_prepare(
             n_rows=target.shape[0],
             n_cols=n_classes,
             ignore_index=ignore_index,
-            SOFT_TARGET=target.is_floating_point(),
-            HAS_WEIGHT=weight is not None,
-            COMPUTE_TOTAL=total is not None,
-            ACC_FP64=total is not None and total.dtype == torch.float64,
-            BLOCK=config.REDUCE_BLOCK,
-            num_warps=config.REDUCE_WARPS,
         )
 
 
@@ -423,31 +425,30 @@ def launch_cross_entropy_split_backward(
 
 def launch_scale_grad(grad: torch.Tensor, upstream: torch.Tensor, cfg: Optional[config.RowConfig] = None):
     """grad[r] *= upstream[r] in place; a 0-d upstream scales every row. Rows whose factor is
-    exactly 1 are left untouched without being read. Short rows go several to a program
-    (config.short_rows), as in the forward. Eager calls reuse a plan per signature."""
+    exactly 1 are left untouched without being read; a 0-d factor of 1 costs each program one
+    read. Short rows go several to a program (config.short_rows), as in the forward, on at
+    most config.scale_grad_programs programs. Eager calls reuse a plan per signature."""
     n_rows, n_cols = grad.shape
     key = None
     if cfg is None:
-        key = ("scale", n_rows, n_cols, grad.dtype, grad.stride(0), upstream.dim(), config._block_limit)
+        key = ("scale", n_rows, n_cols, grad.dtype, grad.stride(0), upstream.dim(), str(grad.device),
+               config._block_limit)  # fmt: skip
         plan = cached_plan(key)
     if cfg is not None or plan is None:
         cfg = cfg or config.short_rows(cross_entropy_config(n_cols), n_rows, grad.element_size(),
                                        config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
         cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(grad))
         static = dict(grad_row_stride=grad.stride(0), n_rows=n_rows, n_cols=n_cols, BLOCK_N=cfg.block_n, VEC=cfg.vec,
-                      HAS_EDGE=cfg.edge, ROWS=cfg.rows, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)  # fmt: skip
-        plan = (cfg, (-(-n_rows // cfg.rows),), static)
+                      HAS_EDGE=cfg.edge, ROWS=cfg.rows, SCALAR=upstream.dim() == 0, num_warps=cfg.num_warps,
+                      maxnreg=cfg.maxnreg)  # fmt: skip
+        plan = (cfg, (config.scale_grad_programs(-(-n_rows // cfg.rows), grad.device),), static)
         if key is not None:
             remember_plan(key, plan)
     cfg, grid, static = plan
     check_launchable("softmax_gpu.cross_entropy backward", scale_grad_kernel, grad)
     with device_guard(grad):
-        scale_grad_kernel[grid](
-            grad_ptr=grad,
-            upstream_ptr=upstream,
-            upstream_stride=upstream.stride(0) if upstream.dim() else 0,
-            **static,
-        )
+        launch(scale_grad_kernel, grid, static, key is not None, grad_ptr=grad, upstream_ptr=upstream,
+               upstream_stride=upstream.stride(0) if upstream.dim() else 0)  # fmt: skip
     return cfg
 
 
@@ -1022,7 +1023,10 @@ def cross_entropy(
         raise RuntimeError(f"{fn}(): ignore_index is not supported for floating point target (as in torch)")
 
     class_dim = 1 if input.dim() > 1 else 0
-    rows = as_rows(input, class_dim)  # (N * d1 * ..., C), ordered like the target
+    if input.dim() == 2 and input.stride(1) == 1:
+        rows = input  # already (N, C) rows with unit column stride (as_rows would make this view)
+    else:
+        rows = as_rows(input, class_dim)  # (N * d1 * ..., C), ordered like the target
     if inplace_backward and input.requires_grad and torch.is_grad_enabled():
         if input.is_leaf:
             raise ValueError(f"{fn}(): inplace_backward=True would overwrite a leaf tensor that requires grad")
@@ -1036,7 +1040,10 @@ def cross_entropy(
         # closer than C apart (an expanded tensor has row stride 0).
         if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
             raise ValueError(f"{fn}(): inplace_backward=True needs logits whose elements do not overlap (not expanded)")
-    tgt = as_rows(target, class_dim) if target.is_floating_point() else target.reshape(-1)
+    if target.is_floating_point():
+        tgt = as_rows(target, class_dim)
+    else:
+        tgt = target if target.dim() == 1 else target.reshape(-1)
     if weight is not None:
         weight = weight.contiguous()  # the kernel reads weight[j] at unit stride
     if under_functorch(rows, tgt, weight):

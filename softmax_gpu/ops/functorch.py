@@ -56,7 +56,9 @@ def first_order(name: str):
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grad_outputs):
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not torch.is_grad_enabled():  # autograd runs a backward without create_graph so
+                return backward(ctx, *grad_outputs)
+            if not torch.compiler.is_compiling():
                 raise RuntimeError(
                     f"{name}: backward with create_graph=True is not supported: its gradient is not "
                     "differentiable again, so a second derivative would silently miss its term (first "

@@ -22,7 +22,7 @@ from ..kernels.softmax import (
     split_combine_kernel,
 )
 from ..layout import as_rows, batch_first, from_rows
-from ..runtime import cached_plan, check_launchable, device_guard, remember_plan
+from ..runtime import cached_plan, check_launchable, device_guard, launch, remember_plan
 
 
 def _op_name(log: bool) -> str:
@@ -38,33 +38,32 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     Few long rows (config.split_rows) run split instead: launch_softmax_split_fwd, whose
     SplitConfig is returned.
     """
-    n_rows, n_cols = x.shape
-    if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
-        kind, cfg = _eager_plan("softmax_fwd", (x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD)
+    n_rows = x.shape[0]
+    planned = cfg is None
+    if planned:  # the eager path: one plan per signature (runtime.cached_plan)
+        kind, cfg, static = _eager_plan("softmax_fwd", (x, y), log, config.MAX_BLOCK_SOFTMAX_FWD,
+                                        config.LOOP_BLOCK_SOFTMAX_FWD)  # fmt: skip
         if kind == "split":
             return launch_softmax_split_fwd(x, y, log, cfg)
     else:
         cfg = _row_config((x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD, cfg)
+        static = _static((x, y), log, cfg)
     check_launchable(_op_name(log), softmax_fwd_kernel, x)
     with device_guard(x):
-        softmax_fwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-            x_ptr=x,
-            y_ptr=y,
-            x_row_stride=x.stride(0),
-            y_row_stride=y.stride(0),
-            n_rows=n_rows,
-            n_cols=n_cols,
-            LOG=log,
-            BLOCK_N=cfg.block_n,
-            SINGLE_BLOCK=cfg.single_block,
-            ACC_FP64=y.dtype == torch.float64,
-            ROWS=cfg.rows,
-            VEC=cfg.vec,
-            HAS_EDGE=cfg.edge,
-            num_warps=cfg.num_warps,
-            maxnreg=cfg.maxnreg,
-        )
+        launch(softmax_fwd_kernel, (triton.cdiv(n_rows, cfg.rows),), static, planned, x_ptr=x, y_ptr=y)
     return cfg
+
+
+def _static(tensors, log: bool, cfg: config.RowConfig) -> dict:
+    """The row kernels' arguments besides the pointers, for rows through `tensors` (x, y or
+    y, dy, dx: the last is the output): each one's row stride, the shape, the config."""
+    out = tensors[-1]
+    names = ("x", "y") if len(tensors) == 2 else ("y", "dy", "dx")
+    static = {f"{name}_row_stride": t.stride(0) for name, t in zip(names, tensors)}
+    static.update(n_rows=out.shape[0], n_cols=out.shape[1], LOG=log, BLOCK_N=cfg.block_n,
+                  SINGLE_BLOCK=cfg.single_block, ACC_FP64=out.dtype == torch.float64, ROWS=cfg.rows, VEC=cfg.vec,
+                  HAS_EDGE=cfg.edge, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg)  # fmt: skip
+    return static
 
 
 def _row_config(tensors, max_block: int, loop_block: int, cfg=None) -> config.RowConfig:
@@ -79,20 +78,24 @@ def _row_config(tensors, max_block: int, loop_block: int, cfg=None) -> config.Ro
     return config.vectors(cfg, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
 
 
-def _eager_plan(name: str, tensors, max_block: int, loop_block: int):
-    """("split", SplitConfig) for few long rows (config.split_rows), else ("rows", RowConfig),
-    for an eager launch through `tensors` (as _row_config); stored per signature, with the
-    config's test overrides in the key."""
+def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
+    """("split", SplitConfig, None) for few long rows (config.split_rows), else ("rows",
+    RowConfig, the kernel's other arguments (_static)), for an eager launch through `tensors`
+    (as _row_config); stored per signature, with the config's test overrides in the key."""
     out = tensors[-1]
     n_rows, n_cols = out.shape
-    key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), str(out.device), config._block_limit,
-           config._split_chunk)  # fmt: skip
+    key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), log, str(out.device),
+           config._block_limit, config._split_chunk)  # fmt: skip
     plan = cached_plan(key)
     if plan is None:
         split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block,
                                   sms=config.sm_count(out.device))  # fmt: skip
-        rows = None if split is not None else _row_config(tensors, max_block, loop_block)
-        plan = remember_plan(key, ("split", split) if split is not None else ("rows", rows))
+        if split is not None:
+            plan = ("split", split, None)
+        else:
+            rows = _row_config(tensors, max_block, loop_block)
+            plan = ("rows", rows, _static(tensors, log, rows))
+        remember_plan(key, plan)
     return plan
 
 
@@ -104,34 +107,19 @@ def launch_softmax_bwd(
     Bytes: 2 reads + 1 write per element on the single-block path. Few long rows run split
     (launch_softmax_split_bwd, whose SplitConfig is returned).
     """
-    n_rows, n_cols = y.shape
-    if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
-        kind, cfg = _eager_plan("softmax_bwd", (y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD)
+    n_rows = y.shape[0]
+    planned = cfg is None
+    if planned:  # the eager path: one plan per signature (runtime.cached_plan)
+        kind, cfg, static = _eager_plan("softmax_bwd", (y, dy, dx), log, config.MAX_BLOCK_SOFTMAX_BWD,
+                                        config.LOOP_BLOCK_SOFTMAX_BWD)  # fmt: skip
         if kind == "split":
             return launch_softmax_split_bwd(y, dy, dx, log, cfg)
     else:
         cfg = _row_config((y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD, cfg)
+        static = _static((y, dy, dx), log, cfg)
     check_launchable(_op_name(log) + " backward", softmax_bwd_kernel, y)
     with device_guard(y):
-        softmax_bwd_kernel[(triton.cdiv(n_rows, cfg.rows),)](
-            y_ptr=y,
-            dy_ptr=dy,
-            dx_ptr=dx,
-            y_row_stride=y.stride(0),
-            dy_row_stride=dy.stride(0),
-            dx_row_stride=dx.stride(0),
-            n_rows=n_rows,
-            n_cols=n_cols,
-            LOG=log,
-            BLOCK_N=cfg.block_n,
-            SINGLE_BLOCK=cfg.single_block,
-            ACC_FP64=dx.dtype == torch.float64,
-            ROWS=cfg.rows,
-            VEC=cfg.vec,
-            HAS_EDGE=cfg.edge,
-            num_warps=cfg.num_warps,
-            maxnreg=cfg.maxnreg,
-        )
+        launch(softmax_bwd_kernel, (triton.cdiv(n_rows, cfg.rows),), static, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx)
     return cfg
 
 
