@@ -91,8 +91,8 @@ def fake_device():
     launched = []
 
     def init_handles(self):  # CompiledKernel._init_handles without loading a module onto a GPU
-        if self.module is None:
-            self.module, self.function, self._run = object(), 0, lambda *args: launched.append(args)
+        if self.module is None:  # (a function handle of its own: a launch of the wrong kernel shows)
+            self.module, self.function, self._run = object(), id(self), lambda *args: launched.append(args)
 
     triton_compiler.CompiledKernel._init_handles = init_handles
     driver.set_active(FakeDriver())

@@ -663,7 +663,7 @@ def scale_rows(grad_ptr, upstream_ptr, g_scalar, block, grad_row_stride, upstrea
     """scale_grad_kernel's work on rows block * ROWS + i: each row times its factor (g_scalar
     with SCALAR, else its own upstream value), skipped without a read where that is exactly 1."""
     if ROWS > 1:
-        rows = (block * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # (< n_rows, an int32)
+        rows = block * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (block: an int64 in compiled code)
         row_ok = rows < n_rows
         if SCALAR:
             g_up = tl.zeros([ROWS], tl.float32) + g_scalar
@@ -728,7 +728,7 @@ def scale_grad_kernel(
     VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
     ROWS > 1: short rows (one block each) as a [ROWS, BLOCK_N] tile, as in cross_entropy_kernel.
     """
-    n_blocks = tl.cdiv(n_rows, ROWS)
+    n_blocks = tl.cdiv(n_rows + tl.zeros([], tl.int64), ROWS)  # int64: no wrap near 2^31 rows
     if SCALAR:
         g_scalar = tl.load(upstream_ptr).to(tl.float32)
         if g_scalar != 1.0:

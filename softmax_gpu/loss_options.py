@@ -1,6 +1,6 @@
-"""The options of the cross-entropy family in one place: cross_entropy, its split rows, the
-linear and vocab-parallel forms and the CuPy backend all take them, check them and hand
-them to their kernels the same way.
+"""The options of the cross-entropy family in one place: cross_entropy, its split rows, and
+the linear, vocab-parallel and DTensor forms take them, check them and hand them to their
+kernels the same way.
 
 LossOptions is a NamedTuple, so it is hashable (it keys the eager launch plans of
 runtime.cached_plan), and it splats (`*options`) into the custom ops, whose schemas keep
@@ -29,14 +29,14 @@ class LossOptions(NamedTuple):
     def checked(cls, fn: str, ignore_index, label_smoothing, z_loss=0.0, softcap=None) -> "LossOptions":
         """The options from a user's call, validated as torch validates them (errors name
         `fn`), with the floats as Python floats."""
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"{fn}(): ignore_index must be an int, but got {type(ignore_index).__name__}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"{fn}(): label_smoothing must be between 0.0 and 1.0, but got {label_smoothing}")
         if not (z_loss >= 0.0 and z_loss != float("inf")):
             raise ValueError(f"{fn}(): z_loss must be a finite number >= 0, but got {z_loss}")
         if softcap is not None and not (softcap > 0 and softcap != float("inf")):
             raise ValueError(f"{fn}(): softcap must be None or a finite number > 0, but got {softcap}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"{fn}(): ignore_index must be an int, but got {type(ignore_index).__name__}")
         return cls(int(ignore_index), float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
 
     def kernel_args(self, z_loss: bool = True, hi_lo: bool = True) -> dict:
@@ -61,10 +61,12 @@ def hi_lo(x: float) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=256)
 def _kernel_args(options: LossOptions, with_z_loss: bool, with_lo: bool) -> dict:
-    floats = {"label_smoothing": options.label_smoothing, "softcap": options.softcap or 0.0}
+    # float() and int(): the cache takes 1 and 1.0 for one key, and Triton compiles an int
+    # argument (a constant, when it is 1) where a float is meant
+    floats = {"label_smoothing": float(options.label_smoothing), "softcap": float(options.softcap or 0.0)}
     if with_z_loss:
-        floats["z_loss"] = options.z_loss
-    args = {"ignore_index": options.ignore_index}
+        floats["z_loss"] = float(options.z_loss)
+    args = {"ignore_index": int(options.ignore_index)}
     for name, value in floats.items():
         hi, lo = hi_lo(value) if with_lo else (value, None)
         args[name] = hi

@@ -4,9 +4,14 @@ import contextlib
 import os
 
 import torch
-from triton import knobs
+import triton
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+
+try:
+    from triton import knobs
+except ImportError:  # Triton before 3.4: no direct launches (see below)
+    knobs = None
 
 
 def check_launchable(fn: str, kernel, x: torch.Tensor) -> None:
@@ -77,10 +82,19 @@ def remember_plan(key, plan):
 # 16-byte alignments and the same other per-call values call the kernel's launcher with the
 # arguments in the order JITFunction.run passes them (every parameter, defaults filled in),
 # which is the same in Triton 3.6 and 3.9 (the test in tests/test_host_time.py compares the
-# two calls' arguments, through a launcher that records them). Plain eager calls only: not
-# while torch.compile traces, and never in the interpreter. SOFTMAX_GPU_DIRECT_LAUNCH=0 turns
-# it off.
-DIRECT_LAUNCH = os.environ.get("SOFTMAX_GPU_DIRECT_LAUNCH", "1") != "0"
+# two calls' arguments, through a launcher that records them). The Triton settings that
+# JITFunction.run reads on each call to choose the kernel (debug, instrumentation) are part
+# of the key, and a kernel with pre-run hooks always goes through it. Only where that
+# comparison was made: Triton 3.6 to 3.9 on CUDA (ROCm's Triton also specialises on whether
+# a tensor is under 2 GB, which the key leaves out); plain eager calls only, not while
+# torch.compile traces, and never in the interpreter. SOFTMAX_GPU_DIRECT_LAUNCH=0 turns it off.
+_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+DIRECT_LAUNCH = (
+    os.environ.get("SOFTMAX_GPU_DIRECT_LAUNCH", "1") != "0"
+    and knobs is not None
+    and (3, 6) <= _VERSION <= (3, 9)
+    and torch.version.hip is None
+)
 _DIRECT: dict = {}
 MAX_DIRECT = 512
 direct_launches = 0  # how many launches took the direct path (for tests)
@@ -91,13 +105,14 @@ def launch(kernel, grid: tuple, static: dict, planned: bool, **dynamic) -> None:
     plan determines; with planned=True it is a stored plan's dict (the same object for every
     call with that plan, never changed), and the launch may be direct; `dynamic`: the rest,
     tensors and per-call values."""
-    if not (planned and DIRECT_LAUNCH and isinstance(kernel, JITFunction)) or torch.compiler.is_compiling():
+    if (not (planned and DIRECT_LAUNCH and isinstance(kernel, JITFunction)) or kernel.pre_run_hooks
+            or torch.compiler.is_compiling()):  # fmt: skip
         kernel[grid](**static, **dynamic)  # (the interpreter's kernels are not JITFunctions)
         return
 
     device = driver.active.get_current_device()
     spec = tuple((v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in dynamic.values())
-    key = (id(kernel), id(static), device, tuple(dynamic), spec)
+    key = (id(kernel), id(static), device, tuple(dynamic), spec, _settings())
     entry = _DIRECT.get(key)
     if entry is None or entry[0] is not static:
         compiled = kernel[grid](**static, **dynamic)
@@ -119,6 +134,12 @@ def launch(kernel, grid: tuple, static: dict, planned: bool, **dynamic) -> None:
     metadata = None if _idle(enter) and _idle(leave) else compiled.launch_metadata(grid, stream, *args)
     compiled.run(grid[0], grid_1, grid_2, stream, compiled.function, compiled.packed_metadata, metadata, enter, leave,
                  *args)  # fmt: skip
+
+
+def _settings() -> tuple:
+    """The Triton settings JITFunction.run reads on every call that change the kernel it picks."""
+    return (knobs.runtime.debug, getattr(knobs.compilation, "instrumentation_mode", None),
+            getattr(knobs.compilation, "fpsan_homomorphic_casts", None), knobs.runtime.add_stages_inspection_hook)
 
 
 def _idle(hook) -> bool:

@@ -1,5 +1,6 @@
 """Fused cross-entropy against torch.nn.functional.cross_entropy and the float64 reference."""
 import contextlib
+import dataclasses
 import itertools
 
 import numpy as np
@@ -1049,6 +1050,29 @@ def test_scale_grad_programs_stride_over_the_rows(factor, device):
     if not torch.cuda.is_available():
         moved = 0 if factor == 1.0 else n * c * 4
         assert (counter.bytes_loaded, counter.bytes_stored) == (programs * 4 + moved, moved)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 8])
+def test_scale_grad_strides_with_per_row_factors(rows_per_block, device, monkeypatch):
+    """Three programs striding over 37 rows (one row a block, or blocks of 8 rows with a
+    short last one), per-row factors, some exactly 1: every row scaled once, rows whose
+    factor is 1 neither read nor written."""
+    from softmax_gpu.ops.cross_entropy import launch_scale_grad
+
+    monkeypatch.setattr(config, "scale_grad_programs", lambda n_blocks, device: min(n_blocks, 3))
+    n, c = 37, 40
+    grad = torch.randn(n, c, device=device)
+    upstream = torch.rand(n, device=device) + 0.5
+    upstream[[0, 9, 36]] = 1.0
+    g = grad.clone()
+    counter = TrafficCounter(buffers=[g, upstream]) if not torch.cuda.is_available() else contextlib.nullcontext()
+    with counter:
+        cfg = launch_scale_grad(g, upstream, cfg=dataclasses.replace(config.row_config(c, 64), rows=rows_per_block))
+    assert cfg.rows == rows_per_block
+    torch.testing.assert_close(g, grad * upstream[:, None], rtol=0, atol=0)
+    if not torch.cuda.is_available():
+        live = (n - 3) * c * 4
+        assert (counter.bytes_loaded, counter.bytes_stored) == (n * 4 + live, live)
 
 
 # ---------------------------------------------------------------------------------------

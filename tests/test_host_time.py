@@ -120,6 +120,17 @@ for dtype in (torch.bfloat16, torch.float32):
             loss = softmax_gpu.cross_entropy(leaf, t, reduction="none")
             torch.autograd.grad(loss, leaf, torch.rand(7))  # per-row upstream factors
             torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t, label_smoothing=0.1, z_loss=1e-3), leaf)
+for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernels (float16: its deferred backward)
+    x = torch.randn(2, 70001).to(dtype)[:, 1:]
+    t = torch.randint(0, 70000, (2,))
+    leaf = x.clone().requires_grad_()
+    for _ in range(3):
+        softmax_gpu.softmax(x)
+        torch.autograd.grad(softmax_gpu.log_softmax(leaf, dim=-1), leaf, torch.randn_like(x))
+        torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t, label_smoothing=0.1), leaf)
+    leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
+    for _ in range(3):
+        torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
 kernels = sorted({name for name, *_ in pairs})
 direct = sum(d for _, d, *_ in pairs)
 bad = [(name, i, a, b) for name, d, x, y in pairs if d
@@ -134,9 +145,11 @@ def test_direct_launch_passes_what_triton_passes():
     """softmax_gpu.runtime.launch's direct path calls the compiled kernel's launcher with the
     same arguments, in the same order, as Triton's own JITFunction.run for the same launch
     (Triton in compiled mode with a fake sm_90 driver, bench.host_time.fake_device: kernels
-    compile with ptxas, the launcher records instead of calling CUDA). Every eager kernel of
-    softmax and cross-entropy, bfloat16 and float32, aligned and misaligned rows (a new
-    specialisation, so a new entry), scalar and per-row upstream factors, int32 targets."""
+    compile with ptxas, the launcher records instead of calling CUDA; each compiled kernel
+    has its own function handle, so a launch of the wrong specialisation shows). Every eager
+    kernel of softmax and cross-entropy, split rows and the deferred backward included;
+    bfloat16, float16 and float32, aligned and misaligned rows (a new specialisation, so a
+    new entry), scalar and per-row upstream factors, int32 targets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", DIRECT_LAUNCH_SCRIPT], cwd=ROOT, env=env, capture_output=True,
@@ -145,8 +158,12 @@ def test_direct_launch_passes_what_triton_passes():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mismatches"] == [], result
     assert result["direct"] >= result["launches"] // 2, result  # the first launch of each plan goes through Triton
-    assert set(result["kernels"]) == {"softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel",
-                                      "cross_entropy_prepare_kernel", "scale_grad_kernel"}, result  # fmt: skip
+    assert set(result["kernels"]) == {
+        "softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "cross_entropy_prepare_kernel",
+        "scale_grad_kernel", "softmax_split_stats_kernel", "split_combine_kernel", "softmax_split_fwd_kernel",
+        "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
+        "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
+    }, result  # fmt: skip
 
 
 def test_direct_launches_on_a_gpu_give_the_same_results():

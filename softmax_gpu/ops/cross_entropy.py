@@ -256,45 +256,59 @@ def launch_cross_entropy_split(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy_split: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
-    soft = target.is_floating_point()
     acc = _acc_dtype(logits)
-    # (grad is written by the backward kernel's launch, which vectorises for it itself)
-    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, target))
-    n_part = 4 if soft or options.label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
-    part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
     if grad is not None and stats is None:
         stats = torch.empty((n_rows, 4), dtype=acc, device=logits.device)
-    opts = options.kernel_args()
-    common = dict(
-        target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
-        part_ptr=part, counter_ptr=counter if counter is not None else target,  # used only with REDUCE
-        target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols, n_chunks=split.chunks,
-        ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"],
-        label_smoothing_lo=opts["label_smoothing_lo"], SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
-        HAS_SMOOTHING=opts["HAS_SMOOTHING"], REDUCE=REDUCE_CODES[reduction], ACC_FP64=acc == torch.float64,
-    )  # fmt: skip
+    key = ("ce_split", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
+           weight is None, total is None, stats is None, options, reduction, split)  # fmt: skip
+    plan = cached_plan(key)
+    if plan is None:
+        plan = remember_plan(key, _split_plan(logits, target, weight, stats, options, reduction, split))
+    split, n_part, stats_static, combine_static = plan
+    part = torch.empty((n_rows, n_part * split.chunks + 1), dtype=acc, device=logits.device)
+    pointers = dict(target_ptr=target, weight_ptr=weight if weight is not None else part,  # read only with HAS_WEIGHT
+                    part_ptr=part, counter_ptr=counter if counter is not None else target)  # used only with REDUCE
     with device_guard(logits):
-        cross_entropy_split_stats_kernel[(n_rows, split.chunks)](
-            logits_ptr=logits, total_ptr=total if total is not None else part,  # written only for the mean
-            logits_row_stride=logits.stride(0), chunk_cols=split.chunk_cols, softcap=opts["softcap"],
-            softcap_lo=opts["softcap_lo"], HAS_SOFTCAP=opts["HAS_SOFTCAP"], BLOCK_N=split.block_n,
-            PREPARE_BLOCK=config.reduce_block(split.num_warps), VEC=split.vec, HAS_EDGE=split.edge,
-            num_warps=split.num_warps, maxnreg=split.maxnreg, **common,
-        )  # fmt: skip
-        cross_entropy_split_combine_kernel[(n_rows,)](
-            loss_ptr=loss, lse_ptr=lse, stats_ptr=stats if stats is not None else loss,  # written only with SAVE_STATS
-            reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
-            total_ptr=total if total is not None else loss,  # read only for the mean
-            z_loss=opts["z_loss"], z_loss_lo=opts["z_loss_lo"], HAS_Z_LOSS=opts["HAS_Z_LOSS"],
-            SAVE_STATS=stats is not None, CHUNKS_BLOCK=split.chunks_block,
-            REDUCE_BLOCK=config.reduce_block(config.SPLIT_COMBINE_WARPS), num_warps=config.SPLIT_COMBINE_WARPS,
-            **common,
-        )  # fmt: skip
+        launch(cross_entropy_split_stats_kernel, (n_rows, split.chunks), stats_static, True, logits_ptr=logits,
+               total_ptr=total if total is not None else part, **pointers)  # (total: written only for the mean)
+        launch(cross_entropy_split_combine_kernel, (n_rows,), combine_static, True, loss_ptr=loss, lse_ptr=lse,
+               stats_ptr=stats if stats is not None else loss,  # written only with SAVE_STATS
+               reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
+               total_ptr=total if total is not None else loss, **pointers)  # (total: read only for the mean)
     if grad is not None:  # in the backward kernel's own chunks (its blocks compile for the streaming widths)
         chunks = cross_entropy_split(n_rows, n_cols, logits.element_size(), streaming=True, device=logits.device)
         launch_cross_entropy_split_backward(logits, target, weight, stats, None, total, grad, options,
                                             chunks or split)  # fmt: skip
     return split
+
+
+def _split_plan(logits, target, weight, stats, options: LossOptions, reduction: str, split: config.SplitConfig):
+    """launch_cross_entropy_split's (split with its vectors, values a chunk writes, the stats
+    and combine kernels' arguments besides the pointers) for this signature."""
+    n_rows, n_cols = logits.shape
+    soft = target.is_floating_point()
+    # (grad is written by the backward kernel's launch, which vectorises for it itself)
+    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, target))
+    n_part = 4 if soft or options.label_smoothing > 0 else 2  # values a chunk; one more a row: the target's logit
+    opts = options.kernel_args()
+    common = dict(
+        target_row_stride=target.stride(0), n_rows=n_rows, n_cols=n_cols, n_chunks=split.chunks,
+        ignore_index=opts["ignore_index"], label_smoothing=opts["label_smoothing"],
+        label_smoothing_lo=opts["label_smoothing_lo"], SOFT_TARGET=soft, HAS_WEIGHT=weight is not None,
+        HAS_SMOOTHING=opts["HAS_SMOOTHING"], REDUCE=REDUCE_CODES[reduction], ACC_FP64=logits.dtype == torch.float64,
+    )  # fmt: skip
+    stats_static = dict(
+        logits_row_stride=logits.stride(0), chunk_cols=split.chunk_cols, softcap=opts["softcap"],
+        softcap_lo=opts["softcap_lo"], HAS_SOFTCAP=opts["HAS_SOFTCAP"], BLOCK_N=split.block_n,
+        PREPARE_BLOCK=config.reduce_block(split.num_warps), VEC=split.vec, HAS_EDGE=split.edge,
+        num_warps=split.num_warps, maxnreg=split.maxnreg, **common,
+    )  # fmt: skip
+    combine_static = dict(
+        z_loss=opts["z_loss"], z_loss_lo=opts["z_loss_lo"], HAS_Z_LOSS=opts["HAS_Z_LOSS"],
+        SAVE_STATS=stats is not None, CHUNKS_BLOCK=split.chunks_block,
+        REDUCE_BLOCK=config.reduce_block(config.SPLIT_COMBINE_WARPS), num_warps=config.SPLIT_COMBINE_WARPS, **common,
+    )  # fmt: skip
+    return split, n_part, stats_static, combine_static
 
 
 def launch_cross_entropy_prepare(
@@ -344,35 +358,51 @@ def launch_cross_entropy_backward(
     saved; upstream (N,) or 0-d in the accumulation dtype. grad may be logits itself.
     Bytes: N*C reads + N*C writes + O(N)."""
     n_rows, n_cols = logits.shape
-    cfg = cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True)
-    cfg = config.vectors(cfg, n_rows, n_cols, _row_tensors(logits, grad, target))
+    planned = cfg is None
+    key = ("ce_bwd", *_backward_key(logits, target, weight, grad, upstream, grad_divisor, options),
+           config._block_limit)  # fmt: skip
+    plan = cached_plan(key) if planned else None
+    if plan is None:
+        cfg = config.vectors(cfg or cross_entropy_config(n_cols, logits.element_size(), streaming=True), n_rows, n_cols,
+                             _row_tensors(logits, grad, target))  # fmt: skip
+        plan = (cfg, dict(_backward_static(logits, target, weight, grad, grad_divisor, options), BLOCK_N=cfg.block_n,
+                          VEC=cfg.vec, HAS_EDGE=cfg.edge, num_warps=cfg.num_warps, maxnreg=cfg.maxnreg))  # fmt: skip
+        if planned:
+            remember_plan(key, plan)
+    cfg, static = plan
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_backward_kernel, logits)
     with device_guard(logits):
-        cross_entropy_backward_kernel[(n_rows,)](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
-            stats_ptr=stats,
-            upstream_ptr=upstream,
-            grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
-            grad_ptr=grad,
-            logits_row_stride=logits.stride(0),
-            target_row_stride=target.stride(0),
-            grad_row_stride=grad.stride(0),
-            upstream_stride=upstream.stride(0) if upstream.dim() else 0,
-            n_cols=n_cols,
-            SOFT_TARGET=target.is_floating_point(),
-            HAS_WEIGHT=weight is not None,
-            DIVIDE_GRAD=grad_divisor is not None,
-            ACC_FP64=logits.dtype == torch.float64,
-            BLOCK_N=cfg.block_n,
-            VEC=cfg.vec,
-            HAS_EDGE=cfg.edge,
-            num_warps=cfg.num_warps,
-            maxnreg=cfg.maxnreg,
-            **options.kernel_args(z_loss=False),
-        )
+        launch(cross_entropy_backward_kernel, (n_rows,), static, planned,
+               **_backward_pointers(logits, target, weight, stats, upstream, grad_divisor, grad))  # fmt: skip
     return cfg
+
+
+def _backward_key(logits, target, weight, grad, upstream, grad_divisor, options) -> tuple:
+    """What the backward kernels' launch arguments depend on, besides their blocks."""
+    return (*logits.shape, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0), grad.dtype,
+            grad.stride(0), weight is None, grad_divisor is None, upstream is None, options)  # fmt: skip
+
+
+def _backward_static(logits, target, weight, grad, grad_divisor, options) -> dict:
+    return dict(logits_row_stride=logits.stride(0), target_row_stride=target.stride(0), grad_row_stride=grad.stride(0),
+                n_cols=logits.shape[1], SOFT_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
+                DIVIDE_GRAD=grad_divisor is not None, ACC_FP64=logits.dtype == torch.float64,
+                **options.kernel_args(z_loss=False))  # fmt: skip
+
+
+def _backward_pointers(logits, target, weight, stats, upstream, grad_divisor, grad) -> dict:
+    """The backward kernels' pointers (a placeholder where an input is absent: never read),
+    and the upstream's stride (0 for a 0-d factor)."""
+    return dict(
+        logits_ptr=logits,
+        target_ptr=target,
+        weight_ptr=weight if weight is not None else stats,  # read only with HAS_WEIGHT
+        stats_ptr=stats,
+        upstream_ptr=upstream if upstream is not None else stats,  # read only with HAS_UPSTREAM (split)
+        grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
+        grad_ptr=grad,
+        upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
+    )
 
 
 def launch_cross_entropy_split_backward(
@@ -392,34 +422,19 @@ def launch_cross_entropy_split_backward(
     Bytes: N*C reads + N*C writes + O(N * chunks)."""
     check_launchable("softmax_gpu.cross_entropy backward", cross_entropy_split_backward_kernel, logits)
     n_rows, n_cols = logits.shape
-    split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
+    key = ("ce_split_bwd", *_backward_key(logits, target, weight, grad, upstream, grad_divisor, options), split)
+    plan = cached_plan(key)
+    if plan is None:
+        split = config.vectors(split, n_rows, n_cols, _row_tensors(logits, grad, target))
+        plan = remember_plan(key, (split, dict(
+            _backward_static(logits, target, weight, grad, grad_divisor, options), chunk_cols=split.chunk_cols,
+            BLOCK_N=split.block_n, VEC=split.vec, HAS_EDGE=split.edge, HAS_UPSTREAM=upstream is not None,
+            num_warps=split.num_warps, maxnreg=split.maxnreg,
+        )))  # fmt: skip
+    split, static = plan
     with device_guard(logits):
-        cross_entropy_split_backward_kernel[(n_rows, split.chunks)](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
-            stats_ptr=stats,
-            upstream_ptr=upstream if upstream is not None else stats,  # read only with HAS_UPSTREAM
-            grad_divisor_ptr=grad_divisor if grad_divisor is not None else stats,  # read only with DIVIDE_GRAD
-            grad_ptr=grad,
-            logits_row_stride=logits.stride(0),
-            target_row_stride=target.stride(0),
-            grad_row_stride=grad.stride(0),
-            upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
-            n_cols=n_cols,
-            chunk_cols=split.chunk_cols,
-            SOFT_TARGET=target.is_floating_point(),
-            HAS_WEIGHT=weight is not None,
-            DIVIDE_GRAD=grad_divisor is not None,
-            ACC_FP64=logits.dtype == torch.float64,
-            BLOCK_N=split.block_n,
-            VEC=split.vec,
-            HAS_EDGE=split.edge,
-            HAS_UPSTREAM=upstream is not None,
-            num_warps=split.num_warps,
-            maxnreg=split.maxnreg,
-            **options.kernel_args(z_loss=False),
-        )
+        launch(cross_entropy_split_backward_kernel, (n_rows, split.chunks), static, True,
+               **_backward_pointers(logits, target, weight, stats, upstream, grad_divisor, grad))  # fmt: skip
     return split
 
 

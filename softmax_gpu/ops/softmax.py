@@ -44,7 +44,7 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
         kind, cfg, static = _eager_plan("softmax_fwd", (x, y), log, config.MAX_BLOCK_SOFTMAX_FWD,
                                         config.LOOP_BLOCK_SOFTMAX_FWD)  # fmt: skip
         if kind == "split":
-            return launch_softmax_split_fwd(x, y, log, cfg)
+            return launch_softmax_split_fwd(x, y, log, cfg, static)
     else:
         cfg = _row_config((x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD, cfg)
         static = _static((x, y), log, cfg)
@@ -79,9 +79,10 @@ def _row_config(tensors, max_block: int, loop_block: int, cfg=None) -> config.Ro
 
 
 def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
-    """("split", SplitConfig, None) for few long rows (config.split_rows), else ("rows",
-    RowConfig, the kernel's other arguments (_static)), for an eager launch through `tensors`
-    (as _row_config); stored per signature, with the config's test overrides in the key."""
+    """("split", SplitConfig with its vectors, its three kernels' other arguments
+    (_split_static)) for few long rows (config.split_rows), else ("rows", RowConfig, the
+    kernel's other arguments (_static)), for an eager launch through `tensors` (as
+    _row_config); stored per signature, with the config's test overrides in the key."""
     out = tensors[-1]
     n_rows, n_cols = out.shape
     key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), log, str(out.device),
@@ -91,7 +92,7 @@ def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
         split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block,
                                   sms=config.sm_count(out.device))  # fmt: skip
         if split is not None:
-            plan = ("split", split, None)
+            plan = ("split", *_split_static(tensors, log, split))
         else:
             rows = _row_config(tensors, max_block, loop_block)
             plan = ("rows", rows, _static(tensors, log, rows))
@@ -113,7 +114,7 @@ def launch_softmax_bwd(
         kind, cfg, static = _eager_plan("softmax_bwd", (y, dy, dx), log, config.MAX_BLOCK_SOFTMAX_BWD,
                                         config.LOOP_BLOCK_SOFTMAX_BWD)  # fmt: skip
         if kind == "split":
-            return launch_softmax_split_bwd(y, dy, dx, log, cfg)
+            return launch_softmax_split_bwd(y, dy, dx, log, cfg, static)
     else:
         cfg = _row_config((y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD, cfg)
         static = _static((y, dy, dx), log, cfg)
@@ -123,64 +124,78 @@ def launch_softmax_bwd(
     return cfg
 
 
-def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig):
+def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig,
+                             static: Optional[tuple] = None):  # fmt: skip
     """y[r] = (log_)softmax(x[r]) with each row cut into split.chunks chunks: partial (max, sum)
     per chunk, one program a row merges them into the row's (max, sum), then every chunk's
     program writes its chunk. Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail
     edge (config.vectors). Three launches, no host sync; returns split with its vec / edge
-    filled in.
+    filled in. static: the eager plan's kernel arguments (_split_static), whose launches
+    may then be direct (runtime.launch).
     Bytes: 2 reads + 1 write per element, plus n_rows * chunks * 2 partials written and read
     once, and the rows' (max, sum): written once, read by each of the row's chunks."""
     check_launchable(_op_name(log), softmax_split_stats_kernel, x)
-    n_rows, n_cols = x.shape
-    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (x, y)])
+    planned = static is not None
+    split, (stats, combine, main) = (split, static) if planned else _split_static((x, y), log, split)
+    n_rows = x.shape[0]
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, 2, split.chunks), dtype=acc, device=x.device)
     row_stats = torch.empty((n_rows, 2), dtype=acc, device=x.device)
     grid = (n_rows, split.chunks)
-    common = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, BLOCK_N=split.block_n, ACC_FP64=acc == torch.float64,
-                  VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(x):
-        softmax_split_stats_kernel[grid](x_ptr=x, part_ptr=part, x_row_stride=x.stride(0), n_chunks=split.chunks,
-                                         **common)  # fmt: skip
-        _launch_split_combine(part, row_stats, split, sum_only=False)
-        softmax_split_fwd_kernel[grid](x_ptr=x, y_ptr=y, row_ptr=row_stats, x_row_stride=x.stride(0),
-                                       y_row_stride=y.stride(0), LOG=log, **common)  # fmt: skip
+        launch(softmax_split_stats_kernel, grid, stats, planned, x_ptr=x, part_ptr=part)
+        launch(split_combine_kernel, (n_rows,), combine, planned, part_ptr=part, row_ptr=row_stats)
+        launch(softmax_split_fwd_kernel, grid, main, planned, x_ptr=x, y_ptr=y, row_ptr=row_stats)
     return split
 
 
-def _launch_split_combine(part: torch.Tensor, row_stats: torch.Tensor, split: config.SplitConfig, sum_only: bool):
-    """split_combine_kernel: one program a row merges its split.chunks partials."""
-    split_combine_kernel[(part.shape[0],)](
-        part_ptr=part, row_ptr=row_stats, n_chunks=split.chunks, SUM_ONLY=sum_only, CHUNKS_BLOCK=split.chunks_block,
-        ACC_FP64=part.dtype == torch.float64, num_warps=config.SPLIT_COMBINE_WARPS,
-    )  # fmt: skip
+def _split_static(tensors, log: bool, split: config.SplitConfig) -> tuple:
+    """(split with its vectors (config.vectors), (the stats kernel's, split_combine_kernel's
+    and the writing kernel's arguments besides the pointers)) for split rows through
+    `tensors`: (x, y) for the forward, (y, dy, dx) for the backward."""
+    out = tensors[-1]
+    n_rows, n_cols = out.shape
+    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
+    acc_fp64 = out.dtype == torch.float64
+    blocks = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, BLOCK_N=split.block_n, ACC_FP64=acc_fp64, VEC=split.vec,
+                  HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
+    combine = dict(n_chunks=split.chunks, SUM_ONLY=len(tensors) == 3, CHUNKS_BLOCK=split.chunks_block,
+                   ACC_FP64=acc_fp64, num_warps=config.SPLIT_COMBINE_WARPS)  # fmt: skip
+    if len(tensors) == 2:
+        x, y = tensors
+        stats = dict(x_row_stride=x.stride(0), n_chunks=split.chunks, **blocks)
+        main = dict(x_row_stride=x.stride(0), y_row_stride=y.stride(0), LOG=log, **blocks)
+    else:
+        y, dy, dx = tensors
+        common = dict(y_row_stride=y.stride(0), dy_row_stride=dy.stride(0), LOG=log, **blocks)
+        stats = dict(n_chunks=split.chunks, **common)
+        main = dict(dx_row_stride=dx.stride(0), **common)
+    return split, (stats, combine, main)
 
 
 def launch_softmax_split_bwd(
-    y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool, split: config.SplitConfig
-):
+    y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool, split: config.SplitConfig,
+    static: Optional[tuple] = None,
+):  # fmt: skip
     """dx[r] = gradient of (log_)softmax with each row cut into split.chunks chunks: the partial
     sum of dy * y (dy for log_softmax) per chunk, one program a row adds them up, then every
     chunk's program writes its chunk; rows cut as in launch_softmax_split_fwd. Three launches;
-    returns split with its vec / edge filled in.
+    returns split with its vec / edge filled in. static: as in launch_softmax_split_fwd.
     Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
     n_rows * chunks partials written and read once, and the rows' sums: written once, read by
     each of the row's chunks."""
     check_launchable(_op_name(log) + " backward", softmax_split_bwd_stats_kernel, y)
-    n_rows, n_cols = y.shape
-    split = config.vectors(split, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in (y, dy, dx)])
+    planned = static is not None
+    split, (stats, combine, main) = (split, static) if planned else _split_static((y, dy, dx), log, split)
+    n_rows = y.shape[0]
     acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, split.chunks), dtype=acc, device=y.device)
     row_sums = torch.empty(n_rows, dtype=acc, device=y.device)
     grid = (n_rows, split.chunks)
-    common = dict(y_ptr=y, dy_ptr=dy, y_row_stride=y.stride(0), dy_row_stride=dy.stride(0), n_cols=n_cols,
-                  chunk_cols=split.chunk_cols, LOG=log, BLOCK_N=split.block_n, ACC_FP64=acc == torch.float64,
-                  VEC=split.vec, HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
     with device_guard(y):
-        softmax_split_bwd_stats_kernel[grid](part_ptr=part, n_chunks=split.chunks, **common)
-        _launch_split_combine(part, row_sums, split, sum_only=True)
-        softmax_split_bwd_kernel[grid](dx_ptr=dx, row_ptr=row_sums, dx_row_stride=dx.stride(0), **common)
+        launch(softmax_split_bwd_stats_kernel, grid, stats, planned, y_ptr=y, dy_ptr=dy, part_ptr=part)
+        launch(split_combine_kernel, (n_rows,), combine, planned, part_ptr=part, row_ptr=row_sums)
+        launch(softmax_split_bwd_kernel, grid, main, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx, row_ptr=row_sums)
     return split
 
 
