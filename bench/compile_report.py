@@ -293,19 +293,50 @@ def cross_entropy_variants(quick: bool):
 
 
 def linear_cross_entropy_variants(quick: bool):
-    """Linear cross-entropy's own kernel: grad_skip_threshold's tile filter at the shipped
-    tile, on 16-bit and float32 gradients (its products are cuBLAS's; its row math is the
-    cross-entropy and vocab-parallel kernels, compiled above and below)."""
+    """Linear cross-entropy's own kernels: grad_skip_threshold's tile filter at the shipped
+    tile, and the backward's products over the tiles it keeps, on 16-bit and float32
+    gradients (its other products are cuBLAS's; its row math is the cross-entropy and
+    vocab-parallel kernels, compiled above and below)."""
     from softmax_gpu import config
 
     tile_m, tile_n = config.LINEAR_CE_SKIP_TILE
     for dtype in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
         sig = (("grad_ptr", DTYPES[dtype]), ("scale_ptr", "*fp32"), ("n_rows", "i32"), ("n_cols", "i32"),
                ("grad_row_stride", "i64"), ("scale_stride", "i64"), ("threshold", "fp32"))  # fmt: skip
-        meta = (("BLOCK_M", tile_m), ("BLOCK_N", tile_n))
-        yield Variant("softmax_gpu.kernels.linear_cross_entropy", "skip_small_tiles_kernel", dtype,
-                      sig + tuple((k, "constexpr") for k, _ in meta), meta, config.LINEAR_CE_SKIP_WARPS,
-                      aligned=("grad_ptr", "grad_row_stride", "n_cols"))  # fmt: skip
+        for live in (False, True):
+            meta = (("BLOCK_M", tile_m), ("BLOCK_N", tile_n), ("WRITE_LIVE", live))
+            yield Variant("softmax_gpu.kernels.linear_cross_entropy", "skip_small_tiles_kernel", dtype,
+                          sig + (("live_ptr", "*i8"),) + tuple((k, "constexpr") for k, _ in meta), meta,
+                          config.LINEAR_CE_SKIP_WARPS, aligned=("grad_ptr", "grad_row_stride", "n_cols"))  # fmt: skip
+        # the backward's products over the kept tiles, as launch_live_tiles_products launches them
+        # (V and H multiples of 16, as in every language model's head)
+        import torch
+
+        from softmax_gpu.ops.linear_cross_entropy import live_tiles_blocks
+
+        ptr = DTYPES[dtype]
+        shape = (("n_rows", "i32"), ("n_cols", "i32"), ("hidden", "i32"), ("g_row_stride", "i64"))
+        block_m, block_h, block_v, block_k, warps = live_tiles_blocks(
+            torch.float32 if dtype == "fp32" else torch.bfloat16, tile_m)
+        precisions = ("ieee", "tf32x3", "tf32") if dtype == "fp32" else ("tf32",)  # fp32: torch's three settings
+        for accumulate, precision in itertools.product((False, True), precisions):
+            common = (("TILE_M", tile_m), ("TILE_N", tile_n), ("BLOCK_H", block_h), ("INPUT_PRECISION", precision))
+            out = "*fp32" if accumulate else ptr
+            sig = (("g_ptr", ptr), ("w_ptr", ptr), ("out_ptr", out), ("live_ptr", "*i8")) + shape + (
+                ("w_row_stride", "i64"), ("out_row_stride", "i64"), ("n_col_tiles", "i32"))
+            meta = common + (("BLOCK_M", block_m), ("BLOCK_K", min(block_k, tile_n)), ("ACCUMULATE", accumulate))
+            yield Variant("softmax_gpu.kernels.linear_cross_entropy", "live_tiles_grad_input_kernel", dtype,
+                          sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                          aligned=("g_ptr", "w_ptr", "out_ptr", "g_row_stride", "w_row_stride", "out_row_stride",
+                                   "n_cols", "hidden"))  # fmt: skip
+            sig = (("g_ptr", ptr), ("x_ptr", ptr), ("out_ptr", out), ("live_ptr", "*i8")) + shape + (
+                ("x_row_stride", "i64"), ("out_row_stride", "i64"), ("n_row_tiles", "i32"), ("n_col_tiles", "i32"))
+            meta = common + (("BLOCK_V", min(block_v, tile_n)), ("BLOCK_K", min(block_k, tile_m)),
+                             ("ACCUMULATE", accumulate))
+            yield Variant("softmax_gpu.kernels.linear_cross_entropy", "live_tiles_grad_weight_kernel", dtype,
+                          sig + tuple((k, "constexpr") for k, _ in meta), meta, warps,
+                          aligned=("g_ptr", "x_ptr", "out_ptr", "g_row_stride", "x_row_stride", "out_row_stride",
+                                   "n_cols", "hidden"))  # fmt: skip
 
 
 def token_logprobs_variants(quick: bool):

@@ -4,8 +4,9 @@
 # and compute-sanitizer's memcheck over the edge tests (side by side), then the quick
 # scoreboard with every provider and the linear cross-entropy scoreboard, and print a short
 # summary. Each step is cut by `timeout` (tests 190 s beside memcheck, scoreboard 170 s, linear
-# cross-entropy 75 s), so it ends inside 8 minutes (on an H200, 2026-12-04: 359 s with the tests
-# cut at 150 s, 98% done).
+# cross-entropy 90 s, token log-probabilities 70 s, the Hugging Face step 60 s), so it ends
+# inside 10 minutes (on an H200, 2026-12-04, with the first three steps only: 359 s, the
+# tests cut at 150 s, 98% done).
 #
 #   bash bench/device_check.sh [--dry-run] [OUT_DIR]
 #
@@ -140,7 +141,7 @@ bench_rc=$?
 # 3. The linear cross-entropy scoreboard (logits spread like a trained model's).
 linear=(--quick --out "$out")
 [ "$dry_run" -eq 1 ] && linear=(--dry-run "${linear[@]}")
-timeout 75 "$py" -m bench.linear_ce "${linear[@]}" > "$out/linear_ce.txt" 2>&1
+timeout 90 "$py" -m bench.linear_ce "${linear[@]}" > "$out/linear_ce.txt" 2>&1
 linear_rc=$?
 
 # 4. The token log-probability scoreboard (one RL shape, and the linear form at a Llama-3-8B head).

@@ -49,9 +49,10 @@ SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (4096, 4096, 32000))
 QUICK_SHAPES = ((8192, 4096, 128256),)
 DRY_RUN_SHAPES = ((64, 32, 500),)
 CPU_SHAPES = ((128, 32, 1024), (256, 32, 2048))  # N x V grows 4x, H fixed: the interpreter's sizes
-PROVIDERS = ("softmax_gpu", "softmax_gpu.low_memory", "cublas", "torch", "torch.chunked", "torch.compile", "liger", "cce",
-             "cce.exact", "quack")
+PROVIDERS = ("softmax_gpu", "softmax_gpu.skip", "softmax_gpu.low_memory", "cublas", "torch", "torch.chunked",
+             "torch.compile", "liger", "cce", "cce.exact", "quack")
 LABELS = {"cce": "cce (filtered)", "cce.exact": "cce (exact)", "softmax_gpu": "softmax_gpu (speed)",
+          "softmax_gpu.skip": "softmax_gpu (skip)",
           "softmax_gpu.low_memory": "softmax_gpu (low_mem)", "cublas": "cuBLAS products"}
 PRODUCTS = object()  # the "cublas" provider: the matrix products alone, not a loss (the ceiling)
 # Host synchronisations inside the call (read in their sources): eager time only.
@@ -106,11 +107,19 @@ def _quack():
     return lambda x, w, t: chunked_linear_cross_entropy(x, w, t)
 
 
-def _ours(mode="speed"):
+def _ours(mode="speed", skip=False):
+    """softmax_gpu.linear_cross_entropy in `mode`; with skip, grad_skip_threshold at Cut
+    Cross-Entropy's own default for the input's dtype (its machine epsilon / 32: 2^-12 for
+    bfloat16), so that the two filtered rows filter alike."""
+
     def factory():
         import softmax_gpu
 
-        return lambda x, w, t: softmax_gpu.linear_cross_entropy(x, w, t, mode=mode)
+        def loss(x, w, t):
+            threshold = torch.finfo(x.dtype).eps / 32 if skip else None
+            return softmax_gpu.linear_cross_entropy(x, w, t, mode=mode, grad_skip_threshold=threshold)
+
+        return loss
 
     return factory
 
@@ -131,6 +140,7 @@ def products(op, x, w):
 
 FACTORIES = {
     "softmax_gpu": _ours("speed"),
+    "softmax_gpu.skip": _ours("speed", skip=True),
     "softmax_gpu.low_memory": _ours("low_memory"),
     "cublas": lambda: PRODUCTS,
     "torch": lambda: _torch_unfused,

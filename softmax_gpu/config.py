@@ -259,6 +259,18 @@ LINEAR_CE_SKIP_TILE = (128, 256)
 # partial product is made this many bytes at a time.
 LINEAR_CE_FALLBACK_BYTES = 32 << 20
 LINEAR_CE_SKIP_WARPS = 32  # the filter kernel: 32 values a thread at that tile (16 warps spilled float32 on sm_90)
+# The backward's products over the kept tiles (kernels/linear_cross_entropy.py): output
+# blocks of (the skip tile's rows, or LIVE_BLOCK_V classes) x LIVE_BLOCK_H hidden columns, stepping
+# LIVE_BLOCK_K at a time through each kept tile, on LIVE_WARPS warps. A tile side under
+# LIVE_MIN_TILE (tl.dot's smallest) keeps cuBLAS's dense products.
+LINEAR_CE_LIVE_BLOCK_H = 128
+LINEAR_CE_LIVE_BLOCK_V = 128
+LINEAR_CE_LIVE_BLOCK_K = 64
+# float32 operands (tf32 products take three times the registers, exact ones are FMAs from
+# registers): output blocks of a quarter the area and a shorter step, else they spill
+LINEAR_CE_LIVE_FP32 = dict(BLOCK_M=32, BLOCK_H=64, BLOCK_V=32, BLOCK_K=16, WARPS=4)
+LINEAR_CE_LIVE_WARPS = 8
+LINEAR_CE_LIVE_MIN_TILE = 16
 
 _linear_limit = None  # (rows, cols) caps, set only by linear_limit(), for tests
 

@@ -45,7 +45,9 @@ synchronisation, no atomics: bitwise reproducible on one card and library versio
 is, on one stream; CUBLAS_WORKSPACE_CONFIG when streams run products concurrently).
 
 Layers, top to bottom:
-  plan / mm_accumulate / launch_skip_small_tiles    helpers
+  plan / mm_accumulate / launch_skip_small_tiles    helpers; with grad_skip_threshold the
+  / launch_live_tiles_products                      backward's products over the kept tiles
+                                                    (Triton) replace cuBLAS's dense two
   _speed, _slab_stats, _slab_backward               the two modes' loops (launches only)
   softmax_gpu::linear_cross_entropy_speed, ::linear_cross_entropy_forward,
   ::linear_cross_entropy_backward, ::linear_cross_entropy_scale
@@ -62,7 +64,11 @@ import torch.nn.functional as F
 from .. import config
 from ..loss_options import LossOptions, check_reduction
 from ..checks import check_floating, check_same_device, check_tensor
-from ..kernels.linear_cross_entropy import skip_small_tiles_kernel
+from ..kernels.linear_cross_entropy import (
+    live_tiles_grad_input_kernel,
+    live_tiles_grad_weight_kernel,
+    skip_small_tiles_kernel,
+)
 from ..runtime import check_launchable, device_guard
 from ..kernels.cross_entropy import cross_entropy_kernel
 from .cross_entropy import (
@@ -133,22 +139,88 @@ def _logits_into(z: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[
         torch.addmm(b, x, w.t(), out=z)
 
 
-def launch_skip_small_tiles(grad: torch.Tensor, scale: torch.Tensor, threshold: float, tile: tuple, fn=FN) -> None:
+def launch_skip_small_tiles(grad: torch.Tensor, scale: torch.Tensor, threshold: float, tile: tuple, fn=FN,
+                            live: bool = False) -> Optional[torch.Tensor]:  # fmt: skip
     """Zero every tile of grad (rows x classes, `tile` = (rows, classes)) whose every element
     is below threshold * |scale_r| (scale (N,) or 0-d: the factor its rows carry); see
-    skip_small_tiles_kernel. One read of grad, a write of the zeroed tiles."""
+    skip_small_tiles_kernel. One read of grad, a write of the zeroed tiles. With live=True
+    returns the (row tiles, class tiles) int8 map of the tiles kept, for the products over
+    them (launch_live_tiles_products)."""
     n_rows, n_cols = grad.shape
-    if not grad.numel():
-        return
-    check_launchable(fn, skip_small_tiles_kernel, grad)
-    block_m, block_n = config.next_power_of_2(tile[0]), config.next_power_of_2(tile[1])
+    block_m, block_n = _skip_blocks(tile)
     grid = (-(-n_rows // block_m), -(-n_cols // block_n))
+    live_map = torch.empty(grid, dtype=torch.int8, device=grad.device) if live else None
+    if not grad.numel():
+        return live_map
+    check_launchable(fn, skip_small_tiles_kernel, grad)
     with device_guard(grad):
         skip_small_tiles_kernel[grid](
             grad_ptr=grad, scale_ptr=scale, n_rows=n_rows, n_cols=n_cols, grad_row_stride=grad.stride(0),
-            scale_stride=scale.stride(0) if scale.dim() else 0, threshold=threshold, BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=config.LINEAR_CE_SKIP_WARPS,
+            scale_stride=scale.stride(0) if scale.dim() else 0, threshold=threshold,
+            live_ptr=live_map if live else grad, BLOCK_M=block_m, BLOCK_N=block_n, WRITE_LIVE=live,
+            num_warps=config.LINEAR_CE_SKIP_WARPS,
         )  # fmt: skip
+    return live_map
+
+
+def _skip_blocks(tile: tuple) -> tuple:
+    """The filter's (rows, classes) block for a skip tile: each side a power of two."""
+    return config.next_power_of_2(tile[0]), config.next_power_of_2(tile[1])
+
+
+def products_over_live_tiles(tile: tuple, *operands: torch.Tensor) -> bool:
+    """Whether the backward's products over G take only the kept tiles (Triton, below) rather
+    than cuBLAS's dense products over G with the skipped tiles zeroed: tiles of at least
+    config.LINEAR_CE_LIVE_MIN_TILE a side, and operands with unit column stride."""
+    block_m, block_n = _skip_blocks(tile)
+    return min(block_m, block_n) >= config.LINEAR_CE_LIVE_MIN_TILE and all(t.stride(-1) == 1 for t in operands)
+
+
+_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+
+
+def live_tiles_blocks(dtype: torch.dtype, tile_m: int) -> tuple:
+    """The products' (row, hidden, class, step) blocks and warps for operands of `dtype` and
+    tiles of tile_m rows: smaller for float32."""
+    if dtype == torch.float32:
+        b = config.LINEAR_CE_LIVE_FP32
+        return min(b["BLOCK_M"], tile_m), b["BLOCK_H"], b["BLOCK_V"], b["BLOCK_K"], b["WARPS"]
+    return (tile_m, config.LINEAR_CE_LIVE_BLOCK_H, config.LINEAR_CE_LIVE_BLOCK_V, config.LINEAR_CE_LIVE_BLOCK_K,
+            config.LINEAR_CE_LIVE_WARPS)  # fmt: skip
+
+
+def launch_live_tiles_products(g: torch.Tensor, live: torch.Tensor, tile: tuple, dx_out: Optional[torch.Tensor],
+                               w: torch.Tensor, dw_out: Optional[torch.Tensor], x: torch.Tensor,
+                               accumulate_dx: bool, accumulate_dw: bool, fn=FN) -> None:  # fmt: skip
+    """dx_out (+)= G W and dw_out (+)= G^T X over the tiles `live` marks (the filter's map
+    for G's (rows x classes) tiles): live_tiles_grad_input_kernel and _grad_weight_kernel.
+    g (n, V), w (V, H), x (n, H) and the outputs with unit column stride; an output is
+    written in its dtype, or added to (float32) where accumulate_*. None: not asked for.
+    float32 operands multiply as torch.get_float32_matmul_precision() says (as cuBLAS)."""
+    n_rows, n_cols = g.shape
+    hidden = w.shape[1]
+    if not n_rows or not hidden:
+        return
+    block_m, block_n = _skip_blocks(tile)
+    precision = _PRECISION.get(torch.get_float32_matmul_precision(), "ieee") if g.dtype == torch.float32 else "tf32"
+    block_rows, block_h, block_v, block_k, warps = live_tiles_blocks(g.dtype, block_m)
+    common = dict(live_ptr=live, n_rows=n_rows, n_cols=n_cols, hidden=hidden, g_row_stride=g.stride(0), TILE_M=block_m,
+                  TILE_N=block_n, BLOCK_H=block_h, INPUT_PRECISION=precision, num_warps=warps)  # fmt: skip
+    check_launchable(fn, live_tiles_grad_input_kernel, g)
+    with device_guard(g):
+        if dx_out is not None:
+            live_tiles_grad_input_kernel[(-(-n_rows // block_rows), -(-hidden // block_h))](
+                g_ptr=g, w_ptr=w, out_ptr=dx_out, w_row_stride=w.stride(0), out_row_stride=dx_out.stride(0),
+                n_col_tiles=live.shape[1], BLOCK_M=block_rows, BLOCK_K=min(block_k, block_n), ACCUMULATE=accumulate_dx,
+                **common,
+            )  # fmt: skip
+        if dw_out is not None:
+            block_v = min(block_v, block_n)
+            live_tiles_grad_weight_kernel[(-(-n_cols // block_v), -(-hidden // block_h))](
+                g_ptr=g, x_ptr=x, out_ptr=dw_out, x_row_stride=x.stride(0), out_row_stride=dw_out.stride(0),
+                n_row_tiles=live.shape[0], n_col_tiles=live.shape[1], BLOCK_V=block_v, BLOCK_K=min(block_k, block_m),
+                ACCUMULATE=accumulate_dw, **common,
+            )  # fmt: skip
 
 
 def skip_scale(scale: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], n_rows: int) -> torch.Tensor:
@@ -204,6 +276,7 @@ def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, bu
         return loss, lse, dx, dw, db.to(w.dtype) if db is not None else None
     if skip is not None:
         scale = skip_scale((1.0 / total) if total is not None else torch.ones((), **f32), target, weight, n_rows)
+    sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
     buf = _buffer(x, min(cut.rows, n_rows), n_cols)
     for r0 in range(0, n_rows, cut.rows):
         r1 = min(n_rows, r0 + cut.rows)
@@ -216,15 +289,21 @@ def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, bu
             launch_cross_entropy_split(*args, split)
         else:
             launch_cross_entropy(*args)
+        live = None
         if skip is not None:
-            launch_skip_small_tiles(z, scale if scale.dim() == 0 else scale[r0:r1], skip, cut.skip_tile)
-        if dx is not None:
-            torch.mm(z, w, out=dx[r0:r1])
-        if dw is not None:
-            if one_chunk:
-                torch.mm(z.t(), x_c, out=dw)
-            else:
-                mm_accumulate(dw_acc, z.t(), x_c)
+            live = launch_skip_small_tiles(z, scale if scale.dim() == 0 else scale[r0:r1], skip, cut.skip_tile,
+                                           live=sparse)  # fmt: skip
+        if live is not None:  # the products over the kept tiles only
+            launch_live_tiles_products(z, live, cut.skip_tile, dx[r0:r1] if dx is not None else None, w,
+                                       dw_acc if dw is not None else None, x_c, False, not one_chunk)  # fmt: skip
+        else:
+            if dx is not None:
+                torch.mm(z, w, out=dx[r0:r1])
+            if dw is not None:
+                if one_chunk:
+                    torch.mm(z.t(), x_c, out=dw)
+                else:
+                    mm_accumulate(dw_acc, z.t(), x_c)
         if db is not None:
             db.add_(z.sum(0, dtype=torch.float32))
     if dw is not None and dw_acc is not dw:
@@ -388,6 +467,7 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
         cols = max(1, cols * x.element_size() // (4 * 4))  # (an eighth as wide for 16-bit logits)
     if skip is not None:
         skip_factor = skip_scale(scale, target, weight, n_rows)
+    sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
     buf = _buffer(x, n_rows, min(cols, n_local))
     scratch = torch.empty(2, n_rows, **f32)  # the loss kernel's loss and lse, not needed again
     for c0 in range(0, n_local, cols):
@@ -399,14 +479,19 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
             dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, options.label_smoothing, options.softcap, dt.dtype)
         launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream, n_classes,
                                    col_start + c0, options)  # fmt: skip
+        live = None
         if skip is not None:
-            launch_skip_small_tiles(z, skip_factor, skip, cut.skip_tile, fn)
-        if dw is not None:
-            torch.mm(z.t(), x, out=dw[c0:c1])
+            live = launch_skip_small_tiles(z, skip_factor, skip, cut.skip_tile, fn, live=sparse)
+        if live is not None:  # the products over the kept tiles only
+            launch_live_tiles_products(z, live, cut.skip_tile, dx, w[c0:c1], dw[c0:c1] if dw is not None else None, x,
+                                       True, False, fn)  # fmt: skip
+        else:
+            if dw is not None:
+                torch.mm(z.t(), x, out=dw[c0:c1])
+            if dx is not None:
+                mm_accumulate(dx, z, w[c0:c1])
         if db is not None:
             db[c0:c1] = z.sum(0, dtype=torch.float32)
-        if dx is not None:
-            mm_accumulate(dx, z, w[c0:c1])
     return dx, dw, db, dt
 
 
@@ -699,7 +784,7 @@ def check_linear_options(fn, mode, buffer_bytes, grad_skip_threshold):
     if not (0.0 <= grad_skip_threshold < float("inf")):
         raise ValueError(f"{fn}(): grad_skip_threshold must be a finite number >= 0 (or None), got "
                          f"{grad_skip_threshold}")  # fmt: skip
-    return grad_skip_threshold
+    return grad_skip_threshold or None  # 0: no |g| is below it, so nothing is skipped: off
 
 
 def linear_cross_entropy(
