@@ -318,7 +318,7 @@ def linear_cross_entropy_variants(quick: bool):
         shape = (("n_rows", "i32"), ("n_cols", "i32"), ("hidden", "i32"), ("g_row_stride", "i64"))
         block_m, block_h, block_v, block_k, warps = live_tiles_blocks(
             torch.float32 if dtype == "fp32" else torch.bfloat16, tile_m)
-        precisions = ("ieee", "tf32x3", "tf32") if dtype == "fp32" else ("tf32",)  # fp32: torch's three settings
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("tf32",)  # fp32: torch's "highest", "high"/"medium"
         for accumulate, precision in itertools.product((False, True), precisions):
             common = (("TILE_M", tile_m), ("TILE_N", tile_n), ("BLOCK_H", block_h), ("INPUT_PRECISION", precision))
             out = "*fp32" if accumulate else ptr

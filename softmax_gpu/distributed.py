@@ -429,8 +429,9 @@ def dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias, weig
     from .ops.linear_cross_entropy import check_linear_options
 
     fn = "softmax_gpu.linear_cross_entropy"
-    check_linear_options(fn, linear_options["mode"], linear_options["buffer_bytes"],
-                         linear_options["grad_skip_threshold"])  # fmt: skip
+    linear_options["grad_skip_threshold"] = check_linear_options(
+        fn, linear_options["mode"], linear_options["buffer_bytes"], linear_options["grad_skip_threshold"]
+    )  # (normalised: 0.0 is off, None)
     mesh = next(t.device_mesh for t in (input, linear_weight) if hasattr(t, "device_mesh"))
     x_place, w_place, b_place, t_place, cw_place = _one_placement(fn, mesh, input, linear_weight, linear_bias, target,
                                                                   weight)  # fmt: skip

@@ -799,20 +799,25 @@ def test_grad_skip_threshold_bad_values_raise_before_launch(device):
             softmax_gpu.linear_cross_entropy(x, w, t, grad_skip_threshold=bad)
 
 
+@interpreter_only
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_products_over_live_tiles_read_only_those(accumulate):
-    """launch_live_tiles_products on a (37, 200) G with (16, 64) tiles, 5 of the 12 live and
-    the others NaN: dX = G W and dW = G^T X over the live tiles alone, to float32 rounding,
-    no NaN (a skipped tile is never read); exact traffic: the map, each live tile of G and
-    the matching rows of W and X once per output block, the outputs once (and read once
-    more when accumulating); every access inside its buffer."""
+@pytest.mark.parametrize("n, h, tile", [(37, 40, (16, 64)), (150, 150, (64, 64))])
+def test_products_over_live_tiles_read_only_those(n, h, tile, accumulate):
+    """launch_live_tiles_products on a (n, 200) float32 G, about half its tiles live and the
+    others NaN: dX = G W and dW = G^T X over the live tiles alone, to float32 rounding, no
+    NaN (a skipped tile is never read); exact traffic: the map, each live tile of G and the
+    matching rows of W and X once per output block, the outputs once (and read once more
+    when accumulating); every access inside its buffer. The second shape has several dX
+    programs a row tile (64-row tiles, 32-row blocks), three hidden blocks and ragged edges."""
     from softmax_gpu.traffic import TrafficCounter
 
-    n, v, h, tile = 37, 200, 40, (16, 64)
-    live = torch.zeros(3, 4, dtype=torch.int8)
-    live[0, 0] = live[0, 3] = live[1, 1] = live[2, 0] = live[2, 2] = 1
+    v = 200
+    tm, tn = tile
+    n_rt, n_ct = -(-n // tm), -(-v // tn)
+    live = (torch.arange(n_rt * n_ct).reshape(n_rt, n_ct) % 3 != 1).to(torch.int8)
+    live[0, 0] = 1
     g = torch.randn(n, v)
-    mask = live.repeat_interleave(16, 0)[:n].repeat_interleave(64, 1)[:, :v].bool()
+    mask = live.repeat_interleave(tm, 0)[:n].repeat_interleave(tn, 1)[:, :v].bool()
     g[~mask] = float("nan")
     w, x = torch.randn(v, h), torch.randn(n, h)
     dx0, dw0 = (torch.randn(n, h), torch.randn(v, h)) if accumulate else (torch.zeros(n, h), torch.zeros(v, h))
@@ -822,15 +827,48 @@ def test_products_over_live_tiles_read_only_those(accumulate):
     g64 = torch.where(mask, g, 0.0).double()
     assert_close_fp32(dx, dx0.double() + g64 @ w.double(), "dx")
     assert_close_fp32(dw, dw0.double() + g64.T @ x.double(), "dw")
-    rows, cols = [16, 16, 5], [64, 64, 64, 8]
-    block_m, block_h, block_v, _, _ = lce.live_tiles_blocks(torch.float32, tile[0])
-    assert block_m == 16 and block_h >= h and 64 % block_v == 0  # one program a row tile (dX), 64 / block_v a class tile (dW)
-    per_class_tile = [-(-c // block_v) for c in cols]
+    block_m, block_h, block_v, _, _ = lce.live_tiles_blocks(torch.float32, tm)
+    rows = [min(tm, n - i * tm) for i in range(n_rt)]
+    cols = [min(tn, v - j * tn) for j in range(n_ct)]
+    n_h = -(-h // block_h)
+    row_blocks = [-(-r // block_m) for r in rows]  # dX programs a row tile (per hidden block)
+    class_blocks = [-(-c // block_v) for c in cols]  # dW programs a class tile (per hidden block)
+    maps = n_h * (sum(row_blocks) * n_ct + sum(class_blocks) * n_rt)  # each program reads its row / column of the map
     live_tiles = live.nonzero().tolist()
-    tiles_read = sum(rows[i] * cols[j] * 4 for i, j in live_tiles)  # each live tile of G (float32), by each product
-    w_read = sum(cols[j] * h * 4 for i, j in live_tiles)  # dX: W's rows of the tile, once (one row block a tile)
-    x_read = sum(rows[i] * h * 4 * per_class_tile[j] for i, j in live_tiles)  # dW: X's rows, by each class block
-    maps = 3 * 4 + sum(per_class_tile) * 3  # dX: a row of the map a program; dW: a column a program
+    g_read = 2 * n_h * sum(rows[i] * cols[j] * 4 for i, j in live_tiles)  # each live tile, per hidden block, by both
+    w_read = sum(cols[j] * h * 4 * row_blocks[i] for i, j in live_tiles)  # dX: W's rows of the tile, per row block
+    x_read = sum(rows[i] * h * 4 * class_blocks[j] for i, j in live_tiles)  # dW: X's rows, per class block
     outputs = (n * h + v * h) * 4
-    assert t.bytes_loaded == maps + 2 * tiles_read + w_read + x_read + (outputs if accumulate else 0)
+    assert t.bytes_loaded == maps + g_read + w_read + x_read + (outputs if accumulate else 0)
     assert t.bytes_stored == outputs
+    if (n, h) == (150, 150):
+        assert block_m < tm and n_h == 3  # the cases the first shape does not reach
+
+
+def test_products_over_live_tiles_bfloat16(device):
+    """The 16-bit route (the blocks a GPU runs: 128-row dX blocks, 128-wide hidden blocks):
+    bfloat16 operands, float32 sums, bfloat16 outputs within their rounding of float64."""
+    n, v, h, tile = 70, 300, 136, (32, 64)
+    live = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 0, 0, 1], [1, 1, 0, 1, 0]], dtype=torch.int8, device=device)
+    g, w, x = (torch.randn(*shape, device=device).bfloat16() for shape in ((n, v), (v, h), (n, h)))
+    mask = live.repeat_interleave(32, 0)[:n].repeat_interleave(64, 1)[:, :v].bool()
+    dx, dw = (torch.empty(*shape, dtype=torch.bfloat16, device=device) for shape in ((n, h), (v, h)))
+    lce.launch_live_tiles_products(g, live, tile, dx, w, dw, x, False, False)
+    g64 = torch.where(mask, g.double(), 0.0)
+    for got, want in ((dx, g64 @ w.double()), (dw, g64.T @ x.double())):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.double(), want, rtol=2**-7, atol=2**-7 * scale)
+    assert lce.products_over_live_tiles(tile, g, w)  # (in the interpreter: its bfloat16 dot fix is in)
+
+
+def test_grad_skip_falls_back_to_cublas_products(device):
+    """Tiles under LIVE_MIN_TILE a side, or operands without unit column stride, keep the dense
+    products over the zeroed tiles: the same gradients as the emulated float64 skip."""
+    assert not lce.products_over_live_tiles((8, 64), torch.empty(4, 4, device=device))
+    assert not lce.products_over_live_tiles((16, 64), torch.empty(4, 4, device=device).t())
+    x, w, b, target = skewed_inputs(device)
+    threshold = 1e-6
+    want, _keep = emulated_skip(x, w, b, target, threshold, 8, 64)
+    _, grads = run(x, w, b, target, (8, 64), reduction="sum", grad_skip_threshold=threshold, mode="speed")
+    for what, got, ref in zip(("dx", "dw", "db"), grads, want):
+        assert_close_fp32(got.cpu(), ref, what)
