@@ -80,6 +80,23 @@ def skip_small_tiles_kernel(
 
 
 @triton.jit
+def load_block(ptr, rows, cols, row_stride, row_in, col_in):
+    """The [rows, cols] block at ptr (unit column stride), 0 outside row_in x col_in."""
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=row_in[:, None] & col_in[None, :], other=0.0)
+
+
+@triton.jit
+def store_block(ptr, acc, rows, cols, row_stride, row_in, col_in, ACCUMULATE: tl.constexpr):
+    """Writes the float32 [rows, cols] block acc at ptr in its dtype, or with ACCUMULATE adds it
+    to what is there (float32); only inside row_in x col_in."""
+    out = ptr + rows[:, None] * row_stride + cols[None, :]
+    mask = row_in[:, None] & col_in[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=mask, other=0.0)
+    tl.store(out, acc.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def live_tiles_grad_input_kernel(
     g_ptr,
     w_ptr,
@@ -122,16 +139,10 @@ def live_tiles_grad_input_kernel(
                 # so the loads stay 128-bit; j is an int in the interpreter)
                 cls = tl.multiple_of(j * TILE_N + k0, BLOCK_K) + ks.to(tl.int64)  # (< n_cols + TILE_N: an int32)
                 cls_in = cls < n_cols
-                a = tl.load(g_ptr + rows[:, None] * g_row_stride + cls[None, :], mask=row_in[:, None] & cls_in[None, :],
-                            other=0.0)
-                b = tl.load(w_ptr + cls[:, None] * w_row_stride + cols_h[None, :], mask=cls_in[:, None] & h_in[None, :],
-                            other=0.0)
+                a = load_block(g_ptr, rows, cls, g_row_stride, row_in, cls_in)
+                b = load_block(w_ptr, cls, cols_h, w_row_stride, cls_in, h_in)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    out = out_ptr + rows[:, None] * out_row_stride + cols_h[None, :]
-    mask = row_in[:, None] & h_in[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out, mask=mask, other=0.0)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_block(out_ptr, acc, rows, cols_h, out_row_stride, row_in, h_in, ACCUMULATE)
 
 
 @triton.jit
@@ -175,13 +186,7 @@ def live_tiles_grad_weight_kernel(
             for k0 in range(0, TILE_M, BLOCK_K):
                 rows = tl.multiple_of(i * TILE_M + k0, BLOCK_K) + ks.to(tl.int64)
                 row_in = rows < n_rows
-                a = tl.load(g_ptr + rows[:, None] * g_row_stride + cls[None, :], mask=row_in[:, None] & cls_in[None, :],
-                            other=0.0)
-                b = tl.load(x_ptr + rows[:, None] * x_row_stride + cols_h[None, :], mask=row_in[:, None] & h_in[None, :],
-                            other=0.0)
+                a = load_block(g_ptr, rows, cls, g_row_stride, row_in, cls_in)
+                b = load_block(x_ptr, rows, cols_h, x_row_stride, row_in, h_in)
                 acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
-    out = out_ptr + cls[:, None] * out_row_stride + cols_h[None, :]
-    mask = cls_in[:, None] & h_in[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out, mask=mask, other=0.0)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    store_block(out_ptr, acc, cls, cols_h, out_row_stride, cls_in, h_in, ACCUMULATE)

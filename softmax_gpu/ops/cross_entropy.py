@@ -331,7 +331,7 @@ def launch_cross_entropy_prepare(
                                          num_warps=config.REDUCE_WARPS))  # fmt: skip
     with device_guard(target):
         launch(
-            cross_entropy_prepare_kernel, (1,), static, not torch.compiler.is_compiling(),
+            cross_entropy_prepare_kernel, (1,), static, True,
             target_ptr=target,
             weight_ptr=weight if weight is not None else counter,  # never read without HAS_WEIGHT
             total_ptr=total if total is not None else counter,  # never written without COMPUTE_TOTAL
