@@ -727,6 +727,10 @@ def scale_grad_kernel(
     Multiplies in float32 (16-bit and float32 gradients only; float64 takes the backward kernel).
     VEC, HAS_EDGE: the row's aligned body and edge, as in cross_entropy_kernel.
     ROWS > 1: short rows (one block each) as a [ROWS, BLOCK_N] tile, as in cross_entropy_kernel.
+    Roofline at 32768 x 4096 bf16: a factor of 1 moves 264 x 4 B on an H100 (132 SMs), a few
+    microseconds of launch and no bandwidth to speak of (the old one-program-a-row grid took
+    24 us on the first H100 run); any other factor reads and writes the gradient once, 512 MiB:
+    0.18 ms at 3.0 TB/s (H100), 0.12 ms at 4.3 TB/s (H200). No FLOPs to speak of.
     """
     n_blocks = tl.cdiv(n_rows + tl.zeros([], tl.int64), ROWS)  # int64: no wrap near 2^31 rows
     if SCALAR:
