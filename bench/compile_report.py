@@ -981,7 +981,40 @@ def exact_launches(op: str, shape: tuple, dtype: str) -> list:
     finally:
         for module, name, original in patched:
             setattr(module, name, original)
-    return [_variant(kernel, kwargs) for kernel, _grid, kwargs in launches]
+    return [(_variant(kernel, kwargs), tuple(grid)) for kernel, grid, kwargs in launches]
+
+
+# Residency on sm_80 / sm_90 (the CUDA occupancy rules): 64 warps, 32 blocks and 64K registers
+# an SM, registers allocated a warp at a time in 256s (8 a thread), 1 KiB of shared memory
+# reserved a block. Shared memory an SM: 164 KiB (sm_80), 228 KiB (sm_90).
+SM_LIMITS = {80: 164 << 10, 90: 228 << 10}
+_ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "i64": 8, "i32": 4}
+
+
+def resident_programs(report: "Report") -> int:
+    """How many programs of this compiled kernel one SM holds at once."""
+    warps = report.variant.num_warps
+    by_regs = 65536 // (-(-max(report.regs, 1) // 8) * 8 * 32 * warps)
+    by_smem = SM_LIMITS[report.arch] // (report.shared + 1024)
+    return max(0, min(32, 64 // warps, by_regs, by_smem))
+
+
+def occupancy(report: "Report", grid: tuple) -> str:
+    """The launch's grid, programs resident an SM, and for row kernels the bytes of logits an
+    SM has in flight while every resident program loads one block (ROWS x BLOCK_N elements
+    of the row dtype): the figure a memory-bound row kernel needs to be large enough
+    (Little's law: about 3.0 TB/s x ~0.8 us / 132 SMs = 18 KiB an SM on an H100, 26 KiB on
+    an H200 at 4.3 TB/s) to stream at the copy rate."""
+    programs = 1
+    for g in grid:
+        programs *= g
+    resident = resident_programs(report)
+    meta = dict(report.variant.constexprs)
+    text = f"grid {programs}, {resident} resident/SM"
+    if "BLOCK_N" in meta and report.variant.dtype in _ITEMSIZE:
+        block = meta.get("ROWS", 1) * meta["BLOCK_N"] * _ITEMSIZE[report.variant.dtype]
+        text += f", {resident * block / 1024:g} KiB in flight/SM"
+    return text
 
 
 def _parse_shape(text: str) -> tuple:
@@ -995,16 +1028,17 @@ def exact_main(args) -> int:
     for op in args.op:
         for shape in args.shape:
             for dtype in args.dtype:
-                for v in exact_launches(op, _parse_shape(shape), dtype):
-                    variants.append((f"{op} {shape} {dtype}", v))
-    unique = list(dict.fromkeys(v for _, v in variants))
+                for v, grid in exact_launches(op, _parse_shape(shape), dtype):
+                    variants.append((f"{op} {shape} {dtype}", v, grid))
+    unique = list(dict.fromkeys(v for _, v, _ in variants))
     work = [(v, a) for v in unique for a in args.arch]
     reports = dict(zip(work, compile_all(work, "exact", cache=not args.no_cache, desc="compiling the launches")))
     lines = []
-    for what, v in variants:
-        lines.append(f"# {what}: {v.kernel} {v.label}")
+    for what, v, grid in variants:
+        resident = "; ".join(f"sm_{a}: {occupancy(reports[(v, a)], grid)}" for a in args.arch)
+        lines.append(f"# {what}: {v.kernel} {v.label} | {resident}")
     print("\n".join(lines))
-    ordered = [reports[(v, a)] for _, v in variants for a in args.arch]
+    ordered = [reports[(v, a)] for _, v, _ in variants for a in args.arch]
     print(format_table(ordered))
     spills = [r for r in ordered if r.local]
     print(f"\n{len(unique)} distinct launches compiled for sm {' '.join(map(str, args.arch))}, {len(spills)} spill")

@@ -183,6 +183,19 @@ def row_target(target_ptr, weight_ptr, row, row_ok, target_row_stride, n_cols, i
 
 
 @triton.jit
+def target_logit(logits_ptr, rows, row_ok, t, logits_row_stride, n_cols, softcap, ROWS: tl.constexpr,
+                 SOFT_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC_FP64: tl.constexpr):
+    """z_t of each of the ROWS rows (soft-capped with HAS_SOFTCAP) where t is a class of the
+    row, else 0 (and always 0 for probability targets): one scalar load a row."""
+    z_t = acc_zeros(ROWS, ACC_FP64)
+    if not SOFT_TARGET:
+        t_in_row = row_ok & (t >= 0) & (t < n_cols)
+        z_t = tl.where(t_in_row, load_logits(logits_ptr + rows * logits_row_stride + t, t_in_row, softcap,
+                                             HAS_SOFTCAP, ACC_FP64), 0.0)
+    return z_t
+
+
+@triton.jit
 def row_loss(m, log_d, z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss,
              SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr):
     """(loss, coef) of a row (or of each row of a tile) from its lse = m + log_d and the linear
@@ -316,99 +329,38 @@ def cross_entropy_prepare_kernel(
 
 
 @triton.jit
-def cross_entropy_kernel(
-    logits_ptr,
-    target_ptr,
-    weight_ptr,
-    loss_ptr,
-    lse_ptr,
-    grad_ptr,
-    stats_ptr,
-    reduced_ptr,
-    counter_ptr,
-    logits_row_stride,
-    target_row_stride,
-    grad_row_stride,
-    grad_divisor_ptr,
-    n_rows,
-    n_cols,
-    ignore_index,
-    label_smoothing,
-    z_loss,
-    softcap,
-    label_smoothing_lo,
-    z_loss_lo,
-    softcap_lo,
-    zero,
-    SOFT_TARGET: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-    HAS_Z_LOSS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    DIVIDE_GRAD: tl.constexpr,
-    SAVE_STATS: tl.constexpr,
-    REDUCE: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
-    REDUCE_BLOCK: tl.constexpr,
-    VEC: tl.constexpr = 1,
-    HAS_EDGE: tl.constexpr = False,
-    ROWS: tl.constexpr = 1,
+def loss_tile(
+    pid, cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr, lse_ptr,
+    grad_ptr, stats_ptr, logits_row_stride, target_row_stride, grad_row_stride, grad_divisor_ptr, n_rows, n_cols,
+    ignore_index, zero, SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DIVIDE_GRAD: tl.constexpr,
+    SAVE_STATS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr, HAS_EDGE: tl.constexpr, ROWS: tl.constexpr,
 ):
-    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
-
-    logits_ptr: (n_rows, n_cols) rows, column stride 1, row stride logits_row_stride.
-    target_ptr: class index per row (int32/int64, stride target_row_stride), or with
-        SOFT_TARGET a (n_rows, n_cols) probability row (row stride target_row_stride).
-    weight_ptr: (n_cols,) class weights, read only when HAS_WEIGHT.
-    loss_ptr, lse_ptr: (n_rows,) outputs (float32; float64 with ACC_FP64).
-    grad_ptr: gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD; may be
-        logits_ptr itself (in-place backward: each block is read before it is overwritten).
-    stats_ptr: (n_rows, 4) with SAVE_STATS: the row's max m, 1/d, (sum_{j != t} q_j) and the
-        coefficient of q_j in the gradient, all cross_entropy_backward_kernel needs besides
-        the logits and target.
-    grad_divisor_ptr: device scalar dividing the gradient (the total weight, for
-        reduction="mean"), read on device only when DIVIDE_GRAD (and by the reduction when
-        REDUCE == 2), so the host never syncs.
-    REDUCE: 0 leaves the per-row losses; 1 (sum) and 2 (mean, over *grad_divisor_ptr) also
-        write the reduced loss to reduced_ptr: every program counts itself done on counter_ptr
-        (zeroed by cross_entropy_prepare_kernel), and the last one sums the n_rows losses in
-        row order, REDUCE_BLOCK at a time, so the result is the same bits every run.
-    label_smoothing, z_loss, softcap (float32) and their *_lo remainders: with ACC_FP64 the
-        option is hi + lo in float64; otherwise the remainders are unused.
-    zero: the int 0, which the compiler cannot see (fresh(): the 16-bit plain single block).
-    ignore_index: rows whose target equals it get loss 0 and gradient 0.
-    A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
-    and gives a NaN loss and gradient for its row.
-    VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
-        (kernels/softmax.py); the logits, gradient and probability-target row strides agree
-        modulo VEC.
-    ROWS: rows per program, a [ROWS, BLOCK_N] tile (single block only), so that short rows
-        still give each thread 16-byte loads. The grid must be exactly ceil(n_rows / ROWS)
-        programs: with ROWS == 1 no row mask is applied.
-    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
-    single-block path; the looped path reads the row's body twice when it writes the gradient.
-    """
-    pid = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
-    z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
-    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
-    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    """cross_entropy_kernel's work for tile `pid` (rows pid * ROWS + [0, ROWS), or with
+    SINGLE_BLOCK False the one row pid): its arguments, with the options already in the
+    accumulation dtype (label_smoothing, z_loss, softcap; inv_classes = 1 / n_cols) and
+    cols = arange(BLOCK_N)."""
     # The sum over j != t of e^(z_j - m), for the target's gradient (see store_grad_block).
     KEEP_OTHER: tl.constexpr = (COMPUTE_GRAD or SAVE_STATS) and not SOFT_TARGET
     if SINGLE_BLOCK:
         # One read of ROWS rows held in registers, [ROWS, BLOCK_N]; per-row values are [ROWS].
         rows = pid * ROWS + tl.arange(0, ROWS)
         if ROWS == 1:
-            row_ok = rows == rows  # the grid has one program a row: no mask (and no register)
+            row_ok = rows == rows  # every tile is whole: no mask (and no register)
         else:
             row_ok = rows < n_rows
         # 1. The targets: class index, whether the row counts, its weight.
         t, valid, bad, w_t = row_target(target_ptr, weight_ptr, rows, row_ok, target_row_stride, n_cols,
                                         ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
+        # The target's logit: one scalar load a row (whenever t is a class, ignored or not).
+        # Without the gradient it is issued before the row's reductions, so that its latency
+        # hides under the row's load (after them it is a second memory round trip a row);
+        # the gradient's variants have no register to hold it through the row (the widest
+        # float32 one spilled 8 bytes on sm_90), so they load it after.
+        if not COMPUTE_GRAD:
+            z_t = target_logit(logits_ptr, rows, row_ok, t, logits_row_stride, n_cols, softcap, ROWS,
+                               SOFT_TARGET, HAS_SOFTCAP, ACC_FP64)
         # 2. lse and the loss's linear terms; the body's lanes are columns shift + cols, the edge's e_cls.
         logits_body, shift, n_body = row_layout(rows, logits_row_stride, n_cols, VEC, HAS_EDGE)
         target_body = vec_offset(rows, target_row_stride, VEC)
@@ -470,12 +422,9 @@ def cross_entropy_kernel(
                 d += tl.sum(e_e, axis=1)
             sum_wz += tl.sum(wz_e, axis=1)
             sum_w += tl.sum(w_e, axis=1)
-        # The target's logit: one scalar load a row (whenever t is a class, ignored or not).
-        z_t = tl.zeros_like(m)
-        if not SOFT_TARGET:
-            t_in_row = row_ok & (t >= 0) & (t < n_cols)
-            z_t = tl.where(t_in_row, load_logits(logits_ptr + rows * logits_row_stride + t, t_in_row, softcap,
-                                                 HAS_SOFTCAP, ACC_FP64), 0.0)
+        if COMPUTE_GRAD:
+            z_t = target_logit(logits_ptr, rows, row_ok, t, logits_row_stride, n_cols, softcap, ROWS,
+                               SOFT_TARGET, HAS_SOFTCAP, ACC_FP64)
         # 3. The loss (float32 for every dtype but float64), lse and the saved statistics.
         other = d if KEEP_OTHER else tl.zeros_like(d)
         inv_d, other_over_d, coef = row_outputs(
@@ -576,6 +525,120 @@ def cross_entropy_kernel(
                     grad_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, ze, m, inv_d, other_over_d, coef,
                     scale, t, w_t, valid, bad, label_smoothing, inv_classes, softcap,
                     SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w_e, True)
+
+
+@triton.jit
+def cross_entropy_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    loss_ptr,
+    lse_ptr,
+    grad_ptr,
+    stats_ptr,
+    reduced_ptr,
+    counter_ptr,
+    logits_row_stride,
+    target_row_stride,
+    grad_row_stride,
+    grad_divisor_ptr,
+    n_rows,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    label_smoothing_lo,
+    z_loss_lo,
+    softcap_lo,
+    zero,
+    SOFT_TARGET: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    SAVE_STATS: tl.constexpr,
+    REDUCE: tl.constexpr,
+    ACC_FP64: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    REDUCE_BLOCK: tl.constexpr,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+    ROWS: tl.constexpr = 1,
+):
+    """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
+
+    logits_ptr: (n_rows, n_cols) rows, column stride 1, row stride logits_row_stride.
+    target_ptr: class index per row (int32/int64, stride target_row_stride), or with
+        SOFT_TARGET a (n_rows, n_cols) probability row (row stride target_row_stride).
+    weight_ptr: (n_cols,) class weights, read only when HAS_WEIGHT.
+    loss_ptr, lse_ptr: (n_rows,) outputs (float32; float64 with ACC_FP64).
+    grad_ptr: gradient rows (row stride grad_row_stride), written when COMPUTE_GRAD; may be
+        logits_ptr itself (in-place backward: each block is read before it is overwritten).
+    stats_ptr: (n_rows, 4) with SAVE_STATS: the row's max m, 1/d, (sum_{j != t} q_j) and the
+        coefficient of q_j in the gradient, all cross_entropy_backward_kernel needs besides
+        the logits and target.
+    grad_divisor_ptr: device scalar dividing the gradient (the total weight, for
+        reduction="mean"), read on device only when DIVIDE_GRAD (and by the reduction when
+        REDUCE == 2), so the host never syncs.
+    REDUCE: 0 leaves the per-row losses; 1 (sum) and 2 (mean, over *grad_divisor_ptr) also
+        write the reduced loss to reduced_ptr: every program counts itself done on counter_ptr
+        (zeroed by cross_entropy_prepare_kernel), and the last one sums the n_rows losses in
+        row order, REDUCE_BLOCK at a time, so the result is the same bits every run.
+    label_smoothing, z_loss, softcap (float32) and their *_lo remainders: with ACC_FP64 the
+        option is hi + lo in float64; otherwise the remainders are unused.
+    zero: the int 0, which the compiler cannot see (fresh(): the 16-bit plain single block).
+    ignore_index: rows whose target equals it get loss 0 and gradient 0.
+    A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
+    and gives a NaN loss and gradient for its row.
+    VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
+        (kernels/softmax.py); the logits, gradient and probability-target row strides agree
+        modulo VEC.
+    ROWS: rows a tile, a [ROWS, BLOCK_N] tile (single block only), so that short rows still
+        give each thread 16-byte loads. With ROWS == 1 no row mask is applied.
+    The grid: with COMPUTE_GRAD exactly ceil(n_rows / ROWS) programs, one a tile; without,
+    any number up to that, program p taking tiles p, p + num_programs, ...
+    (config.cross_entropy_programs: a few programs an SM).
+    Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
+    single-block path; the looped path reads the row's body twice when it writes the gradient.
+    Roofline at 32768 x 4096 bf16, reduction "mean", no gradient: 256 MiB read + 0.4 MiB of
+    targets and losses, 89 us at 3.0 TB/s (H100), 62 us at 4.3 TB/s (H200); no FLOPs to
+    speak of (an exp a logit). The H200 run of 2026-12-04 took 206 us with one program a
+    row: each program's row load (8 KiB, 4 programs an SM: 32 KiB in flight, enough by
+    Little's law) was followed by two more round trips that held its slot with nothing in
+    flight: the target's logit, loaded after the row's reductions, and the done-counter's
+    fenced atomic. Both are gone here (the logit is loaded beside the row; the atomic comes
+    once a program): predicted ~1.1x the copy time. Not measured yet.
+    """
+    cols = tl.arange(0, BLOCK_N)
+    label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
+    z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
+    softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
+    inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
+    # Without the gradient, program p takes the tiles of ROWS rows p, p + num_programs, ... (a
+    # grid of a few programs an SM: config.cross_entropy_programs), so that a reduction's
+    # done-counter atomic and its fence come once a program, not once a row. With it, one tile
+    # a program and no loop: ptxas kept lane-invariant values live across a real loop (the
+    # 4096-wide 16-bit variant went from 39 to 56 registers and the 32768-wide one spilled on
+    # sm_90), and even a one-trip loop moved the widest all-options variant past its cap.
+    if COMPUTE_GRAD:
+        loss_tile(
+            tl.program_id(0).to(tl.int64),
+            cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,
+            lse_ptr, grad_ptr, stats_ptr, logits_row_stride, target_row_stride, grad_row_stride, grad_divisor_ptr,
+            n_rows, n_cols, ignore_index, zero, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+            COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS)
+    else:
+        for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+            loss_tile(
+                tl.zeros([], tl.int64) + tile,  # (tile is an int in the interpreter)
+                cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,
+                lse_ptr, grad_ptr, stats_ptr, logits_row_stride, target_row_stride, grad_row_stride, grad_divisor_ptr,
+                n_rows, n_cols, ignore_index, zero, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
+                COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS)
     if REDUCE != 0:
         reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, tl.num_programs(0), REDUCE == 2,
                     ACC_FP64, REDUCE_BLOCK)

@@ -7,6 +7,7 @@ sm_90 (``python -m bench.compile_report`` checks every one of them).
 """
 import contextlib
 import dataclasses
+import os
 from typing import Optional
 
 # Largest single block, in elements, per kernel family (each block lives in registers).
@@ -380,6 +381,28 @@ def sm_count(device) -> int:
 
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_SM_COUNT
+
+
+# The cross-entropy loss kernel's grid without the gradient (kernels/cross_entropy.py,
+# cross_entropy_kernel): at most as many programs as an SM holds by warps
+# (RESIDENT_WARPS_PER_SM, sm_80 and sm_90; at most RESIDENT_PROGRAMS_PER_SM), each striding
+# over the row tiles. With a reduction every program ends on a fenced atomic (the
+# done-counter); once a row, it held each row's program a memory round trip past its last
+# load. SOFTMAX_GPU_CE_PERSISTENT=0 restores one program a tile, for before/after timings on
+# one card.
+RESIDENT_WARPS_PER_SM = 64
+RESIDENT_PROGRAMS_PER_SM = 32
+CROSS_ENTROPY_PERSISTENT = os.environ.get("SOFTMAX_GPU_CE_PERSISTENT", "1") != "0"
+
+
+def cross_entropy_programs(n_tiles: int, num_warps: int, device, compute_grad: bool = False) -> int:
+    """The loss kernel's grid for n_tiles row tiles of programs on num_warps warps; one
+    program a tile for the variants that write the gradient (the kernel's loop cost them
+    registers: kernels/cross_entropy.py)."""
+    if compute_grad or not CROSS_ENTROPY_PERSISTENT:
+        return n_tiles
+    per_sm = max(1, min(RESIDENT_PROGRAMS_PER_SM, RESIDENT_WARPS_PER_SM // num_warps))
+    return max(1, min(n_tiles, per_sm * sm_count(device)))
 
 
 SCALE_GRAD_PROGRAMS_PER_SM = 2

@@ -1029,6 +1029,76 @@ def test_scale_grad_short_rows(dtype, device):
     torch.testing.assert_close(g, (grad.float() * 3.0).to(dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["single", "short rows", "looped"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_programs_stride_over_the_row_tiles(path, reduction, dtype, device, monkeypatch):
+    """The loss kernel without the gradient on fewer programs than row tiles
+    (config.cross_entropy_programs: a few an SM; forced to 3 here): each program strides over
+    its tiles, and every output (losses, lse, the reduced loss, which the last of the 3
+    programs sums in row order) has the same bits as with one program a tile; the same bytes
+    move. 23 rows of
+    37 classes with ignored rows and smoothing: one row a tile, four (the last one partial),
+    or the looped path."""
+    n, c = 23, 37
+    logits = (2 * torch.randn(n, c, device=device)).to(dtype)
+    target = torch.randint(0, c, (n,), device=device)
+    target[[2, 17]] = -100
+    options = LossOptions(-100, 0.1, 1e-3, None)
+    with config.block_limit(16) if path == "looped" else contextlib.nullcontext():
+        cfg = cross_entropy_config(c, logits.element_size())
+    if path == "short rows":
+        cfg = dataclasses.replace(cfg, rows=4)
+    assert cfg.single_block == (path != "looped")
+    tiles = -(-n // cfg.rows)
+
+    def run(programs):
+        monkeypatch.setattr(config, "cross_entropy_programs", lambda n_tiles, *args: min(n_tiles, programs))
+        out = dict(loss=poisoned((n,), torch.float32, device), lse=poisoned((n,), torch.float32, device),
+                   reduced=poisoned((), torch.float32, device),
+                   total=poisoned((), torch.float32, device))  # fmt: skip
+        counter = torch.full((), 5, dtype=torch.int32, device=device)
+        reduce = reduction != "none"
+        total = out["total"] if reduction == "mean" else None
+        traffic = TrafficCounter(buffers=[logits, target, counter, *out.values()]) if not torch.cuda.is_available() else None
+        with traffic or contextlib.nullcontext():
+            if reduce:
+                launch_cross_entropy_prepare(target, None, total, counter, c, -100)
+            launch_cross_entropy(logits, target, None, out["loss"], out["lse"], None, total, options, cfg=cfg,
+                                 reduced=out["reduced"] if reduce else None, counter=counter if reduce else None,
+                                 reduction=reduction)  # fmt: skip
+        if not reduce:
+            del out["reduced"], out["total"]
+        elif total is None:
+            del out["total"]
+        return out, traffic and (traffic.bytes_loaded, traffic.bytes_stored)
+
+    strided, strided_bytes = run(3)
+    one_a_tile, tile_bytes = run(tiles)
+    for name, value in one_a_tile.items():
+        assert not value.isnan().any(), f"{name} not written"
+        assert torch.equal(strided[name], value), f"{path} {reduction} {dtype}: {name} differs on 3 programs"
+    assert strided_bytes == tile_bytes
+
+
+def test_loss_programs_grid(device):
+    """The loss kernel's grid: programs an SM by warps (64 warps an SM, at most 32 programs),
+    never more than the tiles; one a tile when it writes the gradient; SOFTMAX_GPU_CE_PERSISTENT=0 (CROSS_ENTROPY_PERSISTENT off)
+    gives one program a tile."""
+    sms = config.sm_count(device)
+    assert config.cross_entropy_programs(10**6, 16, device) == 4 * sms
+    assert config.cross_entropy_programs(10**6, 1, device) == 32 * sms
+    assert config.cross_entropy_programs(10**6, 32, device) == 2 * sms
+    assert config.cross_entropy_programs(7, 32, device) == 7
+    assert config.cross_entropy_programs(10**6, 16, device, compute_grad=True) == 10**6
+    old = config.CROSS_ENTROPY_PERSISTENT
+    try:
+        config.CROSS_ENTROPY_PERSISTENT = False
+        assert config.cross_entropy_programs(10**6, 16, device) == 10**6
+    finally:
+        config.CROSS_ENTROPY_PERSISTENT = old
+
+
 @pytest.mark.parametrize("factor", [1.0, 0.5])
 def test_scale_grad_programs_stride_over_the_rows(factor, device):
     """More row blocks than the rescale's grid (config.scale_grad_programs: twice the SM

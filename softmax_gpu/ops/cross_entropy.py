@@ -142,7 +142,8 @@ def launch_cross_entropy(
     if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
                weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
-               options, stats is None, reduction, config._block_limit)  # fmt: skip
+               options, stats is None, reduction, str(logits.device), config._block_limit,
+               config.CROSS_ENTROPY_PERSISTENT)  # fmt: skip
     plan = cached_plan(key) if key is not None else None
     if plan is None:
         plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg)
@@ -211,7 +212,8 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         maxnreg=cfg.maxnreg,
         **options.kernel_args(),
     )
-    return cfg, (-(-n_rows // cfg.rows),), static
+    programs = config.cross_entropy_programs(-(-n_rows // cfg.rows), cfg.num_warps, logits.device, grad is not None)
+    return cfg, (programs,), static
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
