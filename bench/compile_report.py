@@ -192,6 +192,12 @@ def cross_entropy_variants(quick: bool):
                         config.LOOP_BLOCK_CROSS_ENTROPY_PLAIN if plain else config.LOOP_BLOCK_CROSS_ENTROPY, itemsize
                     ),
                 )
+                # without the gradient, rows past config.FORWARD_SINGLE_BLOCK_MAX stream in the
+                # forward's own loop (ROW_SCALARS; cross_entropy_config(forward_only=True))
+                forward_only = not (grad and not deferred)
+                if forward_only:
+                    plan = [(b, single) for b, single in plan if single and b <= config.FORWARD_SINGLE_BLOCK_MAX]
+                    plan.append((config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, itemsize), False))
                 # short single-block rows take several rows a program (config.short_rows); --quick:
                 # the tile of the narrowest rows only
                 plan = [(b, single, 1) for b, single in plan] + [
@@ -199,7 +205,10 @@ def cross_entropy_variants(quick: bool):
                     if single and b < config.SHORT_ROWS_TILE and not (quick and b > plan[0][0])
                 ]
                 for block, single, rows in plan:
-                    warps = config.warps_for(block * rows, itemsize, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
+                    row_scalars = forward_only and not single
+                    per_thread = (config.elements_per_thread_forward(int(ptr[-2:]) // 8) if row_scalars
+                                  else config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
+                    warps = config.warps_for(block * rows, itemsize, per_thread)
                     sig = (
                         ("logits_ptr", ptr),
                         ("target_ptr", ptr if flags["SOFT_TARGET"] else "*i64"),
@@ -237,7 +246,7 @@ def cross_entropy_variants(quick: bool):
                             ("REDUCE", (2, 0, 1)[index % 3]), ("ACC_FP64", dtype == "fp64"),
                             ("BLOCK_N", block), ("SINGLE_BLOCK", single),
                             ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge),
-                            ("ROWS", rows),
+                            ("ROWS", rows), ("ROW_SCALARS", row_scalars),
                         )  # fmt: skip
                         # (zero, the int 0, is divisible by 16 as triton specialises it)
                         yield Variant(module, "cross_entropy_kernel", dtype,

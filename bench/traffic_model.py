@@ -224,7 +224,8 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
         # logits once (twice for the body when it loops and writes the gradient), the gradient
         # written with the mean's total read once a program.
         cfg = config.vectors(
-            config.short_rows(cross_entropy_config(cols, size, plain=True), rows, size,
+            config.short_rows(cross_entropy_config(cols, size, plain=True, forward_only=not store_grad,
+                                                   many_rows=rows >= config.FORWARD_STREAM_ROWS_PER_SM * sms), rows, size,
                               config.ELEMENTS_PER_THREAD_CROSS_ENTROPY),
             rows, cols, [(size, cols)] * (2 if store_grad else 1),
         )  # fmt: skip

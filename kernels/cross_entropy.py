@@ -335,7 +335,7 @@ def loss_tile(
     ignore_index, zero, SOFT_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, DIVIDE_GRAD: tl.constexpr,
     SAVE_STATS: tl.constexpr, ACC_FP64: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
-    VEC: tl.constexpr, HAS_EDGE: tl.constexpr, ROWS: tl.constexpr,
+    VEC: tl.constexpr, HAS_EDGE: tl.constexpr, ROWS: tl.constexpr, ROW_SCALARS: tl.constexpr,
 ):
     """cross_entropy_kernel's work for tile `pid` (rows pid * ROWS + [0, ROWS), or with
     SINGLE_BLOCK False the one row pid): its arguments, with the options already in the
@@ -449,7 +449,8 @@ def loss_tile(
                     w_t[:, None], valid[:, None], bad[:, None], label_smoothing, inv_classes, softcap,
                     SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, w_e, True)
     else:
-        # One row a program, streamed BLOCK_N at a time with per-lane running sums.
+        # One row a program, streamed BLOCK_N at a time: per-lane running sums, or with
+        # ROW_SCALARS (no gradient) one running (max, sum) a row.
         row = pid
         row_ok = row < n_rows
         logits_row = logits_ptr + row * logits_row_stride
@@ -467,29 +468,62 @@ def loss_tile(
             ze, _zt_edge, wz_e, w_e = block_terms(
                 logits_row + e_cls, target_row + e_cls, weight_ptr, e_cls, e_mask, t, label_smoothing, inv_classes,
                 softcap, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64)
-        m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
-        d_lane = acc_zeros(BLOCK_N, ACC_FP64)  # without the target's class when KEEP_OTHER
-        wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        w_lane = acc_zeros(BLOCK_N, ACC_FP64)
-        for start in range(0, n_body, BLOCK_N):
-            cls = shift + start + cols
-            zb, _zt_block, wz_b, w_b = block_terms(
-                logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
-                cols < n_body - start, t, label_smoothing, inv_classes, softcap,
-                SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, FIRST_PASS)
-            m_lane, alpha, p = online_step(m_lane, zb)
-            if KEEP_OTHER:
-                d_lane = d_lane * alpha + tl.where(cls == t, 0.0, p)
-            else:
-                d_lane = d_lane * alpha + p
-            wz_lane += wz_b
-            w_lane += w_b
-        m = tl.max(m_lane, axis=0)
-        if HAS_EDGE:
-            m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
-        d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
-        sum_wz = tl.sum(wz_lane, axis=0)
-        sum_w = tl.sum(w_lane, axis=0)
+        if not ROW_SCALARS:
+            # Per-lane running (max, sum): no reduction across the block inside the loop.
+            m_lane = acc_zeros(BLOCK_N, ACC_FP64) - float("inf")
+            d_lane = acc_zeros(BLOCK_N, ACC_FP64)  # without the target's class when KEEP_OTHER
+            wz_lane = acc_zeros(BLOCK_N, ACC_FP64)
+            w_lane = acc_zeros(BLOCK_N, ACC_FP64)
+            for start in range(0, n_body, BLOCK_N):
+                cls = shift + start + cols
+                zb, _zt_block, wz_b, w_b = block_terms(
+                    logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr, cls,
+                    cols < n_body - start, t, label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, FIRST_PASS)
+                m_lane, alpha, p = online_step(m_lane, zb)
+                if KEEP_OTHER:
+                    d_lane = d_lane * alpha + tl.where(cls == t, 0.0, p)
+                else:
+                    d_lane = d_lane * alpha + p
+                wz_lane += wz_b
+                w_lane += w_b
+            m = tl.max(m_lane, axis=0)
+            if HAS_EDGE:
+                m = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
+            d = tl.sum(d_lane * tl.exp2((m_lane - m) * LOG2E), axis=0)
+            sum_wz = tl.sum(wz_lane, axis=0)
+            sum_w = tl.sum(w_lane, axis=0)
+        else:
+            tl.static_assert(not COMPUTE_GRAD, "ROW_SCALARS is the gradient-free forward's loop (its configuration)")
+            # Without the gradient the row is read once whatever its width, so what bounds the
+            # speed is how many bytes an SM keeps in flight: the running (max, sum) is one scalar
+            # pair a row, merged block by block (two block reductions a step), instead of two
+            # float32 registers a lane, so that each thread holds little beyond its loaded
+            # values and more programs fit an SM (config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD).
+            m = tl.max(acc_zeros(1, ACC_FP64), axis=0) - float("inf")
+            d = tl.max(acc_zeros(1, ACC_FP64), axis=0)  # without the target's class when KEEP_OTHER
+            sum_wz = d
+            sum_w = d
+            for start in range(0, n_body, BLOCK_N):
+                cls = shift + start + cols
+                zb, _zt_block, wz_b, w_b = block_terms(
+                    logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
+                    cls, cols < n_body - start, t, label_smoothing, inv_classes, softcap,
+                    SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, LAST_PASS)
+                m_new = tl.maximum(m, tl.max(zb, axis=0), propagate_nan=tl.PropagateNan.ALL)
+                seen = m_new != -float("inf")  # (as online_step: no e^(-inf - (-inf)))
+                p = tl.where(seen, tl.exp2((zb - m_new) * LOG2E), 0.0)
+                if KEEP_OTHER:
+                    p = tl.where(cls == t, 0.0, p)
+                d = tl.where(seen, d * tl.exp2((m - m_new) * LOG2E), 0.0) + tl.sum(p, axis=0)
+                m = m_new
+                if SOFT_TARGET or HAS_SMOOTHING:
+                    sum_wz += tl.sum(wz_b, axis=0)
+                    sum_w += tl.sum(w_b, axis=0)
+            if HAS_EDGE:
+                m_new = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
+                d = tl.where(m_new == m, d, d * tl.exp2((m - m_new) * LOG2E))
+                m = m_new
         if HAS_EDGE:
             e_e = tl.exp2((ze - m) * LOG2E)
             if KEEP_OTHER:
@@ -568,6 +602,7 @@ def cross_entropy_kernel(
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
     ROWS: tl.constexpr = 1,
+    ROW_SCALARS: tl.constexpr = False,
 ):
     """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
 
@@ -594,6 +629,8 @@ def cross_entropy_kernel(
     ignore_index: rows whose target equals it get loss 0 and gradient 0.
     A class index outside [0, n_cols) that is not ignore_index reads nothing out of bounds
     and gives a NaN loss and gradient for its row.
+    ROW_SCALARS (looped, without COMPUTE_GRAD): the running (max, sum) as one pair a row,
+        merged a block at a time, instead of two registers a lane (more programs an SM).
     VEC, HAS_EDGE: each row as an aligned body of VEC-element vectors and a head/tail edge
         (kernels/softmax.py); the logits, gradient and probability-target row strides agree
         modulo VEC.
@@ -630,7 +667,8 @@ def cross_entropy_kernel(
             cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,
             lse_ptr, grad_ptr, stats_ptr, logits_row_stride, target_row_stride, grad_row_stride, grad_divisor_ptr,
             n_rows, n_cols, ignore_index, zero, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-            COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS)
+            COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS,
+            ROW_SCALARS)
     else:
         for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
             loss_tile(
@@ -638,7 +676,8 @@ def cross_entropy_kernel(
                 cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,
                 lse_ptr, grad_ptr, stats_ptr, logits_row_stride, target_row_stride, grad_row_stride, grad_divisor_ptr,
                 n_rows, n_cols, ignore_index, zero, SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, HAS_SOFTCAP,
-                COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS)
+                COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS,
+                ROW_SCALARS)
     if REDUCE != 0:
         reduce_rows(loss_ptr, reduced_ptr, counter_ptr, grad_divisor_ptr, n_rows, tl.num_programs(0), REDUCE == 2,
                     ACC_FP64, REDUCE_BLOCK)

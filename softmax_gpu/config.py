@@ -42,6 +42,31 @@ LOOP_BLOCK_CROSS_ENTROPY_PLAIN = 8192
 MAX_BLOCK_CROSS_ENTROPY_PLAIN_16BIT = 32768
 
 
+# The loss kernel without the gradient reads a looped row once too, keeping one running
+# (max, sum) a row instead of two float32 registers a lane: its loop block is narrower, with
+# four 16-byte loads a thread (32 16-bit or 16 float32 values), so that more programs fit an
+# SM and more bytes are in flight: at 4096 x 128256 on sm_90, 6 programs of 4 warps (16-bit,
+# 48 KiB) or 4 of 8 (float32, 64 KiB) against 1 of 32 warps and 16 KiB with the gradient's
+# per-lane loop (python -m bench.compile_report --op ce_fwd prints these).
+LOOP_BLOCK_CROSS_ENTROPY_FORWARD = 4096
+# Wider rows than this take that loop even where one block would hold them: the single block
+# holds one program an SM from 16384 16-bit or float32 values (32 warps), which then has
+# nothing in flight while it reduces its row, against 4-6 streaming programs.
+FORWARD_SINGLE_BLOCK_MAX = 8192
+FORWARD_STREAM_ROWS_PER_SM = 2  # ... where there are at least this many rows an SM
+
+
+def forward_stream_rows(device) -> int:
+    """The fewest rows for which the gradient-free forward streams rows its single block would
+    hold (config above); fewer rows keep the block: one program a row, read in one step."""
+    return FORWARD_STREAM_ROWS_PER_SM * sm_count(device)
+
+
+def elements_per_thread_forward(itemsize: int) -> int:
+    """Values a thread of the gradient-free looped cross-entropy: four 16-byte loads."""
+    return max(4, 64 // itemsize)
+
+
 def max_block_cross_entropy_plain(itemsize: int) -> int:
     """The plain cross-entropy variant's single-block limit for logits of `itemsize` bytes."""
     return MAX_BLOCK_CROSS_ENTROPY_PLAIN_16BIT if itemsize == 2 else MAX_BLOCK_CROSS_ENTROPY_PLAIN
@@ -388,18 +413,22 @@ def sm_count(device) -> int:
 # (RESIDENT_WARPS_PER_SM, sm_80 and sm_90; at most RESIDENT_PROGRAMS_PER_SM), each striding
 # over the row tiles. With a reduction every program ends on a fenced atomic (the
 # done-counter); once a row, it held each row's program a memory round trip past its last
-# load. SOFTMAX_GPU_CE_PERSISTENT=0 restores one program a tile, for before/after timings on
-# one card.
+# load.
 RESIDENT_WARPS_PER_SM = 64
 RESIDENT_PROGRAMS_PER_SM = 32
-CROSS_ENTROPY_PERSISTENT = os.environ.get("SOFTMAX_GPU_CE_PERSISTENT", "1") != "0"
+# The gradient-free forward's own path: this persistent grid, and rows wider than
+# FORWARD_SINGLE_BLOCK_MAX streamed with one running (max, sum) a row
+# (LOOP_BLOCK_CROSS_ENTROPY_FORWARD). SOFTMAX_GPU_CE_FORWARD_PATH=0 gives that forward the
+# gradient's configurations instead (one program a tile, per-lane sums), for before/after
+# timings on one card.
+CROSS_ENTROPY_FORWARD_PATH = os.environ.get("SOFTMAX_GPU_CE_FORWARD_PATH", "1") != "0"
 
 
 def cross_entropy_programs(n_tiles: int, num_warps: int, device, compute_grad: bool = False) -> int:
     """The loss kernel's grid for n_tiles row tiles of programs on num_warps warps; one
     program a tile for the variants that write the gradient (the kernel's loop cost them
     registers: kernels/cross_entropy.py)."""
-    if compute_grad or not CROSS_ENTROPY_PERSISTENT:
+    if compute_grad or not CROSS_ENTROPY_FORWARD_PATH:
         return n_tiles
     per_sm = max(1, min(RESIDENT_PROGRAMS_PER_SM, RESIDENT_WARPS_PER_SM // num_warps))
     return max(1, min(n_tiles, per_sm * sm_count(device)))

@@ -1083,20 +1083,81 @@ def test_loss_programs_stride_over_the_row_tiles(path, reduction, dtype, device,
 
 def test_loss_programs_grid(device):
     """The loss kernel's grid: programs an SM by warps (64 warps an SM, at most 32 programs),
-    never more than the tiles; one a tile when it writes the gradient; SOFTMAX_GPU_CE_PERSISTENT=0 (CROSS_ENTROPY_PERSISTENT off)
-    gives one program a tile."""
+    never more than the tiles; one a tile when it writes the gradient; SOFTMAX_GPU_CE_FORWARD_PATH=0
+    (CROSS_ENTROPY_FORWARD_PATH off) gives one program a tile, and the forward the gradient's
+    row configurations."""
     sms = config.sm_count(device)
     assert config.cross_entropy_programs(10**6, 16, device) == 4 * sms
     assert config.cross_entropy_programs(10**6, 1, device) == 32 * sms
     assert config.cross_entropy_programs(10**6, 32, device) == 2 * sms
     assert config.cross_entropy_programs(7, 32, device) == 7
     assert config.cross_entropy_programs(10**6, 16, device, compute_grad=True) == 10**6
-    old = config.CROSS_ENTROPY_PERSISTENT
+    wide = cross_entropy_config(32000, 2, plain=True, forward_only=True)
+    assert (wide.block_n, wide.single_block, wide.num_warps) == (config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, False, 4)
+    narrow = cross_entropy_config(4096, 2, plain=True, forward_only=True)
+    assert narrow == cross_entropy_config(4096, 2, plain=True) and narrow.single_block
+    old = config.CROSS_ENTROPY_FORWARD_PATH
     try:
-        config.CROSS_ENTROPY_PERSISTENT = False
+        config.CROSS_ENTROPY_FORWARD_PATH = False
         assert config.cross_entropy_programs(10**6, 16, device) == 10**6
+        assert cross_entropy_config(32000, 2, plain=True, forward_only=True) == cross_entropy_config(32000, 2, plain=True)
     finally:
-        config.CROSS_ENTROPY_PERSISTENT = old
+        config.CROSS_ENTROPY_FORWARD_PATH = old
+
+
+@pytest.mark.parametrize("max_block", LOOP_PATHS)
+@pytest.mark.parametrize("what", ["plain", "weights, smoothing, ignore", "probabilities", "z-loss, softcap"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_forward_without_gradient_every_option(max_block, what, dtype, device):
+    """The forward without the gradient (no_grad: the looped rows keep one running (max, sum)
+    a row, ROW_SCALARS, on the persistent grid) against float64 torch: per-row losses and the
+    mean, every option, every dtype, odd width (head/tail edges); a row whose first 16-wide
+    blocks are all -inf (the running max starts at -inf), a row with one NaN (NaN loss),
+    a row far from 0 (shifted by 1e4 where the dtype keeps the loss)."""
+    n, c = 9, 53
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z = 2 * torch.randn(n, c, device=device, dtype=acc)
+    z[1, :40] = float("-inf")
+    z[4, 17] = float("nan")
+    if dtype == torch.float64 or (dtype == torch.float32 and what == "plain"):
+        z[6] += 1e4  # (smoothing's and probabilities' terms of 1e4 cancel: not float32's to keep)
+    logits = z.to(dtype)
+    kw = {}
+    if what == "probabilities":
+        target = torch.softmax(torch.randn(n, c, device=device), -1).to(dtype)
+    else:
+        target = torch.randint(40, c, (n,), device=device)
+        target[2] = 2 if what.endswith("ignore") else -100
+    if what.startswith("weights"):
+        kw = dict(weight=(torch.rand(c, device=device) + 0.1).to(acc), label_smoothing=0.1, ignore_index=2)
+    if what == "z-loss, softcap":
+        kw = dict(z_loss=1e-3, softcap=30.0)
+    with torch.no_grad(), on_path(max_block):
+        per_row = softmax_gpu.cross_entropy(logits, target, reduction="none", **kw)
+        mean = softmax_gpu.cross_entropy(logits, target, **kw)
+    z64 = logits.double().cpu()
+    cap, lam = kw.get("softcap"), kw.get("z_loss", 0.0)
+    zc = z64 if cap is None else cap * torch.tanh(z64 / cap)
+    tgt = target.double().cpu() if what == "probabilities" else target.cpu()
+    kw64 = {k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()
+            if k in ("weight", "label_smoothing", "ignore_index")}  # fmt: skip
+    ref = F.cross_entropy(zc, tgt, reduction="none", **kw64)
+    if lam:
+        ref = ref + lam * torch.where(tgt != -100, torch.logsumexp(zc, -1) ** 2, 0.0)
+    ignore = kw.get("ignore_index", -100)
+    if what == "probabilities":
+        counted = torch.ones(n, dtype=torch.float64)
+    elif "weight" in kw:
+        counted = torch.where(tgt != ignore, kw64["weight"][tgt.clamp(0, c - 1)], 0.0)
+    else:
+        counted = (tgt != ignore).double()
+    tol = (1e-12, 1e-12) if dtype == torch.float64 else (RTOL, ATOL)
+    assert per_row[4].isnan() and mean.isnan()
+    keep = torch.arange(n) != 4
+    assert_matches(per_row.cpu()[keep], ref[keep].numpy(), *tol, what=f"{what} {dtype} row losses")
+    with torch.no_grad(), on_path(max_block):
+        mean = softmax_gpu.cross_entropy(logits[keep], target[keep], **kw)
+    assert_matches(mean.cpu(), (ref[keep].sum() / counted[keep].sum()).numpy(), *tol, what=f"{what} {dtype} mean")
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.5])

@@ -50,13 +50,27 @@ CHECK_TARGETS_ON_CUDA = os.environ.get("SOFTMAX_GPU_CHECK_TARGETS", "0") == "1"
 
 
 def cross_entropy_config(
-    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False, softcap: bool = False
+    n_cols: int, itemsize: int = 4, streaming: bool = False, plain: bool = False, softcap: bool = False,
+    forward_only: bool = False, many_rows: bool = True,
 ) -> config.RowConfig:
     """Launch configuration for rows of n_cols classes of `itemsize` bytes: the forward's (one
     block when the row fits; wider for the plain variant: class indices without weights or
     smoothing, and a wider loop block), or with streaming=True the backward kernel's, which
     always loops and so streams in the looped path's block width. The plain variant with a
-    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY)."""
+    soft cap keeps the general single-block limit (config.MAX_BLOCK_CROSS_ENTROPY). Without
+    the gradient (forward_only, and config.CROSS_ENTROPY_FORWARD_PATH) a row that would loop,
+    or whose single block is wider than config.FORWARD_SINGLE_BLOCK_MAX, streams in
+    config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD blocks with one running (max, sum) a row; the
+    wide single block stays where the rows are few (not many_rows: config.forward_stream_rows),
+    as one streaming program a row would then walk its row alone."""
+    if forward_only:
+        cfg = cross_entropy_config(n_cols, itemsize, plain=plain, softcap=softcap)
+        if not config.CROSS_ENTROPY_FORWARD_PATH or (
+            cfg.single_block and (cfg.block_n <= config.FORWARD_SINGLE_BLOCK_MAX or not many_rows)
+        ):
+            return cfg
+        return config.row_config(n_cols, config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, itemsize,
+                                 elements_per_thread=config.elements_per_thread_forward(itemsize))  # fmt: skip
     if streaming:
         return config.row_config(
             n_cols, config.LOOP_BLOCK_CROSS_ENTROPY, itemsize,
@@ -143,7 +157,7 @@ def launch_cross_entropy(
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
                weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
                options, stats is None, reduction, str(logits.device), config._block_limit,
-               config.CROSS_ENTROPY_PERSISTENT)  # fmt: skip
+               config.CROSS_ENTROPY_FORWARD_PATH)  # fmt: skip
     plan = cached_plan(key) if key is not None else None
     if plan is None:
         plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg)
@@ -175,7 +189,8 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
     cfg = cfg or config.short_rows(
         cross_entropy_config(
             n_cols, logits.element_size(), plain=is_plain(target, weight, options.label_smoothing),
-            softcap=options.softcap is not None,
+            softcap=options.softcap is not None, forward_only=grad is None,
+            many_rows=n_rows >= config.forward_stream_rows(logits.device),
         ),
         n_rows,
         logits.element_size(),
@@ -208,6 +223,7 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         VEC=cfg.vec,
         HAS_EDGE=cfg.edge,
         ROWS=cfg.rows,
+        ROW_SCALARS=grad is None and not cfg.single_block and config.CROSS_ENTROPY_FORWARD_PATH,
         num_warps=cfg.num_warps,
         maxnreg=cfg.maxnreg,
         **options.kernel_args(),
