@@ -175,8 +175,8 @@ def cross_entropy_variants(quick: bool):
         deferred = dtype in ("fp16", "fp64")
         for index, flags in enumerate(CE_FLAG_SETS):
             for grad in (False, True):
-                if flags["SOFT_TARGET"] and not grad:
-                    continue
+                # (probability targets without the gradient: only the forward's own loop below)
+                soft_no_grad = flags["SOFT_TARGET"] and not grad
                 plain = not (flags["SOFT_TARGET"] or flags["HAS_WEIGHT"] or flags["HAS_SMOOTHING"]) and itemsize <= 4
                 wide = plain and not flags["HAS_SOFTCAP"]  # as softmax_gpu.ops.cross_entropy.cross_entropy_config
                 plan = block_plan(
@@ -193,19 +193,20 @@ def cross_entropy_variants(quick: bool):
                     ),
                 )
                 # without the gradient, rows past config.FORWARD_SINGLE_BLOCK_MAX stream in the
-                # forward's own loop (ROW_SCALARS; cross_entropy_config(forward_only=True))
+                # forward's own loop (ROW_SCALARS; cross_entropy_config(forward_only=True)); its
+                # wide single blocks stay for few rows and, with the gradient's loop, for
+                # SOFTMAX_GPU_CE_FORWARD_PATH=0
                 forward_only = not (grad and not deferred)
-                if forward_only:
-                    plan = [(b, single) for b, single in plan if single and b <= config.FORWARD_SINGLE_BLOCK_MAX]
-                    plan.append((config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, itemsize), False))
+                plan = [] if soft_no_grad else plan
                 # short single-block rows take several rows a program (config.short_rows); --quick:
                 # the tile of the narrowest rows only
-                plan = [(b, single, 1) for b, single in plan] + [
-                    (b, True, config.SHORT_ROWS_TILE // b) for b, single in plan
+                plan = [(b, single, 1, False) for b, single in plan] + [
+                    (b, True, config.SHORT_ROWS_TILE // b, False) for b, single in plan
                     if single and b < config.SHORT_ROWS_TILE and not (quick and b > plan[0][0])
                 ]
-                for block, single, rows in plan:
-                    row_scalars = forward_only and not single
+                if forward_only:
+                    plan.append((config.block_cap(config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, itemsize), False, 1, True))
+                for block, single, rows, row_scalars in plan:
                     per_thread = (config.elements_per_thread_forward(int(ptr[-2:]) // 8) if row_scalars
                                   else config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)  # fmt: skip
                     warps = config.warps_for(block * rows, itemsize, per_thread)
@@ -247,6 +248,8 @@ def cross_entropy_variants(quick: bool):
                             ("BLOCK_N", block), ("SINGLE_BLOCK", single),
                             ("REDUCE_BLOCK", config.reduce_block(warps)), ("VEC", vec), ("HAS_EDGE", edge),
                             ("ROWS", rows), ("ROW_SCALARS", row_scalars),
+                            ("PERSISTENT", forward_only and dtype != "fp64"
+                             and (row_scalars or (single and block <= config.FORWARD_SINGLE_BLOCK_MAX))),
                         )  # fmt: skip
                         # (zero, the int 0, is divisible by 16 as triton specialises it)
                         yield Variant(module, "cross_entropy_kernel", dtype,
@@ -278,9 +281,9 @@ def cross_entropy_variants(quick: bool):
                 ("ignore_index", "i64"),
             )  # fmt: skip
             meta = (("SOFT_TARGET", soft), ("HAS_WEIGHT", has_weight), ("COMPUTE_TOTAL", True),
-                    ("ACC_FP64", dtype == "fp64"), ("BLOCK", config.REDUCE_BLOCK))  # fmt: skip
+                    ("ACC_FP64", dtype == "fp64"), ("BLOCK", config.PREPARE_BLOCK))  # fmt: skip
             yield Variant(module, "cross_entropy_prepare_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
-                          meta, config.REDUCE_WARPS)
+                          meta, config.PREPARE_WARPS)
         if deferred:
             continue
         # one row a program (looped, or one block), and short rows in config.short_rows() tiles

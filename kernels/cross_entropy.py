@@ -510,18 +510,20 @@ def loss_tile(
                     logits_ptr + logits_body + start + cols, target_ptr + target_body + start + cols, weight_ptr,
                     cls, cols < n_body - start, t, label_smoothing, inv_classes, softcap,
                     SOFT_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC_FP64, LAST_PASS)
-                m_new = tl.maximum(m, tl.max(zb, axis=0), propagate_nan=tl.PropagateNan.ALL)
-                seen = m_new != -float("inf")  # (as online_step: no e^(-inf - (-inf)))
-                p = tl.where(seen, tl.exp2((zb - m_new) * LOG2E), 0.0)
+                # tl.max skips NaN, so m stays a number and a NaN logit reaches d through its own
+                # lane: the guards are per lane (-inf adds 0) and on m's change, never on m_new,
+                # or a NaN among -inf would be dropped with them.
+                m_new = tl.maximum(m, tl.max(zb, axis=0))
+                p = tl.where(zb == -float("inf"), 0.0, tl.exp2((zb - m_new) * LOG2E))
                 if KEEP_OTHER:
                     p = tl.where(cls == t, 0.0, p)
-                d = tl.where(seen, d * tl.exp2((m - m_new) * LOG2E), 0.0) + tl.sum(p, axis=0)
+                d = tl.where(m_new == m, d, d * tl.exp2((m - m_new) * LOG2E)) + tl.sum(p, axis=0)
                 m = m_new
                 if SOFT_TARGET or HAS_SMOOTHING:
                     sum_wz += tl.sum(wz_b, axis=0)
                     sum_w += tl.sum(w_b, axis=0)
-            if HAS_EDGE:
-                m_new = tl.maximum(m, tl.max(ze, axis=0), propagate_nan=tl.PropagateNan.ALL)
+            if HAS_EDGE:  # (its terms join d below, NaN lanes included)
+                m_new = tl.maximum(m, tl.max(ze, axis=0))
                 d = tl.where(m_new == m, d, d * tl.exp2((m - m_new) * LOG2E))
                 m = m_new
         if HAS_EDGE:
@@ -603,6 +605,7 @@ def cross_entropy_kernel(
     HAS_EDGE: tl.constexpr = False,
     ROWS: tl.constexpr = 1,
     ROW_SCALARS: tl.constexpr = False,
+    PERSISTENT: tl.constexpr = False,
 ):
     """Loss, lse and (when COMPUTE_GRAD) d loss / d logits of rows r = program_id(0) * ROWS + i.
 
@@ -636,32 +639,38 @@ def cross_entropy_kernel(
         modulo VEC.
     ROWS: rows a tile, a [ROWS, BLOCK_N] tile (single block only), so that short rows still
         give each thread 16-byte loads. With ROWS == 1 no row mask is applied.
-    The grid: with COMPUTE_GRAD exactly ceil(n_rows / ROWS) programs, one a tile; without,
-    any number up to that, program p taking tiles p, p + num_programs, ...
-    (config.cross_entropy_programs: a few programs an SM).
+    PERSISTENT (without COMPUTE_GRAD): the grid is any number of programs up to
+    ceil(n_rows / ROWS), program p taking tiles p, p + num_programs, ...
+    (config.cross_entropy_programs: a few programs an SM); otherwise exactly one program a
+    tile, with no loop.
     Bytes: 1 read of the row (+1 write with COMPUTE_GRAD) and of the target's logit on the
     single-block path; the looped path reads the row's body twice when it writes the gradient.
     Roofline at 32768 x 4096 bf16, reduction "mean", no gradient: 256 MiB read + 0.4 MiB of
     targets and losses, 89 us at 3.0 TB/s (H100), 62 us at 4.3 TB/s (H200); no FLOPs to
     speak of (an exp a logit). The H200 run of 2026-12-04 took 206 us with one program a
-    row: each program's row load (8 KiB, 4 programs an SM: 32 KiB in flight, enough by
-    Little's law) was followed by two more round trips that held its slot with nothing in
-    flight: the target's logit, loaded after the row's reductions, and the done-counter's
-    fenced atomic. Both are gone here (the logit is loaded beside the row; the atomic comes
-    once a program): predicted ~1.1x the copy time. Not measured yet.
+    row. Our reading of it (a model, not a measurement): each program's row load (8 KiB, 4
+    programs an SM: 32 KiB in flight, enough by Little's law while they load) was followed
+    by two more round trips that held its slot with nothing in flight, the target's logit
+    (loaded after the row's reductions) and the done-counter's fenced atomic, so the SM's
+    bytes in flight averaged well under what the copy rate needs. Without the gradient both
+    are gone here (the logit is loaded beside the row; the atomic comes once a program):
+    predicted ~1.1x the copy time. Not measured yet. The variants that write the gradient
+    keep both (registers): see below.
     """
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
     z_loss = acc_scalar(z_loss, z_loss_lo, ACC_FP64)
     softcap = acc_scalar(softcap, softcap_lo, ACC_FP64)
     inv_classes = 1.0 / to_acc(tl.full([], n_cols, tl.int32), ACC_FP64)
-    # Without the gradient, program p takes the tiles of ROWS rows p, p + num_programs, ... (a
-    # grid of a few programs an SM: config.cross_entropy_programs), so that a reduction's
-    # done-counter atomic and its fence come once a program, not once a row. With it, one tile
-    # a program and no loop: ptxas kept lane-invariant values live across a real loop (the
-    # 4096-wide 16-bit variant went from 39 to 56 registers and the 32768-wide one spilled on
-    # sm_90), and even a one-trip loop moved the widest all-options variant past its cap.
-    if COMPUTE_GRAD:
+    # PERSISTENT: program p takes the tiles of ROWS rows p, p + num_programs, ... (a grid of a
+    # few programs an SM: config.cross_entropy_programs), so that a reduction's done-counter
+    # atomic and its fence come once a program, not once a row. Otherwise, and always with the
+    # gradient, one tile a program and no loop: ptxas kept lane-invariant values live across a
+    # real loop (the 4096-wide 16-bit gradient variant went from 39 to 56 registers and the
+    # 32768-wide one spilled on sm_90; so did the 32768-wide float16 statistics variant and
+    # float64's per-lane loops), and even a one-trip loop moved the widest all-options
+    # gradient variant past its cap.
+    if COMPUTE_GRAD or not PERSISTENT:
         loss_tile(
             tl.program_id(0).to(tl.int64),
             cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,
@@ -670,7 +679,8 @@ def cross_entropy_kernel(
             COMPUTE_GRAD, DIVIDE_GRAD, SAVE_STATS, ACC_FP64, BLOCK_N, SINGLE_BLOCK, VEC, HAS_EDGE, ROWS,
             ROW_SCALARS)
     else:
-        for tile in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        n_tiles = tl.cdiv(n_rows + tl.zeros([], tl.int64), ROWS)  # int64: no wrap near 2^31 rows
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             loss_tile(
                 tl.zeros([], tl.int64) + tile,  # (tile is an int in the interpreter)
                 cols, label_smoothing, inv_classes, z_loss, softcap, logits_ptr, target_ptr, weight_ptr, loss_ptr,

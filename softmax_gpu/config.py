@@ -72,11 +72,16 @@ def max_block_cross_entropy_plain(itemsize: int) -> int:
     return MAX_BLOCK_CROSS_ENTROPY_PLAIN_16BIT if itemsize == 2 else MAX_BLOCK_CROSS_ENTROPY_PLAIN
 
 
-# Cross-entropy's reductions ("sum", "mean"): the one-program prepare kernel (the mean's total)
-# and the last program of the loss kernel (the sum of the row losses) step through rows
-# REDUCE_BLOCK at a time; the prepare kernel runs on REDUCE_WARPS warps.
+# Cross-entropy's reductions ("sum", "mean"): the last program of the loss kernel (the sum of
+# the row losses) steps through rows reduce_block() at a time, and the one-program prepare
+# kernel (the mean's total) PREPARE_BLOCK at a time on PREPARE_WARPS warps. Each step is a
+# dependent memory round trip of one program, on the critical path before the loss kernel:
+# at 32768 rows the prepare kernel's 1024-row steps on 4 warps made 32 of them (~1 us each
+# from DRAM), 4096-row steps on 16 warps make 8. (The loss kernel keeps 1024: wider steps
+# cost its 16-warp variants registers, 30 -> 40 at 4096 bf16 on sm_90.)
 REDUCE_BLOCK = 1024
-REDUCE_WARPS = 4
+PREPARE_BLOCK = 4096
+PREPARE_WARPS = 16
 
 
 def reduce_block(num_warps: int) -> int:
@@ -424,14 +429,25 @@ RESIDENT_PROGRAMS_PER_SM = 32
 CROSS_ENTROPY_FORWARD_PATH = os.environ.get("SOFTMAX_GPU_CE_FORWARD_PATH", "1") != "0"
 
 
-def cross_entropy_programs(n_tiles: int, num_warps: int, device, compute_grad: bool = False) -> int:
+def cross_entropy_programs(n_tiles: int, num_warps: int, device, persistent: bool = True) -> int:
     """The loss kernel's grid for n_tiles row tiles of programs on num_warps warps; one
-    program a tile for the variants that write the gradient (the kernel's loop cost them
-    registers: kernels/cross_entropy.py)."""
-    if compute_grad or not CROSS_ENTROPY_FORWARD_PATH:
+    program a tile unless `persistent` (cross_entropy_persistent)."""
+    if not persistent:
         return n_tiles
     per_sm = max(1, min(RESIDENT_PROGRAMS_PER_SM, RESIDENT_WARPS_PER_SM // num_warps))
     return max(1, min(n_tiles, per_sm * sm_count(device)))
+
+
+def cross_entropy_persistent(compute_grad: bool, cfg, float64: bool = False) -> bool:
+    """Whether the loss kernel strides over its row tiles (PERSISTENT): only without the
+    gradient, on this forward's own path, and in the configurations where its loop costs no
+    registers: the streamed rows (ROW_SCALARS: every looped row here) and single blocks up
+    to FORWARD_SINGLE_BLOCK_MAX, not in float64 (for checking, not speed). Inside the loop the
+    wide single blocks, kept for few rows, spilled (float16's 32768-wide statistics variant),
+    and so did float64's weighted short-row tiles (24-56 bytes on sm_90)."""
+    if compute_grad or float64 or not CROSS_ENTROPY_FORWARD_PATH:
+        return False
+    return not cfg.single_block or cfg.block_n <= FORWARD_SINGLE_BLOCK_MAX
 
 
 SCALE_GRAD_PROGRAMS_PER_SM = 2

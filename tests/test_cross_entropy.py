@@ -1053,7 +1053,7 @@ def test_loss_programs_stride_over_the_row_tiles(path, reduction, dtype, device,
     tiles = -(-n // cfg.rows)
 
     def run(programs):
-        monkeypatch.setattr(config, "cross_entropy_programs", lambda n_tiles, *args: min(n_tiles, programs))
+        monkeypatch.setattr(config, "cross_entropy_programs", lambda n_tiles, warps, dev, persistent=True: min(n_tiles, programs) if persistent else n_tiles)
         out = dict(loss=poisoned((n,), torch.float32, device), lse=poisoned((n,), torch.float32, device),
                    reduced=poisoned((), torch.float32, device),
                    total=poisoned((), torch.float32, device))  # fmt: skip
@@ -1083,7 +1083,8 @@ def test_loss_programs_stride_over_the_row_tiles(path, reduction, dtype, device,
 
 def test_loss_programs_grid(device):
     """The loss kernel's grid: programs an SM by warps (64 warps an SM, at most 32 programs),
-    never more than the tiles; one a tile when it writes the gradient; SOFTMAX_GPU_CE_FORWARD_PATH=0
+    never more than the tiles; one a tile when it writes the gradient or holds a row wider
+    than FORWARD_SINGLE_BLOCK_MAX in one block; SOFTMAX_GPU_CE_FORWARD_PATH=0
     (CROSS_ENTROPY_FORWARD_PATH off) gives one program a tile, and the forward the gradient's
     row configurations."""
     sms = config.sm_count(device)
@@ -1091,15 +1092,24 @@ def test_loss_programs_grid(device):
     assert config.cross_entropy_programs(10**6, 1, device) == 32 * sms
     assert config.cross_entropy_programs(10**6, 32, device) == 2 * sms
     assert config.cross_entropy_programs(7, 32, device) == 7
-    assert config.cross_entropy_programs(10**6, 16, device, compute_grad=True) == 10**6
+    assert config.cross_entropy_programs(10**6, 16, device, persistent=False) == 10**6
+    wide_single = cross_entropy_config(32000, 2, plain=True)
+    assert not config.cross_entropy_persistent(True, cross_entropy_config(4096, 2, plain=True))
+    assert config.cross_entropy_persistent(False, cross_entropy_config(4096, 2, plain=True))
+    assert config.cross_entropy_persistent(False, cross_entropy_config(32000, 2, plain=True, forward_only=True))
+    assert wide_single.single_block and not config.cross_entropy_persistent(False, wide_single)  # few rows' block
     wide = cross_entropy_config(32000, 2, plain=True, forward_only=True)
     assert (wide.block_n, wide.single_block, wide.num_warps) == (config.LOOP_BLOCK_CROSS_ENTROPY_FORWARD, False, 4)
     narrow = cross_entropy_config(4096, 2, plain=True, forward_only=True)
     assert narrow == cross_entropy_config(4096, 2, plain=True) and narrow.single_block
+    assert cross_entropy_config(config.FORWARD_SINGLE_BLOCK_MAX, 2, plain=True, forward_only=True).single_block
+    assert not cross_entropy_config(config.FORWARD_SINGLE_BLOCK_MAX + 1, 2, plain=True, forward_only=True).single_block
+    few = cross_entropy_config(32000, 2, plain=True, forward_only=True, many_rows=False)
+    assert few == cross_entropy_config(32000, 2, plain=True) and few.single_block  # few rows keep the block
     old = config.CROSS_ENTROPY_FORWARD_PATH
     try:
         config.CROSS_ENTROPY_FORWARD_PATH = False
-        assert config.cross_entropy_programs(10**6, 16, device) == 10**6
+        assert not config.cross_entropy_persistent(False, cross_entropy_config(4096, 2, plain=True))
         assert cross_entropy_config(32000, 2, plain=True, forward_only=True) == cross_entropy_config(32000, 2, plain=True)
     finally:
         config.CROSS_ENTROPY_FORWARD_PATH = old
@@ -1112,13 +1122,16 @@ def test_forward_without_gradient_every_option(max_block, what, dtype, device):
     """The forward without the gradient (no_grad: the looped rows keep one running (max, sum)
     a row, ROW_SCALARS, on the persistent grid) against float64 torch: per-row losses and the
     mean, every option, every dtype, odd width (head/tail edges); a row whose first 16-wide
-    blocks are all -inf (the running max starts at -inf), a row with one NaN (NaN loss),
+    blocks are all -inf (the running max starts at -inf), rows with one NaN, one of them
+    among -inf (NaN loss),
     a row far from 0 (shifted by 1e4 where the dtype keeps the loss)."""
     n, c = 9, 53
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     z = 2 * torch.randn(n, c, device=device, dtype=acc)
     z[1, :40] = float("-inf")
     z[4, 17] = float("nan")
+    z[7, :40] = float("-inf")
+    z[7, 5] = float("nan")  # a NaN among -inf: tl.max skips it, the row's loss must not
     if dtype == torch.float64 or (dtype == torch.float32 and what == "plain"):
         z[6] += 1e4  # (smoothing's and probabilities' terms of 1e4 cancel: not float32's to keep)
     logits = z.to(dtype)
@@ -1152,8 +1165,8 @@ def test_forward_without_gradient_every_option(max_block, what, dtype, device):
     else:
         counted = (tgt != ignore).double()
     tol = (1e-12, 1e-12) if dtype == torch.float64 else (RTOL, ATOL)
-    assert per_row[4].isnan() and mean.isnan()
-    keep = torch.arange(n) != 4
+    assert per_row[4].isnan() and per_row[7].isnan() and mean.isnan()
+    keep = (torch.arange(n) != 4) & (torch.arange(n) != 7)
     assert_matches(per_row.cpu()[keep], ref[keep].numpy(), *tol, what=f"{what} {dtype} row losses")
     with torch.no_grad(), on_path(max_block):
         mean = softmax_gpu.cross_entropy(logits[keep], target[keep], **kw)

@@ -203,6 +203,7 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         # disagree) lose the 16-bit single block's last registers to addresses: float32 limits.
         cfg = config.vectors(cross_entropy_config(n_cols, 4, plain=True), n_rows, n_cols,
                              _row_tensors(logits, grad, target))  # fmt: skip
+    persistent = config.cross_entropy_persistent(grad is not None, cfg, logits.dtype == torch.float64)
     static = dict(
         logits_row_stride=logits.stride(0),
         target_row_stride=target.stride(0),
@@ -224,11 +225,12 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         HAS_EDGE=cfg.edge,
         ROWS=cfg.rows,
         ROW_SCALARS=grad is None and not cfg.single_block and config.CROSS_ENTROPY_FORWARD_PATH,
+        PERSISTENT=persistent,
         num_warps=cfg.num_warps,
         maxnreg=cfg.maxnreg,
         **options.kernel_args(),
     )
-    programs = config.cross_entropy_programs(-(-n_rows // cfg.rows), cfg.num_warps, logits.device, grad is not None)
+    programs = config.cross_entropy_programs(-(-n_rows // cfg.rows), cfg.num_warps, logits.device, persistent)
     return cfg, (programs,), static
 
 
@@ -345,8 +347,8 @@ def launch_cross_entropy_prepare(
     static = cached_plan(key)
     if static is None:
         static = remember_plan(key, dict(SOFT_TARGET=soft, HAS_WEIGHT=has_weight, COMPUTE_TOTAL=total is not None,
-                                         ACC_FP64=total_dtype == torch.float64, BLOCK=config.REDUCE_BLOCK,
-                                         num_warps=config.REDUCE_WARPS))  # fmt: skip
+                                         ACC_FP64=total_dtype == torch.float64, BLOCK=config.PREPARE_BLOCK,
+                                         num_warps=config.PREPARE_WARPS))  # fmt: skip
     with device_guard(target):
         launch(
             cross_entropy_prepare_kernel, (1,), static, True,
