@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-OPS = ("softmax_fwd", "softmax_fwd_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd")
+OPS = ("softmax_fwd", "softmax_fwd_bwd", "log_softmax_fwd", "ce_fwd", "ce_fwd_bwd", "logprobs_fwd", "logprobs_fwd_bwd")
 
 
 def _skip_cpu_checks():
@@ -125,6 +125,21 @@ def calls(op: str, rows: int, cols: int, dtype):
         return forward
     if op == "ce_fwd_bwd":
         return lambda: torch.autograd.grad(softmax_gpu.cross_entropy(leaf, target), leaf)[0]
+    if op == "logprobs_fwd":  # an RL rollout's scoring: log-probabilities and entropy at T = 0.8
+
+        def score():
+            with torch.no_grad():
+                return softmax_gpu.token_logprobs(x, target, temperature=0.8, return_entropy=True)
+
+        return score
+    if op == "logprobs_fwd_bwd":  # a policy-gradient step's backward through both outputs
+        upstream = (torch.randn(rows), torch.randn(rows))
+
+        def step():
+            outputs = softmax_gpu.token_logprobs(leaf, target, temperature=0.8, return_entropy=True)
+            return torch.autograd.grad(outputs, leaf, upstream)[0]
+
+        return step
     raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
 
 

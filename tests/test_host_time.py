@@ -35,7 +35,8 @@ def test_host_time_runs_compiled_mode_triton_with_both_stubs():
 
     expected = dict(softmax_fwd=model("softmax_fwd"), log_softmax_fwd=model("log_softmax_fwd"),
                     softmax_fwd_bwd=model("softmax_fwd") + model("softmax_bwd"), ce_fwd=model("ce_fwd"),
-                    ce_fwd_bwd=model("ce_fwd_bwd"))  # fmt: skip
+                    ce_fwd_bwd=model("ce_fwd_bwd"),
+                    logprobs_fwd=1, logprobs_fwd_bwd=2)  # fmt: skip  (token log-probs: a forward, a backward kernel)
     assert {op: float(v[2]) for op, v in rows.items()} == expected, out.stdout
     assert all(float(v[0]) > 0 and float(v[1]) > 0 for v in rows.values())
 
@@ -80,7 +81,7 @@ import torch
 import softmax_gpu
 from bench.host_time import fake_device
 from softmax_gpu import runtime
-from softmax_gpu.ops import cross_entropy as ce, softmax as sm
+from softmax_gpu.ops import cross_entropy as ce, softmax as sm, token_logprobs as tlp
 
 launched = fake_device()
 pairs = []
@@ -94,7 +95,7 @@ def both_ways(kernel, grid, static, planned, **dynamic):
     pairs.append((kernel.fn.__name__, direct, launched[-2], launched[-1]))
 
 
-ce.launch = sm.launch = both_ways
+ce.launch = sm.launch = tlp.launch = both_ways
 
 
 def same(ours, triton):
@@ -120,6 +121,10 @@ for dtype in (torch.bfloat16, torch.float32):
             loss = softmax_gpu.cross_entropy(leaf, t, reduction="none")
             torch.autograd.grad(loss, leaf, torch.rand(7))  # per-row upstream factors
             torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t, label_smoothing=0.1, z_loss=1e-3), leaf)
+            # token log-probabilities: both outputs and either upstream alone, per-row upstreams
+            lp, ent = softmax_gpu.token_logprobs(leaf, t, temperature=0.8, return_entropy=True)
+            torch.autograd.grad((lp, ent), leaf, (torch.randn(7), torch.randn(7)))
+            torch.autograd.grad(softmax_gpu.token_logprobs(leaf, t.int(), ignore_index=3).sum(), leaf)
 for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernels (float16: its deferred backward)
     x = torch.randn(2, 70001).to(dtype)[:, 1:]
     t = torch.randint(0, 70000, (2,))
@@ -147,7 +152,8 @@ def test_direct_launch_passes_what_triton_passes():
     (Triton in compiled mode with a fake sm_90 driver, bench.host_time.fake_device: kernels
     compile with ptxas, the launcher records instead of calling CUDA; each compiled kernel
     has its own function handle, so a launch of the wrong specialisation shows). Every eager
-    kernel of softmax and cross-entropy, split rows and the deferred backward included;
+    kernel of softmax, cross-entropy and token log-probabilities, split rows and the deferred
+    backward included;
     bfloat16, float16 and float32, aligned and misaligned rows (a new specialisation, so a
     new entry), scalar and per-row upstream factors, int32 targets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -163,6 +169,7 @@ def test_direct_launch_passes_what_triton_passes():
         "scale_grad_kernel", "softmax_split_stats_kernel", "split_combine_kernel", "softmax_split_fwd_kernel",
         "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
+        "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel",
     }, result  # fmt: skip
 
 

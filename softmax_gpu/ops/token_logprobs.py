@@ -31,7 +31,7 @@ from ..kernels.token_logprobs import (
     token_logprobs_fwd_kernel,
     token_logprobs_partial_kernel,
 )
-from ..runtime import check_launchable, device_guard
+from ..runtime import cached_plan, check_launchable, device_guard, launch, remember_plan
 from ..layout import batch_rows
 from .cross_entropy import _plain_eager, under_functorch
 from .functorch import first_order, first_order_only
@@ -76,29 +76,41 @@ def launch_partials(logits, partials, temperature: float, compute_entropy: bool,
 def launch_forward(logits, tokens, logprobs, entropy, stats, temperature: float, ignore_index: int, fn=FN) -> None:
     """logprobs and (when entropy is given) entropy, (N,) float32, and stats (2 N,) float32
     (each row's max m and log d of z / T: lse = m + log d) of logits (N, V) with unit column
-    stride at `temperature`. Bytes: one read of the logits + O(N) (+ O(N C) for split rows)."""
+    stride at `temperature`. Bytes: one read of the logits + O(N) (+ O(N C) for split rows).
+    Eager calls reuse a plan per signature (the split decision, block, converted options) and
+    launch the compiled kernel directly (runtime.launch)."""
     n_rows, n_cols = logits.shape
-    split = split_config(logits)
     compute_entropy = entropy is not None
-    options = dict(inv_temperature=1.0 / temperature, ignore_index=ignore_index, COMPUTE_ENTROPY=compute_entropy)
+    key = ("token_logprobs", n_rows, n_cols, logits.dtype, logits.stride(0), tokens.dtype, tokens.stride(0),
+           compute_entropy, temperature, ignore_index, str(logits.device), config._block_limit,
+           config._split_chunk)  # fmt: skip
+    plan = cached_plan(key)
+    planned = plan is not None
+    if plan is None:
+        split = split_config(logits)
+        static = dict(logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0), n_cols=n_cols,
+                      inv_temperature=1.0 / temperature, ignore_index=ignore_index, COMPUTE_ENTROPY=compute_entropy)
+        if split is None:
+            cfg = _config(n_cols)
+            static.update(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
+        plan = remember_plan(key, (split, static))
+    split, static = plan
+    # (entropy_ptr is written only with COMPUTE_ENTROPY)
     outputs = dict(tokens_ptr=tokens, logprobs_ptr=logprobs, entropy_ptr=entropy if compute_entropy else logprobs,
-                   stats_ptr=stats, logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0),
-                   n_cols=n_cols)  # fmt: skip  (entropy_ptr is written only with COMPUTE_ENTROPY)
+                   stats_ptr=stats)  # fmt: skip
     if split is not None:
         partials = torch.empty(n_rows, split.chunks, 3, dtype=torch.float32, device=logits.device)
         launch_partials(logits, partials, temperature, compute_entropy, split.chunk_cols, split.block_n,
                         split.num_warps, fn)  # fmt: skip
         with device_guard(logits):
             token_logprobs_combine_kernel[(n_rows,)](
-                partial_ptr=partials, logits_ptr=logits, n_chunks=split.chunks, **outputs, **options,
+                partial_ptr=partials, logits_ptr=logits, n_chunks=split.chunks, **outputs, **static,
                 CHUNKS_BLOCK=split.chunks_block, num_warps=config.SPLIT_COMBINE_WARPS,
             )  # fmt: skip
         return
-    cfg = _config(n_cols)
     check_launchable(fn, token_logprobs_fwd_kernel, logits)
     with device_guard(logits):
-        token_logprobs_fwd_kernel[(n_rows,)](logits_ptr=logits, **outputs, **options, BLOCK_N=cfg.block_n,
-                                             num_warps=cfg.num_warps)  # fmt: skip
+        launch(token_logprobs_fwd_kernel, (n_rows,), static, planned, logits_ptr=logits, **outputs)
 
 
 def launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy, grad, temperature: float,
@@ -106,30 +118,43 @@ def launch_backward(logits, tokens, stats, entropy, grad_logprobs, grad_entropy,
     """grad (N, V) = d(sum_r u_lp[r] logprob_r + u_H[r] entropy_r) / d logits, u_lp / u_H
     float32 (N,) or 0-d, or None for an absent upstream gradient. grad may be logits. The
     columns are classes [col_start, col_start + V) of n_classes (a vocab-parallel shard;
-    default: all of them). Split rows (split_config) run a program a chunk.
+    default: all of them). Split rows (split_config) run a program a chunk. Eager calls
+    reuse a plan per signature and launch directly, as launch_forward.
     Bytes: one read of the logits, one write of grad, O(N)."""
     n_rows, n_cols = logits.shape
-    split = split_config(logits)
-    if split is not None:
-        block_n, num_warps, chunk_cols, chunks = split.block_n, split.num_warps, split.chunk_cols, split.chunks
-    else:
-        cfg = _config(n_cols)
-        block_n, num_warps, chunk_cols, chunks = cfg.block_n, cfg.num_warps, n_cols, 1
+    lp_stride = grad_logprobs.stride(0) if grad_logprobs is not None and grad_logprobs.dim() else 0
+    ent_stride = grad_entropy.stride(0) if grad_entropy is not None and grad_entropy.dim() else 0
+    key = ("token_logprobs_backward", n_rows, n_cols, logits.dtype, logits.stride(0), tokens.dtype, tokens.stride(0),
+           grad.dtype, grad.stride(0), grad_logprobs is None, lp_stride, grad_entropy is None, ent_stride,
+           temperature, ignore_index, col_start, n_classes, str(logits.device), config._block_limit,
+           config._split_chunk)  # fmt: skip
+    plan = cached_plan(key)
+    planned = plan is not None
+    if plan is None:
+        split = split_config(logits)
+        if split is not None:
+            block_n, num_warps, chunk_cols, chunks = split.block_n, split.num_warps, split.chunk_cols, split.chunks
+        else:
+            cfg = _config(n_cols)
+            block_n, num_warps, chunk_cols, chunks = cfg.block_n, cfg.num_warps, n_cols, 1
+        static = dict(
+            logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0), grad_row_stride=grad.stride(0),
+            grad_logprobs_stride=lp_stride, grad_entropy_stride=ent_stride, n_cols=n_cols, chunk_cols=chunk_cols,
+            col_start=col_start, n_classes=n_cols if n_classes is None else n_classes,
+            inv_temperature=1.0 / temperature, ignore_index=ignore_index,
+            HAS_GRAD_LOGPROBS=grad_logprobs is not None, HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=block_n,
+            num_warps=num_warps,
+        )  # fmt: skip
+        plan = remember_plan(key, ((n_rows, chunks), static))
+    grid, static = plan
     check_launchable(fn, token_logprobs_bwd_kernel, logits)
     with device_guard(logits):
-        token_logprobs_bwd_kernel[(n_rows, chunks)](
-            logits_ptr=logits, tokens_ptr=tokens, stats_ptr=stats,
+        launch(
+            token_logprobs_bwd_kernel, grid, static, planned, logits_ptr=logits, tokens_ptr=tokens, stats_ptr=stats,
             entropy_ptr=entropy if grad_entropy is not None else stats,  # read only with HAS_GRAD_ENTROPY
             grad_logprobs_ptr=grad_logprobs if grad_logprobs is not None else stats,
             grad_entropy_ptr=grad_entropy if grad_entropy is not None else stats,
-            grad_ptr=grad, logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0),
-            grad_row_stride=grad.stride(0),
-            grad_logprobs_stride=grad_logprobs.stride(0) if grad_logprobs is not None and grad_logprobs.dim() else 0,
-            grad_entropy_stride=grad_entropy.stride(0) if grad_entropy is not None and grad_entropy.dim() else 0,
-            n_cols=n_cols, chunk_cols=chunk_cols, col_start=col_start,
-            n_classes=n_cols if n_classes is None else n_classes, inv_temperature=1.0 / temperature,
-            ignore_index=ignore_index, HAS_GRAD_LOGPROBS=grad_logprobs is not None,
-            HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_N=block_n, num_warps=num_warps,
+            grad_ptr=grad,
         )  # fmt: skip
 
 
