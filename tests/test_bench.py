@@ -474,6 +474,25 @@ def test_device_check_dry_run(tmp_path):
 
 
 @cpu_instrument
+def test_before_after_dry_run(tmp_path):
+    """bench/before_after.sh --dry-run: both runs (switches off, then on) and the side-by-side
+    table, one row per case of ours, each with a 'before' and an 'after' time and the gate."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(["bash", str(ROOT / "bench" / "before_after.sh"), "--dry-run", str(tmp_path)],
+                         env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    table = (tmp_path / "before_after.txt").read_text()
+    assert "DRY RUN" in table and "SOFTMAX_GPU_CE_FORWARD_PATH=0" in table
+    rows = [line.split() for line in table.splitlines() if line.startswith(("ce_fwd ", "ce_fwd_bwd "))]
+    assert len(rows) >= 16 and {r[0] for r in rows} == {"ce_fwd", "ce_fwd_bwd"}
+    assert all(r[3] != "-" and r[4] != "-" and "ok" in r for r in rows), table
+    for name in ("before", "after"):
+        meta = json.loads((tmp_path / name / "scoreboard.json").read_text())["meta"]
+        assert meta["dry_run"]
+
+
+@cpu_instrument
 def test_device_check_dry_run_defaults_to_a_temporary_folder(tmp_path):
     """With no OUT_DIR (and no $OUT) a dry run writes to a new temporary folder, never
     bench/results/, and a GPU run to bench/results/<card>_<date>/; options may come in any
