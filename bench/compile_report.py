@@ -464,8 +464,9 @@ def split_vectors(itemsize: int, widest: bool, worst: bool):
 
 def split_variants(quick: bool):
     """The split-row kernels (few long rows), lean: the per-chunk kernels at every block width
-    split_rows() can give (warps, and so the register cap, grow with the width), the
-    one-program-a-row combines at their widest (config.SPLIT_MAX_CHUNKS partials a step).
+    split_rows() can give (warps, and so the register cap, grow with the width), merging the
+    row's partials at their widest (config.SPLIT_MAX_CHUNKS a step), and cross-entropy's
+    one-program-a-row combine.
     Softmax in float32, bfloat16 and float64 (float16 compiles to bfloat16's code);
     cross-entropy in every dtype and every CE_FLAG_SETS entry (the plain ones at the plain
     variant's widths), its gradient (always deferred for split rows) at the backward's block."""
@@ -487,11 +488,6 @@ def split_variants(quick: bool):
         acc = "*fp64" if dtype == "fp64" else "*fp32"
         fp64 = dtype == "fp64"
         module = "softmax_gpu.kernels.softmax"
-        if dtype in ("fp32", "fp64"):  # the combine sees only the accumulation dtype
-            for sum_only in (False, True):
-                sig = (("part_ptr", acc), ("row_ptr", acc)) + n_chunks
-                meta = (("SUM_ONLY", sum_only), ("CHUNKS_BLOCK", chunks_block), ("ACC_FP64", fp64))
-                yield variant(module, "split_combine_kernel", dtype, sig, meta, config.SPLIT_COMBINE_WARPS, ())
         if dtype != "fp16":
             blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_FWD, itemsize, quick)
             aligned = ("x_ptr", "y_ptr", "x_row_stride", "y_row_stride", "n_cols", "chunk_cols")
@@ -502,10 +498,10 @@ def split_variants(quick: bool):
                     meta = (("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
                     yield variant(module, "softmax_split_stats_kernel", dtype, sig, meta, warps, aligned)
                     for log in (False, True) if edge else (False,):
-                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("row_ptr", acc), ("x_row_stride", "i64"),
-                               ("y_row_stride", "i64")) + dims  # fmt: skip
-                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec),
-                                ("HAS_EDGE", edge))  # fmt: skip
+                        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", acc), ("x_row_stride", "i64"),
+                               ("y_row_stride", "i64")) + dims + n_chunks  # fmt: skip
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("CHUNKS_BLOCK", chunks_block),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
                         yield variant(module, "softmax_split_fwd_kernel", dtype, sig, meta, warps, aligned)
             blocks = split_blocks(config.LOOP_BLOCK_SOFTMAX_BWD, itemsize, quick)
             aligned = ("y_ptr", "dy_ptr", "dx_ptr", "y_row_stride", "dy_row_stride", "dx_row_stride", "n_cols",
@@ -518,10 +514,11 @@ def split_variants(quick: bool):
                                ("dy_row_stride", "i64")) + dims + n_chunks  # fmt: skip
                         meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec), ("HAS_EDGE", edge))
                         yield variant(module, "softmax_split_bwd_stats_kernel", dtype, sig, meta, warps, aligned)
-                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("row_ptr", acc),
+                        sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", acc),
                                ("y_row_stride", "i64"), ("dy_row_stride", "i64"), ("dx_row_stride", "i64")) + dims
-                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("VEC", vec),
-                                ("HAS_EDGE", edge))  # fmt: skip
+                        sig += n_chunks
+                        meta = (("LOG", log), ("BLOCK_N", block), ("ACC_FP64", fp64), ("CHUNKS_BLOCK", chunks_block),
+                                ("VEC", vec), ("HAS_EDGE", edge))  # fmt: skip
                         yield variant(module, "softmax_split_bwd_kernel", dtype, sig, meta, warps, aligned)
         module = "softmax_gpu.kernels.cross_entropy"
         aligned = ("logits_ptr", "target_ptr", "grad_ptr", "logits_row_stride", "target_row_stride",

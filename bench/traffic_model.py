@@ -134,14 +134,14 @@ def _looped_edge_bytes(cfg, rows: int, cols: int, size: int) -> int:
 def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     """launch_softmax_fwd: 1 read + 1 write a row in one block; 2 reads (the edge once) + 1
     write looped; split: the looped bytes with the edge read twice, plus 2 partials a chunk
-    (written, read by the combine), the row's (max, sum) (written, read by each chunk)."""
+    (written, then read by each chunk of the row)."""
     from softmax_gpu import config
 
     element = rows * cols * size
     split = config.split_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD, sms=sms)
     if split is not None:
         partials = rows * split.chunks * 2 * ACC_BYTES
-        return Traffic("split", 3, 3 * element + 3 * partials + rows * 2 * ACC_BYTES)
+        return Traffic("split", 2, 3 * element + partials * (1 + split.chunks))
     cfg = config.vectors(
         config.short_rows(
             config.row_config(cols, config.MAX_BLOCK_SOFTMAX_FWD, size, loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD),
@@ -157,15 +157,14 @@ def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
 def _softmax_backward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     """launch_softmax_bwd (softmax, not log_softmax): y and dy read once + dx written in one
     block; looped, y and dy read twice (the edge once); split: the looped bytes with the edge
-    read twice, plus a partial sum a chunk (written, read by the combine) and the row's sum
-    (written, read by each chunk)."""
+    read twice, plus a partial sum a chunk (written, then read by each chunk of the row)."""
     from softmax_gpu import config
 
     element = rows * cols * size
     split = config.split_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD, sms=sms)
     if split is not None:
         partials = rows * split.chunks * ACC_BYTES
-        return Traffic("split", 3, 5 * element + 3 * partials + rows * ACC_BYTES)
+        return Traffic("split", 2, 5 * element + partials * (1 + split.chunks))
     cfg = config.vectors(
         config.short_rows(
             config.row_config(cols, config.MAX_BLOCK_SOFTMAX_BWD, size, loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD),

@@ -350,13 +350,14 @@ def softmax_bwd_kernel(
 # (c + 1) * chunk_cols) of the row's aligned body (row_layout; chunk_cols a multiple of
 # BLOCK_N, so every chunk starts on a whole 16-byte vector; the last chunk is cut by the
 # body's end, and its blocks past the end are fully masked). Chunk 0 also takes the row's
-# head/tail edge. A first kernel writes each chunk's partial statistics; split_combine_kernel,
-# one program a row, merges the row's partials in a fixed order (no atomics: the same bits
-# every run) into the row's statistics; a third kernel writes every chunk from them, as in
-# split-K decoding. Each partial is so written once and read once, and each chunk's program
-# reads its row's few statistics: O(rows x chunks) bytes beside the rows themselves. Partials
-# live in a (n_rows, fields, n_chunks) buffer of the accumulation dtype, so that the combine
-# reads each field of a row as one contiguous vector.
+# head/tail edge. A first kernel writes each chunk's partial statistics; a second writes
+# every chunk, its program first merging the row's partials in a fixed order (no atomics: the
+# same bits every run, and the same bits in every chunk of the row), as in split-K decoding.
+# Two launches: each partial is written once and read by each chunk of its row, O(rows x
+# chunks^2) bytes from L2 beside the rows themselves (at most 128 chunks: 1 KiB a program).
+# Partials live in a (n_rows, fields, n_chunks) buffer of the accumulation dtype, so that a
+# row's field is one contiguous vector. (Cross-entropy's split keeps a combine launch of its
+# own, which also writes the loss: kernels/cross_entropy.py.)
 
 
 @triton.jit
@@ -392,32 +393,14 @@ def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.
 
 
 @triton.jit
-def split_combine_kernel(
-    part_ptr,
-    row_ptr,
-    n_chunks,
-    SUM_ONLY: tl.constexpr,
-    CHUNKS_BLOCK: tl.constexpr,
-    ACC_FP64: tl.constexpr,
-):
-    """The statistics of row r = program_id(0) from its chunks' partials, CHUNKS_BLOCK at a
-    time in chunk order: with SUM_ONLY the sum of part[r, 0:n_chunks] into row[r] (the
-    backward's sum), else (max, sum) of the (n_rows, 2, n_chunks) partials of
-    softmax_split_stats_kernel into row[r, 0:2] (combine_chunks). part_ptr, row_ptr:
-    contiguous, the accumulation dtype. Bytes: the row's partials read once, 1 or 2 values
-    written."""
-    row = tl.program_id(0).to(tl.int64)
-    if SUM_ONLY:
-        c = tl.arange(0, CHUNKS_BLOCK)
-        s_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
-        for start in range(0, n_chunks, CHUNKS_BLOCK):
-            s_lane += to_acc(tl.load(part_ptr + row * n_chunks + start + c, mask=c < n_chunks - start, other=0.0),
-                             ACC_FP64)
-        tl.store(row_ptr + row, tl.sum(s_lane, axis=0).to(row_ptr.dtype.element_ty))
-    else:
-        m, d = combine_chunks(part_ptr + row * 2 * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
-        tl.store(row_ptr + row * 2, m.to(row_ptr.dtype.element_ty))
-        tl.store(row_ptr + row * 2 + 1, d.to(row_ptr.dtype.element_ty))
+def sum_partials(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+    """The sum of part_row[0:n_chunks] (a split row's partial sums), CHUNKS_BLOCK at a time in
+    chunk order."""
+    c = tl.arange(0, CHUNKS_BLOCK)
+    s_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
+    for start in range(0, n_chunks, CHUNKS_BLOCK):
+        s_lane += to_acc(tl.load(part_row + start + c, mask=c < n_chunks - start, other=0.0), ACC_FP64)
+    return tl.sum(s_lane, axis=0)
 
 
 @triton.jit
@@ -476,26 +459,28 @@ def softmax_split_stats_kernel(
 def softmax_split_fwd_kernel(
     x_ptr,
     y_ptr,
-    row_ptr,
+    part_ptr,
     x_row_stride,
     y_row_stride,
     n_cols,
     chunk_cols,
+    n_chunks,
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
 ):
     """y = softmax(x) (log_softmax when LOG) on chunk c = program_id(1) of row r =
-    program_id(0) (and the edge in chunk 0), from the row's (max, sum) at row_ptr[2 r]
-    (split_combine_kernel). x and y row strides agree modulo VEC.
+    program_id(0) (and the edge in chunk 0), from the row's (max, sum), which the program
+    merges from the row's partials at part_ptr (softmax_split_stats_kernel;
+    row_from_partials). x and y row strides agree modulo VEC.
     A row that is -inf everywhere gives m = -inf, d = 0 and so NaN, as torch does.
-    Bytes: the row's 2 statistics, one read of the chunk, one write."""
+    Bytes: the row's 2 n_chunks partials, one read of the chunk, one write."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    m = to_acc(tl.load(row_ptr + row * 2), ACC_FP64)
-    d = to_acc(tl.load(row_ptr + row * 2 + 1), ACC_FP64)
+    m, d = combine_chunks(part_ptr + row * 2 * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
     log_d = tl.log(d)
     inv_d = 1.0 / d
     x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
@@ -572,24 +557,27 @@ def softmax_split_bwd_kernel(
     y_ptr,
     dy_ptr,
     dx_ptr,
-    row_ptr,
+    part_ptr,
     y_row_stride,
     dy_row_stride,
     dx_row_stride,
     n_cols,
     chunk_cols,
+    n_chunks,
     LOG: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ACC_FP64: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
     VEC: tl.constexpr = 1,
     HAS_EDGE: tl.constexpr = False,
 ):
     """dx on chunk c = program_id(1) of row r = program_id(0) (and on the edge in chunk 0),
-    as softmax_bwd_kernel, with the row's sum s at row_ptr[r] (split_combine_kernel, from the
-    partials of softmax_split_bwd_stats_kernel). The three row strides agree modulo VEC."""
+    as softmax_bwd_kernel, with the row's sum s, which the program adds up from the row's
+    partials at part_ptr (softmax_split_bwd_stats_kernel; sum_partials). The three row
+    strides agree modulo VEC. Bytes: the row's n_chunks partials, y and dy's chunk, dx's."""
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    s = to_acc(tl.load(row_ptr + row), ACC_FP64)
+    s = sum_partials(part_ptr + row * n_chunks, n_chunks, CHUNKS_BLOCK, ACC_FP64)
     y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
     col0 = chunk * chunk_cols
     y_chunk = y_ptr + y_body + col0

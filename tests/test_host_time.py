@@ -166,7 +166,7 @@ def test_direct_launch_passes_what_triton_passes():
     assert result["direct"] >= result["launches"] // 2, result  # the first launch of each plan goes through Triton
     assert set(result["kernels"]) == {
         "softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "cross_entropy_prepare_kernel",
-        "scale_grad_kernel", "softmax_split_stats_kernel", "split_combine_kernel", "softmax_split_fwd_kernel",
+        "scale_grad_kernel", "softmax_split_stats_kernel", "softmax_split_fwd_kernel",
         "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel",

@@ -188,17 +188,17 @@ def test_odd_widths_and_unaligned_rows(op, path, layout):
     assert torch.equal(x_buf.isnan(), x_untouched.isnan())
     assert y_buf[y_outside].isnan().all(), "a write outside the rows"
     reads = x.numel() * x.element_size()
-    # The split path: 2 partials a chunk, stored and read once (the combine), and the row's 2
-    # statistics, stored once and read by each chunk's program: O(rows x chunks) values.
+    # The split path: 2 partials a chunk, stored once and read by each chunk's program of the
+    # row, which merges them itself: O(rows x chunks^2) values.
     acc = 8 if y_dtype == torch.float64 else 4
     partials = n_rows * used.chunks * acc if split_path else 0
-    row_stats = n_rows * acc if split_path else 0
+    chunks = used.chunks if split_path else 0
     if split_path:  # the stats and the output launches each read the whole row (chunk 0 the edge)
-        reads = 2 * reads + 2 * partials + 2 * partials
+        reads = 2 * reads + 2 * partials * chunks
     elif not used.single_block:  # the looped path reads the body twice, the edge once
         edge = edge_elements(n_rows, n_cols, x.stride(0), used.vec) if used.edge else 0
         reads = 2 * reads - edge * x.element_size()
-    assert (fwd.bytes_loaded, fwd.bytes_stored) == (reads, y.numel() * y.element_size() + 2 * partials + 2 * row_stats)
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (reads, y.numel() * y.element_size() + 2 * partials)
 
     # Backward: y, dy and dx in the same kind of layout as y.
     dy_buf, dy = in_buffer(n_rows, n_cols, y_dtype, y_off, y_extra, nan)
@@ -214,12 +214,12 @@ def test_odd_widths_and_unaligned_rows(op, path, layout):
     assert dx_buf[y_outside].isnan().all(), "a write outside the rows"
     n = y.numel() * y.element_size()
     reads = 2 * n
-    if split_path:  # and one partial sum a chunk (read by the combine), the row's sum by each chunk
-        reads = (3 * n if log else 4 * n) + partials + partials
+    if split_path:  # and one partial sum a chunk, read by each chunk's program of the row
+        reads = (3 * n if log else 4 * n) + partials * chunks
     elif not used.single_block:
         edge = edge_elements(n_rows, n_cols, y.stride(0), used.vec) * y.element_size() if used.edge else 0
         reads = (3 * n - edge) if log else (4 * n - 2 * edge)
-    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, n + partials + row_stats)
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, n + partials)
 
 
 def test_row_layout_covers_every_column_once():
@@ -684,9 +684,8 @@ def test_split_gradcheck_float64(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_traffic_split_rows(log, dtype):
     """Split: the looped path's 2 reads + 1 write forward (3 + 1 or 4 + 1 backward), plus
-    O(rows x chunks) values: each chunk writes its partials (2 values forward, 1 backward),
-    the combine reads them once and writes the row's statistics (2 values, 1), and each
-    chunk's program reads those."""
+    O(rows x chunks^2) values: each chunk writes its partials (2 values forward, 1 backward),
+    and each chunk's program of the second launch reads all of its row's (no combine launch)."""
     rows, cols = 3, 200
     x = rows_of((rows, cols), dtype, "cpu")
     y = torch.empty_like(x)
@@ -697,13 +696,13 @@ def test_traffic_split_rows(log, dtype):
     chunks = split.chunks
     assert chunks == 7
     partials = rows * chunks * 2 * acc
-    assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + 2 * partials, element + partials + rows * 2 * acc)
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + partials * chunks, element + partials)
     dy, dx = rows_of((rows, cols), dtype, "cpu"), torch.empty_like(x)
     with TrafficCounter() as bwd, config.block_limit(16), config.force_split(32):
         launch_softmax_bwd(y, dy, dx, log)
     partials = rows * chunks * acc
     reads = (3 if log else 4) * element
-    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads + 2 * partials, element + partials + rows * acc)
+    assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads + partials * chunks, element + partials)
 
 
 @pytest.mark.parametrize(

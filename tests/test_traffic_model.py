@@ -164,9 +164,9 @@ def test_model_matches_interpreter(op, dtype, shape, forced, path, launches):
 def test_paths_at_gpu_shapes(op, dtype, rows, cols, sms, path):
     model = ours(op, rows, cols, dtype, sms)
     assert model.path == path
-    # A softmax: one launch, three split (stats, combine, output). Cross-entropy: two for the
-    # loss on every path (prepare + loss, or stats + combine), a third for the backward.
-    assert model.launches == {"ce_fwd": 2, "ce_fwd_bwd": 3}.get(op, 3 if path == "split" else 1)
+    # A softmax: one launch, two split (stats, then output with the merge). Cross-entropy: two
+    # for the loss on every path (prepare + loss, or stats + combine), a third for the backward.
+    assert model.launches == {"ce_fwd": 2, "ce_fwd_bwd": 3}.get(op, 2 if path == "split" else 1)
     assert all(part in PATHS for part in path.split("+"))
     minimum = min_bytes(op, rows, cols, dtype.itemsize)
     if path in ("single", "tiles") and op in ("softmax_fwd", "softmax_bwd"):

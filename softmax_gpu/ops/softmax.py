@@ -19,7 +19,6 @@ from ..kernels.softmax import (
     softmax_split_bwd_stats_kernel,
     softmax_split_fwd_kernel,
     softmax_split_stats_kernel,
-    split_combine_kernel,
 )
 from ..layout import as_rows, batch_first, from_rows
 from ..runtime import cached_plan, check_launchable, device_guard, launch, remember_plan
@@ -127,31 +126,29 @@ def launch_softmax_bwd(
 def launch_softmax_split_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, split: config.SplitConfig,
                              static: Optional[tuple] = None):  # fmt: skip
     """y[r] = (log_)softmax(x[r]) with each row cut into split.chunks chunks: partial (max, sum)
-    per chunk, one program a row merges them into the row's (max, sum), then every chunk's
-    program writes its chunk. Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail
-    edge (config.vectors). Three launches, no host sync; returns split with its vec / edge
+    per chunk, then every chunk's program merges its row's partials into the row's (max, sum)
+    and writes its chunk. Chunks cut the rows' aligned bodies, chunk 0 takes the head/tail
+    edge (config.vectors). Two launches, no host sync; returns split with its vec / edge
     filled in. static: the eager plan's kernel arguments (_split_static), whose launches
     may then be direct (runtime.launch).
-    Bytes: 2 reads + 1 write per element, plus n_rows * chunks * 2 partials written and read
-    once, and the rows' (max, sum): written once, read by each of the row's chunks."""
+    Bytes: 2 reads + 1 write per element, plus n_rows * chunks * 2 partials written once and
+    read by each of the row's chunks."""
     check_launchable(_op_name(log), softmax_split_stats_kernel, x)
     planned = static is not None
-    split, (stats, combine, main) = (split, static) if planned else _split_static((x, y), log, split)
+    split, (stats, main) = (split, static) if planned else _split_static((x, y), log, split)
     n_rows = x.shape[0]
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, 2, split.chunks), dtype=acc, device=x.device)
-    row_stats = torch.empty((n_rows, 2), dtype=acc, device=x.device)
     grid = (n_rows, split.chunks)
     with device_guard(x):
         launch(softmax_split_stats_kernel, grid, stats, planned, x_ptr=x, part_ptr=part)
-        launch(split_combine_kernel, (n_rows,), combine, planned, part_ptr=part, row_ptr=row_stats)
-        launch(softmax_split_fwd_kernel, grid, main, planned, x_ptr=x, y_ptr=y, row_ptr=row_stats)
+        launch(softmax_split_fwd_kernel, grid, main, planned, x_ptr=x, y_ptr=y, part_ptr=part)
     return split
 
 
 def _split_static(tensors, log: bool, split: config.SplitConfig) -> tuple:
-    """(split with its vectors (config.vectors), (the stats kernel's, split_combine_kernel's
-    and the writing kernel's arguments besides the pointers)) for split rows through
+    """(split with its vectors (config.vectors), (the stats kernel's and the writing kernel's
+    arguments besides the pointers)) for split rows through
     `tensors`: (x, y) for the forward, (y, dy, dx) for the backward."""
     out = tensors[-1]
     n_rows, n_cols = out.shape
@@ -159,18 +156,17 @@ def _split_static(tensors, log: bool, split: config.SplitConfig) -> tuple:
     acc_fp64 = out.dtype == torch.float64
     blocks = dict(n_cols=n_cols, chunk_cols=split.chunk_cols, BLOCK_N=split.block_n, ACC_FP64=acc_fp64, VEC=split.vec,
                   HAS_EDGE=split.edge, num_warps=split.num_warps, maxnreg=split.maxnreg)  # fmt: skip
-    combine = dict(n_chunks=split.chunks, SUM_ONLY=len(tensors) == 3, CHUNKS_BLOCK=split.chunks_block,
-                   ACC_FP64=acc_fp64, num_warps=config.SPLIT_COMBINE_WARPS)  # fmt: skip
     if len(tensors) == 2:
         x, y = tensors
         stats = dict(x_row_stride=x.stride(0), n_chunks=split.chunks, **blocks)
-        main = dict(x_row_stride=x.stride(0), y_row_stride=y.stride(0), LOG=log, **blocks)
+        main = dict(x_row_stride=x.stride(0), y_row_stride=y.stride(0), LOG=log, n_chunks=split.chunks,
+                    CHUNKS_BLOCK=split.chunks_block, **blocks)  # fmt: skip
     else:
         y, dy, dx = tensors
         common = dict(y_row_stride=y.stride(0), dy_row_stride=dy.stride(0), LOG=log, **blocks)
         stats = dict(n_chunks=split.chunks, **common)
-        main = dict(dx_row_stride=dx.stride(0), **common)
-    return split, (stats, combine, main)
+        main = dict(dx_row_stride=dx.stride(0), n_chunks=split.chunks, CHUNKS_BLOCK=split.chunks_block, **common)
+    return split, (stats, main)
 
 
 def launch_softmax_split_bwd(
@@ -178,24 +174,21 @@ def launch_softmax_split_bwd(
     static: Optional[tuple] = None,
 ):  # fmt: skip
     """dx[r] = gradient of (log_)softmax with each row cut into split.chunks chunks: the partial
-    sum of dy * y (dy for log_softmax) per chunk, one program a row adds them up, then every
-    chunk's program writes its chunk; rows cut as in launch_softmax_split_fwd. Three launches;
+    sum of dy * y (dy for log_softmax) per chunk, then every chunk's program adds up its row's
+    partials and writes its chunk; rows cut as in launch_softmax_split_fwd. Two launches;
     returns split with its vec / edge filled in. static: as in launch_softmax_split_fwd.
     Bytes: as the looped path (softmax: 4 reads + 1 write; log_softmax: 3 + 1), plus
-    n_rows * chunks partials written and read once, and the rows' sums: written once, read by
-    each of the row's chunks."""
+    n_rows * chunks partials written once and read by each of the row's chunks."""
     check_launchable(_op_name(log) + " backward", softmax_split_bwd_stats_kernel, y)
     planned = static is not None
-    split, (stats, combine, main) = (split, static) if planned else _split_static((y, dy, dx), log, split)
+    split, (stats, main) = (split, static) if planned else _split_static((y, dy, dx), log, split)
     n_rows = y.shape[0]
     acc = torch.float64 if dx.dtype == torch.float64 else torch.float32
     part = torch.empty((n_rows, split.chunks), dtype=acc, device=y.device)
-    row_sums = torch.empty(n_rows, dtype=acc, device=y.device)
     grid = (n_rows, split.chunks)
     with device_guard(y):
         launch(softmax_split_bwd_stats_kernel, grid, stats, planned, y_ptr=y, dy_ptr=dy, part_ptr=part)
-        launch(split_combine_kernel, (n_rows,), combine, planned, part_ptr=part, row_ptr=row_sums)
-        launch(softmax_split_bwd_kernel, grid, main, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx, row_ptr=row_sums)
+        launch(softmax_split_bwd_kernel, grid, main, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx, part_ptr=part)
     return split
 
 
