@@ -379,7 +379,8 @@ def test_cpu_report_without_gpu(tmp_path):
     assert float(lines[("ce_fwd_bwd", "float32")][one]) < 1.01  # logits once each way + O(N)
     assert lines[("softmax_fwd", "float32")][looped] == "1.500"  # 2 reads + 1 write looped
     # split rows: the looped path's traffic plus O(rows x chunks) partials and statistics
-    assert 1.5 < float(lines[("softmax_fwd", "float32")][split]) < 1.52
+    # (softmax: each chunk reads its row's partials, O(rows x chunks^2), from L2)
+    assert 1.5 < float(lines[("softmax_fwd", "float32")][split]) < 1.53
     assert 1.5 < float(lines[("ce_fwd_bwd", "bfloat16")][split]) < 1.57
     assert len(lines) == 6
     # the full traffic table, in the folder named: bytes per element, minimum, ratio per path
