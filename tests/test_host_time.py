@@ -133,6 +133,8 @@ for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernel
         softmax_gpu.softmax(x)
         torch.autograd.grad(softmax_gpu.log_softmax(leaf, dim=-1), leaf, torch.randn_like(x))
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t, label_smoothing=0.1), leaf)
+        lp, ent = softmax_gpu.token_logprobs(leaf, t, temperature=0.7, return_entropy=True)  # its split kernels
+        torch.autograd.grad((lp, ent), leaf, (torch.randn(2), torch.randn(2)))
     leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
     for _ in range(3):
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
@@ -169,7 +171,8 @@ def test_direct_launch_passes_what_triton_passes():
         "scale_grad_kernel", "softmax_split_stats_kernel", "softmax_split_fwd_kernel",
         "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
-        "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel",
+        "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
+        "token_logprobs_combine_kernel",
     }, result  # fmt: skip
 
 

@@ -60,17 +60,25 @@ def split_config(logits: torch.Tensor) -> Optional[config.SplitConfig]:
 
 
 def launch_partials(logits, partials, temperature: float, compute_entropy: bool, chunk_cols: int, block_n: int,
-                    num_warps: int, fn=FN) -> None:  # fmt: skip
+                    num_warps: int, fn=FN, static: Optional[dict] = None) -> None:  # fmt: skip
     """partials (N, C, 3) float32: (m, d, s) of each chunk of chunk_cols columns of logits (N, V)
-    at `temperature` (s = 0 without compute_entropy). Bytes: one read of the logits."""
+    at `temperature` (s = 0 without compute_entropy). Bytes: one read of the logits.
+    static: a stored plan's arguments (_partials_static), whose launches may then be direct."""
     n_rows, n_cols = logits.shape
+    planned = static is not None
+    if static is None:
+        static = _partials_static(logits, temperature, compute_entropy, chunk_cols, block_n, num_warps)
     check_launchable(fn, token_logprobs_partial_kernel, logits)
     with device_guard(logits):
-        token_logprobs_partial_kernel[(n_rows, partials.shape[1])](
-            logits_ptr=logits, partial_ptr=partials, logits_row_stride=logits.stride(0), n_cols=n_cols,
-            chunk_cols=chunk_cols, inv_temperature=1.0 / temperature, COMPUTE_ENTROPY=compute_entropy,
-            BLOCK_N=block_n, num_warps=num_warps,
-        )  # fmt: skip
+        launch(token_logprobs_partial_kernel, (n_rows, partials.shape[1]), static, planned, logits_ptr=logits,
+               partial_ptr=partials)  # fmt: skip
+
+
+def _partials_static(logits, temperature, compute_entropy, chunk_cols, block_n, num_warps) -> dict:
+    """token_logprobs_partial_kernel's arguments besides the pointers."""
+    return dict(logits_row_stride=logits.stride(0), n_cols=logits.shape[1], chunk_cols=chunk_cols,
+                inv_temperature=1.0 / temperature, COMPUTE_ENTROPY=compute_entropy, BLOCK_N=block_n,
+                num_warps=num_warps)  # fmt: skip
 
 
 def launch_forward(logits, tokens, logprobs, entropy, stats, temperature: float, ignore_index: int, fn=FN) -> None:
@@ -90,23 +98,26 @@ def launch_forward(logits, tokens, logprobs, entropy, stats, temperature: float,
         split = split_config(logits)
         static = dict(logits_row_stride=logits.stride(0), tokens_stride=tokens.stride(0), n_cols=n_cols,
                       inv_temperature=1.0 / temperature, ignore_index=ignore_index, COMPUTE_ENTROPY=compute_entropy)
+        partial = None
         if split is None:
             cfg = _config(n_cols)
             static.update(BLOCK_N=cfg.block_n, num_warps=cfg.num_warps)
-        plan = remember_plan(key, (split, static))
-    split, static = plan
+        else:  # the combine's arguments, and the partials kernel's
+            static.update(n_chunks=split.chunks, CHUNKS_BLOCK=split.chunks_block, num_warps=config.SPLIT_COMBINE_WARPS)
+            partial = _partials_static(logits, temperature, compute_entropy, split.chunk_cols, split.block_n,
+                                       split.num_warps)  # fmt: skip
+        plan = remember_plan(key, (split, static, partial))
+    split, static, partial = plan
     # (entropy_ptr is written only with COMPUTE_ENTROPY)
     outputs = dict(tokens_ptr=tokens, logprobs_ptr=logprobs, entropy_ptr=entropy if compute_entropy else logprobs,
                    stats_ptr=stats)  # fmt: skip
     if split is not None:
         partials = torch.empty(n_rows, split.chunks, 3, dtype=torch.float32, device=logits.device)
         launch_partials(logits, partials, temperature, compute_entropy, split.chunk_cols, split.block_n,
-                        split.num_warps, fn)  # fmt: skip
+                        split.num_warps, fn, partial if planned else None)  # fmt: skip
         with device_guard(logits):
-            token_logprobs_combine_kernel[(n_rows,)](
-                partial_ptr=partials, logits_ptr=logits, n_chunks=split.chunks, **outputs, **static,
-                CHUNKS_BLOCK=split.chunks_block, num_warps=config.SPLIT_COMBINE_WARPS,
-            )  # fmt: skip
+            launch(token_logprobs_combine_kernel, (n_rows,), static, planned, partial_ptr=partials, logits_ptr=logits,
+                   **outputs)  # fmt: skip
         return
     check_launchable(fn, token_logprobs_fwd_kernel, logits)
     with device_guard(logits):
