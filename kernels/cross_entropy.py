@@ -659,7 +659,10 @@ def cross_entropy_kernel(
     bytes in flight averaged well under what the copy rate needs. Without the gradient both
     are gone here (the logit is loaded beside the row; the atomic comes once a program):
     predicted ~1.1x the copy time. Not measured yet. The variants that write the gradient
-    keep both (registers): see below.
+    keep both (registers): see below. Streamed rows (ROW_SCALARS) at 4096 x 128256 bf16: 1.05
+    GB read once, 350 us at 3.0 TB/s (H100), 245 us at 4.3 TB/s (H200), against 504 us
+    measured on the H200 with one 32-warp program an SM (16 KiB in flight); the issue's 90%
+    of copy is 389 us (H100) / 272 us (H200). Not measured yet.
     """
     cols = tl.arange(0, BLOCK_N)
     label_smoothing = acc_scalar(label_smoothing, label_smoothing_lo, ACC_FP64)
