@@ -4,8 +4,11 @@
 # changes out of the way (before), then as shipped (after), and printed side by side. The
 # switches (docs/benchmark.md): SOFTMAX_GPU_CE_FORWARD_PATH=0 (the gradient-free
 # cross-entropy forward on the gradient's configurations) and SOFTMAX_GPU_DIRECT_LAUNCH=0
-# (every launch through JITFunction.run: eager times only). Run it after
-# bench/device_check.sh, in the same lease (about 2 minutes on an H100: 32 cases, twice).
+# (every launch through JITFunction.run: eager times only). The after run also sets
+# SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's long rows read once by cooperative
+# groups of programs; off by default until a run like this one has measured it), and adds
+# the softmax forward at the long-row shapes. Run it after bench/device_check.sh, in the
+# same lease (about 2.5 minutes on an H100: 40 cases, twice).
 #
 #   bash bench/before_after.sh [--dry-run] OUT_DIR
 #
@@ -24,17 +27,25 @@ for arg in "$@"; do
 done
 [ -n "$out" ] || { echo "usage: bash bench/before_after.sh [--dry-run] OUT_DIR" >&2; exit 2; }
 cd "$(dirname "$0")/.."
-mkdir -p "$out/before" "$out/after"
-# issue 21's shapes, bfloat16 and float32, the forward without and with the gradient
-cases=(--ops ce_fwd ce_fwd_bwd --providers softmax_gpu --dtypes bfloat16 float32 --no-plot
-       --shapes 32768x4096 4096x32000 4096x50257 4096x128256 4096x151936 16384x32768 1024x262144 32x128256)
+mkdir -p "$out/before" "$out/after" "$out/before_softmax" "$out/after_softmax"
+# issue 21's shapes, bfloat16 and float32: the cross-entropy forward without and with the
+# gradient, and the softmax forward where its rows loop (wider than its 32768-wide block)
+common=(--providers softmax_gpu --dtypes bfloat16 float32 --no-plot)
+ce=(--ops ce_fwd ce_fwd_bwd "${common[@]}"
+    --shapes 32768x4096 4096x32000 4096x50257 4096x128256 4096x151936 16384x32768 1024x262144 32x128256)
+sm=(--ops softmax_fwd "${common[@]}" --shapes 4096x50257 4096x128256 4096x151936 1024x262144)
 limit=200
 [ ${#dry[@]} -gt 0 ] && limit=600
-SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 timeout "$limit" "$py" -m bench "${cases[@]}" "${dry[@]}" \
-    --out "$out/before" > "$out/before/bench.txt" 2>&1
+before=(env SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0)
+after=(env SOFTMAX_GPU_COOPERATIVE=1)
+"${before[@]}" timeout "$limit" "$py" -m bench "${ce[@]}" "${dry[@]}" --out "$out/before" > "$out/before/bench.txt" 2>&1
 before_rc=$?
-timeout "$limit" "$py" -m bench "${cases[@]}" "${dry[@]}" --out "$out/after" > "$out/after/bench.txt" 2>&1
+"${after[@]}" timeout "$limit" "$py" -m bench "${ce[@]}" "${dry[@]}" --out "$out/after" > "$out/after/bench.txt" 2>&1
 after_rc=$?
+"${before[@]}" timeout "$limit" "$py" -m bench "${sm[@]}" "${dry[@]}" --out "$out/before_softmax" \
+    > "$out/before_softmax/bench.txt" 2>&1 || before_rc=$?
+"${after[@]}" timeout "$limit" "$py" -m bench "${sm[@]}" "${dry[@]}" --out "$out/after_softmax" \
+    > "$out/after_softmax/bench.txt" 2>&1 || after_rc=$?
 "$py" - "$out" <<'PY' | tee "$out/before_after.txt"
 import json, sys
 from pathlib import Path
@@ -42,17 +53,23 @@ from pathlib import Path
 out = Path(sys.argv[1])
 runs = {}
 for name in ("before", "after"):
-    path = out / name / "scoreboard.json"
-    runs[name] = json.loads(path.read_text()) if path.exists() else {"meta": {}, "results": []}
+    runs[name] = {"meta": {}, "results": []}
+    for folder in (name, name + "_softmax"):
+        path = out / folder / "scoreboard.json"
+        if path.exists():
+            run = json.loads(path.read_text())
+            runs[name]["meta"] = runs[name]["meta"] or run["meta"]
+            runs[name]["results"] += run["results"]
 meta = runs["after"]["meta"]
 print(f"{meta.get('card', '?')}, commit {meta.get('commit', '?')}; before: SOFTMAX_GPU_CE_FORWARD_PATH=0 "
-      f"SOFTMAX_GPU_DIRECT_LAUNCH=0; device and eager time of our rows, median of the repetitions")
+      f"SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0; after: SOFTMAX_GPU_COOPERATIVE=1; "
+      f"device and eager time of our rows, median of the repetitions")
 if meta.get("dry_run"):
     print(meta.get("warning", "DRY RUN"))
 key = lambda r: (r["op"], r["dtype"], r["rows"], r["cols"])  # noqa: E731
 before = {key(r): r for r in runs["before"]["results"]}
 print(f"{'op':<12}{'dtype':<10}{'shape':>13}{'dev µs before':>15}{'after':>9}{'ratio':>7}"
-      f"{'eager µs before':>17}{'after':>9}{'%copy after':>13}  gate (after)")
+      f"{'eager µs before':>17}{'after':>9}{'%copy after':>13}  {'path before/after':<22}gate (after)")
 for r in runs["after"]["results"]:
     b = before.get(key(r), {})
     def us(row, field):
@@ -62,7 +79,8 @@ for r in runs["after"]["results"]:
              and isinstance(r.get("device_ms"), (int, float)) and r["device_ms"] else "-")
     pct = f"{r['pct_copy']:.1f}" if isinstance(r.get("pct_copy"), (int, float)) else "-"
     print(f"{r['op']:<12}{r['dtype']:<10}{str(r['rows']) + 'x' + str(r['cols']):>13}{us(b, 'device_ms'):>15}"
-          f"{us(r, 'device_ms'):>9}{ratio:>7}{us(b, 'eager_ms'):>17}{us(r, 'eager_ms'):>9}{pct:>13}  {r.get('gate', '')}")
+          f"{us(r, 'device_ms'):>9}{ratio:>7}{us(b, 'eager_ms'):>17}{us(r, 'eager_ms'):>9}{pct:>13}  "
+          f"{b.get('path', '-') + '/' + r.get('path', '-'):<22}{r.get('gate', '')}")
 PY
 echo "before: exit $before_rc, after: exit $after_rc (124: cut by the time limit)"
 [ "$before_rc" -eq 0 ] && [ "$after_rc" -eq 0 ]

@@ -576,10 +576,42 @@ def split_variants(quick: bool):
                     yield variant(module, "cross_entropy_split_backward_kernel", dtype, sig, meta, warps, aligned)
 
 
+def cooperative_variants(quick: bool):
+    """The cooperative softmax forward (SOFTMAX_GPU_COOPERATIVE=1; config.cooperative_rows):
+    its one block (every row it takes is cut into chunks of at most COOPERATIVE_CHUNK, so
+    BLOCK_N is COOPERATIVE_CHUNK) under the cap that fits COOPERATIVE_PROGRAMS_PER_SM programs
+    an SM, softmax and log_softmax, with and without the head/tail edge (rows whose strides
+    disagree modulo a vector loop instead: unvectorised, it spilled), merging the most partials a step
+    (SPLIT_MAX_CHUNKS). The GPU's one launch (PHASE 0) only: the halves are the interpreter's.
+    float32 and bfloat16 (float16 compiles to bfloat16's code)."""
+    from softmax_gpu import config
+
+    cfg = config.CooperativeConfig(config.COOPERATIVE_CHUNK, config.COOPERATIVE_WARPS, config.COOPERATIVE_CHUNK, 2,
+                                   config.SPLIT_MAX_CHUNKS, 1)  # fmt: skip
+    for dtype in ("fp32", "bf16"):
+        ptr = DTYPES[dtype]
+        vec = 16 // (int(ptr[-2:]) // 8)
+        sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", "*fp32"), ("counter_ptr", "*i32"), ("x_row_stride", "i64"),
+               ("y_row_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32"), ("chunk_cols", "i32"),
+               ("n_chunks", "i32"))  # fmt: skip
+        layouts = [(vec, True)] if quick else [(vec, False), (vec, True)]
+        for log in (False, True):
+            for v, edge in layouts:
+                meta = (("LOG", log), ("BLOCK_N", cfg.block_n), ("CHUNKS_BLOCK", cfg.chunks_block), ("PHASE", 0),
+                        ("VEC", v), ("HAS_EDGE", edge))  # fmt: skip
+                whole = v > 1 and not edge  # every row whole vectors: strides and width multiples of 16
+                aligned = ("x_ptr", "y_ptr", "part_ptr", "counter_ptr", "chunk_cols")
+                aligned += ("x_row_stride", "y_row_stride", "n_cols") if whole else ()
+                yield Variant("softmax_gpu.kernels.softmax", "softmax_cooperative_fwd_kernel", dtype,
+                              sig + tuple((k, "constexpr") for k, _ in meta), meta, cfg.num_warps, aligned=aligned,
+                              maxnreg=cfg.maxnreg)  # fmt: skip
+
+
 def all_variants(quick: bool):
     yield from softmax_variants(quick)
     yield from cross_entropy_variants(quick)
     yield from split_variants(quick)
+    yield from cooperative_variants(quick)
     yield from linear_cross_entropy_variants(quick)
     yield from token_logprobs_variants(quick)
     yield from vocab_parallel_variants(quick)

@@ -56,7 +56,7 @@ def min_bytes(op: str, rows: int, cols: int, itemsize: int) -> int:
 
 ACC_BYTES = 4  # float32: the loss, lse, row statistics, partials, the mean's total, the upstream gradient
 COUNTER_BYTES = 4  # the int32 done-counter the reduction's last program is found by
-PATHS = ("tiles", "single", "looped", "split")
+PATHS = ("tiles", "single", "looped", "split", "cooperative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +66,9 @@ class Traffic:
     path: "tiles" (short rows, several to a program, each read once), "single" (a row in
         one block, read once), "looped" (one program a row stepping through it in blocks:
         the body read twice where a second pass is needed, the few head/tail elements
-        outside whole 16-byte vectors once), or "split" (few long rows, each cut into chunks
-        over several programs). For ce_fwd_bwd with the gradient deferred to the backward
+        outside whole 16-byte vectors once), "split" (few long rows, each cut into chunks
+        over several programs), or "cooperative" (many long rows, each held by a group of
+        resident programs: the softmax forward with SOFTMAX_GPU_COOPERATIVE=1). For ce_fwd_bwd with the gradient deferred to the backward
         (float16, split rows) and a backward path unlike the forward's: "forward+backward",
         e.g. "single+looped" (the backward kernel always streams its row).
     launches: Triton kernel launches in the call.
@@ -134,7 +135,9 @@ def _looped_edge_bytes(cfg, rows: int, cols: int, size: int) -> int:
 def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     """launch_softmax_fwd: 1 read + 1 write a row in one block; 2 reads (the edge once) + 1
     write looped; split: the looped bytes with the edge read twice, plus 2 partials a chunk
-    (written, then read by each chunk of the row)."""
+    (written, then read by each chunk of the row); cooperative (with SOFTMAX_GPU_COOPERATIVE=1):
+    1 read + 1 write and the split's partials, in one launch (the groups' counters, zeroed
+    by torch and counted like the done-counter, are not in the bytes)."""
     from softmax_gpu import config
 
     element = rows * cols * size
@@ -142,6 +145,10 @@ def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     if split is not None:
         partials = rows * split.chunks * 2 * ACC_BYTES
         return Traffic("split", 2, 3 * element + partials * (1 + split.chunks))
+    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_FWD, sms=sms)
+    if coop is not None:  # the GPU's one launch (the interpreter runs two halves, reading the rows twice)
+        partials = rows * coop.chunks * 2 * ACC_BYTES
+        return Traffic("cooperative", 1, 2 * element + partials * (1 + coop.chunks))
     cfg = config.vectors(
         config.short_rows(
             config.row_config(cols, config.MAX_BLOCK_SOFTMAX_FWD, size, loop_block_n=config.LOOP_BLOCK_SOFTMAX_FWD),

@@ -31,6 +31,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e^x == 2^(x * LOG2E)
 # marks it "evict_first", finds it there instead of in DRAM.
 FIRST_PASS = tl.constexpr("evict_last")
 LAST_PASS = tl.constexpr("evict_first")
+# Loads of what other programs of the same launch wrote: from L2 (ld.global.cg), never a stale L1 line.
+L2_ONLY = tl.constexpr(".cg")
 # No hint. A constexpr object, not a bare "": triton 3.6 hands a jit function's bare default
 # on to the functions it calls as a str, which tl.load then rejects.
 NO_HINT = tl.constexpr("")
@@ -378,16 +380,19 @@ def reduce_lanes(m_lane, d_lane):
 
 
 @triton.jit
-def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
+def combine_chunks(part_row, n_chunks, CHUNKS_BLOCK: tl.constexpr, ACC_FP64: tl.constexpr,
+                   CACHE: tl.constexpr = NO_HINT):  # fmt: skip
     """The row's (max, sum) from its chunks' partials: maxima at part_row[0:n_chunks], sums at
-    part_row[n_chunks:2 n_chunks], merged CHUNKS_BLOCK at a time in a fixed order."""
+    part_row[n_chunks:2 n_chunks], merged CHUNKS_BLOCK at a time in a fixed order. CACHE:
+    the loads' cache modifier (L2_ONLY for partials that other programs of the same launch wrote)."""
     c = tl.arange(0, CHUNKS_BLOCK)
     d_lane = acc_zeros(CHUNKS_BLOCK, ACC_FP64)
     m_lane = d_lane - float("inf")
     for start in range(0, n_chunks, CHUNKS_BLOCK):
         mask = c < n_chunks - start
-        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf")), ACC_FP64)
-        d_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0), ACC_FP64)
+        m_part = to_acc(tl.load(part_row + start + c, mask=mask, other=-float("inf"), cache_modifier=CACHE), ACC_FP64)
+        d_part = to_acc(tl.load(part_row + n_chunks + start + c, mask=mask, other=0.0, cache_modifier=CACHE),
+                        ACC_FP64)
         m_lane, d_lane = merge_stats(m_lane, d_lane, m_part, d_part)
     return reduce_lanes(m_lane, d_lane)
 
@@ -610,3 +615,125 @@ def softmax_split_bwd_kernel(
             ye = to_acc(tl.load(y_ptr + row * y_row_stride + e_cols, mask=e_mask, other=0.0), ACC_FP64)
             dxe = ye * (dye - s)
         tl.store(dx_ptr + row * dx_row_stride + e_cols, dxe.to(dx_ptr.dtype.element_ty), mask=e_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Cooperative rows: many long rows, each held on chip by a group of resident programs
+# ---------------------------------------------------------------------------------------
+# The looped path reads a row wider than one block twice. Here a row is cut into n_chunks
+# chunks (as a split row: chunks cut the aligned body, chunk 0 takes the head/tail edge),
+# and a group of n_chunks programs holds one row at a time, each its chunk in registers:
+# each program writes its chunk's (max, sum), adds one to the group's counter, waits until
+# the group's n_chunks programs have all added theirs for this row, merges the row's
+# partials (combine_chunks, in chunk order: the same bits in every chunk's program and on
+# every run) and writes its chunk from the registers it loaded. The row is read once.
+#
+# Program p is chunk p % n_chunks of group p // n_chunks; group g takes rows g, g + G,
+# g + 2G, ... (G groups), so its counter reaches n_chunks * (i + 1) when row i of the group
+# has all its partials. A program waits only on its own group, for the row it just published,
+# and the grid is launched cooperatively (launch_cooperative_grid: the driver guarantees that
+# every program is resident at once, or refuses the launch), so every program it waits on is
+# running and reaches that row after the rows before it, which its whole group has finished:
+# no wait can last forever. Partials are per row (never reused within a launch), the counter
+# is zeroed per launch, and a program's partial stores come before its release on the counter
+# (the barrier), the acquire before its partial loads, which bypass L1 (L2_ONLY).
+#
+# Triton's interpreter runs programs one after another, so no program there may wait on
+# another: it runs the kernel twice, PHASE 1 (publish the partials) then PHASE 2 (reload the
+# chunk, merge, write), the same code but for the wait and the second load (and with it 2
+# reads + 1 write). PHASE 0, the one launch, is the GPU's.
+
+
+@triton.jit
+def wait_for_group(counter_ptr, arrivals):
+    """Adds this program to *counter_ptr and returns once the counter has reached `arrivals`:
+    the barrier orders every thread's earlier stores before the release, the acquire orders the
+    later loads after every other program's release."""
+    tl.debug_barrier()
+    seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel") + 1
+    while seen < arrivals:
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def softmax_cooperative_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    part_ptr,
+    counter_ptr,
+    x_row_stride,
+    y_row_stride,
+    n_rows,
+    n_cols,
+    chunk_cols,
+    n_chunks,
+    LOG: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNKS_BLOCK: tl.constexpr,
+    PHASE: tl.constexpr = 0,
+    VEC: tl.constexpr = 1,
+    HAS_EDGE: tl.constexpr = False,
+):
+    """y = softmax(x) (log_softmax when LOG) by groups of n_chunks resident programs, one chunk
+    of chunk_cols (<= BLOCK_N) columns each, every row read once (section comment above).
+
+    x_ptr, y_ptr: rows with unit column stride, 16-bit or float32 (accumulated in float32);
+        row strides agree modulo VEC (VEC, HAS_EDGE: the aligned body and edge).
+    part_ptr: (n_rows, 2, n_chunks) float32, each row's chunk maxima then sums.
+    counter_ptr: (num_programs(0) // n_chunks,) int32, zero at launch (PHASE 0 only).
+    PHASE: 0 the one cooperative launch; 1 and 2 its halves for the interpreter.
+    A row that is -inf everywhere gives NaN, a NaN makes its row NaN, as in torch.
+
+    Roofline at 4096 x 128256 bf16 (16 chunks of 8016 columns a row, 33 groups on an H100's
+    132 SMs at 4 programs an SM, 125 rows a group): 1.05 GB read + 1.05 GB written = 2.10 GB,
+    700 us at 3.0 TB/s (H100), 489 us at 4.3 TB/s (H200); partials 4096 x 16 x 8 B = 0.5 MB
+    written, read 16 times from L2; per row and program one atomic and the polls until its
+    group's slowest chunk arrives (~1-2 us), hidden while the SM's other 3 programs, at other
+    points of their own rows, keep 48 KiB in flight. The looped path moves 3.15 GB of requests
+    (1050 us / 733 us from DRAM; 680 us measured on the H200 with part of the second read
+    from L2); the issue's target, 90% of copy, is 778 us (H100) / 543 us (H200). Not measured:
+    no GPU has run this kernel yet.
+    """
+    pid = tl.program_id(0)
+    group = pid // n_chunks
+    chunk = pid % n_chunks
+    n_groups = tl.num_programs(0) // n_chunks
+    col0 = chunk * chunk_cols
+    cols = tl.arange(0, BLOCK_N)
+    arrivals = 0
+    for row_index in range(group, n_rows, n_groups):
+        row = tl.zeros([], tl.int64) + row_index  # int64 offsets (row_index is an int in the interpreter)
+        x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
+        # the chunk: body columns [col0, col0 + chunk_cols), cut by the body's end (empty past it)
+        mask = (cols < chunk_cols) & (cols < n_body - col0)
+        x = tl.load(x_ptr + x_body + col0 + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        if HAS_EDGE:
+            e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
+            xe = tl.load(x_ptr + row * x_row_stride + e_cols, mask=e_mask, other=-float("inf")).to(tl.float32)
+        part_row = part_ptr + row * 2 * n_chunks
+        if PHASE != 2:
+            m_c, d_c = reduce_lanes(x, acc_zeros(BLOCK_N, False) + 1.0)  # each element a lane of sum 1
+            if HAS_EDGE:
+                m_e, d_e = reduce_lanes(xe, acc_zeros(2 * VEC, False) + 1.0)
+                m_c, d_c = merge_stats(m_c, d_c, m_e, d_e)
+            tl.store(part_row + chunk, m_c)
+            tl.store(part_row + n_chunks + chunk, d_c)
+        if PHASE == 0:
+            arrivals += n_chunks
+            wait_for_group(counter_ptr + group, arrivals)
+        if PHASE != 1:
+            m, d = combine_chunks(part_row, n_chunks, CHUNKS_BLOCK, False, L2_ONLY)
+            y_chunk = y_ptr + vec_offset(row, y_row_stride, VEC) + col0
+            if LOG:
+                log_d = tl.log(d)
+                tl.store(y_chunk + cols, ((x - m) - log_d).to(y_ptr.dtype.element_ty), mask=mask)
+                if HAS_EDGE:
+                    tl.store(y_ptr + row * y_row_stride + e_cols, ((xe - m) - log_d).to(y_ptr.dtype.element_ty),
+                             mask=e_mask)  # fmt: skip
+            else:
+                inv_d = 1.0 / d
+                y = tl.exp2((x - m) * LOG2E) * inv_d
+                tl.store(y_chunk + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+                if HAS_EDGE:
+                    ye = tl.exp2((xe - m) * LOG2E) * inv_d
+                    tl.store(y_ptr + row * y_row_stride + e_cols, ye.to(y_ptr.dtype.element_ty), mask=e_mask)

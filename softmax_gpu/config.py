@@ -520,6 +520,104 @@ def force_split(chunk_cols: int):
         _split_chunk = previous
 
 
+# ---------------------------------------------------------------------------------------
+# Cooperative rows (issue 21, item 2): many long rows, each held on chip by a group of programs
+# ---------------------------------------------------------------------------------------
+# A row wider than the single block loops, reading it twice (the second read partly from L2:
+# 75% of copy at 4096 x 128256 bf16 on the H200 of 2026-12-04, against QuACK's 99% with
+# thread-block clusters). The cooperative softmax forward (kernels/softmax.py,
+# softmax_cooperative_fwd_kernel) cuts each row into `chunks` chunks of at most
+# COOPERATIVE_CHUNK elements and gives each chunk a program that keeps it in registers: the
+# grid is `groups` groups of `chunks` programs, every program resident at once (a
+# cooperative launch: the driver refuses a grid that cannot be), and group g takes rows g,
+# g + groups, ... in turn; its programs exchange only their chunks' (max, sum) through
+# global memory, each waiting on the group's counter. 1 read + 1 write of the row.
+# COOPERATIVE_CHUNK elements on COOPERATIVE_WARPS warps is 32 values a thread (four 16-byte
+# loads in 16-bit, eight in float32), and the register cap fits COOPERATIVE_PROGRAMS_PER_SM
+# programs an SM (80 registers a thread; at 4 programs, 64, the block spilled 8-56 bytes):
+# 48 KiB of 16-bit rows in flight an SM, 96 KiB of float32. Rows whose strides disagree
+# modulo a 16-byte vector loop instead (unvectorised, the block spilled on sm_90).
+# Off unless SOFTMAX_GPU_COOPERATIVE=1: its spin-wait has not run on a GPU yet, and its
+# speed against the looped path is for a GPU run to measure (bench/before_after.sh).
+COOPERATIVE_CHUNK = 8192
+COOPERATIVE_WARPS = 8
+COOPERATIVE_PROGRAMS_PER_SM = 3
+COOPERATIVE = os.environ.get("SOFTMAX_GPU_COOPERATIVE", "0") == "1"
+
+_cooperative = None  # (chunk columns, programs) set only by force_cooperative(), for tests
+
+
+@dataclasses.dataclass(frozen=True)
+class CooperativeConfig:
+    """Cooperative rows: each row in `chunks` chunks of chunk_cols columns (a multiple of 16;
+    the last one partial, or empty when the aligned body is shorter), each held by one program
+    in a block_n-wide block on num_warps warps; `groups` groups of `chunks` programs, group g
+    taking rows g, g + groups, ...; the row's partials are merged chunks_block at a time.
+    vec / edge as SplitConfig: chunks cut the aligned body, chunk 0 takes the head/tail edge."""
+
+    block_n: int
+    num_warps: int
+    chunk_cols: int
+    chunks: int
+    chunks_block: int
+    groups: int
+    vec: int = 1
+    edge: bool = False
+
+    @property
+    def programs(self) -> int:
+        return self.groups * self.chunks
+
+    @property
+    def maxnreg(self) -> int:
+        """The cap that fits COOPERATIVE_PROGRAMS_PER_SM programs on an SM's registers (a
+        multiple of 8: registers are allocated 8 a thread at a time, so 85 would take 88)."""
+        return min(255, REGISTERS_PER_SM // (COOPERATIVE_PROGRAMS_PER_SM * 32 * self.num_warps) // 8 * 8)
+
+
+def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int,
+                     sms: int = DEFAULT_SM_COUNT) -> Optional[CooperativeConfig]:  # fmt: skip
+    """The cooperative layout for rows of n_cols elements of a kernel family whose single
+    block holds max_block_n (config above), or None: only with SOFTMAX_GPU_COOPERATIVE=1 (or
+    force_cooperative), for rows that would loop, in 16-bit or float32 (float64 is for
+    checking), when there are more than sms / 2 of them (fewer split: split_rows), and in at
+    most SPLIT_MAX_CHUNKS chunks that all fit the grid (COOPERATIVE_PROGRAMS_PER_SM x sms)."""
+    if itemsize > 4:
+        return None
+    if _cooperative is not None:
+        chunk_target, programs = _cooperative
+    else:
+        if not COOPERATIVE or n_cols <= block_cap(max_block_n, itemsize) or 2 * n_rows <= sms:
+            return None
+        chunk_target, programs = COOPERATIVE_CHUNK, COOPERATIVE_PROGRAMS_PER_SM * sms
+    chunks = -(-n_cols // chunk_target)
+    chunk_cols = -(-(-(-n_cols // chunks)) // 16) * 16  # as even as whole 16-element steps allow
+    chunks = -(-n_cols // chunk_cols)
+    if chunks < 2 or chunks > min(programs, SPLIT_MAX_CHUNKS) or n_rows < 1:
+        return None
+    block_n = next_power_of_2(chunk_cols)
+    warps = warps_for(block_n, 4, COOPERATIVE_CHUNK // (32 * COOPERATIVE_WARPS))
+    groups = min(n_rows, programs // chunks)
+    return CooperativeConfig(block_n, warps, chunk_cols, chunks, min(next_power_of_2(chunks), SPLIT_MAX_CHUNKS), groups)
+
+
+@contextlib.contextmanager
+def force_cooperative(chunk_cols: int, programs: int):
+    """Runs every 16-bit or float32 row longer than chunk_cols cooperatively inside the block, on
+    a grid of at most `programs` programs, whatever the row count or SOFTMAX_GPU_COOPERATIVE
+    (where split_rows does not split it: no_split() to be sure). Meant for
+    tests: small rows then take the cooperative path, several rounds of rows a group."""
+    global _cooperative
+    if chunk_cols < MIN_BLOCK_N or programs < 2:
+        raise ValueError(f"force_cooperative: chunk_cols must be >= {MIN_BLOCK_N} and programs >= 2, "
+                         f"got {chunk_cols} and {programs}")  # fmt: skip
+    previous, _cooperative = _cooperative, (chunk_cols, programs)
+    try:
+        yield
+    finally:
+        _cooperative = previous
+
+
 @contextlib.contextmanager
 def no_split():
     """Runs every row on one program inside the block (tests of the one-program paths)."""

@@ -484,11 +484,13 @@ def test_before_after_dry_run(tmp_path):
                          env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     table = (tmp_path / "before_after.txt").read_text()
-    assert "DRY RUN" in table and "SOFTMAX_GPU_CE_FORWARD_PATH=0" in table
-    rows = [line.split() for line in table.splitlines() if line.startswith(("ce_fwd ", "ce_fwd_bwd "))]
-    assert len(rows) >= 16 and {r[0] for r in rows} == {"ce_fwd", "ce_fwd_bwd"}
+    assert "DRY RUN" in table and "SOFTMAX_GPU_CE_FORWARD_PATH=0" in table and "SOFTMAX_GPU_COOPERATIVE=1" in table
+    rows = [line.split() for line in table.splitlines() if line.startswith(("ce_fwd ", "ce_fwd_bwd ", "softmax_fwd "))]
+    assert len(rows) >= 20 and {r[0] for r in rows} == {"ce_fwd", "ce_fwd_bwd", "softmax_fwd"}
     assert all(r[3] != "-" and r[4] != "-" and "ok" in r for r in rows), table
-    for name in ("before", "after"):
+    # (the dry run's shrunken shapes take no cooperative path: tests/test_traffic_model.py
+    # names the path at the real ones)
+    for name in ("before", "after", "before_softmax", "after_softmax"):
         meta = json.loads((tmp_path / name / "scoreboard.json").read_text())["meta"]
         assert meta["dry_run"]
 

@@ -80,7 +80,7 @@ import torch
 
 import softmax_gpu
 from bench.host_time import fake_device
-from softmax_gpu import runtime
+from softmax_gpu import config, runtime
 from softmax_gpu.ops import cross_entropy as ce, softmax as sm, token_logprobs as tlp
 
 launched = fake_device()
@@ -138,6 +138,11 @@ for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernel
     leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
     for _ in range(3):
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
+for dtype in (torch.bfloat16, torch.float32):  # cooperative rows: one launch, launch_cooperative_grid
+    with config.force_cooperative(512, 12):
+        for _ in range(3):
+            softmax_gpu.softmax(torch.randn(5, 2000).to(dtype))  # whole vectors
+            softmax_gpu.log_softmax(torch.randn(5, 2001).to(dtype), dim=-1)  # heads and tails
 kernels = sorted({name for name, *_ in pairs})
 direct = sum(d for _, d, *_ in pairs)
 bad = [(name, i, a, b) for name, d, x, y in pairs if d
@@ -154,8 +159,8 @@ def test_direct_launch_passes_what_triton_passes():
     (Triton in compiled mode with a fake sm_90 driver, bench.host_time.fake_device: kernels
     compile with ptxas, the launcher records instead of calling CUDA; each compiled kernel
     has its own function handle, so a launch of the wrong specialisation shows). Every eager
-    kernel of softmax, cross-entropy and token log-probabilities, split rows and the deferred
-    backward included;
+    kernel of softmax, cross-entropy and token log-probabilities, split rows, cooperative rows
+    (whose launcher also carries launch_cooperative_grid) and the deferred backward included;
     bfloat16, float16 and float32, aligned and misaligned rows (a new specialisation, so a
     new entry), scalar and per-row upstream factors, int32 targets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -172,7 +177,7 @@ def test_direct_launch_passes_what_triton_passes():
         "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
-        "token_logprobs_combine_kernel",
+        "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel",
     }, result  # fmt: skip
 
 

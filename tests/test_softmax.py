@@ -736,3 +736,152 @@ def test_split_rows_opcheck(device):
         torch.library.opcheck(torch.ops.softmax_gpu.softmax_forward.default, (x, 1, False, torch.float32))
         y = torch.softmax(x, 1)
         torch.library.opcheck(torch.ops.softmax_gpu.softmax_backward.default, (y, torch.randn_like(y), 1, True))
+
+
+# ---------------------------------------------------------------------------------------
+# Cooperative rows: many long rows, each held by a group of resident programs
+# ---------------------------------------------------------------------------------------
+# config.force_cooperative(chunk, programs): rows of more than `chunk` columns are cut into
+# chunks of about `chunk` columns (multiples of 16), groups of one program a chunk on a grid
+# of at most `programs`. In Triton's interpreter the launcher runs the kernel's two halves
+# (PHASE 1, 2); on a GPU the one cooperative launch, whose programs wait on each other.
+
+# (rows, cols, chunk, programs): 7 rounds of one group; 2 groups taking 5 and 4 rows; a
+# single row; 5 chunks of 48 with the last one short (200 = 4 x 48 + 8)
+COOP_SHAPES = [(7, 200, 48, 6), (9, 131, 48, 7), (1, 100, 32, 8), (4, 200, 48, 12)]
+
+
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", COOP_SHAPES)
+def test_cooperative_rows_forward(shape, dtype, log, device):
+    """The cooperative forward against the float64 reference, output poisoned, with a NaN row,
+    a -inf row and a row -inf over a whole chunk (that chunk's partial adds nothing)."""
+    rows, cols, chunk, programs = shape
+    op = "log_softmax" if log else "softmax"
+    x = rows_of((rows, cols), dtype, device)
+    x[0, chunk:2 * chunk] = float("-inf")
+    if rows > 1:
+        x[1, cols // 2] = float("nan")
+    if rows > 2:
+        x[2] = float("-inf")
+    y = poisoned((rows, cols), dtype, device)
+    with config.force_cooperative(chunk, programs):
+        coop = launch_softmax_fwd(x, y, log)
+    assert isinstance(coop, config.CooperativeConfig)
+    assert coop.chunks == -(-cols // coop.chunk_cols) and coop.chunk_cols % 16 == 0 and coop.chunk_cols <= coop.block_n
+    assert coop.groups == min(rows, programs // coop.chunks) and coop.programs <= programs
+    expected = OPS[op][2](x.double().cpu().numpy())
+    if dtype == torch.float32:
+        assert_matches(y, expected, *TOL32[op], what=f"{op} cooperative")
+    else:
+        assert_within_torch_error(y, OPS[op][1](x.float(), -1).to(dtype), expected, what=f"{op} cooperative")
+
+
+@pytest.mark.parametrize("layout", ["unaligned bases, strides agree", "strides disagree (no split)", "bf16 in, fp32 out"])
+def test_cooperative_rows_unaligned(layout, device):
+    """Heads and tails outside whole 16-byte vectors (chunk 0's): every element written once,
+    nothing outside the views. Row strides that disagree modulo a vector (no vectors: the
+    unvectorised block spilled on sm_90) take the one-program-a-row path instead."""
+    x_dtype, y_dtype, x_off, y_off, x_extra, y_extra = LAYOUTS[layout]
+    rows, cols = 5, 131
+    x_buf, x = in_buffer(rows, cols, x_dtype, x_off, x_extra, float("nan"))
+    x.copy_(rows_of((rows, cols), x_dtype, "cpu"))
+    y_buf, y = in_buffer(rows, cols, y_dtype, y_off, y_extra, float("nan"))
+    x_buf, y_buf = x_buf.to(device), y_buf.to(device)
+    x, y = x_buf[:, x_off:x_off + cols], y_buf[:, y_off:y_off + cols]
+    with config.force_cooperative(48, 5):
+        coop = launch_softmax_fwd(x, y, False)
+    if "disagree" in layout:
+        assert isinstance(coop, config.RowConfig) and coop.vec == 1
+    else:
+        assert isinstance(coop, config.CooperativeConfig) and coop.vec > 1
+    expected = reference.softmax(x.double().cpu().numpy())
+    tol = TOL32["softmax"] if y_dtype == torch.float32 else (1e-2, 1e-2)
+    assert_matches(y, expected, *tol, what=f"cooperative {layout}")
+    outside = torch.ones(y_buf.shape, dtype=torch.bool, device=device)
+    outside[:, y_off:y_off + cols] = False
+    assert y_buf[outside].isnan().all(), "a write outside the rows"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_cooperative_rows(dtype):
+    """In the interpreter the two halves read the rows twice (the GPU's one launch reads them
+    once: its second half uses the registers the first loaded) and write them once; each chunk
+    writes its 2 partials once and reads its row's 2 x chunks."""
+    rows, cols = 3, 200
+    x = rows_of((rows, cols), dtype, "cpu")
+    y = torch.empty_like(x)
+    element = rows * cols * x.element_size()
+    with TrafficCounter() as fwd, config.force_cooperative(48, 5):
+        coop = launch_softmax_fwd(x, y, False)
+    assert (coop.chunks, coop.groups) == (5, 1)
+    partials = rows * coop.chunks * 2 * 4
+    assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + partials * coop.chunks, element + partials)
+
+
+def test_cooperative_rows_deterministic_through_the_public_function(device):
+    """softmax_gpu.log_softmax on the cooperative path: the same bits on every run, what the
+    looped path gives to rounding, and a gradient (the backward is the usual one)."""
+    x = rows_of((6, 150), torch.float32, device).requires_grad_()
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        with config.force_cooperative(48, 6):
+            y = softmax_gpu.log_softmax(x)
+        y.backward(torch.ones_like(y))
+        runs.append((y.detach().clone(), x.grad.clone()))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with config.block_limit(16):
+        y = softmax_gpu.log_softmax(x)
+    torch.testing.assert_close(runs[0][0], y, rtol=2e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize(
+    "rows, cols, itemsize, chunks, groups",
+    [(4096, 128256, 2, 16, 24), (4096, 128256, 4, 16, 24), (4096, 50257, 2, 7, 56), (1024, 262144, 2, 32, 12),
+     (4096, 151936, 2, 19, 20), (67, 50257, 2, 7, 56), (70, 40000, 2, 5, 70), (10, 50257, 2, None, None),
+     (66, 50257, 2, None, None), (4096, 32768, 2, None, None), (4096, 128256, 8, None, None)],
+)
+def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, groups):
+    """With SOFTMAX_GPU_COOPERATIVE=1: rows that would loop, more than half the SM count of
+    them (fewer split), 16-bit or float32; chunks of at most COOPERATIVE_CHUNK columns, as
+    even as whole 16-column steps allow; as many groups as the resident programs allow (3 an
+    SM), never more than the rows. Off by default."""
+    family = config.MAX_BLOCK_SOFTMAX_FWD
+    assert config.cooperative_rows(rows, cols, itemsize, family) is None  # the default
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    cfg = config.cooperative_rows(rows, cols, itemsize, family)
+    if chunks is None:
+        assert cfg is None
+        return
+    if rows > config.DEFAULT_SM_COUNT // 2:
+        assert config.split_rows(rows, cols, itemsize, family, config.LOOP_BLOCK_SOFTMAX_FWD) is None
+    assert (cfg.chunks, cfg.groups) == (chunks, groups)
+    assert cfg.chunk_cols <= config.COOPERATIVE_CHUNK and (cfg.chunks - 1) * cfg.chunk_cols < cols
+    assert (cfg.block_n, cfg.num_warps, cfg.maxnreg) == (8192, 8, 80)  # 3 programs an SM: 3 x 256 x 80 registers
+    assert cfg.programs <= config.COOPERATIVE_PROGRAMS_PER_SM * config.DEFAULT_SM_COUNT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cooperative launch and its waits run on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
+    """The shipped configuration on the card: every resident program of the grid in use (the
+    groups fill COOPERATIVE_PROGRAMS_PER_SM programs an SM), many rounds a group, a NaN row,
+    against torch and bitwise the same on a second run."""
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    rows, cols = 1000, 128256
+    x = (3 * torch.randn(rows, cols, device="cuda")).to(dtype)
+    x[5, 77] = float("nan")
+    coop = config.cooperative_rows(rows, cols, x.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
+                                   sms=config.sm_count(x.device))  # fmt: skip
+    assert coop is not None and coop.programs > (config.COOPERATIVE_PROGRAMS_PER_SM - 1) * config.sm_count(x.device)
+    y = softmax_gpu.softmax(x)
+    again = softmax_gpu.softmax(x)
+    assert torch.equal(y.isnan(), again.isnan()) and torch.equal(y.nan_to_num(), again.nan_to_num())
+    assert y[5].isnan().all() and not y[[4, 6]].isnan().any()
+    keep = torch.ones(rows, dtype=torch.bool, device="cuda")
+    keep[5] = False
+    expected = torch.softmax(x[keep].double(), -1)
+    assert_within_torch_error(y[keep], torch.softmax(x[keep].float(), -1).to(dtype), expected.cpu().numpy())

@@ -133,6 +133,26 @@ def test_model_matches_interpreter(op, dtype, shape, forced, path, launches):
     assert model.bytes >= min_bytes(op, rows, cols, x.element_size())
 
 
+@interpreter_only
+@pytest.mark.parametrize("op", ["softmax_fwd", "log_softmax_fwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_matches_interpreter_cooperative(op, dtype, launches):
+    """The cooperative forward: the model counts the GPU's one launch; the interpreter runs its
+    two halves, which read the rows once more. Everything else the same, exactly."""
+    rows, cols = SHORT
+    x = (3 * torch.randn(rows, cols)).to(dtype)
+    with config.force_cooperative(32, 12):
+        model = ours(op, rows, cols, dtype, SMS)
+        call = _call(op, x, None, None)
+        launches.clear()
+        with TrafficCounter() as counted:
+            call()
+    assert model.path == "cooperative"
+    assert model.launches + 1 == len(launches) == 2, launches
+    assert model.bytes + rows * cols * x.element_size() == counted.bytes_moved
+    assert model.bytes - min_bytes(op, rows, cols, x.element_size()) == rows * 5 * 2 * 4 * (1 + 5)  # the partials
+
+
 @pytest.mark.parametrize(
     "op, dtype, rows, cols, sms, path",
     [
@@ -199,3 +219,17 @@ def test_bad_arguments():
         ours("softmax", 2, 2, torch.float32, SMS)
     with pytest.raises(ValueError, match="dtype"):
         ours("softmax_fwd", 2, 2, torch.float64, SMS)
+
+
+def test_cooperative_path_at_gpu_shapes(monkeypatch):
+    """With SOFTMAX_GPU_COOPERATIVE=1 the softmax forward's long rows (more than half the SM
+    count of them) are read once, in one launch: the partials (each chunk reads its row's 2 x chunks from L2) add under 1%. The backward,
+    and few rows, keep their paths."""
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    for cols in (50257, 128256, 151936, 262144):
+        model = ours("softmax_fwd", 4096, cols, torch.bfloat16, 132)
+        assert (model.path, model.launches) == ("cooperative", 1)
+        assert 1 < model.bytes / min_bytes("softmax_fwd", 4096, cols, 2) < 1.01
+    assert ours("softmax_bwd", 4096, 128256, torch.bfloat16, 132).path == "looped"
+    assert ours("softmax_fwd", 32, 128256, torch.bfloat16, 132).path == "split"
+    assert ours("softmax_fwd", 4096, 32000, torch.bfloat16, 132).path == "single"

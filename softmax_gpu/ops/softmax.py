@@ -14,6 +14,7 @@ from .. import config
 from ..checks import check_floating, check_out_dtype, normalize_dim
 from ..kernels.softmax import (
     softmax_bwd_kernel,
+    softmax_cooperative_fwd_kernel,
     softmax_fwd_kernel,
     softmax_split_bwd_kernel,
     softmax_split_bwd_stats_kernel,
@@ -21,7 +22,8 @@ from ..kernels.softmax import (
     softmax_split_stats_kernel,
 )
 from ..layout import as_rows, batch_first, from_rows
-from ..runtime import cached_plan, check_launchable, device_guard, launch, remember_plan
+from ..kernels import softmax as softmax_kernels
+from ..runtime import cached_plan, check_launchable, device_guard, interpreted, launch, remember_plan
 
 
 def _op_name(log: bool) -> str:
@@ -44,6 +46,8 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
                                         config.LOOP_BLOCK_SOFTMAX_FWD)  # fmt: skip
         if kind == "split":
             return launch_softmax_split_fwd(x, y, log, cfg, static)
+        if kind == "cooperative":
+            return launch_softmax_cooperative_fwd(x, y, log, cfg, static)
     else:
         cfg = _row_config((x, y), config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD, cfg)
         static = _static((x, y), log, cfg)
@@ -85,18 +89,70 @@ def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
     out = tensors[-1]
     n_rows, n_cols = out.shape
     key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), log, str(out.device),
-           config._block_limit, config._split_chunk)  # fmt: skip
+           config._block_limit, config._split_chunk, config._cooperative)  # fmt: skip
     plan = cached_plan(key)
     if plan is None:
-        split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block,
-                                  sms=config.sm_count(out.device))  # fmt: skip
+        sms = config.sm_count(out.device)
+        split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block, sms=sms)
+        coop = None
+        if split is None and name == "softmax_fwd":
+            coop = config.cooperative_rows(n_rows, n_cols, out.element_size(), max_block, sms=sms)
+        if coop is not None:
+            coop, phases = _cooperative_static(tensors, log, coop)
+            if coop.vec == 1:  # rows whose strides disagree modulo a vector: narrow loads spilled (sm_90)
+                coop = None
         if split is not None:
             plan = ("split", *_split_static(tensors, log, split))
+        elif coop is not None:
+            plan = ("cooperative", coop, phases)
         else:
             rows = _row_config(tensors, max_block, loop_block)
             plan = ("rows", rows, _static(tensors, log, rows))
         remember_plan(key, plan)
     return plan
+
+
+def launch_softmax_cooperative_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, coop: config.CooperativeConfig,
+                                   static: Optional[tuple] = None):  # fmt: skip
+    """y[r] = (log_)softmax(x[r]) by groups of coop.chunks resident programs, each holding one
+    chunk of a row at a time (config.cooperative_rows; kernels/softmax.py,
+    softmax_cooperative_fwd_kernel): one cooperative launch after zeroing the groups'
+    counters; in Triton's interpreter, which runs programs one at a time, its two halves.
+    Returns coop with its vec / edge filled in. static: the eager plan's kernel arguments
+    (_cooperative_static). Bytes: 1 read + 1 write per element on CUDA (2 reads + 1 write in
+    the interpreter), plus n_rows * chunks * 2 partials written once and read by each chunk."""
+    check_launchable(_op_name(log), softmax_cooperative_fwd_kernel, x)
+    planned = static is not None
+    coop, phases = (coop, static) if planned else _cooperative_static((x, y), log, coop)
+    part = torch.empty((x.shape[0], 2, coop.chunks), dtype=torch.float32, device=x.device)
+    grid = (coop.programs,)
+    with device_guard(x):
+        if len(phases) == 1:
+            counter = torch.zeros(coop.groups, dtype=torch.int32, device=x.device)
+            launch(softmax_cooperative_fwd_kernel, grid, phases[0], planned, x_ptr=x, y_ptr=y, part_ptr=part,
+                   counter_ptr=counter)  # fmt: skip
+        else:
+            for phase in phases:
+                launch(softmax_cooperative_fwd_kernel, grid, phase, planned, x_ptr=x, y_ptr=y, part_ptr=part,
+                       counter_ptr=part)  # fmt: skip
+    return coop
+
+
+def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> tuple:
+    """(coop with its vectors, the kernel's arguments besides the pointers for each launch:
+    one cooperative launch (PHASE 0) of the compiled kernel, the two halves (PHASE 1, 2) in
+    Triton's interpreter)."""
+    x, y = tensors
+    n_rows, n_cols = y.shape
+    coop = config.vectors(coop, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
+    common = dict(x_row_stride=x.stride(0), y_row_stride=y.stride(0), n_rows=n_rows, n_cols=n_cols,
+                  chunk_cols=coop.chunk_cols, n_chunks=coop.chunks, LOG=log, BLOCK_N=coop.block_n,
+                  CHUNKS_BLOCK=coop.chunks_block, VEC=coop.vec, HAS_EDGE=coop.edge, num_warps=coop.num_warps,
+                  maxnreg=coop.maxnreg)  # fmt: skip
+    # (the kernels module's own object: a tool may have replaced this module's name)
+    if interpreted(softmax_kernels.softmax_cooperative_fwd_kernel):  # no program may wait on another
+        return coop, (dict(common, PHASE=1), dict(common, PHASE=2))
+    return coop, (dict(common, PHASE=0, launch_cooperative_grid=True),)
 
 
 def launch_softmax_bwd(
