@@ -5,10 +5,10 @@
 # switches (docs/benchmark.md): SOFTMAX_GPU_CE_FORWARD_PATH=0 (the gradient-free
 # cross-entropy forward on the gradient's configurations) and SOFTMAX_GPU_DIRECT_LAUNCH=0
 # (every launch through JITFunction.run: eager times only). The after run also sets
-# SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's long rows read once by cooperative
-# groups of programs; off by default until a run like this one has measured it), and adds
-# the softmax forward at the long-row shapes. Run it after bench/device_check.sh, in the
-# same lease (about 2.5 minutes on an H100: 40 cases, twice).
+# SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's and backward's long rows read once by
+# cooperative groups of programs; off by default until a run like this one has measured it),
+# and adds the softmax forward and backward at the long-row shapes. Run it after
+# bench/device_check.sh, in the same lease (about 3 minutes on an H100: 52 cases, twice).
 #
 #   bash bench/before_after.sh [--dry-run] OUT_DIR
 #
@@ -29,11 +29,12 @@ done
 cd "$(dirname "$0")/.."
 mkdir -p "$out/before" "$out/after" "$out/before_softmax" "$out/after_softmax"
 # issue 21's shapes, bfloat16 and float32: the cross-entropy forward without and with the
-# gradient, and the softmax forward where its rows loop (wider than its 32768-wide block)
+# gradient, and the softmax forward and backward where their rows loop (wider than their
+# 32768- and 16384-wide blocks; the forward's 32000 fits: a check of the noise)
 common=(--providers softmax_gpu --dtypes bfloat16 float32 --no-plot)
 ce=(--ops ce_fwd ce_fwd_bwd "${common[@]}"
     --shapes 32768x4096 4096x32000 4096x50257 4096x128256 4096x151936 16384x32768 1024x262144 32x128256)
-sm=(--ops softmax_fwd "${common[@]}" --shapes 4096x50257 4096x128256 4096x151936 1024x262144)
+sm=(--ops softmax_fwd softmax_bwd "${common[@]}" --shapes 4096x32000 4096x50257 4096x128256 4096x151936 1024x262144)
 limit=200
 [ ${#dry[@]} -gt 0 ] && limit=600
 before=(env SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0)

@@ -577,23 +577,31 @@ def split_variants(quick: bool):
 
 
 def cooperative_variants(quick: bool):
-    """The cooperative softmax forward (SOFTMAX_GPU_COOPERATIVE=1; config.cooperative_rows):
-    its one block (every row it takes is cut into chunks of at most COOPERATIVE_CHUNK, so
-    BLOCK_N is COOPERATIVE_CHUNK) under the cap that fits COOPERATIVE_PROGRAMS_PER_SM programs
+    """The cooperative softmax forward and backward (SOFTMAX_GPU_COOPERATIVE=1;
+    config.cooperative_rows): each one's block (every row they take is cut into chunks of at
+    most COOPERATIVE_CHUNK, half that in the backward, so BLOCK_N is that width, as the
+    widest rows with the most chunks give it here) under the cap that fits COOPERATIVE_PROGRAMS_PER_SM programs
     an SM, softmax and log_softmax, with and without the head/tail edge (rows whose strides
     disagree modulo a vector loop instead: unvectorised, it spilled), merging the most partials a step
     (SPLIT_MAX_CHUNKS). The GPU's one launch (PHASE 0) only: the halves are the interpreter's.
     float32 and bfloat16 (float16 compiles to bfloat16's code)."""
     from softmax_gpu import config
 
-    cfg = config.CooperativeConfig(config.COOPERATIVE_CHUNK, config.COOPERATIVE_WARPS, config.COOPERATIVE_CHUNK, 2,
-                                   config.SPLIT_MAX_CHUNKS, 1)  # fmt: skip
+    widest = {}
+    for arrays, family in ((1, config.MAX_BLOCK_SOFTMAX_FWD), (2, config.MAX_BLOCK_SOFTMAX_BWD)):
+        chunk = config.COOPERATIVE_CHUNK // arrays
+        with config.force_cooperative(chunk, 10**6):  # (the widest rows, whatever SOFTMAX_GPU_COOPERATIVE says)
+            widest[arrays] = config.cooperative_rows(10**4, config.SPLIT_MAX_CHUNKS * chunk, 4, family, arrays=arrays)
+    cfg, bwd = widest[1], widest[2]
     for dtype in ("fp32", "bf16"):
         ptr = DTYPES[dtype]
         vec = 16 // (int(ptr[-2:]) // 8)
         sig = (("x_ptr", ptr), ("y_ptr", ptr), ("part_ptr", "*fp32"), ("counter_ptr", "*i32"), ("x_row_stride", "i64"),
                ("y_row_stride", "i64"), ("n_rows", "i32"), ("n_cols", "i32"), ("chunk_cols", "i32"),
                ("n_chunks", "i32"))  # fmt: skip
+        bwd_sig = (("y_ptr", ptr), ("dy_ptr", ptr), ("dx_ptr", ptr), ("part_ptr", "*fp32"), ("counter_ptr", "*i32"),
+                   ("y_row_stride", "i64"), ("dy_row_stride", "i64"), ("dx_row_stride", "i64"), ("n_rows", "i32"),
+                   ("n_cols", "i32"), ("chunk_cols", "i32"), ("n_chunks", "i32"))  # fmt: skip
         layouts = [(vec, True)] if quick else [(vec, False), (vec, True)]
         for log in (False, True):
             for v, edge in layouts:
@@ -605,6 +613,13 @@ def cooperative_variants(quick: bool):
                 yield Variant("softmax_gpu.kernels.softmax", "softmax_cooperative_fwd_kernel", dtype,
                               sig + tuple((k, "constexpr") for k, _ in meta), meta, cfg.num_warps, aligned=aligned,
                               maxnreg=cfg.maxnreg)  # fmt: skip
+                meta = (("LOG", log), ("BLOCK_N", bwd.block_n), ("CHUNKS_BLOCK", bwd.chunks_block), ("PHASE", 0),
+                        ("VEC", v), ("HAS_EDGE", edge))  # fmt: skip
+                aligned = ("y_ptr", "dy_ptr", "dx_ptr", "part_ptr", "counter_ptr", "chunk_cols")
+                aligned += ("y_row_stride", "dy_row_stride", "dx_row_stride", "n_cols") if whole else ()
+                yield Variant("softmax_gpu.kernels.softmax", "softmax_cooperative_bwd_kernel", dtype,
+                              bwd_sig + tuple((k, "constexpr") for k, _ in meta), meta, bwd.num_warps,
+                              aligned=aligned, maxnreg=bwd.maxnreg)  # fmt: skip
 
 
 def all_variants(quick: bool):

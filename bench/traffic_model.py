@@ -68,7 +68,7 @@ class Traffic:
         the body read twice where a second pass is needed, the few head/tail elements
         outside whole 16-byte vectors once), "split" (few long rows, each cut into chunks
         over several programs), or "cooperative" (many long rows, each held by a group of
-        resident programs: the softmax forward with SOFTMAX_GPU_COOPERATIVE=1). For ce_fwd_bwd with the gradient deferred to the backward
+        resident programs: the softmax forward and backward with SOFTMAX_GPU_COOPERATIVE=1). For ce_fwd_bwd with the gradient deferred to the backward
         (float16, split rows) and a backward path unlike the forward's: "forward+backward",
         e.g. "single+looped" (the backward kernel always streams its row).
     launches: Triton kernel launches in the call.
@@ -164,7 +164,9 @@ def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
 def _softmax_backward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     """launch_softmax_bwd (softmax, not log_softmax): y and dy read once + dx written in one
     block; looped, y and dy read twice (the edge once); split: the looped bytes with the edge
-    read twice, plus a partial sum a chunk (written, then read by each chunk of the row)."""
+    read twice, plus a partial sum a chunk (written, then read by each chunk of the row);
+    cooperative (SOFTMAX_GPU_COOPERATIVE=1): y and dy read once, dx written, and the split's
+    partials, in one launch."""
     from softmax_gpu import config
 
     element = rows * cols * size
@@ -172,6 +174,10 @@ def _softmax_backward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     if split is not None:
         partials = rows * split.chunks * ACC_BYTES
         return Traffic("split", 2, 5 * element + partials * (1 + split.chunks))
+    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_BWD, sms=sms, arrays=2)
+    if coop is not None:  # the GPU's one launch (the interpreter's halves read dy and y twice)
+        partials = rows * coop.chunks * ACC_BYTES
+        return Traffic("cooperative", 1, 3 * element + partials * (1 + coop.chunks))
     cfg = config.vectors(
         config.short_rows(
             config.row_config(cols, config.MAX_BLOCK_SOFTMAX_BWD, size, loop_block_n=config.LOOP_BLOCK_SOFTMAX_BWD),

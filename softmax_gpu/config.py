@@ -531,7 +531,8 @@ def force_split(chunk_cols: int):
 # grid is `groups` groups of `chunks` programs, every program resident at once (a
 # cooperative launch: the driver refuses a grid that cannot be), and group g takes rows g,
 # g + groups, ... in turn; its programs exchange only their chunks' (max, sum) through
-# global memory, each waiting on the group's counter. 1 read + 1 write of the row.
+# global memory, each waiting on the group's counter. 1 read + 1 write of the row. The
+# backward (softmax_cooperative_bwd_kernel) holds y and dy in chunks half as wide.
 # COOPERATIVE_CHUNK elements on COOPERATIVE_WARPS warps is 32 values a thread (four 16-byte
 # loads in 16-bit, eight in float32), and the register cap fits COOPERATIVE_PROGRAMS_PER_SM
 # programs an SM (80 registers a thread; at 4 programs, 64, the block spilled 8-56 bytes):
@@ -575,13 +576,15 @@ class CooperativeConfig:
         return min(255, REGISTERS_PER_SM // (COOPERATIVE_PROGRAMS_PER_SM * 32 * self.num_warps) // 8 * 8)
 
 
-def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int,
-                     sms: int = DEFAULT_SM_COUNT) -> Optional[CooperativeConfig]:  # fmt: skip
+def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int, sms: int = DEFAULT_SM_COUNT,
+                     arrays: int = 1) -> Optional[CooperativeConfig]:  # fmt: skip
     """The cooperative layout for rows of n_cols elements of a kernel family whose single
     block holds max_block_n (config above), or None: only with SOFTMAX_GPU_COOPERATIVE=1 (or
     force_cooperative), for rows that would loop, in 16-bit or float32 (float64 is for
     checking), when there are more than sms / 2 of them (fewer split: split_rows), and in at
-    most SPLIT_MAX_CHUNKS chunks that all fit the grid (COOPERATIVE_PROGRAMS_PER_SM x sms)."""
+    most SPLIT_MAX_CHUNKS chunks that all fit the grid (COOPERATIVE_PROGRAMS_PER_SM x sms).
+    arrays: the row arrays a program holds (the backward: y and dy, in chunks half as wide,
+    the same 32 values a thread)."""
     if itemsize > 4:
         return None
     if _cooperative is not None:
@@ -589,14 +592,14 @@ def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int,
     else:
         if not COOPERATIVE or n_cols <= block_cap(max_block_n, itemsize) or 2 * n_rows <= sms:
             return None
-        chunk_target, programs = COOPERATIVE_CHUNK, COOPERATIVE_PROGRAMS_PER_SM * sms
+        chunk_target, programs = COOPERATIVE_CHUNK // arrays, COOPERATIVE_PROGRAMS_PER_SM * sms
     chunks = -(-n_cols // chunk_target)
     chunk_cols = -(-(-(-n_cols // chunks)) // 16) * 16  # as even as whole 16-element steps allow
     chunks = -(-n_cols // chunk_cols)
     if chunks < 2 or chunks > min(programs, SPLIT_MAX_CHUNKS) or n_rows < 1:
         return None
     block_n = next_power_of_2(chunk_cols)
-    warps = warps_for(block_n, 4, COOPERATIVE_CHUNK // (32 * COOPERATIVE_WARPS))
+    warps = warps_for(block_n, 4, COOPERATIVE_CHUNK // (32 * COOPERATIVE_WARPS * arrays))
     groups = min(n_rows, programs // chunks)
     return CooperativeConfig(block_n, warps, chunk_cols, chunks, min(next_power_of_2(chunks), SPLIT_MAX_CHUNKS), groups)
 

@@ -142,7 +142,8 @@ for dtype in (torch.bfloat16, torch.float32):  # cooperative rows: one launch, l
     with config.force_cooperative(512, 12):
         for _ in range(3):
             softmax_gpu.softmax(torch.randn(5, 2000).to(dtype))  # whole vectors
-            softmax_gpu.log_softmax(torch.randn(5, 2001).to(dtype), dim=-1)  # heads and tails
+            leaf = torch.randn(5, 2001).to(dtype).requires_grad_()  # heads and tails, and the backward
+            torch.autograd.grad(softmax_gpu.log_softmax(leaf, dim=-1), leaf, torch.randn(5, 2001).to(dtype))
 kernels = sorted({name for name, *_ in pairs})
 direct = sum(d for _, d, *_ in pairs)
 bad = [(name, i, a, b) for name, d, x, y in pairs if d
@@ -177,7 +178,7 @@ def test_direct_launch_passes_what_triton_passes():
         "softmax_split_bwd_stats_kernel", "softmax_split_bwd_kernel", "cross_entropy_split_stats_kernel",
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
-        "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel",
+        "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel", "softmax_cooperative_bwd_kernel",
     }, result  # fmt: skip
 
 

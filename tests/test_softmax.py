@@ -1,5 +1,6 @@
 """softmax / log_softmax / hardmax against the float64 NumPy reference, through the interpreter on CPU."""
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -778,6 +779,24 @@ def test_cooperative_rows_forward(shape, dtype, log, device):
         assert_within_torch_error(y, OPS[op][1](x.float(), -1).to(dtype), expected, what=f"{op} cooperative")
 
 
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", COOP_SHAPES)
+def test_cooperative_rows_backward(shape, dtype, log, device):
+    """The cooperative backward (y and dy held, one partial sum a chunk) against the float64
+    reference at a finite output, dx poisoned; heads and tails where the width is odd."""
+    rows, cols, chunk, programs = shape
+    op = "log_softmax" if log else "softmax"
+    y = torch.from_numpy(OPS[op][2](rows_of((rows, cols), torch.float64, "cpu").numpy())).to(device=device, dtype=dtype)
+    dy, dx = rows_of((rows, cols), dtype, device), poisoned((rows, cols), dtype, device)
+    with config.force_cooperative(chunk, programs):
+        coop = launch_softmax_bwd(y, dy, dx, log)
+    assert isinstance(coop, config.CooperativeConfig) and coop.edge == (cols % (16 // y.element_size()) != 0)
+    expected = OPS[op][3](y.double().cpu().numpy(), dy.double().cpu().numpy())
+    tol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
+    assert_matches(dx, expected, *tol, what=f"{op} cooperative backward")
+
+
 @pytest.mark.parametrize("layout", ["unaligned bases, strides agree", "strides disagree (no split)", "bf16 in, fp32 out"])
 def test_cooperative_rows_unaligned(layout, device):
     """Heads and tails outside whole 16-byte vectors (chunk 0's): every element written once,
@@ -809,7 +828,7 @@ def test_cooperative_rows_unaligned(layout, device):
 def test_traffic_cooperative_rows(dtype):
     """In the interpreter the two halves read the rows twice (the GPU's one launch reads them
     once: its second half uses the registers the first loaded) and write them once; each chunk
-    writes its 2 partials once and reads its row's 2 x chunks."""
+    writes its 2 partials once and reads its row's 2 x chunks. The backward alike."""
     rows, cols = 3, 200
     x = rows_of((rows, cols), dtype, "cpu")
     y = torch.empty_like(x)
@@ -819,6 +838,15 @@ def test_traffic_cooperative_rows(dtype):
     assert (coop.chunks, coop.groups) == (5, 1)
     partials = rows * coop.chunks * 2 * 4
     assert (fwd.bytes_loaded, fwd.bytes_stored) == (2 * element + partials * coop.chunks, element + partials)
+    # the backward's halves: dy twice, y twice (log_softmax's first half needs no y), one
+    # partial sum a chunk
+    for log in (False, True):
+        dy, dx = rows_of((rows, cols), dtype, "cpu"), torch.empty_like(x)
+        with TrafficCounter() as bwd, config.force_cooperative(48, 5):
+            coop = launch_softmax_bwd(y, dy, dx, log)
+        partials = rows * coop.chunks * 4
+        reads = (3 if log else 4) * element + partials * coop.chunks
+        assert (bwd.bytes_loaded, bwd.bytes_stored) == (reads, element + partials)
 
 
 def test_cooperative_rows_deterministic_through_the_public_function(device):
@@ -851,8 +879,10 @@ def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, grou
     SM), never more than the rows. Off by default."""
     family = config.MAX_BLOCK_SOFTMAX_FWD
     assert config.cooperative_rows(rows, cols, itemsize, family) is None  # the default
+    assert launch_plan("softmax_fwd", rows, cols, itemsize) is None  # (the switch is in the plans' key)
     monkeypatch.setattr(config, "COOPERATIVE", True)
     cfg = config.cooperative_rows(rows, cols, itemsize, family)
+    assert cfg == (launch_plan("softmax_fwd", rows, cols, itemsize) if chunks else None)
     if chunks is None:
         assert cfg is None
         return
@@ -864,12 +894,43 @@ def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, grou
     assert cfg.programs <= config.COOPERATIVE_PROGRAMS_PER_SM * config.DEFAULT_SM_COUNT
 
 
+@pytest.mark.parametrize(
+    "rows, cols, itemsize, chunks, groups",
+    [(4096, 128256, 2, 32, 12), (4096, 32000, 2, 8, 49), (4096, 32000, 4, 8, 49), (4096, 16385, 2, 5, 79),
+     (4096, 16384, 2, None, None), (32, 32000, 2, None, None)],
+)
+def test_config_cooperative_rows_backward(monkeypatch, rows, cols, itemsize, chunks, groups):
+    """The backward holds y and dy: chunks of at most COOPERATIVE_CHUNK / 2 for the same 32
+    values a thread, past its own single block (16384)."""
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    cfg = config.cooperative_rows(rows, cols, itemsize, config.MAX_BLOCK_SOFTMAX_BWD, arrays=2)
+    assert cfg == (launch_plan("softmax_bwd", rows, cols, itemsize) if chunks else None)
+    if chunks is None:
+        assert cfg is None
+        return
+    assert (cfg.chunks, cfg.groups) == (chunks, groups)
+    assert (cfg.block_n, cfg.num_warps, cfg.maxnreg) == (4096, 8, 80) and cfg.chunk_cols <= 4096
+
+
+def launch_plan(name, rows, cols, itemsize):
+    """The config the eager launcher's plan holds for a contiguous rows x cols problem, on meta
+    tensors (no launch): the cooperative one without its vectors, else None."""
+    from softmax_gpu.ops.softmax import _eager_plan
+
+    dtype = torch.bfloat16 if itemsize == 2 else torch.float32
+    tensors = [torch.empty(rows, cols, dtype=dtype, device="meta") for _ in range(2 if name == "softmax_fwd" else 3)]
+    kind, cfg, _ = _eager_plan(name, tensors, False, *(
+        (config.MAX_BLOCK_SOFTMAX_FWD, config.LOOP_BLOCK_SOFTMAX_FWD) if name == "softmax_fwd"
+        else (config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD)))  # fmt: skip
+    return dataclasses.replace(cfg, vec=1, edge=False) if kind == "cooperative" else None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cooperative launch and its waits run on a GPU only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     """The shipped configuration on the card: every resident program of the grid in use (the
     groups fill COOPERATIVE_PROGRAMS_PER_SM programs an SM), many rounds a group, a NaN row,
-    against torch and bitwise the same on a second run."""
+    against torch and bitwise the same on a second run; the backward alike."""
     monkeypatch.setattr(config, "COOPERATIVE", True)
     rows, cols = 1000, 128256
     x = (3 * torch.randn(rows, cols, device="cuda")).to(dtype)
@@ -885,3 +946,13 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     keep[5] = False
     expected = torch.softmax(x[keep].double(), -1)
     assert_within_torch_error(y[keep], torch.softmax(x[keep].float(), -1).to(dtype), expected.cpu().numpy())
+    # the backward at the same shape (32 chunks of 4016: 12 groups of 32 at 132 SMs)
+    y, dy = y[keep], torch.randn_like(y[keep])
+    dx = poisoned(y.shape, dtype, "cuda")
+    assert isinstance(launch_softmax_bwd(y, dy, dx, False), config.CooperativeConfig)
+    again = poisoned(y.shape, dtype, "cuda")
+    launch_softmax_bwd(y, dy, again, False)
+    assert torch.equal(dx, again)
+    y64 = y.double()
+    expected = y64 * (dy.double() - (dy.double() * y64).sum(-1, keepdim=True))
+    assert_matches(dx, expected.cpu().numpy(), 2e-2, 2e-2, what="cooperative backward on the GPU")

@@ -134,23 +134,27 @@ def test_model_matches_interpreter(op, dtype, shape, forced, path, launches):
 
 
 @interpreter_only
-@pytest.mark.parametrize("op", ["softmax_fwd", "log_softmax_fwd"])
+@pytest.mark.parametrize("op", ["softmax_fwd", "log_softmax_fwd", "softmax_bwd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_matches_interpreter_cooperative(op, dtype, launches):
-    """The cooperative forward: the model counts the GPU's one launch; the interpreter runs its
-    two halves, which read the rows once more. Everything else the same, exactly."""
+    """The cooperative paths: the model counts the GPU's one launch; the interpreter runs its
+    two halves, which read the rows once more (forward: x; backward: y and dy). Everything
+    else the same, exactly."""
     rows, cols = SHORT
     x = (3 * torch.randn(rows, cols)).to(dtype)
+    dy = torch.randn(rows, cols).to(dtype)
     with config.force_cooperative(32, 12):
         model = ours(op, rows, cols, dtype, SMS)
-        call = _call(op, x, None, None)
+        call = _call(op, x, None, dy)
         launches.clear()
         with TrafficCounter() as counted:
             call()
     assert model.path == "cooperative"
     assert model.launches + 1 == len(launches) == 2, launches
-    assert model.bytes + rows * cols * x.element_size() == counted.bytes_moved
-    assert model.bytes - min_bytes(op, rows, cols, x.element_size()) == rows * 5 * 2 * 4 * (1 + 5)  # the partials
+    arrays = 2 if op == "softmax_bwd" else 1
+    assert model.bytes + arrays * rows * cols * x.element_size() == counted.bytes_moved
+    fields = 1 if op == "softmax_bwd" else 2  # partials a chunk: (max, sum), or the backward's sum
+    assert model.bytes - min_bytes(op, rows, cols, x.element_size()) == rows * 5 * fields * 4 * (1 + 5)
 
 
 @pytest.mark.parametrize(
@@ -222,14 +226,18 @@ def test_bad_arguments():
 
 
 def test_cooperative_path_at_gpu_shapes(monkeypatch):
-    """With SOFTMAX_GPU_COOPERATIVE=1 the softmax forward's long rows (more than half the SM
-    count of them) are read once, in one launch: the partials (each chunk reads its row's 2 x chunks from L2) add under 1%. The backward,
-    and few rows, keep their paths."""
+    """With SOFTMAX_GPU_COOPERATIVE=1 the softmax forward's and backward's long rows (more than
+    half the SM count of them) are read once, in one launch: the partials (each chunk reads its
+    row's from L2) add under 1%. Rows that fit a block, and few rows, keep their paths."""
     monkeypatch.setattr(config, "COOPERATIVE", True)
     for cols in (50257, 128256, 151936, 262144):
         model = ours("softmax_fwd", 4096, cols, torch.bfloat16, 132)
         assert (model.path, model.launches) == ("cooperative", 1)
         assert 1 < model.bytes / min_bytes("softmax_fwd", 4096, cols, 2) < 1.01
-    assert ours("softmax_bwd", 4096, 128256, torch.bfloat16, 132).path == "looped"
+    for cols in (32000, 128256):
+        model = ours("softmax_bwd", 4096, cols, torch.bfloat16, 132)
+        assert (model.path, model.launches) == ("cooperative", 1)
+        assert 1 < model.bytes / min_bytes("softmax_bwd", 4096, cols, 2) < 1.01
+    assert ours("softmax_bwd", 4096, 16384, torch.bfloat16, 132).path == "single"
     assert ours("softmax_fwd", 32, 128256, torch.bfloat16, 132).path == "split"
     assert ours("softmax_fwd", 4096, 32000, torch.bfloat16, 132).path == "single"

@@ -14,6 +14,7 @@ from .. import config
 from ..checks import check_floating, check_out_dtype, normalize_dim
 from ..kernels.softmax import (
     softmax_bwd_kernel,
+    softmax_cooperative_bwd_kernel,
     softmax_cooperative_fwd_kernel,
     softmax_fwd_kernel,
     softmax_split_bwd_kernel,
@@ -89,14 +90,15 @@ def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
     out = tensors[-1]
     n_rows, n_cols = out.shape
     key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), log, str(out.device),
-           config._block_limit, config._split_chunk, config._cooperative)  # fmt: skip
+           config._block_limit, config._split_chunk, config._cooperative, config.COOPERATIVE)  # fmt: skip
     plan = cached_plan(key)
     if plan is None:
         sms = config.sm_count(out.device)
         split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block, sms=sms)
         coop = None
-        if split is None and name == "softmax_fwd":
-            coop = config.cooperative_rows(n_rows, n_cols, out.element_size(), max_block, sms=sms)
+        if split is None:
+            coop = config.cooperative_rows(n_rows, n_cols, out.element_size(), max_block, sms=sms,
+                                           arrays=len(tensors) - 1)  # fmt: skip
         if coop is not None:
             coop, phases = _cooperative_static(tensors, log, coop)
             if coop.vec == 1:  # rows whose strides disagree modulo a vector: narrow loads spilled (sm_90)
@@ -138,17 +140,42 @@ def launch_softmax_cooperative_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, 
     return coop
 
 
+def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, log: bool,
+                                   coop: config.CooperativeConfig, static: Optional[tuple] = None):  # fmt: skip
+    """dx[r] = gradient of (log_)softmax at output y[r] for upstream dy[r] by cooperative groups
+    of programs, as launch_softmax_cooperative_fwd (softmax_cooperative_bwd_kernel). Bytes:
+    y and dy read and dx written once on a GPU (the interpreter's halves read dy twice and y
+    twice for softmax, once for log_softmax), plus n_rows * chunks partial sums written once
+    and read by each chunk."""
+    check_launchable(_op_name(log) + " backward", softmax_cooperative_bwd_kernel, y)
+    planned = static is not None
+    coop, phases = (coop, static) if planned else _cooperative_static((y, dy, dx), log, coop)
+    part = torch.empty((y.shape[0], coop.chunks), dtype=torch.float32, device=y.device)
+    grid = (coop.programs,)
+    with device_guard(y):
+        if len(phases) == 1:
+            counter = torch.zeros(coop.groups, dtype=torch.int32, device=y.device)
+            launch(softmax_cooperative_bwd_kernel, grid, phases[0], planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
+                   part_ptr=part, counter_ptr=counter)  # fmt: skip
+        else:
+            for phase in phases:
+                launch(softmax_cooperative_bwd_kernel, grid, phase, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
+                       part_ptr=part, counter_ptr=part)  # fmt: skip
+    return coop
+
+
 def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> tuple:
     """(coop with its vectors, the kernel's arguments besides the pointers for each launch:
     one cooperative launch (PHASE 0) of the compiled kernel, the two halves (PHASE 1, 2) in
-    Triton's interpreter)."""
-    x, y = tensors
-    n_rows, n_cols = y.shape
+    Triton's interpreter), for rows through `tensors`: (x, y) forward, (y, dy, dx) backward."""
+    out = tensors[-1]
+    n_rows, n_cols = out.shape
     coop = config.vectors(coop, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
-    common = dict(x_row_stride=x.stride(0), y_row_stride=y.stride(0), n_rows=n_rows, n_cols=n_cols,
-                  chunk_cols=coop.chunk_cols, n_chunks=coop.chunks, LOG=log, BLOCK_N=coop.block_n,
-                  CHUNKS_BLOCK=coop.chunks_block, VEC=coop.vec, HAS_EDGE=coop.edge, num_warps=coop.num_warps,
-                  maxnreg=coop.maxnreg)  # fmt: skip
+    names = ("x", "y") if len(tensors) == 2 else ("y", "dy", "dx")
+    common = {f"{name}_row_stride": t.stride(0) for name, t in zip(names, tensors)}
+    common.update(n_rows=n_rows, n_cols=n_cols, chunk_cols=coop.chunk_cols, n_chunks=coop.chunks, LOG=log,
+                  BLOCK_N=coop.block_n, CHUNKS_BLOCK=coop.chunks_block, VEC=coop.vec, HAS_EDGE=coop.edge,
+                  num_warps=coop.num_warps, maxnreg=coop.maxnreg)  # fmt: skip
     # (the kernels module's own object: a tool may have replaced this module's name)
     if interpreted(softmax_kernels.softmax_cooperative_fwd_kernel):  # no program may wait on another
         return coop, (dict(common, PHASE=1), dict(common, PHASE=2))
@@ -170,6 +197,8 @@ def launch_softmax_bwd(
                                         config.LOOP_BLOCK_SOFTMAX_BWD)  # fmt: skip
         if kind == "split":
             return launch_softmax_split_bwd(y, dy, dx, log, cfg, static)
+        if kind == "cooperative":
+            return launch_softmax_cooperative_bwd(y, dy, dx, log, cfg, static)
     else:
         cfg = _row_config((y, dy, dx), config.MAX_BLOCK_SOFTMAX_BWD, config.LOOP_BLOCK_SOFTMAX_BWD, cfg)
         static = _static((y, dy, dx), log, cfg)
