@@ -1048,11 +1048,11 @@ _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "i64": 8, "i32": 4}
 
 
 def resident_programs(report: "Report") -> int:
-    """How many programs of this compiled kernel one SM holds at once."""
-    warps = report.variant.num_warps
-    by_regs = 65536 // (-(-max(report.regs, 1) // 8) * 8 * 32 * warps)
-    by_smem = SM_LIMITS[report.arch] // (report.shared + 1024)
-    return max(0, min(32, 64 // warps, by_regs, by_smem))
+    """How many programs of this compiled kernel one SM holds at once (softmax_gpu.runtime's
+    rule, which the cooperative launchers apply to the kernel they compiled)."""
+    from softmax_gpu.runtime import resident_programs as rule
+
+    return rule(report.regs, report.shared, report.variant.num_warps, shared_per_sm=SM_LIMITS[report.arch])
 
 
 def occupancy(report: "Report", grid: tuple) -> str:

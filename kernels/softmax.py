@@ -636,9 +636,12 @@ def softmax_split_bwd_kernel(
 # and the grid is launched cooperatively (launch_cooperative_grid: the driver guarantees that
 # every program is resident at once, or refuses the launch), so every program it waits on is
 # running and reaches that row after the rows before it, which its whole group has finished:
-# no wait can last forever. Partials are per row (never reused within a launch), the counter
-# is zeroed per launch, and a program's partial stores come before its release on the counter
-# (the barrier), the acquire before its partial loads, which bypass L1 (L2_ONLY).
+# no wait can last forever. Partials are per row (never reused within a launch) and the
+# counter is zeroed per launch. Ordering: Triton stores a program's scalar partials from one
+# thread, the same that then makes the acq_rel atomic (the barrier before it also orders any
+# other thread's stores); the acquire comes before a barrier after which every thread loads
+# the row's partials, bypassing L1 (L2_ONLY). With TRITON_DEBUG=1 a wait that polls 2^30
+# times fails a device assert instead of hanging.
 #
 # Triton's interpreter runs programs one after another, so no program there may wait on
 # another: it runs the kernel twice, PHASE 1 (publish the partials) then PHASE 2 (reload the
@@ -653,8 +656,11 @@ def wait_for_group(counter_ptr, arrivals):
     later loads after every other program's release."""
     tl.debug_barrier()
     seen = tl.atomic_add(counter_ptr, 1, sem="acq_rel") + 1
+    polls = 0
     while seen < arrivals:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire")
+        polls += 1
+        tl.device_assert(polls < 1 << 30, "softmax_gpu: a cooperative group's wait did not end")
 
 
 @triton.jit
@@ -686,12 +692,13 @@ def softmax_cooperative_fwd_kernel(
     PHASE: 0 the one cooperative launch; 1 and 2 its halves for the interpreter.
     A row that is -inf everywhere gives NaN, a NaN makes its row NaN, as in torch.
 
-    Roofline at 4096 x 128256 bf16 (16 chunks of 8016 columns a row, 33 groups on an H100's
-    132 SMs at 4 programs an SM, 125 rows a group): 1.05 GB read + 1.05 GB written = 2.10 GB,
+    Roofline at 4096 x 128256 bf16 (16 chunks of 8016 columns a row, 24 groups on an H100's
+    132 SMs at 3 programs an SM, 171 rows a group): 1.05 GB read + 1.05 GB written = 2.10 GB,
     700 us at 3.0 TB/s (H100), 489 us at 4.3 TB/s (H200); partials 4096 x 16 x 8 B = 0.5 MB
     written, read 16 times from L2; per row and program one atomic and the polls until its
-    group's slowest chunk arrives (~1-2 us), hidden while the SM's other 3 programs, at other
-    points of their own rows, keep 48 KiB in flight. The looped path moves 3.15 GB of requests
+    group's slowest chunk arrives (~1-2 us), hidden only while the SM's other 2 programs, at
+    other points of their own rows, keep 32 KiB in flight (Little's law wants ~18 KiB on an
+    H100, ~26 KiB on an H200). The looped path moves 3.15 GB of requests
     (1050 us / 733 us from DRAM; 680 us measured on the H200 with part of the second read
     from L2); the issue's target, 90% of copy, is 778 us (H100) / 543 us (H200). Not measured:
     no GPU has run this kernel yet.

@@ -608,7 +608,8 @@ def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int, 
 def force_cooperative(chunk_cols: int, programs: int):
     """Runs every 16-bit or float32 row longer than chunk_cols cooperatively inside the block, on
     a grid of at most `programs` programs, whatever the row count or SOFTMAX_GPU_COOPERATIVE
-    (where split_rows does not split it: no_split() to be sure). Meant for
+    (where split_rows does not split it: no_split() to be sure; rows whose strides disagree
+    modulo a 16-byte vector still take the one-program-a-row path). Meant for
     tests: small rows then take the cooperative path, several rounds of rows a group."""
     global _cooperative
     if chunk_cols < MIN_BLOCK_N or programs < 2:

@@ -34,6 +34,26 @@ def interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
+def resident_programs(n_regs: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                      shared_per_sm: int = 228 << 10, threads_per_sm: int = 2048) -> int:  # fmt: skip
+    """How many programs of a compiled kernel (registers a thread, bytes of shared memory, warps)
+    one SM holds at once, by the CUDA occupancy rules of sm_80 / sm_90: registers allocated a
+    warp at a time, 8 a thread at a time; 1 KiB of shared memory reserved a block; at most 32
+    blocks and threads_per_sm threads."""
+    by_regs = regs_per_sm // (-(-max(n_regs, 1) // 8) * 8 * 32 * num_warps)
+    by_smem = shared_per_sm // (shared + 1024)
+    return max(0, min(32, threads_per_sm // (32 * num_warps), by_regs, by_smem))
+
+
+def compiled_residency(compiled, device) -> int:
+    """resident_programs of a CompiledKernel on `device` (a CUDA device: its own limits)."""
+    props = torch.cuda.get_device_properties(device)
+    return resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                             getattr(props, "regs_per_multiprocessor", 65536),
+                             getattr(props, "shared_memory_per_multiprocessor", 228 << 10),
+                             getattr(props, "max_threads_per_multi_processor", 2048))  # fmt: skip
+
+
 def device_guard(x: torch.Tensor):
     """Makes x's GPU the current one for the launch (triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

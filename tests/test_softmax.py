@@ -929,19 +929,37 @@ def launch_plan(name, rows, cols, itemsize):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     """The shipped configuration on the card: every resident program of the grid in use (the
-    groups fill COOPERATIVE_PROGRAMS_PER_SM programs an SM), many rounds a group, a NaN row,
-    against torch and bitwise the same on a second run; the backward alike."""
+    groups fill COOPERATIVE_PROGRAMS_PER_SM programs an SM), many rounds a group, a NaN row;
+    partials poisoned with NaN before each launch (a program that read its row's partials
+    before its group had written them would turn the row NaN); against float64 torch, bitwise
+    the same on a second run and through a CUDA graph (how the benchmark times it). The
+    backward alike."""
+    import softmax_gpu.ops.softmax as sm
+
     monkeypatch.setattr(config, "COOPERATIVE", True)
+    monkeypatch.setattr(sm, "_partials", lambda shape, device: torch.full(shape, float("nan"), device=device))
     rows, cols = 1000, 128256
     x = (3 * torch.randn(rows, cols, device="cuda")).to(dtype)
     x[5, 77] = float("nan")
-    coop = config.cooperative_rows(rows, cols, x.element_size(), config.MAX_BLOCK_SOFTMAX_FWD,
-                                   sms=config.sm_count(x.device))  # fmt: skip
-    assert coop is not None and coop.programs > (config.COOPERATIVE_PROGRAMS_PER_SM - 1) * config.sm_count(x.device)
-    y = softmax_gpu.softmax(x)
+    y = poisoned((rows, cols), dtype, "cuda")
+    coop = launch_softmax_fwd(x, y, False)
+    assert isinstance(coop, config.CooperativeConfig) and coop.chunks == 16
+    assert coop.programs > (config.COOPERATIVE_PROGRAMS_PER_SM - 1) * config.sm_count(x.device)
     again = softmax_gpu.softmax(x)
     assert torch.equal(y.isnan(), again.isnan()) and torch.equal(y.nan_to_num(), again.nan_to_num())
     assert y[5].isnan().all() and not y[[4, 6]].isnan().any()
+    graph_out = poisoned((rows, cols), dtype, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        launch_softmax_fwd(x, graph_out, False)  # (plan and compile outside the capture)
+        with torch.cuda.graph(graph, stream=stream):
+            launch_softmax_fwd(x, graph_out, False)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph_out.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(y.nan_to_num(), graph_out.nan_to_num()) and torch.equal(y.isnan(), graph_out.isnan())
     keep = torch.ones(rows, dtype=torch.bool, device="cuda")
     keep[5] = False
     expected = torch.softmax(x[keep].double(), -1)
@@ -949,7 +967,8 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     # the backward at the same shape (32 chunks of 4016: 12 groups of 32 at 132 SMs)
     y, dy = y[keep], torch.randn_like(y[keep])
     dx = poisoned(y.shape, dtype, "cuda")
-    assert isinstance(launch_softmax_bwd(y, dy, dx, False), config.CooperativeConfig)
+    coop = launch_softmax_bwd(y, dy, dx, False)
+    assert isinstance(coop, config.CooperativeConfig) and coop.chunks == 32
     again = poisoned(y.shape, dtype, "cuda")
     launch_softmax_bwd(y, dy, again, False)
     assert torch.equal(dx, again)

@@ -5,6 +5,7 @@ Layers, top to bottom: launch_* fill preallocated 2-D outputs; the custom ops
 dim and allocate; autograd connects the two; softmax() / log_softmax() check the input
 and mirror torch.nn.functional.
 """
+import dataclasses
 from typing import Optional
 
 import torch
@@ -24,7 +25,7 @@ from ..kernels.softmax import (
 )
 from ..layout import as_rows, batch_first, from_rows
 from ..kernels import softmax as softmax_kernels
-from ..runtime import cached_plan, check_launchable, device_guard, interpreted, launch, remember_plan
+from ..runtime import cached_plan, check_launchable, compiled_residency, device_guard, interpreted, launch, remember_plan
 
 
 def _op_name(log: bool) -> str:
@@ -38,7 +39,8 @@ def launch_softmax_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, cfg: Optiona
     Bytes: 1 read + 1 write per element on the single-block path (rows up to 32768), 2 reads +
     1 write looped.
     Few long rows (config.split_rows) run split instead: launch_softmax_split_fwd, whose
-    SplitConfig is returned.
+    SplitConfig is returned; many long rows with SOFTMAX_GPU_COOPERATIVE=1 cooperatively:
+    launch_softmax_cooperative_fwd, whose CooperativeConfig is returned.
     """
     n_rows = x.shape[0]
     planned = cfg is None
@@ -84,9 +86,12 @@ def _row_config(tensors, max_block: int, loop_block: int, cfg=None) -> config.Ro
 
 def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
     """("split", SplitConfig with its vectors, its three kernels' other arguments
-    (_split_static)) for few long rows (config.split_rows), else ("rows", RowConfig, the
-    kernel's other arguments (_static)), for an eager launch through `tensors` (as
-    _row_config); stored per signature, with the config's test overrides in the key."""
+    (_split_static)) for few long rows (config.split_rows); ("cooperative", CooperativeConfig
+    with its vectors and groups, its launches' arguments (_cooperative_static)) for many long
+    rows with SOFTMAX_GPU_COOPERATIVE=1 (config.cooperative_rows); else ("rows", RowConfig,
+    the kernel's other arguments (_static)), for an eager launch through `tensors` (as
+    _row_config); stored per signature, with the switch and the config's test overrides in
+    the key."""
     out = tensors[-1]
     n_rows, n_cols = out.shape
     key = (name, n_rows, n_cols, *((t.dtype, t.stride(0)) for t in tensors), log, str(out.device),
@@ -101,7 +106,7 @@ def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
                                            arrays=len(tensors) - 1)  # fmt: skip
         if coop is not None:
             coop, phases = _cooperative_static(tensors, log, coop)
-            if coop.vec == 1:  # rows whose strides disagree modulo a vector: narrow loads spilled (sm_90)
+            if coop is not None and coop.vec == 1:  # rows whose strides disagree modulo a vector: narrow loads spilled
                 coop = None
         if split is not None:
             plan = ("split", *_split_static(tensors, log, split))
@@ -126,7 +131,9 @@ def launch_softmax_cooperative_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, 
     check_launchable(_op_name(log), softmax_cooperative_fwd_kernel, x)
     planned = static is not None
     coop, phases = (coop, static) if planned else _cooperative_static((x, y), log, coop)
-    part = torch.empty((x.shape[0], 2, coop.chunks), dtype=torch.float32, device=x.device)
+    if coop is None:
+        raise ValueError("launch_softmax_cooperative_fwd: the chunks do not fit the GPU's resident programs")
+    part = _partials((x.shape[0], 2, coop.chunks), x.device)
     grid = (coop.programs,)
     with device_guard(x):
         if len(phases) == 1:
@@ -150,7 +157,9 @@ def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.
     check_launchable(_op_name(log) + " backward", softmax_cooperative_bwd_kernel, y)
     planned = static is not None
     coop, phases = (coop, static) if planned else _cooperative_static((y, dy, dx), log, coop)
-    part = torch.empty((y.shape[0], coop.chunks), dtype=torch.float32, device=y.device)
+    if coop is None:
+        raise ValueError("launch_softmax_cooperative_bwd: the chunks do not fit the GPU's resident programs")
+    part = _partials((y.shape[0], coop.chunks), y.device)
     grid = (coop.programs,)
     with device_guard(y):
         if len(phases) == 1:
@@ -164,10 +173,18 @@ def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.
     return coop
 
 
+def _partials(shape, device) -> torch.Tensor:
+    """The cooperative launches' float32 partials, written before they are read (a test may
+    poison them: a wait that let a program read too early would then give NaN)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> tuple:
     """(coop with its vectors, the kernel's arguments besides the pointers for each launch:
     one cooperative launch (PHASE 0) of the compiled kernel, the two halves (PHASE 1, 2) in
-    Triton's interpreter), for rows through `tensors`: (x, y) forward, (y, dy, dx) backward."""
+    Triton's interpreter), for rows through `tensors`: (x, y) forward, (y, dy, dx) backward.
+    On CUDA the kernel is compiled here (Triton's warmup) and the groups cut to the programs
+    its registers and shared memory leave resident; (None, None) when not even one group fits."""
     out = tensors[-1]
     n_rows, n_cols = out.shape
     coop = config.vectors(coop, n_rows, n_cols, [(t.element_size(), t.stride(0)) for t in tensors])
@@ -176,10 +193,26 @@ def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> t
     common.update(n_rows=n_rows, n_cols=n_cols, chunk_cols=coop.chunk_cols, n_chunks=coop.chunks, LOG=log,
                   BLOCK_N=coop.block_n, CHUNKS_BLOCK=coop.chunks_block, VEC=coop.vec, HAS_EDGE=coop.edge,
                   num_warps=coop.num_warps, maxnreg=coop.maxnreg)  # fmt: skip
-    # (the kernels module's own object: a tool may have replaced this module's name)
-    if interpreted(softmax_kernels.softmax_cooperative_fwd_kernel):  # no program may wait on another
+    # (the kernels module's own objects: a tool may have replaced this module's names)
+    kernel = softmax_kernels.softmax_cooperative_fwd_kernel if len(tensors) == 2 else \
+        softmax_kernels.softmax_cooperative_bwd_kernel  # fmt: skip
+    if interpreted(kernel):  # no program may wait on another
         return coop, (dict(common, PHASE=1), dict(common, PHASE=2))
-    return coop, (dict(common, PHASE=0, launch_cooperative_grid=True),)
+    static = dict(common, PHASE=0, launch_cooperative_grid=True)
+    if out.device.type == "cuda":
+        # Every program must be resident at once: size the groups by what the compiled kernel
+        # leaves an SM (config assumes COOPERATIVE_PROGRAMS_PER_SM; a Triton setting that drops
+        # the register cap, as its instrumentation mode does, would leave fewer).
+        f32 = dict(dtype=torch.float32, device=out.device)  # (the partials' and counters' types and alignment)
+        pointers = {f"{name}_ptr": t for name, t in zip(names, tensors)}
+        compiled = kernel.warmup(**pointers, part_ptr=torch.empty(4, **f32),
+                                 counter_ptr=torch.zeros(4, dtype=torch.int32, device=out.device), grid=(1,), **static)
+        per_sm = min(config.COOPERATIVE_PROGRAMS_PER_SM, compiled_residency(compiled, out.device))
+        groups = min(coop.groups, per_sm * config.sm_count(out.device) // coop.chunks)
+        if groups < 1:
+            return None, None
+        coop = dataclasses.replace(coop, groups=groups)
+    return coop, (static,)
 
 
 def launch_softmax_bwd(
@@ -188,7 +221,8 @@ def launch_softmax_bwd(
     """dx[r] = gradient of (log_)softmax at output y[r] for upstream dy[r]; returns the RowConfig used.
 
     Bytes: 2 reads + 1 write per element on the single-block path. Few long rows run split
-    (launch_softmax_split_bwd, whose SplitConfig is returned).
+    (launch_softmax_split_bwd, whose SplitConfig is returned); many long rows with
+    SOFTMAX_GPU_COOPERATIVE=1 cooperatively (launch_softmax_cooperative_bwd: a CooperativeConfig).
     """
     n_rows = y.shape[0]
     planned = cfg is None
