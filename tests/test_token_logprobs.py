@@ -4,7 +4,6 @@ the entropy of the float64 softmax), outputs and gradients, for every dtype, tem
 ignored positions, bad tokens and NaN rows; the linear form against F.linear then the same,
 across several chunks (config.linear_limit)."""
 import contextlib
-import itertools
 
 import pytest
 import torch

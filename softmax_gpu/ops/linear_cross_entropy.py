@@ -517,7 +517,7 @@ def _forward(
     """(loss per row, lse, row maxima, packed statistics), float32, for input (N, H),
     linear_weight (V, H), target (N,) class indices or (N, V) probabilities: the low-memory
     forward. The last two are what the backward reads."""
-    n_rows, n_classes = input.shape[0], linear_weight.shape[0]
+    n_classes = linear_weight.shape[0]
     _check_class_indices(target, n_classes, ignore_index)
     options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
     row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, options, buffer_bytes)
