@@ -5,8 +5,9 @@
 # switches (docs/benchmark.md): SOFTMAX_GPU_CE_FORWARD_PATH=0 (the gradient-free
 # cross-entropy forward on the gradient's configurations) and SOFTMAX_GPU_DIRECT_LAUNCH=0
 # (every launch through JITFunction.run: eager times only). The after run also sets
-# SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's and backward's long rows read once by
-# cooperative groups of programs; off by default until a run like this one has measured it),
+# SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's and backward's long rows, and cross-entropy's
+# with its gradient, read once by cooperative groups of programs; off by default until a run
+# like this one has measured it),
 # and adds the softmax forward and backward at the long-row shapes. Run it after
 # bench/device_check.sh, in the same lease (about 3 minutes on an H100: 52 cases, twice).
 #

@@ -579,20 +579,21 @@ def split_variants(quick: bool):
 def cooperative_variants(quick: bool):
     """The cooperative softmax forward and backward (SOFTMAX_GPU_COOPERATIVE=1;
     config.cooperative_rows): each one's block (every row they take is cut into chunks of at
-    most COOPERATIVE_CHUNK, half that in the backward, so BLOCK_N is that width, as the
-    widest rows with the most chunks give it here) under the cap that fits COOPERATIVE_PROGRAMS_PER_SM programs
+    most its family's chunk (config.COOPERATIVE_*), so BLOCK_N is that width, as the
+    widest rows with the most chunks give it here) under the cap that fits the family's per_sm programs
     an SM, softmax and log_softmax, with and without the head/tail edge (rows whose strides
     disagree modulo a vector loop instead: unvectorised, it spilled), merging the most partials a step
     (SPLIT_MAX_CHUNKS). The GPU's one launch (PHASE 0) only: the halves are the interpreter's.
     float32 and bfloat16 (float16 compiles to bfloat16's code)."""
     from softmax_gpu import config
 
-    widest = {}
-    for arrays, family in ((1, config.MAX_BLOCK_SOFTMAX_FWD), (2, config.MAX_BLOCK_SOFTMAX_BWD)):
-        chunk = config.COOPERATIVE_CHUNK // arrays
-        with config.force_cooperative(chunk, 10**6):  # (the widest rows, whatever SOFTMAX_GPU_COOPERATIVE says)
-            widest[arrays] = config.cooperative_rows(10**4, config.SPLIT_MAX_CHUNKS * chunk, 4, family, arrays=arrays)
-    cfg, bwd = widest[1], widest[2]
+    def widest(family, max_block):  # the most chunks a row, whatever SOFTMAX_GPU_COOPERATIVE says
+        with config.force_cooperative(family.chunk, 10**6):
+            return config.cooperative_rows(10**4, config.SPLIT_MAX_CHUNKS * family.chunk, 4, max_block, family)
+
+    cfg = widest(config.COOPERATIVE_SOFTMAX_FWD, config.MAX_BLOCK_SOFTMAX_FWD)
+    bwd = widest(config.COOPERATIVE_SOFTMAX_BWD, config.MAX_BLOCK_SOFTMAX_BWD)
+    ce = widest(config.COOPERATIVE_CROSS_ENTROPY, config.MAX_BLOCK_CROSS_ENTROPY_PLAIN)
     for dtype in ("fp32", "bf16"):
         ptr = DTYPES[dtype]
         vec = 16 // (int(ptr[-2:]) // 8)
@@ -620,6 +621,29 @@ def cooperative_variants(quick: bool):
                 yield Variant("softmax_gpu.kernels.softmax", "softmax_cooperative_bwd_kernel", dtype,
                               bwd_sig + tuple((k, "constexpr") for k, _ in meta), meta, bwd.num_warps,
                               aligned=aligned, maxnreg=bwd.maxnreg)  # fmt: skip
+        # cross-entropy with its gradient (the plain loss): every option set it takes and every
+        # reduction, with and without the edge; int64 class indices (int32 for the default set)
+        for (z_loss, softcap), reduce, (v, edge), target in itertools.product(
+                ((True, True),) if quick else ((False, False), (True, False), (False, True), (True, True)),
+                (2,) if quick else (0, 1, 2), layouts, ("*i64", "*i32")):  # fmt: skip
+            if target == "*i32" and (z_loss or softcap or reduce != 2):
+                continue
+            ce_sig = (("logits_ptr", ptr), ("target_ptr", target), ("loss_ptr", "*fp32"), ("lse_ptr", "*fp32"),
+                      ("grad_ptr", ptr), ("reduced_ptr", "*fp32"), ("counter_ptr", "*i32"),
+                      ("grad_divisor_ptr", "*fp32"), ("part_ptr", "*fp32"), ("group_counter_ptr", "*i32"),
+                      ("logits_row_stride", "i64"), ("target_row_stride", "constexpr"), ("grad_row_stride", "i64"),
+                      ("n_rows", "i32"), ("n_cols", "i32"), ("chunk_cols", "i32"), ("n_chunks", "i32"),
+                      ("ignore_index", "i32"), ("z_loss", "fp32"), ("softcap", "fp32"))  # fmt: skip
+            meta = (("target_row_stride", 1), ("HAS_Z_LOSS", z_loss), ("HAS_SOFTCAP", softcap),
+                    ("DIVIDE_GRAD", reduce == 2), ("REDUCE", reduce), ("BLOCK_N", ce.block_n),
+                    ("CHUNKS_BLOCK", ce.chunks_block), ("REDUCE_BLOCK", config.reduce_block(ce.num_warps)),
+                    ("PHASE", 0), ("VEC", v), ("HAS_EDGE", edge))  # fmt: skip
+            whole = not edge
+            aligned = ("logits_ptr", "target_ptr", "grad_ptr", "part_ptr", "counter_ptr", "group_counter_ptr",
+                       "chunk_cols") + (("logits_row_stride", "grad_row_stride", "n_cols") if whole else ())
+            yield Variant("softmax_gpu.kernels.cross_entropy", "cross_entropy_cooperative_kernel", dtype,
+                          ce_sig + tuple((k, "constexpr") for k, _ in meta[1:]), meta, ce.num_warps, aligned=aligned,
+                          maxnreg=ce.maxnreg)  # fmt: skip
 
 
 def all_variants(quick: bool):

@@ -145,7 +145,7 @@ def _softmax_forward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     if split is not None:
         partials = rows * split.chunks * 2 * ACC_BYTES
         return Traffic("split", 2, 3 * element + partials * (1 + split.chunks))
-    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_FWD, sms=sms)
+    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_FWD, config.COOPERATIVE_SOFTMAX_FWD, sms=sms)
     if coop is not None:  # the GPU's one launch (the interpreter runs two halves, reading the rows twice)
         partials = rows * coop.chunks * 2 * ACC_BYTES
         return Traffic("cooperative", 1, 2 * element + partials * (1 + coop.chunks))
@@ -174,7 +174,7 @@ def _softmax_backward(rows: int, cols: int, size: int, sms: int) -> Traffic:
     if split is not None:
         partials = rows * split.chunks * ACC_BYTES
         return Traffic("split", 2, 5 * element + partials * (1 + split.chunks))
-    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_BWD, sms=sms, arrays=2)
+    coop = config.cooperative_rows(rows, cols, size, config.MAX_BLOCK_SOFTMAX_BWD, config.COOPERATIVE_SOFTMAX_BWD, sms=sms)
     if coop is not None:  # the GPU's one launch (the interpreter's halves read dy and y twice)
         partials = rows * coop.chunks * ACC_BYTES
         return Traffic("cooperative", 1, 3 * element + partials * (1 + coop.chunks))
@@ -204,6 +204,15 @@ def _cross_entropy_split(rows: int, cols: int, size: int, sms: int, streaming: b
                              sms=sms)  # fmt: skip
 
 
+def _cross_entropy_cooperative(rows: int, cols: int, size: int, sms: int):
+    """ops/cross_entropy.py's _cooperative_plan's layout for the plain loss with its gradient
+    on contiguous rows (whole vectors always agree), or None."""
+    from softmax_gpu import config
+
+    return config.cooperative_rows(rows, cols, size, config.max_block_cross_entropy_plain(size),
+                                   config.COOPERATIVE_CROSS_ENTROPY, sms=sms)  # fmt: skip
+
+
 def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferred: bool) -> Traffic:
     """cross_entropy(x, target) with reduction="mean": the forward (prepare + loss kernel, or
     the split stats + combine), and with grad the backward: the stored route's scale kernel
@@ -231,6 +240,19 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
         fwd_path = "split"
         forward = (element + rows * split.chunks * TARGET_BYTES + 2 * partials + rows * 2 * ACC_BYTES
                    + rows * 2 * TARGET_BYTES)  # fmt: skip
+    elif store_grad and _cross_entropy_cooperative(rows, cols, size, sms) is not None:
+        # Cooperative rows (SOFTMAX_GPU_COOPERATIVE=1), the GPU's one launch: the prepare
+        # kernel's targets; in the loss kernel every program a row reads the class index and
+        # the mean's total, the logits are read once and the gradient written once; 3
+        # partials a chunk written, each read by the row's chunks; the target's logit travels
+        # in them (no scalar load of it). The interpreter's two halves read the logits and
+        # the class indices once more.
+        coop = _cross_entropy_cooperative(rows, cols, size, sms)
+        partials = rows * coop.chunks * 3 * ACC_BYTES
+        fwd_path = "cooperative"
+        # (per_row below counts a load of the target's logit, which this path does not make)
+        forward = (2 * element + rows * TARGET_BYTES + rows * coop.chunks * (TARGET_BYTES + ACC_BYTES)
+                   + partials * (1 + coop.chunks) - rows * size)  # fmt: skip
     else:
         # Prepare: the targets read for the mean's total. Loss kernel: the targets read, the
         # logits once (twice for the body when it loops and writes the gradient), the gradient

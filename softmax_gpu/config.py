@@ -525,24 +525,41 @@ def force_split(chunk_cols: int):
 # ---------------------------------------------------------------------------------------
 # A row wider than the single block loops, reading it twice (the second read partly from L2:
 # 75% of copy at 4096 x 128256 bf16 on the H200 of 2026-12-04, against QuACK's 99% with
-# thread-block clusters). The cooperative softmax forward (kernels/softmax.py,
-# softmax_cooperative_fwd_kernel) cuts each row into `chunks` chunks of at most
-# COOPERATIVE_CHUNK elements and gives each chunk a program that keeps it in registers: the
-# grid is `groups` groups of `chunks` programs, every program resident at once (a
-# cooperative launch: the driver refuses a grid that cannot be), and group g takes rows g,
-# g + groups, ... in turn; its programs exchange only their chunks' (max, sum) through
-# global memory, each waiting on the group's counter. 1 read + 1 write of the row. The
-# backward (softmax_cooperative_bwd_kernel) holds y and dy in chunks half as wide.
-# COOPERATIVE_CHUNK elements on COOPERATIVE_WARPS warps is 32 values a thread (four 16-byte
-# loads in 16-bit, eight in float32), and the register cap fits COOPERATIVE_PROGRAMS_PER_SM
-# programs an SM (80 registers a thread; at 4 programs, 64, the block spilled 8-56 bytes):
-# 48 KiB of 16-bit rows in flight an SM, 96 KiB of float32. Rows whose strides disagree
-# modulo a 16-byte vector loop instead (unvectorised, the block spilled on sm_90).
+# thread-block clusters). The cooperative kernels (kernels/softmax.py: softmax_cooperative_fwd_kernel,
+# _bwd_kernel; kernels/cross_entropy.py: cross_entropy_cooperative_kernel) cut each row into
+# `chunks` chunks of at most the family's `chunk` elements and give each chunk a program that
+# keeps it in registers: the grid is `groups` groups of `chunks` programs, every program
+# resident at once (a cooperative launch: the driver refuses a grid that cannot be), and
+# group g takes rows g, g + groups, ... in turn; its programs exchange only their chunks'
+# statistics through global memory, each waiting on the group's counter. 1 read + 1 write of
+# the row. Rows whose strides disagree modulo a 16-byte vector loop instead (unvectorised,
+# the block spilled on sm_90).
 # Off unless SOFTMAX_GPU_COOPERATIVE=1: its spin-wait has not run on a GPU yet, and its
 # speed against the looped path is for a GPU run to measure (bench/before_after.sh).
-COOPERATIVE_CHUNK = 8192
-COOPERATIVE_WARPS = 8
-COOPERATIVE_PROGRAMS_PER_SM = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CooperativeFamily:
+    """A cooperative kernel's shape: chunks of at most `chunk` elements, `values` of them a
+    thread (so chunk / (32 values) warps), `per_sm` programs an SM (the register cap leaves
+    room for exactly that many)."""
+
+    chunk: int
+    values: int
+    per_sm: int
+
+
+# softmax forward: 32 values a thread on 8 warps (four 16-byte loads in 16-bit, eight in
+# float32) under 80 registers, 3 programs an SM (at 4, 64 registers, the block spilled 8-56
+# bytes): 48 KiB of 16-bit rows in flight an SM, 96 KiB of float32.
+COOPERATIVE_SOFTMAX_FWD = CooperativeFamily(chunk=8192, values=32, per_sm=3)
+# softmax backward: y and dy, 16 values of each a thread on 8 warps, 80 registers.
+COOPERATIVE_SOFTMAX_BWD = CooperativeFamily(chunk=4096, values=16, per_sm=3)
+# cross-entropy with its gradient keeps more a value (about 4.5 registers each against the
+# softmax's 2.5): 32 values a thread on 4 warps under 168 registers, 3 programs an SM, 24 KiB
+# of 16-bit logits in flight an SM (16 values on 8 warps under 80 spilled 8 bytes in 9 of 52
+# variants on sm_90; 32 on 8 warps under 128, in 43).
+COOPERATIVE_CROSS_ENTROPY = CooperativeFamily(chunk=4096, values=32, per_sm=3)
 COOPERATIVE = os.environ.get("SOFTMAX_GPU_COOPERATIVE", "0") == "1"
 
 _cooperative = None  # (chunk columns, programs) set only by force_cooperative(), for tests
@@ -564,6 +581,7 @@ class CooperativeConfig:
     groups: int
     vec: int = 1
     edge: bool = False
+    per_sm: int = COOPERATIVE_SOFTMAX_FWD.per_sm  # programs an SM the register cap leaves room for
 
     @property
     def programs(self) -> int:
@@ -571,20 +589,19 @@ class CooperativeConfig:
 
     @property
     def maxnreg(self) -> int:
-        """The cap that fits COOPERATIVE_PROGRAMS_PER_SM programs on an SM's registers (a
-        multiple of 8: registers are allocated 8 a thread at a time, so 85 would take 88)."""
-        return min(255, REGISTERS_PER_SM // (COOPERATIVE_PROGRAMS_PER_SM * 32 * self.num_warps) // 8 * 8)
+        """The cap that fits per_sm programs on an SM's registers (a multiple of 8: registers
+        are allocated 8 a thread at a time, so 85 would take 88)."""
+        return min(255, REGISTERS_PER_SM // (self.per_sm * 32 * self.num_warps) // 8 * 8)
 
 
-def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int, sms: int = DEFAULT_SM_COUNT,
-                     arrays: int = 1) -> Optional[CooperativeConfig]:  # fmt: skip
+def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int, family: CooperativeFamily,
+                     sms: int = DEFAULT_SM_COUNT) -> Optional[CooperativeConfig]:  # fmt: skip
     """The cooperative layout for rows of n_cols elements of a kernel family whose single
     block holds max_block_n (config above), or None: only with SOFTMAX_GPU_COOPERATIVE=1 (or
     force_cooperative), for rows that would loop, in 16-bit or float32 (float64 is for
     checking), when there are more than sms / 2 of them (fewer split: split_rows), and in at
-    most SPLIT_MAX_CHUNKS chunks that all fit the grid (COOPERATIVE_PROGRAMS_PER_SM x sms).
-    arrays: the row arrays a program holds (the backward: y and dy, in chunks half as wide,
-    the same 32 values a thread)."""
+    most SPLIT_MAX_CHUNKS chunks of at most family.chunk that all fit the grid (family.per_sm
+    x sms programs)."""
     if itemsize > 4:
         return None
     if _cooperative is not None:
@@ -592,16 +609,17 @@ def cooperative_rows(n_rows: int, n_cols: int, itemsize: int, max_block_n: int, 
     else:
         if not COOPERATIVE or n_cols <= block_cap(max_block_n, itemsize) or 2 * n_rows <= sms:
             return None
-        chunk_target, programs = COOPERATIVE_CHUNK // arrays, COOPERATIVE_PROGRAMS_PER_SM * sms
+        chunk_target, programs = family.chunk, family.per_sm * sms
     chunks = -(-n_cols // chunk_target)
     chunk_cols = -(-(-(-n_cols // chunks)) // 16) * 16  # as even as whole 16-element steps allow
     chunks = -(-n_cols // chunk_cols)
     if chunks < 2 or chunks > min(programs, SPLIT_MAX_CHUNKS) or n_rows < 1:
         return None
     block_n = next_power_of_2(chunk_cols)
-    warps = warps_for(block_n, 4, COOPERATIVE_CHUNK // (32 * COOPERATIVE_WARPS * arrays))
+    warps = max(1, min(32, block_n // (32 * family.values)))
     groups = min(n_rows, programs // chunks)
-    return CooperativeConfig(block_n, warps, chunk_cols, chunks, min(next_power_of_2(chunks), SPLIT_MAX_CHUNKS), groups)
+    return CooperativeConfig(block_n, warps, chunk_cols, chunks, min(next_power_of_2(chunks), SPLIT_MAX_CHUNKS), groups,
+                             per_sm=family.per_sm)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -54,6 +54,21 @@ def compiled_residency(compiled, device) -> int:
                              getattr(props, "max_threads_per_multi_processor", 2048))  # fmt: skip
 
 
+def fit_cooperative(kernel, coop, device, args: dict):
+    """coop (a config.CooperativeConfig) with its groups cut to what the card keeps resident of
+    `kernel` compiled for these launch arguments (pointers included: Triton's warmup compiles
+    it, or finds it compiled), at most coop.per_sm programs an SM; None when not one group
+    fits. Every program of a cooperative launch must be resident at once."""
+    import dataclasses
+
+    from . import config
+
+    compiled = kernel.warmup(grid=(1,), **args)
+    per_sm = min(coop.per_sm, compiled_residency(compiled, device))
+    groups = min(coop.groups, per_sm * config.sm_count(device) // coop.chunks)
+    return dataclasses.replace(coop, groups=groups) if groups >= 1 else None
+
+
 def device_guard(x: torch.Tensor):
     """Makes x's GPU the current one for the launch (triton launches on the current device)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

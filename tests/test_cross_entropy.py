@@ -1499,3 +1499,178 @@ def test_zero_classes_as_torch(dtype, monkeypatch):
                                          inplace_backward=True)  # fmt: skip
         loss.backward()
     assert loss.item() == 0 and logits.grad.shape == (4, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Cooperative rows: the plain loss with its gradient, a long row held by a group of programs
+# ---------------------------------------------------------------------------------------
+# config.force_cooperative(chunk, programs) as in tests/test_softmax.py: in Triton's
+# interpreter the kernel's two halves, on a GPU the one cooperative launch.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cooperative_rows_every_option_it_takes(dtype, reduction, device):
+    """Forced cooperative rows (chunks of 48 classes, 2 groups a grid, several rows a group)
+    against float64 torch: class indices with an ignored row and a row whose target is the
+    last class, z-loss, a soft cap, another ignore_index, int32 targets; loss and gradient,
+    per-row upstream factors for "none". Options it does not take (weights, smoothing,
+    probability targets) keep their paths and still agree."""
+    n, c = 7, 150
+    logits = (3 * torch.randn(n, c, device=device)).to(dtype)
+    cases = [dict(), dict(z_loss=1e-3), dict(softcap=5.0), dict(z_loss=1e-3, softcap=4.0, ignore_index=5),
+             dict(int32=True), dict(label_smoothing=0.1), dict(weight=torch.rand(c, device=device) + 0.1)]
+    for kw in cases:
+        kw = dict(kw)
+        target = torch.randint(0, c, (n,), device=device)
+        target[1], target[2], target[3] = kw.get("ignore_index", -100), 5, c - 1
+        if kw.pop("int32", False):
+            target = target.int()
+        upstream = torch.randn(n, device=device) if reduction == "none" else None
+        with config.force_cooperative(48, 8):
+            plan = softmax_gpu.ops.cross_entropy._cooperative_plan(
+                logits, target, kw.get("weight"), logits, None, LossOptions(kw.get("ignore_index", -100),
+                kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap")), reduction)  # fmt: skip
+            assert (plan is not None) == ("weight" not in kw and "label_smoothing" not in kw), kw
+            if "z_loss" in kw or "softcap" in kw:  # torch has neither: the explicit formula in float64
+                x = logits.clone().requires_grad_()
+                ours = softmax_gpu.cross_entropy(x, target, reduction=reduction, **kw)
+                ours.backward(torch.ones_like(ours) if upstream is None else upstream)
+                grad = x.grad
+                theirs, ref_grad = _z_loss_softcap_reference(logits, target, upstream, reduction, **kw)
+            else:
+                ours, grad, theirs, ref_grad = run_both(logits, target, upstream, None, reduction=reduction, **kw)
+        if plan is not None:
+            assert (plan[0].chunks, plan[0].groups) == (4, 2)
+        what = f"{dtype} {reduction} {sorted(kw)}"
+        tol = (RTOL, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2)
+        assert_matches(ours, theirs.numpy(), *tol, what=what + " loss")
+        assert_matches(grad, ref_grad.numpy(), tol[0], ATOL if dtype == torch.float32 else 1e-2, what=what + " grad")
+
+
+def _z_loss_softcap_reference(logits, target, upstream, reduction, z_loss=0.0, softcap=None, ignore_index=-100):
+    """(loss, gradient) in float64 of the soft-capped loss with z-loss, reduced like torch."""
+    x = logits.double().cpu().requires_grad_()
+    z = softcap * torch.tanh(x / softcap) if softcap else x
+    t = target.cpu().long()
+    valid = t != ignore_index
+    per_row = F.cross_entropy(z, t, reduction="none", ignore_index=ignore_index)
+    per_row = per_row + z_loss * torch.logsumexp(z, -1) ** 2 * valid
+    loss = {"mean": lambda: per_row.sum() / valid.sum(), "sum": per_row.sum, "none": lambda: per_row}[reduction]()
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream.double().cpu())
+    return loss.detach(), x.grad
+
+
+def test_cooperative_rows_nan_bad_target_inplace_and_determinism(device):
+    """A NaN logit makes its row's loss and gradient NaN (in a chunk other than the
+    target's); a class index out of range gives a NaN loss (the mean NaN) without touching
+    another row; the in-place backward gives the out-of-place gradient bit for bit (no program
+    reads another chunk's logits: the target's logit travels in the partials); two runs give
+    the same bits."""
+    n, c = 5, 130
+    logits = 3 * torch.randn(n, c, device=device)
+    target = torch.tensor([3, 120, 64, 0, 129], device=device)
+    logits[1, 10] = float("nan")
+    with config.force_cooperative(32, 10):
+        loss, grad, _, _ = run_both(logits, target, None, None, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2, 3, 4]]).all() and torch.isfinite(grad[[0, 2, 3, 4]]).all()
+    logits[1, 10] = 0.0
+    w = torch.eye(c, device=device).requires_grad_()
+    runs = []
+    for inplace in (False, True, True):
+        w.grad = None
+        with config.force_cooperative(32, 10):
+            softmax_gpu.cross_entropy(logits @ w, target, z_loss=1e-3, inplace_backward=inplace).backward()
+        runs.append(w.grad.clone())
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[1], runs[2])
+    if device == "cpu":  # (a bad class index is caught before the launch on CUDA only when asked to)
+        return
+    bad = target.clone()
+    bad[2] = c + 7
+    x = logits.clone().requires_grad_()
+    with config.force_cooperative(32, 10):
+        per_row = softmax_gpu.cross_entropy(x, bad, reduction="none")
+    assert torch.isnan(per_row[2]) and torch.isfinite(per_row[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_cooperative_rows(dtype):
+    """Cooperative rows, forward + backward (mean), in the interpreter's two halves: the
+    logits read twice (once on a GPU) and the gradient written once, and beside them, exactly:
+    each program's class index a row in each half (8 B), the 3 partials a chunk written once
+    and read by each of the row's chunks, the loss and lse of each row, the mean's prepare
+    kernel (the targets once) and last program (the n losses, the divisor), each program's
+    divisor a row (4 B) and the rescale's read of the upstream factor of 1 (4 B a program)."""
+    n, c = 3, 200
+    logits = torch.randn(n, c).to(dtype).requires_grad_()
+    target = torch.randint(0, c, (n,))
+    with TrafficCounter() as t, config.force_cooperative(48, 10):
+        softmax_gpu.cross_entropy(logits, target).backward()
+    chunks, programs = 5, 10
+    logits_bytes = n * c * logits.element_size()
+    partials = n * chunks * 3 * 4
+    scale_rows = config.short_rows(cross_entropy_config(c), n, logits.element_size(),
+                                   config.ELEMENTS_PER_THREAD_CROSS_ENTROPY).rows  # (the rescale's row blocks)
+    rescale = config.scale_grad_programs(-(-n // scale_rows), "cpu") * 4
+    loads = 2 * logits_bytes + 2 * n * chunks * 8 + partials * chunks + n * 8 + (n * 4 + 4) + n * chunks * 4 + rescale
+    assert t.bytes_loaded == loads
+    assert t.bytes_stored == logits_bytes + partials + 2 * n * 4 + 4 + 4 + 4  # + the total, the counter, the mean
+    assert programs == 2 * chunks
+
+
+@pytest.mark.parametrize(
+    "rows, cols, itemsize, softcap, chunks, groups",
+    [(4096, 128256, 2, False, 32, 12), (4096, 128256, 4, False, 32, 12), (4096, 50257, 2, False, 13, 30),
+     (4096, 32000, 4, False, 8, 49), (4096, 16384, 4, True, 4, 99),
+     (4096, 32000, 2, False, None, None), (4096, 16384, 4, False, None, None), (32, 128256, 2, False, None, None)],
+)
+def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, softcap, chunks, groups):
+    """With SOFTMAX_GPU_COOPERATIVE=1 the plain loss's rows past its single block (32768 16-bit,
+    16384 float32; 8192 with a soft cap) take cooperative rows of at most 4096 classes on 4
+    warps, 3 programs an SM; fewer rows than half the SMs split instead. Off by default."""
+    dtype = torch.bfloat16 if itemsize == 2 else torch.float32
+    logits = torch.empty(rows, cols, dtype=dtype, device="meta")
+    target = torch.empty(rows, dtype=torch.int64, device="meta")
+    options = LossOptions(-100, 0.0, 0.0, 30.0 if softcap else None)
+    plan = softmax_gpu.ops.cross_entropy._cooperative_plan
+    assert plan(logits, target, None, logits, None, options, "mean") is None  # the default
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    if rows <= config.DEFAULT_SM_COUNT // 2:
+        assert softmax_gpu.ops.cross_entropy.cross_entropy_split(rows, cols, itemsize, plain=True) is not None
+    coop = plan(logits, target, None, logits, None, options, "mean")
+    if chunks is None:
+        assert coop is None
+        return
+    coop = coop[0]
+    assert (coop.chunks, coop.groups, coop.block_n, coop.num_warps, coop.maxnreg) == (chunks, groups, 4096, 4, 168)
+    assert coop.programs <= 3 * config.DEFAULT_SM_COUNT
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cooperative launch and its waits run on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
+    """The shipped configuration on the card, the grid at its limit (many rounds a group):
+    forward + backward (mean) against float64 torch, the same bits twice."""
+    monkeypatch.setattr(config, "COOPERATIVE", True)
+    n, c = 1000, 128256
+    logits = (2 * torch.randn(n, c, device="cuda")).to(dtype)
+    target = torch.randint(0, c, (n,), device="cuda")
+    target[7] = -100
+    plan = softmax_gpu.ops.cross_entropy._cooperative_plan(logits, target, None, logits, torch.empty((), device="cuda"),
+                                                           LossOptions(-100, 0.0, 0.0, None), "mean")  # fmt: skip
+    assert plan is not None and plan[0].programs > 2 * config.sm_count("cuda")
+    runs = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        loss = softmax_gpu.cross_entropy(x, target)
+        loss.backward()
+        runs.append((loss.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    ref = logits.double().requires_grad_()
+    expected = F.cross_entropy(ref, target)
+    expected.backward()
+    assert abs(runs[0][0].item() - expected.item()) < 1e-5 * abs(expected.item()) + 1e-6
+    assert_matches(runs[0][1], ref.grad.cpu().numpy(), 1e-2 if dtype == torch.bfloat16 else RTOL, 1e-8,
+                   what="cooperative gradient on the GPU")  # fmt: skip

@@ -144,6 +144,8 @@ for dtype in (torch.bfloat16, torch.float32):  # cooperative rows: one launch, l
             softmax_gpu.softmax(torch.randn(5, 2000).to(dtype))  # whole vectors
             leaf = torch.randn(5, 2001).to(dtype).requires_grad_()  # heads and tails, and the backward
             torch.autograd.grad(softmax_gpu.log_softmax(leaf, dim=-1), leaf, torch.randn(5, 2001).to(dtype))
+            t = torch.randint(0, 2001, (5,))
+            torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t, z_loss=1e-3), leaf)  # with its gradient
 kernels = sorted({name for name, *_ in pairs})
 direct = sum(d for _, d, *_ in pairs)
 bad = [(name, i, a, b) for name, d, x, y in pairs if d
@@ -179,6 +181,7 @@ def test_direct_launch_passes_what_triton_passes():
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
         "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel", "softmax_cooperative_bwd_kernel",
+        "cross_entropy_cooperative_kernel",
     }, result  # fmt: skip
 
 

@@ -874,14 +874,14 @@ def test_cooperative_rows_deterministic_through_the_public_function(device):
 )
 def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, groups):
     """With SOFTMAX_GPU_COOPERATIVE=1: rows that would loop, more than half the SM count of
-    them (fewer split), 16-bit or float32; chunks of at most COOPERATIVE_CHUNK columns, as
+    them (fewer split), 16-bit or float32; chunks of at most 8192 columns (its family's), as
     even as whole 16-column steps allow; as many groups as the resident programs allow (3 an
     SM), never more than the rows. Off by default."""
     family = config.MAX_BLOCK_SOFTMAX_FWD
-    assert config.cooperative_rows(rows, cols, itemsize, family) is None  # the default
+    assert config.cooperative_rows(rows, cols, itemsize, family, config.COOPERATIVE_SOFTMAX_FWD) is None  # the default
     assert launch_plan("softmax_fwd", rows, cols, itemsize) is None  # (the switch is in the plans' key)
     monkeypatch.setattr(config, "COOPERATIVE", True)
-    cfg = config.cooperative_rows(rows, cols, itemsize, family)
+    cfg = config.cooperative_rows(rows, cols, itemsize, family, config.COOPERATIVE_SOFTMAX_FWD)
     assert cfg == (launch_plan("softmax_fwd", rows, cols, itemsize) if chunks else None)
     if chunks is None:
         assert cfg is None
@@ -889,9 +889,9 @@ def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, grou
     if rows > config.DEFAULT_SM_COUNT // 2:
         assert config.split_rows(rows, cols, itemsize, family, config.LOOP_BLOCK_SOFTMAX_FWD) is None
     assert (cfg.chunks, cfg.groups) == (chunks, groups)
-    assert cfg.chunk_cols <= config.COOPERATIVE_CHUNK and (cfg.chunks - 1) * cfg.chunk_cols < cols
+    assert cfg.chunk_cols <= config.COOPERATIVE_SOFTMAX_FWD.chunk and (cfg.chunks - 1) * cfg.chunk_cols < cols
     assert (cfg.block_n, cfg.num_warps, cfg.maxnreg) == (8192, 8, 80)  # 3 programs an SM: 3 x 256 x 80 registers
-    assert cfg.programs <= config.COOPERATIVE_PROGRAMS_PER_SM * config.DEFAULT_SM_COUNT
+    assert cfg.programs <= config.COOPERATIVE_SOFTMAX_FWD.per_sm * config.DEFAULT_SM_COUNT
 
 
 @pytest.mark.parametrize(
@@ -900,10 +900,10 @@ def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, chunks, grou
      (4096, 16384, 2, None, None), (32, 32000, 2, None, None)],
 )
 def test_config_cooperative_rows_backward(monkeypatch, rows, cols, itemsize, chunks, groups):
-    """The backward holds y and dy: chunks of at most COOPERATIVE_CHUNK / 2 for the same 32
+    """The backward holds y and dy: chunks of at most 4096 for the same 32
     values a thread, past its own single block (16384)."""
     monkeypatch.setattr(config, "COOPERATIVE", True)
-    cfg = config.cooperative_rows(rows, cols, itemsize, config.MAX_BLOCK_SOFTMAX_BWD, arrays=2)
+    cfg = config.cooperative_rows(rows, cols, itemsize, config.MAX_BLOCK_SOFTMAX_BWD, config.COOPERATIVE_SOFTMAX_BWD)
     assert cfg == (launch_plan("softmax_bwd", rows, cols, itemsize) if chunks else None)
     if chunks is None:
         assert cfg is None
@@ -929,7 +929,7 @@ def launch_plan(name, rows, cols, itemsize):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     """The shipped configuration on the card: every resident program of the grid in use (the
-    groups fill COOPERATIVE_PROGRAMS_PER_SM programs an SM), many rounds a group, a NaN row;
+    groups fill the family's per_sm programs an SM), many rounds a group, a NaN row;
     partials poisoned with NaN before each launch (a program that read its row's partials
     before its group had written them would turn the row NaN); against float64 torch, bitwise
     the same on a second run and through a CUDA graph (how the benchmark times it). The
@@ -944,7 +944,7 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     y = poisoned((rows, cols), dtype, "cuda")
     coop = launch_softmax_fwd(x, y, False)
     assert isinstance(coop, config.CooperativeConfig) and coop.chunks == 16
-    assert coop.programs > (config.COOPERATIVE_PROGRAMS_PER_SM - 1) * config.sm_count(x.device)
+    assert coop.programs > (coop.per_sm - 1) * config.sm_count(x.device)
     again = softmax_gpu.softmax(x)
     assert torch.equal(y.isnan(), again.isnan()) and torch.equal(y.nan_to_num(), again.nan_to_num())
     assert y[5].isnan().all() and not y[[4, 6]].isnan().any()

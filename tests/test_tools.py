@@ -88,27 +88,30 @@ def test_compile_report_on_exact_launches():
 
 @cpu_instrument
 def test_compile_report_on_cooperative_launches():
-    """With SOFTMAX_GPU_COOPERATIVE=1 the softmax forward's and backward's long rows take one
-    cooperative kernel each: no spill, 128-bit loads and stores, and COOPERATIVE_PROGRAMS_PER_SM programs
+    """With SOFTMAX_GPU_COOPERATIVE=1 the softmax forward's and backward's long rows, and the
+    cross-entropy's with its gradient, take one cooperative kernel each (cross-entropy beside its
+    prepare and rescale kernels): no spill, 128-bit loads and stores, and 3 programs
     resident an SM on sm_90 with the grid within them at the default 132 SMs (a cooperative
     launch needs every program resident at once; the driver refuses it otherwise)."""
     import re
 
     from softmax_gpu import config
 
-    args = ["-m", "bench.compile_report", "--arch", "90", "--op", "softmax_fwd", "softmax_bwd", "--shape",
-            "4096x50257", "4096x128256", "1024x262144", "--dtype", "bfloat16", "float32"]  # fmt: skip
+    args = ["-m", "bench.compile_report", "--arch", "90", "--op", "softmax_fwd", "softmax_bwd", "ce_fwd_bwd",
+            "--shape", "4096x50257", "4096x128256", "1024x262144", "--dtype", "bfloat16", "float32"]  # fmt: skip
     out = run(args, timeout=900, SOFTMAX_GPU_COOPERATIVE="1")
     assert out.returncode == 0 and ", 0 spill" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
     headers = [line for line in out.stdout.splitlines() if line.startswith("# ")]
-    assert len(headers) == 12, headers
-    for h in headers:
-        assert f"softmax_cooperative_{h.split()[1][8:]}_kernel" in h, h  # softmax_fwd -> ..._fwd_kernel
-    for h in headers:
+    kernels = {"softmax_fwd": "softmax_cooperative_fwd_kernel", "softmax_bwd": "softmax_cooperative_bwd_kernel",
+               "ce_fwd_bwd": "cross_entropy_cooperative_kernel"}  # fmt: skip
+    coop = [h for h in headers if "_cooperative_" in h]
+    assert len(coop) == 18 and {h.split()[1] for h in coop} == set(kernels), headers
+    for h in coop:
+        assert kernels[h.split()[1]] in h, h
         grid, resident = map(int, re.search(r"grid (\d+), (\d+) resident/SM", h).groups())
-        assert resident == config.COOPERATIVE_PROGRAMS_PER_SM and grid <= resident * config.DEFAULT_SM_COUNT, h
-    table = [line.split() for line in out.stdout.splitlines() if line.startswith("softmax_")]
-    assert len(table) == 12 and all(r[6] == "yes/yes" and int(r[7].split("/")[0]) <= 32 for r in table), table
+        assert resident == 3 and grid <= resident * config.DEFAULT_SM_COUNT, h
+    table = [line.split() for line in out.stdout.splitlines() if "_cooperative_" in line.split(" ")[0]]
+    assert len(table) == 18 and all(r[6] == "yes/yes" and int(r[7].split("/")[0]) <= 32 for r in table), table
 
 
 @cpu_instrument

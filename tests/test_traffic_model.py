@@ -157,6 +157,27 @@ def test_model_matches_interpreter_cooperative(op, dtype, launches):
     assert model.bytes - min_bytes(op, rows, cols, x.element_size()) == rows * 5 * fields * 4 * (1 + 5)
 
 
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_matches_interpreter_cooperative_cross_entropy(dtype, launches):
+    """Cross-entropy forward + backward on cooperative rows: the model counts the GPU's one
+    launch; the interpreter's two halves read the logits and each program's class index once
+    more and launch once more. Everything else the same, exactly."""
+    rows, cols = SHORT
+    x = (3 * torch.randn(rows, cols)).to(dtype)
+    target = torch.randint(0, cols, (rows,))
+    with config.force_cooperative(32, 12):
+        model = ours("ce_fwd_bwd", rows, cols, dtype, SMS)
+        call = _call("ce_fwd_bwd", x, target, None)
+        launches.clear()
+        with TrafficCounter() as counted:
+            call()
+    assert model.path == "cooperative"
+    assert model.launches + 1 == len(launches) == 4, launches
+    chunks = 5
+    assert model.bytes + rows * cols * x.element_size() + rows * chunks * 8 == counted.bytes_moved
+
+
 @pytest.mark.parametrize(
     "op, dtype, rows, cols, sms, path",
     [
@@ -239,5 +260,11 @@ def test_cooperative_path_at_gpu_shapes(monkeypatch):
         assert (model.path, model.launches) == ("cooperative", 1)
         assert 1 < model.bytes / min_bytes("softmax_bwd", 4096, cols, 2) < 1.01
     assert ours("softmax_bwd", 4096, 16384, torch.bfloat16, 132).path == "single"
+    for cols in (50257, 128256):  # cross-entropy with its gradient: the logits read once, the gradient written
+        model = ours("ce_fwd_bwd", 4096, cols, torch.bfloat16, 132)
+        assert (model.path, model.launches) == ("cooperative", 3)
+        assert 1 < model.bytes / min_bytes("ce_fwd_bwd", 4096, cols, 2) < 1.03
+    assert ours("ce_fwd_bwd", 4096, 32000, torch.bfloat16, 132).path == "single"
+    assert ours("ce_fwd", 4096, 128256, torch.bfloat16, 132).path == "looped"  # (read once already)
     assert ours("softmax_fwd", 32, 128256, torch.bfloat16, 132).path == "split"
     assert ours("softmax_fwd", 4096, 32000, torch.bfloat16, 132).path == "single"

@@ -30,8 +30,10 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import config
 from ..checks import check_floating, check_same_device, check_tensor
+from ..kernels import cross_entropy as cross_entropy_kernels
 from ..kernels.cross_entropy import (
     cross_entropy_backward_kernel,
+    cross_entropy_cooperative_kernel,
     cross_entropy_kernel,
     cross_entropy_prepare_kernel,
     cross_entropy_split_backward_kernel,
@@ -41,7 +43,7 @@ from ..kernels.cross_entropy import (
 )
 from ..layout import as_rows, batch_rows
 from ..loss_options import REDUCTIONS, LossOptions, check_reduction  # noqa: F401 (REDUCTIONS: re-exported)
-from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, launch, remember_plan
+from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, fit_cooperative, interpreted, launch, remember_plan
 from .functorch import first_order, first_order_only
 
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -152,6 +154,11 @@ def launch_cross_entropy(
     n_rows, n_cols = logits.shape
     if (reduced is None or counter is None) != (reduction == "none"):
         raise ValueError(f"launch_cross_entropy: reduction {reduction!r} needs `reduced` and `counter` exactly when not 'none'")
+    if cfg is None and grad is not None and stats is None:
+        coop = _cooperative_plan(logits, target, weight, grad, grad_divisor, options, reduction)
+        if coop is not None:
+            return launch_cross_entropy_cooperative(logits, target, loss, lse, grad, grad_divisor, reduced, counter,
+                                                    *coop)  # fmt: skip
     key = None
     if cfg is None:  # the eager path: one plan per signature (runtime.cached_plan)
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
@@ -235,6 +242,84 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def _cooperative_plan(logits, target, weight, grad, grad_divisor, options: LossOptions, reduction: str):
+    """(CooperativeConfig, its launches' arguments) when the loss with its gradient takes
+    cooperative rows (config.cooperative_rows: with SOFTMAX_GPU_COOPERATIVE=1 or forced; the
+    plain loss, class indices without weights or smoothing, rows past the plain single block,
+    16-bit or float32, vectors), else None. Stored per signature like the forward's plans."""
+    n_rows, n_cols = logits.shape
+    if (config._cooperative is None and not config.COOPERATIVE) or not is_plain(target, weight, options.label_smoothing):
+        return None
+    key = ("ce_cooperative", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.stride(0),
+           grad.dtype, grad.stride(0), grad_divisor is None, options, reduction, str(logits.device),
+           config._cooperative, config.COOPERATIVE)  # fmt: skip
+    plan = cached_plan(key, _MISSING)  # None is a plan too
+    if plan is not _MISSING:
+        return plan
+    plan = None
+    itemsize = logits.element_size()
+    max_block = config.MAX_BLOCK_CROSS_ENTROPY if options.softcap is not None else \
+        config.max_block_cross_entropy_plain(itemsize)  # fmt: skip
+    coop = config.cooperative_rows(n_rows, n_cols, itemsize, max_block, config.COOPERATIVE_CROSS_ENTROPY,
+                                   sms=config.sm_count(logits.device))  # fmt: skip
+    if coop is not None:
+        coop = config.vectors(coop, n_rows, n_cols, _row_tensors(logits, grad, target))
+    if coop is not None and coop.vec > 1:
+        args = options.kernel_args()
+        static = dict(
+            logits_row_stride=logits.stride(0), target_row_stride=target.stride(0), grad_row_stride=grad.stride(0),
+            n_rows=n_rows, n_cols=n_cols, chunk_cols=coop.chunk_cols, n_chunks=coop.chunks,
+            ignore_index=args["ignore_index"], z_loss=args["z_loss"], softcap=args["softcap"],
+            HAS_Z_LOSS=args["HAS_Z_LOSS"], HAS_SOFTCAP=args["HAS_SOFTCAP"], DIVIDE_GRAD=grad_divisor is not None,
+            REDUCE=REDUCE_CODES[reduction], BLOCK_N=coop.block_n, CHUNKS_BLOCK=coop.chunks_block,
+            REDUCE_BLOCK=config.reduce_block(coop.num_warps), VEC=coop.vec, HAS_EDGE=coop.edge,
+            num_warps=coop.num_warps, maxnreg=coop.maxnreg,
+        )  # fmt: skip
+        # (the kernels module's own object: a tool may have replaced this module's name)
+        kernel = cross_entropy_kernels.cross_entropy_cooperative_kernel
+        if interpreted(kernel):  # Triton's interpreter runs programs one at a time: the two halves
+            plan = coop, (dict(static, PHASE=1), dict(static, PHASE=2))
+        else:
+            static.update(PHASE=0, launch_cooperative_grid=True)
+            if logits.device.type == "cuda":
+                f32 = dict(dtype=torch.float32, device=logits.device)
+                pointers = dict(logits_ptr=logits, target_ptr=target, loss_ptr=torch.empty(4, **f32),
+                                lse_ptr=torch.empty(4, **f32), grad_ptr=grad, reduced_ptr=torch.empty(4, **f32),
+                                counter_ptr=torch.zeros(4, dtype=torch.int32, device=logits.device),
+                                grad_divisor_ptr=torch.empty(4, **f32), part_ptr=torch.empty(4, **f32),
+                                group_counter_ptr=torch.zeros(4, dtype=torch.int32, device=logits.device))  # fmt: skip
+                coop = fit_cooperative(kernel, coop, logits.device, dict(static, **pointers))
+            plan = (coop, (static,)) if coop is not None else None
+    remember_plan(key, plan)
+    return plan
+
+
+def launch_cross_entropy_cooperative(logits, target, loss, lse, grad, grad_divisor, reduced, counter,
+                                     coop: config.CooperativeConfig, phases: tuple) -> config.CooperativeConfig:  # fmt: skip
+    """launch_cross_entropy's work on cooperative rows (_cooperative_plan;
+    kernels/cross_entropy.py, cross_entropy_cooperative_kernel): one cooperative launch after
+    zeroing the groups' counters, or in Triton's interpreter its two halves. Returns coop.
+    Bytes: the logits read once and the gradient written once (the interpreter's halves read
+    the logits twice), each program's class index a row, the loss and lse, and
+    n_rows * chunks * 3 partials written once and read by each chunk of the row."""
+    check_launchable("softmax_gpu.cross_entropy", cross_entropy_cooperative_kernel, logits)
+    part = torch.empty((logits.shape[0], 3, coop.chunks), dtype=torch.float32, device=logits.device)
+    pointers = dict(logits_ptr=logits, target_ptr=target, loss_ptr=loss, lse_ptr=lse, grad_ptr=grad,
+                    reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
+                    counter_ptr=counter if counter is not None else target,
+                    grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss, part_ptr=part)  # fmt: skip
+    with device_guard(logits):
+        if len(phases) == 1:
+            group_counter = torch.zeros(coop.groups, dtype=torch.int32, device=logits.device)
+            launch(cross_entropy_cooperative_kernel, (coop.programs,), phases[0], True, **pointers,
+                   group_counter_ptr=group_counter)  # fmt: skip
+        else:
+            for phase in phases:
+                launch(cross_entropy_cooperative_kernel, (coop.programs,), phase, True, **pointers,
+                       group_counter_ptr=part)  # fmt: skip
+    return coop
 
 
 def _row_tensors(*tensors):

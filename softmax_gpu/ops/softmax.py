@@ -5,7 +5,6 @@ Layers, top to bottom: launch_* fill preallocated 2-D outputs; the custom ops
 dim and allocate; autograd connects the two; softmax() / log_softmax() check the input
 and mirror torch.nn.functional.
 """
-import dataclasses
 from typing import Optional
 
 import torch
@@ -25,7 +24,7 @@ from ..kernels.softmax import (
 )
 from ..layout import as_rows, batch_first, from_rows
 from ..kernels import softmax as softmax_kernels
-from ..runtime import cached_plan, check_launchable, compiled_residency, device_guard, interpreted, launch, remember_plan
+from ..runtime import cached_plan, check_launchable, device_guard, fit_cooperative, interpreted, launch, remember_plan
 
 
 def _op_name(log: bool) -> str:
@@ -102,8 +101,8 @@ def _eager_plan(name: str, tensors, log: bool, max_block: int, loop_block: int):
         split = config.split_rows(n_rows, n_cols, out.element_size(), max_block, loop_block, sms=sms)
         coop = None
         if split is None:
-            coop = config.cooperative_rows(n_rows, n_cols, out.element_size(), max_block, sms=sms,
-                                           arrays=len(tensors) - 1)  # fmt: skip
+            family = config.COOPERATIVE_SOFTMAX_FWD if name == "softmax_fwd" else config.COOPERATIVE_SOFTMAX_BWD
+            coop = config.cooperative_rows(n_rows, n_cols, out.element_size(), max_block, family, sms=sms)
         if coop is not None:
             coop, phases = _cooperative_static(tensors, log, coop)
             if coop is not None and coop.vec == 1:  # rows whose strides disagree modulo a vector: narrow loads spilled
@@ -200,18 +199,15 @@ def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> t
         return coop, (dict(common, PHASE=1), dict(common, PHASE=2))
     static = dict(common, PHASE=0, launch_cooperative_grid=True)
     if out.device.type == "cuda":
-        # Every program must be resident at once: size the groups by what the compiled kernel
-        # leaves an SM (config assumes COOPERATIVE_PROGRAMS_PER_SM; a Triton setting that drops
-        # the register cap, as its instrumentation mode does, would leave fewer).
-        f32 = dict(dtype=torch.float32, device=out.device)  # (the partials' and counters' types and alignment)
+        # Every program must be resident at once: the groups as the compiled kernel leaves room
+        # for (config assumes its family's per_sm; a Triton setting that drops the
+        # register cap, as its instrumentation mode does, would leave fewer).
         pointers = {f"{name}_ptr": t for name, t in zip(names, tensors)}
-        compiled = kernel.warmup(**pointers, part_ptr=torch.empty(4, **f32),
-                                 counter_ptr=torch.zeros(4, dtype=torch.int32, device=out.device), grid=(1,), **static)
-        per_sm = min(config.COOPERATIVE_PROGRAMS_PER_SM, compiled_residency(compiled, out.device))
-        groups = min(coop.groups, per_sm * config.sm_count(out.device) // coop.chunks)
-        if groups < 1:
+        pointers.update(part_ptr=torch.empty(4, dtype=torch.float32, device=out.device),
+                        counter_ptr=torch.zeros(4, dtype=torch.int32, device=out.device))  # (types and alignment)
+        coop = fit_cooperative(kernel, coop, out.device, dict(static, **pointers))
+        if coop is None:
             return None, None
-        coop = dataclasses.replace(coop, groups=groups)
     return coop, (static,)
 
 
