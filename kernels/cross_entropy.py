@@ -1219,7 +1219,10 @@ def cross_entropy_cooperative_kernel(
     Roofline at 4096 x 128256 bf16 (32 chunks of 4016 classes, 12 groups at 3 programs an SM
     on an H100): the logits read once and the gradient written once, 2.10 GB: 700 us at 3.0
     TB/s (H100), 489 us at 4.3 TB/s (H200); beside them O(rows x chunks^2) partials from L2
-    (50 MB) and each program's read of its row's class index. The looped gradient moves 3.15
+    (50 MB) and each program's read of its row's class index. In flight: 3 programs of 4 warps
+    hold 24 KiB of 16-bit logits an SM while all load, 16 KiB while one waits on its group
+    (Little's law wants ~18 KiB on an H100, ~26 KiB on an H200: the H200 may stay short of
+    its copy rate here; float32's 48 KiB does not). The looped gradient moves 3.15
     GB (1.05 ms / 733 us from DRAM); the H200 run of 2026-12-04 measured the forward +
     backward at 1007 us, QuACK 860 us; the issue's target (85% of copy for 1 read + 1 write)
     is 824 us (H100) / 575 us (H200). Not measured: no GPU has run this kernel yet.

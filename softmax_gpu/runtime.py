@@ -54,6 +54,13 @@ def compiled_residency(compiled, device) -> int:
                              getattr(props, "max_threads_per_multi_processor", 2048))  # fmt: skip
 
 
+def cooperative_partials(shape, device) -> torch.Tensor:
+    """The float32 partials a cooperative launch exchanges, each written before it is read
+    (a GPU test poisons them through this name: a wait that let a program read too early
+    would then give NaN)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def fit_cooperative(kernel, coop, device, args: dict):
     """coop (a config.CooperativeConfig) with its groups cut to what the card keeps resident of
     `kernel` compiled for these launch arguments (pointers included: Triton's warmup compiles

@@ -1594,6 +1594,59 @@ def test_cooperative_rows_nan_bad_target_inplace_and_determinism(device):
     assert torch.isnan(per_row[2]) and torch.isfinite(per_row[[0, 1, 3, 4]]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cooperative_rows_edges_ignored_nan_and_bad_index(dtype, reduction, device):
+    """Through launch_cross_entropy itself (the public function refuses a bad class index on
+    the CPU), rows of 131 classes whose heads and tails lie outside whole 16-byte vectors:
+    a target in row 1's head and one in row 2's tail (chunk 0's edge), an ignored row with a
+    NaN logit (loss 0, gradient NaN, as the one-program-a-row kernel gives), a class index out
+    of range (loss NaN, gradient NaN; the mean NaN), against float64 for the others and
+    bit for bit against the NaN pattern of the one-program-a-row path."""
+    n, c = 6, 131
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    logits = (3 * torch.randn(n, c, device=device)).to(dtype)
+    target = torch.randint(0, c, (n,), device=device)
+    head = (-1 * c) % vec  # row 1 starts at element 131: its head is columns [0, head)
+    assert 0 < head < c
+    target[1] = head - 1
+    shift2 = (-2 * c) % vec
+    tail = (c - shift2) % vec  # row 2's tail: its last `tail` columns
+    assert tail > 0
+    target[2] = c - 1
+    target[3] = -100
+    logits[3, 7] = float("nan")
+    target[4] = c + 3
+    results = {}
+    for path in ("cooperative", "rows"):
+        loss, lse = torch.empty(n, device=device), torch.empty(n, device=device)
+        grad = poisoned((n, c), dtype, device)
+        reduced = counter = total = None
+        if reduction != "none":
+            reduced, counter = torch.empty((), device=device), torch.empty((), dtype=torch.int32, device=device)
+            total = torch.empty((), device=device)
+            launch_cross_entropy_prepare(target, None, total, counter, c, -100)
+        context = config.force_cooperative(48, 6) if path == "cooperative" else contextlib.nullcontext()
+        with context:
+            used = launch_cross_entropy(logits, target, None, loss, lse, grad, total, LossOptions(-100, 0.0, 0.0, None),
+                                        reduced=reduced, counter=counter, reduction=reduction)  # fmt: skip
+        assert isinstance(used, config.CooperativeConfig) == (path == "cooperative") and (path == "rows" or used.edge)
+        results[path] = (loss, lse, grad, reduced)
+    loss, lse, grad, reduced = results["cooperative"]
+    assert torch.equal(grad.isnan(), results["rows"][2].isnan()) and torch.equal(loss.isnan(), results["rows"][0].isnan())
+    assert loss[3] == 0 and grad[3].isnan().all() and loss[4].isnan() and grad[4].isnan().all()
+    assert not loss[[0, 1, 2, 5]].isnan().any() and not grad[[0, 1, 2, 5]].isnan().any()
+    if reduced is not None:
+        assert reduced.isnan()
+    ok = torch.tensor([0, 1, 2, 5], device=device)
+    x = logits[ok].double().cpu().requires_grad_()
+    expected = F.cross_entropy(x, target[ok].cpu(), reduction="none")
+    expected.backward(torch.ones_like(expected) / (n - 1 if reduction == "mean" else 1))  # (the mean: 5 valid rows)
+    tol = (RTOL, 1e-6) if dtype == torch.float32 else (1e-2, 1e-2)
+    assert_matches(loss[ok], expected.detach().numpy(), *tol, what="cooperative loss")
+    assert_matches(grad[ok], x.grad.numpy(), tol[0], ATOL if dtype == torch.float32 else 1e-2, what="cooperative grad")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="traffic is counted in Triton's interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_traffic_cooperative_rows(dtype):
@@ -1651,9 +1704,18 @@ def test_config_cooperative_rows(monkeypatch, rows, cols, itemsize, softcap, chu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cooperative launch and its waits run on a GPU only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
-    """The shipped configuration on the card, the grid at its limit (many rounds a group):
-    forward + backward (mean) against float64 torch, the same bits twice."""
+    """The shipped configuration on the card, the grid at its limit (many rounds a group), the
+    partials poisoned with NaN before each launch: forward + backward (mean) against float64
+    torch, the same bits twice and through a CUDA graph."""
+    from softmax_gpu import runtime
+    from softmax_gpu.ops import cross_entropy as ce
+
     monkeypatch.setattr(config, "COOPERATIVE", True)
+    monkeypatch.setattr(runtime, "cooperative_partials", lambda shape, device: torch.full(shape, float("nan"),
+                                                                                           device=device))  # fmt: skip
+    launched = []
+    cooperative = ce.launch_cross_entropy_cooperative
+    monkeypatch.setattr(ce, "launch_cross_entropy_cooperative", lambda *a: launched.append(1) or cooperative(*a))
     n, c = 1000, 128256
     logits = (2 * torch.randn(n, c, device="cuda")).to(dtype)
     target = torch.randint(0, c, (n,), device="cuda")
@@ -1667,7 +1729,18 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
         loss = softmax_gpu.cross_entropy(x, target)
         loss.backward()
         runs.append((loss.detach(), x.grad))
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]) and len(launched) == 2
+    # the loss kernel alone (reduction "none": no prepare launch) captured and replayed
+    loss, lse, grad = torch.empty(n, device="cuda"), torch.empty(n, device="cuda"), torch.empty_like(logits)
+    options = LossOptions(-100, 0.0, 0.0, None)
+    ce.launch_cross_entropy(logits, target, None, loss, lse, grad, None, options)  # (plan and compile first)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ce.launch_cross_entropy(logits, target, None, loss, lse, grad, None, options)
+    replayed = grad.clone()
+    grad.fill_(float("nan"))
+    graph.replay()
+    assert torch.equal(grad, replayed) and not grad.isnan().any()
     ref = logits.double().requires_grad_()
     expected = F.cross_entropy(ref, target)
     expected.backward()

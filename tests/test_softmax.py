@@ -934,10 +934,11 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     before its group had written them would turn the row NaN); against float64 torch, bitwise
     the same on a second run and through a CUDA graph (how the benchmark times it). The
     backward alike."""
-    import softmax_gpu.ops.softmax as sm
+    from softmax_gpu import runtime
 
     monkeypatch.setattr(config, "COOPERATIVE", True)
-    monkeypatch.setattr(sm, "_partials", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    monkeypatch.setattr(runtime, "cooperative_partials", lambda shape, device: torch.full(shape, float("nan"),
+                                                                                           device=device))  # fmt: skip
     rows, cols = 1000, 128256
     x = (3 * torch.randn(rows, cols, device="cuda")).to(dtype)
     x[5, 77] = float("nan")

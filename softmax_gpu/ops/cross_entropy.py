@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .. import config
+from .. import config, runtime
 from ..checks import check_floating, check_same_device, check_tensor
 from ..kernels import cross_entropy as cross_entropy_kernels
 from ..kernels.cross_entropy import (
@@ -139,7 +139,7 @@ def launch_cross_entropy(
     reduced: Optional[torch.Tensor] = None,
     counter: Optional[torch.Tensor] = None,
     reduction: str = "none",
-) -> config.RowConfig:
+) -> "config.RowConfig | config.CooperativeConfig":
     """Per-row loss and lse (float32; float64 for float64 logits) and, when grad is given,
     the gradient (may be logits itself); with stats ((N, 4), the accumulation dtype) the row
     statistics launch_cross_entropy_backward needs. For reduction "sum" / "mean" the reduced
@@ -148,7 +148,8 @@ def launch_cross_entropy(
 
     logits (N, C) with unit column stride; target (N,) class indices or (N, C) probabilities
     with unit column stride; grad_divisor None, or a device scalar the gradient is divided
-    by (the mean's total weight). Returns the RowConfig used.
+    by (the mean's total weight). Returns the RowConfig used, or with SOFTMAX_GPU_COOPERATIVE=1
+    the CooperativeConfig of launch_cross_entropy_cooperative where the rows take it.
     Bytes: N*C reads (+ N*C writes with grad) + O(N) on the single-block path.
     """
     n_rows, n_cols = logits.shape
@@ -285,11 +286,13 @@ def _cooperative_plan(logits, target, weight, grad, grad_divisor, options: LossO
             static.update(PHASE=0, launch_cooperative_grid=True)
             if logits.device.type == "cuda":
                 f32 = dict(dtype=torch.float32, device=logits.device)
+                counter = torch.zeros(4, dtype=torch.int32, device=logits.device)
+                # (the types the launch passes: the target in the unused counter's place for "none")
                 pointers = dict(logits_ptr=logits, target_ptr=target, loss_ptr=torch.empty(4, **f32),
                                 lse_ptr=torch.empty(4, **f32), grad_ptr=grad, reduced_ptr=torch.empty(4, **f32),
-                                counter_ptr=torch.zeros(4, dtype=torch.int32, device=logits.device),
+                                counter_ptr=target if reduction == "none" else counter,
                                 grad_divisor_ptr=torch.empty(4, **f32), part_ptr=torch.empty(4, **f32),
-                                group_counter_ptr=torch.zeros(4, dtype=torch.int32, device=logits.device))  # fmt: skip
+                                group_counter_ptr=counter)  # fmt: skip
                 coop = fit_cooperative(kernel, coop, logits.device, dict(static, **pointers))
             plan = (coop, (static,)) if coop is not None else None
     remember_plan(key, plan)
@@ -302,10 +305,10 @@ def launch_cross_entropy_cooperative(logits, target, loss, lse, grad, grad_divis
     kernels/cross_entropy.py, cross_entropy_cooperative_kernel): one cooperative launch after
     zeroing the groups' counters, or in Triton's interpreter its two halves. Returns coop.
     Bytes: the logits read once and the gradient written once (the interpreter's halves read
-    the logits twice), each program's class index a row, the loss and lse, and
-    n_rows * chunks * 3 partials written once and read by each chunk of the row."""
+    the logits twice), each program's class index and the mean's divisor a row, the loss and
+    lse, and n_rows * chunks * 3 partials written once and read by each chunk of the row."""
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_cooperative_kernel, logits)
-    part = torch.empty((logits.shape[0], 3, coop.chunks), dtype=torch.float32, device=logits.device)
+    part = runtime.cooperative_partials((logits.shape[0], 3, coop.chunks), logits.device)
     pointers = dict(logits_ptr=logits, target_ptr=target, loss_ptr=loss, lse_ptr=lse, grad_ptr=grad,
                     reduced_ptr=reduced if reduced is not None else loss,  # used only with REDUCE
                     counter_ptr=counter if counter is not None else target,

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import triton
 
-from .. import config
+from .. import config, runtime
 from ..checks import check_floating, check_out_dtype, normalize_dim
 from ..kernels.softmax import (
     softmax_bwd_kernel,
@@ -132,7 +132,7 @@ def launch_softmax_cooperative_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, 
     coop, phases = (coop, static) if planned else _cooperative_static((x, y), log, coop)
     if coop is None:
         raise ValueError("launch_softmax_cooperative_fwd: the chunks do not fit the GPU's resident programs")
-    part = _partials((x.shape[0], 2, coop.chunks), x.device)
+    part = runtime.cooperative_partials((x.shape[0], 2, coop.chunks), x.device)
     grid = (coop.programs,)
     with device_guard(x):
         if len(phases) == 1:
@@ -158,7 +158,7 @@ def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.
     coop, phases = (coop, static) if planned else _cooperative_static((y, dy, dx), log, coop)
     if coop is None:
         raise ValueError("launch_softmax_cooperative_bwd: the chunks do not fit the GPU's resident programs")
-    part = _partials((y.shape[0], coop.chunks), y.device)
+    part = runtime.cooperative_partials((y.shape[0], coop.chunks), y.device)
     grid = (coop.programs,)
     with device_guard(y):
         if len(phases) == 1:
@@ -170,12 +170,6 @@ def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.
                 launch(softmax_cooperative_bwd_kernel, grid, phase, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
                        part_ptr=part, counter_ptr=part)  # fmt: skip
     return coop
-
-
-def _partials(shape, device) -> torch.Tensor:
-    """The cooperative launches' float32 partials, written before they are read (a test may
-    poison them: a wait that let a program read too early would then give NaN)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> tuple:
