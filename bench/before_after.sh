@@ -3,8 +3,9 @@
 # changes, timed twice in two processes, first with the switches that put this wave's
 # changes out of the way (before), then as shipped (after), and printed side by side. The
 # switches (docs/benchmark.md): SOFTMAX_GPU_CE_FORWARD_PATH=0 (the gradient-free
-# cross-entropy forward on the gradient's configurations) and SOFTMAX_GPU_DIRECT_LAUNCH=0
-# (every launch through JITFunction.run: eager times only). The after run also sets
+# cross-entropy forward on the gradient's configurations), SOFTMAX_GPU_DIRECT_LAUNCH=0
+# (every launch through JITFunction.run: eager times only) and SOFTMAX_GPU_CE_REDUCE_LAUNCH=0
+# (the loss kernel with the gradient ends each row on the done-counter's fenced atomic again). The after run also sets
 # SOFTMAX_GPU_COOPERATIVE=1 (the softmax forward's and backward's long rows, and cross-entropy's
 # with its gradient, read once by cooperative groups of programs; off by default until a run
 # like this one has measured it),
@@ -38,7 +39,8 @@ ce=(--ops ce_fwd ce_fwd_bwd "${common[@]}"
 sm=(--ops softmax_fwd softmax_bwd "${common[@]}" --shapes 4096x32000 4096x50257 4096x128256 4096x151936 1024x262144)
 limit=200
 [ ${#dry[@]} -gt 0 ] && limit=600
-before=(env SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0)
+before=(env SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_CE_REDUCE_LAUNCH=0
+        SOFTMAX_GPU_COOPERATIVE=0)
 after=(env SOFTMAX_GPU_COOPERATIVE=1)
 "${before[@]}" timeout "$limit" "$py" -m bench "${ce[@]}" "${dry[@]}" --out "$out/before" > "$out/before/bench.txt" 2>&1
 before_rc=$?
@@ -64,7 +66,8 @@ for name in ("before", "after"):
             runs[name]["results"] += run["results"]
 meta = runs["after"]["meta"]
 print(f"{meta.get('card', '?')}, commit {meta.get('commit', '?')}; before: SOFTMAX_GPU_CE_FORWARD_PATH=0 "
-      f"SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0; after: SOFTMAX_GPU_COOPERATIVE=1; "
+      f"SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_CE_REDUCE_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0; "
+      f"after: SOFTMAX_GPU_COOPERATIVE=1; "
       f"device and eager time of our rows, median of the repetitions")
 if meta.get("dry_run"):
     print(meta.get("warning", "DRY RUN"))

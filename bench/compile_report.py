@@ -284,6 +284,11 @@ def cross_entropy_variants(quick: bool):
                     ("ACC_FP64", dtype == "fp64"), ("BLOCK", config.PREPARE_BLOCK))  # fmt: skip
             yield Variant(module, "cross_entropy_prepare_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
                           meta, config.PREPARE_WARPS)
+        for divide in (False, True):  # the reduction's own launch after a loss kernel with the gradient
+            sig = (("loss_ptr", acc), ("reduced_ptr", acc), ("divisor_ptr", acc), ("n_rows", "i32"))
+            meta = (("DIVIDE", divide), ("ACC_FP64", dtype == "fp64"), ("BLOCK", config.PREPARE_BLOCK))
+            yield Variant(module, "cross_entropy_reduce_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta),
+                          meta, config.PREPARE_WARPS, aligned=("loss_ptr", "reduced_ptr", "divisor_ptr"))
         if deferred:
             continue
         # one row a program (looped, or one block), and short rows in config.short_rows() tiles

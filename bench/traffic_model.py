@@ -231,6 +231,7 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
     if deferred:
         per_row += 4 * ACC_BYTES  # the 4 statistics a row the backward needs
     split = _cross_entropy_split(rows, cols, size, sms)
+    reduce_launches = False  # the reduction in a launch of its own (config.reduce_launch)
     if split is not None:
         # Stats launch: the row's target in each chunk's program, the logits once, the
         # partials (max, sum) a chunk; chunk 0's program also writes the target's logit, and
@@ -267,6 +268,8 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
         forward = element + rows * 2 * TARGET_BYTES
         if store_grad:
             programs = -(-rows // cfg.rows)
+            # with many tiles the reduction is a launch of its own: the same bytes, one launch more
+            reduce_launches = config.reduce_launch(True, False, programs, sms)
             forward += element + programs * ACC_BYTES
             if not cfg.single_block:
                 forward += element - _looped_edge_bytes(cfg, rows, cols, size)
@@ -276,7 +279,7 @@ def _cross_entropy(rows: int, cols: int, size: int, sms: int, grad: bool, deferr
     if store_grad:  # scale_grad_kernel: the upstream, 1, read once a program
         scale = config.short_rows(cross_entropy_config(cols), rows, size, config.ELEMENTS_PER_THREAD_CROSS_ENTROPY)
         programs = min(-(-rows // scale.rows), config.SCALE_GRAD_PROGRAMS_PER_SM * sms)
-        return Traffic(fwd_path, 3, forward + programs * ACC_BYTES)
+        return Traffic(fwd_path, 3 + reduce_launches, forward + programs * ACC_BYTES)
     # The backward kernel, a program a row or a chunk: the target, the 4 statistics, the
     # upstream and the mean's total; the logits read once and the gradient written.
     bwd_split = _cross_entropy_split(rows, cols, size, sms, streaming=True)

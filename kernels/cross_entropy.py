@@ -28,6 +28,11 @@ from .softmax import (
     reduce_lanes, row_layout, split_edge, sum_partials, to_acc, vec_offset, wait_for_group,
 )
 
+# The widest single-block tile (ROWS x BLOCK_N) whose gradient variants load the target's
+# logit beside the row rather than after its reductions (loss_tile): at 8192 the float32
+# all-options variant without vectors spilled 8 bytes on sm_90.
+EARLY_TARGET_LOGIT_MAX = tl.constexpr(4096)
+
 
 @triton.jit
 def acc_scalar(hi, lo, ACC_FP64: tl.constexpr):
@@ -230,15 +235,36 @@ def reduce_rows(loss_ptr, reduced_ptr, counter_ptr, divisor_ptr, n_rows, n_joini
     tl.debug_barrier()
     done = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if done == n_joining - 1:
-        r = tl.arange(0, REDUCE_BLOCK)
-        acc = acc_zeros(REDUCE_BLOCK, ACC_FP64)
-        for start in range(0, n_rows, REDUCE_BLOCK):
-            acc += to_acc(tl.load(loss_ptr + start + r, mask=start + r < n_rows, other=0.0, cache_modifier=".cg"),
-                          ACC_FP64)
-        total = tl.sum(acc, axis=0)
-        if DIVIDE:
-            total = total / to_acc(tl.load(divisor_ptr), ACC_FP64)
-        tl.store(reduced_ptr, total.to(reduced_ptr.dtype.element_ty))
+        store_reduced(loss_ptr, reduced_ptr, divisor_ptr, n_rows, DIVIDE, ACC_FP64, REDUCE_BLOCK, L2_ONLY)
+
+
+@triton.jit
+def store_reduced(loss_ptr, reduced_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr, ACC_FP64: tl.constexpr,
+                  BLOCK: tl.constexpr, CACHE: tl.constexpr = NO_HINT):  # fmt: skip
+    """*reduced_ptr = the sum of loss_ptr[0:n_rows] (over *divisor_ptr when DIVIDE), BLOCK
+    lanes each adding the rows lane, lane + BLOCK, ... in order, then the lanes: the same bits
+    every run for one BLOCK. CACHE: the loads' cache modifier (L2_ONLY for losses other
+    programs of the same launch wrote)."""
+    r = tl.arange(0, BLOCK)
+    acc = acc_zeros(BLOCK, ACC_FP64)
+    for start in range(0, n_rows, BLOCK):
+        acc += to_acc(tl.load(loss_ptr + start + r, mask=start + r < n_rows, other=0.0, cache_modifier=CACHE), ACC_FP64)
+    total = tl.sum(acc, axis=0)
+    if DIVIDE:
+        total = total / to_acc(tl.load(divisor_ptr), ACC_FP64)
+    tl.store(reduced_ptr, total.to(reduced_ptr.dtype.element_ty))
+
+
+@triton.jit
+def cross_entropy_reduce_kernel(loss_ptr, reduced_ptr, divisor_ptr, n_rows, DIVIDE: tl.constexpr,
+                                ACC_FP64: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One program, launched after a loss kernel that writes the gradient (REDUCE 0 there):
+    the reduced loss (store_reduced). It stands in for that kernel's done-counter, whose
+    fenced atomic held every row's program for a memory round trip after its gradient stores
+    (the fence waits for them) with nothing in flight: one dependent step of a latency chain
+    a row, against one extra launch. Bytes: the n_rows losses (and the divisor) read, one
+    value written. At 32768 rows, 8 dependent 16 KiB steps of PREPARE_BLOCK rows: a few us."""
+    store_reduced(loss_ptr, reduced_ptr, divisor_ptr, n_rows, DIVIDE, ACC_FP64, BLOCK)
 
 
 @triton.jit
@@ -354,11 +380,12 @@ def loss_tile(
         t, valid, bad, w_t = row_target(target_ptr, weight_ptr, rows, row_ok, target_row_stride, n_cols,
                                         ignore_index, SOFT_TARGET, HAS_WEIGHT, ACC_FP64)
         # The target's logit: one scalar load a row (whenever t is a class, ignored or not).
-        # Without the gradient it is issued before the row's reductions, so that its latency
-        # hides under the row's load (after them it is a second memory round trip a row);
-        # the gradient's variants have no register to hold it through the row (the widest
-        # float32 one spilled 8 bytes on sm_90), so they load it after.
-        if not COMPUTE_GRAD:
+        # It is issued before the row's reductions, so that its latency hides under the row's
+        # load (after them it is a second memory round trip a row), except by the gradient's
+        # variants wider than EARLY_TARGET_LOGIT_MAX, which have no register to hold it through
+        # the row (the widest float32 one spilled 8 bytes on sm_90) and load it after.
+        EARLY_Z_T: tl.constexpr = (not COMPUTE_GRAD) or BLOCK_N * ROWS <= EARLY_TARGET_LOGIT_MAX
+        if EARLY_Z_T:
             z_t = target_logit(logits_ptr, rows, row_ok, t, logits_row_stride, n_cols, softcap, ROWS,
                                SOFT_TARGET, HAS_SOFTCAP, ACC_FP64)
         # 2. lse and the loss's linear terms; the body's lanes are columns shift + cols, the edge's e_cls.
@@ -422,7 +449,7 @@ def loss_tile(
                 d += tl.sum(e_e, axis=1)
             sum_wz += tl.sum(wz_e, axis=1)
             sum_w += tl.sum(w_e, axis=1)
-        if COMPUTE_GRAD:
+        if not EARLY_Z_T:
             z_t = target_logit(logits_ptr, rows, row_ok, t, logits_row_stride, n_cols, softcap, ROWS,
                                SOFT_TARGET, HAS_SOFTCAP, ACC_FP64)
         # 3. The loss (float32 for every dtype but float64), lse and the saved statistics.
@@ -626,7 +653,8 @@ def cross_entropy_kernel(
     grad_divisor_ptr: device scalar dividing the gradient (the total weight, for
         reduction="mean"), read on device only when DIVIDE_GRAD (and by the reduction when
         REDUCE == 2), so the host never syncs.
-    REDUCE: 0 leaves the per-row losses; 1 (sum) and 2 (mean, over *grad_divisor_ptr) also
+    REDUCE: 0 leaves the per-row losses (to cross_entropy_reduce_kernel, launched after it,
+        where config.reduce_launch says); 1 (sum) and 2 (mean, over *grad_divisor_ptr) also
         write the reduced loss to reduced_ptr: every program counts itself done on counter_ptr
         (zeroed by cross_entropy_prepare_kernel), and the last one sums the n_rows losses in
         row order, REDUCE_BLOCK at a time, so the result is the same bits every run.
@@ -659,7 +687,12 @@ def cross_entropy_kernel(
     bytes in flight averaged well under what the copy rate needs. Without the gradient both
     are gone here (the logit is loaded beside the row; the atomic comes once a program):
     predicted ~1.1x the copy time. Not measured yet. The variants that write the gradient
-    keep both (registers): see below. Streamed rows (ROW_SCALARS) at 4096 x 128256 bf16: 1.05
+    keep one program a tile; where the tiles are many their reduction is a launch of its own
+    (config.reduce_launch: no fenced atomic a row) and tiles up to EARLY_TARGET_LOGIT_MAX
+    load the target's logit beside the row: at 32768 x 4096 bf16 (512 MiB read + written,
+    179 us at 3.0 TB/s, 125 us at 4.3 TB/s) a row's program waits on two dependent round
+    trips (its class index, then its row and target's logit) instead of four; the H200 run
+    of 2026-12-04 measured the forward + backward at 391 us with four, QuACK 240 us. Streamed rows (ROW_SCALARS) at 4096 x 128256 bf16: 1.05
     GB read once, 350 us at 3.0 TB/s (H100), 245 us at 4.3 TB/s (H200), against 504 us
     measured on the H200 with one 32-warp program an SM (16 KiB in flight); the issue's 90%
     of copy is 389 us (H100) / 272 us (H200). Not measured yet.

@@ -429,6 +429,24 @@ RESIDENT_PROGRAMS_PER_SM = 32
 CROSS_ENTROPY_FORWARD_PATH = os.environ.get("SOFTMAX_GPU_CE_FORWARD_PATH", "1") != "0"
 
 
+# The loss kernel that writes the gradient runs one program a tile, and each used to end on
+# the reduction's done-counter: a fenced atomic, which waits for the program's gradient
+# stores to land, one more memory round trip a row with nothing in flight on its SM slot.
+# Where there are many tiles (at least REDUCE_LAUNCH_TILES_PER_SM an SM), a one-program
+# reduce kernel launched after it sums the losses instead (cross_entropy_reduce_kernel): one
+# launch more, no atomic. SOFTMAX_GPU_CE_REDUCE_LAUNCH=0 keeps the done-counter, for a
+# before/after timing on one card.
+CROSS_ENTROPY_REDUCE_LAUNCH = os.environ.get("SOFTMAX_GPU_CE_REDUCE_LAUNCH", "1") != "0"
+REDUCE_LAUNCH_TILES_PER_SM = 2
+
+
+def reduce_launch(compute_grad: bool, persistent: bool, n_tiles: int, sms: int) -> bool:
+    """Whether a loss kernel's reduction runs as its own launch (above): with the gradient, one
+    program a tile, and at least REDUCE_LAUNCH_TILES_PER_SM tiles an SM of `sms`."""
+    return (CROSS_ENTROPY_REDUCE_LAUNCH and compute_grad and not persistent
+            and n_tiles >= REDUCE_LAUNCH_TILES_PER_SM * sms)  # fmt: skip
+
+
 def cross_entropy_programs(n_tiles: int, num_warps: int, device, persistent: bool = True) -> int:
     """The loss kernel's grid for n_tiles row tiles of programs on num_warps warps; one
     program a tile unless `persistent` (cross_entropy_persistent)."""

@@ -138,6 +138,12 @@ for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernel
     leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
     for _ in range(3):
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
+config.REDUCE_LAUNCH_TILES_PER_SM = 0  # the reduction in its own launch, as for many rows
+for _ in range(3):
+    for reduction in ("mean", "sum"):
+        leaf = torch.randn(7, 300).requires_grad_()
+        torch.autograd.grad(softmax_gpu.cross_entropy(leaf, torch.randint(0, 300, (7,)), reduction=reduction), leaf)
+config.REDUCE_LAUNCH_TILES_PER_SM = 2
 for dtype in (torch.bfloat16, torch.float32):  # cooperative rows: one launch, launch_cooperative_grid
     with config.force_cooperative(512, 12):
         for _ in range(3):
@@ -181,7 +187,7 @@ def test_direct_launch_passes_what_triton_passes():
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
         "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel", "softmax_cooperative_bwd_kernel",
-        "cross_entropy_cooperative_kernel",
+        "cross_entropy_cooperative_kernel", "cross_entropy_reduce_kernel",
     }, result  # fmt: skip
 
 

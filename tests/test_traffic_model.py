@@ -159,6 +159,34 @@ def test_model_matches_interpreter_cooperative(op, dtype, launches):
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_matches_interpreter_reduce_launch(dtype, launches, monkeypatch):
+    """Cross-entropy forward + backward with the reduction in its own launch (forced here
+    with a threshold of 0 tiles an SM; at the shipped one, 2, it needs 264 row tiles): one
+    launch more than the done-counter's route, the same bytes, exactly; the same loss to
+    rounding."""
+    rows, cols = WIDE
+    x = (3 * torch.randn(rows, cols)).to(dtype)
+    target = torch.randint(0, cols, (rows,))
+    counted = {}
+    shipped = config.REDUCE_LAUNCH_TILES_PER_SM
+    for tiles_per_sm in (shipped, 0):
+        monkeypatch.setattr(config, "REDUCE_LAUNCH_TILES_PER_SM", tiles_per_sm)
+        model = ours("ce_fwd_bwd", rows, cols, dtype, SMS)
+        launches.clear()
+        leaf = x.detach().requires_grad_()
+        with TrafficCounter() as traffic:
+            loss = softmax_gpu.cross_entropy(leaf, target)
+            torch.autograd.grad(loss, leaf)
+        assert model.launches == len(launches) and model.bytes == traffic.bytes_moved, (tiles_per_sm, launches)
+        counted[tiles_per_sm] = (list(launches), traffic.bytes_moved, loss.detach())
+    before, after = counted[shipped], counted[0]
+    assert after[0] == before[0][:2] + ["cross_entropy_reduce_kernel"] + before[0][2:], (before[0], after[0])
+    assert after[1] == before[1]
+    torch.testing.assert_close(after[2], before[2], rtol=1e-6, atol=0)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_matches_interpreter_cooperative_cross_entropy(dtype, launches):
     """Cross-entropy forward + backward on cooperative rows: the model counts the GPU's one
     launch; the interpreter's two halves read the logits and each program's class index once
@@ -210,8 +238,11 @@ def test_paths_at_gpu_shapes(op, dtype, rows, cols, sms, path):
     model = ours(op, rows, cols, dtype, sms)
     assert model.path == path
     # A softmax: one launch, two split (stats, then output with the merge). Cross-entropy: two
-    # for the loss on every path (prepare + loss, or stats + combine), a third for the backward.
-    assert model.launches == {"ce_fwd": 2, "ce_fwd_bwd": 3}.get(op, 2 if path == "split" else 1)
+    # for the loss on every path (prepare + loss, or stats + combine), a third for the backward;
+    # where the forward writes the gradient over many rows (bfloat16 and float32, not split) a
+    # fourth, the reduction's own (config.reduce_launch).
+    stored = op == "ce_fwd_bwd" and dtype != torch.float16 and path != "split"
+    assert model.launches == {"ce_fwd": 2, "ce_fwd_bwd": 3 + stored}.get(op, 2 if path == "split" else 1)
     assert all(part in PATHS for part in path.split("+"))
     minimum = min_bytes(op, rows, cols, dtype.itemsize)
     if path in ("single", "tiles") and op in ("softmax_fwd", "softmax_bwd"):

@@ -35,6 +35,7 @@ from ..kernels.cross_entropy import (
     cross_entropy_backward_kernel,
     cross_entropy_cooperative_kernel,
     cross_entropy_kernel,
+    cross_entropy_reduce_kernel,
     cross_entropy_prepare_kernel,
     cross_entropy_split_backward_kernel,
     cross_entropy_split_combine_kernel,
@@ -165,13 +166,14 @@ def launch_cross_entropy(
         key = ("ce", n_rows, n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
                weight is None, None if grad is None else (grad.dtype, grad.stride(0)), grad_divisor is None,
                options, stats is None, reduction, str(logits.device), config._block_limit,
-               config.CROSS_ENTROPY_FORWARD_PATH)  # fmt: skip
+               config.CROSS_ENTROPY_FORWARD_PATH, config.CROSS_ENTROPY_REDUCE_LAUNCH,
+               config.REDUCE_LAUNCH_TILES_PER_SM)  # fmt: skip
     plan = cached_plan(key) if key is not None else None
     if plan is None:
         plan = _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg)
         if key is not None:
             remember_plan(key, plan)
-    cfg, grid, static = plan
+    cfg, grid, static, reduce_static = plan
     check_launchable("softmax_gpu.cross_entropy", cross_entropy_kernel, logits)
     with device_guard(logits):
         launch(
@@ -187,12 +189,16 @@ def launch_cross_entropy(
             counter_ptr=counter if counter is not None else target,
             grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
         )
+        if reduce_static is not None:  # the reduction as its own launch (config.reduce_launch)
+            launch(cross_entropy_reduce_kernel, (1,), reduce_static, key is not None, loss_ptr=loss,
+                   reduced_ptr=reduced, divisor_ptr=grad_divisor if grad_divisor is not None else loss)  # fmt: skip
     return cfg
 
 
 def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, reduction, cfg):
-    """launch_cross_entropy's (RowConfig, grid, non-pointer arguments) for this signature:
-    cfg (or the shipped one) with its vector split, and the options converted."""
+    """launch_cross_entropy's (RowConfig, grid, non-pointer arguments, the reduce kernel's
+    arguments or None) for this signature: cfg (or the shipped one) with its vector split, the
+    options converted, and the reduction in its own launch where config.reduce_launch says."""
     n_rows, n_cols = logits.shape
     cfg = cfg or config.short_rows(
         cross_entropy_config(
@@ -212,6 +218,12 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         cfg = config.vectors(cross_entropy_config(n_cols, 4, plain=True), n_rows, n_cols,
                              _row_tensors(logits, grad, target))  # fmt: skip
     persistent = config.cross_entropy_persistent(grad is not None, cfg, logits.dtype == torch.float64)
+    n_tiles = -(-n_rows // cfg.rows)
+    reduce_static = None
+    if reduction != "none" and config.reduce_launch(grad is not None, persistent, n_tiles,
+                                                    config.sm_count(logits.device)):  # fmt: skip
+        reduce_static = dict(n_rows=n_rows, DIVIDE=reduction == "mean", ACC_FP64=logits.dtype == torch.float64,
+                             BLOCK=config.PREPARE_BLOCK, num_warps=config.PREPARE_WARPS)  # fmt: skip
     static = dict(
         logits_row_stride=logits.stride(0),
         target_row_stride=target.stride(0),
@@ -224,7 +236,7 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         COMPUTE_GRAD=grad is not None,
         DIVIDE_GRAD=grad is not None and grad_divisor is not None,
         SAVE_STATS=stats is not None,
-        REDUCE=REDUCE_CODES[reduction],
+        REDUCE=0 if reduce_static is not None else REDUCE_CODES[reduction],
         ACC_FP64=logits.dtype == torch.float64,
         BLOCK_N=cfg.block_n,
         SINGLE_BLOCK=cfg.single_block,
@@ -238,8 +250,8 @@ def _forward_plan(logits, target, weight, grad, grad_divisor, stats, options, re
         maxnreg=cfg.maxnreg,
         **options.kernel_args(),
     )
-    programs = config.cross_entropy_programs(-(-n_rows // cfg.rows), cfg.num_warps, logits.device, persistent)
-    return cfg, (programs,), static
+    programs = config.cross_entropy_programs(n_tiles, cfg.num_warps, logits.device, persistent)
+    return cfg, (programs,), static, reduce_static
 
 
 REDUCE_CODES = {"none": 0, "sum": 1, "mean": 2}
