@@ -690,8 +690,9 @@ def cross_entropy_kernel(
     keep one program a tile; where the tiles are many their reduction is a launch of its own
     (config.reduce_launch: no fenced atomic a row) and tiles up to EARLY_TARGET_LOGIT_MAX
     load the target's logit beside the row: at 32768 x 4096 bf16 (512 MiB read + written,
-    179 us at 3.0 TB/s, 125 us at 4.3 TB/s) a row's program waits on two dependent round
-    trips (its class index, then its row and target's logit) instead of four; the H200 run
+    179 us at 3.0 TB/s, 125 us at 4.3 TB/s) a row's program waits, by our model, on two
+    dependent round trips (its class index, then its row and target's logit) instead of four
+    (and the fence's wait for its stores); the H200 run
     of 2026-12-04 measured the forward + backward at 391 us with four, QuACK 240 us. Streamed rows (ROW_SCALARS) at 4096 x 128256 bf16: 1.05
     GB read once, 350 us at 3.0 TB/s (H100), 245 us at 4.3 TB/s (H200), against 504 us
     measured on the H200 with one 32-warp program an SM (16 KiB in flight); the issue's 90%

@@ -977,6 +977,52 @@ def test_forward_launches_at_most_two_kernels(reduction, kw, device, monkeypatch
     assert sum(k.launches for k in kernels.values()) - before == triton_launches
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduce_launch_every_reduction_and_option(dtype, device, monkeypatch):
+    """The reduction in its own launch after the loss kernel that writes the gradient (forced
+    with a threshold of 0 tiles an SM): sum and mean, with class weights, smoothing, z-loss and
+    an ignored row, agree with the done-counter's route to rounding and with float64 torch;
+    the gradients are the same bits (only the sum's grouping differs); a class index out of
+    range makes the reduced loss NaN on both routes."""
+    n, c = 9, 300
+    logits = (3 * torch.randn(n, c, device=device)).to(dtype)
+    weight = torch.rand(c, device=device) + 0.1
+    target = torch.randint(0, c, (n,), device=device)
+    target[2] = -100
+    cases = [dict(reduction="sum"), dict(reduction="mean"), dict(reduction="mean", weight=weight, label_smoothing=0.1),
+             dict(reduction="sum", z_loss=1e-3)]  # fmt: skip
+    shipped = config.REDUCE_LAUNCH_TILES_PER_SM
+    for kw in cases:
+        runs = {}
+        for tiles_per_sm in (shipped, 0):
+            monkeypatch.setattr(config, "REDUCE_LAUNCH_TILES_PER_SM", tiles_per_sm)
+            x = logits.clone().requires_grad_()
+            loss = softmax_gpu.cross_entropy(x, target, **kw)
+            loss.backward()
+            runs[tiles_per_sm] = (loss.detach(), x.grad)
+        (counter_loss, counter_grad), (launch_loss, launch_grad) = runs[shipped], runs[0]
+        torch.testing.assert_close(launch_loss, counter_loss, rtol=1e-6, atol=1e-6)
+        assert torch.equal(launch_grad, counter_grad), kw
+        if "z_loss" not in kw:
+            torch_kw = {k: v for k, v in kw.items()}
+            expected = F.cross_entropy(logits.double().cpu(), target.cpu(), **{
+                k: (v.double().cpu() if isinstance(v, torch.Tensor) else v) for k, v in torch_kw.items()})
+            assert abs(launch_loss.item() - expected.item()) <= 2e-6 * abs(expected.item()) + 1e-6, kw
+    # a class index out of range: NaN, on the launch route too (through the launcher: the public
+    # function refuses it on the CPU before any launch)
+    bad = target.clone()
+    bad[4] = c + 1
+    for reduction in ("sum", "mean"):
+        loss, lse = torch.empty(n, device=device), torch.empty(n, device=device)
+        reduced, counter = torch.empty((), device=device), torch.empty((), dtype=torch.int32, device=device)
+        total = torch.empty((), device=device) if reduction == "mean" else None
+        launch_cross_entropy_prepare(bad, None, total, counter, c, -100)
+        launch_cross_entropy(logits, bad, None, loss, lse, torch.empty_like(logits), total,
+                             LossOptions(-100, 0.0, 0.0, None), reduced=reduced, counter=counter,
+                             reduction=reduction)  # fmt: skip
+        assert reduced.isnan(), reduction
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the last-program reduction's ordering needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -1001,6 +1047,13 @@ def test_cuda_reduction_over_many_programs_is_exact_and_deterministic(dtype, red
             results.append(softmax_gpu.cross_entropy(logits, target, reduction=reduction))
     torch.cuda.synchronize()
     assert all(torch.equal(r, first) for r in results)
+    # with the gradient: one program a row, the reduction in a launch of its own (float16
+    # defers its gradient: the same route as above)
+    x = logits.clone().requires_grad_()
+    with_grad = softmax_gpu.cross_entropy(x, target, reduction=reduction)
+    torch.testing.assert_close(with_grad.double(), expected, rtol=1e-5, atol=1e-3)
+    for _ in range(5):
+        assert torch.equal(softmax_gpu.cross_entropy(x, target, reduction=reduction), with_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -138,12 +138,13 @@ for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernel
     leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
     for _ in range(3):
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
+shipped_tiles = config.REDUCE_LAUNCH_TILES_PER_SM
 config.REDUCE_LAUNCH_TILES_PER_SM = 0  # the reduction in its own launch, as for many rows
 for _ in range(3):
     for reduction in ("mean", "sum"):
         leaf = torch.randn(7, 300).requires_grad_()
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, torch.randint(0, 300, (7,)), reduction=reduction), leaf)
-config.REDUCE_LAUNCH_TILES_PER_SM = 2
+config.REDUCE_LAUNCH_TILES_PER_SM = shipped_tiles
 for dtype in (torch.bfloat16, torch.float32):  # cooperative rows: one launch, launch_cooperative_grid
     with config.force_cooperative(512, 12):
         for _ in range(3):

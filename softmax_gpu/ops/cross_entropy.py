@@ -145,7 +145,9 @@ def launch_cross_entropy(
     the gradient (may be logits itself); with stats ((N, 4), the accumulation dtype) the row
     statistics launch_cross_entropy_backward needs. For reduction "sum" / "mean" the reduced
     loss goes to the 0-d `reduced`, using the int32 `counter` that launch_cross_entropy_prepare
-    zeroed (and for "mean" its total, passed as grad_divisor).
+    zeroed (and for "mean" its total, passed as grad_divisor); where config.reduce_launch
+    says (the gradient, many row tiles) a one-program launch after the loss kernel sums the
+    losses instead, and the counter is not touched.
 
     logits (N, C) with unit column stride; target (N,) class indices or (N, C) probabilities
     with unit column stride; grad_divisor None, or a device scalar the gradient is divided
@@ -670,7 +672,8 @@ def zero_class_reduce(loss: torch.Tensor, soft: bool, label_smoothing: float, re
 def _forward(logits, target, weight, options: LossOptions, reduction, grad, stats=None, split=_MISSING):
     """Shared body of the two forward ops: (loss, lse, total) with the loss per row, or
     reduced to a 0-d tensor, and total the mean's divisor (else None); fills grad / stats if
-    given. Two launches for "sum" and "mean" (prepare, then the loss kernel), one for "none";
+    given. Two launches for "sum" and "mean" (prepare, then the loss kernel; a third, the
+    reduction's own, after a loss kernel that writes grad over many rows), one for "none";
     split rows (few long ones, cross_entropy_split) two for every reduction, and a third when
     given grad (the autograd function defers their gradient to the backward instead). split:
     _forward_split's answer where the caller has it already."""
