@@ -138,6 +138,20 @@ for dtype in (torch.bfloat16, torch.float16):  # few long rows: the split kernel
     leaf = torch.randn(3, 50).half().requires_grad_()  # rows that fit: the deferred backward's own kernel
     for _ in range(3):
         torch.autograd.grad(softmax_gpu.cross_entropy(leaf, t[:1].repeat(3) % 50), leaf)
+from softmax_gpu.loss_options import LossOptions
+from softmax_gpu.ops import vocab_parallel_cross_entropy as vp
+
+vp.launch = both_ways
+for _ in range(3):  # vocab-parallel kernels on one shard (no process group needed to launch them)
+    for target, weight in ((torch.randint(0, 600, (5,)), torch.rand(300)), (torch.softmax(torch.randn(5, 300), -1), None)):
+        logits = torch.randn(5, 300)
+        soft = target.is_floating_point()
+        width = vp.n_stats(soft, weight is not None, True)
+        row_max, stats = torch.empty(5), torch.empty(5, width)
+        options = LossOptions(-100, 0.1, 1e-3, 5.0)
+        vp.launch_vocab_parallel_stats(logits, target, weight, row_max, stats, 600, 300, options)
+        vp.launch_vocab_parallel_loss(logits, target, weight, row_max, stats, torch.empty(5), torch.empty(5),
+                                      torch.empty(5, 300), torch.ones(()), torch.randn(5), 600, 300, options)
 shipped_tiles = config.REDUCE_LAUNCH_TILES_PER_SM
 config.REDUCE_LAUNCH_TILES_PER_SM = 0  # the reduction in its own launch, as for many rows
 for _ in range(3):
@@ -170,7 +184,8 @@ def test_direct_launch_passes_what_triton_passes():
     compile with ptxas, the launcher records instead of calling CUDA; each compiled kernel
     has its own function handle, so a launch of the wrong specialisation shows). Every eager
     kernel of softmax, cross-entropy and token log-probabilities, split rows, cooperative rows
-    (whose launcher also carries launch_cooperative_grid) and the deferred backward included;
+    (whose launcher also carries launch_cooperative_grid), the vocab-parallel stats and loss
+    kernels and the deferred backward included;
     bfloat16, float16 and float32, aligned and misaligned rows (a new specialisation, so a
     new entry), scalar and per-row upstream factors, int32 targets."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -188,7 +203,8 @@ def test_direct_launch_passes_what_triton_passes():
         "cross_entropy_split_combine_kernel", "cross_entropy_split_backward_kernel", "cross_entropy_backward_kernel",
         "token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "token_logprobs_partial_kernel",
         "token_logprobs_combine_kernel", "softmax_cooperative_fwd_kernel", "softmax_cooperative_bwd_kernel",
-        "cross_entropy_cooperative_kernel", "cross_entropy_reduce_kernel",
+        "cross_entropy_cooperative_kernel", "cross_entropy_reduce_kernel", "vocab_parallel_stats_kernel",
+        "vocab_parallel_loss_kernel",
     }, result  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .. import config
 from ..loss_options import LossOptions
 from ..kernels.vocab_parallel_cross_entropy import vocab_parallel_loss_kernel, vocab_parallel_stats_kernel
-from ..runtime import check_launchable, device_guard
+from ..runtime import cached_plan, check_launchable, device_guard, launch, remember_plan
 from .cross_entropy import (
     DEFERRED_GRAD_DTYPES,
     _bad_class_indices,
@@ -66,30 +66,24 @@ def launch_vocab_parallel_stats(
     """This shard's row maxima (N,) and packed row statistics (N, n_stats), float32.
 
     logits (N, V_local) and probability targets with unit column stride; target class
-    indices are global. Bytes: N * V_local reads + O(N)."""
+    indices are global. Bytes: N * V_local reads + O(N). Eager calls reuse a plan per
+    signature and may launch the compiled kernel directly (runtime.launch)."""
     n_rows, n_cols = logits.shape
-    soft = target.is_floating_point()
-    cfg = stats_config(n_cols)
+    key = ("vp_stats", n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
+           weight is None, stats.shape[1], options, str(logits.device), config._block_limit)  # fmt: skip
+    static = cached_plan(key)
+    if static is None:
+        cfg = stats_config(n_cols)
+        static = dict(logits_row_stride=logits.stride(0), target_row_stride=target.stride(0), n_cols=n_cols,
+                      SOFT_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None, N_STATS=stats.shape[1],
+                      BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                      **options.kernel_args(z_loss=False, hi_lo=False))  # fmt: skip
+        remember_plan(key, static)
     check_launchable("softmax_gpu.vocab_parallel_cross_entropy", vocab_parallel_stats_kernel, logits)
     with device_guard(logits):
-        vocab_parallel_stats_kernel[(n_rows,)](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
-            max_ptr=row_max,
-            stats_ptr=stats,
-            logits_row_stride=logits.stride(0),
-            target_row_stride=target.stride(0),
-            n_cols=n_cols,
-            n_classes=n_classes,
-            col_start=col_start,
-            SOFT_TARGET=soft,
-            HAS_WEIGHT=weight is not None,
-            N_STATS=stats.shape[1],
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
-            **options.kernel_args(z_loss=False, hi_lo=False),
-        )
+        launch(vocab_parallel_stats_kernel, (n_rows,), static, True, logits_ptr=logits, target_ptr=target,
+               weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
+               max_ptr=row_max, stats_ptr=stats, n_classes=n_classes, col_start=col_start)  # fmt: skip
 
 
 def launch_vocab_parallel_loss(
@@ -110,39 +104,34 @@ def launch_vocab_parallel_loss(
     """Per-row loss and lse (float32) from the all-reduced statistics and, when grad is given,
     d loss / d logits for this shard (divided by the float32 device scalar grad_divisor and
     multiplied by the float32 upstream gradient, (N,) or 0-d, where given). Bytes: O(N), + N * V_local reads and writes with grad. Its blocks are
-    cross-entropy's (up to 8192 wide): it keeps no per-lane accumulators, and no variant spills."""
+    cross-entropy's (up to 8192 wide): it keeps no per-lane accumulators, and no variant spills.
+    Eager calls reuse a plan per signature and may launch directly, as the stats launcher."""
     n_rows, n_cols = logits.shape
-    cfg = cross_entropy_config(n_cols)
+    has_upstream = grad is not None and upstream is not None
+    key = ("vp_loss", n_cols, logits.dtype, logits.stride(0), target.dtype, target.dim(), target.stride(0),
+           weight is None, stats.shape[1], None if grad is None else (grad.dtype, grad.stride(0)),
+           grad_divisor is None, None if not has_upstream else upstream.stride(0) if upstream.dim() else 0, options,
+           str(logits.device), config._block_limit)  # fmt: skip
+    static = cached_plan(key)
+    if static is None:
+        cfg = cross_entropy_config(n_cols)
+        static = dict(logits_row_stride=logits.stride(0), target_row_stride=target.stride(0),
+                      grad_row_stride=grad.stride(0) if grad is not None else 0,
+                      upstream_stride=upstream.stride(0) if has_upstream and upstream.dim() else 0, n_cols=n_cols,
+                      SOFT_TARGET=target.is_floating_point(), HAS_WEIGHT=weight is not None,
+                      COMPUTE_GRAD=grad is not None, DIVIDE_GRAD=grad is not None and grad_divisor is not None,
+                      HAS_UPSTREAM=has_upstream, N_STATS=stats.shape[1], BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                      **options.kernel_args(hi_lo=False))  # fmt: skip
+        remember_plan(key, static)
     check_launchable("softmax_gpu.vocab_parallel_cross_entropy", vocab_parallel_loss_kernel, logits)
     with device_guard(logits):
-        vocab_parallel_loss_kernel[(n_rows,)](
-            logits_ptr=logits,
-            target_ptr=target,
-            weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
-            max_ptr=global_max,
-            stats_ptr=stats,
-            loss_ptr=loss,
-            lse_ptr=lse,
-            grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
-            grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
-            upstream_ptr=upstream if upstream is not None else loss,  # read only with HAS_UPSTREAM
-            logits_row_stride=logits.stride(0),
-            target_row_stride=target.stride(0),
-            grad_row_stride=grad.stride(0) if grad is not None else 0,
-            upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
-            n_cols=n_cols,
-            n_classes=n_classes,
-            col_start=col_start,
-            SOFT_TARGET=target.is_floating_point(),
-            HAS_WEIGHT=weight is not None,
-            COMPUTE_GRAD=grad is not None,
-            DIVIDE_GRAD=grad is not None and grad_divisor is not None,
-            HAS_UPSTREAM=grad is not None and upstream is not None,
-            N_STATS=stats.shape[1],
-            BLOCK_N=cfg.block_n,
-            num_warps=cfg.num_warps,
-            **options.kernel_args(hi_lo=False),
-        )
+        launch(vocab_parallel_loss_kernel, (n_rows,), static, True, logits_ptr=logits, target_ptr=target,
+               weight_ptr=weight if weight is not None else stats,  # never read without HAS_WEIGHT
+               max_ptr=global_max, stats_ptr=stats, loss_ptr=loss, lse_ptr=lse,
+               grad_ptr=grad if grad is not None else loss,  # never written without COMPUTE_GRAD
+               grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss,  # read only with DIVIDE_GRAD
+               upstream_ptr=upstream if has_upstream else loss,  # read only with HAS_UPSTREAM
+               n_classes=n_classes, col_start=col_start)  # fmt: skip
 
 
 def _vocab_parallel_stats(
