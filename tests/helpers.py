@@ -38,8 +38,16 @@ def max_abs_err(actual: torch.Tensor, expected: np.ndarray) -> float:
 
 
 def assert_within_torch_error(ours: torch.Tensor, theirs: torch.Tensor, expected: np.ndarray, what: str = ""):
-    """For 16-bit dtypes: our error against float64 is at most twice torch's own plus a small atol."""
-    budget = 2 * max_abs_err(theirs, expected) + ATOL_16BIT[ours.dtype]
+    """For 16-bit dtypes: our error against float64 is at most twice torch's own plus a small
+    atol, plus half a unit in the last place of the largest expected value: the one rounding
+    of the output that no 16-bit result escapes (torch can land on the nearer side of it by
+    luck: a log_softmax gradient of 37.33 from a rounded y of ours, 37.39 exactly, rounds to
+    37.5 where torch's 37.25 is nearer the truth, 0.171 against torch's 0.079)."""
+    finite = np.abs(np.asarray(expected, np.float64))
+    finite = finite[np.isfinite(finite)]
+    largest = float(finite.max()) if finite.size else 0.0
+    half_ulp = 2.0 ** np.floor(np.log2(largest)) * torch.finfo(ours.dtype).eps / 2 if largest > 0 else 0.0
+    budget = 2 * max_abs_err(theirs, expected) + ATOL_16BIT[ours.dtype] + half_ulp
     assert_matches(ours, expected, rtol=0.0, atol=budget, what=what)
 
 
