@@ -963,8 +963,11 @@ def test_cooperative_rows_at_the_grid_limit_on_gpu(monkeypatch, dtype):
     assert torch.equal(y.nan_to_num(), graph_out.nan_to_num()) and torch.equal(y.isnan(), graph_out.isnan())
     keep = torch.ones(rows, dtype=torch.bool, device="cuda")
     keep[5] = False
-    expected = torch.softmax(x[keep].double(), -1)
-    assert_within_torch_error(y[keep], torch.softmax(x[keep].float(), -1).to(dtype), expected.cpu().numpy())
+    expected = torch.softmax(x[keep].double(), -1).cpu().numpy()
+    if dtype == torch.float32:
+        assert_matches(y[keep], expected, *TOL32["softmax"], what="cooperative forward on the GPU")
+    else:
+        assert_within_torch_error(y[keep], torch.softmax(x[keep].float(), -1).to(dtype), expected)
     # the backward at the same shape (32 chunks of 4016: 12 groups of 32 at 132 SMs)
     y, dy = y[keep], torch.randn_like(y[keep])
     dx = poisoned(y.shape, dtype, "cuda")
