@@ -45,11 +45,18 @@ def resident_programs(n_regs: int, shared: int, num_warps: int, regs_per_sm: int
     return max(0, min(32, threads_per_sm // (32 * num_warps), by_regs, by_smem))
 
 
+def compiled_resources(compiled) -> tuple:
+    """(registers a thread, bytes of shared memory, warps) of a CompiledKernel. Triton learns
+    the registers only when it loads the binary onto the device, which reading its `run`
+    property does (Triton 3.6 and 3.9): before that n_regs is not set."""
+    compiled.run  # noqa: B018 (loads the binary: CompiledKernel._init_handles sets n_regs)
+    return compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps
+
+
 def compiled_residency(compiled, device) -> int:
     """resident_programs of a CompiledKernel on `device` (a CUDA device: its own limits)."""
     props = torch.cuda.get_device_properties(device)
-    return resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
-                             getattr(props, "regs_per_multiprocessor", 65536),
+    return resident_programs(*compiled_resources(compiled), getattr(props, "regs_per_multiprocessor", 65536),
                              getattr(props, "shared_memory_per_multiprocessor", 228 << 10),
                              getattr(props, "max_threads_per_multi_processor", 2048))  # fmt: skip
 

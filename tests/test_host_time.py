@@ -241,3 +241,28 @@ def test_direct_launches_on_a_gpu_give_the_same_results():
         runtime.DIRECT_LAUNCH = saved
     for a, b, c in zip(first, direct, through_triton):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cooperative_residency_rule_reads_the_loaded_kernel():
+    """The cooperative launchers size their groups by what the compiled kernel leaves an SM
+    (softmax_gpu.runtime.fit_cooperative): its registers are known only once Triton has loaded
+    the binary (CompiledKernel's `run` property), and the rule is the CUDA occupancy rule the
+    compile report prints (3 programs of 8 warps at 80 registers, 2 at 88; shared memory and
+    threads too)."""
+    from types import SimpleNamespace
+
+    from softmax_gpu import runtime
+
+    class Compiled:  # a CompiledKernel before its binary is loaded: no n_regs yet
+        metadata = SimpleNamespace(shared=1024, num_warps=8)
+
+        @property
+        def run(self):
+            self.n_regs = 80
+            return None
+
+    assert runtime.compiled_resources(Compiled()) == (80, 1024, 8)
+    assert runtime.resident_programs(80, 1024, 8) == 3 and runtime.resident_programs(88, 1024, 8) == 2
+    assert runtime.resident_programs(168, 1024, 4) == 3  # cross-entropy's family
+    assert runtime.resident_programs(32, 100 << 10, 4) == 2  # shared memory bound
+    assert runtime.resident_programs(16, 0, 32) == 2  # threads bound (2048 an SM)
