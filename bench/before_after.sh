@@ -41,7 +41,18 @@ limit=200
 [ ${#dry[@]} -gt 0 ] && limit=600
 before=(env SOFTMAX_GPU_CE_FORWARD_PATH=0 SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_CE_REDUCE_LAUNCH=0
         SOFTMAX_GPU_COOPERATIVE=0)
-after=(env SOFTMAX_GPU_COOPERATIVE=1)
+cooperative=1
+# The cooperative kernels' waits had never run on a GPU when this was written: their GPU tests
+# at the grid limit first (90 s at most); if they fail or hang, the after run leaves them off.
+if [ ${#dry[@]} -eq 0 ]; then
+    if ! timeout 90 "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/ -k "grid_limit_on_gpu" \
+            > "$out/cooperative_check.txt" 2>&1; then
+        echo "cooperative kernels failed their GPU check ($out/cooperative_check.txt): after runs without them" >&2
+        cooperative=0
+    fi
+fi
+echo "$cooperative" > "$out/cooperative_after.txt"
+after=(env SOFTMAX_GPU_COOPERATIVE=$cooperative)
 "${before[@]}" timeout "$limit" "$py" -m bench "${ce[@]}" "${dry[@]}" --out "$out/before" > "$out/before/bench.txt" 2>&1
 before_rc=$?
 "${after[@]}" timeout "$limit" "$py" -m bench "${ce[@]}" "${dry[@]}" --out "$out/after" > "$out/after/bench.txt" 2>&1
@@ -65,9 +76,12 @@ for name in ("before", "after"):
             runs[name]["meta"] = runs[name]["meta"] or run["meta"]
             runs[name]["results"] += run["results"]
 meta = runs["after"]["meta"]
+cooperative = (out / "cooperative_after.txt").read_text().strip()
+if cooperative != "1":
+    cooperative += " (the cooperative kernels failed their GPU check: cooperative_check.txt)"
 print(f"{meta.get('card', '?')}, commit {meta.get('commit', '?')}; before: SOFTMAX_GPU_CE_FORWARD_PATH=0 "
       f"SOFTMAX_GPU_DIRECT_LAUNCH=0 SOFTMAX_GPU_CE_REDUCE_LAUNCH=0 SOFTMAX_GPU_COOPERATIVE=0; "
-      f"after: SOFTMAX_GPU_COOPERATIVE=1; "
+      f"after: SOFTMAX_GPU_COOPERATIVE={cooperative}; "
       f"device and eager time of our rows, median of the repetitions")
 if meta.get("dry_run"):
     print(meta.get("warning", "DRY RUN"))

@@ -3,10 +3,10 @@
 # optionally cupy) are installed and nothing can be downloaded, run the test suite on the GPU
 # and compute-sanitizer's memcheck over the edge tests (side by side), then the quick
 # scoreboard with every provider and the linear cross-entropy scoreboard, and print a short
-# summary. Each step is cut by `timeout` (tests 190 s beside memcheck, scoreboard 170 s, linear
-# cross-entropy 90 s, token log-probabilities 70 s, the Hugging Face step 60 s), so it ends
-# inside 10 minutes (on an H200, 2026-12-04, with the first three steps only: 359 s, the
-# tests cut at 150 s, 98% done).
+# summary. Each step is cut by `timeout` (the cooperative kernels' tests 90 s, the other tests
+# 190 s beside memcheck, scoreboard 170 s, linear cross-entropy 90 s, token log-probabilities
+# 70 s, the Hugging Face step 60 s), so it ends inside 11.5 minutes (on an H200, 2026-12-04,
+# with the first three steps only: 359 s, the tests cut at 150 s, 98% done).
 #
 #   bash bench/device_check.sh [--dry-run] [OUT_DIR]
 #
@@ -102,15 +102,28 @@ fi
 #    correctness checks, so they may share the card; nothing is timed while they run.
 pytest_args=(-p no:cacheprovider -o addopts="" -rfE --tb=short)
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+# 0. The cooperative kernels first, alone, in 90 s at most (on every core: most of it is
+#    compiling): their programs wait on each other, and no GPU had run them when this step was
+#    written; a wait that never ends costs this step, not the test suite's (which deselects them).
+workers=()
+"$py" -c "import xdist" 2>/dev/null && workers=(-n "$(nproc)")
+if [ "$dry_run" -eq 1 ]; then
+    echo "cooperative tests: skipped in a dry run (no GPU)" > "$out/gpu_cooperative_tests.txt"
+    coop_rc=0
+else
+    timeout 90 "$py" -m pytest -q "${pytest_args[@]}" tests/ -k cooperative "${workers[@]}" \
+        > "$out/gpu_cooperative_tests.txt" 2>&1
+    coop_rc=$?
+fi
+tail -1 "$out/gpu_cooperative_tests.txt"
 if [ "$dry_run" -eq 1 ]; then
     timeout 300 "$py" -m pytest -q "${pytest_args[@]}" tests/test_softmax.py -k "seed_examples or hardmax" > "$out/gpu_tests.txt" 2>&1
     tests_rc=$?
     echo "compute-sanitizer: skipped in a dry run (no GPU)" > "$out/memcheck.txt"
     memcheck_rc=0
 else
-    workers=()
-    "$py" -c "import xdist" 2>/dev/null && workers=(-n "$(nproc)")
-    timeout 190 "$py" -m pytest -v "${pytest_args[@]}" tests/ --maxfail=40 "${workers[@]}" > "$out/gpu_tests.txt" 2>&1 &
+    timeout 190 "$py" -m pytest -v "${pytest_args[@]}" tests/ -k "not cooperative" --maxfail=40 "${workers[@]}" \
+        > "$out/gpu_tests.txt" 2>&1 &
     tests_pid=$!
     # Meanwhile, fill torch.compile's and Triton's caches on disk for the scoreboard's cases.
     timeout 190 "$py" -m bench --quick --compile-only > "$tmp/compile_only.txt" 2>&1 &
@@ -165,7 +178,7 @@ if [ "$dry_run" -eq 0 ]; then
 fi
 
 # 6. The summary: what passed, the headline ratios.
-"$py" -m bench.summary "$out" --rc tests=$tests_rc memcheck=$memcheck_rc bench=$bench_rc linear_ce=$linear_rc \
+"$py" -m bench.summary "$out" --rc cooperative=$coop_rc tests=$tests_rc memcheck=$memcheck_rc bench=$bench_rc linear_ce=$linear_rc \
     logprobs=$logprobs_rc hf_trainer=$hf_rc \
     --seconds $((SECONDS - started)) 2>&1 | tee "$out/summary.txt"
 exit "${PIPESTATUS[0]}"

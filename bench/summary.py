@@ -108,6 +108,11 @@ def main(argv=None) -> int:
         if code != "0":
             failed = True
             print(f"step {step}: exit {code}" + (" (cut by its timeout)" if code in ("124", "137") else ""))
+    if (out / "gpu_cooperative_tests.txt").exists():
+        print("cooperative: " + _last_match(out / "gpu_cooperative_tests.txt",
+                                            r"\b(passed|failed|error)\b.* in [0-9.]+s|skipped in a dry run"))
+        if re.search(r"\b\d+ failed\b", (out / "gpu_cooperative_tests.txt").read_text(errors="replace")):
+            failed = True
     print("tests:    " + _last_match(out / "gpu_tests.txt", r"\b(passed|failed|error)\b.* in [0-9.]+s"))
     print("memcheck: " + _last_match(out / "memcheck.txt", r"ERROR SUMMARY|skipped|not found"))
     tests = (out / "gpu_tests.txt").read_text(errors="replace") if (out / "gpu_tests.txt").exists() else ""

@@ -348,6 +348,16 @@ def test_summary_reads_a_run(tmp_path, capsys):
     assert "1 failed the gate" in out and "linear cross-entropy: missing" in out
     (tmp_path / "gpu_tests.txt").write_text("===== 900 passed in 101.00s =====\n")
     assert summary.main([str(tmp_path), "--rc", "tests=0"]) == 0
+    # the cooperative kernels' own step: a failure there fails the run, a timeout is named
+    (tmp_path / "gpu_cooperative_tests.txt").write_text("== 1 failed, 60 passed in 40.00s ==\n")
+    assert summary.main([str(tmp_path), "--rc", "cooperative=1", "tests=0"]) == 1
+    out = capsys.readouterr().out
+    assert "cooperative: 1 failed, 60 passed" in out and "step cooperative: exit 1" in out
+    (tmp_path / "gpu_cooperative_tests.txt").write_text("...\n")
+    assert summary.main([str(tmp_path), "--rc", "cooperative=124", "tests=0"]) == 1
+    assert "step cooperative: exit 124 (cut by its timeout)" in capsys.readouterr().out
+    (tmp_path / "gpu_cooperative_tests.txt").write_text("== 61 passed in 40.00s ==\n")
+    assert summary.main([str(tmp_path), "--rc", "cooperative=0", "tests=0"]) == 0
     rows = fake_rows()
     rows[0].update(status="error", note="RuntimeError: ours broke")  # our own provider in error
     results.write_results(rows, META, tmp_path)
