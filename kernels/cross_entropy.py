@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from .softmax import (
-    FIRST_PASS, L2_ONLY, LAST_PASS, LOG2E, NO_HINT, acc_zeros, combine_chunks, edge_cols, merge_stats, online_step,
-    reduce_lanes, row_layout, split_edge, sum_partials, to_acc, vec_offset, wait_for_group,
+    FIRST_PASS, L2_ONLY, LAST_PASS, LOG2E, NO_HINT, acc_zeros, chunk_lanes, combine_chunks, cooperative_slot, edge_cols,
+    merge_stats, online_step, reduce_lanes, row_layout, split_edge, sum_partials, to_acc, vec_offset, wait_for_group,
 )
 
 # The widest single-block tile (ROWS x BLOCK_N) whose gradient variants load the target's
@@ -1261,11 +1261,7 @@ def cross_entropy_cooperative_kernel(
     backward at 1007 us, QuACK 860 us; the issue's target (85% of copy for 1 read + 1 write)
     is 824 us (H100) / 575 us (H200). Not measured: no GPU has run this kernel yet.
     """
-    pid = tl.program_id(0)
-    group = pid // n_chunks
-    chunk = pid % n_chunks
-    n_groups = tl.num_programs(0) // n_chunks
-    col0 = chunk * chunk_cols
+    group, chunk, n_groups, col0 = cooperative_slot(n_chunks, chunk_cols)
     cols = tl.arange(0, BLOCK_N)
     inv_classes = 0.0  # (smoothing's 1 / n_cols: no smoothing here)
     arrivals = 0
@@ -1274,7 +1270,7 @@ def cross_entropy_cooperative_kernel(
         t, valid, bad, w_t = row_target(target_ptr, target_ptr, row, row == row, target_row_stride, n_cols,
                                         ignore_index, False, False, False)  # fmt: skip
         logits_body, shift, n_body = row_layout(row, logits_row_stride, n_cols, VEC, HAS_EDGE)
-        mask = cols < tl.minimum(chunk_cols, n_body - col0)
+        mask = chunk_lanes(cols, chunk_cols, n_body, col0)
         # Lane j holds class shift + col0 + j: the target as a lane number (int32; -1, no lane,
         # when t is no class), so that no per-lane class index is kept in registers.
         lane_t = tl.where((t >= 0) & (t < n_cols), t - shift - col0, -1).to(tl.int32)

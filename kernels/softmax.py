@@ -664,6 +664,23 @@ def wait_for_group(counter_ptr, arrivals):
 
 
 @triton.jit
+def cooperative_slot(n_chunks, chunk_cols):
+    """(group, chunk, groups, col0) of this program of a cooperative grid: program p is chunk
+    p % n_chunks of group p // n_chunks, and the chunk starts at body column col0."""
+    pid = tl.program_id(0)
+    chunk = pid % n_chunks
+    return pid // n_chunks, chunk, tl.num_programs(0) // n_chunks, chunk * chunk_cols
+
+
+@triton.jit
+def chunk_lanes(cols, chunk_cols, n_body, col0):
+    """The lanes of a chunk's block that hold body columns [col0, col0 + chunk_cols), cut by
+    the body's end (none past it). Two comparisons, not one against their minimum: that form
+    spilled in two softmax forward variants at their 80-register cap (sm_90)."""
+    return (cols < chunk_cols) & (cols < n_body - col0)
+
+
+@triton.jit
 def softmax_cooperative_fwd_kernel(
     x_ptr,
     y_ptr,
@@ -703,18 +720,13 @@ def softmax_cooperative_fwd_kernel(
     from L2); the issue's target, 90% of copy, is 778 us (H100) / 543 us (H200). Not measured:
     no GPU has run this kernel yet.
     """
-    pid = tl.program_id(0)
-    group = pid // n_chunks
-    chunk = pid % n_chunks
-    n_groups = tl.num_programs(0) // n_chunks
-    col0 = chunk * chunk_cols
+    group, chunk, n_groups, col0 = cooperative_slot(n_chunks, chunk_cols)
     cols = tl.arange(0, BLOCK_N)
     arrivals = 0
     for row_index in range(group, n_rows, n_groups):
         row = tl.zeros([], tl.int64) + row_index  # int64 offsets (row_index is an int in the interpreter)
         x_body, shift, n_body = row_layout(row, x_row_stride, n_cols, VEC, HAS_EDGE)
-        # the chunk: body columns [col0, col0 + chunk_cols), cut by the body's end (empty past it)
-        mask = (cols < chunk_cols) & (cols < n_body - col0)
+        mask = chunk_lanes(cols, chunk_cols, n_body, col0)
         x = tl.load(x_ptr + x_body + col0 + cols, mask=mask, other=-float("inf")).to(tl.float32)
         if HAS_EDGE:
             e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)
@@ -785,17 +797,13 @@ def softmax_cooperative_bwd_kernel(
     measured: no GPU has run this kernel yet.
     """
     Y_PAD: tl.constexpr = -float("inf") if LOG else 0.0
-    pid = tl.program_id(0)
-    group = pid // n_chunks
-    chunk = pid % n_chunks
-    n_groups = tl.num_programs(0) // n_chunks
-    col0 = chunk * chunk_cols
+    group, chunk, n_groups, col0 = cooperative_slot(n_chunks, chunk_cols)
     cols = tl.arange(0, BLOCK_N)
     arrivals = 0
     for row_index in range(group, n_rows, n_groups):
         row = tl.zeros([], tl.int64) + row_index  # int64 offsets (row_index is an int in the interpreter)
         y_body, shift, n_body = row_layout(row, y_row_stride, n_cols, VEC, HAS_EDGE)
-        mask = (cols < chunk_cols) & (cols < n_body - col0)
+        mask = chunk_lanes(cols, chunk_cols, n_body, col0)
         dy = tl.load(dy_ptr + vec_offset(row, dy_row_stride, VEC) + col0 + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_EDGE:
             e_cols, e_mask = split_edge(shift, n_body, n_cols, chunk, VEC)

@@ -68,6 +68,17 @@ def cooperative_partials(shape, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def cooperative_launches(coop, phases: tuple, counter_arg: str, part: torch.Tensor) -> list:
+    """(arguments, counter argument) of each launch of a cooperative kernel (coop: a
+    config.CooperativeConfig; phases: its launcher's argument dicts): on a GPU one launch
+    (PHASE 0) with the groups' int32 counters zeroed afresh, named counter_arg; in Triton's
+    interpreter its two halves, which wait on nothing (the partials `part` stand in for the
+    unused counters). The launchers call `launch` on each."""
+    if len(phases) == 1:
+        return [(phases[0], {counter_arg: torch.zeros(coop.groups, dtype=torch.int32, device=part.device)})]
+    return [(phase, {counter_arg: part}) for phase in phases]
+
+
 def fit_cooperative(kernel, coop, device, args: dict):
     """coop (a config.CooperativeConfig) with its groups cut to what the card keeps resident of
     `kernel` compiled for these launch arguments (pointers included: Triton's warmup compiles

@@ -44,7 +44,10 @@ from ..kernels.cross_entropy import (
 )
 from ..layout import as_rows, batch_rows
 from ..loss_options import REDUCTIONS, LossOptions, check_reduction  # noqa: F401 (REDUCTIONS: re-exported)
-from ..runtime import _MISSING, cached_plan, check_launchable, device_guard, fit_cooperative, interpreted, launch, remember_plan
+from ..runtime import (
+    _MISSING, cached_plan, check_launchable, cooperative_launches, device_guard, fit_cooperative, interpreted, launch,
+    remember_plan,
+)
 from .functorch import first_order, first_order_only
 
 # On CUDA a bad class index costs a host sync to catch eagerly, so by default it shows up as a
@@ -328,14 +331,8 @@ def launch_cross_entropy_cooperative(logits, target, loss, lse, grad, grad_divis
                     counter_ptr=counter if counter is not None else target,
                     grad_divisor_ptr=grad_divisor if grad_divisor is not None else loss, part_ptr=part)  # fmt: skip
     with device_guard(logits):
-        if len(phases) == 1:
-            group_counter = torch.zeros(coop.groups, dtype=torch.int32, device=logits.device)
-            launch(cross_entropy_cooperative_kernel, (coop.programs,), phases[0], True, **pointers,
-                   group_counter_ptr=group_counter)  # fmt: skip
-        else:
-            for phase in phases:
-                launch(cross_entropy_cooperative_kernel, (coop.programs,), phase, True, **pointers,
-                       group_counter_ptr=part)  # fmt: skip
+        for static, counter in cooperative_launches(coop, phases, "group_counter_ptr", part):
+            launch(cross_entropy_cooperative_kernel, (coop.programs,), static, True, **pointers, **counter)
     return coop
 
 

@@ -24,7 +24,9 @@ from ..kernels.softmax import (
 )
 from ..layout import as_rows, batch_first, from_rows
 from ..kernels import softmax as softmax_kernels
-from ..runtime import cached_plan, check_launchable, device_guard, fit_cooperative, interpreted, launch, remember_plan
+from ..runtime import (
+    cached_plan, check_launchable, cooperative_launches, device_guard, fit_cooperative, interpreted, launch, remember_plan,
+)
 
 
 def _op_name(log: bool) -> str:
@@ -133,16 +135,10 @@ def launch_softmax_cooperative_fwd(x: torch.Tensor, y: torch.Tensor, log: bool, 
     if coop is None:
         raise ValueError("launch_softmax_cooperative_fwd: the chunks do not fit the GPU's resident programs")
     part = runtime.cooperative_partials((x.shape[0], 2, coop.chunks), x.device)
-    grid = (coop.programs,)
     with device_guard(x):
-        if len(phases) == 1:
-            counter = torch.zeros(coop.groups, dtype=torch.int32, device=x.device)
-            launch(softmax_cooperative_fwd_kernel, grid, phases[0], planned, x_ptr=x, y_ptr=y, part_ptr=part,
-                   counter_ptr=counter)  # fmt: skip
-        else:
-            for phase in phases:
-                launch(softmax_cooperative_fwd_kernel, grid, phase, planned, x_ptr=x, y_ptr=y, part_ptr=part,
-                       counter_ptr=part)  # fmt: skip
+        for static, counter in cooperative_launches(coop, phases, "counter_ptr", part):
+            launch(softmax_cooperative_fwd_kernel, (coop.programs,), static, planned, x_ptr=x, y_ptr=y, part_ptr=part,
+                   **counter)  # fmt: skip
     return coop
 
 
@@ -159,16 +155,10 @@ def launch_softmax_cooperative_bwd(y: torch.Tensor, dy: torch.Tensor, dx: torch.
     if coop is None:
         raise ValueError("launch_softmax_cooperative_bwd: the chunks do not fit the GPU's resident programs")
     part = runtime.cooperative_partials((y.shape[0], coop.chunks), y.device)
-    grid = (coop.programs,)
     with device_guard(y):
-        if len(phases) == 1:
-            counter = torch.zeros(coop.groups, dtype=torch.int32, device=y.device)
-            launch(softmax_cooperative_bwd_kernel, grid, phases[0], planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
-                   part_ptr=part, counter_ptr=counter)  # fmt: skip
-        else:
-            for phase in phases:
-                launch(softmax_cooperative_bwd_kernel, grid, phase, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
-                       part_ptr=part, counter_ptr=part)  # fmt: skip
+        for static, counter in cooperative_launches(coop, phases, "counter_ptr", part):
+            launch(softmax_cooperative_bwd_kernel, (coop.programs,), static, planned, y_ptr=y, dy_ptr=dy, dx_ptr=dx,
+                   part_ptr=part, **counter)  # fmt: skip
     return coop
 
 
