@@ -79,11 +79,30 @@ def cooperative_launches(coop, phases: tuple, counter_arg: str, part: torch.Tens
     return [(phase, {counter_arg: part}) for phase in phases]
 
 
+def cooperative_plan(kernel, coop, static: dict, device, pointers) -> tuple:
+    """(coop, the argument dicts of its launches) for a cooperative kernel given its
+    arguments besides the pointers: in Triton's interpreter, which runs programs one at a time
+    so that none may wait on another, the kernel's two halves (PHASE 1, 2); otherwise the one
+    cooperative launch (PHASE 0), whose groups on CUDA are cut to what the compiled kernel
+    leaves resident (fit_cooperative; pointers(): the launch's tensors, or stand-ins of their
+    types and alignment, for Triton's warmup); (None, None) when not one group fits."""
+    if interpreted(kernel):
+        return coop, (dict(static, PHASE=1), dict(static, PHASE=2))
+    static = dict(static, PHASE=0, launch_cooperative_grid=True)
+    if getattr(device, "type", device) == "cuda":
+        coop = fit_cooperative(kernel, coop, device, dict(static, **pointers()))
+        if coop is None:
+            return None, None
+    return coop, (static,)
+
+
 def fit_cooperative(kernel, coop, device, args: dict):
     """coop (a config.CooperativeConfig) with its groups cut to what the card keeps resident of
     `kernel` compiled for these launch arguments (pointers included: Triton's warmup compiles
     it, or finds it compiled), at most coop.per_sm programs an SM; None when not one group
-    fits. Every program of a cooperative launch must be resident at once."""
+    fits. Every program of a cooperative launch must be resident at once, and a Triton setting
+    that drops the register cap (its instrumentation mode does) would leave fewer than config
+    assumes."""
     import dataclasses
 
     from . import config

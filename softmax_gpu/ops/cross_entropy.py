@@ -45,8 +45,7 @@ from ..kernels.cross_entropy import (
 from ..layout import as_rows, batch_rows
 from ..loss_options import REDUCTIONS, LossOptions, check_reduction  # noqa: F401 (REDUCTIONS: re-exported)
 from ..runtime import (
-    _MISSING, cached_plan, check_launchable, cooperative_launches, device_guard, fit_cooperative, interpreted, launch,
-    remember_plan,
+    _MISSING, cached_plan, check_launchable, cooperative_launches, cooperative_plan, device_guard, launch, remember_plan,
 )
 from .functorch import first_order, first_order_only
 
@@ -295,23 +294,19 @@ def _cooperative_plan(logits, target, weight, grad, grad_divisor, options: LossO
             REDUCE_BLOCK=config.reduce_block(coop.num_warps), VEC=coop.vec, HAS_EDGE=coop.edge,
             num_warps=coop.num_warps, maxnreg=coop.maxnreg,
         )  # fmt: skip
+        def pointers():
+            f32 = dict(dtype=torch.float32, device=logits.device)
+            counter = torch.zeros(4, dtype=torch.int32, device=logits.device)
+            # (the types the launch passes: the target in the unused counter's place for "none")
+            return dict(logits_ptr=logits, target_ptr=target, loss_ptr=torch.empty(4, **f32),
+                        lse_ptr=torch.empty(4, **f32), grad_ptr=grad, reduced_ptr=torch.empty(4, **f32),
+                        counter_ptr=target if reduction == "none" else counter, grad_divisor_ptr=torch.empty(4, **f32),
+                        part_ptr=torch.empty(4, **f32), group_counter_ptr=counter)  # fmt: skip
+
         # (the kernels module's own object: a tool may have replaced this module's name)
-        kernel = cross_entropy_kernels.cross_entropy_cooperative_kernel
-        if interpreted(kernel):  # Triton's interpreter runs programs one at a time: the two halves
-            plan = coop, (dict(static, PHASE=1), dict(static, PHASE=2))
-        else:
-            static.update(PHASE=0, launch_cooperative_grid=True)
-            if logits.device.type == "cuda":
-                f32 = dict(dtype=torch.float32, device=logits.device)
-                counter = torch.zeros(4, dtype=torch.int32, device=logits.device)
-                # (the types the launch passes: the target in the unused counter's place for "none")
-                pointers = dict(logits_ptr=logits, target_ptr=target, loss_ptr=torch.empty(4, **f32),
-                                lse_ptr=torch.empty(4, **f32), grad_ptr=grad, reduced_ptr=torch.empty(4, **f32),
-                                counter_ptr=target if reduction == "none" else counter,
-                                grad_divisor_ptr=torch.empty(4, **f32), part_ptr=torch.empty(4, **f32),
-                                group_counter_ptr=counter)  # fmt: skip
-                coop = fit_cooperative(kernel, coop, logits.device, dict(static, **pointers))
-            plan = (coop, (static,)) if coop is not None else None
+        coop, phases = cooperative_plan(cross_entropy_kernels.cross_entropy_cooperative_kernel, coop, static,
+                                        logits.device, pointers)  # fmt: skip
+        plan = (coop, phases) if coop is not None else None
     remember_plan(key, plan)
     return plan
 

@@ -25,7 +25,7 @@ from ..kernels.softmax import (
 from ..layout import as_rows, batch_first, from_rows
 from ..kernels import softmax as softmax_kernels
 from ..runtime import (
-    cached_plan, check_launchable, cooperative_launches, device_guard, fit_cooperative, interpreted, launch, remember_plan,
+    cached_plan, check_launchable, cooperative_launches, cooperative_plan, device_guard, launch, remember_plan,
 )
 
 
@@ -179,20 +179,13 @@ def _cooperative_static(tensors, log: bool, coop: config.CooperativeConfig) -> t
     # (the kernels module's own objects: a tool may have replaced this module's names)
     kernel = softmax_kernels.softmax_cooperative_fwd_kernel if len(tensors) == 2 else \
         softmax_kernels.softmax_cooperative_bwd_kernel  # fmt: skip
-    if interpreted(kernel):  # no program may wait on another
-        return coop, (dict(common, PHASE=1), dict(common, PHASE=2))
-    static = dict(common, PHASE=0, launch_cooperative_grid=True)
-    if out.device.type == "cuda":
-        # Every program must be resident at once: the groups as the compiled kernel leaves room
-        # for (config assumes its family's per_sm; a Triton setting that drops the
-        # register cap, as its instrumentation mode does, would leave fewer).
-        pointers = {f"{name}_ptr": t for name, t in zip(names, tensors)}
-        pointers.update(part_ptr=torch.empty(4, dtype=torch.float32, device=out.device),
-                        counter_ptr=torch.zeros(4, dtype=torch.int32, device=out.device))  # (types and alignment)
-        coop = fit_cooperative(kernel, coop, out.device, dict(static, **pointers))
-        if coop is None:
-            return None, None
-    return coop, (static,)
+
+    def pointers():
+        return dict({f"{name}_ptr": t for name, t in zip(names, tensors)},
+                    part_ptr=torch.empty(4, dtype=torch.float32, device=out.device),
+                    counter_ptr=torch.zeros(4, dtype=torch.int32, device=out.device))  # fmt: skip
+
+    return cooperative_plan(kernel, coop, common, out.device, pointers)
 
 
 def launch_softmax_bwd(
