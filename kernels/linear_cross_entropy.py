@@ -10,6 +10,9 @@ softmax_gpu/ops/linear_cross_entropy.py describes both modes and their roofline.
 import triton
 import triton.language as tl
 
+from .cross_entropy import load_weight_block, soft_cap
+from .softmax import LOG2E
+
 
 @triton.jit
 def skip_small_tiles_kernel(
@@ -190,3 +193,220 @@ def live_tiles_grad_weight_kernel(
                 b = load_block(x_ptr, rows, cols_h, x_row_stride, row_in, h_in)
                 acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
     store_block(out_ptr, acc, cls, cols_h, out_row_stride, cls_in, h_in, ACCUMULATE)
+
+
+# ---------------------------------------------------------------------------------------
+# The logits product in Triton, with the row statistics in its epilogue (opt-in)
+# ---------------------------------------------------------------------------------------
+# config.LINEAR_CE_FUSED (SOFTMAX_GPU_LINEAR_CE_FUSED=1) replaces cuBLAS's logits product
+# with linear_logits_kernel: each program makes one (BLOCK_M rows x BLOCK_N classes) tile of
+# z = X W^T + b and, before the tile leaves its registers, that tile's share of every row
+# sum the loss needs, in the vocab-parallel packing (kernels/vocab_parallel_cross_entropy.py,
+# each class tile a shard). merge_tile_stats_kernel merges the tiles of a row in tile order;
+# vocab_parallel_loss_kernel then gives the loss and lse and, where asked, the gradient in
+# place, as for the vocab-parallel shards and the low-memory slabs.
+#
+# Roofline at 8192 tokens x H 4096 x V 128256 bf16 (one product: 2 N H V = 8.61 TFLOP,
+# 10.9 ms at 790 TFLOP/s, H100 and H200 alike; H100 3.0 TB/s, H200 4.3 TB/s):
+#   low-memory forward (STORE_LOGITS=0): the product and 49 MB of tile statistics
+#     (N x 501 tiles x 3 float32, written and read once), nothing of N x V. Against cuBLAS's
+#     route, which writes the logits (2.1 GB) and reads them back for the statistics
+#     (2.1 GB: 0.70 ms H100, 0.49 ms H200), that saves 1.4 ms / 1.0 ms of traffic and the
+#     slab buffer. Predicted 11.0 ms at the peak (H100 and H200), if Triton's product runs
+#     at cuBLAS's rate; the committed H200 run timed QuACK's fused forward at 11.9 ms.
+#   speed chunk (STORE_LOGITS=1): the product writes the chunk's logits as cuBLAS's does and
+#     saves the statistics pass of the row kernel, which at V = 128256 reads each row twice
+#     (the second read mostly from L2): at most 0.70 ms (H100) / 0.49 ms (H200) of the
+#     speed mode's predicted 34 ms. So the fused route wins only where Triton's product is
+#     within ~2% of cuBLAS's; a GPU run decides (bench/linear_ce.py times both routes).
+# Operand traffic of the product itself: each program reads (BLOCK_M + BLOCK_N) x H x 2
+# bytes (3.1 MB at 128 x 256); programs run in groups of GROUP_M row tiles that share their
+# class tiles, so W (1.05 GB) comes from HBM about N / (GROUP_M BLOCK_M) = 8 times (8.4 GB,
+# 2.8 ms H100, under the 10.9 ms of math) and X (67 MB) mostly from L2.
+
+
+@triton.jit
+def linear_logits_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    z_ptr,
+    target_ptr,
+    weight_ptr,
+    tile_max_ptr,
+    tile_stats_ptr,
+    n_rows,
+    n_cols,
+    hidden,
+    x_row_stride,
+    w_row_stride,
+    z_row_stride,
+    target_stride,
+    n_classes,
+    col_start,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
+    STATS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    N_STATS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One (BLOCK_M x BLOCK_N) tile of z = x @ w^T (+ bias), float32 accumulation, rounded
+    once to z's dtype as cuBLAS rounds F.linear's; with STORE_LOGITS written to z, with STATS
+    reduced to the tile's share of the row statistics.
+
+    x_ptr: (n_rows, hidden), w_ptr: (n_cols, hidden), both with unit column stride; bias_ptr:
+        (n_cols,) read only with HAS_BIAS. z_ptr: (n_rows, n_cols), unit column stride, row
+        stride z_row_stride, the input's dtype: written only with STORE_LOGITS.
+    target_ptr: (n_rows,) global class indices (stride target_stride); this launch's column c
+        is class col_start + c of n_classes. weight_ptr: (n_cols,) the launch's class weights
+        (HAS_WEIGHT only).
+    tile_max_ptr: (n_rows, n_tiles) float32 and tile_stats_ptr: (n_rows, n_tiles, N_STATS)
+        float32, contiguous, n_tiles = num_programs / row tiles: at [r, tile], what
+        vocab_parallel_stats_kernel would write for row r were this tile's classes a shard
+        (the tile's maximum of the soft-capped logits; the sum of e^(z - that maximum) without
+        the target, z_t and w_t on the tile that holds t, and the smoothing sums). The
+        statistics are those of the rounded logits, so the loss kernel, reading the stored
+        logits, sees the same numbers.
+    Masked at every edge: rows and classes past the ends load row 0 / class 0 (wrapped, so
+    the K loop carries no row mask) and are never stored. Tile order: GROUP_M row tiles at a
+    time walk the class tiles together (W's tiles then come from L2 for all but the first).
+    """
+    pid = tl.program_id(0)
+    n_row_tiles = tl.cdiv(n_rows, BLOCK_M)
+    n_col_tiles = tl.cdiv(n_cols, BLOCK_N)
+    per_group = GROUP_M * n_col_tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_row_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < n_rows
+    col_in = cols < n_cols
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + (rows % n_rows)[:, None] * x_row_stride + ks[None, :]
+    w_ptrs = w_ptr + (cols % n_cols).to(tl.int64)[None, :] * w_row_stride + ks[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            a = tl.load(x_ptrs, mask=(ks < hidden - k0)[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=(ks < hidden - k0)[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    z_out = acc.to(x_ptr.dtype.element_ty)
+    if STORE_LOGITS:
+        tl.store(z_ptr + rows[:, None] * z_row_stride + cols[None, :], z_out,
+                 mask=row_in[:, None] & col_in[None, :])  # fmt: skip
+    if STATS:
+        linear_tile_stats(z_out.to(tl.float32), rows, cols, row_in, col_in, pid_n, n_col_tiles, target_ptr,
+                          weight_ptr, tile_max_ptr, tile_stats_ptr, target_stride, n_cols, n_classes, col_start,
+                          ignore_index, label_smoothing, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
+                          N_STATS)  # fmt: skip
+
+
+@triton.jit
+def linear_tile_stats(z, rows, cols, row_in, col_in, tile, n_tiles, target_ptr, weight_ptr, tile_max_ptr,
+                      tile_stats_ptr, target_stride, n_cols, n_classes, col_start, ignore_index, label_smoothing,
+                      softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      N_STATS: tl.constexpr):  # fmt: skip
+    """The epilogue's statistics of the float32 tile z (rows x cols of the launch, live where
+    row_in x col_in) at [rows, tile] of tile_max / tile_stats: see linear_logits_kernel.
+    A tile whose row is -inf everywhere (or past the classes) gives maximum -inf and sum 0;
+    a NaN logit makes the row's sum NaN."""
+    if HAS_SOFTCAP:
+        z = soft_cap(z, softcap, True)
+    z = tl.where(col_in[None, :], z, -float("inf"))
+    t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = (t != ignore_index) & (t >= 0) & (t < n_classes)
+    t_local = tl.where(valid, t - col_start, -1)  # -1 matches no column (an ignored or bad row)
+    is_t = cols[None, :] == t_local[:, None]
+    m = tl.max(z, axis=1)
+    shift = tl.where(m == -float("inf"), 0.0, m)  # a row of -inf: e^(-inf - 0) = 0, not NaN
+    p = tl.exp2((z - shift[:, None]) * LOG2E)
+    d = tl.sum(tl.where(is_t, 0.0, p), axis=1)
+    z_t = tl.sum(tl.where(is_t, z, 0.0), axis=1)
+    base = rows * n_tiles + tile
+    tl.store(tile_max_ptr + base, m, mask=row_in)
+    stats = tile_stats_ptr + base * N_STATS
+    tl.store(stats, d, mask=row_in)
+    tl.store(stats + 1, z_t, mask=row_in)
+    if HAS_WEIGHT or HAS_SMOOTHING:
+        w = load_weight_block(weight_ptr, cols, col_in, HAS_WEIGHT, False)
+        if HAS_WEIGHT:
+            tl.store(stats + 2, tl.sum(tl.where(is_t, w[None, :], 0.0), axis=1), mask=row_in)
+        if HAS_SMOOTHING:
+            z_live = tl.where(col_in[None, :], z, 0.0)  # (0, not -inf x 0, past the classes)
+            tl.store(stats + 2 + HAS_WEIGHT, tl.sum(w[None, :] * z_live, axis=1), mask=row_in)
+            tl.store(stats + 3 + HAS_WEIGHT, tl.sum(tl.zeros_like(z) + w[None, :], axis=1), mask=row_in)
+
+
+@triton.jit
+def merge_tile_stats_kernel(
+    tile_max_ptr,
+    tile_stats_ptr,
+    max_ptr,
+    stats_ptr,
+    n_tiles,
+    ACCUMULATE: tl.constexpr,
+    N_STATS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Row r = program_id(0)'s statistics from its n_tiles tiles (linear_logits_kernel's
+    tile_max / tile_stats), in vocab_parallel_stats_kernel's packing: max_ptr[r] the largest
+    tile maximum M, stats_ptr[r, 0] = sum_tiles d_tile e^(m_tile - M), the other columns summed.
+    With ACCUMULATE the row's present (max, stats) merge in as one more tile, first: the
+    running statistics of earlier slabs. A tile at -inf adds 0 (and rescales by nothing);
+    a NaN on any side makes the row NaN. Fixed order: the same bits every run. Bytes:
+    (1 + N_STATS) x 4 per tile, read once, plus a second read of the maxima (from L1/L2)."""
+    row = tl.program_id(0).to(tl.int64)
+    ts = tl.arange(0, BLOCK_T)
+    tile_max_row = tile_max_ptr + row * n_tiles
+    tile_stats_row = tile_stats_ptr + row * n_tiles * N_STATS
+    top = tl.full([BLOCK_T], -float("inf"), tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        top = tl.maximum(top, tl.load(tile_max_row + t0 + ts, mask=ts < n_tiles - t0, other=-float("inf")))
+    new_max = tl.max(top, axis=0)
+    if ACCUMULATE:
+        old_max = tl.load(max_ptr + row)
+        new_max = tl.maximum(new_max, old_max)
+    # (a NaN logit need not reach the maximum, which the compiled max may drop: it is in its
+    # tile's sum, whatever that tile's maximum, and so in the row's)
+    total_max = new_max
+    d = tl.zeros([BLOCK_T], tl.float32)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        live = ts < n_tiles - t0
+        m_t = tl.load(tile_max_row + t0 + ts, mask=live, other=-float("inf"))
+        d_t = tl.load(tile_stats_row + (t0 + ts) * N_STATS, mask=live, other=0.0)
+        d += tl.where(m_t == -float("inf"), 0.0 * d_t, d_t * tl.exp2((m_t - total_max) * LOG2E))
+    d_sum = tl.sum(d, axis=0)
+    if ACCUMULATE:
+        old_d = tl.load(stats_ptr + row * N_STATS)
+        d_sum = tl.where(old_max == -float("inf"), 0.0 * old_d, old_d * tl.exp2((old_max - total_max) * LOG2E)) + d_sum
+    tl.store(max_ptr + row, total_max)
+    tl.store(stats_ptr + row * N_STATS, d_sum)
+    for c in tl.static_range(1, N_STATS):
+        s = tl.zeros([BLOCK_T], tl.float32)
+        for t0 in range(0, n_tiles, BLOCK_T):
+            s += tl.load(tile_stats_row + (t0 + ts) * N_STATS + c, mask=ts < n_tiles - t0, other=0.0)
+        s_sum = tl.sum(s, axis=0)
+        if ACCUMULATE:
+            s_sum = tl.load(stats_ptr + row * N_STATS + c) + s_sum
+        tl.store(stats_ptr + row * N_STATS + c, s_sum)

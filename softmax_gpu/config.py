@@ -303,7 +303,25 @@ LINEAR_CE_LIVE_FP32 = dict(BLOCK_M=32, BLOCK_H=64, BLOCK_V=32, BLOCK_K=16, WARPS
 LINEAR_CE_LIVE_WARPS = 8
 LINEAR_CE_LIVE_MIN_TILE = 16
 
+# The logits product in Triton with the row statistics in its epilogue
+# (kernels/linear_cross_entropy.py, linear_logits_kernel), instead of cuBLAS's product and
+# a pass of the row kernel over the logits. Off unless SOFTMAX_GPU_LINEAR_CE_FUSED=1: the
+# roofline makes it the faster route only if Triton's product comes within a few percent of
+# cuBLAS's, which no GPU has measured yet (bench/linear_ce.py times both). Class-index
+# targets only; probability targets keep cuBLAS's route. fused_logits() switches it inside
+# a block (tests, the benchmark).
+LINEAR_CE_FUSED = os.environ.get("SOFTMAX_GPU_LINEAR_CE_FUSED", "0") == "1"
+# Its tiles: (BLOCK_M rows x BLOCK_N classes), BLOCK_K of the hidden dim a step, STAGES
+# steps in flight, GROUP_M row tiles sharing their class tiles. 16-bit: 128 x 256 on 8 warps
+# (a 128-register float32 accumulator a thread, wgmma on sm_90); float32 (TF32 or exact
+# FMAs) a quarter of the area. merge_tile_stats_kernel holds LINEAR_CE_MERGE_BLOCK tiles a pass.
+LINEAR_CE_LOGITS = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, WARPS=8, STAGES=3)
+LINEAR_CE_LOGITS_FP32 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, WARPS=4, STAGES=2)
+LINEAR_CE_MERGE_BLOCK = 512
+LINEAR_CE_MERGE_WARPS = 4
+
 _linear_limit = None  # (rows, cols) caps, set only by linear_limit(), for tests
+_linear_ce_fused = None  # fused_logits()'s setting, over LINEAR_CE_FUSED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,12 +336,14 @@ class LinearPlan:
     skip_tile: tuple
 
 
-def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, itemsize: int,
+def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, itemsize: float,
                               buffer_bytes: Optional[int] = None, accumulator: bool = True) -> LinearPlan:  # fmt: skip
     """The chunk rows / slab columns for an (n_rows, hidden) input, n_cols classes and
-    logits of `itemsize` bytes, within `buffer_bytes` (None: LINEAR_CE_BUFFER_BYTES[mode]).
-    accumulator (speed): whether a chunked run would need dW's float32 accumulator, whose
-    V*H*4 bytes a single chunk may then use instead; without it the chunks keep to the budget."""
+    `itemsize` buffer bytes a logit (the logit's own bytes, and with fused_logits the tile
+    statistics' share, which may be all there is), within `buffer_bytes` (None:
+    LINEAR_CE_BUFFER_BYTES[mode]). accumulator (speed): whether a chunked run would need dW's
+    float32 accumulator, whose V*H*4 bytes a single chunk may then use instead; without it
+    the chunks keep to the budget."""
     if mode not in LINEAR_CE_MODES:
         raise ValueError(f"linear_cross_entropy_plan: mode must be one of {LINEAR_CE_MODES}, got {mode!r}")
     budget = LINEAR_CE_BUFFER_BYTES[mode] if buffer_bytes is None else buffer_bytes
@@ -340,12 +360,29 @@ def linear_cross_entropy_plan(mode: str, n_rows: int, n_cols: int, hidden: int, 
     rows, cols = max(n_rows, 1), max(n_cols, 1)
     if mode == "speed":
         if n_rows * n_cols * itemsize > n_cols * hidden * 4 * accumulator + budget:
-            rows = aligned(budget // (cols * itemsize), rows, LINEAR_CE_ALIGN)
+            rows = aligned(int(budget // (cols * itemsize)), rows, LINEAR_CE_ALIGN)
     else:
-        cols = aligned(budget // (rows * itemsize), cols, LINEAR_CE_ALIGN)
+        cols = aligned(int(budget // (rows * itemsize)), cols, LINEAR_CE_ALIGN)
     if _linear_limit is not None:
         rows, cols = min(rows, _linear_limit[0]), min(cols, _linear_limit[1])
     return LinearPlan(mode, rows, cols, (tile_m, tile_v))
+
+
+def linear_ce_fused() -> bool:
+    """Whether linear cross-entropy makes its logits with linear_logits_kernel (see LINEAR_CE_FUSED)."""
+    return LINEAR_CE_FUSED if _linear_ce_fused is None else _linear_ce_fused
+
+
+@contextlib.contextmanager
+def fused_logits(enabled: bool = True):
+    """Linear cross-entropy's logits from linear_logits_kernel (True) or cuBLAS (False) inside
+    the block, whatever SOFTMAX_GPU_LINEAR_CE_FUSED says. For tests and the benchmark."""
+    global _linear_ce_fused
+    previous, _linear_ce_fused = _linear_ce_fused, bool(enabled)
+    try:
+        yield
+    finally:
+        _linear_ce_fused = previous
 
 
 @contextlib.contextmanager

@@ -872,3 +872,183 @@ def test_grad_skip_falls_back_to_cublas_products(device):
     _, grads = run(x, w, b, target, (8, 64), reduction="sum", grad_skip_threshold=threshold, mode="speed")
     for what, got, ref in zip(("dx", "dw", "db"), grads, want):
         assert_close_fp32(got.cpu(), ref, what)
+
+
+# ---------------------------------------------------------------------------------------
+# The logits in Triton with their tile statistics (config.fused_logits, opt-in)
+# ---------------------------------------------------------------------------------------
+
+# Tiles small enough that the N = 33 x V = 300 problem has 3 row tiles (the last with one row),
+# 10 class tiles (the last 12 wide), two groups of row tiles (the second a single one) and a
+# hidden dim of 40 that BLOCK_K = 16 does not divide (the masked K step).
+SMALL_LOGITS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, WARPS=4, STAGES=2)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """fused_logits on, with SMALL_LOGITS tiles; yields the list of launch_logits calls made."""
+    monkeypatch.setattr(config, "LINEAR_CE_LOGITS", SMALL_LOGITS)
+    monkeypatch.setattr(config, "LINEAR_CE_LOGITS_FP32", SMALL_LOGITS)
+    calls = []
+    real = lce.launch_logits
+
+    def spy(x, w, b, z, *args, **kw):
+        calls.append("stats" if len(args) > 2 and args[2] is not None else "logits")
+        return real(x, w, b, z, *args, **kw)
+
+    monkeypatch.setattr(lce, "launch_logits", spy)
+    with config.fused_logits(True):
+        yield calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_logits_match_float64(name, limit, mode, fused, device):
+    """Every option set of test_matches_float64_unfused, through linear_logits_kernel: its
+    statistics epilogue, the tile merge (and, in slabs, the merge into earlier slabs) and the
+    vocab-parallel loss kernel on its logits, against float64."""
+    x, w, b, target, upstream, opts = case_inputs(name, device)
+    loss, grads = run(x, w, b, target, limit, upstream, mode=mode, **opts)
+    ref_loss, ref_grads = run_reference(x, w, b, target, upstream, **opts)
+    route = lce.route(mode, x.dtype, opts["reduction"], False, True)
+    assert "stats" in fused and (route == "speed") == ("logits" not in fused), fused  # low_memory: plain in backward
+    assert_close_fp32(loss.cpu(), ref_loss, f"{name} loss")
+    for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+        assert (got is None) == (want is None), what
+        if got is not None:
+            assert_close_fp32(got.cpu(), want, f"{name} {what}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_logits_16bit_within_twice_torch_error(dtype, mode, fused, device):
+    """As test_16bit_within_twice_torch_error, the logits rounded once by the kernel's epilogue."""
+    x, w, b = make_inputs(device, dtype, bias=True)
+    target = torch.randint(0, V, (N,), device=device)
+    target[3] = -100
+    kw = dict(reduction="mean", weight=torch.rand(V, device=device) + 0.5, label_smoothing=0.1, z_loss=1e-3,
+              softcap=8.0)  # fmt: skip
+    loss, grads = run(x, w, b, target, (16, 64), mode=mode, **kw)
+    assert "stats" in fused
+    ref_loss, ref_grads = run_reference(x, w, b, target, **kw)
+    torch_loss, torch_grads = run_reference(x, w, b, target, dtype=dtype, **kw)
+    for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
+                                       [ref_loss, *ref_grads]):  # fmt: skip
+        assert got.dtype == (torch.float32 if what == "loss" else dtype), what
+        budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[dtype]
+        assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=f"{dtype} {what}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_logits_masked_vocabulary_and_nan(mode, fused, device):
+    """A bias of -inf over whole class tiles (32-63, padding) and part of another (250-260)
+    gives tiles whose maximum is -inf: they add nothing, as in torch. A NaN feature makes
+    its row's loss NaN and every dW and db element NaN, element for element as torch's."""
+    x, w, b = make_inputs(device, bias=True)
+    b[32:64] = float("-inf")
+    b[250:261] = float("-inf")
+    target = torch.randint(0, V, (N,), device=device)
+    target[(target >= 32) & (target < 64)] = 5
+    target[(target >= 250) & (target <= 260)] = 6
+    loss, grads = run(x, w, b, target, (16, 64), mode=mode, reduction="sum", label_smoothing=0.0)
+    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum")
+    assert_close_fp32(loss.cpu(), ref_loss, "loss")
+    for what, got, want in zip(("dx", "dw"), grads, ref_grads):
+        assert_close_fp32(got.cpu(), want, what)
+    x[5, 7] = float("nan")
+    loss, grads = run(x, w, b, target, (16, 64), torch.ones(N, device=device), mode=mode, reduction="none")
+    ref_loss, ref_grads = run_reference(x, w, b, target, torch.ones(N), reduction="none")
+    assert torch.equal(loss.isnan().cpu(), ref_loss.isnan()) and loss.isnan().sum() == 1
+    for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
+        assert torch.equal(got.isnan().cpu(), want.isnan()), what
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_logits_poisoned_buffers(mode, monkeypatch, fused, device):
+    """The logits buffer and both tile-statistics buffers come NaN-filled and larger than
+    needed: every tile writes its statistics for every live row before the merge reads
+    them, so the results stay exact; and bitwise the same on a second run."""
+    def nan_tiles(x, n_rows, max_cols, width):
+        tiles = n_rows * -(-max_cols // SMALL_LOGITS["BLOCK_N"])
+        return poisoned((tiles + 5,), torch.float32, x.device), poisoned((tiles * width + 9,), torch.float32, x.device)
+
+    monkeypatch.setattr(lce, "_buffer", lambda x, rows, cols: poisoned((rows * cols + 7,), x.dtype, x.device))
+    monkeypatch.setattr(lce, "_tile_buffers", nan_tiles)
+    x, w, b, target, upstream, opts = case_inputs("everything-mean", device)
+    first = run(x, w, b, target, (16, 64), upstream, mode=mode, **opts)
+    ref_loss, ref_grads = run_reference(x, w, b, target, upstream, **opts)
+    assert_close_fp32(first[0].cpu(), ref_loss, "loss")
+    for what, got, want in zip(("dx", "dw", "db"), first[1], ref_grads):
+        assert_close_fp32(got.cpu(), want, what)
+    second = run(x, w, b, target, (16, 64), upstream, mode=mode, **opts)
+    assert torch.equal(first[0], second[0]) and all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
+
+
+def test_fused_logits_shipped_tiles(device):
+    """The shipped tiles (128 x 256, 64 deep, groups of 8 row tiles: wgmma on sm_90) on a
+    problem with 3 row tiles and 4 class tiles, ragged at both ends and H a multiple of 64
+    (the unmasked K loop), bfloat16: the speed mode within twice torch's error."""
+    n, h, v = 300, 192, 1000
+    x, w, b = make_inputs(device, torch.bfloat16, n=n, h=h, v=v, bias=True)
+    target = torch.randint(0, v, (n,), device=device)
+    with config.fused_logits(True):
+        loss, grads = run(x, w, b, target, reduction="mean", label_smoothing=0.1)
+    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="mean", label_smoothing=0.1)
+    torch_loss, torch_grads = run_reference(x, w, b, target, dtype=torch.bfloat16, reduction="mean",
+                                            label_smoothing=0.1)  # fmt: skip
+    for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
+                                       [ref_loss, *ref_grads]):  # fmt: skip
+        budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[torch.bfloat16]
+        assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=what)
+
+
+def test_fused_route_falls_back(device):
+    """Probability targets, operands without unit column stride and the switch off keep
+    cuBLAS's products."""
+    x, w, _ = make_inputs(device)
+    target = torch.randint(0, V, (N,), device=device)
+    with config.fused_logits(True):
+        assert lce.fused_route(x, w, target)
+        assert not lce.fused_route(x, w, torch.rand(N, V, device=device))
+        assert not lce.fused_route(x.t().contiguous().t(), w, target)
+        assert not lce.fused_route(x[:, :0], w[:, :0], target)
+    with config.fused_logits(False):
+        assert not lce.fused_route(x, w, target)
+
+
+@interpreter_only
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fused_logits_traffic(accumulate, monkeypatch):
+    """Exact interpreter traffic of the low-memory forward's two launches, every access inside
+    its buffer: linear_logits_kernel reads each program's BLOCK_M rows of X (rows past the end
+    wrap to real rows) and BLOCK_N rows of W over the H columns, the bias, targets and class
+    weights of its tile, and writes (1 + width) float32 a live row, and no logits;
+    merge_tile_stats_kernel reads each row's tiles (the maxima twice) and, accumulating,
+    the row's earlier statistics, and writes 1 + width float32 a row."""
+    from softmax_gpu.traffic import TrafficCounter
+
+    monkeypatch.setattr(config, "LINEAR_CE_LOGITS_FP32", SMALL_LOGITS)
+    x, w, b = make_inputs("cpu", bias=True)
+    target = torch.randint(0, V, (N,))
+    weight = torch.rand(V) + 0.1
+    options = LossOptions(-100, 0.1, 0.0, None)
+    width = 5  # weights and smoothing
+    tile_max, tile_stats = lce._tile_buffers(x, N, V, width)
+    views = lce._tile_views((tile_max, tile_stats), x, N, V, width)
+    row_max, stats = torch.full((N,), 0.5), torch.rand(N, width)
+    bm, bn = SMALL_LOGITS["BLOCK_M"], SMALL_LOGITS["BLOCK_N"]
+    n_rt, n_ct = -(-N // bm), -(-V // bn)
+    with TrafficCounter(buffers=[x, w, b, target, weight, tile_max, tile_stats]) as t:
+        lce.launch_logits(x, w, b, None, target, weight, views, V, 0, options)
+    live_rows = [min(bm, N - i * bm) for i in range(n_rt)]
+    live_cols = [min(bn, V - j * bn) for j in range(n_ct)]
+    operands = n_rt * n_ct * (bm + bn) * H * 4
+    edges = n_rt * V * (4 + 4) + n_ct * N * 8  # bias and weights of each tile's classes; each tile's targets
+    assert t.bytes_loaded == operands + edges
+    assert t.bytes_stored == n_ct * N * (1 + width) * 4
+    assert sum(live_rows) == N and sum(live_cols) == V
+    with TrafficCounter(buffers=[tile_max, tile_stats, row_max, stats]) as t:
+        lce.launch_merge_tile_stats(views, row_max, stats, accumulate)
+    assert t.bytes_loaded == N * n_ct * (2 + width) * 4 + (N * (1 + width) * 4 if accumulate else 0)
+    assert t.bytes_stored == N * (1 + width) * 4

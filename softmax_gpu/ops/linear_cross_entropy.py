@@ -65,8 +65,10 @@ from .. import config
 from ..loss_options import LossOptions, check_reduction
 from ..checks import check_floating, check_same_device, check_tensor
 from ..kernels.linear_cross_entropy import (
+    linear_logits_kernel,
     live_tiles_grad_input_kernel,
     live_tiles_grad_weight_kernel,
+    merge_tile_stats_kernel,
     skip_small_tiles_kernel,
 )
 from ..runtime import check_launchable, device_guard
@@ -92,9 +94,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SPEED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def plan(mode: str, x: torch.Tensor, w: torch.Tensor, buffer_bytes: Optional[int],
-         accumulator: bool = True) -> config.LinearPlan:  # fmt: skip
-    return config.linear_cross_entropy_plan(mode, x.shape[0], w.shape[0], x.shape[1], x.element_size(), buffer_bytes,
+def plan(mode: str, x: torch.Tensor, w: torch.Tensor, buffer_bytes: Optional[int], accumulator: bool = True,
+         itemsize: Optional[float] = None) -> config.LinearPlan:  # fmt: skip
+    """config.linear_cross_entropy_plan for these operands; itemsize: the buffer bytes a logit
+    takes (None: the logit's own; fused_logits adds its tile statistics, or is only them)."""
+    itemsize = x.element_size() if itemsize is None else itemsize
+    return config.linear_cross_entropy_plan(mode, x.shape[0], w.shape[0], x.shape[1], itemsize, buffer_bytes,
                                             accumulator)  # fmt: skip
 
 
@@ -173,17 +178,29 @@ def products_over_live_tiles(tile: tuple, *operands: torch.Tensor) -> bool:
     than cuBLAS's dense products over G with the skipped tiles zeroed: tiles of at least
     config.LINEAR_CE_LIVE_MIN_TILE a side, and operands with unit column stride."""
     block_m, block_n = _skip_blocks(tile)
-    if operands[0].device.type != "cuda" and operands[0].element_size() == 2:
-        # Triton's interpreter multiplies 16-bit dot operands as raw bits unless its fixes are in
-        # (softmax_gpu.interpreter, which the tests and the benchmark's CPU runs apply)
-        from .. import interpreter
-
-        if not interpreter._applied:
-            return False
+    if not _triton_dots(operands[0]):
+        return False
     return min(block_m, block_n) >= config.LINEAR_CE_LIVE_MIN_TILE and all(t.stride(-1) == 1 for t in operands)
 
 
+def _triton_dots(x: torch.Tensor) -> bool:
+    """Whether tl.dot multiplies x's dtype right where x lives: on a GPU, yes; Triton's
+    interpreter multiplies 16-bit dot operands as raw bits unless its fixes are in
+    (softmax_gpu.interpreter, which the tests and the benchmark's CPU runs apply)."""
+    if x.device.type == "cuda" or x.element_size() != 2:
+        return True
+    from .. import interpreter
+
+    return interpreter._applied
+
+
 _PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}  # as cuBLAS: TF32 below "highest"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for operands of `dtype`: float32 as torch.get_float32_matmul_precision()
+    says (exact for "highest", TF32 otherwise, as cuBLAS); ignored for 16-bit operands."""
+    return _PRECISION.get(torch.get_float32_matmul_precision(), "ieee") if dtype == torch.float32 else "tf32"
 
 
 def live_tiles_blocks(dtype: torch.dtype, tile_m: int) -> tuple:
@@ -209,7 +226,7 @@ def launch_live_tiles_products(g: torch.Tensor, live: torch.Tensor, tile: tuple,
     if not n_rows or not hidden:
         return
     block_m, block_n = _skip_blocks(tile)
-    precision = _PRECISION.get(torch.get_float32_matmul_precision(), "ieee") if g.dtype == torch.float32 else "tf32"
+    precision = dot_precision(g.dtype)
     block_rows, block_h, block_v, block_k, warps = live_tiles_blocks(g.dtype, block_m)
     common = dict(live_ptr=live, n_rows=n_rows, n_cols=n_cols, hidden=hidden, g_row_stride=g.stride(0), TILE_M=block_m,
                   TILE_N=block_n, BLOCK_H=block_h, INPUT_PRECISION=precision, num_warps=warps)  # fmt: skip
@@ -242,6 +259,105 @@ def skip_scale(scale: torch.Tensor, target: torch.Tensor, weight: Optional[torch
     return (scale * w_t).reshape(n_rows)
 
 
+# ---------------------------------------------------------------------------------------
+# The logits in Triton with their row statistics (config.LINEAR_CE_FUSED, opt-in)
+# ---------------------------------------------------------------------------------------
+
+
+def fused_route(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether this call makes its logits with linear_logits_kernel (config.linear_ce_fused()):
+    class-index targets, a hidden dim, operands with unit column stride and a device whose
+    tl.dot is right for them; everything else keeps cuBLAS's products."""
+    if not config.linear_ce_fused() or target.is_floating_point() or not x.shape[1] or not w.shape[0]:
+        return False
+    return x.stride(-1) == 1 and w.stride(-1) == 1 and _triton_dots(x)
+
+
+def logits_blocks(dtype: torch.dtype) -> dict:
+    """linear_logits_kernel's tiles, warps and stages for operands of `dtype` (config)."""
+    return config.LINEAR_CE_LOGITS_FP32 if dtype == torch.float32 else config.LINEAR_CE_LOGITS
+
+
+def stats_bytes_per_logit(dtype: torch.dtype, width: int) -> float:
+    """The tile statistics' buffer bytes per logit: (1 + width) float32 per row a class tile."""
+    return (1 + width) * 4 / logits_blocks(dtype)["BLOCK_N"]
+
+
+def _tile_buffers(x: torch.Tensor, n_rows: int, max_cols: int, width: int) -> tuple:
+    """Flat float32 buffers for the tile maxima and statistics of up to n_rows x max_cols logits."""
+    tiles = n_rows * -(-max_cols // logits_blocks(x.dtype)["BLOCK_N"])
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return torch.empty(tiles, **f32), torch.empty(tiles * width, **f32)
+
+
+def _tile_views(buffers: tuple, x: torch.Tensor, n_rows: int, n_cols: int, width: int) -> tuple:
+    """(tile maxima (n_rows, n_tiles), statistics (n_rows, n_tiles, width)) for n_cols classes,
+    contiguous views of _tile_buffers' buffers."""
+    n_tiles = -(-n_cols // logits_blocks(x.dtype)["BLOCK_N"])
+    tile_max, tile_stats = buffers
+    return (tile_max[: n_rows * n_tiles].view(n_rows, n_tiles),
+            tile_stats[: n_rows * n_tiles * width].view(n_rows, n_tiles, width))  # fmt: skip
+
+
+def launch_logits(x, w, b, z, target=None, weight=None, tiles=None, n_classes=0, col_start=0,
+                  options: Optional[LossOptions] = None, fn=FN) -> None:  # fmt: skip
+    """z = x @ w^T (+ b) by linear_logits_kernel, rounded to x's dtype; z None: not stored. With
+    tiles = (tile_max (N, n_tiles), tile_stats (N, n_tiles, width)), also every tile's share
+    of the row statistics for target (global class indices of n_classes; w holds classes
+    col_start + [0, V_local)), weight (this launch's classes) and options; see the kernel.
+    x (N, H) and w (V_local, H) with unit column stride, H > 0; z (N, V_local) likewise."""
+    n_rows, hidden = x.shape
+    n_cols = w.shape[0]
+    if not n_rows or not n_cols:
+        return
+    blocks = logits_blocks(x.dtype)
+    check_launchable(fn, linear_logits_kernel, x)
+    stats = tiles is not None
+    flags = dict(ignore_index=0, label_smoothing=0.0, softcap=0.0, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
+    if stats:
+        flags = options.kernel_args(z_loss=False, hi_lo=False)
+    grid = (-(-n_rows // blocks["BLOCK_M"]) * -(-n_cols // blocks["BLOCK_N"]),)
+    with device_guard(x):
+        linear_logits_kernel[grid](
+            x_ptr=x, w_ptr=w, bias_ptr=b if b is not None else x, z_ptr=z if z is not None else x,
+            target_ptr=target if stats else x, weight_ptr=weight if stats and weight is not None else x,
+            tile_max_ptr=tiles[0] if stats else x, tile_stats_ptr=tiles[1] if stats else x,
+            n_rows=n_rows, n_cols=n_cols, hidden=hidden, x_row_stride=x.stride(0), w_row_stride=w.stride(0),
+            z_row_stride=z.stride(0) if z is not None else 0, target_stride=target.stride(0) if stats else 0,
+            n_classes=n_classes, col_start=col_start, HAS_BIAS=b is not None, STORE_LOGITS=z is not None,
+            STATS=stats, HAS_WEIGHT=stats and weight is not None, N_STATS=tiles[1].shape[2] if stats else 1,
+            EVEN_K=hidden % blocks["BLOCK_K"] == 0, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
+            BLOCK_K=blocks["BLOCK_K"], GROUP_M=blocks["GROUP_M"], INPUT_PRECISION=dot_precision(x.dtype),
+            num_warps=blocks["WARPS"], num_stages=blocks["STAGES"], **flags,
+        )  # fmt: skip
+
+
+def launch_merge_tile_stats(tiles: tuple, row_max: torch.Tensor, stats: torch.Tensor, accumulate: bool,
+                            fn=FN) -> None:  # fmt: skip
+    """(row_max (N,), stats (N, width)) <- the merge of every row's tiles (launch_logits' tiles),
+    in tile order, in the vocab-parallel packing; with accumulate, merged into what they hold."""
+    tile_max, tile_stats = tiles
+    n_rows, n_tiles = tile_max.shape
+    if not n_rows:
+        return
+    check_launchable(fn, merge_tile_stats_kernel, tile_max)
+    block_t = min(config.LINEAR_CE_MERGE_BLOCK, max(32, config.next_power_of_2(n_tiles)))
+    with device_guard(tile_max):
+        merge_tile_stats_kernel[(n_rows,)](
+            tile_max_ptr=tile_max, tile_stats_ptr=tile_stats, max_ptr=row_max, stats_ptr=stats, n_tiles=n_tiles,
+            ACCUMULATE=accumulate, N_STATS=stats.shape[1], BLOCK_T=block_t, num_warps=config.LINEAR_CE_MERGE_WARPS,
+        )  # fmt: skip
+
+
+def _logits(z, x, w, b, fused: bool) -> None:
+    """z = x @ w^T (+ b): linear_logits_kernel when fused (so that the forward's statistics and
+    the backward's logits are the same numbers), else cuBLAS."""
+    if fused:
+        launch_logits(x, w, b, z)
+    else:
+        _logits_into(z, x, w, b)
+
+
 def _buffer(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return x.new_empty(rows * cols)
 
@@ -262,7 +378,10 @@ def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, bu
     n_rows, hidden = x.shape
     n_cols = w.shape[0]
     check_launchable(FN, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
-    cut = plan("speed", x, w, buffer_bytes, accumulator=needs[1])
+    fused = fused_route(x, w, target)
+    width = n_stats(False, weight is not None, options.label_smoothing > 0)
+    itemsize = x.element_size() + stats_bytes_per_logit(x.dtype, width) if fused else None
+    cut = plan("speed", x, w, buffer_bytes, accumulator=needs[1], itemsize=itemsize)
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(n_rows, **f32), torch.empty(n_rows, **f32)
     dx = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device) if needs[0] else None
@@ -285,17 +404,27 @@ def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, bu
         scale = skip_scale((1.0 / total) if total is not None else torch.ones((), **f32), target, weight, n_rows)
     sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
     buf = _buffer(x, min(cut.rows, n_rows), n_cols)
+    if fused:
+        tiles = _tile_buffers(x, min(cut.rows, n_rows), n_cols, width)
+        row_max, stats = torch.empty(min(cut.rows, n_rows), **f32), torch.empty(min(cut.rows, n_rows), width, **f32)
     for r0 in range(0, n_rows, cut.rows):
         r1 = min(n_rows, r0 + cut.rows)
         x_c, z = x[r0:r1], _view(buf, r1 - r0, n_cols)
-        _logits_into(z, x_c, w, b)
         t_c = target[r0:r1]
-        split = _forward_split(z, t_c, weight, options)
-        args = (z, t_c, weight, loss[r0:r1], lse[r0:r1], z, total, options)
-        if split is not None:
-            launch_cross_entropy_split(*args, split)
+        if fused:  # the logits with their tiles' statistics; merged; loss, lse and G in place
+            views = _tile_views(tiles, x, r1 - r0, n_cols, width)
+            launch_logits(x_c, w, b, z, t_c, weight, views, n_cols, 0, options)
+            launch_merge_tile_stats(views, row_max[: r1 - r0], stats[: r1 - r0], False)
+            launch_vocab_parallel_loss(z, t_c, weight, row_max[: r1 - r0], stats[: r1 - r0], loss[r0:r1], lse[r0:r1],
+                                       z, total, None, n_cols, 0, options)  # fmt: skip
         else:
-            launch_cross_entropy(*args)
+            _logits_into(z, x_c, w, b)
+            split = _forward_split(z, t_c, weight, options)
+            args = (z, t_c, weight, loss[r0:r1], lse[r0:r1], z, total, options)
+            if split is not None:
+                launch_cross_entropy_split(*args, split)
+            else:
+                launch_cross_entropy(*args)
         live = None
         if skip is not None:
             live = launch_skip_small_tiles(z, scale if scale.dim() == 0 else scale[r0:r1], skip, cut.skip_tile,
@@ -402,9 +531,19 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOpti
     if not n_local or not n_rows:
         return torch.full((n_rows,), float("-inf"), **f32), torch.zeros(n_rows, width, **f32)
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
-    cut = plan("low_memory", x, w, buffer_bytes)
     row_max = torch.empty(n_rows, **f32)
     stats = torch.empty(n_rows, width, **f32)
+    if fused_route(x, w, target):  # no logits stored: each slab is its tiles' statistics, merged as they come
+        cut = plan("low_memory", x, w, buffer_bytes, itemsize=stats_bytes_per_logit(x.dtype, width))
+        tiles = _tile_buffers(x, n_rows, min(cut.cols, n_local), width)
+        for c0 in range(0, n_local, cut.cols):
+            c1 = min(n_local, c0 + cut.cols)
+            views = _tile_views(tiles, x, n_rows, c1 - c0, width)
+            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, None, target,
+                          weight[c0:c1] if weight is not None else None, views, n_classes, col_start + c0, options, fn)
+            launch_merge_tile_stats(views, row_max, stats, c0 > 0, fn)
+        return row_max, stats
+    cut = plan("low_memory", x, w, buffer_bytes)
     slab_max = torch.empty(n_rows, **f32)
     slab_stats = torch.empty(n_rows, width, **f32)
     buf = _buffer(x, n_rows, min(cut.cols, n_local))
@@ -475,12 +614,13 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
     if skip is not None:
         skip_factor = skip_scale(scale, target, weight, n_rows)
     sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
+    fused = fused_route(x, w, target)  # the forward's statistics came from linear_logits_kernel's logits
     buf = _buffer(x, n_rows, min(cols, n_local))
     scratch = torch.empty(2, n_rows, **f32)  # the loss kernel's loss and lse, not needed again
     for c0 in range(0, n_local, cols):
         c1 = min(n_local, c0 + cols)
         z = _view(buf, n_rows, c1 - c0)
-        _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
+        _logits(z, x, w[c0:c1], b[c0:c1] if b is not None else None, fused)
         tgt, wt = _slab_targets(target, weight, c0, c1)
         if dt is not None:  # from the logits, before the gradient overwrites them
             dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, options.label_smoothing, options.softcap, dt.dtype)
