@@ -356,6 +356,49 @@ def linear_cross_entropy_variants(quick: bool):
                                    "n_cols", "hidden"))  # fmt: skip
 
 
+def linear_logits_variants(quick: bool):
+    """The opt-in Triton logits product (config.LINEAR_CE_FUSED): linear_logits_kernel at the
+    shipped tiles with the statistics epilogue (logits stored, as the speed chunks; or not, as
+    the low-memory forward) and without it (the low-memory backward's logits), for the plain
+    loss and every option at once; H a multiple of 64 (every language model's head) and not;
+    and merge_tile_stats_kernel. Tensor-core instructions (HGMMA on sm_90) show in "mma"."""
+    import torch
+
+    from softmax_gpu import config
+    from softmax_gpu.ops.linear_cross_entropy import logits_blocks
+
+    module = "softmax_gpu.kernels.linear_cross_entropy"
+    for dtype in ("bf16",) if quick else ("bf16", "fp16", "fp32"):
+        ptr = DTYPES[dtype]
+        blocks = logits_blocks(torch.float32 if dtype == "fp32" else torch.bfloat16)
+        sig = (("x_ptr", ptr), ("w_ptr", ptr), ("bias_ptr", ptr), ("z_ptr", ptr), ("target_ptr", "*i64"),
+               ("weight_ptr", "*fp32"), ("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("n_rows", "i32"),
+               ("n_cols", "i32"), ("hidden", "i32"), ("x_row_stride", "i32"), ("w_row_stride", "i32"),
+               ("z_row_stride", "i32"), ("target_stride", "i32"), ("n_classes", "i32"), ("col_start", "i32"),
+               ("ignore_index", "i32"), ("label_smoothing", "fp32"), ("softcap", "fp32"), ("zero", "i32"))  # fmt: skip
+        tiles = tuple((k, blocks[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("tf32",)
+        # (bias, store, stats, all options, even K)
+        shapes = [(False, True, True, False, True), (True, True, True, True, True), (False, False, True, False, True),
+                  (True, False, True, True, True), (True, True, False, False, True), (False, True, True, False, False)]
+        if quick:
+            shapes = shapes[:3]
+        for (bias, store, stats, everything, even_k), precision in itertools.product(shapes, precisions):
+            meta = (("HAS_BIAS", bias), ("STORE_LOGITS", store), ("STATS", stats), ("HAS_WEIGHT", everything),
+                    ("HAS_SMOOTHING", everything), ("HAS_SOFTCAP", everything), ("N_STATS", 5 if everything else 2),
+                    ("EVEN_K", even_k)) + tiles + (("INPUT_PRECISION", precision),)  # fmt: skip
+            yield Variant(module, "linear_logits_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta), meta,
+                          blocks["WARPS"], num_stages=blocks["STAGES"],
+                          aligned=("x_ptr", "w_ptr", "z_ptr", "x_row_stride", "w_row_stride", "z_row_stride",
+                                   "hidden", "n_cols"))  # fmt: skip
+    sig = (("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("max_ptr", "*fp32"), ("stats_ptr", "*fp32"),
+           ("n_tiles", "i32"))  # fmt: skip
+    for accumulate, width in itertools.product((False, True), (2,) if quick else (2, 5)):
+        meta = (("ACCUMULATE", accumulate), ("N_STATS", width), ("BLOCK_T", config.LINEAR_CE_MERGE_BLOCK))
+        yield Variant(module, "merge_tile_stats_kernel", "fp32", sig + tuple((k, "constexpr") for k, _ in meta), meta,
+                      config.LINEAR_CE_MERGE_WARPS)  # fmt: skip
+
+
 def token_logprobs_variants(quick: bool):
     """Token log-probabilities and entropy: forward (with and without the entropy), split
     rows' partial and combine kernels, and backward (each upstream gradient alone and both),
@@ -657,6 +700,7 @@ def all_variants(quick: bool):
     yield from split_variants(quick)
     yield from cooperative_variants(quick)
     yield from linear_cross_entropy_variants(quick)
+    yield from linear_logits_variants(quick)
     yield from token_logprobs_variants(quick)
     yield from vocab_parallel_variants(quick)
 

@@ -10,7 +10,7 @@ softmax_gpu/ops/linear_cross_entropy.py describes both modes and their roofline.
 import triton
 import triton.language as tl
 
-from .cross_entropy import load_weight_block, soft_cap
+from .cross_entropy import fresh, load_weight_block, soft_cap
 from .softmax import LOG2E
 
 
@@ -208,8 +208,8 @@ def live_tiles_grad_weight_kernel(
 #
 # Roofline at 8192 tokens x H 4096 x V 128256 bf16 (one product: 2 N H V = 8.61 TFLOP,
 # 10.9 ms at 790 TFLOP/s, H100 and H200 alike; H100 3.0 TB/s, H200 4.3 TB/s):
-#   low-memory forward (STORE_LOGITS=0): the product and 49 MB of tile statistics
-#     (N x 501 tiles x 3 float32, written and read once), nothing of N x V. Against cuBLAS's
+#   low-memory forward (STORE_LOGITS=0): the product and 98 MB of tile statistics
+#     (N x 1002 tiles of 128 classes x 3 float32, written and read once), nothing of N x V. Against cuBLAS's
 #     route, which writes the logits (2.1 GB) and reads them back for the statistics
 #     (2.1 GB: 0.70 ms H100, 0.49 ms H200), that saves 1.4 ms / 1.0 ms of traffic and the
 #     slab buffer. Predicted 11.0 ms at the peak (H100 and H200), if Triton's product runs
@@ -220,9 +220,13 @@ def live_tiles_grad_weight_kernel(
 #     speed mode's predicted 34 ms. So the fused route wins only where Triton's product is
 #     within ~2% of cuBLAS's; a GPU run decides (bench/linear_ce.py times both routes).
 # Operand traffic of the product itself: each program reads (BLOCK_M + BLOCK_N) x H x 2
-# bytes (3.1 MB at 128 x 256); programs run in groups of GROUP_M row tiles that share their
-# class tiles, so W (1.05 GB) comes from HBM about N / (GROUP_M BLOCK_M) = 8 times (8.4 GB,
-# 2.8 ms H100, under the 10.9 ms of math) and X (67 MB) mostly from L2.
+# bytes (2.1 MB at 128 x 128, for 134 MFLOP); programs run in groups of GROUP_M = 8 row tiles
+# that share their class tiles (one wave of 132 tiles touches ~26 MB, within L2), so W
+# (1.05 GB) comes from HBM about N / (GROUP_M BLOCK_M) = 8 times (8.4 GB: 2.8 ms H100,
+# 2.0 ms H200, under the 10.9 ms of math) and X (67 MB) mostly from L2. The tile is 128 x 128
+# rather than cuBLAS-like 128 x 256 because the statistics epilogue spilled at 256 wide
+# (config.LINEAR_CE_LOGITS); whether Triton's product then keeps up with cuBLAS's is the
+# open question a GPU run answers.
 
 
 @triton.jit
@@ -247,6 +251,7 @@ def linear_logits_kernel(
     ignore_index,
     label_smoothing,
     softcap,
+    zero,
     HAS_BIAS: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
     STATS: tl.constexpr,
@@ -270,7 +275,8 @@ def linear_logits_kernel(
         stride z_row_stride, the input's dtype: written only with STORE_LOGITS.
     target_ptr: (n_rows,) global class indices (stride target_stride); this launch's column c
         is class col_start + c of n_classes. weight_ptr: (n_cols,) the launch's class weights
-        (HAS_WEIGHT only).
+        (HAS_WEIGHT only). label_smoothing: unused (the smoothing sums are the same for any eps;
+        the loss kernel applies it). zero: the int 0, which the compiler cannot see (tile_logits).
     tile_max_ptr: (n_rows, n_tiles) float32 and tile_stats_ptr: (n_rows, n_tiles, N_STATS)
         float32, contiguous, n_tiles = num_programs / row tiles: at [r, tile], what
         vocab_parallel_stats_kernel would write for row r were this tile's classes a shard
@@ -316,46 +322,63 @@ def linear_logits_kernel(
         tl.store(z_ptr + rows[:, None] * z_row_stride + cols[None, :], z_out,
                  mask=row_in[:, None] & col_in[None, :])  # fmt: skip
     if STATS:
-        linear_tile_stats(z_out.to(tl.float32), rows, cols, row_in, col_in, pid_n, n_col_tiles, target_ptr,
-                          weight_ptr, tile_max_ptr, tile_stats_ptr, target_stride, n_cols, n_classes, col_start,
-                          ignore_index, label_smoothing, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP,
-                          N_STATS)  # fmt: skip
+        linear_tile_stats(z_out, zero, rows, cols, row_in, col_in, pid_n, n_col_tiles, target_ptr, weight_ptr,
+                          tile_max_ptr, tile_stats_ptr, target_stride, n_cols, n_classes, col_start, ignore_index,
+                          softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, N_STATS, BLOCK_N)  # fmt: skip
 
 
 @triton.jit
-def linear_tile_stats(z, rows, cols, row_in, col_in, tile, n_tiles, target_ptr, weight_ptr, tile_max_ptr,
-                      tile_stats_ptr, target_stride, n_cols, n_classes, col_start, ignore_index, label_smoothing,
-                      softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                      N_STATS: tl.constexpr):  # fmt: skip
-    """The epilogue's statistics of the float32 tile z (rows x cols of the launch, live where
-    row_in x col_in) at [rows, tile] of tile_max / tile_stats: see linear_logits_kernel.
-    A tile whose row is -inf everywhere (or past the classes) gives maximum -inf and sum 0;
-    a NaN logit makes the row's sum NaN."""
-    if HAS_SOFTCAP:
-        z = soft_cap(z, softcap, True)
-    z = tl.where(col_in[None, :], z, -float("inf"))
+def tile_logits(raw, zero, col_in, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The float32 soft-capped logits of the rounded tile raw, -inf past the classes. A 16-bit
+    tile is converted afresh on each call (fresh(), with a different runtime zero per pass):
+    only its packed 16-bit values stay live between the epilogue's reductions, 64 registers
+    a thread at 128 x 256 on 8 warps instead of 128 for float32 beside the rest."""
+    if raw.dtype.primitive_bitwidth == 16:
+        z = fresh(raw, zero).to(tl.float32)
+    else:
+        z = raw
+    z = soft_cap(z, softcap, HAS_SOFTCAP)
+    return tl.where(col_in[None, :], z, -float("inf"))
+
+
+@triton.jit
+def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, target_ptr, weight_ptr, tile_max_ptr,
+                      tile_stats_ptr, target_stride, n_cols, n_classes, col_start, ignore_index, softcap,
+                      HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      N_STATS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The epilogue's statistics of the rounded tile raw (rows x cols of the launch, live where
+    row_in x col_in) at [rows, tile] of tile_max / tile_stats: see linear_logits_kernel. Two
+    passes over the tile in registers (tile_logits): its maximum, then the sums. A tile whose
+    row is -inf everywhere (or past the classes) gives maximum -inf and sum 0; a NaN logit
+    makes the row's sum NaN. w_t is gathered (one load a row whose target is in the tile),
+    not summed out of a broadcast of the tile's weights."""
     t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
     valid = (t != ignore_index) & (t >= 0) & (t < n_classes)
     t_local = tl.where(valid, t - col_start, -1)  # -1 matches no column (an ignored or bad row)
-    is_t = cols[None, :] == t_local[:, None]
-    m = tl.max(z, axis=1)
+    # The cap is increasing, so the capped maximum is the cap of the maximum: one cap a row here
+    m = tl.max(tile_logits(raw, zero, col_in, softcap, False), axis=1)
+    if HAS_SOFTCAP:
+        m = tl.where(m == -float("inf"), m, soft_cap(m, softcap, True))
     shift = tl.where(m == -float("inf"), 0.0, m)  # a row of -inf: e^(-inf - 0) = 0, not NaN
-    p = tl.exp2((z - shift[:, None]) * LOG2E)
-    d = tl.sum(tl.where(is_t, 0.0, p), axis=1)
+    z = tile_logits(raw, zero >> 1, col_in, softcap, HAS_SOFTCAP)
+    is_t = cols[None, :] == t_local[:, None]
+    d = tl.sum(tl.where(is_t, 0.0, tl.exp2((z - shift[:, None]) * LOG2E)), axis=1)
     z_t = tl.sum(tl.where(is_t, z, 0.0), axis=1)
     base = rows * n_tiles + tile
     tl.store(tile_max_ptr + base, m, mask=row_in)
     stats = tile_stats_ptr + base * N_STATS
     tl.store(stats, d, mask=row_in)
     tl.store(stats + 1, z_t, mask=row_in)
-    if HAS_WEIGHT or HAS_SMOOTHING:
+    if HAS_WEIGHT:
+        first = tile * BLOCK_N
+        owned = (t_local >= first) & (t_local < first + BLOCK_N) & (t_local < n_cols) & row_in
+        w_t = tl.load(weight_ptr + tl.where(owned, t_local, 0), mask=owned, other=0.0).to(tl.float32)
+        tl.store(stats + 2, w_t, mask=row_in)
+    if HAS_SMOOTHING:
         w = load_weight_block(weight_ptr, cols, col_in, HAS_WEIGHT, False)
-        if HAS_WEIGHT:
-            tl.store(stats + 2, tl.sum(tl.where(is_t, w[None, :], 0.0), axis=1), mask=row_in)
-        if HAS_SMOOTHING:
-            z_live = tl.where(col_in[None, :], z, 0.0)  # (0, not -inf x 0, past the classes)
-            tl.store(stats + 2 + HAS_WEIGHT, tl.sum(w[None, :] * z_live, axis=1), mask=row_in)
-            tl.store(stats + 3 + HAS_WEIGHT, tl.sum(tl.zeros_like(z) + w[None, :], axis=1), mask=row_in)
+        wz = tl.sum(w[None, :] * tl.where(col_in[None, :], z, 0.0), axis=1)  # (0, not -inf x 0, past the classes)
+        tl.store(stats + 2 + HAS_WEIGHT, wz, mask=row_in)
+        tl.store(stats + 3 + HAS_WEIGHT, tl.zeros_like(wz) + tl.sum(w, axis=0), mask=row_in)
 
 
 @triton.jit

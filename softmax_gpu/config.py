@@ -312,11 +312,13 @@ LINEAR_CE_LIVE_MIN_TILE = 16
 # a block (tests, the benchmark).
 LINEAR_CE_FUSED = os.environ.get("SOFTMAX_GPU_LINEAR_CE_FUSED", "0") == "1"
 # Its tiles: (BLOCK_M rows x BLOCK_N classes), BLOCK_K of the hidden dim a step, STAGES
-# steps in flight, GROUP_M row tiles sharing their class tiles. 16-bit: 128 x 256 on 8 warps
-# (a 128-register float32 accumulator a thread, wgmma on sm_90); float32 (TF32 or exact
-# FMAs) a quarter of the area. merge_tile_stats_kernel holds LINEAR_CE_MERGE_BLOCK tiles a pass.
-LINEAR_CE_LOGITS = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, WARPS=8, STAGES=3)
-LINEAR_CE_LOGITS_FP32 = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, WARPS=4, STAGES=2)
+# steps in flight, GROUP_M row tiles sharing their class tiles. 16-bit: 128 x 128 on 8 warps
+# (a 64-register float32 accumulator a thread, wgmma on sm_90; 182-254 registers with the
+# statistics, no spill). At 128 x 256 the epilogue spilled on sm_90 (8 bytes plain, 104-1400
+# with the options). float32 (TF32 wgmma, or exact FMAs for "highest"): 64 x 64 on 4 warps.
+# merge_tile_stats_kernel holds LINEAR_CE_MERGE_BLOCK tiles a pass.
+LINEAR_CE_LOGITS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WARPS=8, STAGES=4)
+LINEAR_CE_LOGITS_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, WARPS=4, STAGES=3)
 LINEAR_CE_MERGE_BLOCK = 512
 LINEAR_CE_MERGE_WARPS = 4
 

@@ -1023,7 +1023,8 @@ def test_fused_logits_traffic(accumulate, monkeypatch):
     """Exact interpreter traffic of the low-memory forward's two launches, every access inside
     its buffer: linear_logits_kernel reads each program's BLOCK_M rows of X (rows past the end
     wrap to real rows) and BLOCK_N rows of W over the H columns, the bias, targets and class
-    weights of its tile, and writes (1 + width) float32 a live row, and no logits;
+    weights of its tile and w_t where it holds the target, and writes (1 + width) float32 a
+    live row, and no logits;
     merge_tile_stats_kernel reads each row's tiles (the maxima twice) and, accumulating,
     the row's earlier statistics, and writes 1 + width float32 a row."""
     from softmax_gpu.traffic import TrafficCounter
@@ -1045,6 +1046,7 @@ def test_fused_logits_traffic(accumulate, monkeypatch):
     live_cols = [min(bn, V - j * bn) for j in range(n_ct)]
     operands = n_rt * n_ct * (bm + bn) * H * 4
     edges = n_rt * V * (4 + 4) + n_ct * N * 8  # bias and weights of each tile's classes; each tile's targets
+    edges += N * 4  # w_t, gathered by the tile that holds the row's target (every target counts here)
     assert t.bytes_loaded == operands + edges
     assert t.bytes_stored == n_ct * N * (1 + width) * 4
     assert sum(live_rows) == N and sum(live_cols) == V
