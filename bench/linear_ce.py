@@ -49,11 +49,16 @@ SHAPES = ((8192, 4096, 128256), (8192, 2304, 256000), (4096, 4096, 32000))
 QUICK_SHAPES = ((8192, 4096, 128256),)
 DRY_RUN_SHAPES = ((64, 32, 500),)
 CPU_SHAPES = ((128, 32, 1024), (256, 32, 2048))  # N x V grows 4x, H fixed: the interpreter's sizes
-PROVIDERS = ("softmax_gpu", "softmax_gpu.skip", "softmax_gpu.low_memory", "cublas", "torch", "torch.chunked",
-             "torch.compile", "liger", "cce", "cce.exact", "quack")
+PROVIDERS = ("softmax_gpu", "softmax_gpu.fused", "softmax_gpu.skip", "softmax_gpu.low_memory",
+             "softmax_gpu.low_memory.fused", "cublas", "torch", "torch.chunked", "torch.compile", "liger", "cce",
+             "cce.exact", "quack")  # fmt: skip
+# ".fused": the logits by linear_logits_kernel with the statistics in its epilogue
+# (config.fused_logits), against the same mode with cuBLAS's logits: the measurement that
+# decides which route ships (docs/linear-cross-entropy.md)
 LABELS = {"cce": "cce (filtered)", "cce.exact": "cce (exact)", "softmax_gpu": "softmax_gpu (speed)",
-          "softmax_gpu.skip": "softmax_gpu (skip)",
-          "softmax_gpu.low_memory": "softmax_gpu (low_mem)", "cublas": "cuBLAS products"}
+          "softmax_gpu.fused": "ours (speed,fused)", "softmax_gpu.skip": "softmax_gpu (skip)",
+          "softmax_gpu.low_memory": "softmax_gpu (low_mem)", "softmax_gpu.low_memory.fused": "ours (lowmem,fused)",
+          "cublas": "cuBLAS products"}  # fmt: skip
 PRODUCTS = object()  # the "cublas" provider: the matrix products alone, not a loss (the ceiling)
 # Host synchronisations inside the call (read in their sources): eager time only.
 NO_GRAPH = {
@@ -107,17 +112,21 @@ def _quack():
     return lambda x, w, t: chunked_linear_cross_entropy(x, w, t)
 
 
-def _ours(mode="speed", skip=False):
+def _ours(mode="speed", skip=False, fused=False):
     """softmax_gpu.linear_cross_entropy in `mode`; with skip, grad_skip_threshold at Cut
     Cross-Entropy's own default for the input's dtype (its machine epsilon / 32: 2^-12 for
-    bfloat16), so that the two filtered rows filter alike."""
+    bfloat16), so that the two filtered rows filter alike; fused: the logits from
+    linear_logits_kernel (forward and backward: the backward runs inside the switch too,
+    since autograd calls it from the loss's backward() within the timed call)."""
 
     def factory():
         import softmax_gpu
+        from softmax_gpu import config
 
         def loss(x, w, t):
             threshold = torch.finfo(x.dtype).eps / 32 if skip else None
-            return softmax_gpu.linear_cross_entropy(x, w, t, mode=mode, grad_skip_threshold=threshold)
+            with config.fused_logits(fused):
+                return softmax_gpu.linear_cross_entropy(x, w, t, mode=mode, grad_skip_threshold=threshold)
 
         return loss
 
@@ -142,6 +151,8 @@ FACTORIES = {
     "softmax_gpu": _ours("speed"),
     "softmax_gpu.skip": _ours("speed", skip=True),
     "softmax_gpu.low_memory": _ours("low_memory"),
+    "softmax_gpu.fused": _ours("speed", fused=True),
+    "softmax_gpu.low_memory.fused": _ours("low_memory", fused=True),
     "cublas": lambda: PRODUCTS,
     "torch": lambda: _torch_unfused,
     "torch.chunked": _torch_chunked,

@@ -353,8 +353,10 @@ def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, targ
     makes the row's sum NaN. w_t is gathered (one load a row whose target is in the tile),
     not summed out of a broadcast of the tile's weights."""
     t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
-    valid = (t != ignore_index) & (t >= 0) & (t < n_classes)
-    t_local = tl.where(valid, t - col_start, -1)  # -1 matches no column (an ignored or bad row)
+    # t's column in this launch, or -1 (matching no column) for an ignored or bad row and for a
+    # class of another slab or shard, which may otherwise land on the masked tail of a tile
+    t_local = t - col_start
+    t_local = tl.where((t != ignore_index) & (t < n_classes) & (t_local >= 0) & (t_local < n_cols), t_local, -1)
     # The cap is increasing, so the capped maximum is the cap of the maximum: one cap a row here
     m = tl.max(tile_logits(raw, zero, col_in, softcap, False), axis=1)
     if HAS_SOFTCAP:
@@ -371,7 +373,7 @@ def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, targ
     tl.store(stats + 1, z_t, mask=row_in)
     if HAS_WEIGHT:
         first = tile * BLOCK_N
-        owned = (t_local >= first) & (t_local < first + BLOCK_N) & (t_local < n_cols) & row_in
+        owned = (t_local >= first) & (t_local < first + BLOCK_N) & row_in
         w_t = tl.load(weight_ptr + tl.where(owned, t_local, 0), mask=owned, other=0.0).to(tl.float32)
         tl.store(stats + 2, w_t, mask=row_in)
     if HAS_SMOOTHING:

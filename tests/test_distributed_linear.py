@@ -167,10 +167,12 @@ def test_checks_before_any_collective():
             vocab_parallel_linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long))
 
 
-def test_shards_simulated_in_one_process_several_slabs(device):
+@pytest.mark.parametrize("fused", [False, True])
+def test_shards_simulated_in_one_process_several_slabs(fused, monkeypatch, device):
     """The ops on 3 simulated shards, the collectives done by hand (max, rescale, sum), with
     16-class slabs so each shard takes several: the full problem's loss, dX summed over the
-    shards, and the shards' dW and db put together."""
+    shards, and the shards' dW and db put together. fused: the shards' logits and statistics
+    from linear_logits_kernel (16 x 16 tiles: shards and slabs cut them off mid-tile)."""
     import softmax_gpu
     from softmax_gpu import config
     from softmax_gpu.ops.vocab_parallel_cross_entropy import total_weight, vocab_parallel_loss
@@ -187,11 +189,14 @@ def test_shards_simulated_in_one_process_several_slabs(device):
     target = torch.randint(0, n_classes, (n_rows,), device=device)
     target[:3] = torch.tensor([5, 52, 20])
     options = dict(ignore_index=5, label_smoothing=0.1, z_loss=1e-3, softcap=4.0)
+    if fused:
+        tiles = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, WARPS=4, STAGES=2)
+        monkeypatch.setattr(config, "LINEAR_CE_LOGITS_FP32", tiles)
     with config.linear_limit(n_rows, 16):
         maxima, partial = [], []
         for lo, hi in bounds:
             m, s = vocab_parallel_linear_stats(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], n_classes, lo, 5, 0.1, 1e-3,
-                                               4.0)
+                                               4.0, fused)  # fmt: skip
             maxima.append(m)
             partial.append(s)
         global_max = torch.stack(maxima).amax(0)
@@ -202,7 +207,7 @@ def test_shards_simulated_in_one_process_several_slabs(device):
                                             n_classes, 0, 5, 0.1, 1e-3, 4.0, False)  # fmt: skip
         upstream = torch.tensor(1.0, device=device)
         grads = [vocab_parallel_linear_backward(x, w[lo:hi], b[lo:hi], target, weight[lo:hi], global_max, stats,
-                                                upstream, total, n_classes, lo, 5, 0.1, 1e-3, 4.0, True, True, True)
+                                                upstream, total, n_classes, lo, 5, 0.1, 1e-3, 4.0, True, True, True, fused)
                  for lo, hi in bounds]  # fmt: skip
         x1, w1, b1 = (t.clone().requires_grad_() for t in (x, w, b))
         expected = softmax_gpu.linear_cross_entropy(x1, w1, target, linear_bias=b1, weight=weight, **options)

@@ -26,7 +26,8 @@ def test_compile_report_has_no_spills():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert ", 0 spill registers to local memory" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines()
-            if line.startswith(("softmax_", "cross_entropy", "scale_", "skip_", "vocab_parallel", "token_"))]
+            if line.startswith(("softmax_", "cross_entropy", "scale_", "skip_", "vocab_parallel", "token_", "linear_",
+                                "merge_tile"))]  # fmt: skip
     assert {r[1] for r in rows} == {"80", "90"}
     assert {r[0] for r in rows} >= {"softmax_fwd_kernel", "softmax_bwd_kernel", "cross_entropy_kernel", "scale_grad_kernel"}
     wide = [r for r in rows if "BLOCK_N=1024" in " ".join(r) and r[0].startswith("softmax")]
@@ -34,8 +35,12 @@ def test_compile_report_has_no_spills():
     assert wide and all(r[6] == ("yes/no" if "_stats_kernel" in r[0] else "yes/yes") for r in wide), wide
     assert {(r[0], r[1]) for r in rows if r[0].startswith("token_logprobs")} == {
         (f"token_logprobs_{k}_kernel", a) for k in ("fwd", "partial", "combine", "bwd") for a in ("80", "90")}
-    # Linear cross-entropy's tile filter on both archs; its products are cuBLAS's.
+    # Linear cross-entropy's tile filter on both archs; its opt-in Triton logits on tensor cores
+    # (wgmma on sm_90) in 16-bit, and their tile merge.
     assert {r[1] for r in rows if r[0] == "skip_small_tiles_kernel"} == {"80", "90"}
+    logits = [r for r in rows if r[0] == "linear_logits_kernel"]
+    assert {(r[1], r[8]) for r in logits if r[2] in ("bf16", "fp16")} == {("80", "HMMA"), ("90", "HGMMA")}
+    assert {r[1] for r in rows if r[0] == "merge_tile_stats_kernel"} == {"80", "90"}
     assert any(r[0] == "vocab_parallel_loss_kernel" and "HAS_UPSTREAM=1" in " ".join(r) and r[2] == "bf16"
                for r in rows)  # the low-memory backward's bf16 gradient with its upstream factor
 

@@ -264,11 +264,14 @@ def skip_scale(scale: torch.Tensor, target: torch.Tensor, weight: Optional[torch
 # ---------------------------------------------------------------------------------------
 
 
-def fused_route(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether this call makes its logits with linear_logits_kernel (config.linear_ce_fused()):
-    class-index targets, a hidden dim, operands with unit column stride and a device whose
-    tl.dot is right for them; everything else keeps cuBLAS's products."""
-    if not config.linear_ce_fused() or target.is_floating_point() or not x.shape[1] or not w.shape[0]:
+def fused_route(x: torch.Tensor, w: torch.Tensor, target: torch.Tensor, enabled: Optional[bool] = None) -> bool:
+    """Whether this call makes its logits with linear_logits_kernel: where enabled (None:
+    config.linear_ce_fused(); the autograd functions read it once, in the forward, and hand
+    it to the backward), for class-index targets, a hidden dim, operands with unit column
+    stride and a device whose tl.dot is right for them; everything else keeps cuBLAS's."""
+    if enabled is None:
+        enabled = config.linear_ce_fused()
+    if not enabled or target.is_floating_point() or not x.shape[1] or not w.shape[0]:
         return False
     return x.stride(-1) == 1 and w.stride(-1) == 1 and _triton_dots(x)
 
@@ -372,13 +375,13 @@ def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
-def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, buffer_bytes):
+def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, buffer_bytes, fused_logits=None):
     """(loss per row, lse, dX, dW, db) of the summed loss divided by total (None: 1); each
     gradient None unless asked for (needs: input, weight, bias), in the input's dtype."""
     n_rows, hidden = x.shape
     n_cols = w.shape[0]
     check_launchable(FN, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
-    fused = fused_route(x, w, target)
+    fused = fused_route(x, w, target, fused_logits)
     width = n_stats(False, weight is not None, options.label_smoothing > 0)
     itemsize = x.element_size() + stats_bytes_per_logit(x.dtype, width) if fused else None
     cut = plan("speed", x, w, buffer_bytes, accumulator=needs[1], itemsize=itemsize)
@@ -463,13 +466,14 @@ def _speed_op(
     weight_grad: bool,
     bias_grad: bool,
     buffer_bytes: Optional[int] = None,
+    fused_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per row, lse, dX, dW, db): the gradients of the summed loss over `total` (None: 1)
     for an upstream gradient of 1, each an empty tensor when not asked for."""
     _check_class_indices(target, linear_weight.shape[0], ignore_index)
     loss, lse, dx, dw, db = _speed(input, linear_weight, linear_bias, target, weight, total,
                                    LossOptions(ignore_index, label_smoothing, z_loss, softcap), grad_skip_threshold,
-                                   (input_grad, weight_grad, bias_grad), buffer_bytes)  # fmt: skip
+                                   (input_grad, weight_grad, bias_grad), buffer_bytes, fused_logits)  # fmt: skip
     empty = input.new_empty  # one empty tensor each: a custom op's outputs must not alias
     return loss, lse, *(g if g is not None else empty(0) for g in (dx, dw, db))
 
@@ -481,7 +485,7 @@ linear_cross_entropy_speed = torch.library.custom_op(
 
 @linear_cross_entropy_speed.register_fake
 def _(input, linear_weight, linear_bias, target, weight, total, ignore_index, label_smoothing, z_loss, softcap,
-      grad_skip_threshold, input_grad, weight_grad, bias_grad, buffer_bytes=None):  # fmt: skip
+      grad_skip_threshold, input_grad, weight_grad, bias_grad, buffer_bytes=None, fused_logits=False):  # fmt: skip
     n_rows = input.shape[0]
     f32 = dict(dtype=torch.float32)
     contiguous = dict(memory_format=torch.contiguous_format)
@@ -521,7 +525,8 @@ def _slab_targets(target, weight, c0, c1):
     return tgt, (weight[c0:c1] if weight is not None else None)
 
 
-def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOptions, buffer_bytes, fn=FN):
+def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOptions, buffer_bytes, fn=FN,
+                fused_logits=None):  # fmt: skip
     """(row maxima (N,), packed statistics (N, n_stats)) float32 of the classes
     [col_start, col_start + V_local) that w holds, slab by slab, merged in slab order as the
     vocab-parallel all-reduces merge shards: column 0 rescaled to the common maximum, summed."""
@@ -533,7 +538,7 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOpti
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
     row_max = torch.empty(n_rows, **f32)
     stats = torch.empty(n_rows, width, **f32)
-    if fused_route(x, w, target):  # no logits stored: each slab is its tiles' statistics, merged as they come
+    if fused_route(x, w, target, fused_logits):  # no logits stored: each slab is its tiles' statistics, merged as they come
         cut = plan("low_memory", x, w, buffer_bytes, itemsize=stats_bytes_per_logit(x.dtype, width))
         tiles = _tile_buffers(x, n_rows, min(cut.cols, n_local), width)
         for c0 in range(0, n_local, cut.cols):
@@ -587,7 +592,7 @@ def _loss_from_stats(x, target, weight, row_max, stats, n_classes, options: Loss
 
 
 def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total, n_classes, col_start,
-                   options: LossOptions, skip, needs, buffer_bytes, fn=FN):  # fmt: skip
+                   options: LossOptions, skip, needs, buffer_bytes, fn=FN, fused_logits=None):  # fmt: skip
     """The gradients of sum_r upstream_r loss_r / total (total None: 1) for the classes w
     holds: (dX float32, summed over these classes only; dW_local, db_local and d/d target
     in their dtypes); None for each not asked for (needs: input, weight, bias, target)."""
@@ -614,7 +619,7 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
     if skip is not None:
         skip_factor = skip_scale(scale, target, weight, n_rows)
     sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
-    fused = fused_route(x, w, target)  # the forward's statistics came from linear_logits_kernel's logits
+    fused = fused_route(x, w, target, fused_logits)  # as the forward's: its statistics are of these logits
     buf = _buffer(x, n_rows, min(cols, n_local))
     scratch = torch.empty(2, n_rows, **f32)  # the loss kernel's loss and lse, not needed again
     for c0 in range(0, n_local, cols):
@@ -653,6 +658,7 @@ def _forward(
     z_loss: float,
     softcap: Optional[float],
     buffer_bytes: Optional[int] = None,
+    fused_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss per row, lse, row maxima, packed statistics), float32, for input (N, H),
     linear_weight (V, H), target (N,) class indices or (N, V) probabilities: the low-memory
@@ -660,7 +666,8 @@ def _forward(
     n_classes = linear_weight.shape[0]
     _check_class_indices(target, n_classes, ignore_index)
     options = LossOptions(ignore_index, label_smoothing, z_loss, softcap)
-    row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, options, buffer_bytes)
+    row_max, stats = _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, 0, options, buffer_bytes,
+                                 fused_logits=fused_logits)  # fmt: skip
     if n_classes == 0:  # torch's values for no classes (cross_entropy.zero_class_rows); nothing to launch
         loss = zero_class_rows(target, options, torch.float32)
         return loss, torch.full_like(loss, float("-inf")), row_max, stats
@@ -675,7 +682,7 @@ linear_cross_entropy_forward = torch.library.custom_op(
 
 @linear_cross_entropy_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-      buffer_bytes=None):  # fmt: skip
+      buffer_bytes=None, fused_logits=False):  # fmt: skip
     n_rows = input.shape[0]
     f32 = dict(dtype=torch.float32)
     width = n_stats(target.is_floating_point(), weight is not None, label_smoothing > 0)
@@ -704,6 +711,7 @@ def _backward(
     target_grad: bool = False,
     grad_skip_threshold: Optional[float] = None,
     buffer_bytes: Optional[int] = None,
+    fused_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of sum_r upstream_r loss_r / grad_divisor (upstream a float32 scalar or (N,))
     with respect to input, linear_weight, linear_bias and probability targets, in their
@@ -712,7 +720,7 @@ def _backward(
     dx, dw, db, dt = _slab_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream,
                                     grad_divisor, linear_weight.shape[0], 0,
                                     LossOptions(ignore_index, label_smoothing, z_loss, softcap), grad_skip_threshold,
-                                    needs, buffer_bytes)  # fmt: skip
+                                    needs, buffer_bytes, fused_logits=fused_logits)  # fmt: skip
     empty = input.new_empty
     return (
         dx.to(input.dtype) if dx is not None else empty(0),
@@ -730,7 +738,7 @@ linear_cross_entropy_backward = torch.library.custom_op(
 @linear_cross_entropy_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, grad_divisor, ignore_index,
       label_smoothing, z_loss, softcap, input_grad, weight_grad, bias_grad, target_grad=False,
-      grad_skip_threshold=None, buffer_bytes=None):  # fmt: skip
+      grad_skip_threshold=None, buffer_bytes=None, fused_logits=False):  # fmt: skip
     contiguous = dict(memory_format=torch.contiguous_format)
     return (
         torch.empty_like(input, **contiguous) if input_grad else input.new_empty(0),
@@ -772,19 +780,21 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.route = "low_memory"
         total = _total_weight(target, weight, options.ignore_index) if reduction == "mean" else None
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight)
+        fused = config.linear_ce_fused()  # read once: the backward makes its logits as the forward did
         if ctx.route == "speed":
             op = _speed_op if eager else linear_cross_entropy_speed
             loss, lse, dx, dw, db = op(input, linear_weight, linear_bias, target, weight, total, *options,
                                        grad_skip_threshold, needs[0], needs[1], needs[2] and linear_bias is not None,
-                                       buffer_bytes)  # fmt: skip
+                                       buffer_bytes, fused)  # fmt: skip
             ctx.save_for_backward(dx, dw, db)
             ctx.backward_done = False
         else:
             op = _forward if eager else linear_cross_entropy_forward
-            loss, lse, row_max, stats = op(input, linear_weight, linear_bias, target, weight, *options, buffer_bytes)
+            loss, lse, row_max, stats = op(input, linear_weight, linear_bias, target, weight, *options, buffer_bytes,
+                                           fused)  # fmt: skip
             if any(needs) or target_grad:
                 ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, lse, total)
-            ctx.options = (*options, grad_skip_threshold, buffer_bytes)
+            ctx.options = (*options, grad_skip_threshold, buffer_bytes, fused)
             ctx.target_grad = target_grad
         ctx.mark_non_differentiable(lse)
         if reduction != "none" and linear_weight.shape[0] == 0:
@@ -816,10 +826,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = (dx, dw, db, None)
         else:
             input, linear_weight, linear_bias, target, weight, row_max, stats, lse, total = ctx.saved_tensors
-            *options, skip, buffer_bytes = ctx.options
+            *options, skip, buffer_bytes, fused = ctx.options
             bias = bias and linear_bias is not None
             args = (input, linear_weight, linear_bias, target, weight, row_max, stats, lse, upstream, total, *options,
-                    needs[0], needs[1], bias, ctx.target_grad, skip, buffer_bytes)  # fmt: skip
+                    needs[0], needs[1], bias, ctx.target_grad, skip, buffer_bytes, fused)  # fmt: skip
             eager = _plain_eager(input, linear_weight, linear_bias, target, weight, upstream)
             grads = (_backward if eager else linear_cross_entropy_backward)(*args)
         dx, dw, db, dt = grads

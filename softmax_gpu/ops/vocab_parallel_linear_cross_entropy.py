@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import config
 from ..loss_options import LossOptions
 from .cross_entropy import _check_class_indices, _plain_eager
 from .functorch import first_order
@@ -51,12 +52,14 @@ def _stats(
     label_smoothing: float,
     z_loss: float,
     softcap: Optional[float],
+    fused_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(row maxima (N,), packed statistics (N, n_stats)) of this shard, float32 (z_loss plays
     no part: it is taken so that the four options pass as one)."""
     _check_class_indices(target, n_classes, ignore_index)  # IndexError on CPU, as cross_entropy
     return _slab_stats(input, linear_weight, linear_bias, target, weight, n_classes, col_start,
-                       LossOptions(ignore_index, label_smoothing, z_loss, softcap), None, fn=FN)  # fmt: skip
+                       LossOptions(ignore_index, label_smoothing, z_loss, softcap), None, fn=FN,
+                       fused_logits=fused_logits)  # fmt: skip
 
 
 vocab_parallel_linear_stats = torch.library.custom_op(
@@ -66,7 +69,7 @@ vocab_parallel_linear_stats = torch.library.custom_op(
 
 @vocab_parallel_linear_stats.register_fake
 def _(input, linear_weight, linear_bias, target, weight, n_classes, col_start, ignore_index, label_smoothing, z_loss,
-      softcap):  # fmt: skip
+      softcap, fused_logits=False):  # fmt: skip
     return _fake_stats(input, target, weight, label_smoothing)
 
 
@@ -89,6 +92,7 @@ def _backward(
     input_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
+    fused_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This shard's terms of the gradients of sum_r upstream_r loss_r / grad_divisor: dX as
     float32 (the caller all-reduces it, then casts), dW and db of the shard in their dtypes;
@@ -97,7 +101,7 @@ def _backward(
     dx, dw, db, _ = _slab_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, None, upstream,
                                    grad_divisor, n_classes, col_start,
                                    LossOptions(ignore_index, label_smoothing, z_loss, softcap), None, needs, None,
-                                   fn=FN)  # fmt: skip
+                                   fn=FN, fused_logits=fused_logits)  # fmt: skip
     empty = input.new_empty
     return (dx if dx is not None else empty(0), dw if dw is not None else empty(0), db if db is not None else empty(0))
 
@@ -109,7 +113,7 @@ vocab_parallel_linear_backward = torch.library.custom_op(
 
 @vocab_parallel_linear_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, row_max, stats, upstream, grad_divisor, n_classes, col_start,
-      ignore_index, label_smoothing, z_loss, softcap, input_grad, weight_grad, bias_grad):  # fmt: skip
+      ignore_index, label_smoothing, z_loss, softcap, input_grad, weight_grad, bias_grad, fused_logits=False):  # fmt: skip
     return (
         input.new_empty(input.shape, dtype=torch.float32) if input_grad else input.new_empty(0),
         torch.empty_like(linear_weight, memory_format=torch.contiguous_format) if weight_grad else input.new_empty(0),
@@ -127,8 +131,9 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, linear_weight, linear_bias, target, weight, group, n_classes, col_start, options,
                 reduction):  # fmt: skip
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight)
+        fused = config.linear_ce_fused()  # read once: the backward makes its logits as the forward did
         row_max, stats = (_stats if eager else vocab_parallel_linear_stats)(
-            input, linear_weight, linear_bias, target, weight, n_classes, col_start, *options
+            input, linear_weight, linear_bias, target, weight, n_classes, col_start, *options, fused
         )
         if input.shape[0]:  # the same on every rank (the input is), so all skip together
             row_max = combine_stats(row_max, stats, group)
@@ -144,6 +149,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, row_max, stats, total)
         ctx.group = group
         ctx.shard = (n_classes, col_start, *options)
+        ctx.fused = fused
         ctx.mark_non_differentiable(lse)
         if reduction == "mean":
             loss = loss.sum() / total
@@ -159,7 +165,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         bias_grad = needs[2] and linear_bias is not None
         upstream = grad_loss.float() if grad_loss.dim() == 0 else grad_loss.reshape(-1).float()
         args = (input, linear_weight, linear_bias, target, weight, row_max, stats, upstream, total, *ctx.shard,
-                needs[0], needs[1], bias_grad)  # fmt: skip
+                needs[0], needs[1], bias_grad, ctx.fused)  # fmt: skip
         eager = _plain_eager(input, linear_weight, linear_bias, target, weight, upstream)
         dx, dw, db = (_backward if eager else vocab_parallel_linear_backward)(*args)
         if needs[0]:
