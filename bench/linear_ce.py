@@ -437,6 +437,52 @@ def format_memory_table(rows) -> str:
     return "\n".join(lines)
 
 
+# The cards the predictions are for: copy bandwidth (bytes/s) and the dense 16-bit matrix rate
+# taken for them (FLOP/s; the H100's datasheet says 989 TFLOP/s, 790 is what cuBLAS-class
+# products sustain), as in every kernel docstring.
+CARDS = {"H100": (3.0e12, 790e12), "H200": (4.3e12, 790e12)}
+ROUTES = (("speed", False), ("speed", True), ("low_memory", False), ("low_memory", True))
+
+
+def route_model(mode: str, fused: bool, n: int, h: int, v: int, itemsize: int = 2, width: int = 2) -> dict:
+    """FLOPs and the HBM bytes of the passes over the logits that no product hides, for one
+    forward + backward of `mode` with cuBLAS's logits (fused False) or linear_logits_kernel's
+    (fused True), class-index targets with `width` packed statistics (2: the plain loss),
+    and the time they predict on each card at its peak (CARDS): products / rate + bytes /
+    bandwidth. The products' own operand reads and result writes are inside their time.
+      speed, cuBLAS: cross_entropy_kernel over the chunk: rows wider than its single block
+        read twice (the second read partly from L2: counted in full) and G written: 3 N V s.
+      speed, fused: the statistics in the product's epilogue (N x V/128 x (1 + width) x 4,
+        written and read), then vocab_parallel_loss_kernel reads z once and writes G: 2 N V s.
+      low_memory, cuBLAS: the forward's statistics pass reads each slab (N V s); the
+        backward's loss kernel reads the slab again and writes G (2 N V s).
+      low_memory, fused: the forward stores no logits, only tile statistics; the backward
+        as cuBLAS's (2 N V s)."""
+    products = 3 if mode == "speed" else 4
+    flop = products * 2 * n * h * v
+    logits = n * v * itemsize
+    tiles = 2 * n * -(-v // 128) * (1 + width) * 4 if fused else 0
+    passes = {("speed", False): 3, ("speed", True): 2, ("low_memory", False): 3, ("low_memory", True): 2}[mode, fused]
+    moved = passes * logits + tiles
+    times = {card: 1e3 * (flop / rate + moved / bandwidth) for card, (bandwidth, rate) in CARDS.items()}
+    return dict(mode=mode, fused=fused, products=products, flop=flop, bytes=moved, ms=times)
+
+
+def format_route_model(shapes=SHAPES) -> str:
+    lines = ["Forward + backward, bfloat16, the plain loss: products, FLOPs, bytes of the passes over the",
+             "logits outside the products, and the time they predict at each card's peak (bench/linear_ce.py,",
+             "route_model; nothing here is measured):",
+             f"  {'N x H x V':<20}{'mode':<12}{'logits':<9}{'products':>9}{'TFLOP':>8}{'GB':>7}"
+             + "".join(f"{card + ' ms':>10}" for card in CARDS)]  # fmt: skip
+    for n, h, v in shapes:
+        for mode, fused in ROUTES:
+            m = route_model(mode, fused, n, h, v)
+            lines.append(f"  {f'{n}x{h}x{v}':<20}{mode:<12}{'Triton' if fused else 'cuBLAS':<9}{m['products']:>9}"
+                         f"{m['flop'] / 1e12:>8.1f}{m['bytes'] / 1e9:>7.2f}"
+                         + "".join(f"{m['ms'][card]:>10.1f}" for card in CARDS))  # fmt: skip
+    return "\n".join(lines)
+
+
 def cpu_report(ops) -> None:
     print("No CUDA GPU: linear cross-entropy's memory table and FLOP counts (no timings).\n")
     print(format_memory_table(memory_table(CPU_SHAPES)))
@@ -444,6 +490,8 @@ def cpu_report(ops) -> None:
     for op in ops:
         for n, h, v in SHAPES:
             print(f"  {op:<19}{n} x {h} x {v}: {flops(op, n, h, v):.3e}")
+    print()
+    print(format_route_model())
 
 
 def main(argv=None, ops=OPS) -> int:

@@ -1,10 +1,12 @@
-"""Linear cross-entropy's own device code: grad_skip_threshold's tile filter, and the
-backward's two products over the tiles it keeps.
+"""Linear cross-entropy's own device code: grad_skip_threshold's tile filter, the backward's
+two products over the tiles it keeps, and the opt-in Triton logits product with the row
+statistics in its epilogue (config.LINEAR_CE_FUSED) with their merge.
 
 Everything else the op runs on the device is shared: the other matrix products are cuBLAS's
 (torch.mm / addmm), the row math between them is cross-entropy's kernels (the speed mode's
 chunks: kernels/cross_entropy.py) and the vocab-parallel pair (the low-memory mode's slabs,
-which are shards of the vocabulary: kernels/vocab_parallel_cross_entropy.py).
+which are shards of the vocabulary, and the Triton logits' tiles, which are narrower shards:
+kernels/vocab_parallel_cross_entropy.py).
 softmax_gpu/ops/linear_cross_entropy.py describes both modes and their roofline.
 """
 import triton

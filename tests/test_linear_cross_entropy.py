@@ -660,6 +660,13 @@ def test_bench_cpu_report(monkeypatch, capsys):
         assert int(rows[f"softmax_gpu.{mode}"][2].replace(",", "")) < logits <= int(rows["torch"][2].replace(",", ""))
     assert "linear_ce_fwd_bwd  8192 x 4096 x 128256: 2.582e+13" in out
     assert linear_ce.flops("linear_ce_fwd", 2, 3, 5) == 60 and linear_ce.flops("linear_ce_fwd_bwd", 2, 3, 5) == 180
+    # the route model: each mode with cuBLAS's logits and with the Triton ones
+    model = [line.split() for line in out.splitlines() if line.strip().startswith("8192x4096x128256")]
+    assert [(r[1], r[2]) for r in model] == [(m, k) for m in ("speed", "low_memory") for k in ("cuBLAS", "Triton")]
+    m = linear_ce.route_model("speed", True, 256, 64, 1000, itemsize=2, width=2)
+    assert m["flop"] == 3 * 2 * 256 * 64 * 1000
+    assert m["bytes"] == 2 * 256 * 1000 * 2 + 2 * 256 * 8 * 3 * 4  # z read, G written; 8 tiles' statistics
+    assert linear_ce.route_model("low_memory", False, 256, 64, 1000)["bytes"] == 3 * 256 * 1000 * 2
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,9 +31,10 @@ dense bf16, the rate taken for these cards (its datasheet says 989); H200: 4.3 T
 same FLOP rate). One product is 2 N H V = 8.61 TFLOP, 10.9 ms.
   speed: 3 products, 25.8 TFLOP = 32.7 ms. Bytes besides the products' own operands (X 67 MB,
     W 1.05 GB, dW 1.05 GB): the logits buffer (N V 2 = 2.10 GB) written by product 1, read and
-    written by the row kernel, read by products 2 and 3: 10.5 GB, of which the row kernel's
-    4.2 GB (1.4 ms H100, 1.0 ms H200) is not hidden under a product. Predicted 34 ms
-    (H100) / 33.7 ms (H200) at the dense peak; about 40 ms at cuBLAS's usual 85% of it.
+    written by the row kernel, read by products 2 and 3, of which the row kernel's passes
+    are not hidden under a product: at V = 128256 it reads each row twice (the second read
+    partly from L2) and writes G, 6.3 GB at most (2.1 ms H100, 1.5 ms H200). Predicted
+    34-35 ms (H100) / 34 ms (H200) at the dense peak; about 40 ms at cuBLAS's usual 85%.
     Extra memory: the one chunk, N V 2 = 2.10 GB (<= V H 4 + 512 MiB = 2.64 GB).
   low_memory: 4 products, 34.4 TFLOP = 43.6 ms, plus the stats kernel's read of each slab
     (2.1 GB in all) and the backward row kernel's read + write (4.2 GB): ~2.1 ms (H100),
@@ -48,6 +49,12 @@ Layers, top to bottom:
   plan / mm_accumulate / launch_skip_small_tiles    helpers; with grad_skip_threshold the
   / launch_live_tiles_products                      backward's products over the kept tiles
                                                     (Triton) replace cuBLAS's dense two
+  fused_route / launch_logits /                     the opt-in Triton logits with their tile
+  launch_merge_tile_stats                           statistics (config.LINEAR_CE_FUSED): the
+                                                    speed chunks, the low-memory forward
+                                                    (no logits stored) and its backward;
+                                                    roofline in kernels/linear_cross_entropy.py,
+                                                    model in bench/linear_ce.py (route_model)
   _speed, _slab_stats, _slab_backward               the two modes' loops (launches only)
   softmax_gpu::linear_cross_entropy_speed, ::linear_cross_entropy_forward,
   ::linear_cross_entropy_backward, ::linear_cross_entropy_scale
