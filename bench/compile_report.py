@@ -359,9 +359,10 @@ def linear_cross_entropy_variants(quick: bool):
 def linear_logits_variants(quick: bool):
     """The opt-in Triton logits product (config.LINEAR_CE_FUSED): linear_logits_kernel at the
     shipped tiles with the statistics epilogue (logits stored, as the speed chunks; or not, as
-    the low-memory forward) and without it (the low-memory backward's logits), for the plain
-    loss and every option at once; H a multiple of 64 (every language model's head) and not;
-    and merge_tile_stats_kernel. Tensor-core instructions (HGMMA on sm_90) show in "mma"."""
+    the low-memory forward) and with the gradient epilogue (the low-memory backward), for the
+    plain loss and every option at once; H a multiple of 64 (every language model's head)
+    and not; and merge_tile_stats_kernel. Tensor-core instructions (HGMMA on sm_90) show in
+    the "mma" column."""
     import torch
 
     from softmax_gpu import config
@@ -372,21 +373,27 @@ def linear_logits_variants(quick: bool):
         ptr = DTYPES[dtype]
         blocks = logits_blocks(torch.float32 if dtype == "fp32" else torch.bfloat16)
         sig = (("x_ptr", ptr), ("w_ptr", ptr), ("bias_ptr", ptr), ("z_ptr", ptr), ("target_ptr", "*i64"),
-               ("weight_ptr", "*fp32"), ("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("n_rows", "i32"),
+               ("weight_ptr", "*fp32"), ("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("max_ptr", "*fp32"),
+               ("stats_ptr", "*fp32"), ("grad_divisor_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("n_rows", "i32"),
                ("n_cols", "i32"), ("hidden", "i32"), ("x_row_stride", "i32"), ("w_row_stride", "i32"),
-               ("z_row_stride", "i32"), ("target_stride", "i32"), ("n_classes", "i32"), ("col_start", "i32"),
-               ("ignore_index", "i32"), ("label_smoothing", "fp32"), ("softcap", "fp32"), ("zero", "i32"))  # fmt: skip
+               ("z_row_stride", "i32"), ("target_stride", "i32"), ("upstream_stride", "i32"), ("n_classes", "i32"),
+               ("col_start", "i32"), ("ignore_index", "i32"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
+               ("softcap", "fp32"), ("zero", "i32"))  # fmt: skip
         tiles = tuple((k, blocks[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("tf32",)
-        # (bias, store, stats, all options, even K)
-        shapes = [(False, True, True, False, True), (True, True, True, True, True), (False, False, True, False, True),
-                  (True, False, True, True, True), (True, True, False, False, True), (False, True, True, False, False)]
+        # (epilogue, bias, all options, even K): "stats" stores the logits, "stats0" does not
+        shapes = [("stats", False, False, True), ("stats", True, True, True), ("stats0", False, False, True),
+                  ("stats0", True, True, True), ("grad", False, False, True), ("grad", True, True, True),
+                  ("stats", False, False, False), ("grad", False, False, False)]  # fmt: skip
         if quick:
-            shapes = shapes[:3]
-        for (bias, store, stats, everything, even_k), precision in itertools.product(shapes, precisions):
-            meta = (("HAS_BIAS", bias), ("STORE_LOGITS", store), ("STATS", stats), ("HAS_WEIGHT", everything),
-                    ("HAS_SMOOTHING", everything), ("HAS_SOFTCAP", everything), ("N_STATS", 5 if everything else 2),
-                    ("EVEN_K", even_k)) + tiles + (("INPUT_PRECISION", precision),)  # fmt: skip
+            shapes = shapes[:6]
+        for (epilogue, bias, everything, even_k), precision in itertools.product(shapes, precisions):
+            grad = epilogue == "grad"
+            meta = (("HAS_BIAS", bias), ("STORE_LOGITS", epilogue == "stats"), ("STATS", not grad), ("GRAD", grad),
+                    ("HAS_Z_LOSS", grad and everything), ("DIVIDE_GRAD", grad and not everything),
+                    ("HAS_UPSTREAM", grad), ("HAS_WEIGHT", everything), ("HAS_SMOOTHING", everything),
+                    ("HAS_SOFTCAP", everything), ("N_STATS", 5 if everything else 2), ("EVEN_K", even_k)) + tiles + (
+                        ("INPUT_PRECISION", precision),)  # fmt: skip
             yield Variant(module, "linear_logits_kernel", dtype, sig + tuple((k, "constexpr") for k, _ in meta), meta,
                           blocks["WARPS"], num_stages=blocks["STAGES"],
                           aligned=("x_ptr", "w_ptr", "z_ptr", "x_row_stride", "w_row_stride", "z_row_stride",

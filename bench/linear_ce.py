@@ -456,13 +456,13 @@ def route_model(mode: str, fused: bool, n: int, h: int, v: int, itemsize: int = 
         written and read), then vocab_parallel_loss_kernel reads z once and writes G: 2 N V s.
       low_memory, cuBLAS: the forward's statistics pass reads each slab (N V s); the
         backward's loss kernel reads the slab again and writes G (2 N V s).
-      low_memory, fused: the forward stores no logits, only tile statistics; the backward
-        as cuBLAS's (2 N V s)."""
+      low_memory, fused: the forward stores no logits, only tile statistics; the backward's
+        product writes G from its epilogue (inside the product, as any product's result): 0."""
     products = 3 if mode == "speed" else 4
     flop = products * 2 * n * h * v
     logits = n * v * itemsize
     tiles = 2 * n * -(-v // 128) * (1 + width) * 4 if fused else 0
-    passes = {("speed", False): 3, ("speed", True): 2, ("low_memory", False): 3, ("low_memory", True): 2}[mode, fused]
+    passes = {("speed", False): 3, ("speed", True): 2, ("low_memory", False): 3, ("low_memory", True): 0}[mode, fused]
     moved = passes * logits + tiles
     times = {card: 1e3 * (flop / rate + moved / bandwidth) for card, (bandwidth, rate) in CARDS.items()}
     return dict(mode=mode, fused=fused, products=products, flop=flop, bytes=moved, ms=times)

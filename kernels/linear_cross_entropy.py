@@ -12,7 +12,7 @@ softmax_gpu/ops/linear_cross_entropy.py describes both modes and their roofline.
 import triton
 import triton.language as tl
 
-from .cross_entropy import fresh, load_weight_block, soft_cap
+from .cross_entropy import fresh, load_weight_block, row_loss, soft_cap, store_grad_block
 from .softmax import LOG2E
 
 
@@ -216,6 +216,9 @@ def live_tiles_grad_weight_kernel(
 #     (2.1 GB: 0.70 ms H100, 0.49 ms H200), that saves 1.4 ms / 1.0 ms of traffic and the
 #     slab buffer. Predicted 11.0 ms at the peak (H100 and H200), if Triton's product runs
 #     at cuBLAS's rate; the committed H200 run timed QuACK's fused forward at 11.9 ms.
+#   low-memory backward (GRAD=1): each slab's product writes G from its epilogue (the
+#     merged statistics in hand), where cuBLAS's route writes the logits and the loss kernel
+#     reads them and writes G (4.2 GB: 1.4 ms H100, 1.0 ms H200).
 #   speed chunk (STORE_LOGITS=1): the product writes the chunk's logits as cuBLAS's does and
 #     saves the statistics pass of the row kernel, which at V = 128256 reads each row twice
 #     (the second read mostly from L2): at most 0.70 ms (H100) / 0.49 ms (H200) of the
@@ -241,6 +244,10 @@ def linear_logits_kernel(
     weight_ptr,
     tile_max_ptr,
     tile_stats_ptr,
+    max_ptr,
+    stats_ptr,
+    grad_divisor_ptr,
+    upstream_ptr,
     n_rows,
     n_cols,
     hidden,
@@ -248,15 +255,21 @@ def linear_logits_kernel(
     w_row_stride,
     z_row_stride,
     target_stride,
+    upstream_stride,
     n_classes,
     col_start,
     ignore_index,
     label_smoothing,
+    z_loss,
     softcap,
     zero,
     HAS_BIAS: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
     STATS: tl.constexpr,
+    GRAD: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    DIVIDE_GRAD: tl.constexpr,
+    HAS_UPSTREAM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -279,6 +292,12 @@ def linear_logits_kernel(
         is class col_start + c of n_classes. weight_ptr: (n_cols,) the launch's class weights
         (HAS_WEIGHT only). label_smoothing: unused (the smoothing sums are the same for any eps;
         the loss kernel applies it). zero: the int 0, which the compiler cannot see (tile_logits).
+    With GRAD (the low-memory backward), z_ptr receives d loss / d z of the tile instead of
+    the logits, from the merged statistics of every class (max_ptr (n_rows,), stats_ptr
+    (n_rows, N_STATS): what merge_tile_stats_kernel or the vocab-parallel all-reduces give),
+    divided by *grad_divisor_ptr (DIVIDE_GRAD) and times upstream_ptr[row * upstream_stride]
+    (HAS_UPSTREAM), as vocab_parallel_loss_kernel writes it (the same row math:
+    linear_tile_grad), but without the logits' round trip through memory.
     tile_max_ptr: (n_rows, n_tiles) float32 and tile_stats_ptr: (n_rows, n_tiles, N_STATS)
         float32, contiguous, n_tiles = num_programs / row tiles: at [r, tile], what
         vocab_parallel_stats_kernel would write for row r were this tile's classes a shard
@@ -323,6 +342,11 @@ def linear_logits_kernel(
     if STORE_LOGITS:
         tl.store(z_ptr + rows[:, None] * z_row_stride + cols[None, :], z_out,
                  mask=row_in[:, None] & col_in[None, :])  # fmt: skip
+    if GRAD:
+        linear_tile_grad(z_out, zero, rows, cols, row_in, col_in, z_ptr, z_row_stride, target_ptr, weight_ptr, max_ptr,
+                         stats_ptr, grad_divisor_ptr, upstream_ptr, target_stride, upstream_stride, n_cols, n_classes,
+                         col_start, ignore_index, label_smoothing, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING,
+                         HAS_Z_LOSS, HAS_SOFTCAP, DIVIDE_GRAD, HAS_UPSTREAM, N_STATS)  # fmt: skip
     if STATS:
         linear_tile_stats(z_out, zero, rows, cols, row_in, col_in, pid_n, n_col_tiles, target_ptr, weight_ptr,
                           tile_max_ptr, tile_stats_ptr, target_stride, n_cols, n_classes, col_start, ignore_index,
@@ -383,6 +407,52 @@ def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, targ
         wz = tl.sum(w[None, :] * tl.where(col_in[None, :], z, 0.0), axis=1)  # (0, not -inf x 0, past the classes)
         tl.store(stats + 2 + HAS_WEIGHT, wz, mask=row_in)
         tl.store(stats + 3 + HAS_WEIGHT, tl.zeros_like(wz) + tl.sum(w, axis=0), mask=row_in)
+
+
+@triton.jit
+def linear_tile_grad(raw, zero, rows, cols, row_in, col_in, grad_ptr, grad_row_stride, target_ptr, weight_ptr, max_ptr,
+                     stats_ptr, grad_divisor_ptr, upstream_ptr, target_stride, upstream_stride, n_cols, n_classes,
+                     col_start, ignore_index, label_smoothing, z_loss, softcap, HAS_WEIGHT: tl.constexpr,
+                     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     DIVIDE_GRAD: tl.constexpr, HAS_UPSTREAM: tl.constexpr, N_STATS: tl.constexpr):  # fmt: skip
+    """The gradient epilogue (see linear_logits_kernel): each row's lse and coefficients from
+    the merged statistics, as vocab_parallel_loss_kernel's steps 1 and 2 compute them for one
+    row (here a vector of the tile's rows: row_loss takes either), then store_grad_block on
+    the tile in registers. Bytes: the tile's G written once, O(BLOCK_M + BLOCK_N) read."""
+    t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= n_classes))
+    t_local = t - col_start
+    t_local = tl.where(valid & (~bad) & (t_local >= 0) & (t_local < n_cols), t_local, -1)
+    stats_row = stats_ptr + rows * N_STATS
+    m = tl.load(max_ptr + rows, mask=row_in, other=0.0)
+    other = tl.load(stats_row, mask=row_in, other=1.0)  # the sum without the target
+    z_t = tl.load(stats_row + 1, mask=row_in, other=0.0)
+    d = other + tl.where(valid & (~bad), tl.exp2((z_t - m) * LOG2E), 0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(stats_row + 2, mask=row_in, other=0.0)
+    else:
+        w_t = tl.where(valid, 1.0, 0.0)
+    sum_wz = tl.zeros_like(m)
+    sum_w = tl.zeros_like(m)
+    if HAS_SMOOTHING:
+        sum_wz = tl.load(stats_row + 2 + HAS_WEIGHT, mask=row_in, other=0.0)
+        sum_w = tl.load(stats_row + 3 + HAS_WEIGHT, mask=row_in, other=0.0)
+    inv_classes = 1.0 / n_classes
+    _loss, coef = row_loss(m, tl.log(d), z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss, False,
+                           HAS_SMOOTHING, HAS_Z_LOSS)  # fmt: skip
+    scale = tl.full([1], 1.0, tl.float32)
+    if DIVIDE_GRAD:
+        scale = scale / tl.load(grad_divisor_ptr)
+    if HAS_UPSTREAM:
+        scale = scale * tl.load(upstream_ptr + rows * upstream_stride, mask=row_in, other=0.0)
+    w = load_weight_block(weight_ptr, cols, col_in, HAS_WEIGHT, False)
+    z = tile_logits(raw, zero, col_in, softcap, HAS_SOFTCAP)
+    store_grad_block(grad_ptr + rows[:, None] * grad_row_stride + cols[None, :], grad_ptr, weight_ptr, cols[None, :],
+                     row_in[:, None] & col_in[None, :], z, m[:, None], (1.0 / d)[:, None], (other / d)[:, None],
+                     coef[:, None], scale[:, None], t_local[:, None], w_t[:, None], valid[:, None], bad[:, None],
+                     label_smoothing, inv_classes, softcap, False, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, False,
+                     w[None, :], True)  # fmt: skip
 
 
 @triton.jit

@@ -667,6 +667,7 @@ def test_bench_cpu_report(monkeypatch, capsys):
     assert m["flop"] == 3 * 2 * 256 * 64 * 1000
     assert m["bytes"] == 2 * 256 * 1000 * 2 + 2 * 256 * 8 * 3 * 4  # z read, G written; 8 tiles' statistics
     assert linear_ce.route_model("low_memory", False, 256, 64, 1000)["bytes"] == 3 * 256 * 1000 * 2
+    assert linear_ce.route_model("low_memory", True, 256, 64, 1000)["bytes"] == 2 * 256 * 8 * 3 * 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -893,14 +894,17 @@ SMALL_LOGITS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, WARPS=4, STAG
 
 @pytest.fixture
 def fused(monkeypatch):
-    """fused_logits on, with SMALL_LOGITS tiles; yields the list of launch_logits calls made."""
+    """fused_logits on, with SMALL_LOGITS tiles; yields the list of launch_logits calls made:
+    "stats" (the forward's logits and tile statistics), "grad" (the low-memory backward's
+    gradient epilogue), "logits" (the product alone)."""
     monkeypatch.setattr(config, "LINEAR_CE_LOGITS", SMALL_LOGITS)
     monkeypatch.setattr(config, "LINEAR_CE_LOGITS_FP32", SMALL_LOGITS)
     calls = []
     real = lce.launch_logits
 
     def spy(x, w, b, z, *args, **kw):
-        calls.append("stats" if len(args) > 2 and args[2] is not None else "logits")
+        calls.append("grad" if kw.get("grad") is not None else "stats" if len(args) > 2 and args[2] is not None
+                     else "logits")  # fmt: skip
         return real(x, w, b, z, *args, **kw)
 
     monkeypatch.setattr(lce, "launch_logits", spy)
@@ -919,7 +923,7 @@ def test_fused_logits_match_float64(name, limit, mode, fused, device):
     loss, grads = run(x, w, b, target, limit, upstream, mode=mode, **opts)
     ref_loss, ref_grads = run_reference(x, w, b, target, upstream, **opts)
     route = lce.route(mode, x.dtype, opts["reduction"], False, True)
-    assert "stats" in fused and (route == "speed") == ("logits" not in fused), fused  # low_memory: plain in backward
+    assert "stats" in fused and "logits" not in fused and (route == "speed") == ("grad" not in fused), fused
     assert_close_fp32(loss.cpu(), ref_loss, f"{name} loss")
     for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
         assert (got is None) == (want is None), what
@@ -1067,7 +1071,8 @@ def test_fused_logits_traffic(accumulate, monkeypatch):
 def test_fused_logits_switch_is_read_in_the_forward(fused, device):
     """The low-memory backward makes its logits as its forward did, whatever the switch says
     by then (the bench times autograd.grad outside the provider's switch): the forward's
-    statistics are of linear_logits_kernel's logits, and so are the backward's."""
+    statistics are of linear_logits_kernel's logits, and the backward's gradient epilogue
+    works on the same numbers."""
     x, w, b = make_inputs(device, bias=True)
     target = torch.randint(0, V, (N,), device=device)
     xl = x.clone().requires_grad_()
@@ -1075,6 +1080,6 @@ def test_fused_logits_switch_is_read_in_the_forward(fused, device):
         loss = softmax_gpu.linear_cross_entropy(xl, w, target, linear_bias=b, reduction="none")
         with config.fused_logits(False):
             loss.sum().backward()
-    assert fused == ["stats"] * 5 + ["logits"] * 5, fused  # five slabs of 64 classes each way
+    assert fused == ["stats"] * 5 + ["grad"] * 5, fused  # five slabs of 64 classes each way
     _, (ref_dx, _, _) = run_reference(x, w, b, target, torch.ones(N), reduction="none")
     assert_close_fp32(xl.grad.cpu(), ref_dx, "dx")

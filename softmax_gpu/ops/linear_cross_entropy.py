@@ -310,11 +310,13 @@ def _tile_views(buffers: tuple, x: torch.Tensor, n_rows: int, n_cols: int, width
 
 
 def launch_logits(x, w, b, z, target=None, weight=None, tiles=None, n_classes=0, col_start=0,
-                  options: Optional[LossOptions] = None, fn=FN) -> None:  # fmt: skip
+                  options: Optional[LossOptions] = None, fn=FN, grad: Optional[tuple] = None) -> None:  # fmt: skip
     """z = x @ w^T (+ b) by linear_logits_kernel, rounded to x's dtype; z None: not stored. With
     tiles = (tile_max (N, n_tiles), tile_stats (N, n_tiles, width)), also every tile's share
     of the row statistics for target (global class indices of n_classes; w holds classes
-    col_start + [0, V_local)), weight (this launch's classes) and options; see the kernel.
+    col_start + [0, V_local)), weight (this launch's classes) and options. With grad =
+    (row_max, stats, grad_divisor or None, upstream or None), z receives d loss / d z instead
+    of the logits, from those merged statistics (the low-memory backward). See the kernel.
     x (N, H) and w (V_local, H) with unit column stride, H > 0; z (N, V_local) likewise."""
     n_rows, hidden = x.shape
     n_cols = w.shape[0]
@@ -323,22 +325,31 @@ def launch_logits(x, w, b, z, target=None, weight=None, tiles=None, n_classes=0,
     blocks = logits_blocks(x.dtype)
     check_launchable(fn, linear_logits_kernel, x)
     stats = tiles is not None
-    flags = dict(ignore_index=0, label_smoothing=0.0, softcap=0.0, HAS_SMOOTHING=False, HAS_SOFTCAP=False)
-    if stats:
-        flags = options.kernel_args(z_loss=False, hi_lo=False)
+    row_math = stats or grad is not None
+    flags = dict(ignore_index=0, label_smoothing=0.0, z_loss=0.0, softcap=0.0, HAS_SMOOTHING=False, HAS_SOFTCAP=False,
+                 HAS_Z_LOSS=False)  # fmt: skip
+    if row_math:
+        flags = dict(options.kernel_args(hi_lo=False))
+        flags["HAS_Z_LOSS"] = flags["HAS_Z_LOSS"] and grad is not None  # (the statistics take no z-loss)
+    row_max, row_stats, divisor, upstream = grad if grad is not None else (None, None, None, None)
+    width = tiles[1].shape[2] if stats else row_stats.shape[1] if grad is not None else 1
     grid = (-(-n_rows // blocks["BLOCK_M"]) * -(-n_cols // blocks["BLOCK_N"]),)
     with device_guard(x):
         linear_logits_kernel[grid](
             x_ptr=x, w_ptr=w, bias_ptr=b if b is not None else x, z_ptr=z if z is not None else x,
-            target_ptr=target if stats else x, weight_ptr=weight if stats and weight is not None else x,
+            target_ptr=target if row_math else x, weight_ptr=weight if row_math and weight is not None else x,
             tile_max_ptr=tiles[0] if stats else x, tile_stats_ptr=tiles[1] if stats else x,
+            max_ptr=row_max if grad is not None else x, stats_ptr=row_stats if grad is not None else x,
+            grad_divisor_ptr=divisor if divisor is not None else x, upstream_ptr=upstream if upstream is not None else x,
             n_rows=n_rows, n_cols=n_cols, hidden=hidden, x_row_stride=x.stride(0), w_row_stride=w.stride(0),
-            z_row_stride=z.stride(0) if z is not None else 0, target_stride=target.stride(0) if stats else 0,
-            n_classes=n_classes, col_start=col_start, zero=0, HAS_BIAS=b is not None, STORE_LOGITS=z is not None,
-            STATS=stats, HAS_WEIGHT=stats and weight is not None, N_STATS=tiles[1].shape[2] if stats else 1,
-            EVEN_K=hidden % blocks["BLOCK_K"] == 0, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-            BLOCK_K=blocks["BLOCK_K"], GROUP_M=blocks["GROUP_M"], INPUT_PRECISION=dot_precision(x.dtype),
-            num_warps=blocks["WARPS"], num_stages=blocks["STAGES"], **flags,
+            z_row_stride=z.stride(0) if z is not None else 0, target_stride=target.stride(0) if row_math else 0,
+            upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
+            n_classes=n_classes, col_start=col_start, zero=0, HAS_BIAS=b is not None,
+            STORE_LOGITS=z is not None and grad is None, STATS=stats, GRAD=grad is not None,
+            DIVIDE_GRAD=divisor is not None, HAS_UPSTREAM=upstream is not None,
+            HAS_WEIGHT=row_math and weight is not None, N_STATS=width, EVEN_K=hidden % blocks["BLOCK_K"] == 0,
+            BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], GROUP_M=blocks["GROUP_M"],
+            INPUT_PRECISION=dot_precision(x.dtype), num_warps=blocks["WARPS"], num_stages=blocks["STAGES"], **flags,
         )  # fmt: skip
 
 
@@ -357,15 +368,6 @@ def launch_merge_tile_stats(tiles: tuple, row_max: torch.Tensor, stats: torch.Te
             tile_max_ptr=tile_max, tile_stats_ptr=tile_stats, max_ptr=row_max, stats_ptr=stats, n_tiles=n_tiles,
             ACCUMULATE=accumulate, N_STATS=stats.shape[1], BLOCK_T=block_t, num_warps=config.LINEAR_CE_MERGE_WARPS,
         )  # fmt: skip
-
-
-def _logits(z, x, w, b, fused: bool) -> None:
-    """z = x @ w^T (+ b): linear_logits_kernel when fused (so that the forward's statistics and
-    the backward's logits are the same numbers), else cuBLAS."""
-    if fused:
-        launch_logits(x, w, b, z)
-    else:
-        _logits_into(z, x, w, b)
 
 
 def _buffer(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -632,12 +634,16 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
     for c0 in range(0, n_local, cols):
         c1 = min(n_local, c0 + cols)
         z = _view(buf, n_rows, c1 - c0)
-        _logits(z, x, w[c0:c1], b[c0:c1] if b is not None else None, fused)
         tgt, wt = _slab_targets(target, weight, c0, c1)
-        if dt is not None:  # from the logits, before the gradient overwrites them
-            dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, options.label_smoothing, options.softcap, dt.dtype)
-        launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream, n_classes,
-                                   col_start + c0, options)  # fmt: skip
+        if fused:  # the slab's gradient straight from the product's epilogue (class indices: no dt)
+            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, z, target, wt, None, n_classes,
+                          col_start + c0, options, fn, grad=(row_max, stats, total, upstream))  # fmt: skip
+        else:
+            _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
+            if dt is not None:  # from the logits, before the gradient overwrites them
+                dt[:, c0:c1] = _target_gradient(z, lse, wt, scale, options.label_smoothing, options.softcap, dt.dtype)
+            launch_vocab_parallel_loss(z, tgt, wt, row_max, stats, scratch[0], scratch[1], z, total, upstream,
+                                       n_classes, col_start + c0, options)  # fmt: skip
         live = None
         if skip is not None:
             live = launch_skip_small_tiles(z, skip_factor, skip, cut.skip_tile, fn, live=sparse)
