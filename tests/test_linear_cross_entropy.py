@@ -494,13 +494,15 @@ def largest_allocation(fn) -> int:
 
 
 @interpreter_only
+@pytest.mark.parametrize("fused_logits", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n, v, budget", [(128, 2048, 256 << 10), (256, 4096, 1 << 20)])
-def test_allocations_within_the_mode_budget(mode, n, v, budget):
+def test_allocations_within_the_mode_budget(mode, n, v, budget, fused_logits):
     """Forward + backward allocate nothing of N x V: with a buffer budget of a quarter of the
     logits (4 chunks or slabs), the largest tensor is the budget's buffer or a gradient-sized
     one (speed: dW's float32 accumulator, V x H; low_memory: dX's, N x H, or dW itself),
-    under the N x V float32 logits that the unfused pair, measured the same way, allocates."""
+    under the N x V float32 logits that the unfused pair, measured the same way, allocates.
+    With the Triton logits too (their tile statistics share the budget)."""
     h = 16
     x, w, b = make_inputs("cpu", n=n, h=h, v=v, bias=True)
     target = torch.randint(0, v, (n,))
@@ -518,7 +520,8 @@ def test_allocations_within_the_mode_budget(mode, n, v, budget):
         leaves = [t.clone().requires_grad_() for t in (x, w, b)]
         F.cross_entropy(F.linear(leaves[0], leaves[1], leaves[2]), target, label_smoothing=0.1).backward()
 
-    ours = largest_allocation(fused)
+    with config.fused_logits(fused_logits):
+        ours = largest_allocation(fused)
     gradient_sized = v * h * 4 if mode == "speed" else max(n * h * 4, v * h * 4)
     assert ours <= max(budget, gradient_sized), (ours, budget, gradient_sized)
     assert ours <= logits_bytes / 4, (ours, logits_bytes)
