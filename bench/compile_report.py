@@ -376,7 +376,8 @@ def linear_logits_variants(quick: bool):
                ("weight_ptr", "*fp32"), ("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("max_ptr", "*fp32"),
                ("stats_ptr", "*fp32"), ("grad_divisor_ptr", "*fp32"), ("upstream_ptr", "*fp32"), ("n_rows", "i32"),
                ("n_cols", "i32"), ("hidden", "i32"), ("x_row_stride", "i32"), ("w_row_stride", "i32"),
-               ("z_row_stride", "i32"), ("target_stride", "i32"), ("upstream_stride", "i32"), ("n_classes", "i32"),
+               ("z_row_stride", "i32"), ("target_stride", "i32"), ("upstream_stride", "i32"), ("bias_stride", "i32"),
+               ("n_classes", "i32"),
                ("col_start", "i32"), ("ignore_index", "i32"), ("label_smoothing", "fp32"), ("z_loss", "fp32"),
                ("softcap", "fp32"), ("zero", "i32"))  # fmt: skip
         tiles = tuple((k, blocks[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"))
@@ -390,7 +391,7 @@ def linear_logits_variants(quick: bool):
         for (epilogue, bias, everything, even_k), precision in itertools.product(shapes, precisions):
             grad = epilogue == "grad"
             meta = (("HAS_BIAS", bias), ("STORE_LOGITS", epilogue == "stats"), ("STATS", not grad), ("GRAD", grad),
-                    ("HAS_Z_LOSS", grad and everything), ("DIVIDE_GRAD", grad and not everything),
+                    ("HAS_Z_LOSS", grad and everything), ("DIVIDE_GRAD", grad),
                     ("HAS_UPSTREAM", grad), ("HAS_WEIGHT", everything), ("HAS_SMOOTHING", everything),
                     ("HAS_SOFTCAP", everything), ("N_STATS", 5 if everything else 2), ("EVEN_K", even_k)) + tiles + (
                         ("INPUT_PRECISION", precision),)  # fmt: skip

@@ -256,6 +256,7 @@ def linear_logits_kernel(
     z_row_stride,
     target_stride,
     upstream_stride,
+    bias_stride,
     n_classes,
     col_start,
     ignore_index,
@@ -286,7 +287,7 @@ def linear_logits_kernel(
     reduced to the tile's share of the row statistics.
 
     x_ptr: (n_rows, hidden), w_ptr: (n_cols, hidden), both with unit column stride; bias_ptr:
-        (n_cols,) read only with HAS_BIAS. z_ptr: (n_rows, n_cols), unit column stride, row
+        (n_cols,) at stride bias_stride (0: one value broadcast), read only with HAS_BIAS. z_ptr: (n_rows, n_cols), unit column stride, row
         stride z_row_stride, the input's dtype: written only with STORE_LOGITS.
     target_ptr: (n_rows,) global class indices (stride target_stride); this launch's column c
         is class col_start + c of n_classes. weight_ptr: (n_cols,) the launch's class weights
@@ -337,7 +338,7 @@ def linear_logits_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols * bias_stride, mask=col_in, other=0.0).to(tl.float32)[None, :]
     z_out = acc.to(x_ptr.dtype.element_ty)
     if STORE_LOGITS:
         tl.store(z_ptr + rows[:, None] * z_row_stride + cols[None, :], z_out,
@@ -383,10 +384,12 @@ def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, targ
     # class of another slab or shard, which may otherwise land on the masked tail of a tile
     t_local = t - col_start
     t_local = tl.where((t != ignore_index) & (t < n_classes) & (t_local >= 0) & (t_local < n_cols), t_local, -1)
-    # The cap is increasing, so the capped maximum is the cap of the maximum: one cap a row here
+    # The cap is increasing, so the capped maximum is the cap of the maximum: one cap a row
+    # here. A tile of -inf logits caps to -softcap, as each of them does (every tile has a
+    # live column), so its classes count in the sum as in torch.
     m = tl.max(tile_logits(raw, zero, col_in, softcap, False), axis=1)
     if HAS_SOFTCAP:
-        m = tl.where(m == -float("inf"), m, soft_cap(m, softcap, True))
+        m = soft_cap(m, softcap, True)
     shift = tl.where(m == -float("inf"), 0.0, m)  # a row of -inf: e^(-inf - 0) = 0, not NaN
     z = tile_logits(raw, zero >> 1, col_in, softcap, HAS_SOFTCAP)
     is_t = cols[None, :] == t_local[:, None]

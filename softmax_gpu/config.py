@@ -316,8 +316,10 @@ LINEAR_CE_FUSED = os.environ.get("SOFTMAX_GPU_LINEAR_CE_FUSED", "0") == "1"
 # (a 64-register float32 accumulator a thread, wgmma on sm_90; 182-254 registers with the
 # statistics, no spill). At 128 x 256 the epilogue spilled on sm_90 (8 bytes plain, 104-1400
 # with the options). float32 (TF32 wgmma, or exact FMAs for "highest"): 64 x 64 on 4 warps.
+# 3 stages: 96 KiB of operand buffers for 16-bit, within the ~99 KiB a block gets on sm_86
+# and sm_89 as well as on sm_80 and sm_90 (4 stages, 128 KiB, would not launch there).
 # merge_tile_stats_kernel holds LINEAR_CE_MERGE_BLOCK tiles a pass.
-LINEAR_CE_LOGITS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WARPS=8, STAGES=4)
+LINEAR_CE_LOGITS = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, WARPS=8, STAGES=3)
 LINEAR_CE_LOGITS_FP32 = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, WARPS=4, STAGES=3)
 LINEAR_CE_MERGE_BLOCK = 512
 LINEAR_CE_MERGE_WARPS = 4

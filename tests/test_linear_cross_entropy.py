@@ -297,20 +297,27 @@ interpreter_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the int
 
 
 @interpreter_only
-def test_bad_class_index_rows_are_nan():
+@pytest.mark.parametrize("fused_logits", [False, True])
+def test_bad_class_index_rows_are_nan(fused_logits):
     """Past the eager check (which the CPU path does), a class index out of range gives its
-    row a NaN loss in both modes, as softmax_gpu.cross_entropy on CUDA; the row kernels'
-    own tests (test_cross_entropy, test_distributed) prove such an index is never an address."""
+    row a NaN loss in both modes, as softmax_gpu.cross_entropy on CUDA, and a NaN gradient
+    row; the kernels' bounds are checked by the interpreter (the row kernels' own tests,
+    test_cross_entropy and test_distributed, prove such an index is never an address)."""
     x, w, _ = make_inputs("cpu", n=4)
     target = torch.tensor([5, V, -100, -7])
     weight = torch.rand(V)
     opts = LossOptions()
-    loss_speed = lce._speed(x, w, None, target, weight, None, opts, None, (True, True, False), None)[0]
+    loss_speed, _, dx_speed, _, _ = lce._speed(x, w, None, target, weight, None, opts, None, (True, True, False), None,
+                                               fused_logits)  # fmt: skip
     with config.linear_limit(16, 64):
-        row_max, stats = lce._slab_stats(x, w, None, target, weight, V, 0, opts, None)
-    loss_slabs, _ = lce._loss_from_stats(x, target, weight, row_max, stats, V, opts)
+        row_max, stats = lce._slab_stats(x, w, None, target, weight, V, 0, opts, None, fused_logits=fused_logits)
+        loss_slabs, lse = lce._loss_from_stats(x, target, weight, row_max, stats, V, opts)
+        dx_slabs = lce._slab_backward(x, w, None, target, weight, row_max, stats, lse, torch.ones(()), None, V, 0, opts,
+                                      None, (True, False, False, False), None, fused_logits=fused_logits)[0]  # fmt: skip
     for loss in (loss_speed, loss_slabs):
         assert torch.isfinite(loss[0]) and torch.isnan(loss[[1, 3]]).all() and loss[2] == 0, loss
+    for dx in (dx_speed, dx_slabs):
+        assert dx[[1, 3]].isnan().all() and not dx[[0, 2]].isnan().any() and (dx[2] == 0).all()
     with pytest.raises(IndexError, match=f"Target {V} is out of bounds"):
         softmax_gpu.linear_cross_entropy(x, w, target)
 
@@ -954,26 +961,36 @@ def test_fused_logits_16bit_within_twice_torch_error(dtype, mode, fused, device)
         assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=f"{dtype} {what}")
 
 
+@pytest.mark.parametrize("softcap", [None, 4.0])
 @pytest.mark.parametrize("mode", MODES)
-def test_fused_logits_masked_vocabulary_and_nan(mode, fused, device):
+def test_fused_logits_masked_vocabulary_and_nan(mode, softcap, fused, device):
     """A bias of -inf over whole class tiles (32-63, padding) and part of another (250-260)
-    gives tiles whose maximum is -inf: they add nothing, as in torch. A NaN feature makes
-    its row's loss NaN and every dW and db element NaN, element for element as torch's.
-    Slabs of 48 classes end mid-tile, where other slabs' targets must not land."""
+    gives tiles whose maximum is -inf: they add nothing, as in torch; under a soft cap those
+    logits are -softcap and count, a tile of them included. A NaN feature makes its row's
+    loss NaN and every dW and db element NaN, element for element as torch's. Slabs of 48
+    classes end mid-tile, where other slabs' targets must not land."""
     x, w, b = make_inputs(device, bias=True)
     b[32:64] = float("-inf")
     b[250:261] = float("-inf")
     target = torch.randint(0, V, (N,), device=device)
     target[(target >= 32) & (target < 64)] = 5
     target[(target >= 250) & (target <= 260)] = 6
-    loss, grads = run(x, w, b, target, (16, 48), mode=mode, reduction="sum", label_smoothing=0.0)
-    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum")
+    loss, grads = run(x, w, b, target, (16, 48), mode=mode, reduction="sum", softcap=softcap)
+    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum", softcap=softcap)
     assert_close_fp32(loss.cpu(), ref_loss, "loss")
     for what, got, want in zip(("dx", "dw"), grads, ref_grads):
         assert_close_fp32(got.cpu(), want, what)
+    if softcap is not None:  # every logit -inf: all capped to -softcap, a uniform softmax, as torch
+        every = torch.full_like(b, float("-inf"))
+        loss, grads = run(x, w, every, target, (16, 48), mode=mode, reduction="sum", softcap=softcap)
+        ref_loss, ref_grads = run_reference(x, w, every, target, reduction="sum", softcap=softcap)
+        assert_close_fp32(loss.cpu(), ref_loss, "loss, all -inf")
+        for what, got, want in zip(("dx", "dw"), grads, ref_grads):
+            assert_close_fp32(got.cpu(), want, f"{what}, all -inf")
     x[5, 7] = float("nan")
-    loss, grads = run(x, w, b, target, (16, 48), torch.ones(N, device=device), mode=mode, reduction="none")
-    ref_loss, ref_grads = run_reference(x, w, b, target, torch.ones(N), reduction="none")
+    loss, grads = run(x, w, b, target, (16, 48), torch.ones(N, device=device), mode=mode, reduction="none",
+                      softcap=softcap)  # fmt: skip
+    ref_loss, ref_grads = run_reference(x, w, b, target, torch.ones(N), reduction="none", softcap=softcap)
     assert torch.equal(loss.isnan().cpu(), ref_loss.isnan()) and loss.isnan().sum() == 1
     for what, got, want in zip(("dx", "dw", "db"), grads, ref_grads):
         assert torch.equal(got.isnan().cpu(), want.isnan()), what
@@ -1000,15 +1017,19 @@ def test_fused_logits_poisoned_buffers(mode, monkeypatch, fused, device):
     assert torch.equal(first[0], second[0]) and all(torch.equal(a, c) for a, c in zip(first[1], second[1]))
 
 
-def test_fused_logits_shipped_tiles(device):
-    """The shipped tiles (128 x 256, 64 deep, groups of 8 row tiles: wgmma on sm_90) on a
-    problem with 3 row tiles and 4 class tiles, ragged at both ends and H a multiple of 64
+def test_fused_logits_shipped_tiles(monkeypatch, device):
+    """The shipped tiles (128 x 128, 64 deep, groups of 8 row tiles: wgmma on sm_90) on a
+    problem with 3 row tiles and 8 class tiles, ragged at both ends and H a multiple of 64
     (the unmasked K loop), bfloat16: the speed mode within twice torch's error."""
     n, h, v = 300, 192, 1000
     x, w, b = make_inputs(device, torch.bfloat16, n=n, h=h, v=v, bias=True)
     target = torch.randint(0, v, (n,), device=device)
+    calls = []
+    real = lce.launch_logits
+    monkeypatch.setattr(lce, "launch_logits", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     with config.fused_logits(True):
         loss, grads = run(x, w, b, target, reduction="mean", label_smoothing=0.1)
+    assert calls == [1]  # one chunk, through linear_logits_kernel
     ref_loss, ref_grads = run_reference(x, w, b, target, reduction="mean", label_smoothing=0.1)
     torch_loss, torch_grads = run_reference(x, w, b, target, dtype=torch.bfloat16, reduction="mean",
                                             label_smoothing=0.1)  # fmt: skip
@@ -1016,6 +1037,24 @@ def test_fused_logits_shipped_tiles(device):
                                        [ref_loss, *ref_grads]):  # fmt: skip
         budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[torch.bfloat16]
         assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=what)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_logits_bias_of_any_stride(mode, fused, device):
+    """A bias that is a strided view (every other element of a wider tensor) or a broadcast
+    (stride 0, one stored value): read at its stride, never past its storage."""
+    x, w, _ = make_inputs(device)
+    target = torch.randint(0, V, (N,), device=device)
+    for b in (torch.randn(V, 2, device=device)[:, 0], torch.randn(1, device=device).expand(V)):
+        xl, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with config.linear_limit(16, 48):  # (the bias passed as it is: run() would clone it contiguous)
+            loss = softmax_gpu.linear_cross_entropy(xl, wl, target, linear_bias=b, reduction="sum", mode=mode)
+            loss.backward()
+        ref_loss, ref_grads = run_reference(x, w, b, target, reduction="sum")
+        assert_close_fp32(loss.detach().cpu(), ref_loss, f"loss, bias stride {b.stride(0)}")
+        for what, got, want in zip(("dx", "dw"), (xl.grad, wl.grad), ref_grads):
+            assert_close_fp32(got.cpu(), want, f"{what}, bias stride {b.stride(0)}")
+    assert "stats" in fused
 
 
 def test_fused_route_falls_back(device):
