@@ -3,15 +3,17 @@
 For each kernel, dtype and launch configuration the row_config() can produce, this
 compiles through triton.compile with an explicit GPUTarget, then reads the cubin with
 the cuobjdump and nvdisasm that ship inside the triton wheel: registers, local
-(spilled) bytes, shared memory, whether the global loads and stores are 128-bit
+(spilled) bytes, shared memory (static, plus the dynamic amount Triton requests at launch:
+pipeline buffers, reduction scratch), whether the global loads and stores are 128-bit
 (LDG.E.128 / STG.E.128) and how many load and store instructions are narrower ("narrow":
 a row kernel's few scalar loads, its head/tail edge, or a hot loop that did not vectorise). Pointers and row strides are assumed 16-byte aligned, as they
 are for rows whose length is a multiple of 16 elements (the common case the runtime
 specialises on). Then, where nvcc is installed, the CUDA C kernels for CuPy
 (kernels/*.cu) are compiled with every warning an error, and each kernel's registers,
-spills and global load and store widths are listed. Exits 1 if anything spills, if nvcc
-fails, or if a vectorised CUDA C kernel makes loads or stores narrower than 128 bits beyond
-its few scalar ones (the unaligned head / tail element and the cross-entropy's scalars).
+spills and global load and store widths are listed. Exits 1 if anything spills, if a
+configuration needs more shared memory than its arch gives one block, if nvcc fails, or if
+a vectorised CUDA C kernel makes loads or stores narrower than 128 bits beyond its few
+scalar ones (the unaligned head / tail element and the cross-entropy's scalars).
 
     python -m bench.compile_report [--arch 80 90] [--quick] [--dtypes bfloat16 float32] [--out FILE]
     python -m bench.compile_report --op ce_fwd_bwd --shape 4096x50257 --dtype bfloat16
@@ -760,7 +762,9 @@ def compile_one(job):
         arch,
         regs=int(fields["REG"]),
         local=int(fields["LOCAL"]) + int(fields.get("STACK", 0)),
-        shared=int(fields["SHARED"]),
+        # static shared memory (cuobjdump) and the dynamic amount Triton asks for at launch
+        # (pipeline buffers, reduction scratch): a launch needs both
+        shared=int(fields["SHARED"]) + int(compiled.metadata.shared),
         # 128-bit global loads and stores, eviction hints included (LDG.E.EL.128, LDG.E.EF.128)
         ldg128=re.search(r"\bLDG\.E[.A-Z0-9_]*\.128\b", sass) is not None,
         stg128=re.search(r"\bSTG\.E[.A-Z0-9_]*\.128\b", sass) is not None,
@@ -1125,6 +1129,10 @@ def exact_launches(op: str, shape: tuple, dtype: str) -> list:
 # an SM, registers allocated a warp at a time in 256s (8 a thread), 1 KiB of shared memory
 # reserved a block. Shared memory an SM: 164 KiB (sm_80), 228 KiB (sm_90).
 SM_LIMITS = {80: 164 << 10, 90: 228 << 10}
+# The most shared memory one block may have (opt-in): 163 KiB on sm_80, 227 KiB on sm_90;
+# 99 KiB on sm_86 and sm_89 (RTX 30 / 40, L40), which run sm_80's code.
+BLOCK_SHARED = {80: 163 << 10, 90: 227 << 10}
+SM86_BLOCK_SHARED = 99 << 10
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "i64": 8, "i32": 4}
 
 
@@ -1236,9 +1244,11 @@ def main(argv=None) -> int:
         table.append(format_cuda_table(cuda))
     spills += [r for r in cuda if r.local]
     narrow = [r for r in cuda if r.unvectorised_loads or r.unvectorised_stores]
+    oversized = [r for r in reports if r.shared > BLOCK_SHARED[r.arch]]
     total = len(reports) + len(cuda)
     table.append(f"{total} configurations compiled, {len(spills)} spill registers to local memory, "
-                 f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores")  # fmt: skip
+                 f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores, "
+                 f"{len(oversized)} over their arch's shared memory a block")  # fmt: skip
     if args.out:
         Path(args.out).write_text("\n\n".join(table) + "\n")
         print(format_summary(reports, cuda))
@@ -1246,11 +1256,13 @@ def main(argv=None) -> int:
             print("  " + table[1])
         for r in spills + narrow:
             print(f"  SPILL or NARROW: {r}")
+        for r in oversized:
+            print(f"  SHARED MEMORY over {BLOCK_SHARED[r.arch]} bytes: {r}")
         print(table[-1])
         print(f"full tables: {args.out}")
     else:
         print("\n\n".join(table))
-    return 1 if spills or narrow else 0
+    return 1 if spills or narrow or oversized else 0
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def test_compile_report_has_no_spills():
     out = run(["-m", "bench.compile_report"], timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert ", 0 spill registers to local memory" in out.stdout
+    assert ", 0 over their arch's shared memory a block" in out.stdout
     rows = [line.split() for line in out.stdout.splitlines()
             if line.startswith(("softmax_", "cross_entropy", "scale_", "skip_", "vocab_parallel", "token_", "linear_",
                                 "merge_tile"))]  # fmt: skip
@@ -40,6 +41,10 @@ def test_compile_report_has_no_spills():
     assert {r[1] for r in rows if r[0] == "skip_small_tiles_kernel"} == {"80", "90"}
     logits = [r for r in rows if r[0] == "linear_logits_kernel"]
     assert {(r[1], r[8]) for r in logits if r[2] in ("bf16", "fp16")} == {("80", "HMMA"), ("90", "HGMMA")}
+    # its pipeline's buffers (dynamic shared memory, counted) within what sm_86 / sm_89 give a block
+    from bench.compile_report import SM86_BLOCK_SHARED
+
+    assert all(0 < int(r[5]) <= SM86_BLOCK_SHARED for r in logits), [(r[1], r[2], r[5]) for r in logits]
     assert {r[1] for r in rows if r[0] == "merge_tile_stats_kernel"} == {"80", "90"}
     assert any(r[0] == "vocab_parallel_loss_kernel" and "HAS_UPSTREAM=1" in " ".join(r) and r[2] == "bf16"
                for r in rows)  # the low-memory backward's bf16 gradient with its upstream factor
