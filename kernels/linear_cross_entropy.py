@@ -210,12 +210,13 @@ def live_tiles_grad_weight_kernel(
 #
 # Roofline at 8192 tokens x H 4096 x V 128256 bf16 (one product: 2 N H V = 8.61 TFLOP,
 # 10.9 ms at 790 TFLOP/s, H100 and H200 alike; H100 3.0 TB/s, H200 4.3 TB/s):
-#   low-memory forward (STORE_LOGITS=0): the product and 98 MB of tile statistics
-#     (N x 1002 tiles of 128 classes x 3 float32, written and read once), nothing of N x V. Against cuBLAS's
-#     route, which writes the logits (2.1 GB) and reads them back for the statistics
-#     (2.1 GB: 0.70 ms H100, 0.49 ms H200), that saves 1.4 ms / 1.0 ms of traffic and the
-#     slab buffer. Predicted 11.0 ms at the peak (H100 and H200), if Triton's product runs
-#     at cuBLAS's rate; the committed H200 run timed QuACK's fused forward at 11.9 ms.
+#   low-memory forward (STORE_LOGITS=0): the product and 98 MB of tile statistics (N x 1002
+#     tiles of 128 classes x 3 float32, written and read once), nothing of N x V. Against
+#     cuBLAS's route, which writes the logits (2.1 GB, inside its product's time) and reads
+#     them back for the statistics (2.1 GB: 0.70 ms H100, 0.49 ms H200), that saves the read,
+#     the write's share of the product's memory traffic and the slab buffer. Predicted
+#     11.0 ms at the peak (H100 and H200), if Triton's product runs at cuBLAS's rate; the
+#     committed H200 run timed QuACK's fused forward at 11.9 ms.
 #   low-memory backward (GRAD=1): each slab's product writes G from its epilogue (the
 #     merged statistics in hand), where cuBLAS's route writes the logits and the loss kernel
 #     reads them and writes G (4.2 GB: 1.4 ms H100, 1.0 ms H200).
@@ -223,7 +224,8 @@ def live_tiles_grad_weight_kernel(
 #     saves the statistics pass of the row kernel, which at V = 128256 reads each row twice
 #     (the second read mostly from L2): at most 0.70 ms (H100) / 0.49 ms (H200) of the
 #     speed mode's predicted 34 ms. So the fused route wins only where Triton's product is
-#     within ~2% of cuBLAS's; a GPU run decides (bench/linear_ce.py times both routes).
+#     within ~5% of cuBLAS's (~10% for the low-memory mode's two, H100); a GPU run decides
+#     (bench/linear_ce.py times both routes).
 # Operand traffic of the product itself: each program reads (BLOCK_M + BLOCK_N) x H x 2
 # bytes (2.1 MB at 128 x 128, for 134 MFLOP); programs run in groups of GROUP_M = 8 row tiles
 # that share their class tiles (one wave of 132 tiles touches ~26 MB, within L2), so W
@@ -287,12 +289,14 @@ def linear_logits_kernel(
     reduced to the tile's share of the row statistics.
 
     x_ptr: (n_rows, hidden), w_ptr: (n_cols, hidden), both with unit column stride; bias_ptr:
-        (n_cols,) at stride bias_stride (0: one value broadcast), read only with HAS_BIAS. z_ptr: (n_rows, n_cols), unit column stride, row
-        stride z_row_stride, the input's dtype: written only with STORE_LOGITS.
+        (n_cols,) at stride bias_stride (0: one value broadcast), read only with HAS_BIAS.
+    z_ptr: (n_rows, n_cols), unit column stride, row stride z_row_stride, the input's dtype:
+        written with STORE_LOGITS (the logits) or GRAD (their gradient), else never touched.
     target_ptr: (n_rows,) global class indices (stride target_stride); this launch's column c
         is class col_start + c of n_classes. weight_ptr: (n_cols,) the launch's class weights
-        (HAS_WEIGHT only). label_smoothing: unused (the smoothing sums are the same for any eps;
-        the loss kernel applies it). zero: the int 0, which the compiler cannot see (tile_logits).
+        (HAS_WEIGHT only). label_smoothing, z_loss: read by the gradient epilogue only (the
+        statistics' smoothing sums are the same for any eps). zero: the int 0, which the
+        compiler cannot see (tile_logits).
     With GRAD (the low-memory backward), z_ptr receives d loss / d z of the tile instead of
     the logits, from the merged statistics of every class (max_ptr (n_rows,), stats_ptr
     (n_rows, N_STATS): what merge_tile_stats_kernel or the vocab-parallel all-reduces give),

@@ -340,7 +340,8 @@ def launch_logits(x, w, b, z, target=None, weight=None, tiles=None, n_classes=0,
             target_ptr=target if row_math else x, weight_ptr=weight if row_math and weight is not None else x,
             tile_max_ptr=tiles[0] if stats else x, tile_stats_ptr=tiles[1] if stats else x,
             max_ptr=row_max if grad is not None else x, stats_ptr=row_stats if grad is not None else x,
-            grad_divisor_ptr=divisor if divisor is not None else x, upstream_ptr=upstream if upstream is not None else x,
+            grad_divisor_ptr=divisor if divisor is not None else x,
+            upstream_ptr=upstream if upstream is not None else x,
             n_rows=n_rows, n_cols=n_cols, hidden=hidden, x_row_stride=x.stride(0), w_row_stride=w.stride(0),
             z_row_stride=z.stride(0) if z is not None else 0, target_stride=target.stride(0) if row_math else 0,
             upstream_stride=upstream.stride(0) if upstream is not None and upstream.dim() else 0,
@@ -548,7 +549,7 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOpti
     check_launchable(fn, cross_entropy_kernel, x)  # before any product: a CPU tensor without the interpreter
     row_max = torch.empty(n_rows, **f32)
     stats = torch.empty(n_rows, width, **f32)
-    if fused_route(x, w, target, fused_logits):  # no logits stored: each slab is its tiles' statistics, merged as they come
+    if fused_route(x, w, target, fused_logits):  # no logits stored: each slab's tile statistics, merged as they come
         cut = plan("low_memory", x, w, buffer_bytes, itemsize=stats_bytes_per_logit(x.dtype, width))
         tiles = _tile_buffers(x, n_rows, min(cut.cols, n_local), width)
         for c0 in range(0, n_local, cut.cols):
