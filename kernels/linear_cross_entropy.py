@@ -233,7 +233,12 @@ def live_tiles_grad_weight_kernel(
 # 2.0 ms H200, under the 10.9 ms of math) and X (67 MB) mostly from L2. The tile is 128 x 128
 # rather than cuBLAS-like 128 x 256 because the statistics epilogue spilled at 256 wide
 # (config.LINEAR_CE_LOGITS); whether Triton's product then keeps up with cuBLAS's is the
-# open question a GPU run answers.
+# open question a GPU run answers. One program fits an SM (the 16-bit statistics variants
+# take 156-254 registers on 8 warps, 96 KiB of pipeline buffers on sm_90), so each tile's
+# pipeline fill and epilogue are not hidden behind another tile: the epilogue's ~16K
+# exponentials and reductions, about 1 us against ~22 us of tensor-core time a tile at the
+# rate taken (~5%), is the first thing to look at if the product lags (a persistent loop, or
+# a register cap that lets two programs share an SM).
 
 
 @triton.jit
