@@ -1128,11 +1128,17 @@ def exact_launches(op: str, shape: tuple, dtype: str) -> list:
 # Residency on sm_80 / sm_90 (the CUDA occupancy rules): 64 warps, 32 blocks and 64K registers
 # an SM, registers allocated a warp at a time in 256s (8 a thread), 1 KiB of shared memory
 # reserved a block. Shared memory an SM: 164 KiB (sm_80), 228 KiB (sm_90).
-SM_LIMITS = {80: 164 << 10, 90: 228 << 10}
-# The most shared memory one block may have (opt-in): 163 KiB on sm_80, 227 KiB on sm_90;
-# 99 KiB on sm_86 and sm_89 (RTX 30 / 40, L40), which run sm_80's code.
-BLOCK_SHARED = {80: 163 << 10, 90: 227 << 10}
+SM_LIMITS = {80: 164 << 10, 86: 100 << 10, 89: 100 << 10, 90: 228 << 10}  # (other archs: sm_80's)
+# The most shared memory one block may have (opt-in): 163 KiB on sm_80, 227 KiB on sm_90,
+# 99 KiB on sm_86 and sm_89 (RTX 30 / 40, L40), which also run sm_80's code. An arch not
+# listed is not checked.
 SM86_BLOCK_SHARED = 99 << 10
+BLOCK_SHARED = {80: 163 << 10, 86: SM86_BLOCK_SHARED, 89: SM86_BLOCK_SHARED, 90: 227 << 10}
+
+
+def over_block_shared(reports) -> list:
+    """The reports whose shared memory (static and dynamic) exceeds what their arch gives a block."""
+    return [r for r in reports if r.shared > BLOCK_SHARED.get(r.arch, float("inf"))]
 _ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2, "fp64": 8, "i64": 8, "i32": 4}
 
 
@@ -1141,7 +1147,7 @@ def resident_programs(report: "Report") -> int:
     rule, which the cooperative launchers apply to the kernel they compiled)."""
     from softmax_gpu.runtime import resident_programs as rule
 
-    return rule(report.regs, report.shared, report.variant.num_warps, shared_per_sm=SM_LIMITS[report.arch])
+    return rule(report.regs, report.shared, report.variant.num_warps, shared_per_sm=SM_LIMITS.get(report.arch, SM_LIMITS[80]))
 
 
 def occupancy(report: "Report", grid: tuple) -> str:
@@ -1186,8 +1192,10 @@ def exact_main(args) -> int:
     ordered = [reports[(v, a)] for _, v, _ in variants for a in args.arch]
     print(format_table(ordered))
     spills = [r for r in ordered if r.local]
-    print(f"\n{len(unique)} distinct launches compiled for sm {' '.join(map(str, args.arch))}, {len(spills)} spill")
-    return 1 if spills else 0
+    oversized = over_block_shared(ordered)
+    print(f"\n{len(unique)} distinct launches compiled for sm {' '.join(map(str, args.arch))}, {len(spills)} spill, "
+          f"{len(oversized)} over their arch's shared memory a block")  # fmt: skip
+    return 1 if spills or oversized else 0
 
 
 def format_summary(reports, cuda) -> str:
@@ -1244,7 +1252,7 @@ def main(argv=None) -> int:
         table.append(format_cuda_table(cuda))
     spills += [r for r in cuda if r.local]
     narrow = [r for r in cuda if r.unvectorised_loads or r.unvectorised_stores]
-    oversized = [r for r in reports if r.shared > BLOCK_SHARED[r.arch]]
+    oversized = over_block_shared(reports)
     total = len(reports) + len(cuda)
     table.append(f"{total} configurations compiled, {len(spills)} spill registers to local memory, "
                  f"{len(narrow)} vectorised CUDA C kernels with narrow loads or stores, "

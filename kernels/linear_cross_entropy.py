@@ -347,7 +347,7 @@ def linear_logits_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols * bias_stride, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + cols.to(tl.int64) * bias_stride, mask=col_in, other=0.0).to(tl.float32)[None, :]
     z_out = acc.to(x_ptr.dtype.element_ty)
     if STORE_LOGITS:
         tl.store(z_ptr + rows[:, None] * z_row_stride + cols[None, :], z_out,
