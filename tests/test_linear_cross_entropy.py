@@ -211,19 +211,21 @@ def test_only_the_gradients_asked_for(device):
     assert not loss.requires_grad
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("limit", LIMITS)
-def test_16bit_within_twice_torch_error(dtype, limit, mode, device):
-    """Our error against float64 is at most twice torch's own unfused error in that dtype
-    (F.linear and F.cross_entropy on 16-bit logits) plus a small atol, for the loss and each
-    gradient; the gradients come back in the input's dtype."""
+def sixteen_bit_case(device, dtype):
+    """Inputs of `dtype` with a bias and an ignored row, and every option at once."""
     x, w, b = make_inputs(device, dtype, bias=True)
     target = torch.randint(0, V, (N,), device=device)
     target[3] = -100
     kw = dict(reduction="mean", weight=torch.rand(V, device=device) + 0.5, label_smoothing=0.1, z_loss=1e-3,
               softcap=8.0)  # fmt: skip
-    loss, grads = run(x, w, b, target, limit, mode=mode, **kw)
+    return x, w, b, target, kw
+
+
+def assert_within_twice_torch_16bit(loss, grads, x, w, b, target, **kw):
+    """Our loss and gradients (from run()) against float64: each error at most twice torch's
+    own unfused error in the inputs' dtype (F.linear and F.cross_entropy on 16-bit logits)
+    plus a small atol; the loss in float32, the gradients in the input's dtype."""
+    dtype = x.dtype
     ref_loss, ref_grads = run_reference(x, w, b, target, **kw)
     torch_loss, torch_grads = run_reference(x, w, b, target, dtype=dtype, **kw)
     for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
@@ -231,6 +233,18 @@ def test_16bit_within_twice_torch_error(dtype, limit, mode, device):
         assert got.dtype == (torch.float32 if what == "loss" else dtype), what
         budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[dtype]
         assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=f"{dtype} {what}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("limit", LIMITS)
+def test_16bit_within_twice_torch_error(dtype, limit, mode, device):
+    """Our error against float64 is at most twice torch's own unfused error in that dtype
+    (F.linear and F.cross_entropy on 16-bit logits) plus a small atol, for the loss and each
+    gradient; the gradients come back in the input's dtype."""
+    x, w, b, target, kw = sixteen_bit_case(device, dtype)
+    loss, grads = run(x, w, b, target, limit, mode=mode, **kw)
+    assert_within_twice_torch_16bit(loss, grads, x, w, b, target, **kw)
 
 
 def test_nan_input_gives_nan_like_torch(device):
@@ -945,20 +959,10 @@ def test_fused_logits_match_float64(name, limit, mode, fused, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_logits_16bit_within_twice_torch_error(dtype, mode, fused, device):
     """As test_16bit_within_twice_torch_error, the logits rounded once by the kernel's epilogue."""
-    x, w, b = make_inputs(device, dtype, bias=True)
-    target = torch.randint(0, V, (N,), device=device)
-    target[3] = -100
-    kw = dict(reduction="mean", weight=torch.rand(V, device=device) + 0.5, label_smoothing=0.1, z_loss=1e-3,
-              softcap=8.0)  # fmt: skip
+    x, w, b, target, kw = sixteen_bit_case(device, dtype)
     loss, grads = run(x, w, b, target, (16, 64), mode=mode, **kw)
     assert "stats" in fused
-    ref_loss, ref_grads = run_reference(x, w, b, target, **kw)
-    torch_loss, torch_grads = run_reference(x, w, b, target, dtype=dtype, **kw)
-    for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
-                                       [ref_loss, *ref_grads]):  # fmt: skip
-        assert got.dtype == (torch.float32 if what == "loss" else dtype), what
-        budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[dtype]
-        assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=f"{dtype} {what}")
+    assert_within_twice_torch_16bit(loss, grads, x, w, b, target, **kw)
 
 
 @pytest.mark.parametrize("softcap", [None, 4.0])
@@ -1030,13 +1034,7 @@ def test_fused_logits_shipped_tiles(monkeypatch, device):
     with config.fused_logits(True):
         loss, grads = run(x, w, b, target, reduction="mean", label_smoothing=0.1)
     assert calls == [1]  # one chunk, through linear_logits_kernel
-    ref_loss, ref_grads = run_reference(x, w, b, target, reduction="mean", label_smoothing=0.1)
-    torch_loss, torch_grads = run_reference(x, w, b, target, dtype=torch.bfloat16, reduction="mean",
-                                            label_smoothing=0.1)  # fmt: skip
-    for what, got, theirs, want in zip(("loss", "dx", "dw", "db"), [loss, *grads], [torch_loss, *torch_grads],
-                                       [ref_loss, *ref_grads]):  # fmt: skip
-        budget = 2 * max_abs_err(theirs, want.numpy()) + ATOL_16BIT[torch.bfloat16]
-        assert_matches(got.cpu(), want.numpy(), rtol=0.0, atol=budget, what=what)
+    assert_within_twice_torch_16bit(loss, grads, x, w, b, target, reduction="mean", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("mode", MODES)
