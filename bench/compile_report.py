@@ -403,7 +403,7 @@ def linear_logits_variants(quick: bool):
                                    "hidden", "n_cols"))  # fmt: skip
     sig = (("tile_max_ptr", "*fp32"), ("tile_stats_ptr", "*fp32"), ("max_ptr", "*fp32"), ("stats_ptr", "*fp32"),
            ("n_tiles", "i32"))  # fmt: skip
-    for accumulate, width in itertools.product((False, True), (2,) if quick else (2, 5)):
+    for accumulate, width in itertools.product((False, True), (2,) if quick else (2, 3, 4, 5)):  # every packing
         meta = (("ACCUMULATE", accumulate), ("N_STATS", width), ("BLOCK_T", config.LINEAR_CE_MERGE_BLOCK))
         yield Variant(module, "merge_tile_stats_kernel", "fp32", sig + tuple((k, "constexpr") for k, _ in meta), meta,
                       config.LINEAR_CE_MERGE_WARPS)  # fmt: skip

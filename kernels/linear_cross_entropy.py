@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .cross_entropy import fresh, load_weight_block, row_loss, soft_cap, store_grad_block
 from .softmax import LOG2E
+from .vocab_parallel_cross_entropy import class_index_sums, target_column
 
 
 @triton.jit
@@ -391,8 +392,7 @@ def linear_tile_stats(raw, zero, rows, cols, row_in, col_in, tile, n_tiles, targ
     t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
     # t's column in this launch, or -1 (matching no column) for an ignored or bad row and for a
     # class of another slab or shard, which may otherwise land on the masked tail of a tile
-    t_local = t - col_start
-    t_local = tl.where((t != ignore_index) & (t < n_classes) & (t_local >= 0) & (t_local < n_cols), t_local, -1)
+    _valid, _bad, t_local = target_column(t, ignore_index, col_start, n_cols, n_classes)
     # The cap is increasing, so the capped maximum is the cap of the maximum: one cap a row
     # here. A tile of -inf logits caps to -softcap, as each of them does (every tile has a
     # live column), so its classes count in the sum as in torch.
@@ -432,24 +432,10 @@ def linear_tile_grad(raw, zero, rows, cols, row_in, col_in, grad_ptr, grad_row_s
     row (here a vector of the tile's rows: row_loss takes either), then store_grad_block on
     the tile in registers. Bytes: the tile's G written once, O(BLOCK_M + BLOCK_N) read."""
     t = tl.load(target_ptr + rows * target_stride, mask=row_in, other=ignore_index).to(tl.int64)
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= n_classes))
-    t_local = t - col_start
-    t_local = tl.where(valid & (~bad) & (t_local >= 0) & (t_local < n_cols), t_local, -1)
+    valid, bad, t_local = target_column(t, ignore_index, col_start, n_cols, n_classes)
     stats_row = stats_ptr + rows * N_STATS
     m = tl.load(max_ptr + rows, mask=row_in, other=0.0)
-    other = tl.load(stats_row, mask=row_in, other=1.0)  # the sum without the target
-    z_t = tl.load(stats_row + 1, mask=row_in, other=0.0)
-    d = other + tl.where(valid & (~bad), tl.exp2((z_t - m) * LOG2E), 0.0)
-    if HAS_WEIGHT:
-        w_t = tl.load(stats_row + 2, mask=row_in, other=0.0)
-    else:
-        w_t = tl.where(valid, 1.0, 0.0)
-    sum_wz = tl.zeros_like(m)
-    sum_w = tl.zeros_like(m)
-    if HAS_SMOOTHING:
-        sum_wz = tl.load(stats_row + 2 + HAS_WEIGHT, mask=row_in, other=0.0)
-        sum_w = tl.load(stats_row + 3 + HAS_WEIGHT, mask=row_in, other=0.0)
+    other, d, z_t, w_t, sum_wz, sum_w = class_index_sums(stats_row, m, valid, bad, row_in, HAS_WEIGHT, HAS_SMOOTHING)
     inv_classes = 1.0 / n_classes
     _loss, coef = row_loss(m, tl.log(d), z_t, w_t, sum_w, sum_wz, valid, label_smoothing, inv_classes, z_loss, False,
                            HAS_SMOOTHING, HAS_Z_LOSS)  # fmt: skip

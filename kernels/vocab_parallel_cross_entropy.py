@@ -27,17 +27,46 @@ from .softmax import LOG2E, online_step
 
 
 @triton.jit
-def owned_target(target_ptr, row, target_row_stride, ignore_index, col_start, n_cols, n_classes):
-    """The row's class index t (global), whether it counts, whether it is out of [0, n_classes)
-    while counting (bad), and t_local: its column in this shard, or -1 when another rank owns
-    it, the row is ignored or t is bad (-1 matches no column, so no lane is ever addressed by
-    an unchecked index)."""
-    t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+def target_column(t, ignore_index, col_start, n_cols, n_classes):
+    """For class index t (int64, global; a scalar or a vector of rows): whether it counts,
+    whether it is out of [0, n_classes) while counting (bad), and t_local: its column among
+    the n_cols classes from col_start, or -1 when they do not hold it, the row is ignored or
+    t is bad (-1 matches no column, so no lane is ever addressed by an unchecked index)."""
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= n_classes))
     t_local = t - col_start
-    owned = valid & (t_local >= 0) & (t_local < n_cols)
-    return t, valid, bad, tl.where(owned, t_local, -1)
+    owned = valid & (~bad) & (t_local >= 0) & (t_local < n_cols)
+    return valid, bad, tl.where(owned, t_local, -1)
+
+
+@triton.jit
+def class_index_sums(stats_row, m, valid, bad, mask, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """A row's terms from its merged class-index statistics at stats_row (a row, or a vector
+    of rows read where mask; m its global maximum): (the sum without the target, the full sum
+    D = that + e^(z_t - m) when the row counts, z_t, w_t (1 or 0 without weights), the smoothing
+    sums w z and w (0 without smoothing)). The target's own term is recomputed here, the same
+    on every rank and in every tile, rather than summed."""
+    other = tl.load(stats_row, mask=mask, other=1.0)
+    z_t = tl.load(stats_row + 1, mask=mask, other=0.0)
+    d = other + tl.where(valid & (~bad), tl.exp2((z_t - m) * LOG2E), 0.0)
+    if HAS_WEIGHT:
+        w_t = tl.load(stats_row + 2, mask=mask, other=0.0)
+    else:
+        w_t = tl.where(valid, 1.0, 0.0)
+    sum_wz = 0.0
+    sum_w = 0.0
+    if HAS_SMOOTHING:
+        sum_wz = tl.load(stats_row + 2 + HAS_WEIGHT, mask=mask, other=0.0)
+        sum_w = tl.load(stats_row + 3 + HAS_WEIGHT, mask=mask, other=0.0)
+    return other, d, z_t, w_t, sum_wz, sum_w
+
+
+@triton.jit
+def owned_target(target_ptr, row, target_row_stride, ignore_index, col_start, n_cols, n_classes):
+    """The row's class index t (global) and target_column's (valid, bad, t_local) for this shard."""
+    t = tl.load(target_ptr + row * target_row_stride).to(tl.int64)
+    valid, bad, t_local = target_column(t, ignore_index, col_start, n_cols, n_classes)
+    return t, valid, bad, t_local
 
 
 @triton.jit
@@ -185,7 +214,6 @@ def vocab_parallel_loss_kernel(
     stats_row = stats_ptr + row * N_STATS
     inv_classes = 1.0 / n_classes
     m = tl.load(max_ptr + row)
-    d = tl.load(stats_row)  # the sum without the target, for class indices
 
     # 1. The target and the row's global sums.
     if SOFT_TARGET:
@@ -195,24 +223,14 @@ def vocab_parallel_loss_kernel(
         w_t = 1.0
         z_t = 0.0  # (unused with probability targets)
         other = 0.0
+        d = tl.load(stats_row)
         sum_wz = tl.load(stats_row + 1)
         sum_w = tl.load(stats_row + 2)
     else:
         t, valid, bad, t_local = owned_target(
             target_ptr, row, target_row_stride, ignore_index, col_start, n_cols, n_classes)
-        z_t = tl.load(stats_row + 1)
-        # The target's own term, recomputed identically on every rank.
-        other = d
-        d += tl.where(valid & (~bad), tl.exp2((z_t - m) * LOG2E), 0.0)
-        if HAS_WEIGHT:
-            w_t = tl.load(stats_row + 2)
-        else:
-            w_t = tl.where(valid, 1.0, 0.0)
-        sum_wz = 0.0
-        sum_w = 0.0
-        if HAS_SMOOTHING:
-            sum_wz = tl.load(stats_row + 2 + HAS_WEIGHT)
-            sum_w = tl.load(stats_row + 3 + HAS_WEIGHT)
+        other, d, z_t, w_t, sum_wz, sum_w = class_index_sums(stats_row, m, valid, bad, True, HAS_WEIGHT,
+                                                             HAS_SMOOTHING)  # fmt: skip
     log_d = tl.log(d)
     lse = m + log_d
 

@@ -357,18 +357,20 @@ def launch_logits(x, w, b, z, target=None, weight=None, tiles=None, n_classes=0,
 
 def launch_merge_tile_stats(tiles: tuple, row_max: torch.Tensor, stats: torch.Tensor, accumulate: bool,
                             fn=FN) -> None:  # fmt: skip
-    """(row_max (N,), stats (N, width)) <- the merge of every row's tiles (launch_logits' tiles),
-    in tile order, in the vocab-parallel packing; with accumulate, merged into what they hold."""
+    """(row_max (N,), stats (N, width)) <- the merge of every row's tiles (launch_logits' tiles,
+    or one slab's statistics as a single tile: (N, 1) and (N, 1, width) views), in tile order,
+    in the vocab-parallel packing; with accumulate, merged into what they hold. One program a
+    row, LINEAR_CE_MERGE_BLOCK tiles a step (the only block the compile report compiles)."""
     tile_max, tile_stats = tiles
     n_rows, n_tiles = tile_max.shape
     if not n_rows:
         return
     check_launchable(fn, merge_tile_stats_kernel, tile_max)
-    block_t = min(config.LINEAR_CE_MERGE_BLOCK, max(32, config.next_power_of_2(n_tiles)))
     with device_guard(tile_max):
         merge_tile_stats_kernel[(n_rows,)](
             tile_max_ptr=tile_max, tile_stats_ptr=tile_stats, max_ptr=row_max, stats_ptr=stats, n_tiles=n_tiles,
-            ACCUMULATE=accumulate, N_STATS=stats.shape[1], BLOCK_T=block_t, num_warps=config.LINEAR_CE_MERGE_WARPS,
+            ACCUMULATE=accumulate, N_STATS=stats.shape[1], BLOCK_T=config.LINEAR_CE_MERGE_BLOCK,
+            num_warps=config.LINEAR_CE_MERGE_WARPS,
         )  # fmt: skip
 
 
@@ -417,10 +419,11 @@ def _speed(x, w, b, target, weight, total, options: LossOptions, skip, needs, bu
     if skip is not None:
         scale = skip_scale((1.0 / total) if total is not None else torch.ones((), **f32), target, weight, n_rows)
     sparse = skip is not None and products_over_live_tiles(cut.skip_tile, x, w)
-    buf = _buffer(x, min(cut.rows, n_rows), n_cols)
+    chunk = min(cut.rows, n_rows)
+    buf = _buffer(x, chunk, n_cols)
     if fused:
-        tiles = _tile_buffers(x, min(cut.rows, n_rows), n_cols, width)
-        row_max, stats = torch.empty(min(cut.rows, n_rows), **f32), torch.empty(min(cut.rows, n_rows), width, **f32)
+        tiles = _tile_buffers(x, chunk, n_cols, width)
+        row_max, stats = torch.empty(chunk, **f32), torch.empty(chunk, width, **f32)
     for r0 in range(0, n_rows, cut.rows):
         r1 = min(n_rows, r0 + cut.rows)
         x_c, z = x[r0:r1], _view(buf, r1 - r0, n_cols)
@@ -555,8 +558,9 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOpti
         for c0 in range(0, n_local, cut.cols):
             c1 = min(n_local, c0 + cut.cols)
             views = _tile_views(tiles, x, n_rows, c1 - c0, width)
-            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, None, target,
-                          weight[c0:c1] if weight is not None else None, views, n_classes, col_start + c0, options, fn)
+            tgt, wt = _slab_targets(target, weight, c0, c1)
+            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, None, tgt, wt, views, n_classes,
+                          col_start + c0, options, fn)  # fmt: skip
             launch_merge_tile_stats(views, row_max, stats, c0 > 0, fn)
         return row_max, stats
     cut = plan("low_memory", x, w, buffer_bytes)
@@ -571,22 +575,9 @@ def _slab_stats(x, w, b, target, weight, n_classes, col_start, options: LossOpti
         first = c0 == 0
         launch_vocab_parallel_stats(z, tgt, wt, row_max if first else slab_max, stats if first else slab_stats,
                                     n_classes, col_start + c0, options)  # fmt: skip
-        if not first:
-            _merge(row_max, stats, slab_max, slab_stats)
+        if not first:  # the slab as one tile merged into the running statistics
+            launch_merge_tile_stats((slab_max[:, None], slab_stats[:, None]), row_max, stats, True, fn)
     return row_max, stats
-
-
-def _merge(row_max, stats, slab_max, slab_stats) -> None:
-    """(row_max, stats) <- the merge of the rows' running statistics with one more slab's, in
-    place: column 0 (a sum of e^(z - m)) rescaled to the common maximum, the rest added. A
-    side at -inf (no class seen, or all -inf) contributes 0 and rescales by 1, so masked slabs
-    are harmless; a NaN on either side makes the row NaN. O(N), a few small launches."""
-    new_max = torch.maximum(row_max, slab_max)  # propagates NaN
-    keep = torch.where(row_max == new_max, 1.0, torch.exp(row_max - new_max))
-    take = torch.where(slab_max == new_max, 1.0, torch.exp(slab_max - new_max))
-    stats[:, 0].mul_(keep).add_(slab_stats[:, 0] * take)
-    stats[:, 1:].add_(slab_stats[:, 1:])
-    row_max.copy_(new_max)
 
 
 def _loss_from_stats(x, target, weight, row_max, stats, n_classes, options: LossOptions):
@@ -638,7 +629,7 @@ def _slab_backward(x, w, b, target, weight, row_max, stats, lse, upstream, total
         z = _view(buf, n_rows, c1 - c0)
         tgt, wt = _slab_targets(target, weight, c0, c1)
         if fused:  # the slab's gradient straight from the product's epilogue (class indices: no dt)
-            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, z, target, wt, None, n_classes,
+            launch_logits(x, w[c0:c1], b[c0:c1] if b is not None else None, z, tgt, wt, None, n_classes,
                           col_start + c0, options, fn, grad=(row_max, stats, total, upstream))  # fmt: skip
         else:
             _logits_into(z, x, w[c0:c1], b[c0:c1] if b is not None else None)
